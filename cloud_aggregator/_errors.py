@@ -1,0 +1,27 @@
+"""Errors of the aggregator (see ``device_profiles._errors`` for the whole tree).
+
+    AggregatorError
+    ├── ModelBuildError   an ONNX model that cannot be turned into training artifacts
+    └── UpdateRejected    an update that broke a rule (layout, NaN, norm, staleness)
+"""
+
+from __future__ import annotations
+
+from device_profiles._errors import FleetlearnError
+
+
+class AggregatorError(FleetlearnError):
+    """Base of the aggregator's own errors."""
+
+
+class ModelBuildError(AggregatorError, ValueError):
+    """An ONNX model that cannot be turned into training artifacts."""
+
+
+class UpdateRejected(AggregatorError, ValueError):
+    """An update that is refused by rule; ``reason`` is a short machine-readable tag."""
+
+    def __init__(self, message: str, *, reason: str, device_id: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.device_id = device_id

@@ -1,0 +1,39 @@
+"""The root of fleetlearn's exception tree.
+
+It lives in the lowest layer (``device_profiles`` imports nothing of the project) so
+that every package can derive from it. The whole tree, by package::
+
+    FleetlearnError                      device_profiles
+    ├── ConfigError                      device_profiles  (bad configuration, from any source)
+    ├── ProfileError                     device_profiles  (bad or missing device profile)
+    ├── WireError                        broker_bridge    (untrusted bytes that do not decode)
+    │   ├── EnvelopeError                broker_bridge    (header: magic, version, lengths, checksum)
+    │   ├── ChunkError                   broker_bridge    (reassembly limits, inconsistent chunks)
+    │   └── CodecError                   broker_bridge    (update body: spec, sizes, indices, NaN)
+    ├── TransportError                   broker_bridge    (the broker and the network: outside us)
+    │   └── BrokerUnavailable            broker_bridge
+    ├── AgentError                       edge_runtime
+    │   ├── TrainingBackendMissing       edge_runtime     (no onnxruntime training API)
+    │   ├── ArtifactError                edge_runtime     (corrupt or mismatched artifacts)
+    │   └── DataError                    edge_runtime     (local data does not fit the model)
+    └── AggregatorError                  cloud_aggregator
+        ├── ModelBuildError              cloud_aggregator (unsupported ONNX graph)
+        └── UpdateRejected               cloud_aggregator (an update broke a rule)
+
+Errors we cause (bad input, bad configuration) are kept apart from outside failures
+(``TransportError``): a caller retries the second kind, never the first.
+"""
+
+from __future__ import annotations
+
+
+class FleetlearnError(Exception):
+    """Base of every error fleetlearn raises on purpose."""
+
+
+class ConfigError(FleetlearnError, ValueError):
+    """Configuration (TOML, environment, flags) that cannot be used as given."""
+
+
+class ProfileError(FleetlearnError, ValueError):
+    """A device profile that is malformed, incomplete or unknown."""

@@ -1,0 +1,3 @@
+from fleetlearn.cli import main
+
+raise SystemExit(main())

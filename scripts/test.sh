@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sets everything up and runs the whole test suite, slow scenarios included.
+# Extra arguments go to pytest (e.g. scripts/test.sh -k codec).
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+        echo "==> installing mosquitto (the wire tests run over a real broker)"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+    else
+        echo "The wire tests need a 'mosquitto' binary. Install it with" >&2
+        echo "  sudo apt-get install mosquitto     (Debian/Ubuntu)" >&2
+        echo "  brew install mosquitto             (macOS)" >&2
+        exit 2
+    fi
+fi
+
+echo "==> ruff"
+ruff check .
+echo "==> mypy"
+mypy
+echo "==> pytest (fast and slow)"
+exec python -m pytest -m "slow or not slow" "$@"
