@@ -7,7 +7,7 @@ that every package can derive from it. The whole tree, by package::
     ├── ConfigError                      device_profiles  (bad configuration, from any source)
     ├── ProfileError                     device_profiles  (bad or missing device profile)
     ├── WireError                        broker_bridge    (untrusted bytes that do not decode)
-    │   ├── EnvelopeError                broker_bridge    (header: magic, version, lengths, checksum)
+    │   ├── EnvelopeError                broker_bridge    (header: magic, version, lengths)
     │   ├── ChunkError                   broker_bridge    (reassembly limits, inconsistent chunks)
     │   └── CodecError                   broker_bridge    (update body: spec, sizes, indices, NaN)
     ├── TransportError                   broker_bridge    (the broker and the network: outside us)

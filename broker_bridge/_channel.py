@@ -1,0 +1,121 @@
+"""``Channel``: whole messages over a ``Transport`` (envelope, chunking, checks).
+
+Sending splits a ``Message`` into payloads under ``max_payload`` bytes (default
+128 KiB, AWS IoT Core's publish cap). Receiving decodes each payload, reassembles
+chunk sets within bounds, and hands complete messages to the handler. A payload that
+fails to decode is dropped, logged and counted in ``dropped``; it never reaches the
+handler and never raises into the transport.
+
+On device topics (``.../devices/<id>/...``) the envelope's device id must equal the
+topic's: with a broker ACL confining each device to its own topics, this is what
+stops one device from speaking for another.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+
+from broker_bridge._chunking import Reassembler, ReassemblyLimits
+from broker_bridge._envelope import (
+    DEFAULT_LIMITS,
+    Chunk,
+    EnvelopeLimits,
+    Kind,
+    Message,
+    json_message,
+    split_message,
+)
+from broker_bridge._errors import WireError
+from broker_bridge._topics import Topics
+from broker_bridge._transport import Transport, Will
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PAYLOAD = 128 * 1024
+
+MessageHandler = Callable[[str, Message], None]
+
+
+class Channel:
+    """Send and receive fleetlearn messages for one fleet over one transport."""
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        fleet: str,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        limits: EnvelopeLimits = DEFAULT_LIMITS,
+        reassembly: ReassemblyLimits | None = None,
+    ) -> None:
+        self.transport = transport
+        self.topics = Topics(fleet=fleet)
+        self.max_payload = max_payload
+        self._limits = limits
+        self._reassembler = Reassembler(limits=reassembly)
+        self.dropped: collections.Counter[str] = collections.Counter()
+
+    @property
+    def fleet(self) -> str:
+        return self.topics.fleet
+
+    @property
+    def reassembler(self) -> Reassembler:
+        return self._reassembler
+
+    def send(self, topic: str, message: Message, *, qos: int = 1, retain: bool = False) -> int:
+        """Publish ``message`` on ``topic`` in as many chunks as needed; return the count."""
+        payloads = split_message(message, max_payload=self.max_payload)
+        if retain and len(payloads) > 1:
+            raise WireError("a retained message must fit in one chunk")
+        for payload in payloads:
+            self.transport.publish(topic, payload, qos=qos, retain=retain)
+        return len(payloads)
+
+    def subscribe(self, topic_filter: str, handler: MessageHandler, *, qos: int = 1) -> None:
+        """Deliver complete, checked messages on ``topic_filter`` to ``handler``."""
+
+        def on_payload(topic: str, payload: bytes) -> None:
+            message = self.decode(topic, payload)
+            if message is not None:
+                handler(topic, message)
+
+        self.transport.subscribe(topic_filter, on_payload, qos=qos)
+
+    def decode(self, topic: str, payload: bytes) -> Message | None:
+        """One payload in; a complete message out, or None (incomplete set or dropped)."""
+        if not payload:
+            return None  # an empty retained payload clears a topic; nothing to decode
+        try:
+            chunk = Chunk.from_bytes(payload, limits=self._limits)
+            owner = self.topics.device_of(topic)
+            if owner is not None and chunk.device != owner:
+                self._drop("device_mismatch", topic, f"envelope says {chunk.device!r}")
+                return None
+            if chunk.fleet != self.fleet:
+                self._drop("wrong_fleet", topic, f"envelope says {chunk.fleet!r}")
+                return None
+            return self._reassembler.feed(chunk)
+        except WireError as exc:
+            self._drop(type(exc).__name__, topic, str(exc))
+            return None
+
+    def _drop(self, reason: str, topic: str, detail: str) -> None:
+        self.dropped[reason] += 1
+        log.warning("dropped message on %s (%s): %s", topic, reason, detail)
+
+
+def presence_message(*, fleet: str, device: str, status: str, **info: object) -> Message:
+    """The retained presence message of a device (``status``: online or offline)."""
+    return json_message(Kind.PRESENCE, fleet=fleet, device=device,
+                        payload={"status": status, **info})
+
+
+def presence_will(*, fleet: str, device: str) -> Will:
+    """The last will a device connects with: its presence turns ``offline`` (retained)
+    when its connection dies without a clean disconnect."""
+    payload = split_message(presence_message(fleet=fleet, device=device, status="offline"),
+                            max_payload=DEFAULT_MAX_PAYLOAD)[0]
+    return Will(topic=Topics(fleet=fleet).presence(device), payload=payload, qos=1, retain=True)

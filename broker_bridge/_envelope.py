@@ -1,0 +1,265 @@
+"""The message envelope: a versioned, self-describing binary header, then the body.
+
+Every MQTT payload fleetlearn sends is one *chunk*: a header followed by a slice of a
+message body. Small messages are one chunk. All integers are little-endian.
+
+Fixed header (64 bytes)::
+
+    off size field
+      0   2  magic          b"FL"
+      2   1  version        1
+      3   1  kind           Kind (1 hello, 2 presence, 3 task, 4 update, 5 model,
+                            6 artifacts, 7 ack, 8 cancel, 9 error, 10 eval, 11 control)
+      4   1  flags          0 (reserved; receivers ignore unknown bits)
+      5   1  codec_len      length of the codec string (0-255)
+      6   1  fleet_len      length of the fleet id (1-64)
+      7   1  device_len     length of the device id (0-64; 0 = from the aggregator)
+      8   4  round          round index (u32)
+     12   4  model_version  global model version the message refers to (u32)
+     16   2  attempt        attempt number of the sender for this round (u16)
+     18   2  reserved       0
+     20   8  transfer_id    random id shared by every chunk of one message (u64)
+     28   4  chunk_index    0-based (u32)
+     32   4  chunk_count    >= 1 (u32)
+     36   8  total_length   length of the whole message body (u64)
+     44   8  offset         where this chunk's data starts in the body (u64)
+     52   4  chunk_length   bytes of body data in this chunk (u32)
+     56   4  body_crc32     CRC-32 of the whole message body (u32)
+     60   4  crc32          CRC-32 of header bytes 0-59, the three strings and the chunk data
+
+Then ``codec`` (ASCII), ``fleet`` and ``device`` (UTF-8), then ``chunk_length`` bytes of
+body. ``codec`` names how the body is encoded: ``json`` for control messages, an
+update codec spec such as ``topk:0.01+q8+zstd`` for updates, ``raw`` for opaque bytes.
+
+Decoding never trusts a length: every one is checked against the payload's size and
+against ``EnvelopeLimits`` before anything is sliced or allocated.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import secrets
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from broker_bridge._errors import EnvelopeError
+from broker_bridge._topics import check_id
+from device_profiles import ConfigError
+
+MAGIC = b"FL"
+VERSION = 1
+_FIXED = struct.Struct("<2sBBBBBBIIHHQIIQQIII")
+HEADER_SIZE = _FIXED.size  # 64
+assert HEADER_SIZE == 64
+
+
+class Kind(enum.IntEnum):
+    """What a message is. The name (lower case) is also its topic's last level."""
+
+    HELLO = 1
+    PRESENCE = 2
+    TASK = 3
+    UPDATE = 4
+    MODEL = 5
+    ARTIFACTS = 6
+    ACK = 7
+    CANCEL = 8
+    ERROR = 9
+    EVAL = 10
+    CONTROL = 11
+
+    @property
+    def topic_name(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnvelopeLimits:
+    """Upper bounds a receiver enforces before it allocates anything."""
+
+    max_body_bytes: int = 256 * 1024 * 1024
+    max_chunks: int = 65536
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes <= 0 or self.max_chunks <= 0:
+            raise ConfigError("envelope limits must be positive")
+
+
+DEFAULT_LIMITS = EnvelopeLimits()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Message:
+    """One logical message, whatever the number of chunks it travels in."""
+
+    kind: Kind
+    fleet: str
+    device: str = ""
+    round: int = 0
+    model_version: int = 0
+    attempt: int = 0
+    codec: str = "raw"
+    body: bytes = b""
+    transfer_id: int = 0
+
+    def __post_init__(self) -> None:
+        check_id(self.fleet, what="fleet id")
+        if self.device:
+            check_id(self.device, what="device id")
+        for name, value, top in (
+            ("round", self.round, 0xFFFFFFFF),
+            ("model_version", self.model_version, 0xFFFFFFFF),
+            ("attempt", self.attempt, 0xFFFF),
+            ("transfer_id", self.transfer_id, 0xFFFFFFFFFFFFFFFF),
+        ):
+            if not 0 <= value <= top:
+                raise ConfigError(f"message {name} {value} out of range 0..{top}")
+        if not self.codec.isascii() or len(self.codec) > 255:
+            raise ConfigError(f"codec string must be ASCII, at most 255 bytes: {self.codec!r}")
+
+    @property
+    def idempotency_key(self) -> tuple[str, int, str, int]:
+        """(fleet, round, device, attempt): the same update sent twice has the same key."""
+        return (self.fleet, self.round, self.device, self.attempt)
+
+    def json(self) -> Any:
+        """The body parsed as JSON (control messages); EnvelopeError if it is not."""
+        if self.codec != "json":
+            raise EnvelopeError(f"{self.kind.topic_name} message body is {self.codec!r}, not json")
+        try:
+            return json.loads(self.body.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EnvelopeError(f"malformed json body in {self.kind.topic_name} message") from exc
+
+
+def json_message(kind: Kind, *, fleet: str, payload: Any, **fields: Any) -> Message:
+    """A control message whose body is compact JSON."""
+    body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    return Message(kind=kind, fleet=fleet, codec="json", body=body, **fields)
+
+
+def new_transfer_id() -> int:
+    return secrets.randbits(64)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Chunk:
+    """One decoded payload: header fields plus a slice of the body (wire type)."""
+
+    kind: Kind
+    fleet: str
+    device: str
+    round: int
+    model_version: int
+    attempt: int
+    codec: str
+    transfer_id: int
+    chunk_index: int
+    chunk_count: int
+    total_length: int
+    offset: int
+    body_crc32: int
+    data: bytes
+
+    def to_bytes(self) -> bytes:
+        codec_b = self.codec.encode("ascii")
+        fleet_b = self.fleet.encode("utf-8")
+        device_b = self.device.encode("utf-8")
+        fixed = _FIXED.pack(
+            MAGIC, VERSION, int(self.kind), 0, len(codec_b), len(fleet_b), len(device_b),
+            self.round, self.model_version, self.attempt, 0, self.transfer_id,
+            self.chunk_index, self.chunk_count, self.total_length, self.offset,
+            len(self.data), self.body_crc32, 0,
+        )
+        strings = codec_b + fleet_b + device_b
+        crc = zlib.crc32(self.data, zlib.crc32(strings, zlib.crc32(fixed[:60])))
+        return fixed[:60] + struct.pack("<I", crc) + strings + self.data
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, *, limits: EnvelopeLimits = DEFAULT_LIMITS) -> Chunk:
+        """Decode and check one payload; raise EnvelopeError for anything off."""
+        n = len(payload)
+        if n < HEADER_SIZE:
+            raise EnvelopeError(f"truncated header: {n} bytes, need {HEADER_SIZE}")
+        (magic, version, kind, _flags, codec_len, fleet_len, device_len, rnd, model_version,
+         attempt, _reserved, transfer_id, index, count, total, offset, length, body_crc,
+         crc) = _FIXED.unpack_from(payload, 0)
+        if magic != MAGIC:
+            raise EnvelopeError("not a fleetlearn message (bad magic)")
+        if version != VERSION:
+            raise EnvelopeError(
+                f"unsupported envelope version {version} (this side speaks {VERSION})"
+            )
+        try:
+            kind_e = Kind(kind)
+        except ValueError as exc:
+            raise EnvelopeError(f"unknown message kind {kind}") from exc
+        if not 1 <= fleet_len <= 64 or device_len > 64:
+            raise EnvelopeError("fleet or device id length out of range")
+        strings_end = HEADER_SIZE + codec_len + fleet_len + device_len
+        if strings_end + length != n:
+            raise EnvelopeError(
+                f"length mismatch: header declares {strings_end + length} bytes, payload has {n}"
+            )
+        if not 1 <= count <= limits.max_chunks:
+            raise EnvelopeError(f"chunk count {count} outside 1..{limits.max_chunks}")
+        if index >= count:
+            raise EnvelopeError(f"chunk index {index} not below chunk count {count}")
+        if total > limits.max_body_bytes:
+            raise EnvelopeError(
+                f"body of {total} bytes exceeds the limit of {limits.max_body_bytes}"
+            )
+        if offset + length > total:
+            raise EnvelopeError("chunk extends past the declared body length")
+        if count == 1 and (offset != 0 or length != total):
+            raise EnvelopeError("single-chunk message does not carry the whole body")
+        strings = payload[HEADER_SIZE:strings_end]
+        if zlib.crc32(payload[strings_end:], zlib.crc32(strings, zlib.crc32(payload[:60]))) != crc:
+            raise EnvelopeError("checksum mismatch")
+        try:
+            codec = strings[:codec_len].decode("ascii")
+            fleet = strings[codec_len:codec_len + fleet_len].decode("utf-8")
+            device = strings[codec_len + fleet_len:].decode("utf-8")
+            check_id(fleet, what="fleet id")
+            if device:
+                check_id(device, what="device id")
+        except (UnicodeDecodeError, ConfigError) as exc:
+            raise EnvelopeError(f"bad id or codec string in header: {exc}") from exc
+        return cls(
+            kind=kind_e, fleet=fleet, device=device, round=rnd, model_version=model_version,
+            attempt=attempt, codec=codec, transfer_id=transfer_id, chunk_index=index,
+            chunk_count=count, total_length=total, offset=offset, body_crc32=body_crc,
+            data=bytes(payload[strings_end:]),
+        )
+
+
+def split_message(message: Message, *, max_payload: int) -> list[bytes]:
+    """Encode ``message`` into payloads of at most ``max_payload`` bytes each."""
+    overhead = HEADER_SIZE + len(message.codec) + len(message.fleet.encode()) + len(
+        message.device.encode()
+    )
+    room = max_payload - overhead
+    if room < 1024:
+        raise ConfigError(f"max_payload {max_payload} leaves no room for data (header {overhead})")
+    body = message.body
+    total = len(body)
+    count = max(1, -(-total // room))
+    transfer_id = message.transfer_id or new_transfer_id()
+    body_crc = zlib.crc32(body)
+    view = memoryview(body)
+    out = []
+    for index in range(count):
+        start = index * room
+        out.append(
+            Chunk(
+                kind=message.kind, fleet=message.fleet, device=message.device,
+                round=message.round, model_version=message.model_version,
+                attempt=message.attempt, codec=message.codec, transfer_id=transfer_id,
+                chunk_index=index, chunk_count=count, total_length=total, offset=start,
+                body_crc32=body_crc, data=bytes(view[start:start + room]),
+            ).to_bytes()
+        )
+    return out

@@ -1,0 +1,326 @@
+"""``MqttTransport``: the real transport, on paho-mqtt 2.x, MQTT 3.1.1.
+
+What it adds to paho:
+
+- connect by URL (``mqtt://`` / ``mqtts://``, user and password in the URL or given
+  apart, client certificates through ``TlsConfig``);
+- its own network thread, reconnecting with exponential backoff and full jitter so a
+  fleet that lost its broker does not come back in one thundering herd;
+- subscriptions remembered and restored after every reconnect;
+- QoS 1 delivery across reconnects (paho re-sends unacknowledged messages), with a
+  bounded outgoing queue: ``publish`` waits for room, then raises ``TransportError``;
+- paho's return codes translated into fleetlearn's exceptions in one place
+  (``_check``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import ssl
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from broker_bridge._errors import BrokerUnavailable, TransportError
+from broker_bridge._transport import PayloadHandler, Transport, Will, dispatch
+from device_profiles import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsConfig:
+    """TLS settings for ``mqtts://``: CA bundle, optional client certificate and key."""
+
+    ca_certs: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    insecure: bool = False  # skip hostname verification (test setups only)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerUrl:
+    """``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...`` (TLS, port 8883)."""
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerUrl:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ConfigError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        tls = parts.scheme in ("mqtts", "ssl")
+        if not parts.hostname:
+            raise ConfigError(f"broker URL {url!r} has no host")
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError as exc:
+            raise ConfigError(f"broker URL {url!r}: bad port") from exc
+        return cls(
+            host=parts.hostname, port=port, tls=tls,
+            username=urllib.parse.unquote(parts.username) if parts.username else None,
+            password=urllib.parse.unquote(parts.password) if parts.password else None,
+        )
+
+    def __str__(self) -> str:
+        user = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+_REFUSALS = {
+    1: "unacceptable protocol version",
+    2: "client id rejected",
+    3: "server unavailable",
+    4: "bad user name or password",
+    5: "not authorized",
+}
+
+
+def _check(rc: MQTTErrorCode | int, what: str) -> None:
+    """The one place paho's error codes become fleetlearn exceptions."""
+    if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+        return
+    if rc in (MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST,
+              MQTTErrorCode.MQTT_ERR_CONN_REFUSED):
+        raise BrokerUnavailable(f"{what}: {paho.error_string(rc)}")
+    raise TransportError(f"{what}: {paho.error_string(rc)}")
+
+
+class MqttTransport(Transport):
+    """A paho-mqtt client with reconnects, re-subscription, presence and bounded queues."""
+
+    def __init__(
+        self,
+        *,
+        url: str | BrokerUrl,
+        client_id: str,
+        username: str | None = None,
+        password: str | None = None,
+        tls: TlsConfig | None = None,
+        will: Will | None = None,
+        clean_session: bool = False,
+        keepalive_s: int = 30,
+        max_inflight: int = 50,
+        max_queued: int = 2000,
+        publish_timeout_s: float = 60.0,
+        backoff_min_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+    ) -> None:
+        self.url = url if isinstance(url, BrokerUrl) else BrokerUrl.parse(url)
+        self.client_id = client_id
+        self._publish_timeout = publish_timeout_s
+        self._backoff = (backoff_min_s, backoff_max_s)
+        self._keepalive = keepalive_s
+        self._subs: dict[str, tuple[PayloadHandler, int]] = {}
+        self._subs_lock = threading.Lock()
+        self._pending: list[paho.MQTTMessageInfo] = []
+        self._cond = threading.Condition()
+        self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_error = "not connected yet"
+        self.reconnects = 0
+
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
+            protocol=paho.MQTTv311,
+        )
+        user = username if username is not None else self.url.username
+        pw = password if password is not None else self.url.password
+        if user is not None:
+            c.username_pw_set(user, pw)
+        if self.url.tls or tls is not None:
+            t = tls or TlsConfig()
+            try:
+                c.tls_set(ca_certs=t.ca_certs, certfile=t.certfile, keyfile=t.keyfile,
+                          cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise ConfigError(f"TLS settings unusable: {exc}") from exc
+            c.tls_insecure_set(t.insecure)
+        if will is not None:
+            c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        c.max_inflight_messages_set(max_inflight)
+        c.max_queued_messages_set(max_queued)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_publish = self._on_publish
+        c.on_message = self._on_message
+        self._client = c
+
+    # -- life cycle ----------------------------------------------------------------------
+    def connect(self, *, timeout: float = 10.0) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._run, name=f"mqtt-{self.client_id}", daemon=True
+            )
+            self._thread.start()
+        if not self._connected.wait(timeout):
+            raise BrokerUnavailable(
+                f"no connection to {self.url} within {timeout:g}s: {self._last_error}"
+            )
+
+    def close(self) -> None:
+        if self._thread is None:
+            return
+        if self._connected.is_set():
+            try:
+                self._client.disconnect()
+                self._client.loop(timeout=0.2)
+            except Exception:  # shutting down anyway
+                log.debug("disconnect of %s failed", self.client_id, exc_info=True)
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._thread = None
+        self._connected.clear()
+        self._client._sock_close()
+
+    def abort(self) -> None:
+        """Drop the socket without DISCONNECT, as a crash would (tests use this)."""
+        self._stop.set()
+        sock = self._client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._connected.clear()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # -- publish / subscribe -------------------------------------------------------------
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        # Never hold our lock while calling into paho: paho calls _on_publish (which
+        # takes our lock) while holding its own.
+        deadline = time.monotonic() + self._publish_timeout
+        while True:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+            if info.rc != MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransportError(
+                    f"outgoing queue of {self.client_id} stayed full for "
+                    f"{self._publish_timeout:g}s; message to {topic} not accepted"
+                )
+            with self._cond:
+                self._cond.wait(min(left, 0.2))
+        if qos > 0:
+            with self._cond:
+                self._pending.append(info)
+        # Not connected: QoS 1 messages stay queued in paho and go out after reconnect.
+        if info.rc != MQTTErrorCode.MQTT_ERR_NO_CONN or qos == 0:
+            _check(info.rc, f"publish to {topic}")
+
+    def subscribe(self, topic_filter: str, handler: PayloadHandler, *, qos: int = 1) -> None:
+        with self._subs_lock:
+            self._subs[topic_filter] = (handler, qos)
+        if self._connected.is_set():
+            rc, _mid = self._client.subscribe(topic_filter, qos=qos)
+            if rc != MQTTErrorCode.MQTT_ERR_NO_CONN:  # re-subscribed on reconnect anyway
+                _check(rc, f"subscribe to {topic_filter}")
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._subs_lock:
+            self._subs.pop(topic_filter, None)
+        if self._connected.is_set():
+            self._client.unsubscribe(topic_filter)
+
+    def flush(self, *, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                self._pending = [i for i in self._pending if not i._published]
+                if not self._pending:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.2))
+
+    @property
+    def unacknowledged(self) -> int:
+        with self._cond:
+            self._pending = [i for i in self._pending if not i._published]
+            return len(self._pending)
+
+    # -- network thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        first = True
+        while not self._stop.is_set():
+            if self._client.socket() is None:
+                if self._attempt > 0:
+                    # Full jitter: uniform in [min/2, min(max, min * 2^attempt)].
+                    lo, hi = self._backoff
+                    if self._stop.wait(random.uniform(lo / 2, min(hi, lo * 2 ** self._attempt))):
+                        break
+                try:
+                    if first:
+                        self._client.connect(self.url.host, self.url.port, self._keepalive)
+                        first = False
+                    else:
+                        self._client.reconnect()
+                except (OSError, ssl.SSLError, ValueError) as exc:
+                    self._last_error = f"{type(exc).__name__}: {exc}"
+                    self._attempt += 1
+                    continue
+            rc = self._client.loop(timeout=0.1)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not self._stop.is_set():
+                self._connected.clear()
+                if not self._last_error.startswith("connection refused"):
+                    self._last_error = paho.error_string(rc)
+                self._client._sock_close()
+                self._attempt += 1
+
+    def _on_connect(
+        self, client: paho.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        if reason.is_failure:
+            self._last_error = f"connection refused: {reason}"
+            log.warning("%s: broker refused connection: %s", self.client_id, reason)
+            return
+        with self._subs_lock:
+            subs = list(self._subs.items())
+        if subs:
+            client.subscribe([(f, qos) for f, (_h, qos) in subs])
+        was_connected_before = self._ever_connected
+        self._ever_connected = True
+        if was_connected_before:
+            self.reconnects += 1
+            log.info("%s reconnected to %s", self.client_id, self.url)
+        self._attempt = 0
+        self._connected.set()
+        self._run_connect_callbacks()
+
+    _ever_connected = False
+    _attempt = 0
+
+    def _on_disconnect(
+        self, _c: paho.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        self._connected.clear()
+        self._last_error = f"disconnected: {reason}"
+
+    def _on_publish(self, _c: paho.Client, _ud: Any, mid: int, _reason: Any, _props: Any) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _on_message(self, _c: paho.Client, _ud: Any, msg: paho.MQTTMessage) -> None:
+        with self._subs_lock:
+            subs = {f: h for f, (h, _q) in self._subs.items()}
+        dispatch(subs, msg.topic, bytes(msg.payload), client_id=self.client_id)
+

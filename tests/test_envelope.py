@@ -1,0 +1,204 @@
+"""Envelope, chunking and channel: unit tests and decoder fuzzing (no network)."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker_bridge import (
+    Channel,
+    Chunk,
+    ChunkError,
+    ConfigError,
+    EnvelopeError,
+    EnvelopeLimits,
+    Kind,
+    MemoryBroker,
+    MemoryTransport,
+    Message,
+    Reassembler,
+    ReassemblyLimits,
+    Topics,
+    json_message,
+    split_message,
+    topic_matches,
+)
+from broker_bridge._envelope import HEADER_SIZE
+
+
+def _msg(body: bytes, **kw: object) -> Message:
+    fields: dict[str, object] = dict(kind=Kind.UPDATE, fleet="f1", device="dev-7", round=12,
+                                     model_version=11, attempt=2, codec="topk:0.01+q8+zstd",
+                                     body=body)
+    fields.update(kw)
+    return Message(**fields)  # type: ignore[arg-type]
+
+
+def _reassemble(payloads: list[bytes], r: Reassembler | None = None) -> list[Message]:
+    r = r or Reassembler()
+    out = []
+    for p in payloads:
+        m = r.feed(Chunk.from_bytes(p))
+        if m is not None:
+            out.append(m)
+    return out
+
+
+def test_single_chunk_round_trip_keeps_every_field() -> None:
+    m = _msg(b"hello")
+    (payload,) = split_message(m, max_payload=4096)
+    (back,) = _reassemble([payload])
+    assert (back.kind, back.fleet, back.device, back.round, back.model_version, back.attempt,
+            back.codec, back.body) == (m.kind, m.fleet, m.device, 12, 11, 2, m.codec, b"hello")
+    assert back.idempotency_key == ("f1", 12, "dev-7", 2)
+
+
+def test_multi_chunk_out_of_order_with_duplicates() -> None:
+    body = random.Random(1).randbytes(300_000)
+    payloads = split_message(_msg(body), max_payload=16 * 1024)
+    assert len(payloads) == 19 and all(len(p) <= 16 * 1024 for p in payloads)
+    shuffled = payloads + payloads[3:7]
+    random.Random(2).shuffle(shuffled)
+    r = Reassembler()
+    out = _reassemble(shuffled, r)
+    assert len(out) == 1 and out[0].body == body
+    assert r.stats.duplicates == 4 and r.pending_sets == 0 and r.pending_bytes == 0
+
+
+def test_empty_body_is_one_chunk() -> None:
+    (p,) = split_message(_msg(b""), max_payload=4096)
+    assert _reassemble([p])[0].body == b""
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda p: p[:10], "truncated"),
+        (lambda p: b"XX" + p[2:], "magic"),
+        (lambda p: p[:2] + b"\x09" + p[3:], "version 9"),
+        (lambda p: p[:3] + b"\x63" + p[4:], "unknown message kind"),
+        (lambda p: p + b"extra", "length mismatch"),
+        (lambda p: p[:-1] + bytes([p[-1] ^ 1]), "checksum"),
+        (lambda p: p[:32] + struct.pack("<I", 10**9) + p[36:], "chunk count"),
+        (lambda p: p[:28] + struct.pack("<I", 5) + p[32:], "not below"),
+        (lambda p: p[:36] + struct.pack("<Q", 2**40) + p[44:], "exceeds the limit"),
+    ],
+)
+def test_bad_headers_raise_typed_errors(mutate: object, match: str) -> None:
+    (p,) = split_message(_msg(b"x" * 100), max_payload=4096)
+    with pytest.raises(EnvelopeError, match=match):
+        Chunk.from_bytes(mutate(p))  # type: ignore[operator]
+
+
+def test_limits_are_enforced_before_allocation() -> None:
+    payloads = split_message(_msg(b"y" * 50_000), max_payload=8192)
+    with pytest.raises(EnvelopeError, match="exceeds"):
+        Chunk.from_bytes(payloads[0], limits=EnvelopeLimits(max_body_bytes=10_000))
+    with pytest.raises(EnvelopeError, match="chunk count"):
+        Chunk.from_bytes(payloads[0], limits=EnvelopeLimits(max_chunks=2))
+
+
+def test_inconsistent_chunk_drops_its_set() -> None:
+    a = split_message(_msg(b"a" * 20_000, transfer_id=5), max_payload=8192)
+    b = split_message(_msg(b"b" * 30_000, transfer_id=5), max_payload=8192)
+    r = Reassembler()
+    assert r.feed(Chunk.from_bytes(a[0])) is None
+    with pytest.raises(ChunkError, match="disagrees"):
+        r.feed(Chunk.from_bytes(b[1]))
+    assert r.pending_sets == 0 and r.pending_bytes == 0
+
+
+def test_incomplete_sets_expire_and_memory_is_bounded() -> None:
+    now = [0.0]
+    r = Reassembler(limits=ReassemblyLimits(ttl_s=10, max_pending_sets=2,
+                                            max_pending_bytes=20_000),
+                    clock=lambda: now[0])
+    sets = [split_message(_msg(bytes([i]) * 30_000), max_payload=8192) for i in range(3)]
+    r.feed(Chunk.from_bytes(sets[0][0]))
+    now[0] = 5
+    r.feed(Chunk.from_bytes(sets[1][0]))
+    assert r.pending_sets == 2
+    now[0] = 11  # set 0 is past its TTL
+    assert r.expire() == 1 and r.stats.expired == 1
+    with pytest.raises(ChunkError, match="buffer full"):
+        for p in sets[2]:
+            r.feed(Chunk.from_bytes(p))
+    assert r.pending_bytes <= 20_000
+
+
+def test_max_pending_sets_evicts_the_oldest() -> None:
+    r = Reassembler(limits=ReassemblyLimits(max_pending_sets=2))
+    sets = [split_message(_msg(bytes([i]) * 20_000), max_payload=8192) for i in range(3)]
+    for s in sets:
+        r.feed(Chunk.from_bytes(s[0]))
+    assert r.pending_sets == 2 and r.stats.evicted == 1
+
+
+def test_message_validates_fields() -> None:
+    with pytest.raises(ConfigError):
+        _msg(b"", device="bad/id")
+    with pytest.raises(ConfigError):
+        _msg(b"", round=-1)
+    with pytest.raises(ConfigError):
+        Topics(fleet="a+b")
+
+
+def test_json_message_round_trip_and_malformed_json() -> None:
+    m = json_message(Kind.TASK, fleet="f1", device="d1", payload={"lr": 0.05})
+    assert m.json() == {"lr": 0.05}
+    with pytest.raises(EnvelopeError, match="not json"):
+        _msg(b"{").json()
+    with pytest.raises(EnvelopeError, match="malformed"):
+        Message(kind=Kind.TASK, fleet="f1", codec="json", body=b"{nope").json()
+
+
+def test_topics_and_filters() -> None:
+    t = Topics(fleet="f1")
+    assert t.up("d1", "update") == "fl/f1/devices/d1/up/update"
+    assert topic_matches(t.all_up, "fl/f1/devices/d1/up/update")
+    assert not topic_matches(t.all_up, "fl/f1/devices/d1/down/task")
+    assert topic_matches(t.all_broadcast, "fl/f1/broadcast/model")
+    assert t.device_of("fl/f1/devices/d9/up/hello") == "d9"
+    assert t.device_of("fl/f1/broadcast/model") is None
+
+
+def test_channel_drops_bad_payloads_and_impersonation() -> None:
+    hub = MemoryBroker()
+    agg = Channel(transport=MemoryTransport(broker=hub, client_id="agg"), fleet="f1")
+    dev = Channel(transport=MemoryTransport(broker=hub, client_id="d1"), fleet="f1")
+    agg.transport.connect()
+    dev.transport.connect()
+    got: list[Message] = []
+    agg.subscribe(agg.topics.all_up, lambda _t, m: got.append(m))
+    topic = dev.topics.up("d1", "update")
+    dev.transport.publish(topic, b"garbage that is not an envelope")
+    dev.send(topic, _msg(b"spoof", device="d2"))  # claims to be d2 on d1's topic
+    dev.send(topic, _msg(b"real", device="d1"))
+    assert [m.body for m in got] == [b"real"]
+    assert agg.dropped["EnvelopeError"] == 1 and agg.dropped["device_mismatch"] == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_fuzz_random_bytes_only_raise_envelope_errors(data: bytes) -> None:
+    with contextlib.suppress(EnvelopeError):
+        Chunk.from_bytes(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_fuzz_mutated_payloads_never_escape_typed_errors(data: st.DataObject) -> None:
+    (p,) = split_message(_msg(b"payload" * 20), max_payload=4096)
+    buf = bytearray(p)
+    for _ in range(data.draw(st.integers(1, 6))):
+        i = data.draw(st.integers(0, len(buf) - 1))
+        buf[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(HEADER_SIZE - 8, len(buf)))
+    r = Reassembler()
+    with contextlib.suppress(EnvelopeError, ChunkError):
+        r.feed(Chunk.from_bytes(bytes(buf[:cut])))

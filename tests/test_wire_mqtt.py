@@ -1,0 +1,204 @@
+"""The wire over a real Mosquitto (and the embedded broker) started by the test."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from broker_bridge import (
+    BrokerUnavailable,
+    Channel,
+    EmbeddedBroker,
+    Kind,
+    Message,
+    MosquittoProcess,
+    MqttTransport,
+    json_message,
+    presence_message,
+    presence_will,
+    split_message,
+    write_broker_config,
+)
+from broker_bridge._brokers import _child_user, free_port
+
+FLEET = "wire"
+
+
+def _wait(cond: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, _topic: str, m: Message) -> None:
+        with self.lock:
+            self.messages.append(m)
+
+
+def _transport(url: str, cid: str, **kw: object) -> MqttTransport:
+    return MqttTransport(url=url, client_id=cid, backoff_min_s=0.1, backoff_max_s=1.0, **kw)  # type: ignore[arg-type]
+
+
+def test_20mb_body_crosses_in_128kb_chunks(mosquitto: MosquittoProcess) -> None:
+    body = random.Random(0).randbytes(20 * 1024 * 1024)
+    rx = Channel(transport=_transport(mosquitto.url, "agg"), fleet=FLEET)
+    tx = Channel(transport=_transport(mosquitto.url, "d1"), fleet=FLEET)
+    inbox = Inbox()
+    with rx.transport, tx.transport:
+        rx.subscribe(rx.topics.all_up, inbox)
+        n = tx.send(tx.topics.up("d1", "update"),
+                    Message(kind=Kind.UPDATE, fleet=FLEET, device="d1", body=body))
+        assert n == 161  # 20 MiB / (128 KiB - header)
+        assert _wait(lambda: len(inbox.messages) == 1, 60)
+    assert inbox.messages[0].body == body
+
+
+def test_out_of_order_and_duplicated_chunks(mosquitto: MosquittoProcess) -> None:
+    body = random.Random(1).randbytes(20 * 1024 * 1024)
+    payloads = split_message(Message(kind=Kind.MODEL, fleet=FLEET, body=body),
+                             max_payload=128 * 1024)
+    order = payloads + random.Random(2).sample(payloads, 40)
+    random.Random(3).shuffle(order)
+    rx = Channel(transport=_transport(mosquitto.url, "dev"), fleet=FLEET)
+    pub = _transport(mosquitto.url, "agg")
+    inbox = Inbox()
+    with rx.transport, pub:
+        rx.subscribe(rx.topics.all_broadcast, inbox)
+        for p in order:
+            pub.publish(rx.topics.broadcast("model"), p)
+        assert _wait(lambda: rx.reassembler.stats.duplicates >= 40, 60)
+    assert len(inbox.messages) == 1 and inbox.messages[0].body == body
+    assert rx.reassembler.pending_sets == 0
+
+
+def test_broker_restart_loses_no_accepted_qos1_message(mosquitto: MosquittoProcess) -> None:
+    rx = Channel(transport=_transport(mosquitto.url, "agg-restart"), fleet=FLEET)
+    tx = Channel(transport=_transport(mosquitto.url, "dev-restart"), fleet=FLEET)
+    seen: set[int] = set()
+    count = [0]
+
+    def on_msg(_t: str, m: Message) -> None:
+        seen.add(m.round)  # the sender's sequence number; duplicates allowed
+        count[0] += 1
+
+    rx.transport.connect()
+    tx.transport.connect()
+    rx.subscribe(rx.topics.all_up, on_msg)
+    time.sleep(0.2)
+    total = 400
+    for i in range(total):
+        tx.send(tx.topics.up("dev-restart", "update"),
+                Message(kind=Kind.UPDATE, fleet=FLEET, device="dev-restart", round=i,
+                        body=b"u" * 1024))
+        if i == 150:
+            mosquitto.stop()  # graceful: the broker saves sessions and queued messages
+        if i == 250:
+            mosquitto.start()
+    try:
+        missing = lambda: sorted(set(range(total)) - seen)[:20]  # noqa: E731
+        assert _wait(lambda: len(seen) == total, 60), f"missing {missing()}"
+        assert tx.transport.flush(timeout=30)
+        assert rx.transport.reconnects >= 1 and tx.transport.reconnects >= 1  # type: ignore[attr-defined]
+    finally:
+        tx.transport.close()
+        rx.transport.close()
+    assert count[0] >= total
+
+
+def test_acl_confines_each_device_to_its_own_topics(tmp_path: Path) -> None:
+    port = free_port()
+    files = write_broker_config(tmp_path, fleet=FLEET, devices=["dev-a", "dev-b"], port=port,
+                                bind_address="127.0.0.1", run_as_user=_child_user())
+    creds = tomllib.loads(files.credentials.read_text())
+    assert files.credentials.stat().st_mode & 0o777 == 0o600
+    with MosquittoProcess(conf_text=files.conf.read_text(), port=port, workdir=tmp_path) as broker:
+        url = broker.url
+        agg = Channel(transport=_transport(url, "aggregator", username="aggregator",
+                                           password=creds["aggregator"]), fleet=FLEET)
+        # dev-a's credentials, whatever client id it claims:
+        a = Channel(transport=_transport(url, "dev-b", username="dev-a",
+                                         password=creds["dev-a"]), fleet=FLEET)
+        inbox = Inbox()
+        a_down = Inbox()
+        with agg.transport, a.transport:
+            agg.subscribe(agg.topics.all_up, inbox)
+            a.subscribe(a.topics.device_down("dev-b"), a_down)  # someone else's tasks
+            time.sleep(0.3)
+            # impersonation attempt: dev-a writes on dev-b's topic as dev-b
+            a.send(a.topics.up("dev-b", "update"),
+                   Message(kind=Kind.UPDATE, fleet=FLEET, device="dev-b", body=b"forged"))
+            agg.send(agg.topics.down("dev-b", "task"),
+                     json_message(Kind.TASK, fleet=FLEET, payload={"secret": 1}))
+            # the legitimate message, sent after, is the positive control
+            a.send(a.topics.up("dev-a", "update"),
+                   Message(kind=Kind.UPDATE, fleet=FLEET, device="dev-a", body=b"own"))
+            assert _wait(lambda: len(inbox.messages) >= 1)
+            time.sleep(0.5)
+        assert [m.body for m in inbox.messages] == [b"own"]
+        assert a_down.messages == []
+        # wrong password is refused with a clear error
+        bad = _transport(url, "dev-a", username="dev-a", password="wrong")
+        with pytest.raises(BrokerUnavailable, match=r"refused|not authori"):
+            bad.connect(timeout=2)
+        bad.close()
+
+
+def test_unclean_disconnect_marks_device_offline(mosquitto: MosquittoProcess) -> None:
+    observer = Channel(transport=_transport(mosquitto.url, "agg-presence"), fleet=FLEET)
+    dev_t = _transport(mosquitto.url, "dev-p", will=presence_will(fleet=FLEET, device="dev-p"))
+    dev = Channel(transport=dev_t, fleet=FLEET)
+    statuses: list[str] = []
+    with observer.transport:
+        observer.subscribe(observer.topics.all_presence,
+                           lambda _t, m: statuses.append(m.json()["status"]))
+        dev_t.connect()
+        dev.send(dev.topics.presence("dev-p"),
+                 presence_message(fleet=FLEET, device="dev-p", status="online"), retain=True)
+        assert _wait(lambda: statuses == ["online"])
+        dev_t.abort()  # the socket dies, no DISCONNECT: the broker publishes the will
+        assert _wait(lambda: statuses == ["online", "offline"])
+    # a late subscriber sees the retained status
+    late = Channel(transport=_transport(mosquitto.url, "late"), fleet=FLEET)
+    got: list[str] = []
+    with late.transport:
+        late.subscribe(late.topics.presence("dev-p"), lambda _t, m: got.append(m.json()["status"]))
+        assert _wait(lambda: got == ["offline"])
+
+
+def test_embedded_broker_round_trip() -> None:
+    with EmbeddedBroker() as broker:
+        rx = Channel(transport=_transport(broker.url, "agg"), fleet=FLEET)
+        tx = Channel(transport=_transport(broker.url, "d1"), fleet=FLEET)
+        inbox = Inbox()
+        body = random.Random(4).randbytes(600_000)
+        with rx.transport, tx.transport:
+            rx.subscribe(rx.topics.all_up, inbox)
+            time.sleep(0.2)
+            tx.send(tx.topics.up("d1", "hello"),
+                    json_message(Kind.HELLO, fleet=FLEET, device="d1", payload={"x": 1}))
+            tx.send(tx.topics.up("d1", "update"),
+                    Message(kind=Kind.UPDATE, fleet=FLEET, device="d1", body=body))
+            assert _wait(lambda: len(inbox.messages) == 2, 30)
+        assert inbox.messages[0].json() == {"x": 1}
+        assert inbox.messages[1].body == body
+
+
+def test_connect_to_nothing_fails_with_broker_unavailable() -> None:
+    t = _transport(f"mqtt://127.0.0.1:{free_port()}", "lonely")
+    with pytest.raises(BrokerUnavailable, match="no connection"):
+        t.connect(timeout=1)
+    t.close()
