@@ -3,8 +3,59 @@
 Where things live:
 
 - ``_errors``: ``WireError`` and its kinds, ``TransportError``, ``BrokerUnavailable``.
+- ``_layout``: ``Layout`` (named float32 tensors <-> one flat vector, fingerprint).
+- ``_codec``: ``encode_update``/``decode_update``, ``encode_model``/``decode_model``,
+  ``ErrorFeedback``, ``ModelVersion``, ``BodyHeader`` (the update codec and its body
+  format); ``_codec_spec``: ``CodecSpec``, ``TopK``, ``Threshold``, ``Quantize``.
+- ``_topics``: ``Topics`` (the per-fleet, per-device topic layout), ``topic_matches``.
+- ``_envelope``: ``Message``, ``Kind``, ``EnvelopeLimits``, ``split_message`` (the header).
+- ``_chunking``: ``Reassembler``, ``ReassemblyLimits`` (bounded chunk reassembly).
+- ``_transport``: ``Transport`` (interface), ``Will``, ``MemoryBroker``/``MemoryTransport``.
+- ``_mqtt``: ``MqttTransport``, ``BrokerUrl``, ``TlsConfig`` (paho-mqtt 2.x).
+- ``_channel``: ``Channel`` (whole messages over a transport, checked and reassembled).
+- ``_brokers``: ``write_broker_config``, ``MosquittoProcess``, ``EmbeddedBroker``,
+  ``local_broker``, ``atomic_write``.
 """
 
+from broker_bridge._brokers import (
+    AGGREGATOR_USER,
+    BrokerConfigFiles,
+    EmbeddedBroker,
+    MosquittoProcess,
+    TlsFiles,
+    atomic_write,
+    free_port,
+    hash_password,
+    local_broker,
+    render_acl,
+    render_mosquitto_conf,
+    write_broker_config,
+)
+from broker_bridge._channel import DEFAULT_MAX_PAYLOAD, Channel, presence_message, presence_will
+from broker_bridge._chunking import Reassembler, ReassemblyLimits
+from broker_bridge._codec import (
+    BodyHeader,
+    BodyKind,
+    EncodedUpdate,
+    ErrorFeedback,
+    ModelVersion,
+    decode_model,
+    decode_update,
+    decode_update_sparse,
+    encode_model,
+    encode_update,
+    read_header,
+)
+from broker_bridge._codec_spec import CodecSpec, Quantize, Threshold, TopK
+from broker_bridge._envelope import (
+    Chunk,
+    EnvelopeLimits,
+    Kind,
+    Message,
+    json_message,
+    new_transfer_id,
+    split_message,
+)
 from broker_bridge._errors import (
     BrokerUnavailable,
     ChunkError,
@@ -13,15 +64,70 @@ from broker_bridge._errors import (
     TransportError,
     WireError,
 )
+from broker_bridge._layout import Layout
+from broker_bridge._mqtt import BrokerUrl, MqttTransport, TlsConfig
+from broker_bridge._topics import Topics, check_id, topic_matches
+from broker_bridge._transport import MemoryBroker, MemoryTransport, Transport, Will
 from device_profiles import ConfigError, FleetlearnError
 
 __all__ = [
+    "AGGREGATOR_USER",
+    "DEFAULT_MAX_PAYLOAD",
+    "BodyHeader",
+    "BodyKind",
+    "BrokerConfigFiles",
     "BrokerUnavailable",
+    "BrokerUrl",
+    "Channel",
+    "Chunk",
     "ChunkError",
     "CodecError",
+    "CodecSpec",
     "ConfigError",
+    "EmbeddedBroker",
+    "EncodedUpdate",
     "EnvelopeError",
+    "EnvelopeLimits",
+    "ErrorFeedback",
     "FleetlearnError",
+    "Kind",
+    "Layout",
+    "MemoryBroker",
+    "MemoryTransport",
+    "Message",
+    "ModelVersion",
+    "MosquittoProcess",
+    "MqttTransport",
+    "Quantize",
+    "Reassembler",
+    "ReassemblyLimits",
+    "Threshold",
+    "TlsConfig",
+    "TlsFiles",
+    "TopK",
+    "Topics",
+    "Transport",
     "TransportError",
     "WireError",
+    "Will",
+    "atomic_write",
+    "check_id",
+    "decode_model",
+    "decode_update",
+    "decode_update_sparse",
+    "encode_model",
+    "encode_update",
+    "free_port",
+    "hash_password",
+    "json_message",
+    "local_broker",
+    "new_transfer_id",
+    "presence_message",
+    "presence_will",
+    "read_header",
+    "render_acl",
+    "render_mosquitto_conf",
+    "split_message",
+    "topic_matches",
+    "write_broker_config",
 ]
