@@ -1,0 +1,568 @@
+"""Device selection: which devices train in a round, and how much work each gets.
+
+Policies choose devices; they never touch model updates. Everything they learn
+arrives as data: ``feedback(device_id, duration_s=..., completed=..., loss=...)``
+after each round, where a missed deadline or a dropout is ``completed=False``.
+
+- :class:`RandomPolicy`: uniform without replacement (FedAvg's baseline).
+- :class:`DeadlinePolicy`: FedCS-style, as many devices as are predicted to finish
+  before the deadline, fastest first.
+- :class:`TieredPolicy`: TiFL-style, devices grouped into speed tiers; one tier per
+  round, picked with probabilities that favour tiers with higher loss, limited by
+  per-tier credits.
+- :class:`OortPolicy`: Oort-style, statistical utility ``|B_i| * sqrt(mean loss^2)``
+  with a staleness bonus, times ``(T / t_i) ** alpha`` for devices slower than the
+  preferred duration ``T``; epsilon-greedy exploration of unseen devices (decaying),
+  and a participation cap for fairness.
+
+Every policy keeps a :class:`device_profiles.CorrectionEstimator`, so a device that
+keeps running late is predicted late (and deprioritised) in later rounds.
+:func:`local_steps` sizes a slow device's local work to the deadline instead of
+dropping it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from device_profiles import ConfigError, CorrectionEstimator, CostBreakdown, DeviceProfile
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    """A device that could train this round, as the registry sees it.
+
+    ``predicted_duration_s`` comes from the cost model (uncorrected: the policy
+    applies its learned correction). ``last_loss`` is the root-mean-square per-sample
+    training loss the device last reported; ``num_samples`` its local data size.
+    """
+
+    device_id: str
+    predicted_duration_s: float
+    num_samples: int = 0
+    profile: DeviceProfile | None = None
+    last_loss: float | None = None
+    participation_count: int = 0
+    missed_deadlines: int = 0
+    last_round: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.device_id:
+            raise ConfigError("candidate device_id must not be empty")
+        if not math.isfinite(self.predicted_duration_s) or self.predicted_duration_s <= 0:
+            raise ConfigError(f"{self.device_id}: predicted_duration_s must be positive")
+        if self.num_samples < 0 or self.participation_count < 0 or self.missed_deadlines < 0:
+            raise ConfigError(f"{self.device_id}: counts must not be negative")
+        if self.last_loss is not None and (not math.isfinite(self.last_loss) or self.last_loss < 0):
+            raise ConfigError(f"{self.device_id}: last_loss must be a non-negative number")
+
+
+@runtime_checkable
+class SelectionPolicy(Protocol):
+    """What the round scheduler needs from a policy."""
+
+    name: str
+
+    def select(
+        self,
+        candidates: Sequence[Candidate],
+        k: int,
+        *,
+        round_index: int,
+        deadline_s: float | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> list[str]: ...
+
+    def feedback(
+        self,
+        device_id: str,
+        *,
+        duration_s: float | None,
+        completed: bool,
+        loss: float | None = None,
+        num_samples: int | None = None,
+    ) -> None: ...
+
+
+@dataclass(kw_only=True)
+class _DeviceStats:
+    selections: int = 0
+    completions: int = 0
+    misses: int = 0
+    last_loss: float | None = None
+    num_samples: int | None = None
+    last_round: int | None = None
+    last_duration_s: float | None = None
+
+
+class _BasePolicy:
+    """Shared bookkeeping: validation, per-device stats, duration correction."""
+
+    name = "base"
+
+    def __init__(self, *, corrections: CorrectionEstimator | None = None) -> None:
+        self.corrections = corrections if corrections is not None else CorrectionEstimator()
+        self._stats: dict[str, _DeviceStats] = {}
+        self._pending: dict[str, tuple[float, float | None]] = {}  # predicted, deadline
+
+    # -- the public protocol --------------------------------------------------------
+
+    def select(
+        self,
+        candidates: Sequence[Candidate],
+        k: int,
+        *,
+        round_index: int,
+        deadline_s: float | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> list[str]:
+        """Up to ``k`` device ids, chosen among ``candidates`` (order = priority)."""
+        if k < 0:
+            raise ConfigError(f"k must not be negative, got {k}")
+        if deadline_s is not None and (not math.isfinite(deadline_s) or deadline_s <= 0):
+            raise ConfigError("deadline_s must be positive")
+        ids = [c.device_id for c in candidates]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("candidates contain the same device twice")
+        if k == 0 or not candidates:
+            return []
+        generator = rng if rng is not None else np.random.default_rng(round_index)
+        chosen = self._choose(
+            list(candidates), k, round_index=round_index, deadline_s=deadline_s, rng=generator
+        )
+        by_id = {c.device_id: c for c in candidates}
+        for device_id in chosen:
+            stats = self._stats.setdefault(device_id, _DeviceStats())
+            stats.selections += 1
+            stats.last_round = round_index
+            self._pending[device_id] = (by_id[device_id].predicted_duration_s, deadline_s)
+        return chosen
+
+    def feedback(
+        self,
+        device_id: str,
+        *,
+        duration_s: float | None,
+        completed: bool,
+        loss: float | None = None,
+        num_samples: int | None = None,
+    ) -> None:
+        """What happened to a selected device: its duration, whether it made it, its loss.
+
+        ``completed=False`` with no duration is a dropout or a silent miss: it counts
+        as a missed deadline and, when the round had a deadline, pushes the device's
+        duration correction up.
+        """
+        stats = self._stats.setdefault(device_id, _DeviceStats())
+        if duration_s is not None and (not math.isfinite(duration_s) or duration_s < 0):
+            raise ConfigError("duration_s must be a non-negative number")
+        if completed:
+            stats.completions += 1
+        else:
+            stats.misses += 1
+        if duration_s is not None:
+            stats.last_duration_s = duration_s
+        if loss is not None:
+            if not math.isfinite(loss) or loss < 0:
+                raise ConfigError("loss must be a non-negative number")
+            stats.last_loss = loss
+        if num_samples is not None:
+            stats.num_samples = num_samples
+        pending = self._pending.pop(device_id, None)
+        if pending is not None:
+            predicted, deadline = pending
+            self.corrections.observe(device_id, predicted, duration_s, deadline_s=deadline)
+        self._on_feedback(device_id, stats, completed=completed)
+
+    # -- helpers for subclasses ----------------------------------------------------
+
+    def expected_duration(self, candidate: Candidate) -> float:
+        """The cost model's prediction times what this device has taught us."""
+        return self.corrections.corrected(candidate.device_id, candidate.predicted_duration_s)
+
+    def participations(self, candidate: Candidate) -> int:
+        stats = self._stats.get(candidate.device_id)
+        own = stats.selections if stats is not None else 0
+        return max(own, candidate.participation_count)
+
+    def loss(self, candidate: Candidate) -> float | None:
+        stats = self._stats.get(candidate.device_id)
+        if stats is not None and stats.last_loss is not None:
+            return stats.last_loss
+        return candidate.last_loss
+
+    def samples(self, candidate: Candidate) -> int:
+        stats = self._stats.get(candidate.device_id)
+        if stats is not None and stats.num_samples is not None:
+            return stats.num_samples
+        return candidate.num_samples
+
+    def last_round(self, candidate: Candidate) -> int | None:
+        stats = self._stats.get(candidate.device_id)
+        if stats is not None and stats.last_round is not None:
+            return stats.last_round
+        return candidate.last_round
+
+    def _choose(
+        self,
+        candidates: list[Candidate],
+        k: int,
+        *,
+        round_index: int,
+        deadline_s: float | None,
+        rng: np.random.Generator,
+    ) -> list[str]:
+        raise NotImplementedError
+
+    def _on_feedback(self, device_id: str, stats: _DeviceStats, *, completed: bool) -> None:
+        del device_id, stats, completed
+
+
+class RandomPolicy(_BasePolicy):
+    """Uniform random selection without replacement: the baseline every policy beats."""
+
+    name = "random"
+
+    def _choose(
+        self,
+        candidates: list[Candidate],
+        k: int,
+        *,
+        round_index: int,
+        deadline_s: float | None,
+        rng: np.random.Generator,
+    ) -> list[str]:
+        picks = rng.choice(len(candidates), size=min(k, len(candidates)), replace=False)
+        return [candidates[int(i)].device_id for i in picks]
+
+
+class DeadlinePolicy(_BasePolicy):
+    """FedCS-style: every device predicted to finish within the deadline, fastest first.
+
+    ``k`` caps the count; ``slack`` (<= 1) keeps a safety margin. Without a deadline
+    it degrades to the ``k`` fastest devices.
+    """
+
+    name = "deadline"
+
+    def __init__(self, *, slack: float = 1.0, corrections: CorrectionEstimator | None = None):
+        super().__init__(corrections=corrections)
+        if not 0.0 < slack <= 1.0:
+            raise ConfigError("deadline slack must be within (0, 1]")
+        self.slack = slack
+
+    def _choose(
+        self,
+        candidates: list[Candidate],
+        k: int,
+        *,
+        round_index: int,
+        deadline_s: float | None,
+        rng: np.random.Generator,
+    ) -> list[str]:
+        ranked = sorted(candidates, key=lambda c: (self.expected_duration(c), c.device_id))
+        if deadline_s is not None:
+            budget = deadline_s * self.slack
+            ranked = [c for c in ranked if self.expected_duration(c) <= budget]
+        return [c.device_id for c in ranked[:k]]
+
+
+class TieredPolicy(_BasePolicy):
+    """TiFL-style: speed tiers, one tier per round, chosen adaptively.
+
+    Devices are sorted by expected duration and split into ``num_tiers`` equal
+    groups (tier 0 is the fastest). A tier's weight is the mean loss its devices
+    last reported (tiers that lag in accuracy are trained more), mixed with a
+    uniform share ``uniform_mix`` so no tier starves; a tier with ``credits`` used
+    up is skipped until every tier has used its credits. With a deadline, tiers
+    whose fastest device cannot make it are skipped.
+    """
+
+    name = "tiered"
+
+    def __init__(
+        self,
+        *,
+        num_tiers: int = 5,
+        credits: int | None = None,
+        uniform_mix: float = 0.2,
+        corrections: CorrectionEstimator | None = None,
+    ) -> None:
+        super().__init__(corrections=corrections)
+        if num_tiers < 1:
+            raise ConfigError("num_tiers must be at least 1")
+        if credits is not None and credits < 1:
+            raise ConfigError("tier credits must be at least 1")
+        if not 0.0 <= uniform_mix <= 1.0:
+            raise ConfigError("uniform_mix must be within [0, 1]")
+        self.num_tiers = num_tiers
+        self.credits = credits
+        self.uniform_mix = uniform_mix
+        self._used = np.zeros(num_tiers, dtype=int)
+        self.last_tier: int | None = None
+        self.last_probabilities: np.ndarray | None = None
+
+    def tiers(self, candidates: Sequence[Candidate]) -> list[list[Candidate]]:
+        """Candidates split into speed tiers, fastest first (empty tiers dropped)."""
+        ranked = sorted(candidates, key=lambda c: (self.expected_duration(c), c.device_id))
+        groups = np.array_split(np.arange(len(ranked)), min(self.num_tiers, len(ranked)))
+        return [[ranked[int(i)] for i in g] for g in groups if len(g)]
+
+    def tier_probabilities(self, tiers: Sequence[Sequence[Candidate]]) -> np.ndarray:
+        means = []
+        for tier in tiers:
+            losses = [v for v in (self.loss(c) for c in tier) if v is not None]
+            means.append(float(np.mean(losses)) if losses else math.nan)
+        arr = np.array(means, dtype=float)
+        known = arr[~np.isnan(arr)]
+        fill = float(known.mean()) if known.size and known.sum() > 0 else 1.0
+        arr = np.where(np.isnan(arr), fill, arr)
+        if arr.sum() <= 0:
+            arr = np.ones_like(arr)
+        loss_based = arr / arr.sum()
+        uniform = np.full(len(tiers), 1.0 / len(tiers))
+        p: np.ndarray = (1.0 - self.uniform_mix) * loss_based + self.uniform_mix * uniform
+        return p
+
+    def _choose(
+        self,
+        candidates: list[Candidate],
+        k: int,
+        *,
+        round_index: int,
+        deadline_s: float | None,
+        rng: np.random.Generator,
+    ) -> list[str]:
+        tiers = self.tiers(candidates)
+        p = self.tier_probabilities(tiers)
+        allowed = np.ones(len(tiers), dtype=bool)
+        if self.credits is not None:
+            used = self._used[: len(tiers)]
+            if (used >= self.credits).all():
+                self._used[:] = 0  # every tier spent its credits: start a new epoch
+            allowed &= self._used[: len(tiers)] < self.credits
+        if deadline_s is not None:
+            fits = np.array([self.expected_duration(t[0]) <= deadline_s for t in tiers])
+            if fits.any():
+                allowed &= fits
+            if not allowed.any():
+                allowed = fits if fits.any() else np.ones(len(tiers), dtype=bool)
+        if not allowed.any():
+            allowed[:] = True
+        p = np.where(allowed, p, 0.0)
+        p = p / p.sum()
+        tier_index = int(rng.choice(len(tiers), p=p))
+        self._used[tier_index] += 1
+        self.last_tier = tier_index
+        self.last_probabilities = p
+        tier = tiers[tier_index]
+        if deadline_s is not None:
+            tier = [c for c in tier if self.expected_duration(c) <= deadline_s] or tier
+        picks = rng.choice(len(tier), size=min(k, len(tier)), replace=False)
+        return [tier[int(i)].device_id for i in picks]
+
+
+class OortPolicy(_BasePolicy):
+    """Oort-style guided participant selection.
+
+    Utility of an explored device ``i``: ``|B_i| * loss_i`` (``loss_i`` being the RMS
+    per-sample loss it reported, so ``|B_i| * sqrt(mean loss^2)``), normalised by the
+    largest such value, plus a staleness bonus ``sqrt(staleness * ln(round + 1) /
+    (last_round + 1))``; if its expected duration ``t_i`` exceeds the preferred
+    duration ``T`` it is multiplied by ``(T / t_i) ** alpha``. A fraction epsilon of
+    the slots (decaying each round to ``min_exploration``) goes to unexplored devices,
+    faster ones more likely; the rest are sampled by utility among devices within
+    ``cutoff`` of the k-th best. Devices selected ``max_participation`` times are
+    no longer eligible.
+    """
+
+    name = "oort"
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 2.0,
+        exploration: float = 0.9,
+        exploration_decay: float = 0.98,
+        min_exploration: float = 0.3,
+        cutoff: float = 0.95,
+        staleness: float = 0.1,
+        max_participation: int | None = None,
+        preferred_duration_s: float | None = None,
+        corrections: CorrectionEstimator | None = None,
+    ) -> None:
+        super().__init__(corrections=corrections)
+        if alpha < 0:
+            raise ConfigError("alpha must not be negative")
+        if not 0.0 <= min_exploration <= exploration <= 1.0:
+            raise ConfigError("need 0 <= min_exploration <= exploration <= 1")
+        if not 0.0 < exploration_decay <= 1.0:
+            raise ConfigError("exploration_decay must be within (0, 1]")
+        if not 0.0 < cutoff <= 1.0:
+            raise ConfigError("cutoff must be within (0, 1]")
+        if staleness < 0:
+            raise ConfigError("staleness must not be negative")
+        if max_participation is not None and max_participation < 1:
+            raise ConfigError("max_participation must be at least 1")
+        if preferred_duration_s is not None and preferred_duration_s <= 0:
+            raise ConfigError("preferred_duration_s must be positive")
+        self.alpha = alpha
+        self.epsilon = exploration
+        self.exploration_decay = exploration_decay
+        self.min_exploration = min_exploration
+        self.cutoff = cutoff
+        self.staleness = staleness
+        self.max_participation = max_participation
+        self.preferred_duration_s = preferred_duration_s
+
+    def utilities(
+        self,
+        candidates: Sequence[Candidate],
+        *,
+        round_index: int,
+        preferred_s: float,
+    ) -> dict[str, float]:
+        """Oort utility of every explored candidate (those that reported a loss)."""
+        raw = {
+            c.device_id: max(self.samples(c), 1) * float(loss)
+            for c in candidates
+            if (loss := self.loss(c)) is not None
+        }
+        if not raw:
+            return {}
+        top = max(raw.values()) or 1.0
+        out: dict[str, float] = {}
+        for c in candidates:
+            if c.device_id not in raw:
+                continue
+            last = self.last_round(c)
+            bonus = math.sqrt(
+                self.staleness
+                * math.log(round_index + 1.0)
+                / ((last if last is not None else 0) + 1.0)
+            )
+            util = raw[c.device_id] / top + bonus
+            t = self.expected_duration(c)
+            if t > preferred_s:
+                util *= (preferred_s / t) ** self.alpha
+            out[c.device_id] = util
+        return out
+
+    def _choose(
+        self,
+        candidates: list[Candidate],
+        k: int,
+        *,
+        round_index: int,
+        deadline_s: float | None,
+        rng: np.random.Generator,
+    ) -> list[str]:
+        cap = self.max_participation
+        eligible = [c for c in candidates if cap is None or self.participations(c) < cap]
+        if not eligible:
+            return []
+        k = min(k, len(eligible))
+        durations = {c.device_id: self.expected_duration(c) for c in eligible}
+        preferred = (
+            self.preferred_duration_s or deadline_s or float(np.median(list(durations.values())))
+        )
+        utils = self.utilities(eligible, round_index=round_index, preferred_s=preferred)
+        explored = [c for c in eligible if c.device_id in utils]
+        unexplored = [c for c in eligible if c.device_id not in utils]
+
+        n_explore = min(len(unexplored), round(self.epsilon * k))
+        n_exploit = min(len(explored), k - n_explore)
+        n_explore = min(len(unexplored), k - n_exploit)  # fill from the other pool
+
+        chosen: list[str] = []
+        if n_exploit:
+            ranked = sorted(explored, key=lambda c: (-utils[c.device_id], c.device_id))
+            threshold = utils[ranked[n_exploit - 1].device_id] * self.cutoff
+            pool = [c for c in ranked if utils[c.device_id] >= threshold]
+            weights = np.array([utils[c.device_id] for c in pool], dtype=float)
+            picks = _weighted_sample(weights, n_exploit, rng)
+            chosen += [pool[i].device_id for i in picks]
+        if n_explore:
+            speed = np.array([1.0 / durations[c.device_id] for c in unexplored])
+            picks = _weighted_sample(speed, n_explore, rng)
+            chosen += [unexplored[i].device_id for i in picks]
+        self.epsilon = max(self.min_exploration, self.epsilon * self.exploration_decay)
+        return chosen
+
+
+def _weighted_sample(weights: np.ndarray, n: int, rng: np.random.Generator) -> list[int]:
+    """``n`` distinct indices, probability proportional to weight (uniform if all zero)."""
+    w = np.clip(np.asarray(weights, dtype=float), 0.0, None)
+    positive = int((w > 0).sum())
+    if positive < n:  # not enough weighted entries: give the rest a tiny share
+        w = w + (w.max() if w.max() > 0 else 1.0) * 1e-6
+    p = w / w.sum()
+    return [int(i) for i in rng.choice(len(w), size=n, replace=False, p=p)]
+
+
+# -- adapting local work --------------------------------------------------------------------
+
+
+def local_steps(
+    deadline_s: float,
+    *,
+    step_time_s: float,
+    fixed_s: float = 0.0,
+    max_steps: int,
+    min_steps: int = 1,
+) -> int:
+    """How many local steps fit in the deadline after the fixed costs (0 = skip device).
+
+    A slow device is given fewer steps rather than dropped; it reports the sample
+    count it really trained on, and aggregation weights by that.
+    """
+    if step_time_s <= 0 or not math.isfinite(step_time_s):
+        raise ConfigError("step_time_s must be positive")
+    if max_steps < 0 or min_steps < 1:
+        raise ConfigError("need max_steps >= 0 and min_steps >= 1")
+    budget = deadline_s - fixed_s
+    if budget <= 0:
+        return 0
+    steps = min(max_steps, math.floor(budget / step_time_s + 1e-9))
+    return steps if steps >= min_steps else 0
+
+
+def local_steps_for(
+    cost: CostBreakdown, deadline_s: float, *, factor: float = 1.0, min_steps: int = 1
+) -> int:
+    """:func:`local_steps` from a cost-model prediction, scaled by a learned correction."""
+    return local_steps(
+        deadline_s,
+        step_time_s=cost.step_s * factor,
+        fixed_s=cost.fixed_s * factor,
+        max_steps=cost.steps,
+        min_steps=min_steps,
+    )
+
+
+# -- registry -------------------------------------------------------------------------------
+
+POLICIES: Mapping[str, Callable[..., _BasePolicy]] = {
+    "random": RandomPolicy,
+    "deadline": DeadlinePolicy,
+    "tiered": TieredPolicy,
+    "oort": OortPolicy,
+}
+
+
+def make_policy(name: str, **options: Any) -> SelectionPolicy:
+    """A policy by name with its options; unknown names and options raise ConfigError."""
+    try:
+        factory = POLICIES[name]
+    except KeyError:
+        known = ", ".join(sorted(POLICIES))
+        raise ConfigError(f"unknown selection policy {name!r}; known: {known}") from None
+    try:
+        return factory(**options)
+    except TypeError as exc:
+        raise ConfigError(f"bad options for selection policy {name!r}: {exc}") from exc
