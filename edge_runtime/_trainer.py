@@ -1,0 +1,368 @@
+"""The on-device training backend: ONNX Runtime's ``CheckpointState``/``Module``/``Optimizer``.
+
+A device exchanges one flat float32 vector with the fleet: the trainable parameters
+in the order of ``Module.get_contiguous_parameters(trainable_only=True)``. That order
+is the graph order of the parameters and differs from the (alphabetical) order in
+which ``CheckpointState.parameters`` iterates, so the trainer measures it at load time
+(each parameter filled with its own marker value, then read back through the flat
+buffer) instead of assuming it, and checks it against ``artifacts.json`` when present.
+
+Artifacts are four files: ``training_model.onnx``, ``eval_model.onnx``,
+``optimizer_model.onnx`` and ``checkpoint``. Both graphs take ``(input, labels)`` and
+output ``(loss, model output)``; the second output gives accuracy. With
+``artifacts.json`` (written by the aggregator's artifact builder) every file's sha256
+is checked and its combined content hash can be pinned by the task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from edge_runtime._errors import ArtifactError
+from edge_runtime._ort import load_training_api, session_options
+
+ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+MANIFEST_NAME = "artifacts.json"
+MANIFEST_FORMAT = "fleetlearn-artifacts/1"
+
+ParameterShapes = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainResult:
+    """What one call to :meth:`OrtTrainer.train` did."""
+
+    samples_seen: int
+    """Samples actually trained on (counting repeats over epochs): the FedAvg weight."""
+    steps: int
+    mean_loss: float
+    """Sample-weighted mean training loss over the steps taken (NaN if none)."""
+    seconds: float
+    stopped_early: bool
+    """True when the deadline or ``should_stop`` cut training short."""
+
+
+class EvalResult(NamedTuple):
+    """Mean loss and accuracy (NaN for regression) over the evaluated samples."""
+
+    loss: float
+    accuracy: float
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _content_hash(files: dict[str, str]) -> str:
+    # Same formula as cloud_aggregator._artifacts.content_hash.
+    text = "".join(f"{name} {files[name]}\n" for name in sorted(files))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _read_manifest(directory: Path) -> dict[str, Any] | None:
+    path = directory / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != MANIFEST_FORMAT:
+            raise ArtifactError(f"{path}: unknown manifest format {data.get('format')!r}")
+        files = data["files"]
+        if not isinstance(files, dict) or data["content_hash"] != _content_hash(files):
+            raise ArtifactError(f"{path}: content hash does not match its file list")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if isinstance(exc, ArtifactError):
+            raise
+        raise ArtifactError(f"cannot read {path}: {exc!r}") from exc
+    return data
+
+
+class OrtTrainer:
+    """Trains one model's artifacts on local arrays and exchanges its flat parameters."""
+
+    def __init__(
+        self,
+        *,
+        artifacts_dir: str | os.PathLike[str],
+        intra_op_threads: int = 1,
+        inter_op_threads: int = 1,
+        expected_hash: str | None = None,
+    ) -> None:
+        self._dir = Path(artifacts_dir)
+        missing = [name for name in ARTIFACT_FILES if not (self._dir / name).is_file()]
+        if missing:
+            raise ArtifactError(f"training artifacts missing in {self._dir}: {', '.join(missing)}")
+        self._manifest = _read_manifest(self._dir)
+        self._verify_files(expected_hash)
+        api = load_training_api()
+        options = session_options(
+            intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads
+        )
+        try:
+            self._state = api.CheckpointState.load_checkpoint(str(self._dir / "checkpoint"))
+            self._module = api.Module(
+                str(self._dir / "training_model.onnx"),
+                self._state,
+                str(self._dir / "eval_model.onnx"),
+                session_options=options,
+            )
+            self._optimizer = api.Optimizer(str(self._dir / "optimizer_model.onnx"), self._module)
+        except Exception as exc:  # ORT raises Fail / InvalidProtobuf / RuntimeError
+            raise ArtifactError(
+                f"ONNX Runtime cannot load artifacts in {self._dir}: {exc}"
+            ) from exc
+        self._shapes = self._measure_layout()
+        self._size = sum(math.prod(shape) for _, shape in self._shapes)
+        self._check_manifest_layout()
+        loss = self._manifest.get("loss") if self._manifest else None
+        self._classification: bool | None = None if loss is None else loss == "cross_entropy"
+
+    # -- artifacts ---------------------------------------------------------------------------
+
+    def _verify_files(self, expected_hash: str | None) -> None:
+        if self._manifest is None:
+            if expected_hash is not None:
+                raise ArtifactError(
+                    f"no {MANIFEST_NAME} in {self._dir}: cannot verify content hash {expected_hash}"
+                )
+            return
+        if expected_hash is not None and self._manifest["content_hash"] != expected_hash:
+            raise ArtifactError(
+                f"artifacts in {self._dir} have content hash {self._manifest['content_hash']}, "
+                f"the task expects {expected_hash}"
+            )
+        files: dict[str, str] = self._manifest["files"]
+        for name in ARTIFACT_FILES:
+            if name not in files:
+                raise ArtifactError(f"{MANIFEST_NAME} in {self._dir} does not list {name}")
+            actual = _sha256(self._dir / name)
+            if actual != files[name]:
+                raise ArtifactError(
+                    f"{self._dir / name} is corrupt: sha256 {actual[:16]}..., "
+                    f"{MANIFEST_NAME} says {files[name][:16]}..."
+                )
+
+    def _measure_layout(self) -> ParameterShapes:
+        """Find the order of the flat buffer by filling each parameter with a marker value."""
+        params = [(name, p) for name, p in self._state.parameters if p.requires_grad]
+        if not params:
+            raise ArtifactError(f"artifacts in {self._dir} have no trainable parameters")
+        if len(params) >= 1 << 24:
+            raise ArtifactError("too many parameter tensors to lay out")
+        saved = {name: np.array(p.data, dtype=np.float32, copy=True) for name, p in params}
+        names = [name for name, _ in params]
+        try:
+            for marker, name in enumerate(names, start=1):
+                self._state.parameters[name] = np.full(saved[name].shape, marker, np.float32)
+            flat = self._flat()
+        finally:
+            for name in names:
+                self._state.parameters[name] = saved[name]
+        order: list[tuple[str, tuple[int, ...]]] = []
+        pos = 0
+        while pos < flat.size:
+            marker = int(flat[pos])
+            if not 1 <= marker <= len(names):
+                raise ArtifactError(f"cannot lay out parameters of {self._dir}")
+            name = names[marker - 1]
+            shape = tuple(int(d) for d in saved[name].shape)
+            order.append((name, shape))
+            pos += max(1, math.prod(shape))
+        if sorted(n for n, _ in order) != sorted(names) or pos != flat.size:
+            raise ArtifactError(
+                f"flat parameter buffer of {self._dir} does not match its checkpoint"
+            )
+        return tuple(order)
+
+    def _check_manifest_layout(self) -> None:
+        if self._manifest is None:
+            return
+        try:
+            listed = tuple(
+                (str(p["name"]), tuple(int(d) for d in p["shape"]))
+                for p in self._manifest["parameters"]
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"malformed parameter list in {MANIFEST_NAME}: {exc!r}") from exc
+        if listed != self._shapes:
+            raise ArtifactError(
+                f"{MANIFEST_NAME} lists parameters {[n for n, _ in listed]}, "
+                f"the artifacts lay them out as {[n for n, _ in self._shapes]}"
+            )
+
+    # -- parameters --------------------------------------------------------------------------
+
+    def parameter_shapes(self) -> ParameterShapes:
+        """Trainable parameters as ``(name, shape)`` in flat-vector order."""
+        return self._shapes
+
+    @property
+    def num_parameters(self) -> int:
+        """Length of the flat parameter vector."""
+        return self._size
+
+    @property
+    def manifest(self) -> dict[str, Any] | None:
+        """The parsed ``artifacts.json`` (already verified), or None when absent."""
+        return self._manifest
+
+    @property
+    def input_shape(self) -> tuple[int | str, ...] | None:
+        """The model input's shape from the manifest (dims may be names like ``batch``)."""
+        if self._manifest is None:
+            return None
+        return tuple(self._manifest["input"]["shape"])
+
+    def _flat(self) -> np.ndarray:
+        buffer = self._module.get_contiguous_parameters(trainable_only=True)
+        return np.array(buffer.numpy(), dtype=np.float32, copy=True)
+
+    def get_parameters(self) -> np.ndarray:
+        """The current trainable parameters as a fresh flat float32 vector."""
+        return self._flat()
+
+    def set_parameters(self, flat: np.ndarray) -> None:
+        """Load a flat vector (e.g. the global model) into the trainable parameters."""
+        from onnxruntime import OrtValue
+
+        values = np.asarray(flat)
+        if values.ndim != 1 or values.size != self._size:
+            raise ArtifactError(
+                f"parameter vector has shape {values.shape}; this model has {self._size} "
+                "trainable parameters"
+            )
+        if not np.issubdtype(values.dtype, np.floating):
+            raise ArtifactError(f"parameter vector must be floating point, got {values.dtype}")
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        self._module.copy_buffer_to_parameters(
+            OrtValue.ortvalue_from_numpy(values)._ortvalue, trainable_only=True
+        )
+
+    @property
+    def learning_rate(self) -> float:
+        """The optimizer's current learning rate."""
+        return float(self._optimizer.get_learning_rate())
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Set the optimizer's learning rate (must be positive and finite)."""
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"learning rate must be positive and finite, got {lr}")
+        self._optimizer.set_learning_rate(float(lr))
+
+    # -- training ----------------------------------------------------------------------------
+
+    def _labels(self, y: np.ndarray) -> np.ndarray:
+        classification = self._classification
+        if classification is None:
+            classification = bool(np.issubdtype(np.asarray(y).dtype, np.integer))
+        return np.asarray(y, dtype=np.int64 if classification else np.float32)
+
+    def _check_xy(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        xs = np.asarray(x, dtype=np.float32)
+        ys = self._labels(y)
+        if xs.ndim < 1 or len(xs) != len(ys):
+            raise ValueError(f"x has {len(xs)} samples, y has {len(ys)}")
+        return xs, ys
+
+    def train(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int = 1,
+        batch_size: int = 32,
+        lr: float | None = None,
+        seed: int | np.random.Generator | None = None,
+        deadline_s: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        max_steps: int | None = None,
+    ) -> TrainResult:
+        """Run ``epochs`` passes over shuffled mini-batches (the last one may be short).
+
+        ``deadline_s`` is a budget in seconds from this call; it and ``should_stop`` are
+        checked before every batch, so a cancelled round stops within one step and
+        ``samples_seen`` is the number really trained on. ``max_steps`` caps the steps.
+        """
+        if epochs < 0 or batch_size < 1:
+            raise ValueError("epochs must be >= 0 and batch_size >= 1")
+        xs, ys = self._check_xy(x, y)
+        if lr is not None:
+            self.set_learning_rate(lr)
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        start = time.monotonic()
+        deadline = None if deadline_s is None else start + deadline_s
+        samples = steps = 0
+        loss_sum = 0.0
+        stopped = False
+        self._module.train()
+        n = len(xs)
+        for _ in range(epochs):
+            order = rng.permutation(n)
+            for first in range(0, n, batch_size):
+                if max_steps is not None and steps >= max_steps:
+                    break
+                if (deadline is not None and time.monotonic() >= deadline) or (
+                    should_stop is not None and should_stop()
+                ):
+                    stopped = True
+                    break
+                index = order[first : first + batch_size]
+                bx = np.ascontiguousarray(xs[index])
+                by = np.ascontiguousarray(ys[index])
+                self._module.lazy_reset_grad()
+                outputs = self._module(bx, by)
+                self._optimizer.step()
+                loss = outputs[0] if isinstance(outputs, tuple) else outputs
+                loss_sum += float(loss) * len(index)
+                samples += len(index)
+                steps += 1
+            if stopped or (max_steps is not None and steps >= max_steps):
+                break
+        return TrainResult(
+            samples_seen=samples,
+            steps=steps,
+            mean_loss=loss_sum / samples if samples else math.nan,
+            seconds=time.monotonic() - start,
+            stopped_early=stopped,
+        )
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> EvalResult:
+        """Mean loss and accuracy of the current parameters on ``(x, y)``; no update."""
+        xs, ys = self._check_xy(x, y)
+        if len(xs) == 0:
+            return EvalResult(math.nan, math.nan)
+        classification = ys.dtype == np.int64
+        loss_sum = 0.0
+        correct = 0
+        self._module.eval()
+        try:
+            for first in range(0, len(xs), batch_size):
+                bx = np.ascontiguousarray(xs[first : first + batch_size])
+                by = np.ascontiguousarray(ys[first : first + batch_size])
+                outputs = self._module(bx, by)
+                if not isinstance(outputs, tuple) or len(outputs) < 2:
+                    raise ArtifactError(
+                        "eval graph does not output the model's logits; rebuild the artifacts "
+                        "with fleetlearn (it adds them)"
+                    )
+                loss_sum += float(outputs[0]) * len(bx)
+                if classification:
+                    correct += int(np.count_nonzero(outputs[1].argmax(axis=-1) == by))
+        finally:
+            self._module.train()
+        accuracy = correct / len(xs) if classification else math.nan
+        return EvalResult(loss_sum / len(xs), accuracy)
