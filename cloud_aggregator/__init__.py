@@ -3,8 +3,128 @@
 Where things live:
 
 - ``_errors``: ``AggregatorError``, ``ModelBuildError``, ``UpdateRejected``.
+- ``_models``: ``build_reference_model``, ``REFERENCE_MODELS`` (mlp, cnn, mlp-xl; onnx.helper).
+- ``_artifacts``: ``build_artifacts``, ``ArtifactInfo``, ``read_manifest``, ``initial_parameters``.
+- ``_selection``: ``Candidate``, ``SelectionPolicy``, the policies, ``make_policy``.
+- ``_aggregation``: ``StreamingAccumulator``, ``validate_update``, ``fedavg``, ``FedBuffBuffer``.
+- ``_server_opt``: ``make_server_optimizer`` (fedavg, fedavgm, fedadagrad, fedadam, fedyogi).
+- ``_robust``: ``RobustBuffer``/``RobustConfig``, clipping, median, trimmed mean, (multi-)Krum.
+- ``_store``: ``Store`` (SQLite: rounds, devices, update keys, checkpoints), ``StoreError``.
 """
 
+from cloud_aggregator._aggregation import (
+    AccumulatorSnapshot,
+    AsyncOutcome,
+    FedBuffBuffer,
+    Reason,
+    StalenessPolicy,
+    StreamingAccumulator,
+    UpdateRules,
+    Verdict,
+    check_staleness,
+    fedavg,
+    fedbuff_aggregate,
+    staleness_discount,
+    validate_update,
+)
+from cloud_aggregator._artifacts import (
+    ArtifactInfo,
+    build_artifacts,
+    initial_parameters,
+    read_manifest,
+)
 from cloud_aggregator._errors import AggregatorError, ModelBuildError, UpdateRejected
+from cloud_aggregator._models import REFERENCE_MODELS, build_reference_model
+from cloud_aggregator._robust import (
+    RobustBuffer,
+    RobustConfig,
+    clip_by_norm,
+    coordinate_median,
+    krum,
+    multi_krum,
+    robust_aggregate,
+    robust_memory_bytes,
+    trimmed_mean,
+)
+from cloud_aggregator._selection import (
+    POLICIES,
+    Candidate,
+    DeadlinePolicy,
+    OortPolicy,
+    RandomPolicy,
+    SelectionPolicy,
+    TieredPolicy,
+    local_steps,
+    local_steps_for,
+    make_policy,
+)
+from cloud_aggregator._server_opt import SERVER_OPTIMIZERS, ServerOptimizer, make_server_optimizer
+from cloud_aggregator._store import (
+    CheckpointCorrupt,
+    CheckpointRecord,
+    DeviceRecord,
+    Metric,
+    RoundRecord,
+    SchemaTooNew,
+    Store,
+    StoredUpdate,
+    StoreError,
+    UpdateKey,
+)
 
-__all__ = ["AggregatorError", "ModelBuildError", "UpdateRejected"]
+__all__ = [
+    "POLICIES",
+    "REFERENCE_MODELS",
+    "SERVER_OPTIMIZERS",
+    "AccumulatorSnapshot",
+    "AggregatorError",
+    "ArtifactInfo",
+    "AsyncOutcome",
+    "Candidate",
+    "CheckpointCorrupt",
+    "CheckpointRecord",
+    "DeadlinePolicy",
+    "DeviceRecord",
+    "FedBuffBuffer",
+    "Metric",
+    "ModelBuildError",
+    "OortPolicy",
+    "RandomPolicy",
+    "Reason",
+    "RobustBuffer",
+    "RobustConfig",
+    "RoundRecord",
+    "SchemaTooNew",
+    "SelectionPolicy",
+    "ServerOptimizer",
+    "StalenessPolicy",
+    "Store",
+    "StoreError",
+    "StoredUpdate",
+    "StreamingAccumulator",
+    "TieredPolicy",
+    "UpdateKey",
+    "UpdateRejected",
+    "UpdateRules",
+    "Verdict",
+    "build_artifacts",
+    "build_reference_model",
+    "check_staleness",
+    "clip_by_norm",
+    "coordinate_median",
+    "fedavg",
+    "fedbuff_aggregate",
+    "initial_parameters",
+    "krum",
+    "local_steps",
+    "local_steps_for",
+    "make_policy",
+    "make_server_optimizer",
+    "multi_krum",
+    "read_manifest",
+    "robust_aggregate",
+    "robust_memory_bytes",
+    "staleness_discount",
+    "trimmed_mean",
+    "validate_update",
+]
