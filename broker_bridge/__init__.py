@@ -13,6 +13,9 @@ Where things live:
 - ``_transport``: ``Transport`` (interface), ``Will``, ``MemoryBroker``/``MemoryTransport``.
 - ``_mqtt``: ``MqttTransport``, ``BrokerUrl``, ``TlsConfig`` (paho-mqtt 2.x).
 - ``_channel``: ``Channel`` (whole messages over a transport, checked and reassembled).
+- ``_protocol``: typed control payloads (``Hello``, ``TaskSpec``, ``UpdateMeta``, ``Ack``,
+  ``Cancel``, ``ErrorReport``, ``Request``), update bodies, ``ProtocolError``.
+- ``_bundle``: ``pack_bundle``/``unpack_bundle`` (artifact bundles, bounded), ``BundleError``.
 - ``_brokers``: ``write_broker_config``, ``MosquittoProcess``, ``EmbeddedBroker``,
   ``local_broker``, ``atomic_write``.
 """
@@ -31,6 +34,7 @@ from broker_bridge._brokers import (
     render_mosquitto_conf,
     write_broker_config,
 )
+from broker_bridge._bundle import BundleError, pack_bundle, unpack_bundle
 from broker_bridge._channel import DEFAULT_MAX_PAYLOAD, Channel, presence_message, presence_will
 from broker_bridge._chunking import Reassembler, ReassemblyLimits
 from broker_bridge._codec import (
@@ -66,6 +70,21 @@ from broker_bridge._errors import (
 )
 from broker_bridge._layout import Layout
 from broker_bridge._mqtt import BrokerUrl, MqttTransport, TlsConfig
+from broker_bridge._protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    Cancel,
+    Eligibility,
+    ErrorReport,
+    Hello,
+    ProtocolError,
+    Request,
+    TaskSpec,
+    UpdateMeta,
+    pack_update_body,
+    unpack_update_body,
+    update_message,
+)
 from broker_bridge._topics import Topics, check_id, topic_matches
 from broker_bridge._transport import MemoryBroker, MemoryTransport, Transport, Will
 from device_profiles import ConfigError, FleetlearnError
@@ -73,23 +92,30 @@ from device_profiles import ConfigError, FleetlearnError
 __all__ = [
     "AGGREGATOR_USER",
     "DEFAULT_MAX_PAYLOAD",
+    "PROTOCOL_VERSION",
+    "Ack",
     "BodyHeader",
     "BodyKind",
     "BrokerConfigFiles",
     "BrokerUnavailable",
     "BrokerUrl",
+    "BundleError",
+    "Cancel",
     "Channel",
     "Chunk",
     "ChunkError",
     "CodecError",
     "CodecSpec",
     "ConfigError",
+    "Eligibility",
     "EmbeddedBroker",
     "EncodedUpdate",
     "EnvelopeError",
     "EnvelopeLimits",
     "ErrorFeedback",
+    "ErrorReport",
     "FleetlearnError",
+    "Hello",
     "Kind",
     "Layout",
     "MemoryBroker",
@@ -98,9 +124,12 @@ __all__ = [
     "ModelVersion",
     "MosquittoProcess",
     "MqttTransport",
+    "ProtocolError",
     "Quantize",
     "Reassembler",
     "ReassemblyLimits",
+    "Request",
+    "TaskSpec",
     "Threshold",
     "TlsConfig",
     "TlsFiles",
@@ -108,8 +137,9 @@ __all__ = [
     "Topics",
     "Transport",
     "TransportError",
-    "WireError",
+    "UpdateMeta",
     "Will",
+    "WireError",
     "atomic_write",
     "check_id",
     "decode_model",
@@ -122,6 +152,8 @@ __all__ = [
     "json_message",
     "local_broker",
     "new_transfer_id",
+    "pack_bundle",
+    "pack_update_body",
     "presence_message",
     "presence_will",
     "read_header",
@@ -129,5 +161,8 @@ __all__ = [
     "render_mosquitto_conf",
     "split_message",
     "topic_matches",
+    "unpack_bundle",
+    "unpack_update_body",
+    "update_message",
     "write_broker_config",
 ]
