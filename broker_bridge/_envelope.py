@@ -25,12 +25,14 @@ Fixed header (64 bytes)::
      44   8  offset         where this chunk's data starts in the body (u64)
      52   4  chunk_length   bytes of body data in this chunk (u32)
      56   4  body_crc32     CRC-32 of the whole message body (u32)
-     60   4  crc32          CRC-32 of header bytes 0-59, the three strings and the chunk data
+     60   4  crc32          CRC-32 of header bytes 0-59 and the three strings
 
 Then ``codec`` (ASCII), ``fleet`` and ``device`` (UTF-8), then ``chunk_length`` bytes of
 body. ``codec`` names how the body is encoded: ``json`` for control messages, an
 update codec spec such as ``topk:0.01+q8+zstd`` for updates, ``raw`` for opaque bytes.
 
+The chunk data is covered by ``body_crc32``, checked once the body is whole (a
+single-chunk message is checked at once); a corrupt chunk therefore drops its whole set.
 Decoding never trusts a length: every one is checked against the payload's size and
 against ``EnvelopeLimits`` before anything is sliced or allocated.
 """
@@ -175,7 +177,7 @@ class Chunk:
             len(self.data), self.body_crc32, 0,
         )
         strings = codec_b + fleet_b + device_b
-        crc = zlib.crc32(self.data, zlib.crc32(strings, zlib.crc32(fixed[:60])))
+        crc = zlib.crc32(strings, zlib.crc32(fixed[:60]))
         return fixed[:60] + struct.pack("<I", crc) + strings + self.data
 
     @classmethod
@@ -217,8 +219,8 @@ class Chunk:
         if count == 1 and (offset != 0 or length != total):
             raise EnvelopeError("single-chunk message does not carry the whole body")
         strings = payload[HEADER_SIZE:strings_end]
-        if zlib.crc32(payload[strings_end:], zlib.crc32(strings, zlib.crc32(payload[:60]))) != crc:
-            raise EnvelopeError("checksum mismatch")
+        if zlib.crc32(strings, zlib.crc32(payload[:60])) != crc:
+            raise EnvelopeError("header checksum mismatch")
         try:
             codec = strings[:codec_len].decode("ascii")
             fleet = strings[codec_len:codec_len + fleet_len].decode("utf-8")

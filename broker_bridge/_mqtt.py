@@ -165,6 +165,7 @@ class MqttTransport(Transport):
             self._thread = threading.Thread(
                 target=self._run, name=f"mqtt-{self.client_id}", daemon=True
             )
+            self._client._thread = self._thread  # paho: publish from other threads wakes our loop
             self._thread.start()
         if not self._connected.wait(timeout):
             raise BrokerUnavailable(

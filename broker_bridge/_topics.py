@@ -15,6 +15,7 @@ goes out once on ``broadcast/model`` and the broker fans it out.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -27,9 +28,15 @@ ROOT = "fl"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
 
+@functools.lru_cache(maxsize=65536)
+def _valid_id(value: str) -> bool:
+    # Ids repeat on every message of a fleet: cache the verdict, not just the regex.
+    return _ID_RE.match(value) is not None
+
+
 def check_id(value: str, *, what: str) -> str:
     """Return ``value`` if it is a valid fleet or device id, else raise ConfigError."""
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not _valid_id(value):
         raise ConfigError(
             f"invalid {what} {value!r}: use 1-64 characters from A-Z a-z 0-9 . _ : -, "
             "starting with a letter or digit"

@@ -83,7 +83,7 @@ def test_empty_body_is_one_chunk() -> None:
         (lambda p: p[:2] + b"\x09" + p[3:], "version 9"),
         (lambda p: p[:3] + b"\x63" + p[4:], "unknown message kind"),
         (lambda p: p + b"extra", "length mismatch"),
-        (lambda p: p[:-1] + bytes([p[-1] ^ 1]), "checksum"),
+        (lambda p: p[:10] + bytes([p[10] ^ 1]) + p[11:], "header checksum"),
         (lambda p: p[:32] + struct.pack("<I", 10**9) + p[36:], "chunk count"),
         (lambda p: p[:28] + struct.pack("<I", 5) + p[32:], "not below"),
         (lambda p: p[:36] + struct.pack("<Q", 2**40) + p[44:], "exceeds the limit"),
@@ -93,6 +93,16 @@ def test_bad_headers_raise_typed_errors(mutate: object, match: str) -> None:
     (p,) = split_message(_msg(b"x" * 100), max_payload=4096)
     with pytest.raises(EnvelopeError, match=match):
         Chunk.from_bytes(mutate(p))  # type: ignore[operator]
+
+
+def test_corrupt_body_data_is_caught_by_the_body_checksum() -> None:
+    (p,) = split_message(_msg(b"x" * 100), max_payload=4096)
+    with pytest.raises(ChunkError, match="checksum"):
+        Reassembler().feed(Chunk.from_bytes(p[:-1] + bytes([p[-1] ^ 1])))
+    parts = split_message(_msg(b"y" * 30_000), max_payload=8192)
+    parts[1] = parts[1][:-1] + bytes([parts[1][-1] ^ 1])
+    with pytest.raises(ChunkError, match="checksum"):
+        _reassemble(parts)
 
 
 def test_limits_are_enforced_before_allocation() -> None:
