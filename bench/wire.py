@@ -19,10 +19,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import paho.mqtt.client as paho  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
-from broker_bridge import Channel, Kind, Message, MosquittoProcess, MqttTransport  # noqa: E402
+from broker_bridge import Channel, Kind, Message, MosquittoProcess, MqttTransport
 
 BODY_MB = 20
 CHUNK = 128 * 1024

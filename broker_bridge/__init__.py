@@ -11,7 +11,8 @@ Where things live:
 - ``_envelope``: ``Message``, ``Kind``, ``EnvelopeLimits``, ``split_message`` (the header).
 - ``_chunking``: ``Reassembler``, ``ReassemblyLimits`` (bounded chunk reassembly).
 - ``_transport``: ``Transport`` (interface), ``Will``, ``MemoryBroker``/``MemoryTransport``.
-- ``_mqtt``: ``MqttTransport``, ``BrokerUrl``, ``TlsConfig`` (paho-mqtt 2.x).
+- ``_mqtt``: ``MqttTransport``, ``NetworkLoop`` (many clients, one thread), ``BrokerUrl``,
+  ``TlsConfig`` (paho-mqtt 2.x).
 - ``_channel``: ``Channel`` (whole messages over a transport, checked and reassembled).
 - ``_protocol``: typed control payloads (``Hello``, ``TaskSpec``, ``UpdateMeta``, ``Ack``,
   ``Cancel``, ``ErrorReport``, ``Request``), update bodies, ``ProtocolError``.
@@ -69,7 +70,7 @@ from broker_bridge._errors import (
     WireError,
 )
 from broker_bridge._layout import Layout
-from broker_bridge._mqtt import BrokerUrl, MqttTransport, TlsConfig
+from broker_bridge._mqtt import BrokerUrl, MqttTransport, NetworkLoop, TlsConfig
 from broker_bridge._protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -124,6 +125,7 @@ __all__ = [
     "ModelVersion",
     "MosquittoProcess",
     "MqttTransport",
+    "NetworkLoop",
     "ProtocolError",
     "Quantize",
     "Reassembler",

@@ -15,13 +15,17 @@ What it adds to paho:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import random
+import selectors
+import socket
 import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +101,116 @@ def _check(rc: MQTTErrorCode | int, what: str) -> None:
     raise TransportError(f"{what}: {paho.error_string(rc)}")
 
 
+class NetworkLoop:
+    """One thread that drives the sockets of any number of ``MqttTransport`` clients.
+
+    Every transport runs on a loop: by default its own, private one; a fleet simulator
+    shares a few loops between thousands of clients (one selector, no thread or
+    polling per client). Selector changes happen on the loop thread only; other
+    threads post them with ``call_soon``. Message handlers run on this thread, so they
+    must hand real work to an executor.
+    """
+
+    def __init__(self, *, name: str = "fleetlearn-mqtt", tick_s: float = 0.5) -> None:
+        self._name = name
+        self._tick_s = tick_s
+        self._sel = selectors.DefaultSelector()
+        self._lock = threading.Lock()
+        self._members: set[MqttTransport] = set()
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+
+    @property
+    def members(self) -> int:
+        with self._lock:
+            return len(self._members)
+
+    def in_loop(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop thread (now, if already on it)."""
+        if self.in_loop():
+            fn()
+            return
+        self._calls.append(fn)
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"\0")
+
+    def attach(self, transport: MqttTransport) -> None:
+        with self._lock:
+            self._members.add(transport)
+            if self._thread is None:
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+
+    def detach(self, transport: MqttTransport) -> None:
+        with self._lock:
+            self._members.discard(transport)
+
+    def close(self) -> None:
+        """Stop the thread (after detaching every transport)."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop.set()
+            self.call_soon(lambda: None)
+            if thread is not threading.current_thread():
+                thread.join(timeout=5)
+        with contextlib.suppress(OSError):
+            self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # selector bookkeeping: loop thread only
+    def _watch(self, sock: Any, transport: MqttTransport, *, write: bool) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if write else 0)
+        try:
+            self._sel.modify(sock, events, transport)
+        except KeyError:
+            with contextlib.suppress(ValueError, OSError):
+                self._sel.register(sock, events, transport)
+        except (ValueError, OSError):
+            pass
+
+    def _unwatch(self, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._sel.unregister(sock)
+
+    def _run(self) -> None:
+        next_tick = 0.0
+        while not self._stop.is_set():
+            try:
+                events = self._sel.select(timeout=self._tick_s / 2)
+            except (OSError, ValueError):
+                events = []
+            for key, mask in events:
+                member = key.data
+                if member is None:
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        self._wake_r.recv(4096)
+                    continue
+                member._on_io(key.fileobj, mask)
+            while self._calls:
+                try:
+                    self._calls.popleft()()
+                except Exception:
+                    log.exception("%s: scheduled call failed", self._name)
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + self._tick_s
+                with self._lock:
+                    members = list(self._members)
+                for member in members:
+                    member._tick(now)
+
+
 class MqttTransport(Transport):
     """A paho-mqtt client with reconnects, re-subscription, presence and bounded queues."""
 
@@ -116,6 +230,7 @@ class MqttTransport(Transport):
         publish_timeout_s: float = 60.0,
         backoff_min_s: float = 0.5,
         backoff_max_s: float = 30.0,
+        loop: NetworkLoop | None = None,
     ) -> None:
         self.url = url if isinstance(url, BrokerUrl) else BrokerUrl.parse(url)
         self.client_id = client_id
@@ -127,8 +242,13 @@ class MqttTransport(Transport):
         self._pending: list[paho.MQTTMessageInfo] = []
         self._cond = threading.Condition()
         self._connected = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._private_loop = loop is None
+        self._loop = loop or NetworkLoop(name=f"mqtt-{client_id}")
+        self._active = False  # between connect() and close()/abort()
+        self._started = False  # paho's connect() was called once
+        self._next_attempt = 0.0
+        self._attempt = 0
+        self._ever_connected = False
         self._last_error = "not connected yet"
         self.reconnects = 0
 
@@ -156,48 +276,67 @@ class MqttTransport(Transport):
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         c.on_message = self._on_message
+        # The loop watches our socket; paho tells it when there is something to write.
+        c.on_socket_open = lambda _c, _u, sock: self._loop.call_soon(
+            lambda: self._loop._watch(sock, self, write=True))
+        c.on_socket_close = lambda _c, _u, sock: self._loop.call_soon(
+            lambda: self._loop._unwatch(sock))
+        c.on_socket_register_write = lambda _c, _u, sock: self._loop.call_soon(
+            lambda: self._loop._watch(sock, self, write=True))
+        c.on_socket_unregister_write = lambda _c, _u, sock: self._loop.call_soon(
+            lambda: self._loop._watch(sock, self, write=False))
         self._client = c
 
     # -- life cycle ----------------------------------------------------------------------
     def connect(self, *, timeout: float = 10.0) -> None:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(
-                target=self._run, name=f"mqtt-{self.client_id}", daemon=True
-            )
-            self._client._thread = self._thread  # paho: publish from other threads wakes our loop
-            self._thread.start()
+        if not self._active:
+            self._active = True
+            self._next_attempt = 0.0
+            self._loop.attach(self)
+            self._loop.call_soon(lambda: self._tick(time.monotonic()))
         if not self._connected.wait(timeout):
             raise BrokerUnavailable(
                 f"no connection to {self.url} within {timeout:g}s: {self._last_error}"
             )
 
     def close(self) -> None:
-        if self._thread is None:
+        """Disconnect cleanly (no will) and stop driving this client."""
+        if not self._active:
             return
-        if self._connected.is_set():
-            try:
-                self._client.disconnect()
-                self._client.loop(timeout=0.2)
-            except Exception:  # shutting down anyway
-                log.debug("disconnect of %s failed", self.client_id, exc_info=True)
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._thread = None
-        self._connected.clear()
-        self._client._sock_close()
+        done = threading.Event()
+
+        def shut() -> None:
+            self._active = False
+            if self._client.socket() is not None:
+                with contextlib.suppress(Exception):
+                    self._client.disconnect()
+                    self._client.loop_write()
+                self._client._sock_close()
+            done.set()
+
+        self._finish(shut, done)
 
     def abort(self) -> None:
-        """Drop the socket without DISCONNECT, as a crash would (tests use this)."""
-        self._stop.set()
-        sock = self._client.socket()
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        """Drop the socket without DISCONNECT, as a crash would (the will fires)."""
+        if not self._active:
+            return
+        done = threading.Event()
+
+        def kill() -> None:
+            self._active = False
+            self._client._sock_close()
+            done.set()
+
+        self._finish(kill, done)
+
+    def _finish(self, action: Callable[[], None], done: threading.Event) -> None:
+        self._loop.call_soon(action)
+        done.wait(5)
+        self._loop.detach(self)
         self._connected.clear()
+        if self._private_loop:
+            self._loop.close()
+            self._loop = NetworkLoop(name=f"mqtt-{self.client_id}")
 
     @property
     def connected(self) -> bool:
@@ -259,33 +398,53 @@ class MqttTransport(Transport):
             self._pending = [i for i in self._pending if not i._published]
             return len(self._pending)
 
-    # -- network thread ------------------------------------------------------------------
-    def _run(self) -> None:
-        first = True
-        while not self._stop.is_set():
-            if self._client.socket() is None:
-                if self._attempt > 0:
-                    # Full jitter: uniform in [min/2, min(max, min * 2^attempt)].
-                    lo, hi = self._backoff
-                    if self._stop.wait(random.uniform(lo / 2, min(hi, lo * 2 ** self._attempt))):
-                        break
-                try:
-                    if first:
-                        self._client.connect(self.url.host, self.url.port, self._keepalive)
-                        first = False
-                    else:
-                        self._client.reconnect()
-                except (OSError, ssl.SSLError, ValueError) as exc:
-                    self._last_error = f"{type(exc).__name__}: {exc}"
-                    self._attempt += 1
-                    continue
-            rc = self._client.loop(timeout=0.1)
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not self._stop.is_set():
-                self._connected.clear()
-                if not self._last_error.startswith("connection refused"):
-                    self._last_error = paho.error_string(rc)
-                self._client._sock_close()
-                self._attempt += 1
+    # -- driven by the NetworkLoop's thread -------------------------------------------------
+    def _on_io(self, sock: Any, mask: int) -> None:
+        if sock is not self._client.socket():
+            return  # a socket closed since the selector reported it
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        if mask & selectors.EVENT_READ:
+            rc = self._client.loop_read()
+        if (rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mask & selectors.EVENT_WRITE
+                and self._client.socket() is not None):
+            rc = self._client.loop_write()
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._lost(rc)
+
+    def _tick(self, now: float) -> None:
+        if not self._active:
+            return
+        if self._client.socket() is None:
+            if now < self._next_attempt:
+                return
+            try:
+                if not self._started:
+                    self._client.connect(self.url.host, self.url.port, self._keepalive)
+                    self._started = True
+                else:
+                    self._client.reconnect()
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                self._schedule_retry(now)
+            return
+        rc = self._client.loop_misc()
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._lost(rc)
+
+    def _lost(self, rc: MQTTErrorCode) -> None:
+        self._connected.clear()
+        if not self._last_error.startswith("connection refused"):
+            self._last_error = paho.error_string(rc)
+        if self._client.socket() is not None:
+            self._client._sock_close()
+        self._schedule_retry(time.monotonic())
+
+    def _schedule_retry(self, now: float) -> None:
+        # Exponential backoff with jitter: uniform in [min/2, min(max, min * 2^attempt)],
+        # so a fleet that lost its broker does not come back all at once.
+        lo, hi = self._backoff
+        self._next_attempt = now + random.uniform(lo / 2, min(hi, lo * 2**self._attempt))
+        self._attempt += 1
 
     def _on_connect(
         self, client: paho.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
@@ -307,8 +466,6 @@ class MqttTransport(Transport):
         self._connected.set()
         self._run_connect_callbacks()
 
-    _ever_connected = False
-    _attempt = 0
 
     def _on_disconnect(
         self, _c: paho.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
