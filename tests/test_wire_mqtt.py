@@ -19,6 +19,7 @@ from broker_bridge import (
     Message,
     MosquittoProcess,
     MqttTransport,
+    NetworkLoop,
     json_message,
     presence_message,
     presence_will,
@@ -202,3 +203,40 @@ def test_connect_to_nothing_fails_with_broker_unavailable() -> None:
     with pytest.raises(BrokerUnavailable, match="no connection"):
         t.connect(timeout=1)
     t.close()
+
+
+def test_many_clients_share_one_network_loop(mosquitto: MosquittoProcess) -> None:
+    loop = NetworkLoop(name="shared-test")
+    n = 200
+    devices = [
+        _transport(mosquitto.url, f"dev-{i}", loop=loop,
+                   will=presence_will(fleet=FLEET, device=f"dev-{i}"))
+        for i in range(n)
+    ]
+    got = [0]
+    lock = threading.Lock()
+
+    def on_model(_t: str, _p: bytes) -> None:
+        with lock:
+            got[0] += 1
+
+    agg = Channel(transport=_transport(mosquitto.url, "agg-many"), fleet=FLEET)
+    offline: list[str] = []
+    try:
+        for d in devices:
+            d.subscribe(f"fl/{FLEET}/broadcast/#", on_model)
+            d.connect(timeout=20)
+        assert loop.members == n
+        with agg.transport:
+            agg.subscribe(agg.topics.all_presence,
+                          lambda _t, m: offline.append(m.device)
+                          if m.json()["status"] == "offline" else None)
+            agg.transport.publish(agg.topics.broadcast("model"), b"m" * 5000)
+            assert _wait(lambda: got[0] == n)
+            devices[7].abort()  # one device crashes; the others stay connected
+            assert _wait(lambda: offline == ["dev-7"])
+            assert sum(d.connected for d in devices) == n - 1
+    finally:
+        for d in devices:
+            d.close()
+        loop.close()
