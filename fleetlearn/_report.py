@@ -1,0 +1,147 @@
+"""The end of a simulation: a terminal summary, a JSON report and PNG plots.
+
+Input is the list of per-round records the simulation collected (plain dicts with
+``round``, ``accuracy``, ``emulated_time_s`` (cumulative), ``bytes_up``,
+``bytes_up_dense``, ``selected``, ``reported``, ``dropped``) and per-profile
+participation counts. Plots use matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from broker_bridge import atomic_write
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _human_time(s: float) -> str:
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
+
+
+def time_to_accuracy(rounds: Sequence[Mapping[str, Any]], target: float) -> dict[str, Any] | None:
+    """First round (and emulated time) at which test accuracy reached ``target``."""
+    for r in rounds:
+        acc = r.get("accuracy")
+        if acc is not None and acc >= target:
+            return {"round": r["round"], "emulated_time_s": r.get("emulated_time_s")}
+    return None
+
+
+def write_plots(
+    out_dir: Path,
+    rounds: Sequence[Mapping[str, Any]],
+    participation: Mapping[str, Mapping[str, int]],
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: list[Path] = []
+    evald = [r for r in rounds if r.get("accuracy") is not None]
+    x_round = [r["round"] for r in evald]
+    acc = [100 * r["accuracy"] for r in evald]
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(x_round, acc, marker=".", color="tab:blue")
+    axes[0].set_xlabel("round")
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].set_title("accuracy vs round")
+    axes[0].grid(alpha=0.3)
+    t = [(r.get("emulated_time_s") or 0.0) / 60 for r in evald]
+    axes[1].plot(t, acc, marker=".", color="tab:green")
+    axes[1].set_xlabel("emulated fleet time (min)")
+    axes[1].set_ylabel("test accuracy (%)")
+    axes[1].set_title("accuracy vs emulated time")
+    axes[1].grid(alpha=0.3)
+    fig.tight_layout()
+    p = out_dir / "accuracy.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rr = [r["round"] for r in rounds]
+    ax.bar(rr, [r.get("bytes_up_dense", 0) / 1024 for r in rounds], color="lightgray",
+           label="dense float32 (baseline)")
+    ax.bar(rr, [r.get("bytes_up", 0) / 1024 for r in rounds], color="tab:orange",
+           label="actual (compressed)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("uploaded KB")
+    ax.set_yscale("log")
+    ax.set_title("upload bytes per round")
+    ax.legend()
+    fig.tight_layout()
+    p = out_dir / "bytes.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    names = sorted(participation)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names)), 4))
+    xs = range(len(names))
+    done = [participation[n].get("completed", 0) for n in names]
+    dropped = [participation[n].get("dropped", 0) for n in names]
+    ax.bar(xs, done, color="tab:blue", label="completed")
+    ax.bar(xs, dropped, bottom=done, color="tab:red", label="dropped / missed")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_ylabel("tasks")
+    ax.set_title("participation per device profile")
+    ax.legend()
+    fig.tight_layout()
+    p = out_dir / "participation.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def write_report(out_dir: Path, report: Mapping[str, Any]) -> Path:
+    path = out_dir / "report.json"
+    atomic_write(path, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
+def summary_lines(report: Mapping[str, Any]) -> list[str]:
+    rounds = report.get("rounds", [])
+    final = report.get("final_accuracy")
+    lines = [
+        "",
+        "fleetlearn simulation finished",
+        f"  model {report.get('model')}, {report.get('devices')} devices "
+        f"({report.get('per_round')} per round, {report.get('selection')} selection, "
+        f"{report.get('mode')} rounds), codec {report.get('codec')}",
+        f"  rounds completed: {len(rounds)}"
+        + (f", abandoned: {report['abandoned_rounds']}" if report.get("abandoned_rounds") else ""),
+        f"  final test accuracy: {100 * final:.1f}%" if final is not None else
+        "  final test accuracy: n/a",
+    ]
+    for target, hit in sorted(report.get("time_to_accuracy", {}).items()):
+        if hit:
+            lines.append(f"  reached {float(target) * 100:.0f}% at round {hit['round']} "
+                         f"({_human_time(hit['emulated_time_s'] or 0.0)} emulated)")
+        else:
+            lines.append(f"  did not reach {float(target) * 100:.0f}%")
+    up = report.get("bytes_up", 0)
+    dense = report.get("bytes_up_dense", 0)
+    if dense:
+        lines.append(f"  uploaded {_human_bytes(up)} (dense float32 would be "
+                     f"{_human_bytes(dense)}: {dense / max(up, 1):.1f}x less)")
+    lines.append(f"  emulated fleet time {_human_time(report.get('emulated_time_s', 0.0))}, "
+                 f"wall time {_human_time(report.get('wall_time_s', 0.0))}")
+    return lines
