@@ -5,13 +5,15 @@
 API (``onnxruntime.training.api``: ``CheckpointState``, ``Module``, ``Optimizer``)
 does not need it. The one workaround, kept here and nowhere else on the device side:
 register a bare stub package for ``onnxruntime.training`` (same ``__path__``, no
-``__init__`` code) so that its submodules import on their own.
+``__init__`` code) so that its submodules import on their own, before onnxruntime
+itself is imported (its start-up validation would otherwise import torch).
 ``cloud_aggregator._artifacts`` holds the same few lines for the artifact builder
 (the two packages never import each other).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import sys
@@ -50,6 +52,14 @@ def install_hint() -> str:
 
 
 def _import_onnxruntime() -> types.ModuleType:
+    # The stub must be in place BEFORE ``import onnxruntime``: importing onnxruntime runs
+    # its validation module, which imports ``onnxruntime.training.ortmodule`` and through
+    # it torch whenever torch happens to be installed (1.5 s and 200 MB for nothing).
+    if "onnxruntime" not in sys.modules:
+        spec = importlib.util.find_spec("onnxruntime")
+        if spec is not None and spec.submodule_search_locations:
+            install_training_stub(os.path.join(spec.submodule_search_locations[0], "training"))
+            sys.modules.setdefault("onnxruntime.training.ortmodule", None)  # type: ignore[arg-type]
     try:
         import onnxruntime
     except ImportError as exc:
@@ -61,7 +71,7 @@ def _import_onnxruntime() -> types.ModuleType:
     return onnxruntime
 
 
-def install_training_stub(onnxruntime: types.ModuleType) -> None:
+def install_training_stub(training_dir: str) -> None:
     """Register ``onnxruntime.training`` as an empty package so its ``__init__`` (torch) never runs.
 
     Does nothing when the real package (or the stub) is already imported.
@@ -69,10 +79,9 @@ def install_training_stub(onnxruntime: types.ModuleType) -> None:
     if "onnxruntime.training" in sys.modules:
         return
     stub = types.ModuleType("onnxruntime.training")
-    stub.__path__ = [os.path.join(onnxruntime.__path__[0], "training")]
+    stub.__path__ = [training_dir]
     stub.__package__ = "onnxruntime.training"
     sys.modules["onnxruntime.training"] = stub
-    onnxruntime.training = stub  # type: ignore[attr-defined]
 
 
 def load_training_api() -> TrainingApi:
@@ -85,9 +94,9 @@ def load_training_api() -> TrainingApi:
     with _LOCK:
         if _API is not None:
             return _API
-        onnxruntime = _import_onnxruntime()
         installed_stub = "onnxruntime.training" not in sys.modules
-        install_training_stub(onnxruntime)
+        onnxruntime = _import_onnxruntime()
+        install_training_stub(os.path.join(onnxruntime.__path__[0], "training"))
         try:
             from onnxruntime.training.api import CheckpointState, Module, Optimizer
         except ImportError as exc:
