@@ -13,7 +13,8 @@ Fixed header (64 bytes)::
       4   1  flags          0 (reserved; receivers ignore unknown bits)
       5   1  codec_len      length of the codec string (0-255)
       6   1  fleet_len      length of the fleet id (1-64)
-      7   1  device_len     length of the device id (0-64; 0 = from the aggregator)
+      7   1  device_len     length of the device id (0-64): on a device's topics that
+                            device's id, whoever sends; empty on broadcast topics
       8   4  round          round index (u32)
      12   4  model_version  global model version the message refers to (u32)
      16   2  attempt        attempt number of the sender for this round (u16)

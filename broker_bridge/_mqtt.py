@@ -240,6 +240,8 @@ class MqttTransport(Transport):
         self._subs: dict[str, tuple[PayloadHandler, int]] = {}
         self._subs_lock = threading.Lock()
         self._pending: list[paho.MQTTMessageInfo] = []
+        self._subacked: set[int] = set()
+        self._suback_timeout = 10.0
         self._cond = threading.Condition()
         self._connected = threading.Event()
         self._private_loop = loop is None
@@ -276,6 +278,7 @@ class MqttTransport(Transport):
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
         # The loop watches our socket; paho tells it when there is something to write.
         c.on_socket_open = lambda _c, _u, sock: self._loop.call_soon(
             lambda: self._loop._watch(sock, self, write=True))
@@ -370,9 +373,18 @@ class MqttTransport(Transport):
         with self._subs_lock:
             self._subs[topic_filter] = (handler, qos)
         if self._connected.is_set():
-            rc, _mid = self._client.subscribe(topic_filter, qos=qos)
-            if rc != MQTTErrorCode.MQTT_ERR_NO_CONN:  # re-subscribed on reconnect anyway
-                _check(rc, f"subscribe to {topic_filter}")
+            rc, mid = self._client.subscribe(topic_filter, qos=qos)  # never under our lock
+            if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+                return  # re-subscribed on reconnect anyway
+            _check(rc, f"subscribe to {topic_filter}")
+            # Return once the broker has granted it, so that what is published afterwards
+            # reaches us (not possible from our own loop thread).
+            with self._cond:
+                if not self._loop.in_loop():
+                    deadline = time.monotonic() + self._suback_timeout
+                    while mid not in self._subacked and time.monotonic() < deadline:
+                        self._cond.wait(0.1)
+                self._subacked.discard(mid)
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._subs_lock:
@@ -475,6 +487,13 @@ class MqttTransport(Transport):
 
     def _on_publish(self, _c: paho.Client, _ud: Any, mid: int, _reason: Any, _props: Any) -> None:
         with self._cond:
+            self._cond.notify_all()
+
+    def _on_subscribe(self, _c: paho.Client, _ud: Any, mid: int, _rc: Any, _props: Any) -> None:
+        with self._cond:
+            self._subacked.add(mid)
+            if len(self._subacked) > 1000:  # grants nobody waits for (resubscriptions)
+                self._subacked.clear()
             self._cond.notify_all()
 
     def _on_message(self, _c: paho.Client, _ud: Any, msg: paho.MQTTMessage) -> None:
