@@ -9,8 +9,28 @@ Where things live:
   ``validate_for_model``.
 - ``_datasets``: ``Mnist1D``, ``load_mnist1d``, ``partition_iid``, ``partition_dirichlet``,
   ``partition_shards``.
+- ``_agent``: ``Agent``, ``AgentSettings``, ``AgentStats``, ``LocalData``, ``TrainerPool``,
+  ``TrainerProvider``, ``Emulation``, ``ModelVersionError``, ``make_agent_transport``.
+- ``_state``: ``AgentState``, ``TaskStatus``, ``TaskRecord``, ``Submission``, ``StateError``,
+  ``DiskFull`` (crash-safe state; the commit order is in its docstring).
+- ``_artifact_cache``: ``ArtifactCache`` (verified, content-addressed), ``ModelCache``.
+- ``_eligibility``: ``DeviceStatus``, ``EligibilityRules``, ``SystemProbe``, ``check_eligibility``.
+- ``_config``: ``AgentConfig``, ``load_config`` (flags > environment > TOML > defaults).
 """
 
+from edge_runtime._agent import (
+    Agent,
+    AgentSettings,
+    AgentStats,
+    Emulation,
+    LocalData,
+    ModelVersionError,
+    TrainerPool,
+    TrainerProvider,
+    make_agent_transport,
+)
+from edge_runtime._artifact_cache import ArtifactCache, ModelCache
+from edge_runtime._config import AgentConfig, load_config
 from edge_runtime._data import (
     DataSource,
     load_callable,
@@ -26,26 +46,58 @@ from edge_runtime._datasets import (
     partition_iid,
     partition_shards,
 )
+from edge_runtime._eligibility import DeviceStatus, EligibilityRules, SystemProbe, check_eligibility
 from edge_runtime._errors import AgentError, ArtifactError, DataError, TrainingBackendMissing
 from edge_runtime._ort import load_training_api
+from edge_runtime._state import (
+    AgentState,
+    DiskFull,
+    StateError,
+    Submission,
+    TaskRecord,
+    TaskStatus,
+)
 from edge_runtime._trainer import EvalResult, OrtTrainer, TrainResult
 
 __all__ = [
+    "Agent",
+    "AgentConfig",
     "AgentError",
+    "AgentSettings",
+    "AgentState",
+    "AgentStats",
+    "ArtifactCache",
     "ArtifactError",
     "DataError",
     "DataSource",
+    "DeviceStatus",
+    "DiskFull",
+    "EligibilityRules",
+    "Emulation",
     "EvalResult",
+    "LocalData",
     "Mnist1D",
+    "ModelCache",
+    "ModelVersionError",
     "OrtTrainer",
+    "StateError",
+    "Submission",
+    "SystemProbe",
+    "TaskRecord",
+    "TaskStatus",
     "TrainResult",
+    "TrainerPool",
+    "TrainerProvider",
     "TrainingBackendMissing",
+    "check_eligibility",
     "load_callable",
+    "load_config",
     "load_csv",
     "load_data",
     "load_mnist1d",
     "load_npz",
     "load_training_api",
+    "make_agent_transport",
     "partition_dirichlet",
     "partition_iid",
     "partition_shards",

@@ -1,10 +1,181 @@
-"""Subcommands owned by this package (registered by ``fleetlearn.cli``)."""
+"""``fleetlearn agent``: run the device agent; and the ONNX Runtime throughput probe.
+
+Registering is cheap (``fleetlearn --help`` must not import ONNX Runtime): every heavy
+import happens inside the handler. ``register`` also adds the ORT step-time probe to
+``fleetlearn profile``; it measures the reference models whose artifacts it finds in
+``$FLEETLEARN_CACHE_DIR/reference-artifacts/<model>/`` (the device side cannot build
+them: that needs the cloud extra) and reports nothing when there are none.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import signal
+import threading
+import time
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+REFERENCE_ARTIFACTS = "reference-artifacts"
+PROBE_BATCH = 32
 
 
 def register(sub: Any) -> None:
-    """Add this package's subcommands to the ``fleetlearn`` parser (none yet)."""
-    del sub
+    """Add ``agent`` to the ``fleetlearn`` parser and the ORT probe to ``fleetlearn profile``."""
+    from device_profiles import register_throughput_probe
+
+    register_throughput_probe(_reference_probe)
+    p = sub.add_parser(
+        "agent",
+        help="run a device agent: train on local data when the aggregator asks",
+        description=(
+            "Connects to the broker as DEVICE_ID, announces itself, and answers training "
+            "tasks with ONNX Runtime on the local data. Settings come from flags, then "
+            "FLEETLEARN_* environment variables, then --config TOML, then defaults."
+        ),
+    )
+    p.add_argument("--broker", help="mqtt://host:port or mqtts://host:port ($FLEETLEARN_BROKER)")
+    p.add_argument("--device-id", dest="device_id", help="this device's id ($FLEETLEARN_DEVICE_ID)")
+    p.add_argument("--fleet", help="fleet id (default: default)")
+    p.add_argument("--data", help="local data: file.npz, file.csv or module:function")
+    p.add_argument("--holdout", dest="holdout_fraction", type=float,
+                   help="fraction of local data held out for federated evaluation")
+    p.add_argument("--password", help="MQTT password (prefer --password-file)")
+    p.add_argument("--password-file", dest="password_file")
+    p.add_argument("--tls-ca", dest="tls_ca", help="CA bundle (PEM) to verify the broker")
+    p.add_argument("--tls-cert", dest="tls_cert", help="client certificate (PEM)")
+    p.add_argument("--tls-key", dest="tls_key", help="client private key (PEM)")
+    p.add_argument("--state-dir", dest="state_dir", help="where crash-safe state is kept")
+    p.add_argument("--artifacts-dir", dest="artifacts_dir",
+                   help="artifact cache (default: STATE_DIR/artifacts)")
+    p.add_argument("--profile", help="device profile: catalogue name or profile .toml "
+                                     "(default: measure this machine)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default 1)")
+    p.add_argument("--emulate", action="store_const", const=True, default=None,
+                   help="report the profile's emulated duration with each update")
+    p.add_argument("--time-scale", dest="time_scale", type=float,
+                   help="with --emulate: also take emulated time x this before uploading")
+    p.add_argument("--config", help="agent.toml ($FLEETLEARN_CONFIG)")
+    p.set_defaults(handler=_run)
+
+
+_FLAG_NAMES = (
+    "broker", "device_id", "fleet", "data", "holdout_fraction", "password", "password_file",
+    "tls_ca", "tls_cert", "tls_key", "state_dir", "artifacts_dir", "profile", "threads",
+    "emulate", "time_scale",
+)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from edge_runtime._config import load_config
+
+    flags = {name: getattr(args, name, None) for name in _FLAG_NAMES}
+    config = load_config(flags=flags, config_file=args.config)
+    return run_agent(config)
+
+
+def run_agent(config: Any, *, stop: threading.Event | None = None) -> int:
+    """Build an agent from an ``AgentConfig`` and run it until SIGTERM/SIGINT (or ``stop``)."""
+    from broker_bridge import BrokerUnavailable, Channel
+    from device_profiles import get_profile, load_profile_file, measure_machine
+    from edge_runtime._agent import Agent, Emulation, LocalData, TrainerPool, make_agent_transport
+    from edge_runtime._artifact_cache import ArtifactCache
+    from edge_runtime._data import load_data
+    from edge_runtime._eligibility import SystemProbe
+    from edge_runtime._ort import load_training_api
+
+    load_training_api()  # TrainingBackendMissing says how to get it (aarch64: build it)
+    x, y = load_data(config.data)
+    data = LocalData.split(x, y, holdout_fraction=config.holdout_fraction,
+                           seed=zlib.crc32(config.device_id.encode()))
+    if config.profile is None:
+        profile = measure_machine(use_probes=False, gemm_seconds=0.1)
+    elif config.profile.endswith(".toml") or Path(config.profile).is_file():
+        profile = load_profile_file(config.profile)
+    else:
+        profile = get_profile(config.profile)
+    transport = make_agent_transport(
+        config.broker, fleet=config.fleet, device_id=config.device_id,
+        password=config.password, tls=config.tls,
+    )
+    agent = Agent(
+        device_id=config.device_id,
+        channel=Channel(transport=transport, fleet=config.fleet),
+        data=data,
+        state_dir=config.state_dir,
+        profile=profile,
+        rules=config.rules,
+        status_probe=SystemProbe(metered=config.metered),
+        trainers=TrainerPool(intra_op_threads=config.threads),
+        artifacts=ArtifactCache(root=config.artifacts_dir) if config.artifacts_dir else None,
+        emulation=Emulation(profile=profile, time_scale=config.time_scale)
+        if config.emulate else None,
+        settings=config.settings,
+        owns_transport=True,
+    )
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    try:
+        agent.start()
+    except BrokerUnavailable as exc:
+        # The transport keeps reconnecting in the background; greet when it does.
+        log.warning("%s: %s; still trying", config.device_id, exc)
+    print(f"fleetlearn agent {config.device_id}: {data.num_samples} local samples, "
+          f"state in {config.state_dir}", flush=True)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        agent.stop()
+    return 0
+
+
+# -- the ONNX Runtime throughput probe for ``fleetlearn profile`` ------------------------
+
+
+def measure_step_times(
+    artifact_dirs: Mapping[str, Path], *, batch_size: int = PROBE_BATCH, steps: int = 30,
+    threads: int = 1,
+) -> dict[str, float]:
+    """Median milliseconds per training step (random data) for each artifacts folder."""
+    import numpy as np
+
+    from edge_runtime._trainer import OrtTrainer
+
+    out: dict[str, float] = {}
+    for name, directory in artifact_dirs.items():
+        trainer = OrtTrainer(artifacts_dir=directory, intra_op_threads=threads)
+        shape = trainer.input_shape or ("batch", 40)
+        dims = [d if isinstance(d, int) else 1 for d in shape[1:]]
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((batch_size * steps, *dims)).astype(np.float32)
+        y = rng.integers(0, 10, batch_size * steps).astype(np.int64)
+        trainer.train(x[:batch_size * 3], y[:batch_size * 3], batch_size=batch_size)  # warm up
+        times = []
+        for i in range(steps):
+            sl = slice(i * batch_size, (i + 1) * batch_size)
+            t0 = time.perf_counter()
+            trainer.train(x[sl], y[sl], batch_size=batch_size)
+            times.append(time.perf_counter() - t0)
+        out[name] = round(float(np.median(times)) * 1000.0, 4)
+    return out
+
+
+def _reference_probe() -> tuple[dict[str, float], int]:
+    from edge_runtime._datasets import default_cache_dir
+
+    root = default_cache_dir() / REFERENCE_ARTIFACTS
+    dirs = {}
+    for name in ("mlp", "cnn", "mlp-xl"):
+        if (root / name / "artifacts.json").is_file():
+            dirs[name] = root / name
+    if not dirs:
+        return {}, PROBE_BATCH
+    return measure_step_times(dirs), PROBE_BATCH
