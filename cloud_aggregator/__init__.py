@@ -10,6 +10,12 @@ Where things live:
 - ``_server_opt``: ``make_server_optimizer`` (fedavg, fedavgm, fedadagrad, fedadam, fedyogi).
 - ``_robust``: ``RobustBuffer``/``RobustConfig``, clipping, median, trimmed mean, (multi-)Krum.
 - ``_store``: ``Store`` (SQLite: rounds, devices, update keys, checkpoints), ``StoreError``.
+- ``_config``: ``AggregatorConfig`` (frozen, parsed once), ``load_config`` (TOML + flags).
+- ``_registry``: ``FleetRegistry``, ``DeviceInfo`` (presence, hello, participation history).
+- ``_rounds``: ``SyncRound``, ``AsyncScheduler``, ``RoundSpec``, ``WallClock``/``ManualClock``.
+- ``_service``: ``Aggregator`` (the service on a ``Channel``), ``prepare_artifacts``.
+- ``_evaluate``: ``ServerEvaluator``, ``federated_eval``, ``load_eval_data``.
+- ``_metrics``: ``RoundMetrics``, ``MetricsLog`` (JSON lines), ``Counters``, ``MetricsServer``.
 """
 
 from cloud_aggregator._aggregation import (
@@ -33,8 +39,12 @@ from cloud_aggregator._artifacts import (
     initial_parameters,
     read_manifest,
 )
+from cloud_aggregator._config import AggregatorConfig, load_config
 from cloud_aggregator._errors import AggregatorError, ModelBuildError, UpdateRejected
+from cloud_aggregator._evaluate import EvalResult, ServerEvaluator, federated_eval, load_eval_data
+from cloud_aggregator._metrics import Counters, MetricsLog, MetricsServer, RoundMetrics
 from cloud_aggregator._models import REFERENCE_MODELS, build_reference_model
+from cloud_aggregator._registry import DeviceInfo, FleetRegistry
 from cloud_aggregator._robust import (
     RobustBuffer,
     RobustConfig,
@@ -45,6 +55,15 @@ from cloud_aggregator._robust import (
     robust_aggregate,
     robust_memory_bytes,
     trimmed_mean,
+)
+from cloud_aggregator._rounds import (
+    AsyncScheduler,
+    Clock,
+    ManualClock,
+    RoundOutcome,
+    RoundSpec,
+    SyncRound,
+    WallClock,
 )
 from cloud_aggregator._selection import (
     POLICIES,
@@ -59,6 +78,7 @@ from cloud_aggregator._selection import (
     make_policy,
 )
 from cloud_aggregator._server_opt import SERVER_OPTIMIZERS, ServerOptimizer, make_server_optimizer
+from cloud_aggregator._service import Aggregator, ModelArtifacts, prepare_artifacts
 from cloud_aggregator._store import (
     CheckpointCorrupt,
     CheckpointRecord,
@@ -77,36 +97,54 @@ __all__ = [
     "REFERENCE_MODELS",
     "SERVER_OPTIMIZERS",
     "AccumulatorSnapshot",
+    "Aggregator",
+    "AggregatorConfig",
     "AggregatorError",
     "ArtifactInfo",
     "AsyncOutcome",
+    "AsyncScheduler",
     "Candidate",
     "CheckpointCorrupt",
     "CheckpointRecord",
+    "Clock",
+    "Counters",
     "DeadlinePolicy",
+    "DeviceInfo",
     "DeviceRecord",
+    "EvalResult",
     "FedBuffBuffer",
+    "FleetRegistry",
+    "ManualClock",
     "Metric",
+    "MetricsLog",
+    "MetricsServer",
+    "ModelArtifacts",
     "ModelBuildError",
     "OortPolicy",
     "RandomPolicy",
     "Reason",
     "RobustBuffer",
     "RobustConfig",
+    "RoundMetrics",
+    "RoundOutcome",
     "RoundRecord",
+    "RoundSpec",
     "SchemaTooNew",
     "SelectionPolicy",
+    "ServerEvaluator",
     "ServerOptimizer",
     "StalenessPolicy",
     "Store",
     "StoreError",
     "StoredUpdate",
     "StreamingAccumulator",
+    "SyncRound",
     "TieredPolicy",
     "UpdateKey",
     "UpdateRejected",
     "UpdateRules",
     "Verdict",
+    "WallClock",
     "build_artifacts",
     "build_reference_model",
     "check_staleness",
@@ -114,13 +152,17 @@ __all__ = [
     "coordinate_median",
     "fedavg",
     "fedbuff_aggregate",
+    "federated_eval",
     "initial_parameters",
     "krum",
+    "load_config",
+    "load_eval_data",
     "local_steps",
     "local_steps_for",
     "make_policy",
     "make_server_optimizer",
     "multi_krum",
+    "prepare_artifacts",
     "read_manifest",
     "robust_aggregate",
     "robust_memory_bytes",

@@ -14,7 +14,8 @@ _OPTIMIZERS = ("sgd", "adamw")
 
 
 def register(sub: Any) -> None:
-    """Add ``fleetlearn artifacts build|reference`` to the ``fleetlearn`` parser."""
+    """Add ``fleetlearn artifacts build|reference`` and ``fleetlearn aggregator``."""
+    _register_aggregator(sub)
     artifacts = sub.add_parser(
         "artifacts", help="build ONNX Runtime training artifacts for a fleet's devices"
     )
@@ -83,3 +84,86 @@ def _reference(args: argparse.Namespace) -> int:
     model = build_reference_model(args.name, args.seed)
     info = build_artifacts(model, args.out, loss=args.loss, optimizer=args.optimizer)
     return _report(info)
+
+
+# --------------------------------------------------------------------------- aggregator
+
+# Flags that map one-to-one onto ``AggregatorConfig`` fields: (flag, field, type, help).
+_AGG_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
+    ("--fleet", "fleet", str, "fleet id (default: default)"),
+    ("--model", "model", str, "mlp, cnn, mlp-xl or a path to your .onnx model (default: cnn)"),
+    ("--rounds", "rounds", int, "model versions to produce (default: 150)"),
+    ("--devices-per-round", "devices_per_round", int, "target updates per round (default: 10)"),
+    ("--over-selection", "over_selection", float, "devices asked per target one (default: 1.3)"),
+    ("--min-devices", "min_devices", int, "ready devices needed to start a round"),
+    ("--quorum", "quorum", int, "counted updates a round needs (default: half the target)"),
+    ("--deadline-s", "deadline_s", float, "round deadline in seconds (default: 60)"),
+    ("--mode", "mode", str, "sync (rounds) or async (FedBuff)"),
+    ("--clock", "clock", str, "real, or virtual (deadlines in emulated device seconds)"),
+    ("--selection", "selection", str, "random, deadline, tiered or oort"),
+    ("--server-opt", "server_opt", str, "fedavg, fedavgm, fedadagrad, fedadam or fedyogi"),
+    ("--server-lr", "server_lr", float, "server learning rate"),
+    ("--local-epochs", "local_epochs", int, "local epochs per task (default: 5)"),
+    ("--lr", "lr", float, "device learning rate (default: 0.05)"),
+    ("--codec", "codec", str, "update codec devices use, e.g. topk:0.01+q8+zstd"),
+    ("--downlink-codec", "downlink_codec", str, "global model codec: fp32 or fp16"),
+    ("--robust", "robust", str, "mean, median, trimmed_mean, krum or multi_krum"),
+    ("--clip-norm", "clip_norm", float, "clip each update to this L2 norm"),
+    ("--concurrency", "concurrency", int, "async: devices kept busy"),
+    ("--buffer-size", "buffer_size", int, "async: updates per aggregation (K)"),
+    ("--state-dir", "state_dir", str, "where the store, checkpoints and metrics live"),
+    ("--eval-data", "eval_data", str, "held-out .npz (x, y) for server-side evaluation"),
+    ("--metrics-port", "metrics_port", int, "serve Prometheus metrics on this port"),
+    ("--seed", "seed", int, "selection and model seed"),
+)
+
+
+def _register_aggregator(sub: Any) -> None:
+    agg = sub.add_parser("aggregator", help="run the cloud aggregator against a broker")
+    agg.add_argument("--broker", required=True, metavar="URL",
+                     help="mqtt://[user[:password]@]host[:port] or mqtts://...")
+    agg.add_argument("--client-id", default="aggregator", help="MQTT client id and user name")
+    agg.add_argument("--config", metavar="aggregator.toml", help="settings file (TOML)")
+    for flag, dest, kind, text in _AGG_FLAGS:
+        agg.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+    agg.add_argument("--quiet", action="store_true", help="no progress lines")
+    agg.set_defaults(handler=_aggregator)
+
+
+def _aggregator(args: argparse.Namespace) -> int:
+    from broker_bridge import BrokerUrl, Channel, MqttTransport
+    from cloud_aggregator._config import load_config
+    from cloud_aggregator._metrics import RoundMetrics
+    from cloud_aggregator._service import Aggregator
+
+    overrides = {dest: getattr(args, dest) for _, dest, _, _ in _AGG_FLAGS}
+    overrides["progress"] = not args.quiet
+    config = load_config(args.config, **overrides)
+    url = BrokerUrl.parse(args.broker)
+    transport = MqttTransport(url=url, client_id=args.client_id, clean_session=False)
+    channel = Channel(transport=transport, fleet=config.fleet)
+
+    def progress(m: RoundMetrics) -> None:
+        if not config.progress:
+            return
+        acc = "-" if m.accuracy is None else f"{m.accuracy:.3f}"
+        print(f"round {m.round:4d} v{m.model_version:<4d} {m.outcome:9s} acc {acc:>5s} "
+              f"devices {m.devices_reported}/{m.devices_selected} "
+              f"up {m.bytes_up / 1e6:.2f} MB down {m.bytes_down / 1e6:.2f} MB "
+              f"t {m.wall_s:.1f}s emu {m.emulated_total_s:.0f}s", flush=True)
+
+    aggregator = Aggregator(config=config, channel=channel, on_round=progress)
+    try:
+        transport.connect()
+        aggregator.start()
+        if aggregator.metrics_port is not None and config.progress:
+            print(f"metrics on http://0.0.0.0:{aggregator.metrics_port}/metrics", flush=True)
+        aggregator.run()
+    finally:
+        aggregator.close()
+        transport.close()
+    if aggregator.failure is not None:
+        print(f"fleetlearn: aggregator stopped: {aggregator.failure}")
+        return 1
+    print(f"done: model version {aggregator.model_version} in {aggregator.state_dir}")
+    return 0

@@ -1,0 +1,270 @@
+"""The fleet registry: every device the aggregator has heard of, and how it behaved.
+
+Devices appear through presence (a retained ``online``/``offline`` status; the last
+will turns it ``offline`` when a connection dies) and ``hello`` messages (profile,
+eligibility, sample count, artifacts and model versions held). Participation history
+(rounds selected and completed, missed deadlines, observed durations) feeds the
+selection policy. Everything is persisted through the ``Store``: the profile and the
+counters in its ``devices`` table, the rest as one small JSON blob per device, so a
+restarted aggregator knows its fleet before the first presence message arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from broker_bridge import Hello, ProtocolError
+from cloud_aggregator._selection import Candidate
+from cloud_aggregator._store import Store, StoreError
+from device_profiles import ConfigError, DeviceProfile, ProfileError
+
+log = logging.getLogger(__name__)
+
+MAX_DURATIONS = 16  # observed durations kept per device (newest last)
+_BLOB = "device:"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceInfo:
+    """What the aggregator knows about one device (an immutable snapshot)."""
+
+    device_id: str
+    online: bool = False
+    last_seen: float | None = None
+    profile: DeviceProfile | None = None
+    eligible: bool = False
+    reasons: tuple[str, ...] = ()
+    num_samples: int = 0
+    artifacts_hash: str | None = None
+    model_versions: tuple[int, ...] = ()
+    busy_round: int | None = None
+    hello_seen: bool = False
+    rounds_selected: int = 0
+    rounds_completed: int = 0
+    missed_deadlines: int = 0
+    last_round: int | None = None
+    last_loss: float | None = None
+    durations: tuple[float, ...] = field(default=(), repr=False)
+
+    @property
+    def mean_duration_s(self) -> float | None:
+        return sum(self.durations) / len(self.durations) if self.durations else None
+
+    def history_json(self) -> dict[str, Any]:
+        return {
+            "eligible": self.eligible, "reasons": list(self.reasons),
+            "num_samples": self.num_samples, "artifacts_hash": self.artifacts_hash,
+            "model_versions": list(self.model_versions), "hello_seen": self.hello_seen,
+            "rounds_selected": self.rounds_selected, "rounds_completed": self.rounds_completed,
+            "missed_deadlines": self.missed_deadlines, "last_round": self.last_round,
+            "last_loss": self.last_loss, "durations": list(self.durations),
+        }
+
+
+DurationModel = Callable[[DeviceInfo], float | None]
+"""Predicted seconds for a device's task (the cost model), None when unknown."""
+
+
+class FleetRegistry:
+    """Devices by id; thread-safe; every change written through to the ``Store``."""
+
+    def __init__(self, *, store: Store | None = None, clock: Callable[[], float] = time.time):
+        self._store = store
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._devices: dict[str, DeviceInfo] = {}
+        if store is not None:
+            self._load(store)
+
+    def _load(self, store: Store) -> None:
+        for record in store.devices():
+            info = DeviceInfo(
+                device_id=record.device_id, online=False, last_seen=record.last_seen,
+                profile=_profile(record.device_id, record.profile),
+                rounds_selected=record.rounds_selected,
+                missed_deadlines=record.missed_deadlines,
+            )
+            blob = store.get_state(_BLOB + record.device_id)
+            if blob is not None:
+                try:
+                    info = _with_history(info, json.loads(blob))
+                except (ValueError, TypeError, KeyError) as exc:
+                    log.warning("device %s: unreadable registry entry (%s)", record.device_id, exc)
+            # Presence is re-announced (retained) after a restart; until then, offline.
+            self._devices[record.device_id] = replace(info, online=False)
+
+    # -- queries
+
+    def get(self, device_id: str) -> DeviceInfo | None:
+        with self._lock:
+            return self._devices.get(device_id)
+
+    def all(self) -> list[DeviceInfo]:
+        with self._lock:
+            return [self._devices[d] for d in sorted(self._devices)]
+
+    def online(self) -> list[DeviceInfo]:
+        return [d for d in self.all() if d.online]
+
+    def ready(self) -> list[DeviceInfo]:
+        """Online devices that may train, sorted by id: eligible with data per their last
+        hello, or online with no hello heard yet (an aggregator started after its fleet
+        misses the hellos; such a device declines a task it cannot do)."""
+        return [d for d in self.all() if d.online and (
+            not d.hello_seen or (d.eligible and d.num_samples > 0))]
+
+    def candidates(
+        self, *, exclude: set[str] | frozenset[str] = frozenset(),
+        duration: DurationModel | None = None,
+    ) -> list[Candidate]:
+        """Selection candidates among ready devices (``exclude``: busy ones)."""
+        out = []
+        for info in self.ready():
+            if info.device_id in exclude:
+                continue
+            predicted = duration(info) if duration is not None else None
+            if predicted is None or not predicted > 0:
+                predicted = info.mean_duration_s or 1.0
+            out.append(Candidate(
+                device_id=info.device_id, predicted_duration_s=max(predicted, 1e-6),
+                num_samples=info.num_samples, profile=info.profile,
+                last_loss=info.last_loss if info.last_loss is None or info.last_loss >= 0
+                else None,
+                participation_count=info.rounds_selected,
+                missed_deadlines=info.missed_deadlines, last_round=info.last_round,
+            ))
+        return out
+
+    # -- events
+
+    def on_presence(self, device_id: str, *, online: bool, at: float | None = None) -> bool:
+        """Record a presence change; True when the device's online state flipped."""
+        when = self._clock() if at is None else at
+        with self._lock:
+            info = self._devices.get(device_id) or DeviceInfo(device_id=device_id)
+            changed = info.online != online
+            self._devices[device_id] = replace(info, online=online, last_seen=when)
+        if self._store is not None and not self._write(
+            lambda s: s.mark_seen(device_id, online=online, at=when)
+        ):
+            # Unknown to the store until its hello; keep it in memory meanwhile.
+            pass
+        return changed
+
+    def on_hello(self, device_id: str, hello: Hello, *, at: float | None = None) -> DeviceInfo:
+        """Record a hello (profile, eligibility, data, artifacts and versions held)."""
+        when = self._clock() if at is None else at
+        profile = _profile(device_id, hello.profile) if hello.profile else None
+        try:
+            elig = hello.eligibility_info()
+            eligible, reasons = elig.eligible, tuple(elig.reasons)
+        except ProtocolError as exc:
+            log.warning("device %s: bad eligibility in hello (%s); treated as ineligible",
+                        device_id, exc)
+            eligible, reasons = False, ("malformed eligibility",)
+        with self._lock:
+            info = self._devices.get(device_id) or DeviceInfo(device_id=device_id)
+            info = replace(
+                info, online=True, last_seen=when, profile=profile or info.profile,
+                eligible=eligible, reasons=reasons, num_samples=max(0, hello.num_samples),
+                artifacts_hash=hello.artifacts_hash,
+                model_versions=tuple(hello.model_versions[-8:]), busy_round=hello.busy_round,
+                hello_seen=True,
+            )
+            self._devices[device_id] = info
+        self._persist(info, with_profile=True)
+        return info
+
+    def record_selected(self, device_ids: list[str] | tuple[str, ...], round_index: int) -> None:
+        """Selection counters (the ``Store`` counts them in ``open_round``)."""
+        with self._lock:
+            for d in device_ids:
+                info = self._devices.get(d) or DeviceInfo(device_id=d)
+                self._devices[d] = replace(info, rounds_selected=info.rounds_selected + 1,
+                                           last_round=round_index)
+
+    def record_outcome(
+        self, device_id: str, *, completed: bool, duration_s: float | None = None,
+        loss: float | None = None, persist: bool = True,
+    ) -> None:
+        """A selected device finished (or missed) its round: update its history."""
+        with self._lock:
+            info = self._devices.get(device_id) or DeviceInfo(device_id=device_id)
+            durations = info.durations
+            if duration_s is not None:
+                durations = (*durations, float(duration_s))[-MAX_DURATIONS:]
+            info = replace(
+                info,
+                rounds_completed=info.rounds_completed + (1 if completed else 0),
+                missed_deadlines=info.missed_deadlines + (0 if completed else 1),
+                durations=durations,
+                last_loss=loss if loss is not None else info.last_loss,
+            )
+            self._devices[device_id] = info
+        if persist:
+            self._persist(info, with_profile=False)
+
+    def set_model_versions(self, device_id: str, versions: list[int]) -> None:
+        with self._lock:
+            info = self._devices.get(device_id)
+            if info is not None:
+                self._devices[device_id] = replace(info, model_versions=tuple(versions[-8:]))
+
+    # -- persistence
+
+    def _persist(self, info: DeviceInfo, *, with_profile: bool) -> None:
+        if self._store is None:
+            return
+        body = json.dumps(info.history_json(), sort_keys=True).encode()
+
+        def write(store: Store) -> bool:
+            if with_profile or store.device(info.device_id) is None:
+                profile = info.profile.to_dict() if info.profile is not None else {}
+                store.upsert_device(info.device_id, profile=profile, online=info.online,
+                                    seen_at=info.last_seen)
+            store.put_state(_BLOB + info.device_id, body)
+            return True
+
+        self._write(write)
+
+    def _write(self, action: Callable[[Store], bool]) -> bool:
+        assert self._store is not None
+        try:
+            return action(self._store)
+        except StoreError as exc:  # the registry is advisory: log, keep serving
+            log.error("registry write failed: %s", exc)
+            return False
+
+
+def _profile(device_id: str, data: Mapping[str, Any]) -> DeviceProfile | None:
+    if not data:
+        return None
+    try:
+        return DeviceProfile.from_dict(data)
+    except (ProfileError, ConfigError, KeyError, TypeError, ValueError) as exc:
+        log.warning("device %s: unusable profile (%s); the cost model will guess", device_id, exc)
+        return None
+
+
+def _with_history(info: DeviceInfo, data: Mapping[str, Any]) -> DeviceInfo:
+    return replace(
+        info,
+        eligible=bool(data.get("eligible", False)),
+        reasons=tuple(str(r) for r in data.get("reasons", ())),
+        num_samples=int(data.get("num_samples", 0)),
+        artifacts_hash=data.get("artifacts_hash"),
+        model_versions=tuple(int(v) for v in data.get("model_versions", ())),
+        hello_seen=bool(data.get("hello_seen", False)),
+        rounds_selected=max(info.rounds_selected, int(data.get("rounds_selected", 0))),
+        rounds_completed=int(data.get("rounds_completed", 0)),
+        missed_deadlines=max(info.missed_deadlines, int(data.get("missed_deadlines", 0))),
+        last_round=data.get("last_round"),
+        last_loss=data.get("last_loss"),
+        durations=tuple(float(x) for x in data.get("durations", ()))[-MAX_DURATIONS:],
+    )

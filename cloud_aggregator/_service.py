@@ -1,0 +1,1128 @@
+"""The aggregator service: rounds over a ``Channel``, streaming aggregation, resume.
+
+``Aggregator`` subscribes to the fleet's presence and ``up/#`` topics and runs either
+synchronous rounds (``SyncRound``: over-selection, deadline, quorum) or FedBuff-style
+asynchronous aggregation (``AsyncScheduler`` + ``FedBuffBuffer``). The maths lives in
+``_aggregation``, ``_robust`` and ``_server_opt``; this module only decides which rule
+applies to which message and in which order things are made durable:
+
+- an update is validated, then stored with its idempotency key in one transaction
+  (``Store.add_round_update``), then accumulated, then acknowledged: an acknowledged
+  update is never lost, and a redelivered one is counted once;
+- a round closes by writing the new model and the server optimizer's state and
+  marking the round closed in one transaction (``Store.save_checkpoint``);
+- on start, the latest checkpoint is loaded and an open round is rebuilt by decoding
+  its stored updates again, in the order they were accepted, so a restarted
+  aggregator reaches the same model as one that never stopped.
+
+Threads: message handlers run on the transport's thread, ``tick``/``run`` on the
+caller's; one re-entrant lock serialises them (an in-memory transport delivers
+synchronously, so a handler may run inside ``tick``). Handlers only record; rounds
+open and close in ``tick``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from broker_bridge import (
+    Ack,
+    Cancel,
+    Channel,
+    CodecError,
+    CodecSpec,
+    ErrorReport,
+    Hello,
+    Kind,
+    Layout,
+    Message,
+    Request,
+    TaskSpec,
+    UpdateMeta,
+    WireError,
+    decode_update,
+    encode_model,
+    pack_bundle,
+    unpack_update_body,
+)
+from cloud_aggregator._aggregation import (
+    FedBuffBuffer,
+    StalenessPolicy,
+    StreamingAccumulator,
+    UpdateRules,
+    check_staleness,
+    staleness_discount,
+    validate_update,
+)
+from cloud_aggregator._artifacts import (
+    DEVICE_FILES,
+    MANIFEST_NAME,
+    MODEL_NAME,
+    ArtifactInfo,
+    build_artifacts,
+    initial_parameters,
+    read_manifest,
+)
+from cloud_aggregator._config import AggregatorConfig
+from cloud_aggregator._errors import AggregatorError
+from cloud_aggregator._evaluate import EvalResult, ServerEvaluator, federated_eval, load_eval_data
+from cloud_aggregator._metrics import Counters, MetricsLog, MetricsServer, RoundMetrics
+from cloud_aggregator._registry import DeviceInfo, FleetRegistry
+from cloud_aggregator._robust import RobustBuffer, clip_by_norm
+from cloud_aggregator._rounds import (
+    Admission,
+    AsyncScheduler,
+    Clock,
+    Decision,
+    DeviceState,
+    Report,
+    RoundOutcome,
+    RoundSpec,
+    SyncRound,
+    WallClock,
+    over_select,
+)
+from cloud_aggregator._selection import make_policy
+from cloud_aggregator._store import Store, StoreError, UpdateKey
+from device_profiles import ConfigError, Task, predict
+
+log = logging.getLogger(__name__)
+
+F32 = npt.NDArray[np.float32]
+STATE_BLOB = "aggregator"
+OPT_BLOB = "server_opt"
+FEDBUFF_BLOB = "fedbuff"
+ASYNC_BLOB = "async"
+POLL_S = 0.05
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelArtifacts:
+    """The model being trained: its artifacts, layout and initial weights."""
+
+    info: ArtifactInfo
+    layout: Layout
+    initial: F32
+
+    @property
+    def directory(self) -> Path:
+        return self.info.directory
+
+
+def prepare_artifacts(config: AggregatorConfig, directory: Path) -> ModelArtifacts:
+    """Reuse the artifacts in ``directory`` (a resumed run) or build them there."""
+    if not (directory / MANIFEST_NAME).exists():
+        if config.is_reference_model:
+            from cloud_aggregator._models import build_reference_model
+
+            build_artifacts(build_reference_model(config.model, config.seed), directory)
+        else:
+            build_artifacts(config.model, directory)
+    info = read_manifest(directory)
+    layout = Layout(tensors=tuple((name, tuple(shape)) for name, shape in info.parameters))
+    return ModelArtifacts(info=info, layout=layout,
+                          initial=np.asarray(initial_parameters(directory), np.float32))
+
+
+class _Accumulator:
+    """The open round's aggregate: streaming mean (with optional clipping) or a
+    bounded ``RobustBuffer`` for median / trimmed mean / Krum."""
+
+    def __init__(self, config: AggregatorConfig, size: int, capacity: int) -> None:
+        self._robust_cfg = config.robust_config()
+        self._clip = config.clip_norm
+        if self._robust_cfg.method == "mean":
+            self._stream: StreamingAccumulator | None = StreamingAccumulator(size=size)
+            self._buffer: RobustBuffer | None = None
+        else:
+            self._stream = None
+            self._buffer = RobustBuffer(size=size, max_updates=capacity,
+                                        max_bytes=config.robust_max_bytes, config=self._robust_cfg)
+
+    @property
+    def count(self) -> int:
+        return self._stream.count if self._stream is not None else self._buffer.count  # type: ignore[union-attr]
+
+    def has_room(self) -> bool:
+        return self._buffer is None or self._buffer.count < self._buffer.capacity
+
+    def add(self, update: F32, weight: float) -> None:
+        if self._stream is not None:
+            if self._clip is not None:
+                update = clip_by_norm(update, self._clip)
+            self._stream.add(update, weight)
+        else:
+            assert self._buffer is not None
+            verdict = self._buffer.add(update, weight=weight)
+            if not verdict.ok:
+                raise AggregatorError(f"robust buffer refused an update: {verdict.detail}")
+
+    def result(self) -> F32:
+        if self._stream is not None:
+            return self._stream.result()
+        assert self._buffer is not None
+        return self._buffer.aggregate()
+
+
+@dataclass(kw_only=True)
+class _RoundStats:
+    rejected: int = 0
+    bytes_up0: int = 0
+    bytes_down0: int = 0
+    train_loss_sum: float = 0.0
+    train_samples: int = 0
+
+
+class Aggregator:
+    """Runs a fleet's training on ``channel`` as ``config`` says; see the module doc.
+
+    In-process use (a simulator): build a ``Channel`` on any transport, then
+    ``Aggregator(config=..., channel=...)``, ``start()``, and either ``run()`` in a
+    thread or call ``tick()`` yourself. ``config.clock = "virtual"`` judges deadlines
+    in the emulated seconds devices report; ``clock`` injects the time source.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: AggregatorConfig,
+        channel: Channel,
+        clock: Clock | None = None,
+        artifacts_dir: str | Path | None = None,
+        on_round: Callable[[RoundMetrics], None] | None = None,
+    ) -> None:
+        if channel.fleet != config.fleet:
+            raise ConfigError(f"channel is for fleet {channel.fleet!r}, config {config.fleet!r}")
+        self.config = config
+        self.channel = channel
+        self.clock: Clock = clock or WallClock()
+        self._on_round = on_round
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if config.state_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="fleetlearn-aggregator-")
+            self.state_dir = Path(self._tmp.name)
+            log.warning("no state_dir: state kept in %s and lost on exit", self.state_dir)
+        else:
+            self.state_dir = Path(config.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.state_dir / "aggregator.sqlite",
+                           synchronous=config.store_synchronous)
+        self.registry = FleetRegistry(store=self.store, clock=self.clock.now)
+        self.counters = Counters()
+        self.metrics_log = MetricsLog(self.state_dir / "metrics.jsonl")
+        self.history: list[RoundMetrics] = []
+        self.model = prepare_artifacts(
+            config, Path(artifacts_dir) if artifacts_dir else self.state_dir / "artifacts"
+        )
+        self.layout = self.model.layout
+        self._rules = UpdateRules(size=self.layout.size, max_norm=config.max_update_norm,
+                                  median_multiple=config.norm_median_multiple)
+        self._uplink = CodecSpec.parse(config.codec)
+        self._downlink = CodecSpec.parse(config.downlink_codec)
+        self._policy = make_policy(config.selection)
+        self._opt = config.make_server_optimizer()
+        self._evaluator: ServerEvaluator | None = None
+        if config.eval_data is not None:
+            x, y = load_eval_data(config.eval_data)
+            self._evaluator = ServerEvaluator(
+                model_path=self.model.directory / MODEL_NAME, layout=self.layout, x=x, y=y,
+                input_name=self.model.info.input_name, loss=self.model.info.loss)
+        self._metrics_server: MetricsServer | None = None
+        # Global state (restored in start()).
+        self.params: F32 = self.model.initial.copy()
+        self.model_version = 0
+        self.emulated_total_s = 0.0
+        self._abandoned_streak = 0
+        self._next_round = 1
+        self._round: SyncRound | None = None
+        self._acc: _Accumulator | None = None
+        self._norms: list[float] = []
+        self._stats = _RoundStats()
+        self._fed: list[tuple[float | None, float | None, int]] = []
+        self._async: AsyncScheduler | None = None
+        self._fedbuff: FedBuffBuffer | None = None
+        self._async_done: collections.OrderedDict[tuple[int, str], None] = (
+            collections.OrderedDict())
+        self._async_started = 0.0
+        self._model_body: tuple[int, bytes] | None = None
+        self._bundle: bytes | None = None
+        self._started = False
+        self._failed: str | None = None
+        self._last_wait_log = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def fleet(self) -> str:
+        return self.config.fleet
+
+    @property
+    def round_index(self) -> int | None:
+        """The open sync round, if any."""
+        with self._lock:
+            return self._round.spec.index if self._round is not None else None
+
+    @property
+    def current_round(self) -> SyncRound | None:
+        return self._round
+
+    @property
+    def done(self) -> bool:
+        return self.model_version >= self.config.rounds or self._failed is not None
+
+    @property
+    def failure(self) -> str | None:
+        return self._failed
+
+    def start(self) -> None:
+        """Restore state, subscribe, announce the model; resume an open round."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+            self._restore()
+            if self.config.metrics_port is not None:
+                self._metrics_server = MetricsServer(self.counters, port=self.config.metrics_port)
+            if not self.channel.transport.connected:
+                self.channel.transport.connect()
+            topics = self.channel.topics
+            self.channel.subscribe(topics.all_presence, self._on_presence)
+            self.channel.subscribe(topics.all_up, self._on_up)
+            self._broadcast_model()
+            self._resume_round()
+            self._publish_gauges()
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._metrics_server.port if self._metrics_server is not None else None
+
+    def stop(self) -> None:
+        """Ask ``run`` to return after the current step (thread-safe)."""
+        self._stop.set()
+        with self._wake:
+            self._wake.notify_all()
+
+    def close(self) -> None:
+        """Stop serving: unsubscribe, stop the metrics endpoint, close the store."""
+        self.stop()
+        with self._lock:
+            topics = self.channel.topics
+            for topic_filter in (topics.all_presence, topics.all_up):
+                try:
+                    self.channel.transport.unsubscribe(topic_filter)
+                except Exception:  # a dead connection has nothing to unsubscribe
+                    log.debug("unsubscribe %s failed", topic_filter, exc_info=True)
+            if self._metrics_server is not None:
+                self._metrics_server.close()
+                self._metrics_server = None
+            self.store.close()
+            if self._tmp is not None:
+                self._tmp.cleanup()
+
+    def run(self, *, timeout_s: float | None = None) -> list[RoundMetrics]:
+        """Tick until ``config.rounds`` model versions exist, ``stop()``, or the timeout."""
+        self.start()
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self._stop.is_set() and not self.done:
+            if end is not None and time.monotonic() >= end:
+                log.warning("aggregator run timed out after %.0f s", timeout_s)
+                break
+            with self._wake:
+                if not self.tick():
+                    self._wake.wait(POLL_S)
+        return list(self.history)
+
+    def wake(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    # ------------------------------------------------------------------ persistence
+
+    def _state_json(self) -> bytes:
+        return json.dumps({
+            "mode": self.config.mode, "model": self.config.model,
+            "content_hash": self.model.info.content_hash, "model_version": self.model_version,
+            "emulated_total_s": self.emulated_total_s,
+            "abandoned_streak": self._abandoned_streak,
+        }, sort_keys=True).encode()
+
+    def _restore(self) -> None:
+        raw = self.store.get_state(STATE_BLOB)
+        if raw is not None:
+            state = json.loads(raw)
+            if state.get("mode") != self.config.mode:
+                raise ConfigError(
+                    f"{self.state_dir} holds a {state.get('mode')} run; use another state_dir")
+            if state.get("content_hash") != self.model.info.content_hash:
+                raise ConfigError(f"{self.state_dir} was trained with other model artifacts")
+            self.emulated_total_s = float(state.get("emulated_total_s", 0.0))
+            self._abandoned_streak = int(state.get("abandoned_streak", 0))
+        if self.store.checkpoint(self.fleet) is None:
+            self.store.save_checkpoint(
+                fleet=self.fleet, model_version=0, params=self.params,
+                states={STATE_BLOB: self._state_json(), OPT_BLOB: self._opt.to_bytes()})
+        record, params = self.store.load_checkpoint(self.fleet)
+        if params.size != self.layout.size:
+            raise AggregatorError("checkpoint does not match the model's layout")
+        self.params, self.model_version = params, record.model_version
+        opt_state = self.store.get_state(OPT_BLOB)
+        if opt_state is not None:
+            self._opt.load_bytes(opt_state)
+        rounds = self.store.rounds(self.fleet)
+        self._next_round = (rounds[-1].round + 1) if rounds else 1
+        if self.config.mode == "async":
+            self._async = AsyncScheduler(concurrency=self.config.concurrency,
+                                         deadline_s=self.config.deadline_s)
+            raw_async = self.store.get_state(ASYNC_BLOB)
+            if raw_async is not None:
+                self._async.load_json(json.loads(raw_async))
+            self._fedbuff = FedBuffBuffer(
+                size=self.layout.size, buffer_size=self.config.buffer_size,
+                policy=StalenessPolicy(kind=self.config.staleness,
+                                       max_staleness=self.config.max_staleness))
+            raw_buf = self.store.get_state(FEDBUFF_BLOB)
+            if raw_buf is not None:
+                from cloud_aggregator._aggregation import AccumulatorSnapshot
+
+                self._fedbuff.restore(AccumulatorSnapshot.from_bytes(raw_buf))
+            self._async_started = self.clock.now()
+        log.info("fleet %s: model version %d, next round %d", self.fleet, self.model_version,
+                 self._next_round)
+
+    def _resume_round(self) -> None:
+        """Rebuild the open sync round from the store, re-sending unanswered tasks."""
+        if self.config.mode == "async":
+            assert self._async is not None and self._fedbuff is not None
+            if self._fedbuff.pending >= self._fedbuff.buffer_size:
+                self._release_async()  # crashed between the K-th update and its checkpoint
+            for task in list(self._async.inflight.values()):
+                self._send_task(task.device_id, round_index=task.task_round,
+                                model_version=task.model_version)
+            return
+        open_rounds = self.store.rounds(self.fleet, state="open")
+        if not open_rounds:
+            return
+        rec = open_rounds[-1]
+        for stale in open_rounds[:-1]:  # cannot happen with one aggregator; be safe
+            self.store.close_round(fleet=self.fleet, round_index=stale.round, state="abandoned")
+        if rec.model_version != self.model_version:
+            log.warning("round %d trained from version %d, model is %d: abandoning it",
+                        rec.round, rec.model_version, self.model_version)
+            self.store.close_round(fleet=self.fleet, round_index=rec.round, state="abandoned")
+            return
+        extra = self.store.get_state(f"round:{rec.round}:extra")
+        selected = list(rec.selected) + [d for d in json.loads(extra or b"[]")
+                                         if d not in rec.selected]
+        self._begin_round(rec.round, selected, quorum=rec.quorum,
+                          deadline_s=rec.deadline or self.config.deadline_s,
+                          started_at=rec.started_at)
+        assert self._round is not None and self._acc is not None
+        restored = 0
+        for stored in self.store.round_updates(self.fleet, rec.round):
+            device = stored.key.device_id
+            meta, body = unpack_update_body(stored.body)
+            update = decode_update(body, self.layout)
+            if self._round.state(device) is None:
+                self._round.add_device(device)
+            self._acc.add(update, float(meta.num_samples))
+            self._norms.append(float(stored.meta.get("norm", 0.0)))
+            self._round.count(device, _report(meta))
+            self._note_report(meta)
+            restored += 1
+        log.info("resumed round %d with %d stored updates", rec.round, restored)
+        for device in self._round.pending():
+            self._send_task(device, round_index=rec.round, model_version=self.model_version)
+
+    # ------------------------------------------------------------------ ticking
+
+    def tick(self) -> bool:
+        """One scheduling step; True when something happened (a round opened or closed)."""
+        with self._lock:
+            if not self._started:
+                self.start()
+            if self.done:
+                return False
+            if self.config.mode == "async":
+                return self._tick_async()
+            if self._round is None:
+                return self._open_round()
+            decision = self._round.decide(self.clock.now())
+            if decision is None:
+                return False
+            self._end_round(*decision)
+            return True
+
+    def _duration(self, info: DeviceInfo) -> float | None:
+        """Cost-model prediction of a task for ``info``; None when it cannot tell."""
+        if info.profile is None:
+            return None
+        cfg = self.config
+        try:
+            if cfg.is_reference_model:
+                task = Task.for_model(cfg.model, n_samples=info.num_samples,
+                                      epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                                      max_steps=cfg.max_steps)
+            else:
+                n = self.layout.size
+                task = Task(model_bytes=4 * n, update_bytes=4 * n, n_samples=info.num_samples,
+                            epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                            train_flops_per_sample=6.0 * n, max_steps=cfg.max_steps)
+            return predict(info.profile, task).total_s
+        except (ConfigError, ValueError, ZeroDivisionError):
+            return None
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.config.seed, index])
+
+    def _open_round(self) -> bool:
+        cfg = self.config
+        candidates = self.registry.candidates(duration=self._duration)
+        if len(candidates) < cfg.effective_min_devices:
+            now = time.monotonic()
+            if now - self._last_wait_log > 10.0:
+                self._last_wait_log = now
+                log.info("waiting for devices: %d ready, need %d", len(candidates),
+                         cfg.effective_min_devices)
+            return False
+        index = self._next_round
+        k = over_select(cfg.devices_per_round, cfg.over_selection, len(candidates))
+        selected = self._policy.select(candidates, k, round_index=index,
+                                       deadline_s=cfg.deadline_s, rng=self._rng(index))
+        if len(selected) < cfg.effective_quorum:
+            log.warning("policy %s chose %d devices, below quorum %d; waiting",
+                        self._policy.name, len(selected), cfg.effective_quorum)
+            return False
+        now = self.clock.now()
+        self.store.open_round(fleet=self.fleet, round_index=index,
+                              model_version=self.model_version, selected=selected,
+                              quorum=cfg.effective_quorum, deadline=cfg.deadline_s,
+                              started_at=now)
+        self.registry.record_selected(selected, index)
+        self._begin_round(index, selected, quorum=cfg.effective_quorum,
+                          deadline_s=cfg.deadline_s, started_at=now)
+        log.info("round %d: %d devices selected from %d (target %d, quorum %d)", index,
+                 len(selected), len(candidates), cfg.devices_per_round, cfg.effective_quorum)
+        for device in selected:
+            self._send_task(device, round_index=index, model_version=self.model_version)
+        return True
+
+    def _begin_round(self, index: int, selected: list[str], *, quorum: int, deadline_s: float,
+                     started_at: float) -> None:
+        cfg = self.config
+        spec = RoundSpec(index=index, model_version=self.model_version,
+                         target=cfg.devices_per_round, quorum=quorum, deadline_s=deadline_s,
+                         started_at=started_at, virtual=cfg.clock == "virtual",
+                         safety_timeout_s=cfg.safety_timeout_s)
+        self._round = SyncRound(spec=spec, selected=selected)
+        capacity = max(len(selected), cfg.selected_per_round) * 2
+        self._acc = _Accumulator(cfg, self.layout.size, capacity)
+        self._norms = []
+        self._fed = []
+        snap = self.counters.snapshot()
+        self._stats = _RoundStats(bytes_up0=snap["bytes_up"], bytes_down0=snap["bytes_down"])
+        self._next_round = index + 1
+
+    def _end_round(self, decision: Decision, reason: str) -> None:
+        assert self._round is not None and self._acc is not None
+        rnd, acc = self._round, self._acc
+        index = rnd.spec.index
+        pending = rnd.pending()
+        delta: F32 | None = None
+        new_params = self.params
+        if decision is Decision.CLOSE:
+            try:
+                delta = acc.result()
+                new_params = self._opt.step(self.params, delta)
+                if not np.isfinite(new_params).all():
+                    raise AggregatorError("the new global model is not finite")
+            except AggregatorError as exc:
+                log.error("round %d cannot be applied (%s): abandoning it", index, exc)
+                decision, reason = Decision.ABANDON, f"not applicable: {exc}"
+        outcome = rnd.finish(decision, reason, now=self.clock.now())
+        self.emulated_total_s += outcome.emulated_s
+        if decision is Decision.CLOSE:
+            self.params = new_params
+            self.model_version += 1
+            self._abandoned_streak = 0
+            self.store.save_checkpoint(
+                fleet=self.fleet, model_version=self.model_version, params=self.params,
+                states={STATE_BLOB: self._state_json(), OPT_BLOB: self._opt.to_bytes()},
+                close_round=index, missed=outcome.missed)
+            self._model_body = None
+        else:
+            self._abandoned_streak += 1
+            self.store.close_round(fleet=self.fleet, round_index=index, state="abandoned",
+                                   missed=outcome.missed)
+            self.store.put_state(STATE_BLOB, self._state_json())
+            if self._abandoned_streak >= self.config.max_abandoned:
+                self._failed = f"{self._abandoned_streak} rounds in a row missed their quorum"
+                log.error("giving up: %s", self._failed)
+        for device in pending:
+            self._send(self.channel.topics.down(device, "cancel"),
+                       Cancel(round=index, reason=f"round {decision.value}d: {reason}")
+                       .to_message(fleet=self.fleet, round=index))
+        self._feedback(outcome)
+        self._round, self._acc = None, None
+        if decision is Decision.CLOSE:
+            self._broadcast_model()
+        self._record(RoundMetrics(
+            round=index, model_version=self.model_version,
+            outcome="closed" if decision is Decision.CLOSE else "abandoned", reason=reason,
+            devices_selected=len(rnd.selected), devices_reported=len(outcome.counted),
+            devices_dropped=len(outcome.missed), devices_declined=len(outcome.declined),
+            updates_rejected=self._stats.rejected, emulated_s=outcome.emulated_s,
+            wall_s=outcome.wall_s,
+            update_norm=float(np.linalg.norm(delta)) if delta is not None else None,
+        ), evaluate=decision is Decision.CLOSE)
+
+    def _feedback(self, outcome: RoundOutcome) -> None:
+        assert self._round is not None
+        rnd = self._round
+        for device in outcome.counted:
+            r = rnd.reports[device]
+            took = r.emulated_s if (rnd.spec.virtual and r.emulated_s is not None) else r.duration_s
+            loss = r.loss if r.loss is not None and math.isfinite(r.loss) and r.loss >= 0 else None
+            self._policy.feedback(device, duration_s=took, completed=True, loss=loss,
+                                  num_samples=r.num_samples)
+            self.registry.record_outcome(device, completed=True, duration_s=took, loss=loss)
+        for device in outcome.missed:
+            late = rnd.reports.get(device)
+            late_s: float | None = None
+            if late is not None and rnd.state(device) is DeviceState.LATE:
+                late_s = late.emulated_s if late.emulated_s is not None else late.duration_s
+            self._policy.feedback(device, duration_s=late_s, completed=False)
+            self.registry.record_outcome(device, completed=False, duration_s=late_s)
+
+    def _record(self, metrics: RoundMetrics, *, evaluate: bool) -> None:
+        server: EvalResult | None = None
+        if evaluate and self._evaluator is not None:
+            try:
+                server = self._evaluator.evaluate(self.params)
+            except AggregatorError as exc:
+                log.error("server-side evaluation failed: %s", exc)
+        fed = federated_eval(self._fed)
+        snap = self.counters.snapshot()
+        train_loss = (self._stats.train_loss_sum / self._stats.train_samples
+                      if self._stats.train_samples else None)
+        metrics = replace(
+            metrics,
+            accuracy=server.accuracy if server else None, loss=server.loss if server else None,
+            fed_accuracy=fed.accuracy if fed else None, fed_loss=fed.loss if fed else None,
+            train_loss=train_loss,
+            bytes_up=snap["bytes_up"] - self._stats.bytes_up0,
+            bytes_down=snap["bytes_down"] - self._stats.bytes_down0,
+            emulated_total_s=self.emulated_total_s,
+        )
+        self.history.append(metrics)
+        self.metrics_log.write(metrics)
+        values = {k: float(v) for k, v in metrics.to_json().items()
+                  if isinstance(v, int | float) and not isinstance(v, bool) and v is not None
+                  and math.isfinite(v) and k not in ("round",)}
+        try:
+            self.store.record_metrics(fleet=self.fleet, round_index=metrics.round, values=values)
+        except StoreError as exc:
+            log.error("cannot record metrics: %s", exc)
+        self._publish_gauges(metrics)
+        log.info("round %d %s (%s): version %d, accuracy %s, %d/%d reported, %d B up, %d B down",
+                 metrics.round, metrics.outcome, metrics.reason, metrics.model_version,
+                 "n/a" if metrics.accuracy is None else f"{metrics.accuracy:.3f}",
+                 metrics.devices_reported, metrics.devices_selected, metrics.bytes_up,
+                 metrics.bytes_down)
+        if self._on_round is not None:
+            try:
+                self._on_round(metrics)
+            except Exception:
+                log.exception("on_round callback failed")
+
+    def _publish_gauges(self, metrics: RoundMetrics | None = None) -> None:
+        c = self.counters
+        c.set("model_version", self.model_version)
+        c.set("devices_online", len(self.registry.online()))
+        c.set("emulated_seconds_total", self.emulated_total_s)
+        if metrics is not None:
+            c.set("round", metrics.round)
+            c.set("accuracy", metrics.accuracy)
+            c.set("loss", metrics.loss)
+            c.set("federated_accuracy", metrics.fed_accuracy)
+            c.set("round_devices_reported", metrics.devices_reported)
+
+    # ------------------------------------------------------------------ async
+
+    def _tick_async(self) -> bool:
+        assert self._async is not None
+        cfg, sched = self.config, self._async
+        now = self.clock.now()
+        changed = False
+        for task in sched.expire(now):
+            log.info("device %s: async task %d timed out", task.device_id, task.task_round)
+            self._policy.feedback(task.device_id, duration_s=None, completed=False)
+            self.registry.record_outcome(task.device_id, completed=False)
+            changed = True
+        free = sched.free_slots()
+        if free == 0:
+            if changed:
+                self._save_async()
+            return changed
+        candidates = self.registry.candidates(exclude=sched.busy(), duration=self._duration)
+        if not candidates:
+            return changed
+        seq = sched.next_task_round
+        chosen = self._policy.select(candidates, min(free, len(candidates)), round_index=seq,
+                                     deadline_s=cfg.deadline_s, rng=self._rng(seq))
+        tasks = [sched.dispatch(d, model_version=self.model_version, now=now) for d in chosen]
+        self.registry.record_selected(chosen, seq)
+        self._save_async()
+        for task in tasks:
+            self._send_task(task.device_id, round_index=task.task_round,
+                            model_version=task.model_version)
+        return bool(tasks) or changed
+
+    def _save_async(self) -> None:
+        assert self._async is not None
+        self.store.put_state(ASYNC_BLOB, json.dumps(self._async.to_json()).encode())
+
+    def _async_update(self, device: str, message: Message) -> None:
+        assert self._async is not None and self._fedbuff is not None
+        sched, buf = self._async, self._fedbuff
+        key = (message.round, device)
+        if key in self._async_done:
+            self._ack(device, message, "duplicate", "already counted")
+            return
+        task = sched.lookup(message.round, device)
+        if task is None:
+            self._reject(device, message, "unknown_task", "no such task in flight")
+            return
+        parsed = self._parse_update(device, message)
+        if parsed is None:
+            sched.complete(task.task_round)
+            return
+        meta, update, norm = parsed
+        if message.model_version != task.model_version:
+            sched.complete(task.task_round)
+            self._reject(device, message, "wrong_model_version",
+                         f"task was version {task.model_version}")
+            return
+        verdict = check_staleness(trained_from=task.model_version,
+                                  current_version=self.model_version, policy=buf.policy)
+        if not verdict.ok:
+            sched.complete(task.task_round)
+            self._reject(device, message, str(verdict.reason), verdict.detail)
+            return
+        staleness = self.model_version - task.model_version
+        discount = staleness_discount(staleness, buf.policy)
+        # The buffer as it will be once this update is in it: stored with the key.
+        acc = StreamingAccumulator.from_snapshot(buf.snapshot())
+        acc.add(update, float(meta.num_samples), scale=discount)
+        sched.complete(task.task_round, emulated_s=_took(meta))
+        ukey = UpdateKey(fleet=self.fleet, round=message.round, device_id=device,
+                         attempt=message.attempt)
+        try:
+            fresh = self.store.accept_update(ukey, states={
+                FEDBUFF_BLOB: acc.snapshot().to_bytes(),
+                ASYNC_BLOB: json.dumps(sched.to_json()).encode()})
+        except StoreError as exc:
+            log.error("device %s: cannot store update (%s); not acknowledged", device, exc)
+            return
+        if not fresh:
+            self._ack(device, message, "duplicate", "already counted")
+            return
+        buf.restore(acc.snapshot())
+        self._remember_done(key)
+        self._norms = ([*self._norms, norm])[-100:]
+        self._note_report(meta)
+        self.counters.update("accepted")
+        self._ack(device, message, "accepted", "")
+        took = _took(meta)
+        self._policy.feedback(device, duration_s=took, completed=True,
+                              loss=_loss(meta.train_loss), num_samples=meta.num_samples)
+        self.registry.record_outcome(device, completed=True, duration_s=took,
+                                     loss=_loss(meta.train_loss))
+        if buf.pending >= buf.buffer_size:
+            self._release_async()
+
+    def _release_async(self) -> None:
+        assert self._async is not None and self._fedbuff is not None
+        buf = self._fedbuff
+        snap = buf.snapshot()
+        delta = StreamingAccumulator.from_snapshot(snap).result()
+        buf.restore(StreamingAccumulator(size=self.layout.size).snapshot())
+        new_params = self._opt.step(self.params, delta)
+        emulated = self._async.aggregated()
+        now = self.clock.now()
+        if not np.isfinite(new_params).all():
+            log.error("async aggregate is not finite: dropped")
+            return
+        self.params = new_params
+        self.model_version += 1
+        self.emulated_total_s = (self._async.emulated_now if self.config.clock == "virtual"
+                                 else self.emulated_total_s + (now - self._async_started))
+        self.store.save_checkpoint(
+            fleet=self.fleet, model_version=self.model_version, params=self.params,
+            states={STATE_BLOB: self._state_json(), OPT_BLOB: self._opt.to_bytes(),
+                    FEDBUFF_BLOB: buf.snapshot().to_bytes(),
+                    ASYNC_BLOB: json.dumps(self._async.to_json()).encode()})
+        self._model_body = None
+        self._broadcast_model()
+        self._record(RoundMetrics(
+            round=self.model_version, model_version=self.model_version, outcome="aggregated",
+            reason=f"{snap.count} updates buffered", devices_reported=snap.count,
+            devices_selected=snap.count, updates_rejected=self._stats.rejected,
+            emulated_s=emulated if self.config.clock == "virtual" else now - self._async_started,
+            wall_s=now - self._async_started, update_norm=float(np.linalg.norm(delta)),
+        ), evaluate=True)
+        self._async_started = now
+        self._fed = []
+        snap2 = self.counters.snapshot()
+        self._stats = _RoundStats(bytes_up0=snap2["bytes_up"], bytes_down0=snap2["bytes_down"])
+        self.wake()
+
+    def _remember_done(self, key: tuple[int, str]) -> None:
+        self._async_done[key] = None
+        while len(self._async_done) > 10_000:
+            self._async_done.popitem(last=False)
+
+    # ------------------------------------------------------------------ messages
+
+    def _send(self, topic: str, message: Message) -> None:
+        owner = self.channel.topics.device_of(topic)
+        if owner is not None and message.device != owner:
+            # Receivers drop a message on a device topic whose envelope names another
+            # device; the aggregator's messages to a device carry that device's id.
+            message = replace(message, device=owner)
+        try:
+            self.channel.send(topic, message)
+        except WireError as exc:  # TransportError included: a dead link is data
+            log.warning("send on %s failed: %s", topic, exc)
+            return
+        except Exception as exc:  # the broker went away (BrokerUnavailable...)
+            log.warning("send on %s failed: %s", topic, exc)
+            return
+        self.counters.add_bytes(down=len(message.body))
+
+    def _send_task(self, device: str, *, round_index: int, model_version: int) -> None:
+        cfg = self.config
+        seed = int(np.random.default_rng([cfg.seed, round_index, _hash(device)])
+                   .integers(0, 2**31 - 1))
+        task = TaskSpec(round=round_index, model_version=model_version,
+                        artifacts_hash=self.model.info.content_hash, codec=str(self._uplink),
+                        epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                        max_steps=cfg.max_steps, deadline_s=cfg.deadline_s, seed=seed,
+                        evaluate=cfg.federated_eval)
+        self._send(self.channel.topics.down(device, "task"),
+                   task.to_message(fleet=self.fleet, round=round_index,
+                                   model_version=model_version))
+
+    def _model_message(self) -> Message:
+        if self._model_body is None or self._model_body[0] != self.model_version:
+            body = encode_model(self.params, self.layout, self._downlink)
+            self._model_body = (self.model_version, body)
+        return Message(kind=Kind.MODEL, fleet=self.fleet, model_version=self.model_version,
+                       codec=str(self._downlink), body=self._model_body[1])
+
+    def _broadcast_model(self) -> None:
+        self._send(self.channel.topics.broadcast("model"), self._model_message())
+
+    def _ack(self, device: str, message: Message, status: str, reason: str) -> None:
+        ack = Ack(round=message.round, attempt=message.attempt, what="update", status=status,
+                  reason=reason)
+        self._send(self.channel.topics.down(device, "ack"),
+                   ack.to_message(fleet=self.fleet, round=message.round,
+                                  model_version=message.model_version, attempt=message.attempt))
+
+    def _reject(self, device: str, message: Message, reason: str, detail: str) -> None:
+        log.warning("device %s: update for round %d rejected (%s): %s", device, message.round,
+                    reason, detail)
+        self.counters.update(f"rejected:{reason}")
+        self._stats.rejected += 1
+        self._ack(device, message, "rejected", f"{reason}: {detail}" if detail else reason)
+
+    def _on_presence(self, topic: str, message: Message) -> None:
+        device = self.channel.topics.device_of(topic)
+        if device is None or message.kind != Kind.PRESENCE:
+            return
+        try:
+            status = message.json().get("status")
+        except (WireError, AttributeError):
+            log.warning("device %s: malformed presence", device)
+            return
+        if status not in ("online", "offline"):
+            return
+        with self._wake:
+            self.registry.on_presence(device, online=status == "online", at=self.clock.now())
+            if status == "offline":
+                if self._round is not None and self._round.dropped(device):
+                    log.info("device %s went offline during round %d", device,
+                             self._round.spec.index)
+                if self._async is not None:
+                    for task in self._async.drop_device(device):
+                        log.info("device %s went offline with async task %d", device,
+                                 task.task_round)
+                        self._policy.feedback(device, duration_s=None, completed=False)
+            self.counters.set("devices_online", len(self.registry.online()))
+            self._wake.notify_all()
+
+    def _on_up(self, topic: str, message: Message) -> None:
+        device = self.channel.topics.device_of(topic)
+        if device is None:
+            return
+        with self._wake:
+            try:
+                if message.kind == Kind.UPDATE:
+                    self.counters.add_bytes(up=len(message.body))
+                    if self.config.mode == "async":
+                        self._async_update(device, message)
+                    else:
+                        self._sync_update(device, message)
+                elif message.kind == Kind.HELLO:
+                    self._on_hello(device, Hello.from_message(message))
+                elif message.kind == Kind.ACK:
+                    self._on_task_ack(device, Ack.from_message(message))
+                elif message.kind == Kind.CONTROL:
+                    self._on_request(device, Request.from_message(message))
+                elif message.kind == Kind.ERROR:
+                    self._on_error(device, ErrorReport.from_message(message))
+                else:
+                    log.warning("device %s: unexpected %s message on %s", device,
+                                message.kind.topic_name, topic)
+            except WireError as exc:
+                self.counters.update(f"malformed:{message.kind.topic_name}")
+                log.warning("device %s: malformed %s message: %s", device,
+                            message.kind.topic_name, exc)
+            self._wake.notify_all()
+
+    def _on_hello(self, device: str, hello: Hello) -> None:
+        info = self.registry.on_hello(device, hello, at=self.clock.now())
+        log.debug("device %s: hello (eligible=%s, samples=%d)", device, info.eligible,
+                  info.num_samples)
+        rnd = self._round
+        if rnd is not None and hello.busy_round == rnd.spec.index:
+            state = rnd.state(device)
+            if state in (DeviceState.TASKED, DeviceState.WORKING, DeviceState.DROPPED):
+                rnd.revive(device)
+                self._send_task(device, round_index=rnd.spec.index,
+                                model_version=rnd.spec.model_version)
+        if self._async is not None and hello.busy_round is not None:
+            task = self._async.lookup(hello.busy_round, device)
+            if task is not None:
+                self._send_task(device, round_index=task.task_round,
+                                model_version=task.model_version)
+
+    def _on_task_ack(self, device: str, ack: Ack) -> None:
+        if ack.what != "task":
+            return
+        if self._async is not None:
+            if ack.status == "declined" and self._async.complete(ack.round) is not None:
+                log.info("device %s declined async task %d: %s", device, ack.round, ack.reason)
+            return
+        rnd = self._round
+        if rnd is None or ack.round != rnd.spec.index:
+            return
+        if ack.status == "accepted":
+            rnd.task_accepted(device)
+        elif ack.status == "declined" and rnd.declined(device):
+            log.info("device %s declined round %d: %s", device, ack.round, ack.reason)
+            self._replace(rnd)
+
+    def _replace(self, rnd: SyncRound) -> None:
+        """Select one replacement for a decliner while the round has time left."""
+        if not self.config.replace_declined:
+            return
+        if not rnd.spec.virtual and self.clock.now() >= rnd.spec.deadline_at:
+            return
+        candidates = self.registry.candidates(exclude=set(rnd.selected),
+                                              duration=self._duration)
+        if not candidates:
+            return
+        index = rnd.spec.index
+        chosen = self._policy.select(
+            candidates, 1, round_index=index, deadline_s=self.config.deadline_s,
+            rng=self._rng(index * 7919 + len(rnd.selected)))
+        if not chosen:
+            return
+        device = chosen[0]
+        rnd.add_device(device)
+        extras = [d for d in rnd.selected if d not in self._initial_selected(index)]
+        self.store.put_state(f"round:{index}:extra", json.dumps(extras).encode())
+        self.registry.record_selected([device], index)
+        log.info("round %d: %s replaces a decliner", index, device)
+        self._send_task(device, round_index=index, model_version=rnd.spec.model_version)
+
+    def _initial_selected(self, index: int) -> tuple[str, ...]:
+        rec = self.store.round(self.fleet, index)
+        return rec.selected if rec is not None else ()
+
+    def _on_request(self, device: str, request: Request) -> None:
+        topics = self.channel.topics
+        if request.want == "artifacts":
+            if (request.artifacts_hash is not None
+                    and request.artifacts_hash != self.model.info.content_hash):
+                log.warning("device %s asked for unknown artifacts %s", device,
+                            request.artifacts_hash)
+                return
+            body = self._artifact_bundle()
+            self._send(topics.down(device, "artifacts"),
+                       Message(kind=Kind.ARTIFACTS, fleet=self.fleet, codec="zip", body=body,
+                               model_version=self.model_version))
+        elif request.want == "model":
+            version = request.model_version
+            if version is None or version == self.model_version:
+                self._send(topics.down(device, "model"), self._model_message())
+                return
+            try:
+                _, params = self.store.load_checkpoint(self.fleet, model_version=version)
+            except StoreError as exc:
+                log.warning("device %s asked for model version %s: %s", device, version, exc)
+                return
+            body = encode_model(params, self.layout, self._downlink)
+            self._send(topics.down(device, "model"),
+                       Message(kind=Kind.MODEL, fleet=self.fleet, model_version=version,
+                               codec=str(self._downlink), body=body))
+        else:
+            log.warning("device %s: unknown request %r", device, request.want)
+
+    def _artifact_bundle(self) -> bytes:
+        if self._bundle is None:
+            directory = self.model.directory
+            files = {name: (directory / name).read_bytes()
+                     for name in (*DEVICE_FILES, MANIFEST_NAME)}
+            self._bundle = pack_bundle(files)
+        return self._bundle
+
+    def _on_error(self, device: str, report: ErrorReport) -> None:
+        log.warning("device %s reports error %s (round %s): %s", device, report.code,
+                    report.round, report.message)
+        self.counters.update(f"device_error:{report.code}")
+        rnd = self._round
+        if rnd is not None and report.round == rnd.spec.index:
+            rnd.dropped(device)
+        if self._async is not None and report.round is not None:
+            self._async.complete(report.round)
+
+    # ------------------------------------------------------------------ updates
+
+    def _parse_update(self, device: str, message: Message) -> tuple[UpdateMeta, F32, float] | None:
+        """Unpack, decode and validate; None after rejecting (the reason is acked)."""
+        try:
+            meta, body = unpack_update_body(message.body)
+        except WireError as exc:
+            self._reject(device, message, "bad_body", str(exc))
+            return None
+        try:
+            update = decode_update(body, self.layout)
+        except CodecError as exc:
+            self._reject(device, message, "codec", str(exc))
+            return None
+        if not meta.num_samples > 0:
+            self._reject(device, message, "bad_weight", f"num_samples {meta.num_samples}")
+            return None
+        verdict = validate_update(update, rules=self._rules, accepted_norms=self._norms)
+        if not verdict.ok:
+            self._reject(device, message, str(verdict.reason), verdict.detail)
+            return None
+        return meta, update, verdict.norm
+
+    def _sync_update(self, device: str, message: Message) -> None:
+        rnd, acc = self._round, self._acc
+        if rnd is None or acc is None or message.round != rnd.spec.index:
+            self._reject(device, message, "stale_round",
+                         "no open round" if rnd is None else f"round {rnd.spec.index} is open")
+            return
+        admission = rnd.admit(device, emulated_s=None, duration_s=0.0)
+        if admission is Admission.NOT_SELECTED:
+            self._reject(device, message, "not_selected", f"not selected in round {rnd.spec.index}")
+            return
+        if admission is Admission.ALREADY_COUNTED:
+            self.counters.update("duplicate")
+            self._ack(device, message, "duplicate", "already counted")
+            return
+        if admission is Admission.RESOLVED:
+            self._reject(device, message, "resolved",
+                         f"device is {rnd.state(device)} in this round")
+            return
+        if message.model_version != rnd.spec.model_version:
+            self._reject(device, message, "wrong_model_version",
+                         f"round trains version {rnd.spec.model_version}")
+            rnd.rejected(device)
+            return
+        parsed = self._parse_update(device, message)
+        if parsed is None:
+            rnd.rejected(device)
+            return
+        meta, update, norm = parsed
+        if rnd.admit(device, emulated_s=meta.emulated_s,
+                     duration_s=meta.duration_s) is Admission.LATE:
+            rnd.late(device, _report(meta))
+            self._reject(device, message, "missed_deadline",
+                         f"took {_took(meta):.1f} s > deadline {rnd.spec.deadline_s:.1f} s")
+            return
+        if not acc.has_room():
+            self._reject(device, message, "buffer_full", "robust buffer is full")
+            return
+        key = UpdateKey(fleet=self.fleet, round=rnd.spec.index, device_id=device,
+                        attempt=message.attempt)
+        try:
+            fresh = self.store.add_round_update(
+                key, message.body,
+                {"num_samples": meta.num_samples, "norm": norm,
+                 "model_version": message.model_version, "emulated_s": meta.emulated_s},
+                at=self.clock.now())
+        except StoreError as exc:  # not acknowledged: the device will send it again
+            log.error("device %s: cannot store update (%s); not acknowledged", device, exc)
+            return
+        if not fresh:
+            self.counters.update("duplicate")
+            self._ack(device, message, "duplicate", "already counted")
+            return
+        acc.add(update, float(meta.num_samples))
+        self._norms.append(norm)
+        rnd.count(device, _report(meta))
+        self._note_report(meta)
+        self.counters.update("accepted")
+        self._ack(device, message, "accepted", "")
+
+    def _note_report(self, meta: UpdateMeta) -> None:
+        if math.isfinite(meta.train_loss):
+            self._stats.train_loss_sum += meta.train_loss * meta.num_samples
+            self._stats.train_samples += meta.num_samples
+        if meta.eval_samples > 0:
+            self._fed.append((meta.eval_loss, meta.eval_accuracy, meta.eval_samples))
+
+
+def _took(meta: UpdateMeta) -> float:
+    return meta.emulated_s if meta.emulated_s is not None else meta.duration_s
+
+
+def _loss(value: float) -> float | None:
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _report(meta: UpdateMeta) -> Report:
+    return Report(duration_s=meta.duration_s, emulated_s=meta.emulated_s,
+                  loss=_loss(meta.train_loss), num_samples=meta.num_samples)
+
+
+def _hash(device: str) -> int:
+    return zlib.crc32(device.encode())
+
+
+def latest_metrics(path: Path) -> dict[str, Any] | None:
+    """The last JSON line of a metrics log, for tools that poll a running aggregator."""
+    rows = MetricsLog(path).read()
+    return rows[-1] if rows else None
