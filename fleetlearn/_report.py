@@ -24,7 +24,7 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def _human_time(s: float) -> str:
+def human_time(s: float) -> str:
     if s < 120:
         return f"{s:.1f} s"
     if s < 7200:
@@ -62,9 +62,11 @@ def write_plots(
     axes[0].set_ylabel("test accuracy (%)")
     axes[0].set_title("accuracy vs round")
     axes[0].grid(alpha=0.3)
-    t = [(r.get("emulated_time_s") or 0.0) / 60 for r in evald]
-    axes[1].plot(t, acc, marker=".", color="tab:green")
-    axes[1].set_xlabel("emulated fleet time (min)")
+    seconds = [r.get("emulated_time_s") or 0.0 for r in evald]
+    unit, div = ("h", 3600.0) if max(seconds, default=0) > 7200 else (
+        ("min", 60.0) if max(seconds, default=0) > 120 else ("s", 1.0))
+    axes[1].plot([s / div for s in seconds], acc, marker=".", color="tab:green")
+    axes[1].set_xlabel(f"emulated fleet time ({unit})")
     axes[1].set_ylabel("test accuracy (%)")
     axes[1].set_title("accuracy vs emulated time")
     axes[1].grid(alpha=0.3)
@@ -134,7 +136,7 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     for target, hit in sorted(report.get("time_to_accuracy", {}).items()):
         if hit:
             lines.append(f"  reached {float(target) * 100:.0f}% at round {hit['round']} "
-                         f"({_human_time(hit['emulated_time_s'] or 0.0)} emulated)")
+                         f"({human_time(hit['emulated_time_s'] or 0.0)} emulated)")
         else:
             lines.append(f"  did not reach {float(target) * 100:.0f}%")
     up = report.get("bytes_up", 0)
@@ -142,6 +144,6 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     if dense:
         lines.append(f"  uploaded {_human_bytes(up)} (dense float32 would be "
                      f"{_human_bytes(dense)}: {dense / max(up, 1):.1f}x less)")
-    lines.append(f"  emulated fleet time {_human_time(report.get('emulated_time_s', 0.0))}, "
-                 f"wall time {_human_time(report.get('wall_time_s', 0.0))}")
+    lines.append(f"  emulated fleet time {human_time(report.get('emulated_time_s', 0.0))}, "
+                 f"wall time {human_time(report.get('wall_time_s', 0.0))}")
     return lines

@@ -9,11 +9,12 @@ import sys
 from collections.abc import Sequence
 
 from device_profiles import FleetlearnError
+from fleetlearn import _probe
 
 # Each package's ``_cli`` module exposes ``register(subparsers)``. A package whose
 # optional dependencies are not installed (a device without the cloud extra) still
 # registers: its handlers import what they need and fail with a clear message.
-_PACKAGES = ("broker_bridge", "edge_runtime", "cloud_aggregator", "device_profiles")
+_PACKAGES = ("fleetlearn", "broker_bridge", "edge_runtime", "cloud_aggregator", "device_profiles")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _PACKAGES:
         module = importlib.import_module(f"{name}._cli")
         module.register(sub)
+    _compose(sub)
     return parser
+
+
+def _compose(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Wire what crosses packages: ``profile`` measures real training steps, which
+    needs the agent's probe (edge_runtime) and, on a fresh machine, reference
+    artifacts only the cloud side can build (cloud_aggregator)."""
+    profile = sub.choices.get("profile")
+    if profile is None:
+        return
+    _probe.add_arguments(profile)
+    profile.set_defaults(handler=_probe.with_reference_artifacts(profile.get_default("handler")))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,394 @@
+"""The fleet simulator: many real device agents in one process.
+
+Every virtual device is a production ``Agent`` with its own MQTT session (client id,
+will, persistent session), its own data shard and state folder, training with real
+ONNX Runtime. What they share is what one process can share without changing the
+code path: a few ``NetworkLoop`` threads drive all sockets, a small executor runs the
+training jobs, a ``TrainerPool`` lends ONNX Runtime sessions, and the artifact and
+model caches are common (the broadcast model is decoded once, not once per device).
+
+Devices behave like their profiles: an ``Emulation`` reports the time the profile
+implies (download, train, encode, upload) in each update, and optionally waits it
+out in real time. Faults are injected deterministically from the seed:
+
+- a *crash* kills a device after it trained, before it uploads (its socket dies, the
+  broker publishes its will); it restarts from its state folder some rounds later,
+  as the real agent would after a reboot;
+- *slow* devices take ``slow_factor`` times what their profile says;
+- *availability* follows each profile's pattern (always on, diurnal, charging-only,
+  flaky) in emulated time, starting at ``start_hour``.
+
+Fleet changes happen only between rounds (``advance``), and ``advance`` waits until
+the aggregator's view of who is online matches, so the same seed gives the same run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from broker_bridge import Channel, MqttTransport, NetworkLoop, TaskSpec
+from device_profiles import DEFAULT_MIX, ConfigError, DeviceProfile, profile_mix
+from edge_runtime._agent import (
+    Agent,
+    AgentSettings,
+    Emulation,
+    LocalData,
+    TrainerPool,
+    make_agent_transport,
+)
+from edge_runtime._artifact_cache import ArtifactCache, ModelCache
+from edge_runtime._datasets import partition_dirichlet, partition_iid, partition_shards
+from edge_runtime._eligibility import DeviceStatus
+
+log = logging.getLogger(__name__)
+
+
+class SimulatedCrash(BaseException):
+    """Raised inside a device's job to end it the way a power cut would.
+
+    A ``BaseException`` on purpose: the agent's error handling (which would record the
+    task as failed and report it) must not run, exactly as it would not on a real crash.
+    """
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultSpec:
+    """Failure injection, all decided from the seed."""
+
+    crash_fraction: float = 0.0
+    """Probability that a device crashes on a task (after training, before uploading)."""
+    restart_after_rounds: int = 2
+    """A crashed device reboots this many rounds later."""
+    slow_fraction: float = 0.0
+    """Share of devices that run ``slow_factor`` times slower than their profile."""
+    slow_factor: float = 4.0
+
+    def __post_init__(self) -> None:
+        for name in ("crash_fraction", "slow_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{name} must be within [0, 1], got {v}")
+        if self.restart_after_rounds < 1 or not self.slow_factor >= 1.0:
+            raise ConfigError("restart_after_rounds must be >= 1 and slow_factor >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FleetConfig:
+    fleet: str = "sim"
+    devices: int = 100
+    profile_mix: str = DEFAULT_MIX
+    partition: str = "dirichlet:0.5"
+    seed: int = 0
+    model: str | None = None
+    """Reference model name (exact FLOPs in the cost model); None: 6 x parameters."""
+    network_loops: int = 2
+    training_workers: int = 2
+    time_scale: float | None = None
+    """Real-time mode: wait ``emulated_s * time_scale`` before uploading; None: virtual."""
+    availability: bool = True
+    start_hour: float = 23.5
+    faults: FaultSpec = field(default_factory=FaultSpec)
+    holdout_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.devices < 1:
+            raise ConfigError("a fleet needs at least one device")
+        if self.network_loops < 1 or self.training_workers < 1:
+            raise ConfigError("network_loops and training_workers must be >= 1")
+        parse_partition(self.partition)
+
+
+def parse_partition(spec: str) -> tuple[str, float]:
+    """``iid``, ``dirichlet:ALPHA`` or ``shards:N``."""
+    name, _, arg = spec.partition(":")
+    try:
+        if name == "iid" and not arg:
+            return ("iid", 0.0)
+        if name == "dirichlet":
+            alpha = float(arg or 0.5)
+            if alpha > 0 and math.isfinite(alpha):
+                return ("dirichlet", alpha)
+        if name == "shards":
+            n = int(arg or 2)
+            if n >= 1:
+                return ("shards", float(n))
+    except ValueError:
+        pass
+    raise ConfigError(f"partition {spec!r}: use iid, dirichlet:ALPHA (e.g. 0.5) or shards:N")
+
+
+def partition(labels: np.ndarray, devices: int, spec: str, *, seed: int) -> list[np.ndarray]:
+    kind, arg = parse_partition(spec)
+    if kind == "iid":
+        return partition_iid(len(labels), devices, seed=seed)
+    if kind == "dirichlet":
+        return partition_dirichlet(labels, devices, alpha=arg, seed=seed)
+    return partition_shards(labels, devices, shards_per_device=int(arg), seed=seed)
+
+
+def _draw(seed: int, *parts: object) -> float:
+    """A deterministic uniform draw in [0, 1) for (seed, parts)."""
+    key = "/".join(str(p) for p in (seed, *parts)).encode()
+    return zlib.crc32(key) / 2**32
+
+
+@dataclass(frozen=True, kw_only=True)
+class _FaultyEmulation(Emulation):
+    """The profile's time, made slower for slow devices, and a crash hook."""
+
+    slow_factor: float = 1.0
+    crash: Callable[[TaskSpec], None] | None = None
+
+    def emulated_s(self, *, task: TaskSpec, num_parameters: int, samples: int, steps: int,
+                   update_bytes: int) -> float:
+        if self.crash is not None:
+            self.crash(task)
+        base = super().emulated_s(task=task, num_parameters=num_parameters, samples=samples,
+                                  steps=steps, update_bytes=update_bytes)
+        return base * self.slow_factor
+
+
+@dataclass
+class DeviceRecord:
+    """The simulator's view of one virtual device (agents come and go; this stays)."""
+
+    device_id: str
+    profile: DeviceProfile
+    data: LocalData
+    state_dir: Path
+    slow: bool
+    agent: Agent | None = None
+    transport: MqttTransport | None = None
+    crashed_at_round: int | None = None
+    tasks: int = 0
+    completed: int = 0
+    dropped: int = 0
+    crashes: int = 0
+    _seen_tasks: int = 0
+    _seen_acked: int = 0
+
+    @property
+    def online(self) -> bool:
+        return self.agent is not None
+
+
+class Fleet:
+    """Builds, connects and drives the virtual devices of one simulated fleet."""
+
+    def __init__(
+        self,
+        *,
+        config: FleetConfig,
+        broker_url: str,
+        x: np.ndarray,
+        y: np.ndarray,
+        state_root: Path,
+        password_for: Callable[[str], str | None] | None = None,
+        settings: AgentSettings | None = None,
+    ) -> None:
+        self.config = config
+        self.broker_url = broker_url
+        self.state_root = Path(state_root)
+        self._password_for = password_for or (lambda _d: None)
+        self._settings = settings or AgentSettings(ack_timeout_s=10.0, eligibility_interval_s=3600)
+        self._loops = [NetworkLoop(name=f"fleet-net-{i}") for i in range(config.network_loops)]
+        self._executor = ThreadPoolExecutor(max_workers=config.training_workers,
+                                            thread_name_prefix="fleet-train")
+        self._trainers = TrainerPool(sessions_per_model=config.training_workers,
+                                     intra_op_threads=1)
+        self._artifacts = ArtifactCache(root=self.state_root / "artifact-cache")
+        self._models = ModelCache(keep=3)
+        self._lock = threading.Lock()
+        self.round_index = 0
+        self.emulated_now = 0.0
+        profiles = profile_mix(config.profile_mix, config.devices, seed=config.seed)
+        shards = partition(y, config.devices, config.partition, seed=config.seed)
+        width = len(str(config.devices - 1))
+        self.devices: list[DeviceRecord] = []
+        for i, (profile, idx) in enumerate(zip(profiles, shards, strict=True)):
+            device_id = f"dev-{i:0{width}d}"
+            data = LocalData.split(x[idx], y[idx], holdout_fraction=config.holdout_fraction,
+                                   seed=config.seed + i)
+            self.devices.append(DeviceRecord(
+                device_id=device_id, profile=profile, data=data,
+                state_dir=self.state_root / "devices" / device_id,
+                slow=_draw(config.seed, "slow", device_id) < config.faults.slow_fraction,
+            ))
+        self._by_id = {d.device_id: d for d in self.devices}
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def start(self, *, progress: Callable[[int, int], None] | None = None) -> None:
+        """Connect every device that should be online now."""
+        want = [d for d in self.devices if self._should_be_online(d)]
+        for n, d in enumerate(want, 1):
+            self._boot(d)
+            if progress is not None and (n % 100 == 0 or n == len(want)):
+                progress(n, len(want))
+
+    def stop(self) -> None:
+        for d in self.devices:
+            self._shutdown(d, clean=True)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        for loop in self._loops:
+            loop.close()
+
+    def remove_state(self) -> None:
+        shutil.rmtree(self.state_root / "devices", ignore_errors=True)
+
+    # -- between rounds --------------------------------------------------------------
+
+    def advance(self, *, round_index: int, emulated_now: float) -> tuple[list[str], list[str]]:
+        """Apply reboots and availability for the round about to open.
+
+        Returns (devices that came online, devices that went offline).
+        """
+        self.round_index = round_index
+        self.emulated_now = emulated_now
+        came, went = [], []
+        for d in self.devices:
+            self._collect(d)
+            should = self._should_be_online(d)
+            if should and not d.online:
+                if d.crashed_at_round is not None:
+                    d.crashed_at_round = None
+                self._boot(d)
+                came.append(d.device_id)
+            elif not should and d.online:
+                self._shutdown(d, clean=True)
+                went.append(d.device_id)
+        return came, went
+
+    def poll(self) -> None:
+        """Periodic agent work (re-sends of unacknowledged updates)."""
+        now = time.monotonic()
+        for d in self.devices:
+            agent = d.agent
+            if agent is not None:
+                try:
+                    agent.poll(now)
+                except Exception:
+                    log.exception("poll of %s failed", d.device_id)
+
+    def online_ids(self) -> list[str]:
+        return [d.device_id for d in self.devices if d.online]
+
+    def participation(self) -> dict[str, dict[str, int]]:
+        """Tasks, completions, drop-outs and crashes per profile."""
+        out: dict[str, dict[str, int]] = {}
+        for d in self.devices:
+            self._collect(d)
+            row = out.setdefault(d.profile.name, {"devices": 0, "tasks": 0, "completed": 0,
+                                                  "dropped": 0, "crashes": 0})
+            row["devices"] += 1
+            row["tasks"] += d.tasks
+            row["completed"] += d.completed
+            row["crashes"] += d.crashes
+            row["dropped"] += max(0, d.tasks - d.completed)
+        return out
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _should_be_online(self, d: DeviceRecord) -> bool:
+        if d.crashed_at_round is not None and (
+            self.round_index < d.crashed_at_round + self.config.faults.restart_after_rounds
+        ):
+            return False
+        if not self.config.availability:
+            return True
+        t = self.config.start_hour * 3600.0 + self.emulated_now
+        seed = zlib.crc32(f"{self.config.seed}/{d.device_id}".encode())
+        return bool(d.profile.availability.is_available(t, seed=seed))
+
+    def _boot(self, d: DeviceRecord) -> None:
+        loop = self._loops[int(d.device_id.rsplit("-", 1)[-1]) % len(self._loops)]
+        transport = make_agent_transport(
+            self.broker_url, fleet=self.config.fleet, device_id=d.device_id,
+            password=self._password_for(d.device_id), loop=loop,
+            backoff_min_s=0.2, backoff_max_s=5.0, max_queued=0,
+        )
+        emulation = _FaultyEmulation(
+            profile=d.profile, model=self.config.model, time_scale=self.config.time_scale,
+            slow_factor=self.config.faults.slow_factor if d.slow else 1.0,
+            crash=self._crash_hook(d) if self.config.faults.crash_fraction > 0 else None,
+        )
+        agent = Agent(
+            device_id=d.device_id, channel=Channel(transport=transport, fleet=self.config.fleet),
+            data=d.data, state_dir=d.state_dir, profile=d.profile,
+            status_probe=_plugged_in, executor=self._executor, trainers=self._trainers,
+            artifacts=self._artifacts, models=self._models, emulation=emulation,
+            settings=self._settings, owns_transport=True,
+        )
+        d.agent, d.transport = agent, transport
+        d._seen_tasks = d._seen_acked = 0
+        agent.start(timer=False)
+
+    def _crash_hook(self, d: DeviceRecord) -> Callable[[TaskSpec], None]:
+        fraction = self.config.faults.crash_fraction
+
+        def maybe_crash(task: TaskSpec) -> None:
+            if _draw(self.config.seed, "crash", d.device_id, task.round) >= fraction:
+                return
+            log.info("%s crashes in round %d (injected)", d.device_id, task.round)
+            with self._lock:
+                d.crashes += 1
+                d.crashed_at_round = task.round
+                self._collect(d)
+                agent, transport = d.agent, d.transport
+                d.agent = d.transport = None
+            if transport is not None:
+                transport.abort()  # no DISCONNECT: the broker publishes the will
+            if agent is not None:
+                agent._stop.set()
+            raise SimulatedCrash(f"{d.device_id} crashed in round {task.round}")
+
+        return maybe_crash
+
+    def _shutdown(self, d: DeviceRecord, *, clean: bool) -> None:
+        with self._lock:
+            self._collect(d)
+            agent, d.agent, d.transport = d.agent, None, None
+        if agent is not None:
+            agent.stop(timeout=5.0)
+
+    def _collect(self, d: DeviceRecord) -> None:
+        """Fold the running agent's counters into the device record."""
+        agent = d.agent
+        if agent is None:
+            return
+        s = agent.stats
+        d.tasks += s.tasks - d._seen_tasks
+        d.completed += s.acked - d._seen_acked
+        d._seen_tasks, d._seen_acked = s.tasks, s.acked
+
+
+def _plugged_in() -> DeviceStatus:
+    """Virtual devices are eligible (availability is simulated by connecting them)."""
+    return DeviceStatus()
+
+
+def wait_until(cond: Callable[[], bool], *, timeout: float, interval: float = 0.02) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(interval)
+    return cond()
+
+
+def summarise_ids(ids: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(ids[:limit])
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+

@@ -1,0 +1,322 @@
+"""``fleetlearn simulate``: a fleet, an aggregator and a broker, on this machine.
+
+This is the composition root's job: it is the one place that runs the aggregator
+(``cloud_aggregator``) and the device agents (``edge_runtime``) side by side. They
+still only talk over MQTT, through a broker this process starts (a Mosquitto child
+when the binary exists, the embedded Python broker otherwise) or an external one.
+
+The simulation drives the aggregator's scheduling step itself so that fleet changes
+(reboots after injected crashes, availability windows) happen between rounds, and
+waits for the aggregator to see them: the same seed gives the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import shutil
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from broker_bridge import Channel, MqttTransport, atomic_write, local_broker
+from cloud_aggregator import Aggregator, AggregatorConfig, RoundMetrics
+from device_profiles import DEFAULT_MIX, ConfigError
+from edge_runtime._datasets import load_mnist1d
+from edge_runtime._fleet import FaultSpec, Fleet, FleetConfig, summarise_ids, wait_until
+from fleetlearn._report import (
+    human_time,
+    summary_lines,
+    time_to_accuracy,
+    write_plots,
+    write_report,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CODEC = "ef+topk:0.1+q8+zstd:3"
+"""The default compressed uplink codec of simulations (see bench/simulate.py)."""
+TARGETS = (0.6, 0.8, 0.9)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimConfig:
+    """Everything one simulation needs, parsed once from flags."""
+
+    devices: int = 100
+    per_round: int = 10
+    model: str = "cnn"
+    rounds: int = 100
+    target_accuracy: float | None = None
+    codec: str = DEFAULT_CODEC
+    selection: str = "random"
+    mode: str = "sync"
+    partition: str = "dirichlet:0.5"
+    profile_mix: str = DEFAULT_MIX
+    deadline_s: float = 120.0
+    clock: str = "virtual"
+    time_scale: float = 0.01
+    faults: FaultSpec = field(default_factory=FaultSpec)
+    availability: bool = True
+    start_hour: float = 23.5
+    seed: int = 0
+    broker: str | None = None
+    broker_kind: str = "mosquitto"
+    credentials: Path | None = None
+    out_dir: Path = Path("runs/latest")
+    workers: int = 2
+    network_loops: int = 2
+    max_wall_s: float = 3600.0
+    aggregator: dict[str, Any] = field(default_factory=dict)
+    """Extra ``AggregatorConfig`` fields (local_epochs, server_opt, ...)."""
+
+    def __post_init__(self) -> None:
+        if self.per_round < 1 or self.per_round > self.devices:
+            raise ConfigError(f"--per-round must be within 1..{self.devices} (the fleet size)")
+        if self.rounds < 1:
+            raise ConfigError("--rounds must be >= 1")
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            raise ConfigError("--target-accuracy is a fraction in (0, 1], e.g. 0.8")
+        if self.clock not in ("virtual", "real"):
+            raise ConfigError("--clock must be virtual or real")
+        if self.mode not in ("sync", "async"):
+            raise ConfigError("--mode must be sync or async")
+
+    def aggregator_config(self) -> AggregatorConfig:
+        fields: dict[str, Any] = dict(
+            fleet="sim", model=self.model, rounds=self.rounds, mode=self.mode,
+            clock=self.clock, devices_per_round=self.per_round, deadline_s=self.deadline_s,
+            selection=self.selection, codec=self.codec, seed=self.seed,
+            state_dir=self.out_dir / "aggregator", eval_data=self.out_dir / "test.npz",
+            store_synchronous="NORMAL", progress=False,
+            safety_timeout_s=max(60.0, self.deadline_s * (self.time_scale if
+                                                          self.clock == "real" else 1.0) * 4),
+        )
+        if self.mode == "async":
+            fields["concurrency"] = self.per_round * 2
+            fields["buffer_size"] = self.per_round
+        fields.update(self.aggregator)
+        try:
+            return AggregatorConfig(**fields)
+        except TypeError as exc:
+            raise ConfigError(f"bad aggregator setting: {exc}") from exc
+
+
+@dataclass
+class SimResult:
+    report: dict[str, Any]
+    report_path: Path
+    plots: list[Path]
+    rounds: list[dict[str, Any]]
+
+
+def _load_credentials(path: Path | None) -> Callable[[str], str | None]:
+    if path is None:
+        return lambda _d: None
+    try:
+        creds = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read credentials {path}: {exc}") from exc
+    return lambda device: creds.get(device)
+
+
+@contextlib.contextmanager
+def _broker(cfg: SimConfig) -> Iterator[str]:
+    if cfg.broker is not None:
+        yield cfg.broker
+        return
+    with local_broker(prefer=cfg.broker_kind) as url:
+        yield url
+
+
+class _Printer:
+    def __init__(self, out: io.TextIOBase | Any, quiet: bool) -> None:
+        self.out = out
+        self.quiet = quiet
+
+    def __call__(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=self.out, flush=True)
+
+
+def _fmt_kb(n: float) -> str:
+    return f"{n / 1024:.1f} KB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MB"
+
+
+def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False) -> SimResult:
+    """Run one simulation end to end; write the report and plots into ``cfg.out_dir``."""
+    say = _Printer(out or sys.stdout, quiet)
+    started = time.monotonic()
+    out_dir = cfg.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("aggregator", "devices", "artifact-cache"):
+        path = out_dir / stale
+        if path.exists():
+            shutil.rmtree(path)
+
+    say(f"fleetlearn simulate: {cfg.devices} devices, {cfg.per_round} per round, model "
+        f"{cfg.model}, codec {cfg.codec}, {cfg.selection} selection, {cfg.mode} rounds, "
+        f"seed {cfg.seed}")
+    data = load_mnist1d()
+    buf = io.BytesIO()
+    np.savez(buf, x=data.x_test, y=data.y_test)
+    atomic_write(out_dir / "test.npz", buf.getvalue())
+    say(f"data: MNIST-1D generated locally, {len(data.y_train)} train samples split "
+        f"{cfg.partition} over {cfg.devices} devices, {len(data.y_test)} held out")
+
+    agg_cfg = cfg.aggregator_config()
+    password_for = _load_credentials(cfg.credentials)
+    records: list[dict[str, Any]] = []
+    with _broker(cfg) as url:
+        say(f"broker: {url}" + ("" if cfg.broker else " (started for this run)"))
+        fleet = Fleet(
+            config=FleetConfig(
+                fleet=agg_cfg.fleet, devices=cfg.devices, profile_mix=cfg.profile_mix,
+                partition=cfg.partition, seed=cfg.seed, model=cfg.model,
+                network_loops=cfg.network_loops, training_workers=cfg.workers,
+                time_scale=cfg.time_scale if cfg.clock == "real" else None,
+                availability=cfg.availability, start_hour=cfg.start_hour, faults=cfg.faults,
+            ),
+            broker_url=url, x=data.x_train, y=data.y_train, state_root=out_dir,
+            password_for=password_for,
+        )
+        agg_transport = MqttTransport(url=url, client_id="aggregator", username="aggregator",
+                                      password=password_for("aggregator"), max_queued=0)
+        aggregator = Aggregator(config=agg_cfg,
+                                channel=Channel(transport=agg_transport, fleet=agg_cfg.fleet))
+        dense_bytes = 4 * aggregator.layout.size
+        try:
+            aggregator.start()
+            say(f"model: {cfg.model}, {aggregator.layout.size} parameters "
+                f"({_fmt_kb(dense_bytes)} dense)")
+            fleet.start(progress=lambda n, total: say(f"  connected {n}/{total} devices"))
+            expected = set(fleet.online_ids())
+            wait_until(lambda: {d.device_id for d in aggregator.registry.online()}
+                       >= expected, timeout=60)
+            records = _drive(cfg, aggregator, fleet, say, dense_bytes, started)
+        finally:
+            participation = fleet.participation()
+            fleet.stop()
+            aggregator.close()
+            agg_transport.close()
+
+    wall = time.monotonic() - started
+    final = next((r["accuracy"] for r in reversed(records) if r["accuracy"] is not None), None)
+    report: dict[str, Any] = {
+        "model": cfg.model, "devices": cfg.devices, "per_round": cfg.per_round,
+        "selection": cfg.selection, "mode": cfg.mode, "codec": cfg.codec,
+        "partition": cfg.partition, "seed": cfg.seed, "clock": cfg.clock,
+        "faults": asdict(cfg.faults), "availability": cfg.availability,
+        "aggregator": {k: (str(v) if isinstance(v, Path) else v)
+                       for k, v in asdict(agg_cfg).items() if k != "extra"},
+        "parameters": dense_bytes // 4,
+        "final_accuracy": final,
+        "best_accuracy": max((r["accuracy"] for r in records if r["accuracy"] is not None),
+                             default=None),
+        "time_to_accuracy": {str(t): time_to_accuracy(records, t) for t in TARGETS},
+        "bytes_up": sum(r["bytes_up"] for r in records),
+        "bytes_up_dense": sum(r["bytes_up_dense"] for r in records),
+        "bytes_down": sum(r["bytes_down"] for r in records),
+        "emulated_time_s": records[-1]["emulated_time_s"] if records else 0.0,
+        "wall_time_s": wall,
+        "abandoned_rounds": sum(1 for r in records if r["outcome"] == "abandoned"),
+        "participation": participation,
+        "rounds": records,
+    }
+    report_path = write_report(out_dir, report)
+    plots = write_plots(out_dir, [r for r in records if r["outcome"] != "abandoned"],
+                        {k: {"completed": v["completed"], "dropped": v["dropped"]}
+                         for k, v in participation.items()})
+    for line in summary_lines(report):
+        say(line)
+    say(f"  report: {report_path}")
+    say(f"  plots:  {', '.join(str(p) for p in plots)}")
+    return SimResult(report=report, report_path=report_path, plots=plots, rounds=records)
+
+
+def _drive(cfg: SimConfig, aggregator: Aggregator, fleet: Fleet, say: _Printer,
+           dense_bytes: int, started: float) -> list[dict[str, Any]]:
+    """Tick the aggregator; between rounds, apply fleet changes and print progress."""
+    records: list[dict[str, Any]] = []
+    last_poll = 0.0
+    seen = 0
+    while not aggregator.done:
+        if time.monotonic() - started > cfg.max_wall_s:
+            say(f"stopping: wall-clock limit of {cfg.max_wall_s:.0f} s reached")
+            break
+        progressed = aggregator.tick()
+        now = time.monotonic()
+        if now - last_poll >= 1.0:
+            last_poll = now
+            fleet.poll()
+        if len(aggregator.history) > seen:
+            for m in aggregator.history[seen:]:
+                rec = _record(m, dense_bytes)
+                records.append(rec)
+                say(_progress_line(cfg, rec, len(aggregator.registry.online()), cfg.devices))
+            seen = len(aggregator.history)
+            last = records[-1]
+            if (cfg.target_accuracy is not None and last["accuracy"] is not None
+                    and last["accuracy"] >= cfg.target_accuracy):
+                say(f"target accuracy {100 * cfg.target_accuracy:.0f}% reached")
+                break
+            _between_rounds(aggregator, fleet, say)
+        elif not progressed:
+            time.sleep(0.005)
+    if aggregator.failure:
+        say(f"aggregator stopped: {aggregator.failure}")
+    return records
+
+
+def _between_rounds(aggregator: Aggregator, fleet: Fleet, say: _Printer) -> None:
+    came, went = fleet.advance(round_index=aggregator.history[-1].round + 1,
+                               emulated_now=aggregator.emulated_total_s)
+    if went:
+        say(f"  offline now: {summarise_ids(went)}")
+    if came:
+        say(f"  back online: {summarise_ids(came)}")
+    expected = set(fleet.online_ids())
+
+    def settled() -> bool:
+        online = {d.device_id for d in aggregator.registry.online()}
+        return online == expected
+
+    if not wait_until(settled, timeout=30):
+        online = {d.device_id for d in aggregator.registry.online()}
+        log.warning("aggregator's view differs from the fleet: %d extra, %d missing",
+                    len(online - expected), len(expected - online))
+
+
+def _record(m: RoundMetrics, dense_bytes: int) -> dict[str, Any]:
+    return {
+        "round": m.round, "model_version": m.model_version, "outcome": m.outcome,
+        "reason": m.reason, "accuracy": _num(m.accuracy), "loss": _num(m.loss),
+        "train_loss": _num(m.train_loss), "selected": m.devices_selected,
+        "reported": m.devices_reported, "dropped": m.devices_dropped,
+        "declined": m.devices_declined, "rejected": m.updates_rejected,
+        "bytes_up": m.bytes_up, "bytes_up_dense": m.devices_reported * dense_bytes,
+        "bytes_down": m.bytes_down, "emulated_round_s": m.emulated_s,
+        "emulated_time_s": m.emulated_total_s, "wall_s": m.wall_s,
+    }
+
+
+def _num(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else round(float(v), 6)
+
+
+def _progress_line(cfg: SimConfig, r: dict[str, Any], online: int, total: int) -> str:
+    acc = "  n/a " if r["accuracy"] is None else f"{100 * r['accuracy']:5.1f}%"
+    status = "" if r["outcome"] != "abandoned" else f"  ABANDONED ({r['reason']})"
+    return (f"round {r['round']:>4}/{cfg.rounds}  acc {acc}  devices "
+            f"{r['reported']:>3}/{r['selected']:<3} online {online:>5}/{total}  "
+            f"up {_fmt_kb(r['bytes_up']):>9} (dense {_fmt_kb(r['bytes_up_dense'])})  "
+            f"t {human_time(r['emulated_time_s']):>9}{status}")
+
