@@ -74,6 +74,11 @@ class AggregatorConfig:
     batch_size: int = 32
     lr: float = 0.05
     max_steps: int | None = None
+    adaptive_local_work: bool = True
+    """A device whose profile predicts it would miss ``deadline_s`` is asked for fewer
+    local steps (at least one) instead of being dropped; it reports the samples it
+    really trained on, which weight its update. Devices without a profile are not
+    adapted."""
     codec: str = "fp32"
     """Uplink update codec the devices are asked to use."""
     downlink_codec: str = "fp32"

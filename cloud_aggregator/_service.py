@@ -15,6 +15,11 @@ applies to which message and in which order things are made durable:
   its stored updates again, in the order they were accepted, so a restarted
   aggregator reaches the same model as one that never stopped.
 
+Each task's ``max_steps`` is sized per device (``adaptive_local_work``): the cost
+model, the device's profile from its hello and the policy's learned correction
+predict its step time, and a device that would miss the deadline with the whole task
+is asked for the steps that fit (at least one) rather than dropped.
+
 Threads: message handlers run on the transport's thread, ``tick``/``run`` on the
 caller's; one re-entrant lock serialises them (an in-memory transport delivers
 synchronously, so a handler may run inside ``tick``). Handlers only record; rounds
@@ -96,9 +101,9 @@ from cloud_aggregator._rounds import (
     WallClock,
     over_select,
 )
-from cloud_aggregator._selection import make_policy
+from cloud_aggregator._selection import local_steps_for, make_policy
 from cloud_aggregator._store import Store, StoreError, UpdateKey
-from device_profiles import ConfigError, Task, predict
+from device_profiles import ConfigError, CorrectionEstimator, CostBreakdown, Task, predict
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +113,9 @@ OPT_BLOB = "server_opt"
 FEDBUFF_BLOB = "fedbuff"
 ASYNC_BLOB = "async"
 POLL_S = 0.05
+ADAPTIVE_HEADROOM = 0.9
+"""Adaptive local work aims at this share of the deadline: a prediction is a typical
+time, and work that ends just past the deadline is wasted."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -470,7 +478,47 @@ class Aggregator:
             return True
 
     def _duration(self, info: DeviceInfo) -> float | None:
-        """Cost-model prediction of a task for ``info``; None when it cannot tell."""
+        """Predicted seconds of the task ``info`` would be sent; None when unknown.
+
+        With adaptive local work that is the reduced task, so a slow device is not
+        judged (or corrected) by work it will not be asked to do.
+        """
+        cost = self._cost(info)
+        if cost is None:
+            return None
+        steps = self._adapted_steps(info.device_id, cost)
+        if steps is None:
+            return cost.total_s
+        return cost.fixed_s + steps * cost.step_s
+
+    def _max_steps(self, device: str) -> int | None:
+        """``max_steps`` of ``device``'s next task: the configured cap, or fewer steps
+        when its profile says the whole task would miss the deadline."""
+        info = self.registry.get(device)
+        cost = self._cost(info) if info is not None else None
+        steps = self._adapted_steps(device, cost) if cost is not None else None
+        return self.config.max_steps if steps is None else steps
+
+    def _adapted_steps(self, device: str, cost: CostBreakdown) -> int | None:
+        """Local steps that fit in the deadline (at least 1), or None when all of them do.
+
+        Uses the policy's learned correction for ``device``, so one that keeps running
+        late is given less work next time.
+        """
+        cfg = self.config
+        if not cfg.adaptive_local_work or cost.steps == 0:
+            return None
+        corrections = getattr(self._policy, "corrections", None)
+        factor = (corrections.factor(device) if isinstance(corrections, CorrectionEstimator)
+                  else 1.0)
+        try:
+            fits = local_steps_for(cost, cfg.deadline_s * ADAPTIVE_HEADROOM, factor=factor)
+        except ConfigError:  # a zero step time: nothing to adapt
+            return None
+        return None if fits >= cost.steps else max(fits, 1)
+
+    def _cost(self, info: DeviceInfo) -> CostBreakdown | None:
+        """Cost-model prediction of the configured task for ``info``; None when unknown."""
         if info.profile is None:
             return None
         cfg = self.config
@@ -484,7 +532,7 @@ class Aggregator:
                 task = Task(model_bytes=4 * n, update_bytes=4 * n, n_samples=info.num_samples,
                             epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                             train_flops_per_sample=6.0 * n, max_steps=cfg.max_steps)
-            return predict(info.profile, task).total_s
+            return predict(info.profile, task)
         except (ConfigError, ValueError, ZeroDivisionError):
             return None
 
@@ -820,10 +868,14 @@ class Aggregator:
         cfg = self.config
         seed = int(np.random.default_rng([cfg.seed, round_index, _hash(device)])
                    .integers(0, 2**31 - 1))
+        max_steps = self._max_steps(device)
+        if max_steps != cfg.max_steps:
+            log.info("device %s: %d local steps in round %d (the whole task would miss "
+                     "the %.1f s deadline)", device, max_steps, round_index, cfg.deadline_s)
         task = TaskSpec(round=round_index, model_version=model_version,
                         artifacts_hash=self.model.info.content_hash, codec=str(self._uplink),
                         epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                        max_steps=cfg.max_steps, deadline_s=cfg.deadline_s, seed=seed,
+                        max_steps=max_steps, deadline_s=cfg.deadline_s, seed=seed,
                         evaluate=cfg.federated_eval)
         self._send(self.channel.topics.down(device, "task"),
                    task.to_message(fleet=self.fleet, round=round_index,

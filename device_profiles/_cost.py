@@ -236,9 +236,11 @@ def _step_s(profile: DeviceProfile, task: Task) -> float:
         return task.step_time_s
     measured_ms = profile.step_ms(task.model) if task.model is not None else None
     if measured_ms is not None:
-        # Scale the compute part of the measured step to this task's batch size.
-        overhead = profile.step_overhead_ms / 1000.0
-        compute = max(measured_ms / 1000.0 - overhead, 0.0)
+        # Scale the compute part of the measured step to this task's batch size. The
+        # overhead is an estimate; a step measured faster than it bounds it, so that a
+        # task at the measured batch size is predicted at exactly the measured time.
+        overhead = min(profile.step_overhead_ms, measured_ms) / 1000.0
+        compute = measured_ms / 1000.0 - overhead
         return overhead + compute * task.batch_size / profile.measured_batch_size
     flops = task.train_flops_per_sample
     if flops is None:
