@@ -26,6 +26,8 @@ def register(sub: Any) -> None:
                    help="catalogue mix, e.g. 'pi4:0.5,phone-mid:0.5' (default: a mixed fleet)")
     g.add_argument("--partition", default="dirichlet:0.5",
                    help="data split: iid, dirichlet:ALPHA or shards:N")
+    g.add_argument("--samples", type=int, default=10_000,
+                   help="MNIST-1D samples to generate (80%% train over the devices, 20%% test)")
     g.add_argument("--no-availability", action="store_true",
                    help="ignore profiles' availability patterns (all devices always on)")
     g.add_argument("--start-hour", type=float, default=23.5,
@@ -93,7 +95,8 @@ def _simulate(args: argparse.Namespace) -> int:
                          slow_fraction=args.slow_fraction, slow_factor=args.slow_factor),
         availability=not args.no_availability, start_hour=args.start_hour, seed=args.seed,
         broker=args.broker, broker_kind=args.broker_kind, credentials=args.credentials,
-        out_dir=args.out, workers=args.workers, max_wall_s=args.max_wall_s, aggregator=extra,
+        out_dir=args.out, workers=args.workers, num_samples=args.samples,
+        max_wall_s=args.max_wall_s, aggregator=extra,
     )
     result = run_simulation(cfg, quiet=args.quiet)
     if args.json:

@@ -75,6 +75,8 @@ class SimConfig:
     workers: int = 2
     network_loops: int = 2
     max_wall_s: float = 3600.0
+    num_samples: int = 10_000
+    """MNIST-1D samples to generate (80% train, split over devices; 20% held out)."""
     aggregator: dict[str, Any] = field(default_factory=dict)
     """Extra ``AggregatorConfig`` fields (local_epochs, server_opt, ...)."""
 
@@ -89,6 +91,9 @@ class SimConfig:
             raise ConfigError("--clock must be virtual or real")
         if self.mode not in ("sync", "async"):
             raise ConfigError("--mode must be sync or async")
+        if self.num_samples * 0.8 < 8 * self.devices:
+            raise ConfigError(f"{self.num_samples} samples are too few for {self.devices} "
+                              f"devices: use --samples {10 * self.devices} or more")
 
     def aggregator_config(self) -> AggregatorConfig:
         fields: dict[str, Any] = dict(
@@ -165,7 +170,7 @@ def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False) -> S
     say(f"fleetlearn simulate: {cfg.devices} devices, {cfg.per_round} per round, model "
         f"{cfg.model}, codec {cfg.codec}, {cfg.selection} selection, {cfg.mode} rounds, "
         f"seed {cfg.seed}")
-    data = load_mnist1d()
+    data = load_mnist1d(num_samples=cfg.num_samples)
     buf = io.BytesIO()
     np.savez(buf, x=data.x_test, y=data.y_test)
     atomic_write(out_dir / "test.npz", buf.getvalue())
