@@ -18,7 +18,8 @@ Where things live:
   ``Cancel``, ``ErrorReport``, ``Request``), update bodies, ``ProtocolError``.
 - ``_bundle``: ``pack_bundle``/``unpack_bundle`` (artifact bundles, bounded), ``BundleError``.
 - ``_brokers``: ``write_broker_config``, ``MosquittoProcess``, ``EmbeddedBroker``,
-  ``local_broker``, ``atomic_write``.
+  ``local_broker``.
+- ``_files``: ``atomic_write``, ``fsync_dir`` (crash-safe writes, used by every package).
 """
 
 from broker_bridge._brokers import (
@@ -27,7 +28,6 @@ from broker_bridge._brokers import (
     EmbeddedBroker,
     MosquittoProcess,
     TlsFiles,
-    atomic_write,
     free_port,
     hash_password,
     local_broker,
@@ -69,6 +69,7 @@ from broker_bridge._errors import (
     TransportError,
     WireError,
 )
+from broker_bridge._files import atomic_write, fsync_dir
 from broker_bridge._layout import Layout
 from broker_bridge._mqtt import BrokerUrl, MqttTransport, NetworkLoop, TlsConfig
 from broker_bridge._protocol import (
@@ -143,6 +144,7 @@ __all__ = [
     "Will",
     "WireError",
     "atomic_write",
+    "fsync_dir",
     "check_id",
     "decode_model",
     "decode_update",

@@ -32,34 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker_bridge._errors import BrokerUnavailable
+from broker_bridge._files import atomic_write
 from broker_bridge._topics import ROOT, check_id
 from device_profiles import ConfigError
 
 log = logging.getLogger(__name__)
 
 AGGREGATOR_USER = "aggregator"
-
-
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` so a crash leaves the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def hash_password(password: str, *, iterations: int = 1000, salt: bytes | None = None) -> str:
@@ -188,7 +167,8 @@ def write_broker_config(
     data_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(passwd, "".join(f"{u}:{hash_password(p)}\n" for u, p in creds.items()).encode(),
                  mode=0o600)
-    atomic_write(acl, render_acl(fleet=fleet, aggregator_user=aggregator_user).encode())
+    atomic_write(acl, render_acl(fleet=fleet, aggregator_user=aggregator_user).encode(),
+                 mode=0o644)
     atomic_write(conf, render_mosquitto_conf(
         port=port, bind_address=bind_address, password_file=passwd, acl_file=acl,
         persistence_dir=data_dir, tls=tls, run_as_user=run_as_user).encode())

@@ -63,13 +63,11 @@ choices: a decoder only computes level * scale.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import functools
 import itertools
 import os
 import struct
-import tempfile
 import threading
 import zlib
 from dataclasses import dataclass
@@ -91,6 +89,7 @@ from broker_bridge._codec_pack import (
 )
 from broker_bridge._codec_spec import CodecSpec, Quantize, Threshold, TopK
 from broker_bridge._errors import CodecError
+from broker_bridge._files import atomic_write
 from broker_bridge._layout import MAX_PARAMS, Layout
 from device_profiles._errors import ConfigError
 
@@ -276,24 +275,7 @@ class ErrorFeedback:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically: temp file in the same folder, fsync, rename, fsync folder."""
-        target = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(self.to_bytes())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        with contextlib.suppress(OSError):  # folders cannot be opened on Windows
-            dir_fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        atomic_write(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], layout: Layout) -> ErrorFeedback:

@@ -16,7 +16,6 @@ first one that needs the weights decodes them (on its worker thread).
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import json
 import logging
@@ -37,6 +36,7 @@ from broker_bridge import (
     ModelVersion,
     WireError,
     decode_model,
+    fsync_dir,
     read_header,
 )
 from edge_runtime._errors import ArtifactError
@@ -84,15 +84,6 @@ def verify_bundle(files: Mapping[str, bytes], expected_hash: str | None) -> dict
     return dict(manifest)
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class ArtifactCache:
     """Verified training artifacts on disk, one folder per content hash."""
 
@@ -129,7 +120,7 @@ class ArtifactCache:
                     fh.write(files[name])
                     fh.flush()
                     os.fsync(fh.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             with self._lock:
                 try:
                     os.replace(tmp, final)
@@ -137,7 +128,7 @@ class ArtifactCache:
                     if not (final / MANIFEST_NAME).is_file():
                         raise
                     # Another agent installed the same hash first: same bytes, keep theirs.
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

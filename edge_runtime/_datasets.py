@@ -12,14 +12,15 @@ every sample exactly once.
 
 from __future__ import annotations
 
+import io
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from broker_bridge import atomic_write
 from edge_runtime._errors import DataError
 
 MNIST1D_SAMPLES = 10_000
@@ -87,20 +88,10 @@ def load_mnist1d(
     if arrays is None:
         arrays = _generate(num_samples, seed)
         directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".mnist1d-", suffix=".npz", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(
-                    fh,
-                    x_train=arrays["x_train"],
-                    y_train=arrays["y_train"],
-                    x_test=arrays["x_test"],
-                    y_test=arrays["y_test"],
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        np.savez(buf, x_train=arrays["x_train"], y_train=arrays["y_train"],
+                 x_test=arrays["x_test"], y_test=arrays["y_test"])
+        atomic_write(path, buf.getvalue())
     return Mnist1D(**arrays)
 
 
