@@ -16,7 +16,8 @@ Where things live:
 - ``_channel``: ``Channel`` (whole messages over a transport, checked and reassembled).
 - ``_protocol``: typed control payloads (``Hello``, ``TaskSpec``, ``UpdateMeta``, ``Ack``,
   ``Cancel``, ``ErrorReport``, ``Request``), update bodies, ``ProtocolError``.
-- ``_bundle``: ``pack_bundle``/``unpack_bundle`` (artifact bundles, bounded), ``BundleError``.
+- ``_bundle``: ``pack_bundle``/``unpack_bundle`` (artifact bundles, bounded), ``BundleError``,
+  ``file_sha256``/``content_hash`` (the artifact manifest's hashes).
 - ``_brokers``: ``write_broker_config``, ``MosquittoProcess``, ``EmbeddedBroker``,
   ``local_broker``.
 - ``_files``: ``atomic_write``, ``fsync_dir`` (crash-safe writes, used by every package).
@@ -35,7 +36,13 @@ from broker_bridge._brokers import (
     render_mosquitto_conf,
     write_broker_config,
 )
-from broker_bridge._bundle import BundleError, pack_bundle, unpack_bundle
+from broker_bridge._bundle import (
+    BundleError,
+    content_hash,
+    file_sha256,
+    pack_bundle,
+    unpack_bundle,
+)
 from broker_bridge._channel import DEFAULT_MAX_PAYLOAD, Channel, presence_message, presence_will
 from broker_bridge._chunking import Reassembler, ReassemblyLimits
 from broker_bridge._codec import (
@@ -146,11 +153,13 @@ __all__ = [
     "atomic_write",
     "fsync_dir",
     "check_id",
+    "content_hash",
     "decode_model",
     "decode_update",
     "decode_update_sparse",
     "encode_model",
     "encode_update",
+    "file_sha256",
     "free_port",
     "hash_password",
     "json_message",

@@ -4,15 +4,20 @@ A bundle is a zip archive (deflate) of flat file names. Unpacking untrusted byte
 bounded: the number of entries, each name (no paths), the declared size of each file
 and of all files together are checked before anything is decompressed, and each file
 is read through a size-capped stream (a zip that lies about its sizes still stops).
-Integrity against the manifest's hashes is the receiver's job (``edge_runtime``).
+Integrity against the manifest's hashes is the receiver's job (``edge_runtime``); the
+two hashes both sides compute live here so they cannot drift apart: each file's
+SHA-256, and the ``content_hash`` over them (SHA-256 of ``"<name> <sha256>\n"`` lines in
+name order), which a task names as ``artifacts_hash``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import zipfile
 from collections.abc import Mapping
+from pathlib import Path
 
 from broker_bridge._errors import WireError
 
@@ -63,3 +68,18 @@ def unpack_bundle(body: bytes, *, max_total_bytes: int = MAX_BUNDLE_BYTES) -> di
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
         raise BundleError(f"artifact bundle is corrupt: {exc}") from exc
     return out
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_hash(files: Mapping[str, str]) -> str:
+    """The artifacts' combined hash from each file's SHA-256 (see the module doc)."""
+    text = "".join(f"{name} {files[name]}\n" for name in sorted(files))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

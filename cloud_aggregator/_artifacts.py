@@ -15,7 +15,6 @@ device file, sorted by name (``edge_runtime._trainer`` computes the same).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from broker_bridge import content_hash, file_sha256
 from cloud_aggregator._errors import ModelBuildError
 
 if TYPE_CHECKING:
@@ -112,20 +112,6 @@ class ArtifactInfo:
             )
         except (KeyError, TypeError) as exc:
             raise ModelBuildError(f"malformed {MANIFEST_NAME} in {directory}: {exc!r}") from exc
-
-
-def content_hash(files: dict[str, str]) -> str:
-    """Combined hash of the device files (see the module docstring for the formula)."""
-    text = "".join(f"{name} {files[name]}\n" for name in sorted(files))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _onnx() -> types.ModuleType:
@@ -326,7 +312,7 @@ def build_artifacts(
                 + (f"\n{detail}" if detail else "")
             ) from failure
         _onnx().save(proto, str(work / MODEL_NAME))
-        files = {name: _sha256(work / name) for name in DEVICE_FILES}
+        files = {name: file_sha256(work / name) for name in DEVICE_FILES}
         info = ArtifactInfo(
             directory=out,
             files=files,

@@ -35,12 +35,13 @@ from broker_bridge import (
     Layout,
     ModelVersion,
     WireError,
+    content_hash,
     decode_model,
     fsync_dir,
     read_header,
 )
 from edge_runtime._errors import ArtifactError
-from edge_runtime._trainer import ARTIFACT_FILES, MANIFEST_FORMAT, MANIFEST_NAME, _content_hash
+from edge_runtime._trainer import ARTIFACT_FILES, MANIFEST_FORMAT, MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def verify_bundle(files: Mapping[str, bytes], expected_hash: str | None) -> dict
             raise ValueError(f"unknown manifest format {manifest.get('format')!r}")
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ArtifactError(f"malformed {MANIFEST_NAME} in artifact bundle: {exc}") from exc
-    if declared != _content_hash(listed):
+    if declared != content_hash(listed):
         raise ArtifactError(f"{MANIFEST_NAME}: content hash does not match its file list")
     if expected_hash is not None and declared != expected_hash:
         raise ArtifactError(

@@ -16,7 +16,6 @@ is checked and its combined content hash can be pinned by the task.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from broker_bridge import content_hash, file_sha256
 from edge_runtime._errors import ArtifactError
 from edge_runtime._ort import load_training_api, session_options
 
@@ -59,20 +59,6 @@ class EvalResult(NamedTuple):
     accuracy: float
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _content_hash(files: dict[str, str]) -> str:
-    # Same formula as cloud_aggregator._artifacts.content_hash.
-    text = "".join(f"{name} {files[name]}\n" for name in sorted(files))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def _read_manifest(directory: Path) -> dict[str, Any] | None:
     path = directory / MANIFEST_NAME
     if not path.exists():
@@ -82,7 +68,7 @@ def _read_manifest(directory: Path) -> dict[str, Any] | None:
         if data.get("format") != MANIFEST_FORMAT:
             raise ArtifactError(f"{path}: unknown manifest format {data.get('format')!r}")
         files = data["files"]
-        if not isinstance(files, dict) or data["content_hash"] != _content_hash(files):
+        if not isinstance(files, dict) or data["content_hash"] != content_hash(files):
             raise ArtifactError(f"{path}: content hash does not match its file list")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         if isinstance(exc, ArtifactError):
@@ -149,7 +135,7 @@ class OrtTrainer:
         for name in ARTIFACT_FILES:
             if name not in files:
                 raise ArtifactError(f"{MANIFEST_NAME} in {self._dir} does not list {name}")
-            actual = _sha256(self._dir / name)
+            actual = file_sha256(self._dir / name)
             if actual != files[name]:
                 raise ArtifactError(
                     f"{self._dir / name} is corrupt: sha256 {actual[:16]}..., "

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from broker_bridge import CodecSpec, Layout, TaskSpec, encode_model
+from broker_bridge import CodecSpec, Layout, TaskSpec, content_hash, encode_model
 from edge_runtime import (
     AgentState,
     ArtifactCache,
@@ -22,7 +22,6 @@ from edge_runtime import (
     Submission,
     TaskStatus,
 )
-from edge_runtime._trainer import _content_hash
 
 TASK = TaskSpec(round=3, model_version=2, artifacts_hash="a" * 64, codec="ef+topk:0.1+q8")
 
@@ -125,7 +124,7 @@ def _bundle() -> tuple[dict[str, bytes], str]:
     files = {name: name.encode() * 10 for name in
              ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")}
     listed = {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}
-    content = _content_hash(listed)
+    content = content_hash(listed)
     manifest = {"format": "fleetlearn-artifacts/1", "files": listed, "content_hash": content}
     files["artifacts.json"] = json.dumps(manifest).encode()
     return files, content
