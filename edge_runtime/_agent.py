@@ -352,6 +352,7 @@ class Agent:
         artifacts: ArtifactCache | None = None,
         models: ModelCache | None = None,
         emulation: Emulation | None = None,
+        tamper: Callable[[np.ndarray], np.ndarray] | None = None,
         settings: AgentSettings | None = None,
         owns_transport: bool = False,
     ) -> None:
@@ -374,6 +375,9 @@ class Agent:
         self.artifacts = artifacts or ArtifactCache(root=self._state_dir / "artifacts")
         self.models = models or ModelCache()
         self.emulation = emulation
+        # Simulation only: a Byzantine device's transformation of its true update
+        # (robust-aggregation experiments). Production agents never set it.
+        self._tamper = tamper
         self._owns_transport = owns_transport
         self.log = _DeviceLog(log, {"device": device_id})
         self.state = AgentState(directory=self._state_dir, crash_hook=self._crash)
@@ -846,6 +850,8 @@ class Agent:
                     self.log.warning("residual does not fit this model (%s); starting at zero",
                                      exc)
         delta = np.asarray(trained, np.float32) - base.weights
+        if self._tamper is not None:
+            delta = np.asarray(self._tamper(delta), np.float32)
         encoded = encode_update(delta, layout, spec, feedback=feedback, rng=task.seed)
         emulated = 0.0
         if self.emulation is not None:

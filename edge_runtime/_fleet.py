@@ -15,6 +15,7 @@ out in real time. Faults are injected deterministically from the seed:
   broker publishes its will); it restarts from its state folder some rounds later,
   as the real agent would after a reboot;
 - *slow* devices take ``slow_factor`` times what their profile says;
+- *Byzantine* devices send their true update sign-flipped and scaled;
 - *availability* follows each profile's pattern (always on, diurnal, charging-only,
   flaky) in emulated time, starting at ``start_hour``.
 
@@ -73,9 +74,12 @@ class FaultSpec:
     slow_fraction: float = 0.0
     """Share of devices that run ``slow_factor`` times slower than their profile."""
     slow_factor: float = 4.0
+    byzantine_fraction: float = 0.0
+    """Share of devices that send their true update sign-flipped and scaled (attackers)."""
+    byzantine_scale: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("crash_fraction", "slow_fraction"):
+        for name in ("crash_fraction", "slow_fraction", "byzantine_fraction"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"{name} must be within [0, 1], got {v}")
@@ -168,6 +172,7 @@ class DeviceRecord:
     data: LocalData
     state_dir: Path
     slow: bool
+    byzantine: bool = False
     agent: Agent | None = None
     transport: MqttTransport | None = None
     crashed_at_round: int | None = None
@@ -224,6 +229,8 @@ class Fleet:
                 device_id=device_id, profile=profile, data=data,
                 state_dir=self.state_root / "devices" / device_id,
                 slow=_draw(config.seed, "slow", device_id) < config.faults.slow_fraction,
+                byzantine=(_draw(config.seed, "byzantine", device_id)
+                           < config.faults.byzantine_fraction),
             ))
         self._by_id = {d.device_id: d for d in self.devices}
 
@@ -329,10 +336,14 @@ class Fleet:
             status_probe=_plugged_in, executor=self._executor, trainers=self._trainers,
             artifacts=self._artifacts, models=self._models, emulation=emulation,
             settings=self._settings, owns_transport=True,
+            tamper=self._attack if d.byzantine else None,
         )
         d.agent, d.transport = agent, transport
         d._seen_tasks = d._seen_acked = 0
         agent.start(timer=False)
+
+    def _attack(self, delta: np.ndarray) -> np.ndarray:
+        return -self.config.faults.byzantine_scale * delta
 
     def _crash_hook(self, d: DeviceRecord) -> Callable[[TaskSpec], None]:
         fraction = self.config.faults.crash_fraction

@@ -54,6 +54,13 @@ def register(sub: Any) -> None:
     g.add_argument("--slow-fraction", type=float, default=0.0,
                    help="share of devices slower than their profile")
     g.add_argument("--slow-factor", type=float, default=4.0)
+    g.add_argument("--byzantine-fraction", type=float, default=0.0,
+                   help="share of devices sending sign-flipped, scaled updates (attackers)")
+    g.add_argument("--byzantine-scale", type=float, default=10.0)
+    g.add_argument("--robust", default=None,
+                   help="aggregation: mean, median, trimmed_mean, krum or multi_krum")
+    g.add_argument("--clip-norm", type=float, default=None,
+                   help="clip each update to this L2 norm before aggregating")
     g = p.add_argument_group("time and infrastructure")
     g.add_argument("--clock", choices=["virtual", "real"], default="virtual",
                    help="virtual: account emulated durations; real: sleep them (scaled)")
@@ -84,6 +91,10 @@ def _simulate(args: argparse.Namespace) -> int:
         extra["local_epochs"] = args.local_epochs
     if args.server_opt is not None:
         extra["server_opt"] = args.server_opt
+    if args.robust is not None:
+        extra["robust"] = args.robust
+    if args.clip_norm is not None:
+        extra["clip_norm"] = args.clip_norm
     cfg = SimConfig(
         devices=args.devices, per_round=args.per_round, model=args.model, rounds=args.rounds,
         target_accuracy=args.target_accuracy, codec=args.codec or DEFAULT_CODEC,
@@ -92,7 +103,9 @@ def _simulate(args: argparse.Namespace) -> int:
         clock=args.clock, time_scale=args.time_scale,
         faults=FaultSpec(crash_fraction=args.crash_fraction,
                          restart_after_rounds=args.restart_after_rounds,
-                         slow_fraction=args.slow_fraction, slow_factor=args.slow_factor),
+                         slow_fraction=args.slow_fraction, slow_factor=args.slow_factor,
+                         byzantine_fraction=args.byzantine_fraction,
+                         byzantine_scale=args.byzantine_scale),
         availability=not args.no_availability, start_hour=args.start_hour, seed=args.seed,
         broker=args.broker, broker_kind=args.broker_kind, credentials=args.credentials,
         out_dir=args.out, workers=args.workers, num_samples=args.samples,

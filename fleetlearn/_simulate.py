@@ -134,6 +134,29 @@ def _load_credentials(path: Path | None) -> Callable[[str], str | None]:
 
 
 @contextlib.contextmanager
+def _device_logs(path: Path) -> Iterator[None]:
+    """Send the fleet's and the aggregator's log records to a file, not the terminal:
+    a hundred devices warning at once would bury the progress lines."""
+    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    loggers = [logging.getLogger(n) for n in ("edge_runtime", "cloud_aggregator",
+                                               "broker_bridge")]
+    saved = [(lg.handlers[:], lg.propagate, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.handlers = [handler]
+        lg.propagate = False
+        lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for lg, (handlers, propagate, level) in zip(loggers, saved, strict=True):
+            lg.handlers, lg.propagate = handlers, propagate
+            lg.setLevel(level)
+        handler.close()
+
+
+@contextlib.contextmanager
 def _broker(cfg: SimConfig) -> Iterator[str]:
     if cfg.broker is not None:
         yield cfg.broker
@@ -178,9 +201,10 @@ def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False) -> S
         f"{cfg.partition} over {cfg.devices} devices, {len(data.y_test)} held out")
 
     agg_cfg = cfg.aggregator_config()
+    log_path = out_dir / "simulation.log"
     password_for = _load_credentials(cfg.credentials)
     records: list[dict[str, Any]] = []
-    with _broker(cfg) as url:
+    with _device_logs(log_path), _broker(cfg) as url:
         say(f"broker: {url}" + ("" if cfg.broker else " (started for this run)"))
         fleet = Fleet(
             config=FleetConfig(
@@ -243,6 +267,7 @@ def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False) -> S
     for line in summary_lines(report):
         say(line)
     say(f"  report: {report_path}")
+    say(f"  log:    {log_path}")
     say(f"  plots:  {', '.join(str(p) for p in plots)}")
     return SimResult(report=report, report_path=report_path, plots=plots, rounds=records)
 
