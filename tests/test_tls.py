@@ -1,0 +1,84 @@
+"""TLS end to end: a generated broker config with TLS, Mosquitto, and mqtts:// clients."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from broker_bridge import (
+    BrokerUnavailable,
+    Channel,
+    Kind,
+    Message,
+    MosquittoProcess,
+    MqttTransport,
+    TlsConfig,
+    TlsFiles,
+    write_broker_config,
+)
+from broker_bridge._brokers import _child_user, free_port
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _make_ca_and_server(d: Path, name: str) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it."""
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", f"/CN={name} test CA", "-keyout", f"{name}-ca.key",
+             "-out", f"{name}-ca.pem", cwd=d)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+             "-keyout", f"{name}-server.key", "-out", f"{name}-server.csr", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl("x509", "-req", "-in", f"{name}-server.csr", "-CA", f"{name}-ca.pem",
+             "-CAkey", f"{name}-ca.key", "-CAcreateserial", "-days", "2",
+             "-extfile", "san.ext", "-out", f"{name}-server.pem", cwd=d)
+    return d / f"{name}-ca.pem", d / f"{name}-server.pem", d / f"{name}-server.key"
+
+
+def test_devices_connect_over_tls_and_a_wrong_ca_is_refused(tmp_path: Path) -> None:
+    ca, cert, key = _make_ca_and_server(tmp_path, "fleet")
+    other_ca, _, _ = _make_ca_and_server(tmp_path, "other")
+    port = free_port()
+    files = write_broker_config(
+        tmp_path / "broker", fleet="tls", devices=["dev-1"], port=port,
+        bind_address="127.0.0.1", tls=TlsFiles(certfile=str(cert), keyfile=str(key)),
+        run_as_user=_child_user(),
+    )
+    conf = files.conf.read_text()
+    assert f"certfile {cert}" in conf and "tls_version tlsv1.2" in conf
+    creds = tomllib.loads(files.credentials.read_text())
+    url = f"mqtts://127.0.0.1:{port}"
+    with MosquittoProcess(conf_text=conf, port=port, workdir=tmp_path / "broker"):
+        agg = Channel(transport=MqttTransport(
+            url=url, client_id="aggregator", username="aggregator",
+            password=creds["aggregator"], tls=TlsConfig(ca_certs=str(ca))), fleet="tls")
+        dev = Channel(transport=MqttTransport(
+            url=url, client_id="dev-1", username="dev-1", password=creds["dev-1"],
+            tls=TlsConfig(ca_certs=str(ca))), fleet="tls")
+        got: list[bytes] = []
+        done = threading.Event()
+        with agg.transport, dev.transport:
+            agg.subscribe(agg.topics.all_up, lambda _t, m: (got.append(m.body), done.set()))
+            dev.send(dev.topics.up("dev-1", "update"),
+                     Message(kind=Kind.UPDATE, fleet="tls", device="dev-1", body=b"over tls"))
+            assert done.wait(10)
+        assert got == [b"over tls"]
+        # A client that trusts another CA must not connect (no silent downgrade).
+        rogue = MqttTransport(url=url, client_id="dev-1", username="dev-1",
+                              password=creds["dev-1"], tls=TlsConfig(ca_certs=str(other_ca)),
+                              backoff_min_s=0.1, backoff_max_s=0.2)
+        start = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match=r"CERTIFICATE_VERIFY_FAILED|certificate"):
+            rogue.connect(timeout=3)
+        rogue.close()
+        assert time.monotonic() - start < 10
