@@ -374,8 +374,11 @@ class OortPolicy(_BasePolicy):
     per-sample loss it reported, so ``|B_i| * sqrt(mean loss^2)``), normalised by the
     largest such value, plus a staleness bonus ``sqrt(staleness * ln(round + 1) /
     (last_round + 1))``; if its expected duration ``t_i`` exceeds the preferred
-    duration ``T`` it is multiplied by ``(T / t_i) ** alpha``. A fraction epsilon of
-    the slots (decaying each round to ``min_exploration``) goes to unexplored devices,
+    duration ``T`` it is multiplied by ``(T / t_i) ** alpha``. ``T`` is
+    ``preferred_duration_s`` if given, else the ``preferred_quantile`` of the eligible
+    devices' expected durations, capped by the round deadline (a generous deadline
+    alone would leave every device below ``T``, its speed unweighed). A fraction
+    epsilon of the slots (decaying each round to ``min_exploration``) goes to unexplored devices,
     faster ones more likely; the rest are sampled by utility among devices within
     ``cutoff`` of the k-th best. Devices selected ``max_participation`` times are
     no longer eligible.
@@ -394,6 +397,7 @@ class OortPolicy(_BasePolicy):
         staleness: float = 0.1,
         max_participation: int | None = None,
         preferred_duration_s: float | None = None,
+        preferred_quantile: float = 0.5,
         corrections: CorrectionEstimator | None = None,
     ) -> None:
         super().__init__(corrections=corrections)
@@ -411,6 +415,8 @@ class OortPolicy(_BasePolicy):
             raise ConfigError("max_participation must be at least 1")
         if preferred_duration_s is not None and preferred_duration_s <= 0:
             raise ConfigError("preferred_duration_s must be positive")
+        if not 0.0 < preferred_quantile <= 1.0:
+            raise ConfigError("preferred_quantile must be within (0, 1]")
         self.alpha = alpha
         self.epsilon = exploration
         self.exploration_decay = exploration_decay
@@ -419,6 +425,7 @@ class OortPolicy(_BasePolicy):
         self.staleness = staleness
         self.max_participation = max_participation
         self.preferred_duration_s = preferred_duration_s
+        self.preferred_quantile = preferred_quantile
 
     def utilities(
         self,
@@ -468,9 +475,11 @@ class OortPolicy(_BasePolicy):
             return []
         k = min(k, len(eligible))
         durations = {c.device_id: self.expected_duration(c) for c in eligible}
-        preferred = (
-            self.preferred_duration_s or deadline_s or float(np.median(list(durations.values())))
-        )
+        preferred = self.preferred_duration_s
+        if preferred is None:
+            preferred = float(np.quantile(list(durations.values()), self.preferred_quantile))
+            if deadline_s is not None:
+                preferred = min(preferred, deadline_s)
         utils = self.utilities(eligible, round_index=round_index, preferred_s=preferred)
         explored = [c for c in eligible if c.device_id in utils]
         unexplored = [c for c in eligible if c.device_id not in utils]

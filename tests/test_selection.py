@@ -263,6 +263,38 @@ def test_oort_staleness_bonus_brings_back_idle_devices() -> None:
     assert utils["d00"] > utils["d01"]
 
 
+def test_oort_weighs_speed_under_a_generous_deadline() -> None:
+    # Same loss everywhere; a deadline every device meets must not make speed irrelevant:
+    # T falls back to the median expected duration, so the slow half is penalised.
+    fleet = _fleet([1.0] * 10 + [10.0] * 10)
+    policy = OortPolicy(exploration=0.0, min_exploration=0.0)
+    _explored(policy, fleet, {c.device_id: 1.0 for c in fleet})
+    counts: Counter[str] = Counter()
+    rng = _rng(5)
+    for r in range(1, 31):
+        counts.update(policy.select(fleet, 5, round_index=r, deadline_s=100.0, rng=rng))
+    slow = sum(counts[f"d{i:02d}"] for i in range(10, 20))
+    assert slow == 0
+
+
+def test_oort_preferred_duration_is_capped_by_the_deadline() -> None:
+    fleet = _fleet([1.0] * 4 + [8.0] * 4)
+
+    def slow_picks(deadline_s: float | None) -> int:
+        # preferred_quantile=1.0: T is the slowest device, so only a deadline can lower it.
+        policy = OortPolicy(exploration=0.0, min_exploration=0.0, preferred_quantile=1.0)
+        _explored(policy, fleet, {c.device_id: 1.0 for c in fleet})
+        rng = _rng(7)
+        chosen = [d for r in range(1, 21)
+                  for d in policy.select(fleet, 2, round_index=r, deadline_s=deadline_s, rng=rng)]
+        return sum(1 for d in chosen if d >= "d04")
+
+    assert slow_picks(None) > 0
+    assert slow_picks(2.0) == 0
+    with pytest.raises(ConfigError):
+        OortPolicy(preferred_quantile=0.0)
+
+
 def test_oort_uses_candidate_losses_before_any_feedback() -> None:
     fleet = [
         Candidate(device_id="a", predicted_duration_s=1.0, num_samples=100, last_loss=3.0),
