@@ -5,8 +5,9 @@ arrives as data: ``feedback(device_id, duration_s=..., completed=..., loss=...)`
 after each round, where a missed deadline or a dropout is ``completed=False``.
 
 - :class:`RandomPolicy`: uniform without replacement (FedAvg's baseline).
-- :class:`DeadlinePolicy`: FedCS-style, as many devices as are predicted to finish
-  before the deadline, fastest first.
+- :class:`DeadlinePolicy`: FedCS-style, up to ``k`` of the devices predicted to finish
+  before the deadline (fastest first, or sampled at random with a small exploration
+  share for the others); the fastest when fewer than a quorum fit.
 - :class:`TieredPolicy`: TiFL-style, devices grouped into speed tiers; one tier per
   round, picked with probabilities that favour tiers with higher loss, limited by
   per-tier credits.
@@ -242,19 +243,46 @@ class RandomPolicy(_BasePolicy):
 
 
 class DeadlinePolicy(_BasePolicy):
-    """FedCS-style: every device predicted to finish within the deadline, fastest first.
+    """FedCS-style: devices predicted to finish within the deadline.
 
-    ``k`` caps the count; ``slack`` (<= 1) keeps a safety margin. Without a deadline
-    it degrades to the ``k`` fastest devices.
+    A candidate fits when its expected duration (the cost model's prediction of the
+    task it would be sent, adaptive local work included, times its learned
+    correction) is within ``deadline * slack``; ``k`` caps the count.
+
+    ``sampling="fastest"`` takes the fitting devices fastest first, as FedCS's greedy
+    rule does. ``sampling="random"`` (what the aggregator uses) samples the ``k``
+    uniformly among the fitting ones: always taking the fastest trains the same few
+    devices and leaves every other device's data out of the model. Each slot goes to
+    a device that does not fit with probability ``exploration`` (nearer misses more
+    likely), so a device whose prediction or correction is wrong can show it. When
+    fewer than ``min_devices`` fit, the fastest devices fill up to that many (a round
+    below its quorum could not close). Without a deadline: the ``k`` fastest.
     """
 
     name = "deadline"
 
-    def __init__(self, *, slack: float = 1.0, corrections: CorrectionEstimator | None = None):
+    def __init__(
+        self,
+        *,
+        slack: float = 1.0,
+        sampling: str = "fastest",
+        exploration: float = 0.0,
+        min_devices: int = 1,
+        corrections: CorrectionEstimator | None = None,
+    ) -> None:
         super().__init__(corrections=corrections)
         if not 0.0 < slack <= 1.0:
             raise ConfigError("deadline slack must be within (0, 1]")
+        if sampling not in ("fastest", "random"):
+            raise ConfigError("deadline sampling must be 'fastest' or 'random'")
+        if not 0.0 <= exploration <= 1.0:
+            raise ConfigError("exploration must be within [0, 1]")
+        if min_devices < 1:
+            raise ConfigError("min_devices must be at least 1")
         self.slack = slack
+        self.sampling = sampling
+        self.exploration = exploration
+        self.min_devices = min_devices
 
     def _choose(
         self,
@@ -266,10 +294,26 @@ class DeadlinePolicy(_BasePolicy):
         rng: np.random.Generator,
     ) -> list[str]:
         ranked = sorted(candidates, key=lambda c: (self.expected_duration(c), c.device_id))
-        if deadline_s is not None:
-            budget = deadline_s * self.slack
-            ranked = [c for c in ranked if self.expected_duration(c) <= budget]
-        return [c.device_id for c in ranked[:k]]
+        if deadline_s is None:
+            return [c.device_id for c in ranked[:k]]
+        budget = deadline_s * self.slack
+        fits = [c for c in ranked if self.expected_duration(c) <= budget]
+        misses = ranked[len(fits):]
+        floor = min(self.min_devices, k)
+        if len(fits) < floor:
+            return [c.device_id for c in ranked[:floor]]
+        n_explore = int(rng.binomial(k, self.exploration)) if misses and self.exploration else 0
+        n_explore = min(n_explore, len(misses), k - floor)
+        n_fit = min(k - n_explore, len(fits))
+        if self.sampling == "random":
+            chosen = [fits[int(i)].device_id
+                      for i in rng.choice(len(fits), size=n_fit, replace=False)]
+        else:
+            chosen = [c.device_id for c in fits[:n_fit]]
+        if n_explore:
+            nearness = np.array([budget / self.expected_duration(c) for c in misses])
+            chosen += [misses[i].device_id for i in _weighted_sample(nearness, n_explore, rng)]
+        return chosen
 
 
 class TieredPolicy(_BasePolicy):

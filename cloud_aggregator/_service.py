@@ -18,7 +18,12 @@ applies to which message and in which order things are made durable:
 Each task's ``max_steps`` is sized per device (``adaptive_local_work``): the cost
 model, the device's profile from its hello and the policy's learned correction
 predict its step time, and a device that would miss the deadline with the whole task
-is asked for the steps that fit (at least one) rather than dropped.
+is asked for the steps that fit (at least one) rather than dropped. The upload in that
+prediction is sized by the compression the fleet's accepted updates really achieve.
+
+With the virtual clock (sync rounds) the deadline is judged here, in the emulated
+seconds devices report; the ``deadline_s`` a task carries is the device's wall-clock
+budget, so it is the round's safety timeout there, not the emulated deadline.
 
 Threads: message handlers run on the transport's thread, ``tick``/``run`` on the
 caller's; one re-entrant lock serialises them (an in-memory transport delivers
@@ -244,7 +249,7 @@ class Aggregator:
                                   median_multiple=config.norm_median_multiple)
         self._uplink = CodecSpec.parse(config.codec)
         self._downlink = CodecSpec.parse(config.downlink_codec)
-        self._policy = make_policy(config.selection)
+        self._policy = make_policy(config.selection, **_policy_options(config))
         self._opt = config.make_server_optimizer()
         self._evaluator: ServerEvaluator | None = None
         if config.eval_data is not None:
@@ -274,6 +279,9 @@ class Aggregator:
         self._started = False
         self._failed: str | None = None
         self._last_wait_log = 0.0
+        self._dense_bytes = 4 * self.layout.size
+        self._body_bytes_sum = 0
+        self._body_count = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -450,6 +458,7 @@ class Aggregator:
             if self._round.state(device) is None:
                 self._round.add_device(device)
             self._acc.add(update, float(meta.num_samples))
+            self._observe_body(len(body))
             self._norms.append(float(stored.meta.get("norm", 0.0)))
             self._round.count(device, _report(meta))
             self._note_report(meta)
@@ -517,19 +526,47 @@ class Aggregator:
             return None
         return None if fits >= cost.steps else max(fits, 1)
 
+    @property
+    def compression_ratio(self) -> float:
+        """Dense float32 bytes over the mean body size of the updates accepted so far
+        (1.0 before the first): what the uplink codec really saves, which a codec spec
+        alone cannot say (top-k with zstd depends on the values)."""
+        if self._body_count == 0 or self._body_bytes_sum <= 0:
+            return 1.0
+        return self._dense_bytes * self._body_count / self._body_bytes_sum
+
+    def _observe_body(self, nbytes: int) -> None:
+        self._body_bytes_sum += nbytes
+        self._body_count += 1
+
+    def _task_deadline_s(self) -> float:
+        """The ``deadline_s`` a task carries: the device's wall-clock budget.
+
+        A sync round on the virtual clock judges the emulated deadline itself and stops
+        waiting after ``safety_timeout_s`` wall seconds: a device given the emulated
+        deadline as its wall budget would withdraw, or give up on a slow artifact
+        download, long before that.
+        """
+        cfg = self.config
+        if cfg.clock == "virtual" and cfg.mode == "sync":
+            return cfg.safety_timeout_s
+        return cfg.deadline_s
+
     def _cost(self, info: DeviceInfo) -> CostBreakdown | None:
         """Cost-model prediction of the configured task for ``info``; None when unknown."""
         if info.profile is None:
             return None
         cfg = self.config
+        ratio = self.compression_ratio
         try:
             if cfg.is_reference_model:
                 task = Task.for_model(cfg.model, n_samples=info.num_samples,
                                       epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-                                      max_steps=cfg.max_steps)
+                                      max_steps=cfg.max_steps, compression_ratio=ratio)
             else:
                 n = self.layout.size
-                task = Task(model_bytes=4 * n, update_bytes=4 * n, n_samples=info.num_samples,
+                task = Task(model_bytes=4 * n, update_bytes=math.ceil(4 * n / ratio),
+                            dense_update_bytes=4 * n, n_samples=info.num_samples,
                             epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                             train_flops_per_sample=6.0 * n, max_steps=cfg.max_steps)
             return predict(info.profile, task)
@@ -761,7 +798,7 @@ class Aggregator:
         if parsed is None:
             sched.complete(task.task_round)
             return
-        meta, update, norm = parsed
+        meta, update, norm, body_bytes = parsed
         if message.model_version != task.model_version:
             sched.complete(task.task_round)
             self._reject(device, message, "wrong_model_version",
@@ -792,6 +829,7 @@ class Aggregator:
             self._ack(device, message, "duplicate", "already counted")
             return
         buf.restore(acc.snapshot())
+        self._observe_body(body_bytes)
         self._remember_done(key)
         self._norms = ([*self._norms, norm])[-100:]
         self._note_report(meta)
@@ -871,11 +909,11 @@ class Aggregator:
         max_steps = self._max_steps(device)
         if max_steps != cfg.max_steps:
             log.info("device %s: %d local steps in round %d (the whole task would miss "
-                     "the %.1f s deadline)", device, max_steps, round_index, cfg.deadline_s)
+                     "the %.3g s deadline)", device, max_steps, round_index, cfg.deadline_s)
         task = TaskSpec(round=round_index, model_version=model_version,
                         artifacts_hash=self.model.info.content_hash, codec=str(self._uplink),
                         epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                        max_steps=max_steps, deadline_s=cfg.deadline_s, seed=seed,
+                        max_steps=max_steps, deadline_s=self._task_deadline_s(), seed=seed,
                         evaluate=cfg.federated_eval)
         self._send(self.channel.topics.down(device, "task"),
                    task.to_message(fleet=self.fleet, round=round_index,
@@ -1069,8 +1107,11 @@ class Aggregator:
 
     # ------------------------------------------------------------------ updates
 
-    def _parse_update(self, device: str, message: Message) -> tuple[UpdateMeta, F32, float] | None:
-        """Unpack, decode and validate; None after rejecting (the reason is acked)."""
+    def _parse_update(
+        self, device: str, message: Message
+    ) -> tuple[UpdateMeta, F32, float, int] | None:
+        """Unpack, decode and validate: (meta, update, norm, codec body bytes); None
+        after rejecting (the reason is acked)."""
         try:
             meta, body = unpack_update_body(message.body)
         except WireError as exc:
@@ -1088,7 +1129,7 @@ class Aggregator:
         if not verdict.ok:
             self._reject(device, message, str(verdict.reason), verdict.detail)
             return None
-        return meta, update, verdict.norm
+        return meta, update, verdict.norm, len(body)
 
     def _sync_update(self, device: str, message: Message) -> None:
         rnd, acc = self._round, self._acc
@@ -1117,12 +1158,12 @@ class Aggregator:
         if parsed is None:
             rnd.rejected(device)
             return
-        meta, update, norm = parsed
+        meta, update, norm, body_bytes = parsed
         if rnd.admit(device, emulated_s=meta.emulated_s,
                      duration_s=meta.duration_s) is Admission.LATE:
             rnd.late(device, _report(meta))
             self._reject(device, message, "missed_deadline",
-                         f"took {_took(meta):.1f} s > deadline {rnd.spec.deadline_s:.1f} s")
+                         f"took {_took(meta):.3g} s > deadline {rnd.spec.deadline_s:.3g} s")
             return
         if not acc.has_room():
             self._reject(device, message, "buffer_full", "robust buffer is full")
@@ -1143,6 +1184,7 @@ class Aggregator:
             self._ack(device, message, "duplicate", "already counted")
             return
         acc.add(update, float(meta.num_samples))
+        self._observe_body(body_bytes)
         self._norms.append(norm)
         rnd.count(device, _report(meta))
         self._note_report(meta)
@@ -1155,6 +1197,20 @@ class Aggregator:
             self._stats.train_samples += meta.num_samples
         if meta.eval_samples > 0:
             self._fed.append((meta.eval_loss, meta.eval_accuracy, meta.eval_samples))
+
+
+DEADLINE_EXPLORATION = 0.05
+"""Share of the deadline policy's slots given to devices predicted to miss it."""
+
+
+def _policy_options(config: AggregatorConfig) -> dict[str, Any]:
+    """How the aggregator runs a policy: the deadline policy samples among the devices
+    that fit (so every class that can make the deadline trains), explores the others a
+    little, and falls back to the fastest only when fewer than a quorum fit."""
+    if config.selection == "deadline":
+        return {"sampling": "random", "exploration": DEADLINE_EXPLORATION,
+                "min_devices": config.effective_quorum}
+    return {}
 
 
 def _took(meta: UpdateMeta) -> float:
