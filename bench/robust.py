@@ -32,7 +32,7 @@ RUNS: tuple[tuple[str, FaultSpec, dict[str, Any]], ...] = (
     ("attacked_trimmed_mean", ATTACK, {"robust": "trimmed_mean", "trim_fraction": 0.25}),
     ("attacked_multi_krum", ATTACK, {"robust": "multi_krum", "byzantine": 4}),
     ("attacked_clipped_mean", ATTACK, {"robust": "mean", "clip_norm": 1.0}),
-    ("attacked_mean_norm_screen", ATTACK, {"robust": "mean", "norm_median_multiple": 3.0}),
+    ("attacked_mean_norm_screen", ATTACK, {"robust": "mean", "norm_median_multiple": 4.0}),
 )
 
 

@@ -118,6 +118,8 @@ OPT_BLOB = "server_opt"
 FEDBUFF_BLOB = "fedbuff"
 ASYNC_BLOB = "async"
 POLL_S = 0.05
+NORM_WINDOW = 100
+"""Accepted update norms kept for the ``norm_median_multiple`` screen."""
 ADAPTIVE_HEADROOM = 0.9
 """Adaptive local work aims at this share of the deadline: a prediction is a typical
 time, and work that ends just past the deadline is wasted."""
@@ -459,7 +461,7 @@ class Aggregator:
                 self._round.add_device(device)
             self._acc.add(update, float(meta.num_samples))
             self._observe_body(len(body))
-            self._norms.append(float(stored.meta.get("norm", 0.0)))
+            self._remember_norm(float(stored.meta.get("norm", 0.0)))
             self._round.count(device, _report(meta))
             self._note_report(meta)
             restored += 1
@@ -618,7 +620,6 @@ class Aggregator:
         self._round = SyncRound(spec=spec, selected=selected)
         capacity = max(len(selected), cfg.selected_per_round) * 2
         self._acc = _Accumulator(cfg, self.layout.size, capacity)
-        self._norms = []
         self._fed = []
         snap = self.counters.snapshot()
         self._stats = _RoundStats(bytes_up0=snap["bytes_up"], bytes_down0=snap["bytes_down"])
@@ -831,7 +832,7 @@ class Aggregator:
         buf.restore(acc.snapshot())
         self._observe_body(body_bytes)
         self._remember_done(key)
-        self._norms = ([*self._norms, norm])[-100:]
+        self._remember_norm(norm)
         self._note_report(meta)
         self.counters.update("accepted")
         self._ack(device, message, "accepted", "")
@@ -1185,11 +1186,16 @@ class Aggregator:
             return
         acc.add(update, float(meta.num_samples))
         self._observe_body(body_bytes)
-        self._norms.append(norm)
+        self._remember_norm(norm)
         rnd.count(device, _report(meta))
         self._note_report(meta)
         self.counters.update("accepted")
         self._ack(device, message, "accepted", "")
+
+    def _remember_norm(self, norm: float) -> None:
+        # The norm screen compares against recently accepted updates across rounds: a
+        # per-round history would let whoever reports first in a round through unscreened.
+        self._norms = [*self._norms[-(NORM_WINDOW - 1):], norm]
 
     def _note_report(self, meta: UpdateMeta) -> None:
         if math.isfinite(meta.train_loss):

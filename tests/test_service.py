@@ -441,3 +441,24 @@ def test_prometheus_endpoint(tmp_path: Path, artifacts: Path) -> None:
     assert 'fleetlearn_updates_total{outcome="rejected:stale_round"} 1' in text
     assert "fleetlearn_model_version 1" in text and "fleetlearn_bytes_up_total" in text
     agg.close()
+
+
+def test_norm_screen_remembers_earlier_rounds(tmp_path: Path, artifacts: Path) -> None:
+    """The first reporter of a round is screened against the norms of earlier rounds."""
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, norm_median_multiple=4.0)
+    assert agg.tick()  # round 1: three honest updates
+    for dev in fleet.values():
+        dev.send_update(layout=agg.layout)
+        assert dev.last_ack().status == "accepted"
+    assert agg.tick()  # closes
+    assert agg.tick()  # round 2 opens
+    attacker = fleet["d0"]
+    scaled = -10 * fake_update(attacker.id, 2, agg.layout.size)
+    attacker.send_update(layout=agg.layout, values=scaled)  # the round's first report
+    assert attacker.last_ack().status == "rejected"
+    assert "norm_above_median" in attacker.last_ack().reason
+    fleet["d1"].send_update(layout=agg.layout)
+    assert fleet["d1"].last_ack().status == "accepted"
+    agg.close()
