@@ -593,9 +593,15 @@ class Aggregator:
         selected = self._policy.select(candidates, k, round_index=index,
                                        deadline_s=cfg.deadline_s, rng=self._rng(index))
         if len(selected) < cfg.effective_quorum:
-            log.warning("policy %s chose %d devices, below quorum %d; waiting",
-                        self._policy.name, len(selected), cfg.effective_quorum)
-            return False
+            # A policy may be too strict for the devices at hand (a tier too small, too
+            # few predicted to fit). Waiting would never change its answer: top up with
+            # the fastest other candidates so the round can reach its quorum.
+            chosen = set(selected)
+            extra = sorted((c for c in candidates if c.device_id not in chosen),
+                           key=lambda c: (c.predicted_duration_s, c.device_id))
+            selected = [*selected, *(c.device_id for c in extra)][:max(k, cfg.effective_quorum)]
+            log.info("policy %s chose fewer devices than the quorum of %d; topped up to %d",
+                     self._policy.name, cfg.effective_quorum, len(selected))
         now = self.clock.now()
         self.store.open_round(fleet=self.fleet, round_index=index,
                               model_version=self.model_version, selected=selected,

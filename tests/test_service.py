@@ -462,3 +462,17 @@ def test_norm_screen_remembers_earlier_rounds(tmp_path: Path, artifacts: Path) -
     fleet["d1"].send_update(layout=agg.layout)
     assert fleet["d1"].last_ack().status == "accepted"
     agg.close()
+
+
+def test_a_policy_choosing_too_few_devices_is_topped_up(
+    tmp_path: Path, artifacts: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A strict policy cannot stall the fleet: the round still reaches its quorum."""
+    broker = MemoryBroker()
+    devices(broker, 4)
+    agg = make(tmp_path, artifacts, broker)
+    monkeypatch.setattr(agg._policy, "select", lambda cands, k, **kw: [cands[0].device_id])
+    assert agg.tick()  # opens instead of waiting forever
+    rnd = agg.current_round
+    assert rnd is not None and len(rnd.selected) >= agg.config.effective_quorum
+    agg.close()
