@@ -33,6 +33,11 @@ RUNS: tuple[tuple[str, FaultSpec, dict[str, Any]], ...] = (
     ("attacked_multi_krum", ATTACK, {"robust": "multi_krum", "byzantine": 4}),
     ("attacked_clipped_mean", ATTACK, {"robust": "mean", "clip_norm": 1.0}),
     ("attacked_mean_norm_screen", ATTACK, {"robust": "mean", "norm_median_multiple": 4.0}),
+    # Coordinate-wise statistics suffer with sparsified updates (most coordinates of most
+    # updates are zero, so their median is too): the same two with dense updates.
+    ("attacked_median_dense", ATTACK, {"robust": "median", "codec": "fp32"}),
+    ("attacked_trimmed_mean_dense", ATTACK, {"robust": "trimmed_mean", "trim_fraction": 0.25,
+                                             "codec": "fp32"}),
 )
 
 
