@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +25,14 @@ def mosquitto() -> Iterator[MosquittoProcess]:
         yield broker
     finally:
         broker.close()
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Training artifacts of the reference ``mlp``, built once per test session."""
+    from cloud_aggregator._artifacts import build_artifacts
+    from cloud_aggregator._models import build_reference_model
+
+    out = tmp_path_factory.mktemp("mlp-artifacts")
+    build_artifacts(build_reference_model("mlp", 0), out)
+    return out

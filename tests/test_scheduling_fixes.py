@@ -1,127 +1,35 @@
 """Scheduling on the virtual clock: the task's wall budget, codec-aware predictions, and
 the deadline policy sampling among the devices that fit.
 
-The aggregator runs on an in-memory broker with fake devices that speak the protocol
-(as in ``test_adaptive_work``), started after the aggregator so that it hears their
-hellos, which carry hand-made profiles.
+The aggregator runs on an in-memory broker with fake devices (``profiled_fleet``) whose
+hellos carry hand-made profiles.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from profiled_fleet import SAMPLES, ProfiledDevice, profile, start_aggregator
 
-from broker_bridge import (
-    Channel,
-    CodecSpec,
-    Hello,
-    Kind,
-    Layout,
-    MemoryBroker,
-    MemoryTransport,
-    Message,
-    TaskSpec,
-    UpdateMeta,
-    encode_update,
-    presence_message,
-    presence_will,
-    update_message,
-)
+from broker_bridge import MemoryBroker
 from cloud_aggregator import Candidate, DeadlinePolicy, make_policy
-from cloud_aggregator._config import AggregatorConfig
-from cloud_aggregator._rounds import ManualClock
 from cloud_aggregator._selection import local_steps_for
-from cloud_aggregator._service import ADAPTIVE_HEADROOM, Aggregator
-from device_profiles import ConfigError, DeviceProfile, Task, get_profile, predict
+from cloud_aggregator._service import ADAPTIVE_HEADROOM
+from device_profiles import ConfigError, Task, predict
 
 FLEET = "sched"
-SAMPLES = 320  # 10 steps of 32 per epoch
 CODEC = "topk:0.1+q8+zstd:3"
-
-
-def profile(name: str, step_ms: float, **changes: object) -> DeviceProfile:
-    """A pi4 that has measured ``step_ms`` per mlp step at batch 32."""
-    return dataclasses.replace(get_profile("pi4"), name=name,
-                               measured_step_ms=(("mlp", step_ms),), **changes)  # type: ignore[arg-type]
-
 
 FAST = profile("fast", 5.0)
 SLOW = profile("slow", 200.0)  # 10 steps: 2 s of training
 SLOW_LINK = profile("slow-link", 5.0, uplink_mbps=0.05)  # a dense mlp update: ~7 s up
 
-
-class Device:
-    """The device side of the protocol, driven by hand."""
-
-    def __init__(self, broker: MemoryBroker, device_id: str, prof: DeviceProfile) -> None:
-        self.id = device_id
-        self.transport = MemoryTransport(broker=broker, client_id=device_id,
-                                         will=presence_will(fleet=FLEET, device=device_id))
-        self.channel = Channel(transport=self.transport, fleet=FLEET)
-        self.tasks: list[TaskSpec] = []
-        self.acks: list[str] = []
-        self.transport.connect()
-        topics = self.channel.topics
-        self.channel.subscribe(topics.device_down(device_id), self._on_message)
-        self.channel.send(topics.presence(device_id),
-                          presence_message(fleet=FLEET, device=device_id, status="online"),
-                          retain=True)
-        hello = Hello(profile=prof.to_dict(), eligibility={"eligible": True},
-                      num_samples=SAMPLES)
-        self.channel.send(topics.up(device_id, "hello"),
-                          hello.to_message(fleet=FLEET, device=device_id))
-
-    def _on_message(self, topic: str, message: Message) -> None:
-        if message.kind == Kind.TASK:
-            self.tasks.append(TaskSpec.from_message(message))
-        elif message.kind == Kind.ACK:
-            self.acks.append(message.json().get("status", ""))
-
-    def send_update(self, *, layout: Layout, codec: str = "fp32",
-                    emulated_s: float | None = None) -> bytes:
-        task = self.tasks[-1]
-        values = (np.random.default_rng(len(self.id)).standard_normal(layout.size)
-                  * 0.01).astype(np.float32)
-        body = encode_update(values, layout, CodecSpec.parse(codec), rng=0).body
-        meta = UpdateMeta(num_samples=SAMPLES, steps=10, train_loss=1.0, duration_s=0.1,
-                          emulated_s=emulated_s)
-        msg = update_message(fleet=FLEET, device=self.id, round=task.round,
-                             model_version=task.model_version, attempt=0, codec=codec,
-                             meta=meta, codec_body=body)
-        self.channel.send(self.channel.topics.up(self.id, "update"), msg)
-        return body
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cloud_aggregator._artifacts import build_artifacts
-    from cloud_aggregator._models import build_reference_model
-
-    out = tmp_path_factory.mktemp("mlp-artifacts")
-    build_artifacts(build_reference_model("mlp", 0), out)
-    return out
-
-
-def start(tmp: Path, artifacts: Path, broker: MemoryBroker, n: int, **overrides: object
-          ) -> Aggregator:
-    settings: dict[str, object] = {
-        "fleet": FLEET, "model": "mlp", "rounds": 3, "devices_per_round": n,
-        "over_selection": 1.0, "quorum": 1, "deadline_s": 30.0, "state_dir": tmp,
-        "local_epochs": 1, "batch_size": 32, "server_opt": "fedavg",
-        "store_synchronous": "NORMAL",
-    }
-    settings.update(overrides)
-    config = AggregatorConfig(**settings)  # type: ignore[arg-type]
-    agg = Aggregator(config=config,
-                     channel=Channel(transport=MemoryTransport(broker=broker, client_id="agg"),
-                                     fleet=FLEET),
-                     clock=ManualClock(), artifacts_dir=artifacts)
-    agg.start()
-    return agg
+Device = functools.partial(ProfiledDevice, fleet=FLEET)
+start = functools.partial(start_aggregator, fleet=FLEET)
 
 
 # -- the task's deadline is the device's wall budget ------------------------------------------

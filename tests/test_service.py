@@ -113,16 +113,6 @@ class FakeDevice:
         return self.acks[-1]
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cloud_aggregator._artifacts import build_artifacts
-    from cloud_aggregator._models import build_reference_model
-
-    out = tmp_path_factory.mktemp("mlp-artifacts")
-    build_artifacts(build_reference_model("mlp", 0), out)
-    return out
-
-
 def make(
     tmp: Path, artifacts: Path, broker: MemoryBroker, *, manual: ManualClock | None = None,
     **overrides: object,
