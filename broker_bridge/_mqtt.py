@@ -38,6 +38,10 @@ from device_profiles import ConfigError
 
 log = logging.getLogger(__name__)
 
+# Reconnect jitter draws from its own generator: the global one belongs to the
+# application (a simulation seeds it), and a background thread must not disturb it.
+_JITTER = random.Random()
+
 
 @dataclass(frozen=True, kw_only=True)
 class TlsConfig:
@@ -455,7 +459,7 @@ class MqttTransport(Transport):
         # Exponential backoff with jitter: uniform in [min/2, min(max, min * 2^attempt)],
         # so a fleet that lost its broker does not come back all at once.
         lo, hi = self._backoff
-        self._next_attempt = now + random.uniform(lo / 2, min(hi, lo * 2**self._attempt))
+        self._next_attempt = now + _JITTER.uniform(lo / 2, min(hi, lo * 2**self._attempt))
         self._attempt += 1
 
     def _on_connect(
