@@ -89,4 +89,7 @@ def _write_config(args: argparse.Namespace) -> int:
     print(f"wrote {files.conf}\n      {files.passwd}\n      {files.acl}\n"
           f"      {files.credentials} (secret: one password per device)")
     print(f"run: mosquitto -c {files.conf}")
+    data = files.conf.parent / "data"
+    print(f"(started as root, mosquitto drops to user 'mosquitto': make {data} writable by it,"
+          " e.g. chown mosquitto, so that its persistence can be saved)")
     return 0
