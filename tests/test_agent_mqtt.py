@@ -167,7 +167,10 @@ def test_kill_9_and_restart_neither_duplicates_nor_loses_the_residual(
 
     proc = _launch(mosquitto.url, device, data_file, state, crash_at)
     try:
-        assert wait_for(lambda: stand_in.hellos, 30)
+        if not wait_for(lambda: stand_in.hellos, 30):
+            proc.kill()
+            pytest.fail(f"the agent never said hello (exit {proc.wait()}):\n"
+                        f"{proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
         stand_in.send_task(device, task)
         proc.wait(timeout=60)
     finally:
