@@ -11,7 +11,18 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; th
 fi
 if [ ! -x .venv/bin/python ]; then
     echo "==> creating virtual environment in .venv"
-    "$PY" -m venv .venv
+    if ! "$PY" -m venv .venv; then
+        rm -rf .venv
+        if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+            echo "==> installing python3-venv"
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+            "$PY" -m venv .venv
+        else
+            echo "Could not create a virtual environment: install your Python's venv module" >&2
+            echo "(Debian/Ubuntu: sudo apt-get install python3-venv) and run again." >&2
+            exit 2
+        fi
+    fi
 fi
 STAMP=.venv/.fleetlearn-installed
 WANT="$(cat pyproject.toml | sha256sum | cut -d' ' -f1)"
