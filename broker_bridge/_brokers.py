@@ -326,7 +326,8 @@ class EmbeddedBroker:
         self._thread.start()
         if not self._ready.wait(timeout) or self._error is not None:
             raise BrokerUnavailable(f"embedded broker did not start: {self._error}")
-        wait_for_port(self.host, self.port, timeout=timeout)
+        # No TCP probe here: the listener is up once broker.start() returned, and amqtt
+        # spends an error path on a connection that closes without a CONNECT.
         return self
 
     def _run(self) -> None:

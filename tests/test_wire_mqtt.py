@@ -187,6 +187,8 @@ def test_embedded_broker_round_trip() -> None:
         tx = Channel(transport=_transport(broker.url, "d1"), fleet=FLEET)
         inbox = Inbox()
         body = random.Random(4).randbytes(600_000)
+        rx.transport.connect(timeout=30)  # a pure-Python broker is slow on a loaded machine
+        tx.transport.connect(timeout=30)
         with rx.transport, tx.transport:
             rx.subscribe(rx.topics.all_up, inbox)
             time.sleep(0.2)
