@@ -41,6 +41,15 @@ def time_to_accuracy(rounds: Sequence[Mapping[str, Any]], target: float) -> dict
     return None
 
 
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(
     out_dir: Path,
     rounds: Sequence[Mapping[str, Any]],
@@ -70,11 +79,7 @@ def write_plots(
     axes[1].set_ylabel("test accuracy (%)")
     axes[1].set_title("accuracy vs emulated time")
     axes[1].grid(alpha=0.3)
-    fig.tight_layout()
-    p = out_dir / "accuracy.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, out_dir / "accuracy.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     rr = [r["round"] for r in rounds]
@@ -87,11 +92,7 @@ def write_plots(
     ax.set_yscale("log")
     ax.set_title("upload bytes per round")
     ax.legend()
-    fig.tight_layout()
-    p = out_dir / "bytes.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, out_dir / "bytes.png"))
 
     names = sorted(participation)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names)), 4))
@@ -105,11 +106,7 @@ def write_plots(
     ax.set_ylabel("tasks")
     ax.set_title("participation per device profile")
     ax.legend()
-    fig.tight_layout()
-    p = out_dir / "participation.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, out_dir / "participation.png"))
     return paths
 
 
