@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import threading
-import time
 import tomllib
 from pathlib import Path
 
@@ -77,8 +76,6 @@ def test_devices_connect_over_tls_and_a_wrong_ca_is_refused(tmp_path: Path) -> N
         rogue = MqttTransport(url=url, client_id="dev-1", username="dev-1",
                               password=creds["dev-1"], tls=TlsConfig(ca_certs=str(other_ca)),
                               backoff_min_s=0.1, backoff_max_s=0.2)
-        start = time.monotonic()
         with pytest.raises(BrokerUnavailable, match=r"CERTIFICATE_VERIFY_FAILED|certificate"):
             rogue.connect(timeout=3)
         rogue.close()
-        assert time.monotonic() - start < 10
