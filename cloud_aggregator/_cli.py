@@ -101,6 +101,8 @@ _AGG_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--mode", "mode", str, "sync (rounds) or async (FedBuff)"),
     ("--clock", "clock", str, "real, or virtual (deadlines in emulated device seconds)"),
     ("--selection", "selection", str, "random, deadline, tiered or oort"),
+    ("--max-selected", "max_selected", int,
+     "deadline (FedCS): select up to this many devices that fit (default: as many as others)"),
     ("--server-opt", "server_opt", str, "fedavg, fedavgm, fedadagrad, fedadam or fedyogi"),
     ("--server-lr", "server_lr", float, "server learning rate"),
     ("--local-epochs", "local_epochs", int, "local epochs per task (default: 5)"),

@@ -62,6 +62,10 @@ class AggregatorConfig:
     max_abandoned: int = 20
     """Consecutive abandoned rounds after which the aggregator gives up."""
     selection: str = "random"
+    max_selected: int | None = None
+    """``selection = "deadline"`` (FedCS) only: select up to this many of the devices
+    predicted to finish within ``deadline_s`` (FedCS takes as many as will finish).
+    Default: the same count as every other policy, ``selected_per_round``."""
 
     # -- async (FedBuff)
     concurrency: int = 20
@@ -116,13 +120,18 @@ class AggregatorConfig:
         _choice("clock", self.clock, ("real", "virtual"))
         if not (self.over_selection >= 1.0 and math.isfinite(self.over_selection)):
             raise ConfigError(f"over_selection must be >= 1, got {self.over_selection}")
-        for name in ("min_devices", "quorum", "max_steps", "metrics_port"):
+        for name in ("min_devices", "quorum", "max_steps", "metrics_port", "max_selected"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
         if self.quorum is not None and not 1 <= self.quorum <= self.selected_per_round:
             raise ConfigError(
                 f"quorum must be in 1..{self.selected_per_round} (devices selected per round)"
+            )
+        if self.max_selected is not None and self.max_selected < self.selected_per_round:
+            raise ConfigError(
+                f"max_selected ({self.max_selected}) is below the devices selected per round "
+                f"({self.selected_per_round})"
             )
         for name in ("deadline_s", "safety_timeout_s", "lr"):
             value = getattr(self, name)

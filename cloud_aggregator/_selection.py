@@ -249,14 +249,22 @@ class DeadlinePolicy(_BasePolicy):
     task it would be sent, adaptive local work included, times its learned
     correction) is within ``deadline * slack``; ``k`` caps the count.
 
+    FedCS takes as many devices as will finish: with ``max_devices`` set, up to that
+    many fitting devices are chosen even when ``k`` is smaller (a device that finishes
+    within the deadline adds data to the round without making it longer); without
+    it, ``k`` caps the count.
+
     ``sampling="fastest"`` takes the fitting devices fastest first, as FedCS's greedy
-    rule does. ``sampling="random"`` (what the aggregator uses) samples the ``k``
-    uniformly among the fitting ones: always taking the fastest trains the same few
-    devices and leaves every other device's data out of the model. Each slot goes to
-    a device that does not fit with probability ``exploration`` (nearer misses more
-    likely), so a device whose prediction or correction is wrong can show it. When
-    fewer than ``min_devices`` fit, the fastest devices fill up to that many (a round
-    below its quorum could not close). Without a deadline: the ``k`` fastest.
+    rule does. ``sampling="random"`` (what the aggregator uses) samples uniformly
+    among the fitting ones: always taking the fastest trains the same few devices and
+    leaves every other device's data out of the model. Each slot goes to a device
+    that does not fit with probability ``exploration`` (nearer misses more likely),
+    but only to one observed fewer than ``explore_until`` times: exploring shows a
+    device whose prediction is wrong, and once its correction has learned from it
+    there is nothing left to show (each further try would only cost the round its
+    whole deadline). When fewer than ``min_devices`` fit, the fastest devices fill up
+    to that many (a round below its quorum could not close). Without a deadline: the
+    ``k`` fastest.
     """
 
     name = "deadline"
@@ -267,7 +275,9 @@ class DeadlinePolicy(_BasePolicy):
         slack: float = 1.0,
         sampling: str = "fastest",
         exploration: float = 0.0,
+        explore_until: int = 2,
         min_devices: int = 1,
+        max_devices: int | None = None,
         corrections: CorrectionEstimator | None = None,
     ) -> None:
         super().__init__(corrections=corrections)
@@ -277,12 +287,18 @@ class DeadlinePolicy(_BasePolicy):
             raise ConfigError("deadline sampling must be 'fastest' or 'random'")
         if not 0.0 <= exploration <= 1.0:
             raise ConfigError("exploration must be within [0, 1]")
+        if explore_until < 0:
+            raise ConfigError("explore_until must not be negative")
         if min_devices < 1:
             raise ConfigError("min_devices must be at least 1")
+        if max_devices is not None and max_devices < 1:
+            raise ConfigError("max_devices must be at least 1")
         self.slack = slack
         self.sampling = sampling
         self.exploration = exploration
+        self.explore_until = explore_until
         self.min_devices = min_devices
+        self.max_devices = max_devices
 
     def _choose(
         self,
@@ -298,13 +314,14 @@ class DeadlinePolicy(_BasePolicy):
             return [c.device_id for c in ranked[:k]]
         budget = deadline_s * self.slack
         fits = [c for c in ranked if self.expected_duration(c) <= budget]
-        misses = ranked[len(fits):]
+        misses = [c for c in ranked[len(fits):]
+                  if self.corrections.observations(c.device_id) < self.explore_until]
         floor = min(self.min_devices, k)
         if len(fits) < floor:
             return [c.device_id for c in ranked[:floor]]
         n_explore = int(rng.binomial(k, self.exploration)) if misses and self.exploration else 0
         n_explore = min(n_explore, len(misses), k - floor)
-        n_fit = min(k - n_explore, len(fits))
+        n_fit = min(max(k, self.max_devices or 0) - n_explore, len(fits))
         if self.sampling == "random":
             chosen = [fits[int(i)].device_id
                       for i in rng.choice(len(fits), size=n_fit, replace=False)]
@@ -421,11 +438,18 @@ class OortPolicy(_BasePolicy):
     duration ``T`` it is multiplied by ``(T / t_i) ** alpha``. ``T`` is
     ``preferred_duration_s`` if given, else the ``preferred_quantile`` of the eligible
     devices' expected durations, capped by the round deadline (a generous deadline
-    alone would leave every device below ``T``, its speed unweighed). A fraction
-    epsilon of the slots (decaying each round to ``min_exploration``) goes to unexplored devices,
-    faster ones more likely; the rest are sampled by utility among devices within
-    ``cutoff`` of the k-th best. Devices selected ``max_participation`` times are
-    no longer eligible.
+    alone would leave every device below ``T``, its speed unweighed). Under a deadline
+    a device expected to miss it has no utility at all, since its update would be
+    discarded (``(T / t_i) ** alpha`` alone barely separates a device just past the
+    deadline from one just within it).
+
+    A fraction epsilon of the slots (decaying each round to ``min_exploration``) goes
+    to unexplored devices (never selected, no loss known), faster ones more likely
+    and those expected to miss the deadline only when no other is left; the rest are
+    sampled by utility among devices within ``cutoff`` of the k-th best. A device
+    that was selected but never reported a loss (it missed or dropped out) is
+    explored: its statistical utility is zero, leaving the staleness bonus. Devices
+    selected ``max_participation`` times are no longer eligible.
     """
 
     name = "oort"
@@ -471,25 +495,34 @@ class OortPolicy(_BasePolicy):
         self.preferred_duration_s = preferred_duration_s
         self.preferred_quantile = preferred_quantile
 
+    def explored(self, candidate: Candidate) -> bool:
+        """Has this device been tried: a loss known, or selected before?"""
+        return self.loss(candidate) is not None or self.participations(candidate) > 0
+
     def utilities(
         self,
         candidates: Sequence[Candidate],
         *,
         round_index: int,
         preferred_s: float,
+        deadline_s: float | None = None,
     ) -> dict[str, float]:
-        """Oort utility of every explored candidate (those that reported a loss)."""
-        raw = {
-            c.device_id: max(self.samples(c), 1) * float(loss)
-            for c in candidates
-            if (loss := self.loss(c)) is not None
-        }
+        """Oort utility of every explored candidate (see :meth:`explored`)."""
+        raw: dict[str, float] = {}
+        for c in candidates:
+            if self.explored(c):
+                loss = self.loss(c)
+                raw[c.device_id] = max(self.samples(c), 1) * loss if loss is not None else 0.0
         if not raw:
             return {}
         top = max(raw.values()) or 1.0
         out: dict[str, float] = {}
         for c in candidates:
             if c.device_id not in raw:
+                continue
+            t = self.expected_duration(c)
+            if deadline_s is not None and t > deadline_s:
+                out[c.device_id] = 0.0
                 continue
             last = self.last_round(c)
             bonus = math.sqrt(
@@ -498,7 +531,6 @@ class OortPolicy(_BasePolicy):
                 / ((last if last is not None else 0) + 1.0)
             )
             util = raw[c.device_id] / top + bonus
-            t = self.expected_duration(c)
             if t > preferred_s:
                 util *= (preferred_s / t) ** self.alpha
             out[c.device_id] = util
@@ -524,7 +556,8 @@ class OortPolicy(_BasePolicy):
             preferred = float(np.quantile(list(durations.values()), self.preferred_quantile))
             if deadline_s is not None:
                 preferred = min(preferred, deadline_s)
-        utils = self.utilities(eligible, round_index=round_index, preferred_s=preferred)
+        utils = self.utilities(eligible, round_index=round_index, preferred_s=preferred,
+                               deadline_s=deadline_s)
         explored = [c for c in eligible if c.device_id in utils]
         unexplored = [c for c in eligible if c.device_id not in utils]
 
@@ -541,7 +574,11 @@ class OortPolicy(_BasePolicy):
             picks = _weighted_sample(weights, n_exploit, rng)
             chosen += [pool[i].device_id for i in picks]
         if n_explore:
-            speed = np.array([1.0 / durations[c.device_id] for c in unexplored])
+            speed = np.array([
+                0.0 if deadline_s is not None and durations[c.device_id] > deadline_s
+                else 1.0 / durations[c.device_id]
+                for c in unexplored
+            ])
             picks = _weighted_sample(speed, n_explore, rng)
             chosen += [unexplored[i].device_id for i in picks]
         self.epsilon = max(self.min_exploration, self.epsilon * self.exploration_decay)

@@ -1221,7 +1221,7 @@ def _policy_options(config: AggregatorConfig) -> dict[str, Any]:
     little, and falls back to the fastest only when fewer than a quorum fit."""
     if config.selection == "deadline":
         return {"sampling": "random", "exploration": DEADLINE_EXPLORATION,
-                "min_devices": config.effective_quorum}
+                "min_devices": config.effective_quorum, "max_devices": config.max_selected}
     return {}
 
 

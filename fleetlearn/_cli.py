@@ -40,6 +40,9 @@ def register(sub: Any) -> None:
     g.add_argument("--codec", default=None, help="uplink codec spec (default: compressed)")
     g.add_argument("--selection", default="random",
                    help="device selection: random, deadline, tiered or oort")
+    g.add_argument("--max-selected", type=int, default=None,
+                   help="deadline (FedCS): select up to this many devices predicted to "
+                        "finish (default: the same count as other policies)")
     g.add_argument("--mode", choices=["sync", "async"], default="sync")
     g.add_argument("--deadline-s", type=float, default=120.0,
                    help="round deadline in emulated seconds")
@@ -95,6 +98,8 @@ def _simulate(args: argparse.Namespace) -> int:
         extra["robust"] = args.robust
     if args.clip_norm is not None:
         extra["clip_norm"] = args.clip_norm
+    if args.max_selected is not None:
+        extra["max_selected"] = args.max_selected
     cfg = SimConfig(
         devices=args.devices, per_round=args.per_round, model=args.model, rounds=args.rounds,
         target_accuracy=args.target_accuracy, codec=args.codec or DEFAULT_CODEC,

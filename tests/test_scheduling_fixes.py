@@ -184,3 +184,21 @@ def test_the_aggregator_samples_with_its_quorum_as_the_floor(
     assert policy.sampling == "random" and policy.min_devices == 3
     assert policy.exploration > 0
     agg.close()
+
+
+def test_fedcs_with_max_selected_sends_tasks_to_every_device_that_fits(
+    tmp_path: Path, artifacts: Path
+) -> None:
+    # Two devices per round by default; max_selected lets FedCS take all four fast ones
+    # (the slow one cannot make the deadline even with one local step).
+    broker = MemoryBroker()
+    agg = start(tmp_path, artifacts, broker, 2, selection="deadline", clock="virtual",
+                deadline_s=1.0, max_selected=6)
+    assert agg._policy.max_devices == 6  # type: ignore[attr-defined]
+    fast = [Device(broker, f"fast{i}", FAST) for i in range(4)]
+    stuck = Device(broker, "stuck", profile("stuck", 5.0, latency_ms=2000.0))
+    assert agg.tick()
+    assert all(len(d.tasks) == 1 for d in fast)
+    assert agg.current_round is not None and len(agg.current_round.selected) in (4, 5)
+    assert len(stuck.tasks) <= 1  # only ever by the exploration share
+    agg.close()

@@ -130,6 +130,34 @@ def test_deadline_learns_from_a_device_that_keeps_missing() -> None:
     assert policy.corrections.factor("d00") > 3.0
 
 
+def test_deadline_takes_as_many_as_fit_up_to_max_devices() -> None:
+    fleet = _fleet([1.0] * 6 + [50.0] * 4)
+    wide = DeadlinePolicy(sampling="random", max_devices=8)
+    chosen = wide.select(fleet, 3, round_index=0, deadline_s=10.0, rng=_rng())
+    assert sorted(chosen) == [f"d{i:02d}" for i in range(6)]  # every fitting one, not 3
+    capped = DeadlinePolicy(sampling="random", max_devices=4)
+    assert len(capped.select(fleet, 3, round_index=0, deadline_s=10.0, rng=_rng())) == 4
+    plain = DeadlinePolicy(sampling="random")
+    assert len(plain.select(fleet, 3, round_index=0, deadline_s=10.0, rng=_rng())) == 3
+    with pytest.raises(ConfigError):
+        DeadlinePolicy(max_devices=0)
+
+
+def test_deadline_stops_exploring_a_device_once_it_has_shown_it_misses() -> None:
+    fleet = _fleet([1.0] * 5 + [50.0])
+    policy = DeadlinePolicy(sampling="random", exploration=1.0, explore_until=2)
+    tries = 0
+    for r in range(10):
+        chosen = policy.select(fleet, 3, round_index=r, deadline_s=10.0, rng=_rng(r))
+        for device_id in chosen:
+            if device_id == "d05":
+                tries += 1
+                policy.feedback(device_id, duration_s=None, completed=False)
+            else:
+                policy.feedback(device_id, duration_s=1.0, completed=True, loss=1.0)
+    assert tries == 2  # explored every round until observed twice, then never again
+
+
 # -- tiered (TiFL) ----------------------------------------------------------------------------
 
 
@@ -293,6 +321,39 @@ def test_oort_preferred_duration_is_capped_by_the_deadline() -> None:
     assert slow_picks(2.0) == 0
     with pytest.raises(ConfigError):
         OortPolicy(preferred_quantile=0.0)
+
+
+def test_oort_gives_no_utility_to_a_device_that_cannot_make_the_deadline() -> None:
+    # d03 has by far the highest loss but needs 12 s: under a 10 s deadline its update
+    # would be discarded, so it must not be chosen however slightly it is over.
+    fleet = _fleet([1.0, 1.0, 1.0, 12.0])
+    policy = OortPolicy(exploration=0.0, min_exploration=0.0, preferred_duration_s=10.0)
+    _explored(policy, fleet, {"d00": 0.1, "d01": 0.1, "d02": 0.1, "d03": 9.0})
+    utils = policy.utilities(fleet, round_index=1, preferred_s=10.0, deadline_s=10.0)
+    assert utils["d03"] == 0.0 and utils["d00"] > 0.0
+    rng = _rng(2)
+    picks = [d for r in range(1, 31)
+             for d in policy.select(fleet, 2, round_index=r, deadline_s=10.0, rng=rng)]
+    assert "d03" not in picks
+    assert "d03" in policy.select(fleet, 2, round_index=31, deadline_s=None, rng=rng)
+
+
+def test_oort_does_not_keep_exploring_a_device_that_missed() -> None:
+    # A device that missed never reports a loss; it must count as explored (zero
+    # statistical utility), not stay in the unexplored pool that exploration draws from.
+    fleet = _fleet([1.0] * 8)
+    policy = OortPolicy(exploration=0.5, exploration_decay=1.0, min_exploration=0.5)
+    counts: Counter[str] = Counter()
+    for r in range(40):
+        chosen = policy.select(fleet, 2, round_index=r, deadline_s=5.0, rng=_rng(r))
+        counts.update(chosen)
+        for device_id in chosen:
+            if device_id == "d00":
+                policy.feedback(device_id, duration_s=None, completed=False)
+            else:
+                policy.feedback(device_id, duration_s=1.0, completed=True, loss=1.0)
+    assert policy.explored(fleet[0])
+    assert counts["d00"] <= 2  # once by exploration; its correction then keeps it out
 
 
 def test_oort_uses_candidate_losses_before_any_feedback() -> None:

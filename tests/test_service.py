@@ -405,7 +405,8 @@ def test_config_from_toml_and_bad_values(tmp_path: Path) -> None:
     assert cfg.fleet == "f1" and cfg.rounds == 9 and cfg.deadline_s == 5.0
     assert cfg.selected_per_round == math.ceil(10 * 1.3)
     for bad in ({"rounds": 0}, {"quorum": 99}, {"codec": "zz"}, {"server_opt": "sgd"},
-                {"selection": "best"}, {"nope": 1}, {"downlink_codec": "ef+topk:0.1"}):
+                {"selection": "best"}, {"nope": 1}, {"downlink_codec": "ef+topk:0.1"},
+                {"max_selected": 5}, {"max_selected": -1}):
         with pytest.raises(ConfigError):
             load_config(None, **bad)
     path.write_text("rounds = [")
