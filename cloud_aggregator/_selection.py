@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -88,6 +88,14 @@ class SelectionPolicy(Protocol):
         loss: float | None = None,
         num_samples: int | None = None,
     ) -> None: ...
+
+    def state(self) -> dict[str, Any]:
+        """What the policy has learned, as JSON-able data (saved with each checkpoint)."""
+        ...
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state` after a restart."""
+        ...
 
 
 @dataclass(kw_only=True)
@@ -180,6 +188,32 @@ class _BasePolicy:
             self.corrections.observe(device_id, predicted, duration_s, deadline_s=deadline)
         self._on_feedback(device_id, stats, completed=completed)
 
+    def state(self) -> dict[str, Any]:
+        """Learned corrections, per-device statistics, devices awaiting feedback."""
+        return {
+            "policy": self.name,
+            "factors": self.corrections.to_dict(),
+            "observations": self.corrections.counts(),
+            "stats": {d: asdict(st) for d, st in self._stats.items()},
+            "pending": {d: list(v) for d, v in self._pending.items()},
+            **self._extra_state(),
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state`. The duration corrections describe devices, not the
+        policy, so they are restored whichever policy saved them; the rest only when
+        it was this one."""
+        try:
+            self.corrections.load(state.get("factors", {}), state.get("observations", {}))
+            if state.get("policy") != self.name:
+                return
+            self._stats = {str(d): _DeviceStats(**st) for d, st in state.get("stats", {}).items()}
+            self._pending = {str(d): (float(v[0]), None if v[1] is None else float(v[1]))
+                             for d, v in state.get("pending", {}).items()}
+            self._load_extra(state)
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            raise ConfigError(f"saved selection state is malformed: {exc}") from exc
+
     # -- helpers for subclasses ----------------------------------------------------
 
     def expected_duration(self, candidate: Candidate) -> float:
@@ -222,6 +256,12 @@ class _BasePolicy:
 
     def _on_feedback(self, device_id: str, stats: _DeviceStats, *, completed: bool) -> None:
         del device_id, stats, completed
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra(self, state: Mapping[str, Any]) -> None:
+        del state
 
 
 class RandomPolicy(_BasePolicy):
@@ -368,6 +408,14 @@ class TieredPolicy(_BasePolicy):
         self.last_tier: int | None = None
         self.last_probabilities: np.ndarray | None = None
 
+    def _extra_state(self) -> dict[str, Any]:
+        return {"tier_credits_used": [int(x) for x in self._used]}
+
+    def _load_extra(self, state: Mapping[str, Any]) -> None:
+        used = state.get("tier_credits_used")
+        if used is not None and len(used) == self.num_tiers:
+            self._used = np.array([int(x) for x in used], dtype=int)
+
     def tiers(self, candidates: Sequence[Candidate]) -> list[list[Candidate]]:
         """Candidates split into speed tiers, fastest first (empty tiers dropped)."""
         ranked = sorted(candidates, key=lambda c: (self.expected_duration(c), c.device_id))
@@ -494,6 +542,13 @@ class OortPolicy(_BasePolicy):
         self.max_participation = max_participation
         self.preferred_duration_s = preferred_duration_s
         self.preferred_quantile = preferred_quantile
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"epsilon": self.epsilon}
+
+    def _load_extra(self, state: Mapping[str, Any]) -> None:
+        if "epsilon" in state:
+            self.epsilon = min(1.0, max(self.min_exploration, float(state["epsilon"])))
 
     def explored(self, candidate: Candidate) -> bool:
         """Has this device been tried: a loss known, or selected before?"""

@@ -374,11 +374,18 @@ class Aggregator:
     # ------------------------------------------------------------------ persistence
 
     def _state_json(self) -> bytes:
+        """Everything learned from the fleet that the next round depends on: the policy's
+        duration corrections and statistics, the observed compression, the norm screen's
+        history. Saved with each checkpoint, so a restarted aggregator schedules as the
+        one that stopped would have."""
         return json.dumps({
             "mode": self.config.mode, "model": self.config.model,
             "content_hash": self.model.info.content_hash, "model_version": self.model_version,
             "emulated_total_s": self.emulated_total_s,
             "abandoned_streak": self._abandoned_streak,
+            "selection": self._policy.state(),
+            "accepted_norms": self._norms,
+            "body_bytes": [self._body_bytes_sum, self._body_count],
         }, sort_keys=True).encode()
 
     def _restore(self) -> None:
@@ -392,6 +399,11 @@ class Aggregator:
                 raise ConfigError(f"{self.state_dir} was trained with other model artifacts")
             self.emulated_total_s = float(state.get("emulated_total_s", 0.0))
             self._abandoned_streak = int(state.get("abandoned_streak", 0))
+            if "selection" in state:
+                self._policy.load_state(state["selection"])
+            self._norms = [float(x) for x in state.get("accepted_norms", [])][-NORM_WINDOW:]
+            body_sum, body_count = state.get("body_bytes", [0, 0])
+            self._body_bytes_sum, self._body_count = int(body_sum), int(body_count)
         if self.store.checkpoint(self.fleet) is None:
             self.store.save_checkpoint(
                 fleet=self.fleet, model_version=0, params=self.params,
@@ -649,6 +661,10 @@ class Aggregator:
                 decision, reason = Decision.ABANDON, f"not applicable: {exc}"
         outcome = rnd.finish(decision, reason, now=self.clock.now())
         self.emulated_total_s += outcome.emulated_s
+        results = self._results(outcome)
+        for r in results:  # before the checkpoint, which saves what the policy learned
+            self._policy.feedback(r.device_id, duration_s=r.duration_s, completed=r.completed,
+                                  loss=r.loss, num_samples=r.num_samples)
         if decision is Decision.CLOSE:
             self.params = new_params
             self.model_version += 1
@@ -670,7 +686,9 @@ class Aggregator:
             self._send(self.channel.topics.down(device, "cancel"),
                        Cancel(round=index, reason=f"round {decision.value}d: {reason}")
                        .to_message(fleet=self.fleet, round=index))
-        self._feedback(outcome)
+        for r in results:
+            self.registry.record_outcome(r.device_id, completed=r.completed,
+                                         duration_s=r.duration_s, loss=r.loss)
         self._round, self._acc = None, None
         if decision is Decision.CLOSE:
             self._broadcast_model()
@@ -684,23 +702,24 @@ class Aggregator:
             update_norm=float(np.linalg.norm(delta)) if delta is not None else None,
         ), evaluate=decision is Decision.CLOSE)
 
-    def _feedback(self, outcome: RoundOutcome) -> None:
+    def _results(self, outcome: RoundOutcome) -> list[_DeviceResult]:
+        """What each selected device did in the ending round, for the policy and registry."""
         assert self._round is not None
         rnd = self._round
+        results = []
         for device in outcome.counted:
             r = rnd.reports[device]
             took = r.emulated_s if (rnd.spec.virtual and r.emulated_s is not None) else r.duration_s
             loss = r.loss if r.loss is not None and math.isfinite(r.loss) and r.loss >= 0 else None
-            self._policy.feedback(device, duration_s=took, completed=True, loss=loss,
-                                  num_samples=r.num_samples)
-            self.registry.record_outcome(device, completed=True, duration_s=took, loss=loss)
+            results.append(_DeviceResult(device_id=device, completed=True, duration_s=took,
+                                         loss=loss, num_samples=r.num_samples))
         for device in outcome.missed:
             late = rnd.reports.get(device)
             late_s: float | None = None
             if late is not None and rnd.state(device) is DeviceState.LATE:
                 late_s = late.emulated_s if late.emulated_s is not None else late.duration_s
-            self._policy.feedback(device, duration_s=late_s, completed=False)
-            self.registry.record_outcome(device, completed=False, duration_s=late_s)
+            results.append(_DeviceResult(device_id=device, completed=False, duration_s=late_s))
+        return results
 
     def _record(self, metrics: RoundMetrics, *, evaluate: bool) -> None:
         server: EvalResult | None = None
@@ -1209,6 +1228,15 @@ class Aggregator:
             self._stats.train_samples += meta.num_samples
         if meta.eval_samples > 0:
             self._fed.append((meta.eval_loss, meta.eval_accuracy, meta.eval_samples))
+
+
+@dataclass(frozen=True, kw_only=True)
+class _DeviceResult:
+    device_id: str
+    completed: bool
+    duration_s: float | None
+    loss: float | None = None
+    num_samples: int | None = None
 
 
 DEADLINE_EXPLORATION = 0.05

@@ -376,6 +376,13 @@ class CorrectionEstimator:
         """The learned factors, for persistence across aggregator restarts."""
         return dict(self._factors)
 
-    def load(self, factors: Mapping[str, float]) -> None:
+    def counts(self) -> dict[str, int]:
+        """Observations folded in per device (see :meth:`observations`)."""
+        return dict(self._counts)
+
+    def load(self, factors: Mapping[str, float], counts: Mapping[str, int] | None = None) -> None:
+        """Restore :meth:`to_dict` (and :meth:`counts`); factors are clamped again."""
         for device_id, value in factors.items():
             self._factors[str(device_id)] = min(max(float(value), self.min_factor), self.max_factor)
+        for device_id, n in (counts or {}).items():
+            self._counts[str(device_id)] = max(0, int(n))

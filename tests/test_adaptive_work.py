@@ -105,3 +105,36 @@ def test_a_device_that_ran_late_is_given_less_next_time(tmp_path: Path, artifact
     assert second is not None and 1 <= second < first
     assert fast.tasks[-1].max_steps is None
     agg.close()
+
+
+def test_what_was_learned_survives_an_aggregator_restart(tmp_path: Path, artifacts: Path) -> None:
+    broker = MemoryBroker()
+    agg = start(tmp_path, artifacts, broker, 2, clock="virtual", selection="deadline")
+    fast, slow = Device(broker, "fast", FAST), Device(broker, "slow", SLOW)
+    assert agg.tick()
+    first = slow.tasks[-1].max_steps
+    assert first == expected_steps(SLOW)
+    fast.send_update(np.zeros(agg.layout.size, np.float32), layout=agg.layout,
+                     num_samples=SAMPLES, steps=10, emulated_s=1.0)
+    slow.send_update(np.zeros(agg.layout.size, np.float32), layout=agg.layout,
+                     num_samples=32 * first, steps=first, emulated_s=2 * 5.0 * first)
+    assert agg.tick() and agg.model_version == 1
+    learned = agg._policy.state()
+    factor = agg._policy.corrections.factor("slow")  # type: ignore[attr-defined]
+    assert factor > 1.0
+    agg.close()
+
+    again = start(tmp_path, artifacts, broker, 2, clock="virtual", selection="deadline")
+    assert again.model_version == 1
+    assert again._policy.corrections.factor("slow") == factor  # type: ignore[attr-defined]
+    assert again._policy.state() == learned
+    assert again.tick()  # round 2: the slow device is still given less than at first
+    second = slow.tasks[-1].max_steps
+    assert second is not None and 1 <= second < first
+    again.close()
+
+    # Another policy keeps the corrections (they describe devices), not the statistics.
+    other = start(tmp_path, artifacts, broker, 2, clock="virtual", selection="oort")
+    assert other._policy.corrections.factor("slow") == factor  # type: ignore[attr-defined]
+    assert other._policy.state()["stats"] == {}
+    other.close()

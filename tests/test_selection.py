@@ -390,3 +390,30 @@ def test_slow_devices_get_fewer_steps_not_dropped() -> None:
     assert slow_steps == pytest.approx(task.steps / 2, abs=1)
     # A learned 2x correction halves the work that fits.
     assert local_steps_for(slow, deadline, factor=2.0) < slow_steps
+
+
+# -- persistence ------------------------------------------------------------------------------
+
+
+def test_policy_state_round_trips_through_json() -> None:
+    import json
+
+    fleet = _fleet([1.0, 2.0, 30.0, 4.0])
+    for make in (lambda: OortPolicy(exploration=0.5),
+                 lambda: TieredPolicy(num_tiers=2, credits=2),
+                 lambda: DeadlinePolicy(sampling="random", exploration=0.5)):
+        policy = make()
+        for r in range(5):
+            for device_id in policy.select(fleet, 2, round_index=r, deadline_s=10.0, rng=_rng(r)):
+                late = device_id == "d02"
+                policy.feedback(device_id, duration_s=None if late else 1.5, completed=not late,
+                                loss=None if late else 0.5, num_samples=80)
+        policy.select(fleet, 2, round_index=5, deadline_s=10.0, rng=_rng(5))  # feedback pending
+        saved = json.loads(json.dumps(policy.state()))
+        restored = make()
+        restored.load_state(saved)
+        assert restored.state() == policy.state()
+        assert (restored.select(fleet, 2, round_index=6, deadline_s=10.0, rng=_rng(6))
+                == policy.select(fleet, 2, round_index=6, deadline_s=10.0, rng=_rng(6)))
+    with pytest.raises(ConfigError, match="malformed"):
+        RandomPolicy().load_state({"policy": "random", "stats": {"d00": {"bogus": 1}}})
