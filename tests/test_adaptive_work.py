@@ -15,6 +15,7 @@ import numpy as np
 from profiled_fleet import SAMPLES, ProfiledDevice, profile, start_aggregator
 
 from broker_bridge import MemoryBroker
+from cloud_aggregator import Aggregator
 from cloud_aggregator._selection import local_steps_for
 from cloud_aggregator._service import ADAPTIVE_HEADROOM
 from device_profiles import DeviceProfile, Task, predict
@@ -86,20 +87,28 @@ def test_the_round_is_weighted_by_the_samples_reported(tmp_path: Path, artifacts
     agg.close()
 
 
-def test_a_device_that_ran_late_is_given_less_next_time(tmp_path: Path, artifacts: Path) -> None:
-    broker = MemoryBroker()
-    agg = start(tmp_path, artifacts, broker, 2, clock="virtual")
-    fast, slow = Device(broker, "fast", FAST), Device(broker, "slow", SLOW)
+def _round_where_the_slow_device_runs_late(
+    agg: Aggregator, fast: ProfiledDevice, slow: ProfiledDevice
+) -> int:
+    """Round 1: the fast device reports in time, the slow one takes twice what its
+    profile says (emulated time past the deadline). Returns the slow one's first steps."""
     assert agg.tick()
     first = slow.tasks[-1].max_steps
-    assert first == expected_steps(SLOW)
-    # It took twice what its profile says (emulated time past the deadline): late.
+    assert first is not None and first == expected_steps(SLOW)
     fast.send_update(np.zeros(agg.layout.size, np.float32), layout=agg.layout,
                      num_samples=SAMPLES, steps=10, emulated_s=1.0)
     slow.send_update(np.zeros(agg.layout.size, np.float32), layout=agg.layout,
                      num_samples=32 * first, steps=first, emulated_s=2 * 5.0 * first)
     assert slow.acks[-1] == "rejected"
     assert agg.tick() and agg.model_version == 1
+    return first
+
+
+def test_a_device_that_ran_late_is_given_less_next_time(tmp_path: Path, artifacts: Path) -> None:
+    broker = MemoryBroker()
+    agg = start(tmp_path, artifacts, broker, 2, clock="virtual")
+    fast, slow = Device(broker, "fast", FAST), Device(broker, "slow", SLOW)
+    first = _round_where_the_slow_device_runs_late(agg, fast, slow)
     assert agg.tick()  # round 2
     second = slow.tasks[-1].max_steps
     assert second is not None and 1 <= second < first
@@ -111,14 +120,7 @@ def test_what_was_learned_survives_an_aggregator_restart(tmp_path: Path, artifac
     broker = MemoryBroker()
     agg = start(tmp_path, artifacts, broker, 2, clock="virtual", selection="deadline")
     fast, slow = Device(broker, "fast", FAST), Device(broker, "slow", SLOW)
-    assert agg.tick()
-    first = slow.tasks[-1].max_steps
-    assert first == expected_steps(SLOW)
-    fast.send_update(np.zeros(agg.layout.size, np.float32), layout=agg.layout,
-                     num_samples=SAMPLES, steps=10, emulated_s=1.0)
-    slow.send_update(np.zeros(agg.layout.size, np.float32), layout=agg.layout,
-                     num_samples=32 * first, steps=first, emulated_s=2 * 5.0 * first)
-    assert agg.tick() and agg.model_version == 1
+    first = _round_where_the_slow_device_runs_late(agg, fast, slow)
     learned = agg._policy.state()
     factor = agg._policy.corrections.factor("slow")  # type: ignore[attr-defined]
     assert factor > 1.0
