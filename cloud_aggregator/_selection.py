@@ -216,6 +216,10 @@ class _BasePolicy:
 
     # -- helpers for subclasses ----------------------------------------------------
 
+    def can_make(self, candidate: Candidate, deadline_s: float | None) -> bool:
+        """Is the device expected to finish within ``deadline_s`` (always, without one)?"""
+        return deadline_s is None or self.expected_duration(candidate) <= deadline_s
+
     def expected_duration(self, candidate: Candidate) -> float:
         """The cost model's prediction times what this device has taught us."""
         return self.corrections.corrected(candidate.device_id, candidate.predicted_duration_s)
@@ -463,7 +467,7 @@ class TieredPolicy(_BasePolicy):
                 self._used[:] = 0  # every tier spent its credits: start a new epoch
             allowed &= self._used[: len(tiers)] < self.credits
         if deadline_s is not None:
-            fits = np.array([self.expected_duration(t[0]) <= deadline_s for t in tiers])
+            fits = np.array([self.can_make(t[0], deadline_s) for t in tiers])
             if fits.any():
                 allowed &= fits
             if not allowed.any():
@@ -478,7 +482,7 @@ class TieredPolicy(_BasePolicy):
         self.last_probabilities = p
         tier = tiers[tier_index]
         if deadline_s is not None:
-            tier = [c for c in tier if self.expected_duration(c) <= deadline_s] or tier
+            tier = [c for c in tier if self.can_make(c, deadline_s)] or tier
         picks = rng.choice(len(tier), size=min(k, len(tier)), replace=False)
         return [tier[int(i)].device_id for i in picks]
 
@@ -572,9 +576,11 @@ class OortPolicy(_BasePolicy):
         """Oort utility of every explored candidate (see :meth:`explored`)."""
         raw: dict[str, float] = {}
         for c in candidates:
-            if self.explored(c):
-                loss = self.loss(c)
-                raw[c.device_id] = max(self.samples(c), 1) * loss if loss is not None else 0.0
+            loss = self.loss(c)
+            if loss is not None:
+                raw[c.device_id] = max(self.samples(c), 1) * loss
+            elif self.explored(c):  # tried, never reported: no statistical utility
+                raw[c.device_id] = 0.0
         if not raw:
             return {}
         top = max(raw.values()) or 1.0
@@ -582,8 +588,7 @@ class OortPolicy(_BasePolicy):
         for c in candidates:
             if c.device_id not in raw:
                 continue
-            t = self.expected_duration(c)
-            if deadline_s is not None and t > deadline_s:
+            if not self.can_make(c, deadline_s):
                 out[c.device_id] = 0.0
                 continue
             last = self.last_round(c)
@@ -593,6 +598,7 @@ class OortPolicy(_BasePolicy):
                 / ((last if last is not None else 0) + 1.0)
             )
             util = raw[c.device_id] / top + bonus
+            t = self.expected_duration(c)
             if t > preferred_s:
                 util *= (preferred_s / t) ** self.alpha
             out[c.device_id] = util
@@ -636,11 +642,8 @@ class OortPolicy(_BasePolicy):
             picks = _weighted_sample(weights, n_exploit, rng)
             chosen += [pool[i].device_id for i in picks]
         if n_explore:
-            speed = np.array([
-                0.0 if deadline_s is not None and durations[c.device_id] > deadline_s
-                else 1.0 / durations[c.device_id]
-                for c in unexplored
-            ])
+            speed = np.array([1.0 / durations[c.device_id] if self.can_make(c, deadline_s)
+                              else 0.0 for c in unexplored])
             picks = _weighted_sample(speed, n_explore, rng)
             chosen += [unexplored[i].device_id for i in picks]
         self.epsilon = max(self.min_exploration, self.epsilon * self.exploration_decay)
