@@ -71,8 +71,8 @@ def child_agent(args: argparse.Namespace) -> dict[str, Any]:
         DeviceStatus,
         LocalData,
         ModelCache,
-        OrtTrainer,
         load_mnist1d,
+        open_trainer,
     )
 
     data = load_mnist1d(cache_dir=args.cache)
@@ -81,7 +81,7 @@ def child_agent(args: argparse.Namespace) -> dict[str, Any]:
     folder = cache.path(artifacts_hash)
     assert folder is not None
     # Cold start: process start to the end of the first training step.
-    trainer = OrtTrainer(artifacts_dir=folder, intra_op_threads=1)
+    trainer = open_trainer(folder, intra_op_threads=1)
     trainer.train(data.x_train[:BATCH], data.y_train[:BATCH], batch_size=BATCH, lr=LR)
     cold_start_s = time.time() - args.start
     layout = Layout(tensors=trainer.parameter_shapes())

@@ -43,7 +43,7 @@ from cloud_aggregator._aggregation import StreamingAccumulator, UpdateRules, val
 from cloud_aggregator._artifacts import build_artifacts, initial_parameters, read_manifest
 from cloud_aggregator._models import build_reference_model
 from edge_runtime._datasets import load_mnist1d, partition_dirichlet
-from edge_runtime._trainer import OrtTrainer
+from edge_runtime._training import open_trainer
 
 SPECS = ("fp32", "topk:0.01+q8+zstd")
 
@@ -60,7 +60,7 @@ def genuine_updates(devices: int) -> tuple[Layout, list[np.ndarray], list[int]]:
         info = read_manifest(tmp)
         layout = Layout(tensors=tuple((n, tuple(s)) for n, s in info.parameters))
         init = initial_parameters(tmp)
-        trainer = OrtTrainer(artifacts_dir=tmp)
+        trainer = open_trainer(tmp)
         updates, samples = [], []
         for d in range(devices):
             idx = parts[d]

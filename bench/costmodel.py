@@ -3,11 +3,11 @@
 Method, per reference model (``mlp``, ``cnn``, ``mlp-xl``):
 
 1. Profile this machine the way ``fleetlearn profile`` does: the agent's probe times
-   single training steps at batch 32 through the real ``OrtTrainer`` and
+   single training steps at batch 32 through the real trainer (``open_trainer``) and
    ``measure_machine`` stores them as ``measured_step_ms``.
 2. Predict *other* task shapes with ``device_profiles.predict`` (1 and 3 epochs over
    80, 400 and 1,000 samples, batch 32, so short last batches included).
-3. Run those shapes with ``OrtTrainer.train`` (one ONNX Runtime thread) and compare
+3. Run those shapes with ``Trainer.train`` (one ONNX Runtime thread) and compare
    the training part: ``CostBreakdown.train_s`` against ``TrainResult.seconds``.
    Download and upload are not compared: on loopback they are zero, and the profile's
    network figures are stated defaults, not measurements.
@@ -48,7 +48,7 @@ import numpy as np
 
 from device_profiles import Task, measure_machine, predict
 from edge_runtime._cli import PROBE_BATCH, measure_step_times
-from edge_runtime._trainer import OrtTrainer
+from edge_runtime._training import Trainer, open_trainer
 from fleetlearn._probe import PROBE_MODELS, ensure_reference_artifacts
 
 EPOCHS = (1, 3)
@@ -60,7 +60,7 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _data(trainer: OrtTrainer, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _data(trainer: Trainer, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     shape = trainer.input_shape or ("batch", 40)
     dims = [d if isinstance(d, int) else 1 for d in shape[1:]]
     rng = np.random.default_rng(seed)
@@ -68,7 +68,7 @@ def _data(trainer: OrtTrainer, n: int, seed: int) -> tuple[np.ndarray, np.ndarra
     return x, rng.integers(0, 10, n).astype(np.int64)
 
 
-def _steady_step_ms(trainer: OrtTrainer, x: np.ndarray, y: np.ndarray, steps: int = 30) -> float:
+def _steady_step_ms(trainer: Trainer, x: np.ndarray, y: np.ndarray, steps: int = 30) -> float:
     """Milliseconds per step of one ``train`` call over ``steps`` full batches."""
     n = steps * PROBE_BATCH
     res = trainer.train(x[:n], y[:n], batch_size=PROBE_BATCH, seed=0)
@@ -95,7 +95,7 @@ def main() -> None:
         if refs.missing:
             raise SystemExit(f"cannot build reference artifacts: {refs.reason}")
         dirs = {m: root / m for m in models}
-        trainers = {m: OrtTrainer(artifacts_dir=dirs[m], intra_op_threads=1) for m in models}
+        trainers = {m: open_trainer(dirs[m], intra_op_threads=1) for m in models}
         data = {m: _data(trainers[m], max(SAMPLES), seed=1) for m in models}
         steady: dict[str, list[float]] = {m: [] for m in models}
         for m in models:  # warm up every session once

@@ -34,7 +34,7 @@ from cloud_aggregator._artifacts import build_artifacts, initial_parameters
 from cloud_aggregator._models import build_reference_model
 from cloud_aggregator._server_opt import make_server_optimizer
 from edge_runtime._datasets import load_mnist1d, partition_dirichlet
-from edge_runtime._trainer import OrtTrainer
+from edge_runtime._training import Trainer, open_trainer
 
 THRESHOLDS = (0.6, 0.8, 0.9)
 
@@ -66,7 +66,7 @@ def say(text: str) -> None:
 
 
 def run(
-    candidate: Candidate, trainer: OrtTrainer, init: np.ndarray, data: Any,
+    candidate: Candidate, trainer: Trainer, init: np.ndarray, data: Any,
     parts: list[np.ndarray], *, rounds: int, per_round: int, seed: int,
 ) -> dict[str, Any]:
     params = init.copy()
@@ -132,7 +132,7 @@ def main() -> None:
         for model in args.models.split(","):
             directory = Path(tmp) / model
             build_artifacts(build_reference_model(model, 0), directory)
-            trainer = OrtTrainer(artifacts_dir=directory)
+            trainer = open_trainer(directory)
             init = initial_parameters(directory)
             results = {}
             for cand in wanted:

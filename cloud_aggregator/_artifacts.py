@@ -1,28 +1,33 @@
-"""Turn a user's ONNX model into ONNX Runtime on-device training artifacts.
+"""Turn a user's ONNX model into training artifacts for the fleet's devices.
 
-``build_artifacts`` checks the model first (IR version, ``onnx.checker``, one data
-input, one output, float parameters to train), then calls ORT's
-``generate_artifacts`` with the model's output added as an extra output of the
-training and eval graphs (so a device can report accuracy, not only loss), and
-writes ``artifacts.json``: the sha256 of every file a device loads, a combined
-content hash the device verifies, and the flat-parameter layout in the order of
-``Module.get_contiguous_parameters`` (the graph order of the parameters, which is
-*not* the alphabetical order ``CheckpointState.parameters`` iterates in).
+Two backends, chosen with ``backend``:
+
+- ``portable`` (the default): the compiler in ``_traingraph`` turns the inference
+  model into a training graph and an eval graph made only of standard ONNX operators,
+  which any ONNX Runtime build runs (plain ``onnxruntime`` on x86_64 and aarch64,
+  Python 3.11-3.13). Manifest format ``fleetlearn-artifacts/2``; see
+  ``_portable_build`` for the files.
+- ``ort-training``: ONNX Runtime's own ``generate_artifacts`` (four files that only
+  the ``onnxruntime-training-cpu`` 1.19.2 wheel loads: x86_64, Python <= 3.12).
+  Manifest format ``fleetlearn-artifacts/1``. Cross-entropy or MSE, plain SGD or AdamW.
+
+Both check the model first (IR version, ``onnx.checker``, one data input, one output,
+float parameters to train) and write ``artifacts.json``: the SHA-256 of every file a
+device loads, a combined content hash the device verifies, and the flat-parameter
+layout devices exchange.
 
 Manifest content hash: sha256 over the UTF-8 text ``"{name} {sha256}\\n"`` of each
-device file, sorted by name (``edge_runtime._trainer`` computes the same).
+device file, sorted by name (``edge_runtime._manifest`` computes the same).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import types
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -30,21 +35,28 @@ import numpy as np
 
 from broker_bridge import content_hash, file_sha256
 from cloud_aggregator._errors import ModelBuildError
+from cloud_aggregator._traingraph import (
+    SGD,
+    AdamW,
+    LossSpec,
+    OptimizerSpec,
+    parse_optimizer,
+)
 
 if TYPE_CHECKING:
     import onnx
 
 MANIFEST_NAME = "artifacts.json"
-MANIFEST_FORMAT = "fleetlearn-artifacts/1"
+FORMAT_ORT_TRAINING = "fleetlearn-artifacts/1"
+FORMAT_PORTABLE = "fleetlearn-artifacts/2"
 MODEL_NAME = "model.onnx"
-DEVICE_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
-MAX_IR_VERSION = 10  # the newest IR onnxruntime-training 1.19.2 loads
-LOSSES = ("cross_entropy", "mse")
-OPTIMIZERS = ("sgd", "adamw")
-_LABEL_NAMES = {"cross_entropy": "labels", "mse": "target"}
+ORT_TRAINING_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx",
+                      "checkpoint")
+MAX_IR_VERSION = 10  # the newest IR onnxruntime-training 1.19.2 (the oldest runtime) loads
+BACKENDS = ("portable", "ort-training")
+_ORT_LOSSES = {"cross_entropy": "labels", "mse": "target"}
 
-Loss = Literal["cross_entropy", "mse"]
-Optim = Literal["sgd", "adamw"]
+Backend = Literal["portable", "ort-training"]
 Dim = int | str
 
 
@@ -57,15 +69,22 @@ class ArtifactInfo:
     """Device file name -> sha256 hex."""
     content_hash: str
     parameters: tuple[tuple[str, tuple[int, ...]], ...]
-    """Trainable parameters in the order of the flat vector a device exchanges."""
+    """Tensors in the order of the flat vector a device exchanges."""
     frozen: tuple[tuple[str, tuple[int, ...]], ...]
     input_name: str
     input_shape: tuple[Dim, ...]
     label_name: str
     label_dtype: str
     output_name: str
-    loss: Loss
-    optimizer: Optim
+    loss: str
+    """The primary loss term: cross_entropy, mse, bce."""
+    optimizer: str
+    """sgd or adamw."""
+    backend: Backend = "ort-training"
+    buffers: tuple[str, ...] = ()
+    """Exchanged tensors updated by the forward pass (BatchNorm running statistics)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """The rest of a portable manifest (graph I/O, loss and optimizer settings)."""
 
     @property
     def num_parameters(self) -> int:
@@ -74,8 +93,11 @@ class ArtifactInfo:
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as written to ``artifacts.json``."""
+        if self.backend == "portable":
+            return {"format": FORMAT_PORTABLE, "files": dict(sorted(self.files.items())),
+                    "content_hash": self.content_hash, **self.extra, "model": MODEL_NAME}
         return {
-            "format": MANIFEST_FORMAT,
+            "format": FORMAT_ORT_TRAINING,
             "files": dict(sorted(self.files.items())),
             "content_hash": self.content_hash,
             "parameters": [{"name": n, "shape": list(s)} for n, s in self.parameters],
@@ -92,10 +114,17 @@ class ArtifactInfo:
 
     @classmethod
     def from_json(cls, directory: Path, data: dict[str, Any]) -> ArtifactInfo:
-        """Parse a manifest written by :meth:`to_json`."""
+        """Parse a manifest written by :meth:`to_json` (either format)."""
         try:
-            if data["format"] != MANIFEST_FORMAT:
-                raise ModelBuildError(f"unknown manifest format {data['format']!r}")
+            fmt = data["format"]
+            if fmt not in (FORMAT_ORT_TRAINING, FORMAT_PORTABLE):
+                raise ModelBuildError(f"unknown manifest format {fmt!r}")
+            portable = fmt == FORMAT_PORTABLE
+            loss = (LossSpec.from_json(data["loss"]).summary() if portable
+                    else str(data["loss"]))
+            optimizer = str(data["optimizer"]["kind"]) if portable else str(data["optimizer"])
+            extra = {k: v for k, v in data.items()
+                     if k not in ("format", "files", "content_hash", "model")} if portable else {}
             return cls(
                 directory=directory,
                 files=dict(data["files"]),
@@ -107,11 +136,19 @@ class ArtifactInfo:
                 label_name=str(data["label"]["name"]),
                 label_dtype=str(data["label"]["dtype"]),
                 output_name=str(data["output"]["name"]),
-                loss=data["loss"],
-                optimizer=data["optimizer"],
+                loss=loss,
+                optimizer=optimizer,
+                backend="portable" if portable else "ort-training",
+                buffers=tuple(data.get("buffers", ())) if portable else (),
+                extra=extra,
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise ModelBuildError(f"malformed {MANIFEST_NAME} in {directory}: {exc!r}") from exc
+
+    @property
+    def device_files(self) -> tuple[str, ...]:
+        """Files a device downloads (besides the manifest)."""
+        return tuple(sorted(self.files))
 
 
 def _onnx() -> types.ModuleType:
@@ -123,56 +160,6 @@ def _onnx() -> types.ModuleType:
             f"building artifacts needs the cloud extra: pip install 'fleetlearn[cloud]' ({exc})"
         ) from exc
     return onnx
-
-
-def load_artifacts_module() -> types.ModuleType:
-    """Import ``onnxruntime.training.artifacts`` without torch.
-
-    Same stub as ``edge_runtime/_ort.py`` (see there why): ``onnxruntime.training``'s
-    ``__init__`` imports torch, its ``artifacts`` submodule does not.
-    """
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise ModelBuildError(
-            f"building artifacts needs onnxruntime-training-cpu==1.19.2 ({exc})"
-        ) from exc
-    onnxruntime.set_default_logger_severity(3)
-    if "onnxruntime.training" not in sys.modules:
-        stub = types.ModuleType("onnxruntime.training")
-        stub.__path__ = [os.path.join(onnxruntime.__path__[0], "training")]
-        sys.modules["onnxruntime.training"] = stub
-    try:
-        from onnxruntime.training import artifacts
-    except ImportError as exc:
-        raise ModelBuildError(
-            f"onnxruntime has no training artifacts module ({exc}); "
-            "pip install onnxruntime-training-cpu==1.19.2"
-        ) from exc
-    return artifacts
-
-
-@contextmanager
-def _captured_stderr() -> Iterator[list[str]]:
-    """Capture the C++ stderr ORT writes while building graphs (INFO lines, errors).
-
-    ``set_default_logger_severity`` does not reach the gradient builder's logger, so
-    the file descriptor itself is redirected; the text is kept for error messages.
-    """
-    captured: list[str] = []
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield captured
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            lines = sink.read().decode("utf-8", "replace").splitlines()
-            captured.extend(line for line in lines if "[I:onnxruntime" not in line)
 
 
 def _load_model(model: onnx.ModelProto | str | os.PathLike[str]) -> onnx.ModelProto:
@@ -198,139 +185,72 @@ def _dims(value: onnx.ValueInfoProto) -> tuple[Dim, ...]:
     return tuple(dims)
 
 
-def _check_model(
-    model: onnx.ModelProto,
-) -> tuple[onnx.ValueInfoProto, onnx.ValueInfoProto, dict[str, tuple[int, ...]]]:
-    """Validate the model; return its data input, its output and its float parameters."""
-    onnx = _onnx()
-    float_type = onnx.TensorProto.FLOAT
-    if model.ir_version > MAX_IR_VERSION:
-        raise ModelBuildError(
-            f"model has ONNX IR version {model.ir_version}; onnxruntime-training 1.19.2 loads "
-            f"IR <= {MAX_IR_VERSION}: export it with onnx==1.17.0 (or set model.ir_version = 10 "
-            "if it uses no newer IR feature)"
-        )
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise ModelBuildError(f"model fails onnx.checker: {exc}") from exc
-    init_names = {init.name for init in model.graph.initializer}
-    inputs = [value for value in model.graph.input if value.name not in init_names]
-    if len(inputs) != 1:
-        names = [value.name for value in inputs]
-        raise ModelBuildError(f"model must have exactly one data input, it has {names}")
-    if len(model.graph.output) != 1:
-        names = [value.name for value in model.graph.output]
-        raise ModelBuildError(f"model must have exactly one output (the logits), it has {names}")
-    if inputs[0].type.tensor_type.elem_type != float_type:
-        raise ModelBuildError(f"model input {inputs[0].name!r} must be float32")
-    params = {
-        init.name: tuple(int(d) for d in init.dims)
-        for init in model.graph.initializer
-        if init.data_type == float_type and len(init.dims) >= 1
-    }
-    return inputs[0], model.graph.output[0], params
+def _loss_spec(loss: str | LossSpec) -> LossSpec:
+    return loss if isinstance(loss, LossSpec) else LossSpec.parse(loss)
 
 
-def _choose_trainable(
-    params: dict[str, tuple[int, ...]],
-    trainable: Sequence[str] | None,
-    frozen: Sequence[str],
-) -> tuple[list[str], list[str]]:
-    unknown = sorted(set(trainable or ()).union(frozen) - set(params))
-    if unknown:
-        raise ModelBuildError(
-            f"no float parameter named {', '.join(unknown)} in the model; "
-            f"its parameters are {', '.join(params) or 'none'}"
-        )
-    both = sorted(set(trainable or ()).intersection(frozen))
-    if both:
-        raise ModelBuildError(f"parameters both trainable and frozen: {', '.join(both)}")
-    chosen = list(trainable) if trainable is not None else [n for n in params if n not in frozen]
-    if not chosen:
-        raise ModelBuildError("model has no float initializer (rank >= 1) left to train")
-    # Graph order: the order ORT's Module lays the parameters out in its flat buffer.
-    order = [name for name in params if name in set(chosen)]
-    fixed = [name for name in params if name not in set(chosen)]
-    return order, fixed
+def _optimizer_spec(optimizer: str | OptimizerSpec) -> OptimizerSpec:
+    return optimizer if isinstance(optimizer, SGD | AdamW) else parse_optimizer(optimizer)
 
 
 def build_artifacts(
     model: onnx.ModelProto | str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
-    loss: Loss = "cross_entropy",
-    optimizer: Optim = "sgd",
+    loss: str | LossSpec = "cross_entropy",
+    optimizer: str | OptimizerSpec = "sgd",
     trainable: Sequence[str] | None = None,
     frozen: Sequence[str] = (),
+    backend: Backend = "portable",
 ) -> ArtifactInfo:
     """Build training artifacts for ``model`` into ``out_dir`` and return their manifest.
 
+    ``loss`` is a ``LossSpec`` or its text form (``cross_entropy``,
+    ``cross_entropy:label_smoothing=0.1+prox:mu=0.01``, ``mse``, ``bce``...);
+    ``optimizer`` an ``SGD``/``AdamW`` or its text form (``sgd:momentum=0.9``).
     ``trainable`` defaults to every float initializer of rank >= 1 not in ``frozen``.
     Files are generated in a temporary directory and moved into place, the manifest
     last, so a reader never sees a half-written set.
     """
-    if loss not in LOSSES:
-        raise ModelBuildError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    if optimizer not in OPTIMIZERS:
-        raise ModelBuildError(
-            f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
-        )
+    if backend not in BACKENDS:
+        raise ModelBuildError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    loss_spec = _loss_spec(loss)
+    optim_spec = _optimizer_spec(optimizer)
     proto = _load_model(model)
-    data_input, output, params = _check_model(proto)
-    order, fixed = _choose_trainable(params, trainable, frozen)
-    artifacts = load_artifacts_module()
-    loss_type = {
-        "cross_entropy": artifacts.LossType.CrossEntropyLoss,
-        "mse": artifacts.LossType.MSELoss,
-    }[loss]
-    optim_type = {"sgd": artifacts.OptimType.SGD, "adamw": artifacts.OptimType.AdamW}[optimizer]
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".build-", dir=out) as tmp:
         work = Path(tmp)
-        with _captured_stderr() as log:
-            try:
-                artifacts.generate_artifacts(
-                    proto,
-                    requires_grad=order,
-                    frozen_params=fixed or None,
-                    loss=loss_type,
-                    optimizer=optim_type,
-                    artifact_directory=work,
-                    additional_output_names=[output.name],
-                )
-            except Exception as exc:  # ORT raises RuntimeError, Fail, InvalidGraph...
-                failure: Exception | None = exc
-            else:
-                failure = None
-        if failure is not None:
-            detail = "\n".join(log[-10:])
-            raise ModelBuildError(
-                f"ONNX Runtime could not build a training graph for this model: {failure}"
-                + (f"\n{detail}" if detail else "")
-            ) from failure
+        if backend == "portable":
+            info = _build_portable(proto, work, out, loss_spec, optim_spec, trainable, frozen)
+        else:
+            from cloud_aggregator._ort_artifacts import build_ort_training
+
+            info = build_ort_training(proto, work, out, loss_spec, optim_spec, trainable, frozen)
         _onnx().save(proto, str(work / MODEL_NAME))
-        files = {name: file_sha256(work / name) for name in DEVICE_FILES}
-        info = ArtifactInfo(
-            directory=out,
-            files=files,
-            content_hash=content_hash(files),
-            parameters=tuple((name, params[name]) for name in order),
-            frozen=tuple((name, params[name]) for name in fixed),
-            input_name=data_input.name,
-            input_shape=_dims(data_input),
-            label_name=_LABEL_NAMES[loss],
-            label_dtype="int64" if loss == "cross_entropy" else "float32",
-            output_name=output.name,
-            loss=loss,
-            optimizer=optimizer,
-        )
         (work / MANIFEST_NAME).write_text(json.dumps(info.to_json(), indent=2) + "\n")
-        for name in (*DEVICE_FILES, MODEL_NAME, MANIFEST_NAME):
+        for name in (*info.files, MODEL_NAME, MANIFEST_NAME):
             os.replace(work / name, out / name)
     return info
+
+
+def _build_portable(
+    proto: onnx.ModelProto, work: Path, out: Path, loss: LossSpec, optimizer: OptimizerSpec,
+    trainable: Sequence[str] | None, frozen: Sequence[str],
+) -> ArtifactInfo:
+    from cloud_aggregator._portable_build import write_portable
+
+    compiled, sections, names = write_portable(proto, work, loss=loss, optimizer=optimizer,
+                                               trainable=trainable, frozen=frozen)
+    files = {name: file_sha256(work / name) for name in names}
+    return ArtifactInfo(
+        directory=out, files=files, content_hash=content_hash(files),
+        parameters=compiled.exchanged, frozen=compiled.frozen,
+        input_name=compiled.input_name, input_shape=compiled.input_shape,
+        label_name=sections["label"]["name"], label_dtype=compiled.label_dtype,
+        output_name=compiled.output_name, loss=loss.summary(), optimizer=optimizer.kind,
+        backend="portable", buffers=compiled.buffers, extra=sections,
+    )
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> ArtifactInfo:

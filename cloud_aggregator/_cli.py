@@ -9,15 +9,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-_LOSSES = ("cross_entropy", "mse")
-_OPTIMIZERS = ("sgd", "adamw")
-
 
 def register(sub: Any) -> None:
     """Add ``fleetlearn artifacts build|reference`` and ``fleetlearn aggregator``."""
     _register_aggregator(sub)
     artifacts = sub.add_parser(
-        "artifacts", help="build ONNX Runtime training artifacts for a fleet's devices"
+        "artifacts", help="build training artifacts (portable training graphs) for a fleet"
     )
     actions = artifacts.add_subparsers(dest="artifacts_command", metavar="ACTION", required=True)
 
@@ -28,6 +25,9 @@ def register(sub: Any) -> None:
     build.add_argument(
         "--frozen", nargs="+", default=[], metavar="NAME", help="parameters to keep fixed"
     )
+    build.add_argument(
+        "--trainable", nargs="+", default=None, metavar="NAME",
+        help="train only these parameters (the rest are frozen; only these travel)")
     build.set_defaults(handler=_build)
 
     reference = actions.add_parser(
@@ -41,8 +41,18 @@ def register(sub: Any) -> None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--loss", choices=_LOSSES, default="cross_entropy")
-    parser.add_argument("--optimizer", choices=_OPTIMIZERS, default="sgd")
+    parser.add_argument(
+        "--loss", default="cross_entropy", metavar="SPEC",
+        help="cross_entropy, mse, bce, distillation, joined by + with options, e.g. "
+        "'cross_entropy:label_smoothing=0.1+prox:mu=0.01' (default: cross_entropy)")
+    parser.add_argument(
+        "--optimizer", default="sgd", metavar="SPEC",
+        help="sgd or adamw with options, e.g. 'sgd:momentum=0.9,weight_decay=5e-4' "
+        "(default: sgd)")
+    parser.add_argument(
+        "--backend", choices=("portable", "ort-training"), default="portable",
+        help="portable (default): standard ONNX operators, runs on any onnxruntime; "
+        "ort-training: needs the onnxruntime-training wheel (x86_64, Python <= 3.12)")
 
 
 def _report(info: Any) -> int:
@@ -52,7 +62,8 @@ def _report(info: Any) -> int:
         + (f" ({len(info.frozen)} frozen)" if info.frozen else "")
     )
     print(f"  input: {info.input_name} {list(info.input_shape)}")
-    print(f"  loss: {info.loss}, optimizer: {info.optimizer}")
+    print(f"  loss: {info.loss}, optimizer: {info.optimizer}, backend: {info.backend}")
+    print(f"  files: {', '.join(info.device_files)}")
     print(f"  content hash: {info.content_hash}")
     return 0
 
@@ -74,7 +85,8 @@ def _builders() -> tuple[Any, Any]:
 def _build(args: argparse.Namespace) -> int:
     build_artifacts, _ = _builders()
     info = build_artifacts(
-        args.model, args.out, loss=args.loss, optimizer=args.optimizer, frozen=args.frozen
+        args.model, args.out, loss=args.loss, optimizer=args.optimizer, frozen=args.frozen,
+        trainable=args.trainable, backend=args.backend,
     )
     return _report(info)
 
@@ -82,7 +94,8 @@ def _build(args: argparse.Namespace) -> int:
 def _reference(args: argparse.Namespace) -> int:
     build_artifacts, build_reference_model = _builders()
     model = build_reference_model(args.name, args.seed)
-    info = build_artifacts(model, args.out, loss=args.loss, optimizer=args.optimizer)
+    info = build_artifacts(model, args.out, loss=args.loss, optimizer=args.optimizer,
+                           backend=args.backend)
     return _report(info)
 
 
@@ -92,6 +105,8 @@ def _reference(args: argparse.Namespace) -> int:
 _AGG_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--fleet", "fleet", str, "fleet id (default: default)"),
     ("--model", "model", str, "mlp, cnn, mlp-xl or a path to your .onnx model (default: cnn)"),
+    ("--backend", "backend", str,
+     "training artifacts: portable (default, any onnxruntime) or ort-training"),
     ("--rounds", "rounds", int, "model versions to produce (default: 150)"),
     ("--devices-per-round", "devices_per_round", int, "target updates per round (default: 10)"),
     ("--over-selection", "over_selection", float, "devices asked per target one (default: 1.3)"),

@@ -42,6 +42,9 @@ class AggregatorConfig:
     fleet: str = "default"
     model: str = "cnn"
     """A reference model name (mlp, cnn, mlp-xl) or a path to your ``.onnx`` model."""
+    backend: Literal["portable", "ort-training"] = "portable"
+    """Training artifacts devices run: ``portable`` (standard ONNX ops, any onnxruntime)
+    or ``ort-training`` (needs the onnxruntime-training wheel on every device)."""
     rounds: int = 150
     """Model versions to produce (closed rounds in sync mode, aggregations in async)."""
     mode: Mode = "sync"
@@ -117,6 +120,7 @@ class AggregatorConfig:
         _positive_int("rounds", self.rounds)
         _positive_int("devices_per_round", self.devices_per_round)
         _choice("mode", self.mode, ("sync", "async"))
+        _choice("backend", self.backend, ("portable", "ort-training"))
         _choice("clock", self.clock, ("real", "virtual"))
         if not (self.over_selection >= 1.0 and math.isfinite(self.over_selection)):
             raise ConfigError(f"over_selection must be >= 1, got {self.over_selection}")

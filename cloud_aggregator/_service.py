@@ -79,7 +79,6 @@ from cloud_aggregator._aggregation import (
     validate_update,
 )
 from cloud_aggregator._artifacts import (
-    DEVICE_FILES,
     MANIFEST_NAME,
     MODEL_NAME,
     ArtifactInfo,
@@ -144,9 +143,10 @@ def prepare_artifacts(config: AggregatorConfig, directory: Path) -> ModelArtifac
         if config.is_reference_model:
             from cloud_aggregator._models import build_reference_model
 
-            build_artifacts(build_reference_model(config.model, config.seed), directory)
+            build_artifacts(build_reference_model(config.model, config.seed), directory,
+                            backend=config.backend)
         else:
-            build_artifacts(config.model, directory)
+            build_artifacts(config.model, directory, backend=config.backend)
     info = read_manifest(directory)
     layout = Layout(tensors=tuple((name, tuple(shape)) for name, shape in info.parameters))
     return ModelArtifacts(info=info, layout=layout,
@@ -1117,7 +1117,7 @@ class Aggregator:
         if self._bundle is None:
             directory = self.model.directory
             files = {name: (directory / name).read_bytes()
-                     for name in (*DEVICE_FILES, MANIFEST_NAME)}
+                     for name in (*self.model.info.device_files, MANIFEST_NAME)}
             self._bundle = pack_bundle(files)
         return self._bundle
 

@@ -13,7 +13,7 @@ that every package can derive from it. The whole tree, by package::
     ├── TransportError                   broker_bridge    (the broker and the network: outside us)
     │   └── BrokerUnavailable            broker_bridge
     ├── AgentError                       edge_runtime
-    │   ├── TrainingBackendMissing       edge_runtime     (no onnxruntime training API)
+    │   ├── TrainingBackendMissing       edge_runtime     (no usable ONNX Runtime backend)
     │   ├── ArtifactError                edge_runtime     (corrupt or mismatched artifacts)
     │   └── DataError                    edge_runtime     (local data does not fit the model)
     └── AggregatorError                  cloud_aggregator

@@ -3,8 +3,12 @@
 Where things live:
 
 - ``_errors``: ``AgentError``, ``TrainingBackendMissing``, ``ArtifactError``, ``DataError``.
-- ``_ort``: ``load_training_api`` (ORT's on-device training API without torch).
-- ``_trainer``: ``OrtTrainer``, ``TrainResult``, ``EvalResult``.
+- ``_ort``: ``import_onnxruntime``, ``load_training_api`` (ORT's training API without torch).
+- ``_training``: ``Trainer`` (the backend protocol), ``open_trainer``, ``TrainResult``,
+  ``EvalResult``, ``batch_schedule``.
+- ``_portable``: ``PortableTrainer`` (compiled standard-op graphs on plain onnxruntime).
+- ``_ort_training``: ``OrtTrainingTrainer`` (the onnxruntime-training backend).
+- ``_manifest``: reading and checking ``artifacts.json`` (both formats).
 - ``_data``: ``DataSource``, ``load_data``, ``load_npz``, ``load_csv``, ``load_callable``,
   ``validate_for_model``.
 - ``_datasets``: ``Mnist1D``, ``load_mnist1d``, ``partition_iid``, ``partition_dirichlet``,
@@ -49,6 +53,8 @@ from edge_runtime._datasets import (
 from edge_runtime._eligibility import DeviceStatus, EligibilityRules, SystemProbe, check_eligibility
 from edge_runtime._errors import AgentError, ArtifactError, DataError, TrainingBackendMissing
 from edge_runtime._ort import load_training_api
+from edge_runtime._ort_training import OrtTrainingTrainer
+from edge_runtime._portable import PortableTrainer
 from edge_runtime._state import (
     AgentState,
     DiskFull,
@@ -57,7 +63,7 @@ from edge_runtime._state import (
     TaskRecord,
     TaskStatus,
 )
-from edge_runtime._trainer import EvalResult, OrtTrainer, TrainResult
+from edge_runtime._training import EvalResult, Trainer, TrainResult, open_trainer
 
 __all__ = [
     "Agent",
@@ -79,13 +85,15 @@ __all__ = [
     "Mnist1D",
     "ModelCache",
     "ModelVersionError",
-    "OrtTrainer",
+    "OrtTrainingTrainer",
+    "PortableTrainer",
     "StateError",
     "Submission",
     "SystemProbe",
     "TaskRecord",
     "TaskStatus",
     "TrainResult",
+    "Trainer",
     "TrainerPool",
     "TrainerProvider",
     "TrainingBackendMissing",
@@ -98,6 +106,7 @@ __all__ = [
     "load_npz",
     "load_training_api",
     "make_agent_transport",
+    "open_trainer",
     "partition_dirichlet",
     "partition_iid",
     "partition_shards",

@@ -77,7 +77,7 @@ from edge_runtime._state import (
     TaskStatus,
     state_error,
 )
-from edge_runtime._trainer import OrtTrainer
+from edge_runtime._training import Trainer, open_trainer
 
 log = logging.getLogger(__name__)
 
@@ -137,11 +137,11 @@ class LocalData:
 
 
 class TrainerProvider(Protocol):
-    """Hands out an ``OrtTrainer`` for some artifacts, exclusively, for one task."""
+    """Hands out a ``Trainer`` for some artifacts, exclusively, for one task."""
 
     def lease(
         self, artifacts_dir: Path, artifacts_hash: str
-    ) -> contextlib.AbstractContextManager[OrtTrainer]: ...
+    ) -> contextlib.AbstractContextManager[Trainer]: ...
 
 
 class TrainerPool:
@@ -150,8 +150,9 @@ class TrainerPool:
     One device agent needs one session; a simulator with a thousand agents on one
     machine needs as many as it trains at once (its executor's workers), not one per
     agent. A lease sets nothing: the agent loads the global weights and the learning
-    rate itself. (With a stateful optimizer such as AdamW the moments would carry from
-    one lease to the next; the reference tasks use SGD.)
+    rate itself. (The portable backend resets optimizer state when the global weights
+    are loaded; with the onnxruntime-training backend AdamW's moments would carry from
+    one lease to the next.)
     """
 
     def __init__(
@@ -163,12 +164,12 @@ class TrainerPool:
         self.intra_op_threads = intra_op_threads
         self.max_models = max_models
         self._cond = threading.Condition()
-        self._idle: dict[str, list[OrtTrainer]] = {}
+        self._idle: dict[str, list[Trainer]] = {}
         self._created: dict[str, int] = {}
         self._used: dict[str, float] = {}
 
     @contextlib.contextmanager
-    def lease(self, artifacts_dir: Path, artifacts_hash: str) -> Iterator[OrtTrainer]:
+    def lease(self, artifacts_dir: Path, artifacts_hash: str) -> Iterator[Trainer]:
         trainer = self._take(artifacts_dir, artifacts_hash)
         try:
             yield trainer
@@ -177,7 +178,7 @@ class TrainerPool:
                 self._idle.setdefault(artifacts_hash, []).append(trainer)
                 self._cond.notify_all()
 
-    def _take(self, artifacts_dir: Path, artifacts_hash: str) -> OrtTrainer:
+    def _take(self, artifacts_dir: Path, artifacts_hash: str) -> Trainer:
         with self._cond:
             while True:
                 self._used[artifacts_hash] = time.monotonic()
@@ -190,8 +191,8 @@ class TrainerPool:
                 self._cond.wait()
             self._evict(keep=artifacts_hash)
         try:
-            return OrtTrainer(
-                artifacts_dir=artifacts_dir,
+            return open_trainer(
+                artifacts_dir,
                 intra_op_threads=self.intra_op_threads,
                 inter_op_threads=1,
                 expected_hash=artifacts_hash,
@@ -828,7 +829,7 @@ class Agent:
         self.log.info("round %d: sent update (%d samples, %d steps, %d bytes)", task.round,
                       samples, steps, len(submission.body))
 
-    def _check_data(self, trainer: OrtTrainer) -> None:
+    def _check_data(self, trainer: Trainer) -> None:
         shape = trainer.input_shape
         if shape is not None:
             validate_for_model(self.data.x, self.data.y, shape)

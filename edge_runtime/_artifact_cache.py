@@ -35,13 +35,12 @@ from broker_bridge import (
     Layout,
     ModelVersion,
     WireError,
-    content_hash,
     decode_model,
     fsync_dir,
     read_header,
 )
 from edge_runtime._errors import ArtifactError
-from edge_runtime._trainer import ARTIFACT_FILES, MANIFEST_FORMAT, MANIFEST_NAME
+from edge_runtime._manifest import MANIFEST_NAME, check_manifest, device_files
 
 log = logging.getLogger(__name__)
 
@@ -60,23 +59,18 @@ def verify_bundle(files: Mapping[str, bytes], expected_hash: str | None) -> dict
     if raw is None:
         raise ArtifactError(f"artifact bundle has no {MANIFEST_NAME}")
     try:
-        manifest = json.loads(raw.decode("utf-8"))
-        listed = manifest["files"]
-        declared = manifest["content_hash"]
-        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(listed, dict):
-            raise ValueError(f"unknown manifest format {manifest.get('format')!r}")
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        parsed = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ArtifactError(f"malformed {MANIFEST_NAME} in artifact bundle: {exc}") from exc
-    if declared != content_hash(listed):
-        raise ArtifactError(f"{MANIFEST_NAME}: content hash does not match its file list")
+    manifest = check_manifest(parsed, where=f"{MANIFEST_NAME} in artifact bundle")
+    declared = manifest["content_hash"]
     if expected_hash is not None and declared != expected_hash:
         raise ArtifactError(
             f"artifacts have content hash {str(declared)[:16]}..., "
             f"the task expects {expected_hash[:16]}..."
         )
-    for name in ARTIFACT_FILES:
-        if name not in listed:
-            raise ArtifactError(f"{MANIFEST_NAME} does not list {name}")
+    listed = manifest["files"]
+    for name in device_files(manifest):
         data = files.get(name)
         if data is None:
             raise ArtifactError(f"artifact bundle lacks {name}")
@@ -109,14 +103,14 @@ class ArtifactCache:
     def install(self, files: Mapping[str, bytes], *, expected_hash: str) -> Path:
         """Verify ``files`` (an unpacked bundle) and move them into the cache."""
         _check_hash(expected_hash)
-        verify_bundle(files, expected_hash)
+        manifest = verify_bundle(files, expected_hash)
         final = self.root / expected_hash
         if (final / MANIFEST_NAME).is_file():
             return final
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{expected_hash[:12]}-", dir=self.root))
         try:
-            for name in (*ARTIFACT_FILES, MANIFEST_NAME):
+            for name in (*device_files(manifest), MANIFEST_NAME):
                 with open(tmp / name, "wb") as fh:
                     fh.write(files[name])
                     fh.flush()

@@ -87,9 +87,9 @@ def run_agent(config: Any, *, stop: threading.Event | None = None) -> int:
     from edge_runtime._artifact_cache import ArtifactCache
     from edge_runtime._data import load_data
     from edge_runtime._eligibility import SystemProbe
-    from edge_runtime._ort import load_training_api
+    from edge_runtime._ort import import_onnxruntime
 
-    load_training_api()  # TrainingBackendMissing says how to get it (aarch64: build it)
+    ort = import_onnxruntime()  # TrainingBackendMissing says how to install it
     x, y = load_data(config.data)
     data = LocalData.split(x, y, holdout_fraction=config.holdout_fraction,
                            seed=zlib.crc32(config.device_id.encode()))
@@ -128,7 +128,7 @@ def run_agent(config: Any, *, stop: threading.Event | None = None) -> int:
         # The transport keeps reconnecting in the background; greet when it does.
         log.warning("%s: %s; still trying", config.device_id, exc)
     print(f"fleetlearn agent {config.device_id}: {data.num_samples} local samples, "
-          f"state in {config.state_dir}", flush=True)
+          f"onnxruntime {ort.__version__}, state in {config.state_dir}", flush=True)
     try:
         while not stop.wait(1.0):
             pass
@@ -152,11 +152,11 @@ def measure_step_times(
     """
     import numpy as np
 
-    from edge_runtime._trainer import OrtTrainer
+    from edge_runtime._training import open_trainer
 
     out: dict[str, float] = {}
     for name, directory in artifact_dirs.items():
-        trainer = OrtTrainer(artifacts_dir=directory, intra_op_threads=threads)
+        trainer = open_trainer(directory, intra_op_threads=threads)
         shape = trainer.input_shape or ("batch", 40)
         dims = [d if isinstance(d, int) else 1 for d in shape[1:]]
         rng = np.random.default_rng(0)

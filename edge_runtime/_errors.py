@@ -1,7 +1,7 @@
 """Errors of the device agent (see ``device_profiles._errors`` for the whole tree).
 
     AgentError
-    ├── TrainingBackendMissing   the onnxruntime training API cannot be imported
+    ├── TrainingBackendMissing   no usable ONNX Runtime (or no training API for ort-training)
     ├── ArtifactError            training artifacts corrupt, mismatched or unverifiable
     └── DataError                local data does not fit the model's inputs
 """
@@ -16,7 +16,7 @@ class AgentError(FleetlearnError):
 
 
 class TrainingBackendMissing(AgentError, ImportError):
-    """ONNX Runtime's training API is not installed on this device."""
+    """ONNX Runtime (or, for the onnxruntime-training backend, its training API) is missing."""
 
 
 class ArtifactError(AgentError, ValueError):

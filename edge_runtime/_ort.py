@@ -1,4 +1,7 @@
-"""Torch-free access to ONNX Runtime's on-device training API.
+"""Importing ONNX Runtime on a device, and torch-free access to its training API.
+
+``import_onnxruntime`` is all the portable backend needs (any ONNX Runtime build). The
+rest concerns the optional onnxruntime-training backend:
 
 ``import onnxruntime.training`` runs that package's ``__init__``, which imports its
 ``optim`` subpackage and with it torch. A device has no torch, and the on-device
@@ -39,19 +42,24 @@ class TrainingApi(NamedTuple):
 
 
 def install_hint() -> str:
-    """What to do on this machine to get the training API."""
+    """What to do on this machine to get the onnxruntime-training API."""
     machine = platform.machine().lower()
-    if sys.platform.startswith("linux") and machine in ("aarch64", "arm64"):
+    portable = ("or rebuild the artifacts with the portable backend (the default of "
+                "'fleetlearn artifacts build'), which runs on plain onnxruntime")
+    if (sys.platform.startswith("linux") and machine in ("aarch64", "arm64")) or (
+        sys.version_info >= (3, 13)
+    ):
         return (
-            "there is no onnxruntime-training wheel for Linux aarch64 (Raspberry Pi, Jetson): "
-            f"build ONNX Runtime {ORT_TRAINING_VERSION} from source with training APIs using "
-            "scripts/build_ort_training_aarch64.sh (see docs/aarch64.md), then pip install "
-            "the wheel it produces"
+            f"onnxruntime-training-cpu {ORT_TRAINING_VERSION} (its last release) has no wheel for "
+            f"{machine} / Python {sys.version_info.major}.{sys.version_info.minor}: {portable}"
         )
-    return f"pip install onnxruntime-training-cpu=={ORT_TRAINING_VERSION}"
+    return (f"replace onnxruntime with onnxruntime-training-cpu=={ORT_TRAINING_VERSION} "
+            f"(pip uninstall -y onnxruntime; pip install onnxruntime-training-cpu=="
+            f"{ORT_TRAINING_VERSION}), {portable}")
 
 
-def _import_onnxruntime() -> types.ModuleType:
+def import_onnxruntime() -> types.ModuleType:
+    """``import onnxruntime`` (any build), quiet, without pulling in torch."""
     # The stub must be in place BEFORE ``import onnxruntime``: importing onnxruntime runs
     # its validation module, which imports ``onnxruntime.training.ortmodule`` and through
     # it torch whenever torch happens to be installed (1.5 s and 200 MB for nothing).
@@ -64,7 +72,7 @@ def _import_onnxruntime() -> types.ModuleType:
         import onnxruntime
     except ImportError as exc:
         raise TrainingBackendMissing(
-            f"onnxruntime is not installed ({exc}); {install_hint()}"
+            f"onnxruntime is not installed ({exc}): pip install onnxruntime"
         ) from exc
     # ORT logs every graph transformation at start-up; a device agent keeps errors only.
     onnxruntime.set_default_logger_severity(3)
@@ -95,7 +103,7 @@ def load_training_api() -> TrainingApi:
         if _API is not None:
             return _API
         installed_stub = "onnxruntime.training" not in sys.modules
-        onnxruntime = _import_onnxruntime()
+        onnxruntime = import_onnxruntime()
         install_training_stub(os.path.join(onnxruntime.__path__[0], "training"))
         try:
             from onnxruntime.training.api import CheckpointState, Module, Optimizer
@@ -112,7 +120,7 @@ def load_training_api() -> TrainingApi:
 
 def session_options(*, intra_op_threads: int, inter_op_threads: int) -> Any:
     """Session options that keep ORT to the given thread counts (0 lets ORT choose)."""
-    onnxruntime = _import_onnxruntime()
+    onnxruntime = import_onnxruntime()
     if intra_op_threads < 0 or inter_op_threads < 0:
         raise ValueError("thread counts must be >= 0 (0 lets ONNX Runtime choose)")
     options = onnxruntime.SessionOptions()

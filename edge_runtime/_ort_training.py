@@ -1,4 +1,8 @@
-"""The on-device training backend: ONNX Runtime's ``CheckpointState``/``Module``/``Optimizer``.
+"""The onnxruntime-training backend: ORT's ``CheckpointState``/``Module``/``Optimizer``.
+
+Kept for artifacts built with ``--backend ort-training`` (manifest format 1) on
+machines where the ``onnxruntime-training-cpu`` wheel exists (x86_64, Python <= 3.12);
+the portable backend (``_portable``) is the default and runs everywhere.
 
 A device exchanges one flat float32 vector with the fleet: the trainable parameters
 in the order of ``Module.get_contiguous_parameters(trainable_only=True)``. That order
@@ -16,69 +20,37 @@ is checked and its combined content hash can be pinned by the task.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from broker_bridge import content_hash, file_sha256
 from edge_runtime._errors import ArtifactError
+from edge_runtime._manifest import (
+    FORMAT_ORT_TRAINING,
+    MANIFEST_NAME,
+    ORT_TRAINING_FILES,
+    read_manifest_file,
+    verify_files,
+)
 from edge_runtime._ort import load_training_api, session_options
-
-ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
-MANIFEST_NAME = "artifacts.json"
-MANIFEST_FORMAT = "fleetlearn-artifacts/1"
-
-ParameterShapes = tuple[tuple[str, tuple[int, ...]], ...]
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainResult:
-    """What one call to :meth:`OrtTrainer.train` did."""
-
-    samples_seen: int
-    """Samples actually trained on (counting repeats over epochs): the FedAvg weight."""
-    steps: int
-    mean_loss: float
-    """Sample-weighted mean training loss over the steps taken (NaN if none)."""
-    seconds: float
-    stopped_early: bool
-    """True when the deadline or ``should_stop`` cut training short."""
+from edge_runtime._training import (
+    EvalResult,
+    ParameterShapes,
+    TrainResult,
+    batch_schedule,
+    checked_rate,
+)
 
 
-class EvalResult(NamedTuple):
-    """Mean loss and accuracy (NaN for regression) over the evaluated samples."""
+class OrtTrainingTrainer:
+    """Trains onnxruntime-training artifacts on local arrays; exchanges flat parameters."""
 
-    loss: float
-    accuracy: float
-
-
-def _read_manifest(directory: Path) -> dict[str, Any] | None:
-    path = directory / MANIFEST_NAME
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        if data.get("format") != MANIFEST_FORMAT:
-            raise ArtifactError(f"{path}: unknown manifest format {data.get('format')!r}")
-        files = data["files"]
-        if not isinstance(files, dict) or data["content_hash"] != content_hash(files):
-            raise ArtifactError(f"{path}: content hash does not match its file list")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        if isinstance(exc, ArtifactError):
-            raise
-        raise ArtifactError(f"cannot read {path}: {exc!r}") from exc
-    return data
-
-
-class OrtTrainer:
-    """Trains one model's artifacts on local arrays and exchanges its flat parameters."""
+    backend = "ort-training"
 
     def __init__(
         self,
@@ -89,11 +61,13 @@ class OrtTrainer:
         expected_hash: str | None = None,
     ) -> None:
         self._dir = Path(artifacts_dir)
-        missing = [name for name in ARTIFACT_FILES if not (self._dir / name).is_file()]
+        missing = [name for name in ORT_TRAINING_FILES if not (self._dir / name).is_file()]
         if missing:
             raise ArtifactError(f"training artifacts missing in {self._dir}: {', '.join(missing)}")
-        self._manifest = _read_manifest(self._dir)
-        self._verify_files(expected_hash)
+        self._manifest = read_manifest_file(self._dir)
+        if self._manifest is not None and self._manifest["format"] != FORMAT_ORT_TRAINING:
+            raise ArtifactError(f"artifacts in {self._dir} are not onnxruntime-training artifacts")
+        verify_files(self._dir, self._manifest, expected_hash)
         api = load_training_api()
         options = session_options(
             intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads
@@ -118,29 +92,6 @@ class OrtTrainer:
         self._classification: bool | None = None if loss is None else loss == "cross_entropy"
 
     # -- artifacts ---------------------------------------------------------------------------
-
-    def _verify_files(self, expected_hash: str | None) -> None:
-        if self._manifest is None:
-            if expected_hash is not None:
-                raise ArtifactError(
-                    f"no {MANIFEST_NAME} in {self._dir}: cannot verify content hash {expected_hash}"
-                )
-            return
-        if expected_hash is not None and self._manifest["content_hash"] != expected_hash:
-            raise ArtifactError(
-                f"artifacts in {self._dir} have content hash {self._manifest['content_hash']}, "
-                f"the task expects {expected_hash}"
-            )
-        files: dict[str, str] = self._manifest["files"]
-        for name in ARTIFACT_FILES:
-            if name not in files:
-                raise ArtifactError(f"{MANIFEST_NAME} in {self._dir} does not list {name}")
-            actual = file_sha256(self._dir / name)
-            if actual != files[name]:
-                raise ArtifactError(
-                    f"{self._dir / name} is corrupt: sha256 {actual[:16]}..., "
-                    f"{MANIFEST_NAME} says {files[name][:16]}..."
-                )
 
     def _measure_layout(self) -> ParameterShapes:
         """Find the order of the flat buffer by filling each parameter with a marker value."""
@@ -245,9 +196,7 @@ class OrtTrainer:
 
     def set_learning_rate(self, lr: float) -> None:
         """Set the optimizer's learning rate (must be positive and finite)."""
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"learning rate must be positive and finite, got {lr}")
-        self._optimizer.set_learning_rate(float(lr))
+        self._optimizer.set_learning_rate(checked_rate(lr))
 
     # -- training ----------------------------------------------------------------------------
 
@@ -283,41 +232,34 @@ class OrtTrainer:
         checked before every batch, so a cancelled round stops within one step and
         ``samples_seen`` is the number really trained on. ``max_steps`` caps the steps.
         """
-        if epochs < 0 or batch_size < 1:
-            raise ValueError("epochs must be >= 0 and batch_size >= 1")
         xs, ys = self._check_xy(x, y)
         if lr is not None:
             self.set_learning_rate(lr)
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        plan = batch_schedule(len(xs), epochs=epochs, batch_size=batch_size, rng=rng,
+                              max_steps=max_steps)
         start = time.monotonic()
         deadline = None if deadline_s is None else start + deadline_s
         samples = steps = 0
         loss_sum = 0.0
         stopped = False
         self._module.train()
-        n = len(xs)
-        for _ in range(epochs):
-            order = rng.permutation(n)
-            for first in range(0, n, batch_size):
-                if max_steps is not None and steps >= max_steps:
-                    break
-                if (deadline is not None and time.monotonic() >= deadline) or (
-                    should_stop is not None and should_stop()
-                ):
-                    stopped = True
-                    break
-                index = order[first : first + batch_size]
-                bx = np.ascontiguousarray(xs[index])
-                by = np.ascontiguousarray(ys[index])
-                self._module.lazy_reset_grad()
-                outputs = self._module(bx, by)
-                self._optimizer.step()
-                loss = outputs[0] if isinstance(outputs, tuple) else outputs
-                loss_sum += float(loss) * len(index)
-                samples += len(index)
-                steps += 1
-            if stopped or (max_steps is not None and steps >= max_steps):
+        for first, last in zip(plan.starts.tolist(), plan.ends.tolist(), strict=True):
+            if (deadline is not None and time.monotonic() >= deadline) or (
+                should_stop is not None and should_stop()
+            ):
+                stopped = True
                 break
+            index = plan.order[first:last]
+            bx = np.ascontiguousarray(xs[index])
+            by = np.ascontiguousarray(ys[index])
+            self._module.lazy_reset_grad()
+            outputs = self._module(bx, by)
+            self._optimizer.step()
+            loss = outputs[0] if isinstance(outputs, tuple) else outputs
+            loss_sum += float(loss) * len(index)
+            samples += len(index)
+            steps += 1
         return TrainResult(
             samples_seen=samples,
             steps=steps,

@@ -45,10 +45,10 @@ from edge_runtime import (
     Emulation,
     LocalData,
     ModelCache,
-    OrtTrainer,
     TaskStatus,
     TrainerPool,
     load_config,
+    open_trainer,
 )
 
 FLEET = "unit"
@@ -190,7 +190,7 @@ def expected_delta(
     artifacts_dir: Path, weights: np.ndarray, x: np.ndarray, y: np.ndarray, task: TaskSpec
 ) -> np.ndarray:
     """What local training from ``weights`` produces, computed apart from the agent."""
-    trainer = OrtTrainer(artifacts_dir=artifacts_dir, intra_op_threads=1)
+    trainer = open_trainer(artifacts_dir, intra_op_threads=1)
     trainer.set_parameters(weights)
     trainer.train(x, y, epochs=task.epochs, batch_size=task.batch_size, lr=task.lr,
                   seed=task.seed, max_steps=task.max_steps)
@@ -398,7 +398,8 @@ def test_malformed_messages_are_dropped_and_the_agent_lives(rig: Rig) -> None:
 def test_bad_artifacts_are_reported_and_the_agent_keeps_running(rig: Rig) -> None:
     agent = rig.agent()
     files = dict(rig.agg.files)
-    files["checkpoint"] = files["checkpoint"][:-1] + bytes([files["checkpoint"][-1] ^ 1])
+    weights = files["parameters.f32"]
+    files["parameters.f32"] = weights[:-1] + bytes([weights[-1] ^ 1])
     good = rig.agg.bundle
     rig.agg.bundle = pack_bundle(files)
     rig.agg.send_task("dev-1", rig.agg.task(round_=1))

@@ -16,13 +16,13 @@ import pytest
 
 from device_profiles import Task, get_profile, predict
 from edge_runtime._cli import PROBE_BATCH
-from edge_runtime._trainer import OrtTrainer
+from edge_runtime._training import Trainer, open_trainer
 from fleetlearn._probe import ensure_reference_artifacts
 
 SHAPES = ((1, 80), (3, 80), (1, 400), (3, 400), (1, 1000), (3, 1000))  # (epochs, samples)
 
 
-def _data(trainer: OrtTrainer, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _data(trainer: Trainer, n: int) -> tuple[np.ndarray, np.ndarray]:
     shape = trainer.input_shape or ("batch", 40)
     dims = [d if isinstance(d, int) else 1 for d in shape[1:]]
     rng = np.random.default_rng(0)
@@ -41,7 +41,7 @@ def mlp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_cost_model_counts_the_steps_the_trainer_takes(
     mlp_dir: Path, max_steps: int | None
 ) -> None:
-    trainer = OrtTrainer(artifacts_dir=mlp_dir, intra_op_threads=1)
+    trainer = open_trainer(mlp_dir, intra_op_threads=1)
     x, y = _data(trainer, 1000)
     for e, n in SHAPES:
         res = trainer.train(x[:n], y[:n], epochs=e, batch_size=PROBE_BATCH, max_steps=max_steps)

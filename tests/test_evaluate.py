@@ -13,7 +13,7 @@ from cloud_aggregator._artifacts import build_artifacts, initial_parameters, rea
 from cloud_aggregator._evaluate import ServerEvaluator, federated_eval, load_eval_data
 from cloud_aggregator._models import build_reference_model
 from device_profiles import ConfigError
-from edge_runtime._trainer import OrtTrainer
+from edge_runtime._training import open_trainer
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_server_eval_matches_ort_training_eval(cnn_dir: Path, tmp_path: Path) ->
     y = rng.integers(0, 10, 300)
     np.savez(tmp_path / "eval.npz", x=x, y=y)
     x2, y2 = load_eval_data(tmp_path / "eval.npz")
-    trainer = OrtTrainer(artifacts_dir=cnn_dir)
+    trainer = open_trainer(cnn_dir)
     trainer.train(x, y, epochs=2, lr=0.1, seed=0)  # weights that differ from the file's
     params = trainer.get_parameters()
     assert not np.allclose(params, initial_parameters(cnn_dir))

@@ -13,7 +13,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cloud_aggregator import ModelBuildError
 from cloud_aggregator._artifacts import (
-    DEVICE_FILES,
     build_artifacts,
     content_hash,
     initial_parameters,
@@ -59,18 +58,33 @@ def test_unknown_reference_model_lists_the_known_ones() -> None:
 def test_manifest_hashes_and_parameters(tmp_path: Path) -> None:
     info = build_artifacts(build_reference_model("cnn", 1), tmp_path)
     data = json.loads((tmp_path / "artifacts.json").read_text())
-    for name in DEVICE_FILES:
+    assert data["format"] == "fleetlearn-artifacts/2" and data["backend"] == "portable"
+    assert sorted(data["files"]) == ["eval.onnx", "parameters.f32", "train.onnx"]
+    for name in data["files"]:
         assert data["files"][name] == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
     assert data["content_hash"] == content_hash(data["files"]) == info.content_hash
     assert data["num_parameters"] == 7460
     assert data["input"] == {"name": "input", "shape": ["batch", 40], "dtype": "float32"}
-    assert data["loss"] == "cross_entropy" and data["optimizer"] == "sgd"
+    assert data["loss"]["terms"][0]["name"] == "cross_entropy"
+    assert data["optimizer"]["kind"] == "sgd"
     assert read_manifest(tmp_path) == info
     assert initial_parameters(tmp_path).shape == (7460,)
+    # parameters.f32 is the same vector, raw little-endian float32.
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "parameters.f32", "<f4"),
+                                  initial_parameters(tmp_path))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".build-")]
-    # The eval graph outputs the logits too (accuracy on the device).
-    eval_model = onnx.load(str(tmp_path / "eval_model.onnx"))
-    assert [o.name for o in eval_model.graph.output][1:] == ["logits"]
+    # Only standard ONNX operators, in both graphs (the Loop body included).
+    for name in ("train.onnx", "eval.onnx"):
+        model = onnx.load(str(tmp_path / name))
+        assert {o.domain for o in model.opset_import} == {""}
+        nodes = list(model.graph.node)
+        for node in model.graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    nodes.extend(attr.g.node)
+        assert {n.domain for n in nodes} <= {"", "ai.onnx"}
+    eval_model = onnx.load(str(tmp_path / "eval.onnx"))
+    assert "logits" in [o.name for o in eval_model.graph.output]
 
 
 def _tiny(**overrides: object) -> onnx.ModelProto:
@@ -101,7 +115,7 @@ def test_builder_refuses_unsupported_models(tmp_path: Path) -> None:
     frozen_all = _tiny()
     with pytest.raises(ModelBuildError, match="no float initializer"):
         build_artifacts(frozen_all, tmp_path, frozen=["w", "b"])
-    with pytest.raises(ModelBuildError, match="no float parameter named nope"):
+    with pytest.raises(ModelBuildError, match="no trainable float parameter named nope"):
         build_artifacts(_tiny(), tmp_path, trainable=["nope"])
     with pytest.raises(ModelBuildError, match="unknown loss"):
         build_artifacts(_tiny(), tmp_path, loss="hinge")  # type: ignore[arg-type]

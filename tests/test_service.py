@@ -309,7 +309,7 @@ def test_serves_artifacts_and_models(tmp_path: Path, artifacts: Path) -> None:
                      req.to_message(fleet=FLEET, device="d0"))
     (bundle,) = [m for m in dev.other if m.kind == Kind.ARTIFACTS]
     files = unpack_bundle(bundle.body)
-    assert {"training_model.onnx", "checkpoint", "artifacts.json"} <= set(files)
+    assert {"train.onnx", "eval.onnx", "parameters.f32", "artifacts.json"} <= set(files)
     dev.models.clear()
     dev.channel.send(dev.channel.topics.up("d0", "request"),
                      Request(want="model", model_version=0).to_message(fleet=FLEET, device="d0"))

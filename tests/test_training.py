@@ -1,4 +1,4 @@
-"""The on-device training backend on real ONNX Runtime and real MNIST-1D data."""
+"""The portable training backend on real ONNX Runtime (plain onnxruntime) and real MNIST-1D data."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from cloud_aggregator._artifacts import build_artifacts, initial_parameters, rea
 from cloud_aggregator._models import build_reference_model
 from edge_runtime import ArtifactError, TrainingBackendMissing
 from edge_runtime._datasets import load_mnist1d
-from edge_runtime._ort import install_hint, load_training_api
-from edge_runtime._trainer import OrtTrainer
+from edge_runtime._ort import install_hint
+from edge_runtime._training import Trainer, batch_schedule, open_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,18 +36,17 @@ def mnist(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
     return load_mnist1d(cache_dir=tmp_path_factory.getbasetemp().parent / "fleetlearn-cache")
 
 
-def _trainer(directory: Path) -> OrtTrainer:
-    return OrtTrainer(artifacts_dir=directory, intra_op_threads=1, inter_op_threads=1)
+def _trainer(directory: Path) -> Trainer:
+    return open_trainer(directory, intra_op_threads=1, inter_op_threads=1)
 
 
-def test_device_api_imports_without_torch() -> None:
+def test_device_side_imports_no_torch_no_onnx_no_cloud() -> None:
     code = (
         "import sys\n"
-        "from edge_runtime._ort import load_training_api\n"
-        "api = load_training_api()\n"
-        "import edge_runtime, edge_runtime._trainer, edge_runtime._data, edge_runtime._datasets\n"
-        "assert api.Module.__name__ == 'Module'\n"
-        "bad = [m for m in ('torch', 'cloud_aggregator', 'mnist1d') if m in sys.modules]\n"
+        "import edge_runtime, edge_runtime._portable, edge_runtime._data, edge_runtime._datasets\n"
+        "from edge_runtime._ort import import_onnxruntime\n"
+        "import_onnxruntime()\n"
+        "bad = [m for m in ('torch', 'cloud_aggregator', 'mnist1d', 'onnx') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     result = subprocess.run(
@@ -64,14 +63,14 @@ def test_edge_runtime_source_never_imports_graph_tooling() -> None:
         assert match is None, f"{path.name}: {match.group(0).strip() if match else ''}"
 
 
-def test_missing_backend_says_what_to_do() -> None:
+def test_missing_onnxruntime_says_what_to_do() -> None:
     code = (
         "import sys\n"
         "sys.modules['onnxruntime'] = None\n"
-        "from edge_runtime._ort import load_training_api\n"
+        "from edge_runtime._ort import import_onnxruntime\n"
         "from edge_runtime import TrainingBackendMissing\n"
         "try:\n"
-        "    load_training_api()\n"
+        "    import_onnxruntime()\n"
         "except TrainingBackendMissing as exc:\n"
         "    print(exc)\n"
         "else:\n"
@@ -81,18 +80,29 @@ def test_missing_backend_says_what_to_do() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    assert "onnxruntime-training-cpu==1.19.2" in result.stdout
+    assert "pip install onnxruntime" in result.stdout
     assert issubclass(TrainingBackendMissing, ImportError)
 
 
-def test_aarch64_hint_points_at_the_source_build(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ort_training_artifacts_on_plain_onnxruntime_say_what_to_do(tmp_path: Path) -> None:
+    # Artifacts of the optional backend, as an older fleetlearn wrote them: a device
+    # with plain onnxruntime must say what to do, not crash.
+    (tmp_path / "artifacts.json").write_text(
+        '{"format": "fleetlearn-artifacts/1", "files": {}, "content_hash": ""}')
+    for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises((TrainingBackendMissing, ArtifactError)) as info:
+        open_trainer(tmp_path)
+    assert "artifacts.json" in str(info.value) or "portable" in str(info.value)
+
+
+def test_install_hint_names_the_portable_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     import platform
 
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     monkeypatch.setattr(sys, "platform", "linux")
     hint = install_hint()
-    assert "scripts/build_ort_training_aarch64.sh" in hint
-    assert "docs/aarch64.md" in hint
+    assert "no wheel" in hint and "portable" in hint
 
 
 def test_layout_is_graph_order_and_matches_the_model(mlp_dir: Path) -> None:
@@ -108,14 +118,7 @@ def test_layout_is_graph_order_and_matches_the_model(mlp_dir: Path) -> None:
     ]
     assert shapes[0][1] == (128, 40)
     assert trainer.num_parameters == 23050
-    # The checkpoint iterates alphabetically: the flat order must not be taken from it.
-    state_order = [
-        name
-        for name, _ in load_training_api()
-        .CheckpointState.load_checkpoint(str(mlp_dir / "checkpoint"))
-        .parameters
-    ]
-    assert state_order != [name for name, _ in shapes]
+    assert trainer.backend == "portable"
     # Each slice of the flat vector is the model's initializer of that name.
     model = onnx.load(str(mlp_dir / "model.onnx"))
     tensors = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -181,14 +184,35 @@ def test_stop_between_batches_reports_true_sample_count(mlp_dir: Path) -> None:
         calls["n"] += 1
         return calls["n"] > 2
 
-    result = trainer.train(x, y, epochs=4, batch_size=16, should_stop=stop)
-    assert result.stopped_early
-    assert result.steps == 2 and result.samples_seen == 32
+    result = trainer.train(x, y, epochs=4, batch_size=16, should_stop=stop, seed=3)
+    # Steps run in chunks between checks; whatever ran, the count is the exact sum of
+    # the batches taken (each epoch of 100 ends with a batch of 4).
+    plan = batch_schedule(100, epochs=4, batch_size=16, rng=np.random.default_rng(3),
+                          max_steps=None)
+    taken = plan.ends[: result.steps] - plan.starts[: result.steps]
+    assert result.steps >= 1 and result.samples_seen == int(taken.sum())
+    assert result.stopped_early == (result.steps < len(plan.starts))
     expired = trainer.train(x, y, epochs=4, batch_size=16, deadline_s=0.0)
     assert expired.stopped_early and expired.samples_seen == 0
     assert math.isnan(expired.mean_loss)
     partial = trainer.train(x, y, epochs=1, batch_size=64)
     assert partial.steps == 2 and partial.samples_seen == 100
+
+
+def test_should_stop_is_asked_between_chunks_and_the_first_chunk_is_one_step(
+    mlp_dir: Path,
+) -> None:
+    trainer = _trainer(mlp_dir)
+    x = np.random.default_rng(0).standard_normal((100, 40)).astype(np.float32)
+    y = np.arange(100, dtype=np.int64) % 10
+    calls = {"n": 0}
+
+    def stop_after_first() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 1
+
+    result = trainer.train(x, y, epochs=4, batch_size=16, should_stop=stop_after_first)
+    assert result.stopped_early and result.steps == 1 and result.samples_seen == 16
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -201,36 +225,57 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def test_missing_artifact_file(mlp_dir: Path, tmp_path: Path) -> None:
     broken = _copy(mlp_dir, tmp_path / "a")
-    (broken / "optimizer_model.onnx").unlink()
-    with pytest.raises(ArtifactError, match=r"optimizer_model\.onnx"):
+    (broken / "train.onnx").unlink()
+    with pytest.raises(ArtifactError, match=r"train\.onnx"):
         _trainer(broken)
 
 
-def test_corrupted_file_fails_its_hash(mlp_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["parameters.f32", "train.onnx", "eval.onnx"])
+def test_corrupted_file_fails_its_hash(mlp_dir: Path, tmp_path: Path, name: str) -> None:
     broken = _copy(mlp_dir, tmp_path / "a")
-    data = bytearray((broken / "checkpoint").read_bytes())
+    data = bytearray((broken / name).read_bytes())
     data[len(data) // 2] ^= 0xFF  # a flipped byte ORT itself would load as a wrong weight
-    (broken / "checkpoint").write_bytes(bytes(data))
+    (broken / name).write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="corrupt"):
         _trainer(broken)
 
 
-@pytest.mark.parametrize("name", ["checkpoint", "training_model.onnx", "eval_model.onnx"])
-def test_truncated_file_without_manifest(mlp_dir: Path, tmp_path: Path, name: str) -> None:
+def test_portable_artifacts_need_their_manifest(mlp_dir: Path, tmp_path: Path) -> None:
     broken = _copy(mlp_dir, tmp_path / "a")
     (broken / "artifacts.json").unlink()
-    data = (broken / name).read_bytes()
-    (broken / name).write_bytes(data[: len(data) // 3])
+    with pytest.raises(ArtifactError, match=r"artifacts\.json"):
+        _trainer(broken)
+
+
+@pytest.mark.parametrize("text", ["{", "[]", '{"format": "fleetlearn-artifacts/9"}',
+                                  '{"format": "fleetlearn-artifacts/2", "files": {"../x": "0"}}'])
+def test_malformed_manifest_is_a_typed_error(mlp_dir: Path, tmp_path: Path, text: str) -> None:
+    broken = _copy(mlp_dir, tmp_path / "a")
+    (broken / "artifacts.json").write_text(text)
     with pytest.raises(ArtifactError):
+        _trainer(broken)
+
+
+def test_manifest_that_lies_about_the_graph_is_refused(mlp_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from broker_bridge import content_hash
+
+    broken = _copy(mlp_dir, tmp_path / "a")
+    manifest = json.loads((broken / "artifacts.json").read_text())
+    manifest["train"]["parameters"][0]["in"] = "fl::in/nope"
+    (broken / "artifacts.json").write_text(json.dumps(manifest))
+    assert manifest["content_hash"] == content_hash(manifest["files"])
+    with pytest.raises(ArtifactError, match="does not match its manifest"):
         _trainer(broken)
 
 
 def test_pinned_content_hash(mlp_dir: Path) -> None:
     good = read_manifest(mlp_dir).content_hash
     assert _trainer(mlp_dir).manifest is not None
-    OrtTrainer(artifacts_dir=mlp_dir, expected_hash=good)
+    open_trainer(mlp_dir, expected_hash=good)
     with pytest.raises(ArtifactError, match="content hash"):
-        OrtTrainer(artifacts_dir=mlp_dir, expected_hash="0" * 64)
+        open_trainer(mlp_dir, expected_hash="0" * 64)
 
 
 def test_frozen_parameters_are_not_exchanged(tmp_path: Path) -> None:

@@ -1,0 +1,359 @@
+"""The portable training backend: compiled training graphs run by plain ``onnxruntime``.
+
+The artifacts (manifest format 2, built by the aggregator's compiler) hold a training
+graph made of standard ONNX operators whose one ``Loop`` runs many mini-batch steps
+per ``run()``, and an eval graph. No training build of ONNX Runtime is needed: any
+build that runs inference runs these, on x86_64 and aarch64, Python 3.11 to 3.13.
+
+Between calls the parameters and the optimizer state stay inside ONNX Runtime as
+``OrtValue`` s (each run's outputs are the next run's inputs, never copied through
+numpy); the local data is wrapped once per ``train`` call. A call runs the schedule in
+chunks sized to about ``CHUNK_S`` seconds (the first chunk is one step, to measure),
+so a deadline or a cancelled round stops training between chunks, and the number of
+samples really trained on is exact.
+
+The optimizer state (momentum, Adam's moments) starts at zero whenever a new global
+model is loaded with ``set_parameters``, and carries across ``train`` calls in between.
+With FedProx the weights given to ``set_parameters`` are the proximal anchor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime._errors import ArtifactError
+from edge_runtime._manifest import FORMAT_PORTABLE, read_manifest_file, verify_files
+from edge_runtime._ort import import_onnxruntime, session_options
+from edge_runtime._training import (
+    EvalResult,
+    ParameterShapes,
+    TrainResult,
+    batch_schedule,
+    checked_rate,
+)
+
+CHUNK_S = 0.25
+"""Target duration of one ``run()`` of the training graph."""
+MAX_CHUNK_STEPS = 1 << 16
+
+
+def _tensor_list(items: Any, what: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((str(p["name"]), tuple(int(d) for d in p["shape"])) for p in items)
+
+
+class PortableTrainer:
+    """Trains format-2 (portable) artifacts with an ONNX Runtime inference session."""
+
+    backend = "portable"
+
+    def __init__(
+        self,
+        *,
+        artifacts_dir: str | os.PathLike[str],
+        intra_op_threads: int = 1,
+        inter_op_threads: int = 1,
+        expected_hash: str | None = None,
+    ) -> None:
+        self._dir = Path(artifacts_dir)
+        manifest = read_manifest_file(self._dir)
+        if manifest is None:
+            raise ArtifactError(f"no artifacts.json in {self._dir}")
+        if manifest["format"] != FORMAT_PORTABLE:
+            raise ArtifactError(f"artifacts in {self._dir} are not portable artifacts")
+        verify_files(self._dir, manifest, expected_hash)
+        self._manifest = manifest
+        try:
+            self._shapes = _tensor_list(manifest["parameters"], "parameters")
+            self._frozen_shapes = _tensor_list(manifest.get("frozen", []), "frozen")
+            self._train_io: dict[str, Any] = dict(manifest["train"])
+            self._eval_io: dict[str, Any] = dict(manifest["eval"])
+            self._label_dtype = np.dtype(str(manifest["label"]["dtype"]))
+            self._metric = manifest["loss"].get("metric")
+            state = [
+                (str(s["in"]), str(s["out"]), tuple(int(d) for d in s["shape"]))
+                for s in self._train_io["state"]
+            ]
+            param_io = [(str(p["in"]), str(p["out"])) for p in self._train_io["parameters"]]
+            anchors = [(str(g["input"]), str(g["parameter"])) for g in self._train_io["global"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ArtifactError(f"malformed portable manifest in {self._dir}: {exc!r}") from exc
+        if len(param_io) != len(self._shapes):
+            raise ArtifactError(f"manifest in {self._dir}: parameter inputs do not match the list")
+        if not self._shapes:
+            raise ArtifactError(f"artifacts in {self._dir} have no trainable parameters")
+        self._size = sum(math.prod(shape) for _, shape in self._shapes)
+        self._state_io = state
+        self._param_io = param_io
+        self._anchors = anchors
+        self._ort = import_onnxruntime()
+        options = session_options(
+            intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads
+        )
+        self._train = self._session(str(self._train_io["file"]), options)
+        self._eval = self._session(str(self._eval_io["file"]), options)
+        self._check_io()
+        initial = self._read_f32(str(manifest.get("initial", "parameters.f32")), self._size)
+        frozen_size = sum(math.prod(shape) for _, shape in self._frozen_shapes)
+        frozen_file = manifest.get("frozen_values")
+        frozen = self._read_f32(str(frozen_file), frozen_size) if frozen_size else None
+        self._frozen: dict[str, Any] = {}
+        if frozen is not None:
+            for (name, shape), part in zip(self._frozen_shapes, self._split(frozen), strict=True):
+                self._frozen[name] = self._value(part.reshape(shape))
+        self._lr = 0.01
+        self._params: list[Any] = []
+        self._state: list[Any] = []
+        self._anchor_values: dict[str, Any] = {}
+        self._step = self._value(np.zeros((), np.float32))
+        self.set_parameters(initial)
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def _session(self, name: str, options: Any) -> Any:
+        try:
+            return self._ort.InferenceSession(
+                str(self._dir / name), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT raises Fail, InvalidGraph, NotImplemented...
+            raise ArtifactError(
+                f"ONNX Runtime {self._ort.__version__} cannot load {self._dir / name}: {exc}"
+            ) from exc
+
+    def _check_io(self) -> None:
+        have = {i.name for i in self._train.get_inputs()}
+        want = {i for i, _ in self._param_io} | {i for i, _, _ in self._state_io}
+        want |= {
+            str(self._train_io[k])
+            for k in ("x", "y", "sample_weight", "order", "starts", "ends", "lr", "step")
+        }
+        want |= {a for a, _ in self._anchors} | {n for n, _ in self._frozen_shapes}
+        if self._train_io.get("soft_targets"):
+            want.add(str(self._train_io["soft_targets"]))
+        if have != want:
+            raise ArtifactError(
+                f"training graph in {self._dir} does not match its manifest: inputs "
+                f"{sorted(have ^ want)[:5]} differ"
+            )
+
+    def _read_f32(self, name: str, size: int) -> np.ndarray:
+        path = self._dir / name
+        try:
+            data = np.fromfile(path, dtype="<f4")
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"cannot read {path}: {exc}") from exc
+        if data.size != size:
+            raise ArtifactError(f"{path} holds {data.size} floats, the manifest needs {size}")
+        return data.astype(np.float32)
+
+    def _value(self, array: np.ndarray) -> Any:
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+
+    def _split(self, flat: np.ndarray, shapes: ParameterShapes | None = None) -> list[np.ndarray]:
+        parts, pos = [], 0
+        for _, shape in shapes if shapes is not None else self._frozen_shapes:
+            size = math.prod(shape)
+            parts.append(flat[pos : pos + size])
+            pos += size
+        return parts
+
+    # -- parameters --------------------------------------------------------------------------
+
+    def parameter_shapes(self) -> ParameterShapes:
+        """Exchanged tensors as ``(name, shape)`` in flat-vector order."""
+        return self._shapes
+
+    @property
+    def num_parameters(self) -> int:
+        return self._size
+
+    @property
+    def manifest(self) -> dict[str, Any] | None:
+        return self._manifest
+
+    @property
+    def input_shape(self) -> tuple[int | str, ...] | None:
+        return tuple(self._manifest["input"]["shape"])
+
+    def get_parameters(self) -> np.ndarray:
+        """The current exchanged parameters as a fresh flat float32 vector."""
+        return np.concatenate([np.asarray(v.numpy(), np.float32).ravel() for v in self._params])
+
+    def set_parameters(self, flat: np.ndarray) -> None:
+        """Load a flat vector (the global model); resets the optimizer state."""
+        values = np.asarray(flat)
+        if values.ndim != 1 or values.size != self._size:
+            raise ArtifactError(
+                f"parameter vector has shape {values.shape}; this model has {self._size} parameters"
+            )
+        if not np.issubdtype(values.dtype, np.floating):
+            raise ArtifactError(f"parameter vector must be floating point, got {values.dtype}")
+        values = np.array(values, dtype=np.float32)  # a private copy the OrtValues point into
+        parts = [
+            p.reshape(shape)
+            for p, (_, shape) in zip(self._split(values, self._shapes), self._shapes, strict=True)
+        ]
+        self._params = [self._value(p) for p in parts]
+        self._holder = values
+        self._state = [self._value(np.zeros(shape, np.float32)) for _, _, shape in self._state_io]
+        self._step = self._value(np.zeros((), np.float32))
+        by_name = {name: part for (name, _), part in zip(self._shapes, parts, strict=True)}
+        self._anchor_values = {a: self._value(by_name[p]) for a, p in self._anchors}
+
+    @property
+    def learning_rate(self) -> float:
+        return self._lr
+
+    def set_learning_rate(self, lr: float) -> None:
+        self._lr = checked_rate(lr)
+
+    # -- training ----------------------------------------------------------------------------
+
+    def _check_xy(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        xs = np.ascontiguousarray(x, dtype=np.float32)
+        ys = np.ascontiguousarray(y, dtype=self._label_dtype)
+        if xs.ndim < 1 or len(xs) != len(ys):
+            raise ValueError(f"x has {len(xs)} samples, y has {len(ys)}")
+        return xs, ys
+
+    def train(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int = 1,
+        batch_size: int = 32,
+        lr: float | None = None,
+        seed: int | np.random.Generator | None = None,
+        deadline_s: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        max_steps: int | None = None,
+        sample_weight: np.ndarray | None = None,
+        soft_targets: np.ndarray | None = None,
+    ) -> TrainResult:
+        """Run ``epochs`` shuffled passes in mini-batches (each epoch's last one may be short).
+
+        ``deadline_s`` (a budget from this call) and ``should_stop`` are checked between
+        chunks of steps; ``max_steps`` caps the steps. ``sample_weight`` weights each
+        sample's loss (default: all 1); ``soft_targets`` are a teacher's logits when the
+        loss has a distillation term.
+        """
+        xs, ys = self._check_xy(x, y)
+        if lr is not None:
+            self.set_learning_rate(lr)
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        plan = batch_schedule(
+            len(xs), epochs=epochs, batch_size=batch_size, rng=rng, max_steps=max_steps
+        )
+        io = self._train_io
+        fixed = {
+            str(io["x"]): self._value(xs),
+            str(io["y"]): self._value(ys),
+            str(io["sample_weight"]): self._value(self._weights(sample_weight, len(xs))),
+            str(io["order"]): self._value(plan.order),
+            str(io["lr"]): self._value(np.array(self._lr, np.float32)),
+            **self._frozen,
+            **self._anchor_values,
+        }
+        if io.get("soft_targets"):
+            if soft_targets is None or len(soft_targets) != len(xs):
+                raise ValueError("this loss distils: pass soft_targets (one row per sample)")
+            fixed[str(io["soft_targets"])] = self._value(np.asarray(soft_targets, np.float32))
+        outputs = (
+            [o for _, o in self._param_io]
+            + [o for _, o, _ in self._state_io]
+            + [str(io["step_out"]), str(io["loss_sum"]), str(io["correct_sum"]), str(io["seen"])]
+        )
+        start = time.monotonic()
+        deadline = None if deadline_s is None else start + deadline_s
+        total = len(plan.starts)
+        done = samples = 0
+        loss_sum = 0.0
+        stopped = False
+        per_step: float | None = None
+        while done < total:
+            now = time.monotonic()
+            if (deadline is not None and now >= deadline) or (
+                should_stop is not None and should_stop()
+            ):
+                stopped = True
+                break
+            if per_step is None:
+                chunk = 1
+            else:
+                chunk = int(CHUNK_S / max(per_step, 1e-7))
+                if deadline is not None:
+                    chunk = min(chunk, int((deadline - now) / max(per_step, 1e-7)))
+                chunk = max(1, min(chunk, MAX_CHUNK_STEPS))
+            chunk = min(chunk, total - done)
+            feeds = dict(fixed)
+            feeds[str(io["starts"])] = self._value(plan.starts[done : done + chunk])
+            feeds[str(io["ends"])] = self._value(plan.ends[done : done + chunk])
+            feeds[str(io["step"])] = self._step
+            feeds.update({i: v for (i, _), v in zip(self._param_io, self._params, strict=True)})
+            feeds.update({i: v for (i, _, _), v in zip(self._state_io, self._state, strict=True)})
+            began = time.monotonic()
+            try:
+                result = self._train.run_with_ort_values(outputs, feeds)
+            except Exception as exc:  # ORT's own failures (bad shapes, out of memory)
+                raise RuntimeError(f"ONNX Runtime training step failed: {exc}") from exc
+            elapsed = time.monotonic() - began
+            per_step = elapsed / chunk
+            n_params, n_state = len(self._params), len(self._state)
+            self._params = list(result[:n_params])
+            self._state = list(result[n_params : n_params + n_state])
+            self._step = result[n_params + n_state]
+            loss_part, _, seen = (float(v.numpy()) for v in result[n_params + n_state + 1 :])
+            loss_sum += loss_part
+            samples += round(seen)
+            done += chunk
+        return TrainResult(
+            samples_seen=samples,
+            steps=done,
+            mean_loss=loss_sum / samples if samples else math.nan,
+            seconds=time.monotonic() - start,
+            stopped_early=stopped,
+        )
+
+    @staticmethod
+    def _weights(sample_weight: np.ndarray | None, n: int) -> np.ndarray:
+        if sample_weight is None:
+            return np.ones(n, np.float32)
+        weights = np.ascontiguousarray(sample_weight, dtype=np.float32)
+        if weights.shape != (n,) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+            raise ValueError("sample_weight must be one finite, non-negative value per sample")
+        return weights
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> EvalResult:
+        """Mean loss and accuracy of the current parameters on ``(x, y)``; no update."""
+        xs, ys = self._check_xy(x, y)
+        if len(xs) == 0:
+            return EvalResult(math.nan, math.nan)
+        io = self._eval_io
+        params: Mapping[str, Any] = {
+            name: value for name, value in zip(io["parameters"], self._params, strict=True)
+        }
+        names = [str(io["loss"]), str(io["correct"])]
+        loss_sum = correct = 0.0
+        for first in range(0, len(xs), batch_size):
+            bx, by = xs[first : first + batch_size], ys[first : first + batch_size]
+            feeds = {
+                str(io["x"]): self._value(bx),
+                str(io["y"]): self._value(by),
+                **params,
+                **self._frozen,
+            }
+            try:
+                loss, hits = self._eval.run_with_ort_values(names, feeds)
+            except Exception as exc:
+                raise RuntimeError(f"ONNX Runtime evaluation failed: {exc}") from exc
+            loss_sum += float(loss.numpy()) * len(bx)
+            correct += float(hits.numpy())
+        accuracy = correct / len(xs) if self._metric == "accuracy" else math.nan
+        return EvalResult(loss_sum / len(xs), accuracy)

@@ -1,0 +1,156 @@
+"""What every training backend shares: results, the batch schedule, the ``Trainer`` protocol.
+
+``open_trainer`` picks the backend from the artifacts' manifest: the portable backend
+(``_portable``, plain ``onnxruntime``, any machine) for format 2, the onnxruntime-training
+backend (``_ort_training``) for format 1. Both visit samples in the same order for the
+same seed (``batch_schedule``), so their results can be compared step for step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+
+from edge_runtime._errors import ArtifactError
+from edge_runtime._manifest import backend_of, read_manifest_file
+
+ParameterShapes = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainResult:
+    """What one call to ``Trainer.train`` did."""
+
+    samples_seen: int
+    """Samples actually trained on (counting repeats over epochs): the FedAvg weight."""
+    steps: int
+    mean_loss: float
+    """Sample-weighted mean training loss over the steps taken (NaN if none)."""
+    seconds: float
+    stopped_early: bool
+    """True when the deadline or ``should_stop`` cut training short."""
+
+
+class EvalResult(NamedTuple):
+    """Mean loss and accuracy (NaN for regression) over the evaluated samples."""
+
+    loss: float
+    accuracy: float
+
+
+class Schedule(NamedTuple):
+    """Which samples each step trains on: step ``s`` uses ``order[starts[s]:ends[s]]``."""
+
+    order: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+
+
+def batch_schedule(
+    n: int, *, epochs: int, batch_size: int, rng: np.random.Generator, max_steps: int | None
+) -> Schedule:
+    """``epochs`` shuffled passes in mini-batches (each epoch's last batch may be short)."""
+    if epochs < 0 or batch_size < 1:
+        raise ValueError("epochs must be >= 0 and batch_size >= 1")
+    per_epoch = math.ceil(n / batch_size) if n else 0
+    total = per_epoch * epochs
+    if max_steps is not None:
+        total = min(total, max(0, int(max_steps)))
+    needed = math.ceil(total / per_epoch) if per_epoch else 0
+    orders = [rng.permutation(n) for _ in range(needed)]
+    order = np.concatenate(orders).astype(np.int64) if orders else np.zeros(0, np.int64)
+    firsts = np.arange(0, n, batch_size, dtype=np.int64)
+    starts = np.concatenate([firsts + e * n for e in range(needed)]) if needed else firsts[:0]
+    ends = (
+        np.concatenate([np.minimum(firsts + batch_size, n) + e * n for e in range(needed)])
+        if needed
+        else firsts[:0]
+    )
+    return Schedule(order, starts[:total].astype(np.int64), ends[:total].astype(np.int64))
+
+
+class Trainer(Protocol):
+    """A training backend: one model's artifacts, trained on local arrays."""
+
+    backend: str
+
+    def parameter_shapes(self) -> ParameterShapes: ...
+
+    @property
+    def num_parameters(self) -> int: ...
+
+    @property
+    def manifest(self) -> dict[str, Any] | None: ...
+
+    @property
+    def input_shape(self) -> tuple[int | str, ...] | None: ...
+
+    def get_parameters(self) -> np.ndarray: ...
+
+    def set_parameters(self, flat: np.ndarray) -> None: ...
+
+    @property
+    def learning_rate(self) -> float: ...
+
+    def set_learning_rate(self, lr: float) -> None: ...
+
+    def train(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int = 1,
+        batch_size: int = 32,
+        lr: float | None = None,
+        seed: int | np.random.Generator | None = None,
+        deadline_s: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        max_steps: int | None = None,
+    ) -> TrainResult: ...
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> EvalResult: ...
+
+
+def open_trainer(
+    artifacts_dir: str | os.PathLike[str],
+    *,
+    intra_op_threads: int = 1,
+    inter_op_threads: int = 1,
+    expected_hash: str | None = None,
+) -> Trainer:
+    """Load artifacts with the backend their manifest names (a folder with no manifest
+    is taken as onnxruntime-training artifacts, as older versions wrote them)."""
+    directory = Path(artifacts_dir)
+    manifest = read_manifest_file(directory)
+    if manifest is not None and backend_of(manifest) == "portable":
+        from edge_runtime._portable import PortableTrainer
+
+        return PortableTrainer(
+            artifacts_dir=directory,
+            intra_op_threads=intra_op_threads,
+            inter_op_threads=inter_op_threads,
+            expected_hash=expected_hash,
+        )
+    if manifest is None and (directory / "train.onnx").exists():
+        raise ArtifactError(f"{directory} has portable artifacts but no artifacts.json")
+    from edge_runtime._ort_training import OrtTrainingTrainer
+
+    return OrtTrainingTrainer(
+        artifacts_dir=directory,
+        intra_op_threads=intra_op_threads,
+        inter_op_threads=inter_op_threads,
+        expected_hash=expected_hash,
+    )
+
+
+def checked_rate(lr: float) -> float:
+    """A learning rate that is positive and finite, else ValueError."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"learning rate must be positive and finite, got {lr}")
+    return float(lr)
