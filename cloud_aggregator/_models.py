@@ -136,10 +136,77 @@ def _cnn(name: str, seed: int) -> onnx.ModelProto:
     return _finish(name, nodes, inits)
 
 
+def _transformer(name: str, seed: int) -> onnx.ModelProto:
+    """A one-block transformer encoder over the 40 features read as 8 tokens of 5.
+
+    Embedding (MatMul + bias) plus a learned position table, pre-norm single-head
+    self-attention (LayerNorm, Q/K/V MatMuls, scaled Softmax, output projection,
+    residual), a pre-norm GELU MLP (written with Erf) with a residual, mean pooling over
+    tokens and a linear classifier: 2,554 parameters.
+    """
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    tokens, width, d, hidden = 8, 5, 16, 32
+    weights: dict[str, np.ndarray] = {
+        "embed.weight": _he(rng, (width, d), width), "embed.bias": np.zeros(d, np.float32),
+        "pos": (rng.standard_normal((tokens, d)) * 0.1).astype(np.float32),
+        "ln1.weight": np.ones(d, np.float32), "ln1.bias": np.zeros(d, np.float32),
+        "attn.q": _he(rng, (d, d), d), "attn.k": _he(rng, (d, d), d),
+        "attn.v": _he(rng, (d, d), d), "attn.out": _he(rng, (d, d), d),
+        "ln2.weight": np.ones(d, np.float32), "ln2.bias": np.zeros(d, np.float32),
+        "mlp.fc1.weight": _he(rng, (d, hidden), d), "mlp.fc1.bias": np.zeros(hidden, np.float32),
+        "mlp.fc2.weight": _he(rng, (hidden, d), hidden), "mlp.fc2.bias": np.zeros(d, np.float32),
+        "head.weight": _he(rng, (NUM_CLASSES, d), d),
+        "head.bias": np.zeros(NUM_CLASSES, np.float32),
+    }
+    consts: dict[str, np.ndarray] = {
+        "shape_tokens": np.array([-1, tokens, width], np.int64),
+        "scale": np.array(np.sqrt(d), np.float32), "half": np.array(0.5, np.float32),
+        "one": np.array(1.0, np.float32), "inv_sqrt2": np.array(1 / np.sqrt(2), np.float32),
+        "token_axis": np.array([1], np.int64),
+    }
+    n = helper.make_node
+    nodes = [
+        n("Reshape", [INPUT_NAME, "shape_tokens"], ["tok"], name="tokens"),
+        n("MatMul", ["tok", "embed.weight"], ["emb0"], name="embed"),
+        n("Add", ["emb0", "embed.bias"], ["emb1"], name="embed_bias"),
+        n("Add", ["emb1", "pos"], ["h0"], name="position"),
+        n("LayerNormalization", ["h0", "ln1.weight", "ln1.bias"], ["n1"], axis=-1, name="ln1"),
+        n("MatMul", ["n1", "attn.q"], ["q"], name="q"),
+        n("MatMul", ["n1", "attn.k"], ["k"], name="k"),
+        n("MatMul", ["n1", "attn.v"], ["v"], name="v"),
+        n("Transpose", ["k"], ["kt"], perm=[0, 2, 1], name="kt"),
+        n("MatMul", ["q", "kt"], ["s0"], name="scores"),
+        n("Div", ["s0", "scale"], ["s1"], name="scaled"),
+        n("Softmax", ["s1"], ["att"], axis=-1, name="softmax"),
+        n("MatMul", ["att", "v"], ["ctx"], name="context"),
+        n("MatMul", ["ctx", "attn.out"], ["proj"], name="proj"),
+        n("Add", ["h0", "proj"], ["h1"], name="residual1"),
+        n("LayerNormalization", ["h1", "ln2.weight", "ln2.bias"], ["n2"], axis=-1, name="ln2"),
+        n("MatMul", ["n2", "mlp.fc1.weight"], ["f0"], name="fc1"),
+        n("Add", ["f0", "mlp.fc1.bias"], ["f1"], name="fc1_bias"),
+        n("Mul", ["f1", "inv_sqrt2"], ["g0"], name="gelu_scale"),
+        n("Erf", ["g0"], ["g1"], name="gelu_erf"),
+        n("Add", ["g1", "one"], ["g2"], name="gelu_add"),
+        n("Mul", ["f1", "g2"], ["g3"], name="gelu_mul"),
+        n("Mul", ["g3", "half"], ["g4"], name="gelu_half"),
+        n("MatMul", ["g4", "mlp.fc2.weight"], ["f2"], name="fc2"),
+        n("Add", ["f2", "mlp.fc2.bias"], ["f3"], name="fc2_bias"),
+        n("Add", ["h1", "f3"], ["h2"], name="residual2"),
+        n("ReduceMean", ["h2"], ["pooled"], axes=[1], keepdims=0, name="pool"),
+        n("Gemm", ["pooled", "head.weight", "head.bias"], [OUTPUT_NAME], transB=1, name="head"),
+    ]
+    inits = [numpy_helper.from_array(v, k) for k, v in weights.items()]
+    inits += [numpy_helper.from_array(v, k) for k, v in consts.items()]
+    return _finish(name, nodes, inits)
+
+
 _BUILDERS: dict[str, Callable[[str, int], onnx.ModelProto]] = {
     "mlp": lambda name, seed: _mlp(name, 128, seed),
     "cnn": _cnn,
     "mlp-xl": lambda name, seed: _mlp(name, 1024, seed),
+    "transformer": _transformer,
 }
 
 REFERENCE_MODELS: tuple[str, ...] = tuple(_BUILDERS)

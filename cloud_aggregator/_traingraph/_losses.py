@@ -97,8 +97,7 @@ class BinaryCrossEntropy:
 
     def build(self, b: GraphBuilder, logits: str, target: str, rank: int, classes: int) -> str:
         # max(z, 0) - z t + log(1 + exp(-|z|)): stable for large |z|.
-        zero = b.scalar(0.0)
-        relu = b.op("Max", logits, zero)
+        relu = b.op("Relu", logits)
         soft = b.op(
             "Log", b.op("Add", b.scalar(1.0), b.op("Exp", b.op("Neg", b.op("Abs", logits))))
         )

@@ -193,6 +193,24 @@ def _where(ctx: GradContext, gys: Grads) -> Grads:
     return [None, ga, gb]
 
 
+@rule("Max", "Min")
+def _max_min(ctx: GradContext, gys: Grads) -> Grads:
+    (gy,) = gys
+    assert gy is not None
+    b, y = ctx.b, _out(ctx)
+    if len(ctx.node.input) != 2:
+        from cloud_aggregator._errors import ModelBuildError
+
+        raise ModelBuildError(f"{ctx.node.op_type} {ctx.node.name!r}: only two inputs train")
+    a, c = _in(ctx, 0), _in(ctx, 1)
+    # The gradient goes to the input that was chosen (the first one on a tie).
+    first = b.op("GreaterOrEqual" if ctx.node.op_type == "Max" else "LessOrEqual", a, c)
+    zero = b.op("CastLike", b.scalar(0.0), gy)
+    ga = unbroadcast(b, b.op("Where", first, gy, zero), a, y) if ctx.need(0) else None
+    gc = unbroadcast(b, b.op("Where", first, zero, gy), c, y) if ctx.need(1) else None
+    return [ga, gc]
+
+
 @rule("Clip")
 def _clip(ctx: GradContext, gys: Grads) -> Grads:
     (gy,) = gys

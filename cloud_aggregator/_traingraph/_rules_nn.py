@@ -317,6 +317,8 @@ def _layer_norm(ctx: GradContext, gys: Grads) -> Grads:
     axis = int(ctx.attr("axis", -1)) % rank
     axes = list(range(axis, rank))
     mean, invstd = ctx.op.saved["mean"], ctx.op.saved["invstd"]
+    if b.float_type != 1:  # the statistics are stashed in float32 (stash_type=1)
+        mean, invstd = b.op("CastLike", mean, x), b.op("CastLike", invstd, x)
     xhat = b.op("Mul", b.op("Sub", x, mean), invstd)
     gx = gs = gbias = None
     if ctx.need(1):
