@@ -15,6 +15,9 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     fi
 fi
 
+# The optional onnxruntime-training backend in its own venv, to compare against.
+source "$(dirname "${BASH_SOURCE[0]}")/_ort_training_env.sh"
+
 echo "==> ruff"
 ruff check .
 echo "==> mypy"
