@@ -174,6 +174,23 @@ class GraphBuilder:
     def squeeze(self, x: str, axes: Sequence[int]) -> str:
         return self.op("Squeeze", x, self.ints(axes))
 
+    def transpose(self, x: str, perm: Sequence[int], shape: Shape | None = None) -> str:
+        """``Transpose``, or a free ``Reshape`` when only axes of extent 1 move."""
+        known = shape if shape is not None else self.shape(x)
+        if known is not None and len(known) == len(perm):
+            moved = [known[p] for p in perm]
+            big = [i for i in perm if known[i] != 1]
+            unknown = [d for d in moved if not isinstance(d, int)]
+            if big == sorted(big) and len(unknown) <= 1:
+                target = [d if isinstance(d, int) else -1 for d in moved]
+                out = self.op("Reshape", x, self.ints(target))
+                self.set_shape(out, tuple(moved))
+                return out
+        out = self.op("Transpose", x, perm=list(perm))
+        if known is not None and len(known) == len(perm):
+            self.set_shape(out, tuple(known[p] for p in perm))
+        return out
+
     def shape_of(self, x: str) -> str:
         return self.op("Shape", x)
 

@@ -134,6 +134,31 @@ def _transpose_grad(b: GraphBuilder, g: str, weight: str, win: Window, group: in
     return _fit(b, full, produced, win.spatial)
 
 
+def _conv_weight_grad(b: GraphBuilder, x: str, gy: str, win: Window, group: int,
+                      out_ch: int, cg: int, og: int) -> str:
+    """dW as a Conv with the roles swapped: the input's channels become the batch, the
+    batch becomes the channels (group-major, so groups are kept) and strides and
+    dilations trade places; the first ``kernel`` outputs are the weight gradient.
+    (Measured against an im2col Gather + GEMM and a one-hot depthwise im2col: fastest.)"""
+    nsp = len(win.kernel)
+    sp = list(range(3, 3 + nsp))
+    if group == 1:
+        xs = b.transpose(x, [1, 0, *range(2, 2 + nsp)])
+        gs = b.transpose(gy, [1, 0, *range(2, 2 + nsp)], shape=(None, out_ch, *win.out))
+    else:
+        x5 = b.op("Reshape", x, b.ints([0, group, cg, *win.spatial]))
+        xs = b.op("Reshape", b.op("Transpose", x5, perm=[2, 1, 0, *sp]),
+                  b.ints([cg, -1, *win.spatial]))
+        g5 = b.op("Reshape", gy, b.ints([0, group, og, *win.out]))
+        gs = b.op("Reshape", b.op("Transpose", g5, perm=[1, 2, 0, *sp]),
+                  b.ints([out_ch, -1, *win.out]))
+    swapped = b.op("Conv", xs, gs, strides=list(win.dilations), dilations=list(win.strides),
+                   pads=list(win.begin) + list(win.end), group=group)
+    cut = b.op("Slice", swapped, b.ints([0] * nsp), b.ints(list(win.kernel)),
+               b.ints(list(range(2, 2 + nsp))))
+    return b.transpose(cut, [1, 0, *range(2, 2 + nsp)], shape=(cg, out_ch, *win.kernel))
+
+
 @rule("Conv")
 def _conv(ctx: GradContext, gys: Grads) -> Grads:
     (gy,) = gys
@@ -155,40 +180,7 @@ def _conv(ctx: GradContext, gys: Grads) -> Grads:
     if ctx.need(0):
         gx = _transpose_grad(b, gy, w, win, group)
     if ctx.need(1):
-        sp = [b_ for b_ in range(3, 3 + nsp)]
-        if group == 1:
-            xs = b.op("Transpose", x, perm=[1, 0, *range(2, 2 + nsp)])
-            gs = b.op("Transpose", gy, perm=[1, 0, *range(2, 2 + nsp)])
-        else:
-            x5 = b.op("Reshape", x, b.ints([0, group, cg, *win.spatial]))
-            xs = b.op(
-                "Reshape",
-                b.op("Transpose", x5, perm=[2, 1, 0, *sp]),
-                b.ints([cg, -1, *win.spatial]),
-            )
-            g5 = b.op("Reshape", gy, b.ints([0, group, og, *win.out]))
-            gs = b.op(
-                "Reshape",
-                b.op("Transpose", g5, perm=[1, 2, 0, *sp]),
-                b.ints([out_ch, -1, *win.out]),
-            )
-        swapped = b.op(
-            "Conv",
-            xs,
-            gs,
-            strides=list(win.dilations),
-            dilations=list(win.strides),
-            pads=list(win.begin) + list(win.end),
-            group=group,
-        )
-        cut = b.op(
-            "Slice",
-            swapped,
-            b.ints([0] * nsp),
-            b.ints(list(kernel)),
-            b.ints(list(range(2, 2 + nsp))),
-        )
-        gw = b.op("Transpose", cut, perm=[1, 0, *range(2, 2 + nsp)])
+        gw = _conv_weight_grad(b, x, gy, win, group, out_ch, cg, og)
     if ctx.input(2) is not None and ctx.need(2):
         gb = b.op("ReduceSum", gy, b.ints([0, *range(2, 2 + nsp)]), keepdims=0)
     return [gx, gw, gb]
@@ -423,7 +415,7 @@ def _dropout_forward(tc: TrainForwardContext, node: onnx.NodeProto) -> FwdOp | N
     outputs = list(node.output)
     scale = b.scalar(1.0 / (1.0 - ratio))
     keep = b.op("GreaterOrEqual", b.op("RandomUniformLike", x, dtype=b.float_type), b.scalar(ratio))
-    zero = b.op("CastLike", b.scalar(0.0), x)
+    zero = b.scalar(0.0)
     b.add("Where", [keep, b.op("Mul", x, scale), zero], outputs=[outputs[0]])
     if len(outputs) > 1 and outputs[1]:
         b.add("Identity", [keep], outputs=[outputs[1]])
