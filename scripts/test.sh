@@ -18,6 +18,17 @@ fi
 # The optional onnxruntime-training backend in its own venv, to compare against.
 source "$(dirname "${BASH_SOURCE[0]}")/_ort_training_env.sh"
 
+# The emulated aarch64 board (tests/test_arm64.py): required wherever its tool is found.
+for tool in "${FLEETLEARN_ARM64_TOOL:-}" "$ROOT/../shared/tools/arm64-python.sh" /work/shared/tools/arm64-python.sh; do
+    if [ -n "$tool" ] && [ -f "$tool" ]; then
+        export FLEETLEARN_ARM64_TOOL="$tool" FLEETLEARN_REQUIRE_ARM64=1
+        break
+    fi
+done
+if [ "${FLEETLEARN_REQUIRE_ARM64:-0}" != 1 ]; then
+    echo "NOTE: no arm64-python.sh found: the emulated aarch64 tests will be skipped" >&2
+fi
+
 echo "==> ruff"
 ruff check .
 echo "==> mypy"

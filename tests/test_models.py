@@ -163,3 +163,19 @@ def test_cli_reference_and_build(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert read_manifest(tmp_path / "b").frozen == (("fc1.weight", (128, 40)),)
     assert main(["artifacts", "reference", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "known models" in capsys.readouterr().err
+
+
+def test_every_python_package_ships_in_the_wheel() -> None:
+    # A subpackage missing from pyproject's explicit list imports fine from a checkout
+    # and is absent from the wheel a device installs.
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {
+        ".".join(init.parent.relative_to(repo).parts)
+        for init in repo.glob("*/**/__init__.py")
+        if init.parent.relative_to(repo).parts[0] in {p.split(".")[0] for p in listed}
+    }
+    assert found == listed
