@@ -47,6 +47,9 @@ def register(sub: Any) -> None:
     g.add_argument("--deadline-s", type=float, default=120.0,
                    help="round deadline in emulated seconds")
     g.add_argument("--local-epochs", type=int, default=None)
+    g.add_argument("--backend", choices=["portable", "ort-training"], default=None,
+                   help="training artifacts the devices run: portable (default; any "
+                        "onnxruntime) or ort-training (needs onnxruntime-training instead)")
     g.add_argument("--server-opt", default=None, help="fedavg, fedavgm, fedadam, fedyogi")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("failures")
@@ -100,6 +103,8 @@ def _simulate(args: argparse.Namespace) -> int:
         extra["clip_norm"] = args.clip_norm
     if args.max_selected is not None:
         extra["max_selected"] = args.max_selected
+    if args.backend is not None:
+        extra["backend"] = args.backend
     cfg = SimConfig(
         devices=args.devices, per_round=args.per_round, model=args.model, rounds=args.rounds,
         target_accuracy=args.target_accuracy, codec=args.codec or DEFAULT_CODEC,

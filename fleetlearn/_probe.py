@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -71,7 +72,7 @@ def ensure_reference_artifacts(
     is built with seed 0, as the aggregator builds it, and written atomically.
     """
     root = reference_root() if root is None else root
-    cached = tuple(m for m in models if (root / m / "artifacts.json").is_file())
+    cached = tuple(m for m in models if _portable(root / m / "artifacts.json"))
     todo = [m for m in models if m not in cached]
     if not todo:
         return ReferenceArtifacts(root=root, cached=cached, built=(), missing=())
@@ -98,6 +99,15 @@ def ensure_reference_artifacts(
             built.append(name)
     return ReferenceArtifacts(root=root, cached=cached, built=tuple(built),
                               missing=tuple(failed), reason="; ".join(errors))
+
+
+def _portable(manifest: Path) -> bool:
+    """A cached manifest of the portable backend (older versions cached the
+    onnxruntime-training artifacts, which plain onnxruntime cannot run: rebuilt)."""
+    try:
+        return bool(json.loads(manifest.read_text()).get("format") == "fleetlearn-artifacts/2")
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def describe(refs: ReferenceArtifacts) -> list[str]:

@@ -115,6 +115,18 @@ class SimConfig:
             raise ConfigError(f"bad aggregator setting: {exc}") from exc
 
 
+def _ort_version() -> str:
+    import onnxruntime
+
+    return str(onnxruntime.__version__)
+
+
+def _backend_line(backend: str) -> str:
+    if backend == "portable":
+        return f"portable graphs on onnxruntime {_ort_version()}"
+    return f"onnxruntime-training {_ort_version()}"
+
+
 @dataclass
 class SimResult:
     report: dict[str, Any]
@@ -225,7 +237,7 @@ def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False) -> S
         try:
             aggregator.start()
             say(f"model: {cfg.model}, {aggregator.layout.size} parameters "
-                f"({_fmt_kb(dense_bytes)} dense)")
+                f"({_fmt_kb(dense_bytes)} dense); training: {_backend_line(agg_cfg.backend)}")
             fleet.start(progress=lambda n, total: say(f"  connected {n}/{total} devices"))
             expected = set(fleet.online_ids())
             wait_until(lambda: {d.device_id for d in aggregator.registry.online()}
@@ -247,6 +259,8 @@ def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False) -> S
         "aggregator": {k: (str(v) if isinstance(v, Path) else v)
                        for k, v in asdict(agg_cfg).items() if k != "extra"},
         "parameters": dense_bytes // 4,
+        "training_backend": agg_cfg.backend,
+        "onnxruntime": _ort_version(),
         "final_accuracy": final,
         "best_accuracy": max((r["accuracy"] for r in records if r["accuracy"] is not None),
                              default=None),

@@ -70,3 +70,36 @@ def test_old_format_artifacts_still_train_on_onnxruntime_training(
                 "epochs": 1, "batch_size": 32, "lr": 0.05, "seed": 0})
     assert done["backend"] == "ort-training" and done["ort"] == "1.19.2"
     assert done["steps"] == 19
+
+
+@pytest.mark.slow
+def test_the_demo_reaches_the_same_accuracy_on_both_backends(tmp_path: Path) -> None:
+    """``scripts/demo.sh``'s simulation (defaults: 100 devices, cnn, 100 rounds, seed 0)
+    on each backend: where each ends (the mean test accuracy of its last 10 rounds, which
+    a single round's noise does not move) within 1 point of the other."""
+    import json
+    import subprocess
+    import sys
+
+    from ort_training import REPO, python
+
+    def simulate(interpreter: str, out: Path, *extra: str) -> dict[str, object]:
+        result = subprocess.run(
+            [interpreter, "-m", "fleetlearn", "simulate", "--out", str(out), "--quiet", "--json",
+             *extra], cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+    ort_python = str(python())
+    portable = simulate(sys.executable, tmp_path / "portable")
+    ort = simulate(ort_python, tmp_path / "ort", "--backend", "ort-training")
+    assert portable["training_backend"] == "portable"
+    assert ort["training_backend"] == "ort-training" and ort["onnxruntime"] == "1.19.2"
+
+    def ends(report: dict[str, object]) -> float:
+        accuracy = [r["accuracy"] for r in report["rounds"] if r["accuracy"] is not None]  # type: ignore[attr-defined]
+        return sum(accuracy[-10:]) / 10
+
+    assert len(portable["rounds"]) == len(ort["rounds"]) == 100  # type: ignore[arg-type]
+    assert ends(portable) > 0.8
+    assert abs(ends(portable) - ends(ort)) <= 0.01, (ends(portable), ends(ort))

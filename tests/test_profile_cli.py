@@ -101,3 +101,22 @@ def test_no_build_and_catalogue_build_nothing(
     assert main(["profile", "--catalogue"]) == 0
     assert "pi4" in capsys.readouterr().out
     assert not (tmp_path / "reference-artifacts").exists()
+
+
+def test_cached_onnxruntime_training_artifacts_are_rebuilt(
+    fresh: tuple[Path, Run], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An older fleetlearn cached onnxruntime-training artifacts (format 1), which plain
+    # onnxruntime cannot run: the probe rebuilds them as portable ones.
+    import json
+
+    cache, _ = fresh
+    old = tmp_path / "old-cache"
+    shutil.copytree(cache / "reference-artifacts", old / "reference-artifacts")
+    manifest = old / "reference-artifacts" / "mlp" / "artifacts.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()),
+                                    "format": "fleetlearn-artifacts/1"}))
+    monkeypatch.setenv("FLEETLEARN_CACHE_DIR", str(old))
+    run = profile_command(tmp_path / "again.json")
+    assert run.code == 0 and "built reference artifacts for mlp" in run.stderr
+    assert json.loads(manifest.read_text())["format"] == "fleetlearn-artifacts/2"
