@@ -4,11 +4,15 @@ Private to ``cloud_aggregator`` (its front door re-exports what users need). Mod
 
 - ``_builder``: ``GraphBuilder`` (emits nodes, constants, opset-dependent forms).
 - ``_autodiff``: ``differentiate``, the rule table ``RULES``, ``FwdOp``, ``supported_ops``.
-- ``_rules_math``: arithmetic, activations, MatMul/Gemm, softmax, reductions.
+- ``_prepare``: ``prepare_model`` (checks, opset conversion), ``select_parameters``,
+  ``infer_shapes``.
+- ``_rules_math``: arithmetic, MatMul/Gemm, reductions (and ``unbroadcast``).
+- ``_rules_act``: activations, Softmax, LogSoftmax.
 - ``_rules_shape``: Reshape/Flatten/Squeeze/Unsqueeze, Transpose, Concat/Split, Slice,
   Gather, Pad.
-- ``_rules_nn``: Conv, pools, BatchNormalization/LayerNormalization, Dropout, and the
-  training-mode forward rewrites ``TRAIN_FORWARD``.
+- ``_rules_nn``: Conv, pools, BatchNormalization/LayerNormalization, Dropout.
+- ``_train_forward``: the training-mode forward rewrites ``TRAIN_FORWARD``.
+- ``_gradcheck``: ``gradient_model`` (a gradient graph of any small model, for tests).
 - ``_losses``: ``LossSpec`` and the loss-term table ``LOSS_TERMS``.
 - ``_optim``: ``SGD``, ``AdamW``, ``parse_optimizer`` and the table ``OPTIMIZERS``.
 - ``_compile``: ``compile_training`` -> ``CompiledModel`` (the Loop training graph and

@@ -104,6 +104,16 @@ class GradContext:
     def need(self, index: int) -> bool:
         return index < len(self.needs) and self.needs[index]
 
+    def inp(self, index: int) -> str:
+        """The ``index``-th input, which must be present."""
+        name = self.input(index)
+        assert name is not None, f"{self.node.op_type} has no input {index}"
+        return name
+
+    def out(self, index: int = 0) -> str:
+        """The ``index``-th output."""
+        return self.node.output[index]
+
 
 GradRule = Callable[[GradContext, Sequence[str | None]], Sequence[str | None]]
 

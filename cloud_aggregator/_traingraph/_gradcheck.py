@@ -13,17 +13,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from cloud_aggregator._traingraph import _rules_math, _rules_nn, _rules_shape  # noqa: F401
+from cloud_aggregator._traingraph import _rules_act, _rules_math, _rules_nn, _rules_shape  # noqa: F401
 from cloud_aggregator._traingraph._autodiff import FwdOp, differentiate
 from cloud_aggregator._traingraph._builder import GraphBuilder
-from cloud_aggregator._traingraph._compile import (
-    _constants,
-    _forward_graph_shapes,
-    _infer,
-    _opset,
+from cloud_aggregator._traingraph._compile import _forward_graph_shapes
+from cloud_aggregator._traingraph._prepare import (
+    constant_values,
+    infer_shapes,
+    opset_of,
     prepare_model,
 )
-from cloud_aggregator._traingraph._rules_nn import TRAIN_FORWARD, TrainForwardContext
+from cloud_aggregator._traingraph._train_forward import TRAIN_FORWARD, TrainForwardContext
 
 if TYPE_CHECKING:
     import onnx
@@ -44,10 +44,10 @@ def gradient_model(
 
     model = prepare_model(model)
     graph = model.graph
-    opset = _opset(model)
-    shapes, types = _infer(model)
+    opset = opset_of(model)
+    shapes, types = infer_shapes(model)
     b = GraphBuilder(opset=opset, shapes=shapes, elem_types=types, float_type=float_type)
-    b.values.update(_constants(model, set(wrt)))
+    b.values.update(constant_values(model, set(wrt)))
     buffers: dict[str, str] = {}
     tc = TrainForwardContext(b, frozenset(wrt), buffers)
     ops: list[FwdOp] = []
@@ -78,7 +78,10 @@ def gradient_model(
     outputs = [helper.make_tensor_value_info(LOSS, float_type, [])]
     outputs += [helper.make_tensor_value_info(grad_name(n), float_type, None) for n in wrt]
     out_graph = helper.make_graph(
-        b.nodes, "gradcheck", [*inputs, *as_inputs, probe], outputs,
+        b.nodes,
+        "gradcheck",
+        [*inputs, *as_inputs, probe],
+        outputs,
         initializer=fixed + b.initializers,
     )
     return helper.make_model(

@@ -1,4 +1,4 @@
-"""Gradient rules and training-mode forward passes for the neural-network operators.
+"""Gradient rules of the neural-network operators.
 
 Conv: the input gradient is a ``ConvTranspose`` of the output gradient with the same
 weights (padded at the start only, then cut or zero-extended to the input's extent),
@@ -7,32 +7,27 @@ batch, the batch becomes the channels, strides and dilations trade places; group
 kept by ordering channels group-major). Pools reuse the same pieces: MaxPool routes
 each gradient to its argmax through the op's own ``Indices`` output, AveragePool is a
 depthwise ``ConvTranspose`` of ones divided by each window's element count (computed
-here, from the static shapes, exactly as the op counts them).
-
-Three ops behave differently in training and are rewritten (``TRAIN_FORWARD``):
-BatchNormalization uses the batch's statistics and updates its running mean and
-variance (ONNX semantics: population variance, ``running = running*momentum +
-batch*(1-momentum)``); Dropout drops at its ratio with ``RandomUniformLike`` (a
-standard op, so it runs on every build); LayerNormalization keeps its mean and inverse
-standard deviation outputs for the gradient.
+here, from the static shapes, exactly as the op counts them). The training-mode forward
+passes these rules rely on (batch statistics, dropout masks, argmax indices) are in
+``_train_forward``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cloud_aggregator._errors import ModelBuildError
-from cloud_aggregator._traingraph._autodiff import FwdOp, GradContext, rule
+from cloud_aggregator._traingraph._autodiff import GradContext, rule
 from cloud_aggregator._traingraph._builder import GraphBuilder
 from cloud_aggregator._traingraph._rules_math import unbroadcast
 
 if TYPE_CHECKING:
-    import onnx
+    pass
 
 Grads = Sequence[str | None]
 
@@ -134,8 +129,9 @@ def _transpose_grad(b: GraphBuilder, g: str, weight: str, win: Window, group: in
     return _fit(b, full, produced, win.spatial)
 
 
-def _conv_weight_grad(b: GraphBuilder, x: str, gy: str, win: Window, group: int,
-                      out_ch: int, cg: int, og: int) -> str:
+def _conv_weight_grad(
+    b: GraphBuilder, x: str, gy: str, win: Window, group: int, out_ch: int, cg: int, og: int
+) -> str:
     """dW as a Conv with the roles swapped: the input's channels become the batch, the
     batch becomes the channels (group-major, so groups are kept) and strides and
     dilations trade places; the first ``kernel`` outputs are the weight gradient.
@@ -147,15 +143,29 @@ def _conv_weight_grad(b: GraphBuilder, x: str, gy: str, win: Window, group: int,
         gs = b.transpose(gy, [1, 0, *range(2, 2 + nsp)], shape=(None, out_ch, *win.out))
     else:
         x5 = b.op("Reshape", x, b.ints([0, group, cg, *win.spatial]))
-        xs = b.op("Reshape", b.op("Transpose", x5, perm=[2, 1, 0, *sp]),
-                  b.ints([cg, -1, *win.spatial]))
+        xs = b.op(
+            "Reshape", b.op("Transpose", x5, perm=[2, 1, 0, *sp]), b.ints([cg, -1, *win.spatial])
+        )
         g5 = b.op("Reshape", gy, b.ints([0, group, og, *win.out]))
-        gs = b.op("Reshape", b.op("Transpose", g5, perm=[1, 2, 0, *sp]),
-                  b.ints([out_ch, -1, *win.out]))
-    swapped = b.op("Conv", xs, gs, strides=list(win.dilations), dilations=list(win.strides),
-                   pads=list(win.begin) + list(win.end), group=group)
-    cut = b.op("Slice", swapped, b.ints([0] * nsp), b.ints(list(win.kernel)),
-               b.ints(list(range(2, 2 + nsp))))
+        gs = b.op(
+            "Reshape", b.op("Transpose", g5, perm=[1, 2, 0, *sp]), b.ints([out_ch, -1, *win.out])
+        )
+    swapped = b.op(
+        "Conv",
+        xs,
+        gs,
+        strides=list(win.dilations),
+        dilations=list(win.strides),
+        pads=list(win.begin) + list(win.end),
+        group=group,
+    )
+    cut = b.op(
+        "Slice",
+        swapped,
+        b.ints([0] * nsp),
+        b.ints(list(win.kernel)),
+        b.ints(list(range(2, 2 + nsp))),
+    )
     return b.transpose(cut, [1, 0, *range(2, 2 + nsp)], shape=(cg, out_ch, *win.kernel))
 
 
@@ -332,139 +342,3 @@ def _dropout_train(ctx: GradContext, gys: Grads) -> Grads:
     assert gy is not None
     b, saved = ctx.b, ctx.op.saved
     return [b.op("Where", saved["keep"], b.op("Mul", gy, saved["scale"]), b.scalar(0.0))]
-
-
-# -- training-mode forward passes ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrainForwardContext:
-    """What a training-mode rewrite needs besides the node."""
-
-    b: GraphBuilder
-    trainable: frozenset[str]
-    buffers: dict[str, str]
-    """Running-statistics input name -> the name of its updated value (filled here)."""
-
-
-TrainForward = Callable[[TrainForwardContext, "onnx.NodeProto"], FwdOp | None]
-
-
-def _node_attrs(node: onnx.NodeProto) -> dict[str, object]:
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _pseudo(op_type: str, inputs: Sequence[str], outputs: Sequence[str]) -> onnx.NodeProto:
-    from onnx import helper
-
-    return helper.make_node(op_type, list(inputs), list(outputs), domain="fleetlearn")
-
-
-def _batch_norm_forward(tc: TrainForwardContext, node: onnx.NodeProto) -> FwdOp | None:
-    b = tc.b
-    inputs = list(node.input)
-    x, scale, bias, mean_in, var_in = inputs[:5]
-    if scale not in tc.trainable and bias not in tc.trainable:
-        return None  # frozen: inference mode, running statistics untouched
-    attrs = _node_attrs(node)
-    eps = float(attrs.get("epsilon", 1e-5))  # type: ignore[arg-type]
-    momentum = float(attrs.get("momentum", 0.9))  # type: ignore[arg-type]
-    rank = b.rank(x)
-    if rank is None or rank < 2:
-        raise ModelBuildError(f"BatchNormalization {node.name!r}: input rank unknown")
-    axes = [0, *range(2, rank)]
-    bshape = [1, -1] + [1] * (rank - 2)
-    mu = b.reduce("ReduceMean", x, axes, keepdims=True)
-    xc = b.op("Sub", x, mu)
-    var = b.reduce("ReduceMean", b.op("Mul", xc, xc), axes, keepdims=True)
-    invstd = b.op("Reciprocal", b.op("Sqrt", b.op("Add", var, b.scalar(eps))))
-    xhat = b.op("Mul", xc, invstd)
-    scale_b = b.op("Reshape", scale, b.ints(bshape))
-    y = node.output[0]
-    b.add("Add", [b.op("Mul", xhat, scale_b), b.op("Reshape", bias, b.ints(bshape))], outputs=[y])
-    keep, take = b.scalar(momentum), b.scalar(1.0 - momentum)
-    for running, batch in ((mean_in, mu), (var_in, var)):
-        flat = b.op("Reshape", batch, b.ints([-1]))
-        tc.buffers[running] = b.op("Add", b.op("Mul", running, keep), b.op("Mul", flat, take))
-    saved = {
-        "xhat": xhat,
-        "invstd": invstd,
-        "scale_b": scale_b,
-        "axes": ",".join(str(a) for a in axes),
-    }
-    return FwdOp(_pseudo("fl.BatchNormTrain", [x, scale, bias], [y]), saved)
-
-
-def _dropout_forward(tc: TrainForwardContext, node: onnx.NodeProto) -> FwdOp | None:
-    b = tc.b
-    inputs = list(node.input)
-    x = inputs[0]
-    ratio = 0.5
-    attrs = _node_attrs(node)
-    if "ratio" in attrs:
-        ratio = float(attrs["ratio"])  # type: ignore[arg-type]
-    if len(inputs) > 1 and inputs[1]:
-        value = b.value(inputs[1])
-        if value is None:
-            raise ModelBuildError(f"Dropout {node.name!r}: its ratio must be a constant")
-        ratio = float(value)
-    if not 0.0 <= ratio < 1.0:
-        raise ModelBuildError(f"Dropout {node.name!r}: ratio {ratio} outside [0, 1)")
-    outputs = list(node.output)
-    scale = b.scalar(1.0 / (1.0 - ratio))
-    keep = b.op("GreaterOrEqual", b.op("RandomUniformLike", x, dtype=b.float_type), b.scalar(ratio))
-    zero = b.scalar(0.0)
-    b.add("Where", [keep, b.op("Mul", x, scale), zero], outputs=[outputs[0]])
-    if len(outputs) > 1 and outputs[1]:
-        b.add("Identity", [keep], outputs=[outputs[1]])
-    return FwdOp(_pseudo("fl.DropoutTrain", [x], [outputs[0]]), {"keep": keep, "scale": scale})
-
-
-def _max_pool_forward(tc: TrainForwardContext, node: onnx.NodeProto) -> FwdOp | None:
-    from onnx import helper
-
-    outputs = list(node.output)
-    if len(outputs) < 2 or not outputs[1]:
-        indices = tc.b.fresh("maxpool_indices")
-        clone = helper.make_node(
-            "MaxPool",
-            list(node.input),
-            [outputs[0], indices],
-            name=node.name or tc.b.fresh("MaxPool"),
-        )
-        clone.attribute.extend(node.attribute)
-        node = clone
-    else:
-        indices = outputs[1]
-    tc.b.nodes.append(node)
-    return FwdOp(node, {"indices": indices})
-
-
-def _layer_norm_forward(tc: TrainForwardContext, node: onnx.NodeProto) -> FwdOp | None:
-    from onnx import helper
-
-    outputs = list(node.output)
-    while len(outputs) < 3:
-        outputs.append("")
-    mean = outputs[1] or tc.b.fresh("ln_mean")
-    invstd = outputs[2] or tc.b.fresh("ln_invstd")
-    clone = helper.make_node(
-        "LayerNormalization",
-        list(node.input),
-        [outputs[0], mean, invstd],
-        name=node.name or tc.b.fresh("LayerNorm"),
-    )
-    clone.attribute.extend(node.attribute)
-    tc.b.nodes.append(clone)
-    return FwdOp(clone, {"mean": mean, "invstd": invstd})
-
-
-TRAIN_FORWARD: dict[str, TrainForward] = {
-    "BatchNormalization": _batch_norm_forward,
-    "Dropout": _dropout_forward,
-    "MaxPool": _max_pool_forward,
-    "LayerNormalization": _layer_norm_forward,
-}
-"""Op type -> its training-mode forward pass (None: the node runs as in inference)."""
