@@ -52,7 +52,6 @@ FORMAT_PORTABLE = "fleetlearn-artifacts/2"
 MODEL_NAME = "model.onnx"
 ORT_TRAINING_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx",
                       "checkpoint")
-MAX_IR_VERSION = 10  # the newest IR onnxruntime-training 1.19.2 (the oldest runtime) loads
 BACKENDS = ("portable", "ort-training")
 _ORT_LOSSES = {"cross_entropy": "labels", "mse": "target"}
 
@@ -173,16 +172,6 @@ def _load_model(model: onnx.ModelProto | str | os.PathLike[str]) -> onnx.ModelPr
         raise ModelBuildError(f"ONNX model not found: {path}") from exc
     except Exception as exc:  # onnx raises DecodeError and friends
         raise ModelBuildError(f"cannot read ONNX model {path}: {exc}") from exc
-
-
-def _dims(value: onnx.ValueInfoProto) -> tuple[Dim, ...]:
-    dims: list[Dim] = []
-    for dim in value.type.tensor_type.shape.dim:
-        if dim.HasField("dim_value"):
-            dims.append(int(dim.dim_value))
-        else:
-            dims.append(dim.dim_param or "?")
-    return tuple(dims)
 
 
 def _loss_spec(loss: str | LossSpec) -> LossSpec:

@@ -19,13 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from broker_bridge import content_hash, file_sha256
-from cloud_aggregator._artifacts import (
-    MAX_IR_VERSION,
-    ORT_TRAINING_FILES,
-    ArtifactInfo,
-    _dims,
-    _onnx,
-)
+from cloud_aggregator._artifacts import ORT_TRAINING_FILES, ArtifactInfo
 from cloud_aggregator._errors import ModelBuildError
 from cloud_aggregator._traingraph import (
     SGD,
@@ -35,6 +29,12 @@ from cloud_aggregator._traingraph import (
     MeanSquaredError,
     OptimizerSpec,
     optimizer_to_json,
+)
+from cloud_aggregator._traingraph._prepare import (
+    dims_of,
+    model_io,
+    prepare_model,
+    select_parameters,
 )
 
 if TYPE_CHECKING:
@@ -95,63 +95,6 @@ def _captured_stderr() -> Iterator[list[str]]:
             captured.extend(line for line in lines if "[I:onnxruntime" not in line)
 
 
-def _check_model(
-    model: onnx.ModelProto,
-) -> tuple[onnx.ValueInfoProto, onnx.ValueInfoProto, dict[str, tuple[int, ...]]]:
-    """Validate the model; return its data input, its output and its float parameters."""
-    onnx = _onnx()
-    float_type = onnx.TensorProto.FLOAT
-    if model.ir_version > MAX_IR_VERSION:
-        raise ModelBuildError(
-            f"model has ONNX IR version {model.ir_version}; onnxruntime-training 1.19.2 loads "
-            f"IR <= {MAX_IR_VERSION}: export it with onnx==1.17.0 (or set model.ir_version = 10 "
-            "if it uses no newer IR feature)"
-        )
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise ModelBuildError(f"model fails onnx.checker: {exc}") from exc
-    init_names = {init.name for init in model.graph.initializer}
-    inputs = [value for value in model.graph.input if value.name not in init_names]
-    if len(inputs) != 1:
-        names = [value.name for value in inputs]
-        raise ModelBuildError(f"model must have exactly one data input, it has {names}")
-    if len(model.graph.output) != 1:
-        names = [value.name for value in model.graph.output]
-        raise ModelBuildError(f"model must have exactly one output (the logits), it has {names}")
-    if inputs[0].type.tensor_type.elem_type != float_type:
-        raise ModelBuildError(f"model input {inputs[0].name!r} must be float32")
-    params = {
-        init.name: tuple(int(d) for d in init.dims)
-        for init in model.graph.initializer
-        if init.data_type == float_type and len(init.dims) >= 1
-    }
-    return inputs[0], model.graph.output[0], params
-
-
-def _choose_trainable(
-    params: dict[str, tuple[int, ...]],
-    trainable: Sequence[str] | None,
-    frozen: Sequence[str],
-) -> tuple[list[str], list[str]]:
-    unknown = sorted(set(trainable or ()).union(frozen) - set(params))
-    if unknown:
-        raise ModelBuildError(
-            f"no float parameter named {', '.join(unknown)} in the model; "
-            f"its parameters are {', '.join(params) or 'none'}"
-        )
-    both = sorted(set(trainable or ()).intersection(frozen))
-    if both:
-        raise ModelBuildError(f"parameters both trainable and frozen: {', '.join(both)}")
-    chosen = list(trainable) if trainable is not None else [n for n in params if n not in frozen]
-    if not chosen:
-        raise ModelBuildError("model has no float initializer (rank >= 1) left to train")
-    # Graph order: the order ORT's Module lays the parameters out in its flat buffer.
-    order = [name for name in params if name in set(chosen)]
-    fixed = [name for name in params if name not in set(chosen)]
-    return order, fixed
-
-
 def build_ort_training(
     proto: onnx.ModelProto, work: Path, out: Path, loss: LossSpec, optimizer: OptimizerSpec,
     trainable: Sequence[str] | None, frozen: Sequence[str],
@@ -164,8 +107,11 @@ def build_ort_training(
             "the onnxruntime-training backend supports plain cross_entropy or mse with plain "
             "sgd or adamw:eps=1e-6,weight_decay=0,mode=hf only; use the portable backend for "
             f"{loss.to_json()['terms']} / {optimizer_to_json(optimizer)}")
-    data_input, output, params = _check_model(proto)
-    order, fixed = _choose_trainable(params, trainable, frozen)
+    proto = prepare_model(proto)
+    data_input, output = model_io(proto)
+    sel = select_parameters(proto, trainable, frozen)
+    order, fixed = sel.trainable, sel.frozen + sel.buffers
+    params = {i.name: tuple(int(d) for d in i.dims) for i in proto.graph.initializer}
     artifacts = load_artifacts_module()
     loss_name = loss.summary()
     loss_type = {"cross_entropy": artifacts.LossType.CrossEntropyLoss,
@@ -201,7 +147,7 @@ def build_ort_training(
         parameters=tuple((name, params[name]) for name in order),
         frozen=tuple((name, params[name]) for name in fixed),
         input_name=data_input.name,
-        input_shape=_dims(data_input),
+        input_shape=dims_of(data_input),
         label_name=_LABEL_NAMES[loss_name],
         label_dtype="int64" if loss_name == "cross_entropy" else "float32",
         output_name=output.name,

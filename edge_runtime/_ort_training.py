@@ -25,7 +25,6 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -41,13 +40,14 @@ from edge_runtime._ort import load_training_api, session_options
 from edge_runtime._training import (
     EvalResult,
     ParameterShapes,
+    TrainerBase,
     TrainResult,
     batch_schedule,
     checked_rate,
 )
 
 
-class OrtTrainingTrainer:
+class OrtTrainingTrainer(TrainerBase):
     """Trains onnxruntime-training artifacts on local arrays; exchanges flat parameters."""
 
     backend = "ort-training"
@@ -142,27 +142,6 @@ class OrtTrainingTrainer:
             )
 
     # -- parameters --------------------------------------------------------------------------
-
-    def parameter_shapes(self) -> ParameterShapes:
-        """Trainable parameters as ``(name, shape)`` in flat-vector order."""
-        return self._shapes
-
-    @property
-    def num_parameters(self) -> int:
-        """Length of the flat parameter vector."""
-        return self._size
-
-    @property
-    def manifest(self) -> dict[str, Any] | None:
-        """The parsed ``artifacts.json`` (already verified), or None when absent."""
-        return self._manifest
-
-    @property
-    def input_shape(self) -> tuple[int | str, ...] | None:
-        """The model input's shape from the manifest (dims may be names like ``batch``)."""
-        if self._manifest is None:
-            return None
-        return tuple(self._manifest["input"]["shape"])
 
     def _flat(self) -> np.ndarray:
         buffer = self._module.get_contiguous_parameters(trainable_only=True)

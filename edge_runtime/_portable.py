@@ -34,6 +34,7 @@ from edge_runtime._ort import import_onnxruntime, session_options
 from edge_runtime._training import (
     EvalResult,
     ParameterShapes,
+    TrainerBase,
     TrainResult,
     batch_schedule,
     checked_rate,
@@ -48,7 +49,7 @@ def _tensor_list(items: Any, what: str) -> tuple[tuple[str, tuple[int, ...]], ..
     return tuple((str(p["name"]), tuple(int(d) for d in p["shape"])) for p in items)
 
 
-class PortableTrainer:
+class PortableTrainer(TrainerBase):
     """Trains format-2 (portable) artifacts with an ONNX Runtime inference session."""
 
     backend = "portable"
@@ -164,22 +165,6 @@ class PortableTrainer:
         return parts
 
     # -- parameters --------------------------------------------------------------------------
-
-    def parameter_shapes(self) -> ParameterShapes:
-        """Exchanged tensors as ``(name, shape)`` in flat-vector order."""
-        return self._shapes
-
-    @property
-    def num_parameters(self) -> int:
-        return self._size
-
-    @property
-    def manifest(self) -> dict[str, Any] | None:
-        return self._manifest
-
-    @property
-    def input_shape(self) -> tuple[int | str, ...] | None:
-        return tuple(self._manifest["input"]["shape"])
 
     def get_parameters(self) -> np.ndarray:
         """The current exchanged parameters as a fresh flat float32 vector."""

@@ -75,6 +75,35 @@ def batch_schedule(
     return Schedule(order, starts[:total].astype(np.int64), ends[:total].astype(np.int64))
 
 
+class TrainerBase:
+    """What both backends expose the same way: the layout and the manifest."""
+
+    _shapes: ParameterShapes
+    _size: int
+    _manifest: dict[str, Any] | None
+
+    def parameter_shapes(self) -> ParameterShapes:
+        """Exchanged tensors as ``(name, shape)`` in flat-vector order."""
+        return self._shapes
+
+    @property
+    def num_parameters(self) -> int:
+        """Length of the flat parameter vector."""
+        return self._size
+
+    @property
+    def manifest(self) -> dict[str, Any] | None:
+        """The parsed ``artifacts.json`` (already verified), or None when absent."""
+        return self._manifest
+
+    @property
+    def input_shape(self) -> tuple[int | str, ...] | None:
+        """The model input's shape from the manifest (dims may be names like ``batch``)."""
+        if self._manifest is None:
+            return None
+        return tuple(self._manifest["input"]["shape"])
+
+
 class Trainer(Protocol):
     """A training backend: one model's artifacts, trained on local arrays."""
 

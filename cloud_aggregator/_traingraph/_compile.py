@@ -39,7 +39,7 @@ from cloud_aggregator._traingraph._autodiff import FwdOp, differentiate
 from cloud_aggregator._traingraph._builder import GraphBuilder
 from cloud_aggregator._traingraph._losses import LABELS, SOFT_TARGETS, LossSpec, build_loss
 from cloud_aggregator._traingraph._optim import OptimizerSpec
-from cloud_aggregator._traingraph._train_forward import TRAIN_FORWARD, TrainForwardContext
+from cloud_aggregator._traingraph._train_forward import emit_forward
 
 if TYPE_CHECKING:
     import onnx
@@ -51,6 +51,7 @@ from cloud_aggregator._traingraph._prepare import (
     constant_values,
     dims_of,
     infer_shapes,
+    model_io,
     opset_of,
     prepare_model,
     select_parameters,
@@ -151,30 +152,8 @@ def compile_training(
     model = prepare_model(model)
     graph = model.graph
     opset = max(opset_of(model), MIN_OPSET)
-    init_names = {init.name for init in graph.initializer}
-    data_inputs = [v for v in graph.input if v.name not in init_names]
-    if len(data_inputs) != 1:
-        raise ModelBuildError(
-            f"model must have exactly one data input, it has {[v.name for v in data_inputs]}"
-        )
-    if len(graph.output) != 1:
-        raise ModelBuildError(
-            "model must have exactly one output (the logits), it has "
-            f"{[v.name for v in graph.output]}"
-        )
-    data_input, output = data_inputs[0], graph.output[0]
-    if data_input.type.tensor_type.elem_type != TensorProto.FLOAT:
-        raise ModelBuildError(f"model input {data_input.name!r} must be float32")
+    data_input, output = model_io(model)
     in_shape, out_shape = dims_of(data_input), dims_of(output)
-    if not in_shape:
-        raise ModelBuildError(f"model input {data_input.name!r} has no batch axis (rank 0)")
-    if isinstance(in_shape[0], int) and in_shape[0] != -1:
-        raise ModelBuildError(
-            f"model input {data_input.name!r} has a fixed batch size {in_shape[0]}: the "
-            "training graph cannot batch it. Export the model with a dynamic first axis"
-        )
-    if not out_shape:
-        raise ModelBuildError(f"model output {output.name!r} has no batch axis")
     sel = select_parameters(model, trainable, frozen)
     shapes, types = infer_shapes(model)
     params = {init.name: init for init in graph.initializer}
@@ -182,17 +161,7 @@ def compile_training(
 
     body = GraphBuilder(opset=opset, shapes=shapes, elem_types=types)
     body.values.update(constant_values(model, set(sel.exchanged) | set(sel.frozen)))
-    # Forward pass, training mode.
-    buffer_out: dict[str, str] = {}
-    tc = TrainForwardContext(body, frozenset(sel.trainable), buffer_out)
-    ops: list[FwdOp] = []
-    for node in graph.node:
-        rewrite = TRAIN_FORWARD.get(node.op_type)
-        op = rewrite(tc, node) if rewrite is not None else None
-        if op is None:
-            body.nodes.append(node)
-            op = FwdOp(node)
-        ops.append(op)
+    ops, buffer_out = emit_forward(body, graph.node, frozenset(sel.trainable))
     # Loss on the model output.
     classes = out_shape[-1] if isinstance(out_shape[-1], int) else 0
     if loss.label_key == LABELS and classes < 1:

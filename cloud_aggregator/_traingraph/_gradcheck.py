@@ -23,7 +23,7 @@ from cloud_aggregator._traingraph._prepare import (
     opset_of,
     prepare_model,
 )
-from cloud_aggregator._traingraph._train_forward import TRAIN_FORWARD, TrainForwardContext
+from cloud_aggregator._traingraph._train_forward import emit_forward
 
 if TYPE_CHECKING:
     import onnx
@@ -48,16 +48,7 @@ def gradient_model(
     shapes, types = infer_shapes(model)
     b = GraphBuilder(opset=opset, shapes=shapes, elem_types=types, float_type=float_type)
     b.values.update(constant_values(model, set(wrt)))
-    buffers: dict[str, str] = {}
-    tc = TrainForwardContext(b, frozenset(wrt), buffers)
-    ops: list[FwdOp] = []
-    for node in graph.node:
-        rewrite = TRAIN_FORWARD.get(node.op_type)
-        op = rewrite(tc, node) if rewrite is not None else None
-        if op is None:
-            b.nodes.append(node)
-            op = FwdOp(node)
-        ops.append(op)
+    ops, _ = emit_forward(b, graph.node, frozenset(wrt))
     output = graph.output[0]
     first = len(b.nodes)
     b.add("ReduceSum", [b.op("Mul", output.name, PROBE)], outputs=[LOSS], keepdims=0)

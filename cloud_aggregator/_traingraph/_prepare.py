@@ -187,3 +187,35 @@ def select_parameters(
     order_buffers = [n for n in floats if n in buffers]
     fixed = [n for n in floats if n not in chosen and n not in buffers]
     return _Selection(order_trainable, order_buffers, fixed, order_trainable + order_buffers)
+
+
+def model_io(model: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, onnx.ValueInfoProto]:
+    """The model's one float32 data input with a batch axis, and its one output."""
+    from onnx import TensorProto
+
+    graph = model.graph
+    init_names = {init.name for init in graph.initializer}
+    data_inputs = [v for v in graph.input if v.name not in init_names]
+    if len(data_inputs) != 1:
+        raise ModelBuildError(
+            f"model must have exactly one data input, it has {[v.name for v in data_inputs]}"
+        )
+    if len(graph.output) != 1:
+        raise ModelBuildError(
+            "model must have exactly one output (the logits), it has "
+            f"{[v.name for v in graph.output]}"
+        )
+    data_input, output = data_inputs[0], graph.output[0]
+    if data_input.type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise ModelBuildError(f"model input {data_input.name!r} must be float32")
+    in_shape, out_shape = dims_of(data_input), dims_of(output)
+    if not in_shape:
+        raise ModelBuildError(f"model input {data_input.name!r} has no batch axis (rank 0)")
+    if isinstance(in_shape[0], int) and in_shape[0] != -1:
+        raise ModelBuildError(
+            f"model input {data_input.name!r} has a fixed batch size {in_shape[0]}: the "
+            "training graph cannot batch it. Export the model with a dynamic first axis"
+        )
+    if not out_shape:
+        raise ModelBuildError(f"model output {output.name!r} has no batch axis")
+    return data_input, output

@@ -25,6 +25,7 @@ from cloud_aggregator._errors import ModelBuildError
 from cloud_aggregator._traingraph._autodiff import GradContext, rule
 from cloud_aggregator._traingraph._builder import GraphBuilder
 from cloud_aggregator._traingraph._rules_math import unbroadcast
+from cloud_aggregator._traingraph._rules_shape import scatter_add
 
 if TYPE_CHECKING:
     pass
@@ -203,18 +204,8 @@ def _max_pool(ctx: GradContext, gys: Grads) -> Grads:
     b = ctx.b
     x = ctx.input(0)
     assert x is not None
-    indices = ctx.op.saved["indices"]
-    size = b.op("Size", x)
-    zeros = b.op("ConstantOfShape", b.unsqueeze(size, [0]), value=b.zero_tensor())
-    flat = b.op(
-        "ScatterElements",
-        zeros,
-        b.op("Reshape", indices, b.ints([-1])),
-        b.op("Reshape", gy, b.ints([-1])),
-        axis=0,
-        reduction="add",
-    )
-    return [b.op("Reshape", flat, b.shape_of(x))]
+    # Indices are flat positions in the whole input (batch and channels included).
+    return [scatter_add(b, x, ctx.op.saved["indices"], gy)]
 
 
 def pool_counts(win: Window, include_pad: bool) -> np.ndarray:

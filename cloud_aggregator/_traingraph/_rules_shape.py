@@ -98,24 +98,29 @@ def _flat_index_grad(ctx: GradContext, gy: str, forward: str, extra: Sequence[st
     """Scatter-add ``gy`` to where ``forward`` (Slice or Gather) took each element from."""
     b = ctx.b
     x = _x(ctx)
-    shape = b.shape_of(x)
-    size = b.op("Size", x)
-    flat = b.op("Range", b.const(0, np.int64), size, b.const(1, np.int64))
-    positions = b.op("Reshape", flat, shape)
+    flat = b.op("Range", b.const(0, np.int64), b.op("Size", x), b.const(1, np.int64))
+    positions = b.op("Reshape", flat, b.shape_of(x))
     attrs: dict[str, Any] = {}
     if forward == "Gather":
         attrs["axis"] = int(ctx.attr("axis", 0))
     picked = b.op(forward, positions, *extra, **attrs)
+    return scatter_add(b, x, picked, gy)
+
+
+def scatter_add(b: GraphBuilder, x: str, positions: str, g: str) -> str:
+    """A tensor shaped like ``x`` where each element of ``g`` is added at the flat
+    position of ``x`` that ``positions`` gives for it (repeats add up)."""
+    size = b.op("Size", x)
     zeros = b.op("ConstantOfShape", b.unsqueeze(size, [0]), value=b.zero_tensor())
     scattered = b.op(
         "ScatterElements",
         zeros,
-        b.op("Reshape", picked, b.ints([-1])),
-        b.op("Reshape", gy, b.ints([-1])),
+        b.op("Reshape", positions, b.ints([-1])),
+        b.op("Reshape", g, b.ints([-1])),
         axis=0,
         reduction="add",
     )
-    return b.op("Reshape", scattered, shape)
+    return b.op("Reshape", scattered, b.shape_of(x))
 
 
 @rule("Slice")

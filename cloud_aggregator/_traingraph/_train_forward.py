@@ -155,3 +155,21 @@ TRAIN_FORWARD: dict[str, TrainForward] = {
     "LayerNormalization": _layer_norm_forward,
 }
 """Op type -> its training-mode forward pass (None: the node runs as in inference)."""
+
+
+def emit_forward(
+    b: GraphBuilder, nodes: Sequence[onnx.NodeProto], trainable: frozenset[str]
+) -> tuple[list[FwdOp], dict[str, str]]:
+    """Emit a model's nodes in training mode; return the forward ops and the updated
+    running statistics (input name -> new value)."""
+    buffers: dict[str, str] = {}
+    tc = TrainForwardContext(b, trainable, buffers)
+    ops: list[FwdOp] = []
+    for node in nodes:
+        rewrite = TRAIN_FORWARD.get(node.op_type)
+        op = rewrite(tc, node) if rewrite is not None else None
+        if op is None:
+            b.nodes.append(node)
+            op = FwdOp(node)
+        ops.append(op)
+    return ops, buffers
