@@ -335,7 +335,7 @@ def test_batch_norm_running_statistics_travel_and_dropout_trains(tmp_path: Path)
     first = trainer.evaluate(x, y)
     trainer.train(x, y, epochs=30, batch_size=16, lr=0.05, seed=1)
     last = trainer.evaluate(x, y)
-    assert last.loss < first.loss and last.accuracy > 0.7
+    assert last.loss < 0.7 * first.loss and last.accuracy > 0.6
 
 
 def test_small_transformer_trains(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ whose rules live in ``_rules_nn``).
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -101,7 +102,10 @@ def _dropout_forward(tc: TrainForwardContext, node: onnx.NodeProto) -> FwdOp | N
         raise ModelBuildError(f"Dropout {node.name!r}: ratio {ratio} outside [0, 1)")
     outputs = list(node.output)
     scale = b.scalar(1.0 / (1.0 - ratio))
-    keep = b.op("GreaterOrEqual", b.op("RandomUniformLike", x, dtype=b.float_type), b.scalar(ratio))
+    # Seeded from the node's name: a session draws the same masks for the same calls.
+    seed = float(zlib.crc32(f"{node.name}/{x}".encode()) % (1 << 24))
+    noise = b.op("RandomUniformLike", x, dtype=b.float_type, seed=seed)
+    keep = b.op("GreaterOrEqual", noise, b.scalar(ratio))
     zero = b.scalar(0.0)
     b.add("Where", [keep, b.op("Mul", x, scale), zero], outputs=[outputs[0]])
     if len(outputs) > 1 and outputs[1]:
