@@ -45,7 +45,7 @@ CHUNK_S = 0.25
 MAX_CHUNK_STEPS = 1 << 16
 
 
-def _tensor_list(items: Any, what: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+def _tensor_list(items: Any) -> ParameterShapes:
     return tuple((str(p["name"]), tuple(int(d) for d in p["shape"])) for p in items)
 
 
@@ -71,11 +71,14 @@ class PortableTrainer(TrainerBase):
         verify_files(self._dir, manifest, expected_hash)
         self._manifest = manifest
         try:
-            self._shapes = _tensor_list(manifest["parameters"], "parameters")
-            self._frozen_shapes = _tensor_list(manifest.get("frozen", []), "frozen")
+            self._shapes = _tensor_list(manifest["parameters"])
+            self._frozen_shapes = _tensor_list(manifest.get("frozen", []))
             self._train_io: dict[str, Any] = dict(manifest["train"])
             self._eval_io: dict[str, Any] = dict(manifest["eval"])
-            self._label_dtype = np.dtype(str(manifest["label"]["dtype"]))
+            label_dtype = str(manifest["label"]["dtype"])
+            if label_dtype not in ("int64", "float32"):
+                raise ValueError(f"label dtype {label_dtype!r} is neither int64 nor float32")
+            self._label_dtype = np.dtype(label_dtype)
             self._metric = manifest["loss"].get("metric")
             state = [
                 (str(s["in"]), str(s["out"]), tuple(int(d) for d in s["shape"]))
@@ -106,8 +109,10 @@ class PortableTrainer(TrainerBase):
         frozen = self._read_f32(str(frozen_file), frozen_size) if frozen_size else None
         self._frozen: dict[str, Any] = {}
         if frozen is not None:
-            for (name, shape), part in zip(self._frozen_shapes, self._split(frozen), strict=True):
-                self._frozen[name] = self._value(part.reshape(shape))
+            for (name, _), part in zip(
+                self._frozen_shapes, self._split(frozen, self._frozen_shapes), strict=True
+            ):
+                self._frozen[name] = self._value(part)
         self._lr = 0.01
         self._params: list[Any] = []
         self._state: list[Any] = []
@@ -156,11 +161,13 @@ class PortableTrainer(TrainerBase):
     def _value(self, array: np.ndarray) -> Any:
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
 
-    def _split(self, flat: np.ndarray, shapes: ParameterShapes | None = None) -> list[np.ndarray]:
+    @staticmethod
+    def _split(flat: np.ndarray, shapes: ParameterShapes) -> list[np.ndarray]:
+        """Views of ``flat``, one per tensor of ``shapes``, reshaped."""
         parts, pos = [], 0
-        for _, shape in shapes if shapes is not None else self._frozen_shapes:
+        for _, shape in shapes:
             size = math.prod(shape)
-            parts.append(flat[pos : pos + size])
+            parts.append(flat[pos : pos + size].reshape(shape))
             pos += size
         return parts
 
@@ -180,10 +187,7 @@ class PortableTrainer(TrainerBase):
         if not np.issubdtype(values.dtype, np.floating):
             raise ArtifactError(f"parameter vector must be floating point, got {values.dtype}")
         values = np.array(values, dtype=np.float32)  # a private copy the OrtValues point into
-        parts = [
-            p.reshape(shape)
-            for p, (_, shape) in zip(self._split(values, self._shapes), self._shapes, strict=True)
-        ]
+        parts = self._split(values, self._shapes)
         self._params = [self._value(p) for p in parts]
         self._holder = values
         self._state = [self._value(np.zeros(shape, np.float32)) for _, _, shape in self._state_io]
