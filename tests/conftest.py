@@ -1,4 +1,12 @@
-"""Shared fixtures: a real Mosquitto per test, started on a free port."""
+"""Shared fixtures: a real Mosquitto per test, started on a free port; the broker matrix.
+
+``any_broker`` runs a test over each MQTT 3.1.1 broker the project promises to work
+with and that Debian ships: Mosquitto (a fresh instance per test), RabbitMQ's MQTT
+plugin and NATS' MQTT gateway (one private instance per test session each, started on
+free ports by ``tests/brokers.py``; tests keep apart by fleet and client ids). The
+RabbitMQ and NATS variants are marked ``slow``: RabbitMQ takes about ten seconds to
+boot, and the default suite stays fast.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from brokers import Nats, RabbitMq
 
 from broker_bridge import MosquittoProcess
 from broker_bridge._brokers import find_mosquitto
@@ -25,6 +35,46 @@ def mosquitto() -> Iterator[MosquittoProcess]:
         yield broker
     finally:
         broker.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitMq]:
+    """A private RabbitMQ (MQTT plugin) for the whole session."""
+    missing = RabbitMq.available()
+    if missing is not None:
+        pytest.fail(missing)
+    broker = RabbitMq()
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.close()
+
+
+@pytest.fixture(scope="session")
+def nats() -> Iterator[Nats]:
+    """A private nats-server (JetStream, MQTT gateway) for the whole session."""
+    missing = Nats.available()
+    if missing is not None:
+        pytest.fail(missing)
+    broker = Nats()
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.close()
+
+
+@pytest.fixture(params=[
+    pytest.param("mosquitto", id="mosquitto"),
+    pytest.param("rabbitmq", id="rabbitmq", marks=pytest.mark.slow),
+    pytest.param("nats", id="nats", marks=pytest.mark.slow),
+])
+def any_broker(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(broker kind, mqtt:// URL) for each broker of the matrix."""
+    kind = str(request.param)
+    broker = request.getfixturevalue(kind)
+    return kind, broker.url
 
 
 @pytest.fixture(scope="session")
