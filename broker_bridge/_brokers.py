@@ -117,7 +117,10 @@ def render_mosquitto_conf(
             lines.append("require_certificate true")
         lines.append("tls_version tlsv1.2")
     if password_file is not None:
-        lines += ["allow_anonymous false", f"password_file {password_file}"]
+        lines += ["allow_anonymous false", f"password_file {password_file}",
+                  "# The client id is the user name, whatever the client claims: one",
+                  "# device's credentials cannot take over (close) another's session.",
+                  "use_username_as_clientid true"]
     else:
         lines.append("allow_anonymous true")
     if acl_file is not None:

@@ -243,3 +243,34 @@ def test_many_clients_share_one_network_loop(mosquitto: MosquittoProcess) -> Non
         for d in devices:
             d.close()
         loop.close()
+
+
+def test_one_device_cannot_take_over_another_devices_session(tmp_path: Path) -> None:
+    """dev-a's credentials with client id dev-b must not close dev-b's session."""
+    port = free_port()
+    files = write_broker_config(tmp_path, fleet=FLEET, devices=["dev-a", "dev-b"], port=port,
+                                bind_address="127.0.0.1", run_as_user=_child_user())
+    creds = tomllib.loads(files.credentials.read_text())
+    with MosquittoProcess(conf_text=files.conf.read_text(), port=port, workdir=tmp_path) as broker:
+        agg = Channel(transport=_transport(broker.url, "aggregator", username="aggregator",
+                                           password=creds["aggregator"]), fleet=FLEET)
+        b = Channel(transport=_transport(broker.url, "dev-b", username="dev-b",
+                                         password=creds["dev-b"]), fleet=FLEET)
+        b_down = Inbox()
+        with agg.transport, b.transport:
+            b.subscribe(b.topics.device_down("dev-b"), b_down)
+            attacker = _transport(broker.url, "dev-b", username="dev-a", password=creds["dev-a"])
+            attacker.connect(timeout=5)
+            try:
+                time.sleep(1.0)  # time for the broker to act on the second CONNECT
+                agg.send(agg.topics.down("dev-b", "task"),
+                         json_message(Kind.TASK, fleet=FLEET, device="dev-b",
+                                      payload={"n": 1}))
+                assert _wait(lambda: len(b_down.messages) == 1, 10)
+                assert b.transport.connected
+                assert b.transport.reconnects == 0  # type: ignore[attr-defined]
+            finally:
+                attacker.close()
+    log = broker.log_text()
+    assert "as dev-a" in log  # the attacker's session is its own user's
+    assert "dev-b already connected" not in log
