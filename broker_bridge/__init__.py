@@ -2,7 +2,8 @@
 
 Where things live:
 
-- ``_errors``: ``WireError`` and its kinds, ``TransportError``, ``BrokerUnavailable``.
+- ``_errors``: ``WireError`` and its kinds, ``TransportError``, ``BrokerUnavailable``,
+  ``BrokerRefused``.
 - ``_layout``: ``Layout`` (named float32 tensors <-> one flat vector, fingerprint).
 - ``_codec``: ``encode_update``/``decode_update``, ``encode_model``/``decode_model``,
   ``ErrorFeedback``, ``ModelVersion``, ``BodyHeader`` (the update codec and its body
@@ -12,7 +13,7 @@ Where things live:
 - ``_chunking``: ``Reassembler``, ``ReassemblyLimits`` (bounded chunk reassembly).
 - ``_transport``: ``Transport`` (interface), ``Will``, ``MemoryBroker``/``MemoryTransport``.
 - ``_mqtt``: ``MqttTransport``, ``NetworkLoop`` (many clients, one thread), ``BrokerUrl``,
-  ``TlsConfig`` (paho-mqtt 2.x).
+  ``TlsConfig`` (paho-mqtt 2.x); ``_refusal``: when a broker refuses a client for good.
 - ``_channel``: ``Channel`` (whole messages over a transport, checked and reassembled).
 - ``_protocol``: typed control payloads (``Hello``, ``TaskSpec``, ``UpdateMeta``, ``Ack``,
   ``Cancel``, ``ErrorReport``, ``Request``), update bodies, ``ProtocolError``.
@@ -69,6 +70,7 @@ from broker_bridge._envelope import (
     split_message,
 )
 from broker_bridge._errors import (
+    BrokerRefused,
     BrokerUnavailable,
     ChunkError,
     CodecError,
@@ -106,6 +108,7 @@ __all__ = [
     "BodyHeader",
     "BodyKind",
     "BrokerConfigFiles",
+    "BrokerRefused",
     "BrokerUnavailable",
     "BrokerUrl",
     "BundleError",

@@ -123,15 +123,15 @@ def run_agent(config: Any, *, stop: threading.Event | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     try:
-        agent.start()
-    except BrokerUnavailable as exc:
-        # The transport keeps reconnecting in the background; greet when it does.
-        log.warning("%s: %s; still trying", config.device_id, exc)
-    print(f"fleetlearn agent {config.device_id}: {data.num_samples} local samples, "
-          f"state in {config.state_dir}", flush=True)
-    try:
+        try:
+            agent.start()
+        except BrokerUnavailable as exc:
+            # The transport keeps reconnecting in the background; greet when it does.
+            log.warning("%s: %s; still trying", config.device_id, exc)
+        print(f"fleetlearn agent {config.device_id}: {data.num_samples} local samples, "
+              f"state in {config.state_dir}", flush=True)
         while not stop.wait(1.0):
-            pass
+            transport.check_refused()  # BrokerRefused: retrying would not help
     finally:
         agent.stop()
     return 0

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from brokers import Nats, RabbitMq
 
 from broker_bridge import MosquittoProcess

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from broker_bridge import (
+    BrokerRefused,
     BrokerUnavailable,
     Channel,
     EmbeddedBroker,
@@ -152,10 +153,11 @@ def test_acl_confines_each_device_to_its_own_topics(tmp_path: Path) -> None:
             time.sleep(0.5)
         assert [m.body for m in inbox.messages] == [b"own"]
         assert a_down.messages == []
-        # wrong password is refused with a clear error
+        # a wrong password is refused with a clear error, at once and for good
         bad = _transport(url, "dev-a", username="dev-a", password="wrong")
-        with pytest.raises(BrokerUnavailable, match=r"refused|not authori"):
-            bad.connect(timeout=2)
+        with pytest.raises(BrokerRefused, match=r"not authorized: a wrong user name or password"):
+            bad.connect(timeout=30)
+        assert bad.refused is not None and not bad.connected
         bad.close()
 
 
