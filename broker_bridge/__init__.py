@@ -14,7 +14,8 @@ Where things live:
 - ``_transport``: ``Transport`` (interface), ``Will``, ``MemoryBroker``/``MemoryTransport``.
 - ``_mqtt``: ``MqttTransport``, ``NetworkLoop`` (many clients, one thread), ``BrokerUrl``,
   ``TlsConfig`` (paho-mqtt 2.x); ``_refusal``: when a broker refuses a client for good.
-- ``_channel``: ``Channel`` (whole messages over a transport, checked and reassembled).
+- ``_channel``: ``Channel`` (whole messages over a transport, checked and reassembled),
+  presence messages and the aggregator's ``roll_call``.
 - ``_protocol``: typed control payloads (``Hello``, ``TaskSpec``, ``UpdateMeta``, ``Ack``,
   ``Cancel``, ``ErrorReport``, ``Request``), update bodies, ``ProtocolError``.
 - ``_bundle``: ``pack_bundle``/``unpack_bundle`` (artifact bundles, bounded), ``BundleError``,
@@ -44,7 +45,13 @@ from broker_bridge._bundle import (
     pack_bundle,
     unpack_bundle,
 )
-from broker_bridge._channel import DEFAULT_MAX_PAYLOAD, Channel, presence_message, presence_will
+from broker_bridge._channel import (
+    DEFAULT_MAX_PAYLOAD,
+    Channel,
+    presence_message,
+    presence_will,
+    roll_call,
+)
 from broker_bridge._chunking import Reassembler, ReassemblyLimits
 from broker_bridge._codec import (
     BodyHeader,
@@ -175,6 +182,7 @@ __all__ = [
     "read_header",
     "render_acl",
     "render_mosquitto_conf",
+    "roll_call",
     "split_message",
     "topic_matches",
     "unpack_bundle",

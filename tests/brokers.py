@@ -10,7 +10,10 @@ root (CI); elsewhere a missing binary fails the test with the command that insta
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -88,8 +91,25 @@ class _Child:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+TEST_USERS = ("dev-1", "dev-2", "dev-3", "dev-4", "aggregator")
+"""User names the tests' RabbitMQ knows (password: ``password_for(name)``); clients
+without a user name connect anonymously. Mosquitto and NATS, as the tests start them,
+accept any user name and password."""
+
+
+def password_for(user: str) -> str:
+    return f"pw-{user}"
+
+
+def _rabbit_hash(password: str) -> str:
+    """RabbitMQ's rabbit_password_hashing_sha256: base64(salt + sha256(salt + password))."""
+    salt = secrets.token_bytes(4)
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+
+
 class RabbitMq(_Child):
-    """RabbitMQ with its MQTT plugin: anonymous MQTT on 127.0.0.1 (guest, loopback only)."""
+    """RabbitMQ with its MQTT plugin on 127.0.0.1: anonymous MQTT (as guest) and the
+    users of ``TEST_USERS``, loaded as definitions at boot."""
 
     name = "rabbitmq"
 
@@ -114,12 +134,24 @@ class RabbitMq(_Child):
             f"listeners.tcp.default = 127.0.0.1:{self.amqp_port}",
             f"mqtt.listeners.tcp.default = 127.0.0.1:{self.port}",
             "mqtt.allow_anonymous = true",
+            "mqtt.default_user = guest",
+            "mqtt.default_pass = guest",
+            f"load_definitions = {d / 'definitions.json'}",
             "log.console = true",
             "log.console.level = warning",
             "log.file = false",
             "",
         ]))
         (d / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        users = {"guest": "guest", **{u: password_for(u) for u in TEST_USERS}}
+        (d / "definitions.json").write_text(json.dumps({
+            "vhosts": [{"name": "/"}],
+            "users": [{"name": u, "password_hash": _rabbit_hash(pw), "tags": "",
+                       "hashing_algorithm": "rabbit_password_hashing_sha256"}
+                      for u, pw in users.items()],
+            "permissions": [{"user": u, "vhost": "/", "configure": ".*", "write": ".*",
+                             "read": ".*"} for u in users],
+        }))
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(d / "home"),  # its own Erlang cookie

@@ -10,9 +10,11 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
-from brokers import Nats, RabbitMq, wait_until
+from brokers import Nats, RabbitMq, password_for, wait_until
 
 from broker_bridge import (
     BrokerRefused,
@@ -21,6 +23,7 @@ from broker_bridge import (
     Kind,
     Message,
     MqttTransport,
+    Topics,
     Will,
     check_id,
     presence_message,
@@ -123,3 +126,79 @@ def test_a_refused_connection_is_a_clear_error_not_an_endless_loop(nats: Nats) -
     time.sleep(1.5)  # several backoff periods: no more attempts
     assert nats.log_text().count('"refused-1"') == complaints
     t.close()
+
+
+# -- presence: no dependence on retained messages reaching wildcard subscriptions ---------
+
+
+def _start_agents(url: str, fleet: str, ids: list[str], tmp_path: Path) -> list[Any]:
+    from edge_runtime import Agent, DeviceStatus, LocalData, make_agent_transport
+
+    rng = np.random.default_rng(0)
+    agents = []
+    for did in ids:
+        transport = make_agent_transport(url, fleet=fleet, device_id=did,
+                                         password=password_for(did),
+                                         backoff_min_s=0.1, backoff_max_s=1.0)
+        agent = Agent(device_id=did, channel=Channel(transport=transport, fleet=fleet),
+                      data=LocalData(x=rng.standard_normal((64, 40)).astype(np.float32),
+                                     y=rng.integers(0, 10, 64).astype(np.int64)),
+                      state_dir=tmp_path / did, owns_transport=True,
+                      status_probe=lambda: DeviceStatus())
+        agent.start(connect_timeout=30)
+        agents.append(agent)
+    return agents
+
+
+def _aggregator(url: str, fleet: str, kind: str, tmp_path: Path, artifacts: Path,
+                rounds: int) -> Any:
+    from cloud_aggregator._config import AggregatorConfig
+    from cloud_aggregator._service import Aggregator
+
+    config = AggregatorConfig(
+        fleet=fleet, model="mlp", rounds=rounds, devices_per_round=2, over_selection=1.0,
+        min_devices=2, quorum=2, deadline_s=30.0, local_epochs=1, state_dir=tmp_path / "agg",
+        store_synchronous="NORMAL", progress=False)
+    transport = MqttTransport(url=url, client_id=f"aggregator-{kind}", clean_session=False,
+                              backoff_min_s=0.1, backoff_max_s=1.0)
+    return Aggregator(config=config, channel=Channel(transport=transport, fleet=fleet),
+                      artifacts_dir=artifacts)
+
+
+@pytest.mark.slow
+def test_an_aggregator_started_after_its_fleet_and_restarted_finds_it(
+        any_broker: tuple[str, str], tmp_path: Path, artifacts: Path) -> None:
+    """RabbitMQ never delivers retained presence to the aggregator's ``+`` subscription:
+    the aggregator must learn who is there by asking, on start and after a restart.
+    A stale retained ``online`` of a device long gone must not make it selectable."""
+    kind, url = any_broker
+    fleet = f"late-{kind}"
+    ghost = MqttTransport(url=url, client_id="ghost", backoff_min_s=0.1)
+    with ghost:  # said 'online', then vanished without a will: its presence lies
+        Channel(transport=ghost, fleet=fleet).send(
+            Topics(fleet=fleet).presence("ghost"),
+            presence_message(fleet=fleet, device="ghost", status="online"), retain=True)
+        ghost.flush(timeout=5)
+    agents = _start_agents(url, fleet, ["dev-1", "dev-2"], tmp_path)
+    try:
+        for rounds in (1, 2):  # first start, then a restart on the same state
+            agg = _aggregator(url, fleet, kind, tmp_path, artifacts, rounds)
+            try:
+                agg.run(timeout_s=90)
+                assert agg.model_version == rounds, [m.to_json() for m in agg.history]
+                ready = {d.device_id for d in agg.registry.ready()}
+                assert ready == {"dev-1", "dev-2"}
+                assert agg.history[-1].devices_reported == 2
+                assert all(set(r.selected) <= {"dev-1", "dev-2"}
+                           for r in agg.store.rounds(fleet))  # never the ghost
+            finally:
+                agg.close()
+                agg.channel.transport.close()
+    finally:
+        for agent in agents:
+            agent.stop()
+        cleaner = MqttTransport(url=url, client_id=f"cleaner-{kind}")
+        with cleaner:
+            for did in ("ghost", "dev-1", "dev-2"):
+                cleaner.publish(Topics(fleet=fleet).presence(did), b"", retain=True)
+            cleaner.flush(timeout=5)
