@@ -20,20 +20,20 @@ Where things live:
   ``Cancel``, ``ErrorReport``, ``Request``), update bodies, ``ProtocolError``.
 - ``_bundle``: ``pack_bundle``/``unpack_bundle`` (artifact bundles, bounded), ``BundleError``,
   ``file_sha256``/``content_hash`` (the artifact manifest's hashes).
-- ``_brokers``: ``write_broker_config``, ``MosquittoProcess``, ``EmbeddedBroker``,
-  ``local_broker``.
+- ``_brokers``: ``write_broker_config``, ``MosquittoProcess``, ``local_broker``;
+  ``_embedded``: ``EmbeddedBroker``, ``EMBEDDED_LIMITS`` (and ``_amqtt_fixes``, its
+  corrections to amqtt); ``_ports``: ``free_port``.
 - ``_files``: ``atomic_write``, ``fsync_dir`` (crash-safe writes, used by every package).
 """
 
 from broker_bridge._brokers import (
     AGGREGATOR_USER,
     BrokerConfigFiles,
-    EmbeddedBroker,
     MosquittoProcess,
     TlsFiles,
-    free_port,
     hash_password,
     local_broker,
+    local_broker_kind,
     render_acl,
     render_mosquitto_conf,
     write_broker_config,
@@ -67,6 +67,7 @@ from broker_bridge._codec import (
     read_header,
 )
 from broker_bridge._codec_spec import CodecSpec, Quantize, Threshold, TopK
+from broker_bridge._embedded import EMBEDDED_LIMITS, EmbeddedBroker
 from broker_bridge._envelope import (
     Chunk,
     EnvelopeLimits,
@@ -88,6 +89,7 @@ from broker_bridge._errors import (
 from broker_bridge._files import atomic_write, fsync_dir
 from broker_bridge._layout import Layout
 from broker_bridge._mqtt import BrokerUrl, MqttTransport, NetworkLoop, TlsConfig
+from broker_bridge._ports import free_port
 from broker_bridge._protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -110,6 +112,7 @@ from device_profiles import ConfigError, FleetlearnError
 __all__ = [
     "AGGREGATOR_USER",
     "DEFAULT_MAX_PAYLOAD",
+    "EMBEDDED_LIMITS",
     "PROTOCOL_VERSION",
     "Ack",
     "BodyHeader",
@@ -174,6 +177,7 @@ __all__ = [
     "hash_password",
     "json_message",
     "local_broker",
+    "local_broker_kind",
     "new_transfer_id",
     "pack_bundle",
     "pack_update_body",

@@ -16,8 +16,10 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--port", type=int, default=1883)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (embedded broker)")
-    p.add_argument("--kind", choices=["embedded", "mosquitto"], default="embedded",
-                   help="embedded: pure-Python broker in this process; mosquitto: a child process")
+    p.add_argument("--kind", choices=["auto", "embedded", "mosquitto"], default="auto",
+                   help="mosquitto: a child process; embedded: a pure-Python broker in this "
+                        "process (a trial broker: no passwords, ACL, TLS or persistence); "
+                        "auto (default): mosquitto when installed, else embedded")
     p.set_defaults(handler=_run_broker)
     bsub = p.add_subparsers(dest="broker_command", metavar="SUBCOMMAND")
     c = bsub.add_parser(
@@ -44,14 +46,17 @@ def register(sub: Any) -> None:
 
 
 def _run_broker(args: argparse.Namespace) -> int:
-    from broker_bridge._brokers import EmbeddedBroker, MosquittoProcess
+    from broker_bridge._brokers import MosquittoProcess, local_broker_kind
+    from broker_bridge._embedded import EMBEDDED_LIMITS, EmbeddedBroker
 
     broker: EmbeddedBroker | MosquittoProcess
-    if args.kind == "mosquitto":
+    kind = local_broker_kind("mosquitto") if args.kind == "auto" else args.kind
+    if kind == "mosquitto":
         broker = MosquittoProcess(port=args.port).start()
     else:
+        print(f"fleetlearn: warning: {EMBEDDED_LIMITS}", flush=True)
         broker = EmbeddedBroker(host=args.host, port=args.port).start()
-    print(f"fleetlearn broker ({args.kind}) listening on {broker.url}; Ctrl-C to stop", flush=True)
+    print(f"fleetlearn broker ({kind}) listening on {broker.url}; Ctrl-C to stop", flush=True)
     try:
         while True:
             time.sleep(3600)
