@@ -21,16 +21,18 @@ Where things live:
 - ``_bundle``: ``pack_bundle``/``unpack_bundle`` (artifact bundles, bounded), ``BundleError``,
   ``file_sha256``/``content_hash`` (the artifact manifest's hashes).
 - ``_brokers``: ``write_broker_config``, ``MosquittoProcess``, ``local_broker``;
+  ``_broker_files``: ``TlsFiles``, the generated files made readable by Mosquitto's user;
   ``_embedded``: ``EmbeddedBroker``, ``EMBEDDED_LIMITS`` (and ``_amqtt_fixes``, its
   corrections to amqtt); ``_ports``: ``free_port``.
+- ``_credentials``: ``read_password_file`` (credentials.toml or a bare password).
 - ``_files``: ``atomic_write``, ``fsync_dir`` (crash-safe writes, used by every package).
 """
 
+from broker_bridge._broker_files import TlsFiles
 from broker_bridge._brokers import (
     AGGREGATOR_USER,
     BrokerConfigFiles,
     MosquittoProcess,
-    TlsFiles,
     hash_password,
     local_broker,
     local_broker_kind,
@@ -67,6 +69,7 @@ from broker_bridge._codec import (
     read_header,
 )
 from broker_bridge._codec_spec import CodecSpec, Quantize, Threshold, TopK
+from broker_bridge._credentials import read_password_file
 from broker_bridge._embedded import EMBEDDED_LIMITS, EmbeddedBroker
 from broker_bridge._envelope import (
     Chunk,
@@ -183,6 +186,7 @@ __all__ = [
     "pack_update_body",
     "presence_message",
     "presence_will",
+    "read_password_file",
     "read_header",
     "render_acl",
     "render_mosquitto_conf",

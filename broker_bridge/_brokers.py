@@ -23,10 +23,12 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker_bridge._broker_files import TlsFiles, hand_over, install_tls
 from broker_bridge._embedded import EMBEDDED_LIMITS, EmbeddedBroker
 from broker_bridge._errors import BrokerUnavailable
 from broker_bridge._files import atomic_write
@@ -47,19 +49,13 @@ def hash_password(password: str, *, iterations: int = 1000, salt: bytes | None =
 
 
 @dataclass(frozen=True, kw_only=True)
-class TlsFiles:
-    certfile: str
-    keyfile: str
-    cafile: str | None = None
-    require_certificate: bool = False
-
-
-@dataclass(frozen=True, kw_only=True)
 class BrokerConfigFiles:
     conf: Path
     passwd: Path
     acl: Path
     credentials: Path
+    notes: tuple[str, ...] = ()
+    """What the operator must still do (files Mosquitto's user cannot reach, ...)."""
 
 
 def render_acl(*, fleet: str, aggregator_user: str = AGGREGATOR_USER) -> str:
@@ -152,8 +148,17 @@ def write_broker_config(
     existing_credentials: dict[str, str] | None = None,
     run_as_user: str | None = None,
 ) -> BrokerConfigFiles:
-    """Write mosquitto.conf, passwd, acl and credentials.toml (mode 0600) to ``out_dir``."""
+    """Write mosquitto.conf, passwd, acl and credentials.toml (mode 0600) to ``out_dir``.
+
+    Passwords already in ``out_dir/credentials.toml`` are kept (devices keep working
+    when the configuration is written again); TLS files are copied into
+    ``out_dir/tls``; with ``run_as_user`` (the user a root-started Mosquitto becomes)
+    and when run as root, the files Mosquitto reads or writes are given to that user.
+    """
     out_dir = Path(out_dir).resolve()
+    credentials = out_dir / "credentials.toml"
+    if existing_credentials is None and credentials.is_file():
+        existing_credentials = _read_credentials(credentials)
     creds = dict(existing_credentials or {})
     ids = [check_id(d, what="device id") for d in devices]
     if aggregator_user in ids:
@@ -163,9 +168,10 @@ def write_broker_config(
     passwd = out_dir / "passwd"
     acl = out_dir / "acl"
     conf = out_dir / "mosquitto.conf"
-    credentials = out_dir / "credentials.toml"
     data_dir = out_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
+    if tls is not None:
+        tls = install_tls(out_dir, tls)
     atomic_write(passwd, "".join(f"{u}:{hash_password(p)}\n" for u, p in creds.items()).encode(),
                  mode=0o600)
     atomic_write(acl, render_acl(fleet=fleet, aggregator_user=aggregator_user).encode(),
@@ -176,7 +182,20 @@ def write_broker_config(
     body = "# fleetlearn device credentials: keep secret, hand each device its own line\n"
     body += "".join(f'"{u}" = "{p}"\n' for u, p in creds.items())
     atomic_write(credentials, body.encode(), mode=0o600)
-    return BrokerConfigFiles(conf=conf, passwd=passwd, acl=acl, credentials=credentials)
+    readable = [passwd, acl, data_dir]
+    if tls is not None:
+        readable += [Path(p) for p in (tls.certfile, tls.keyfile, tls.cafile) if p]
+    notes = hand_over(readable, run_as_user)
+    return BrokerConfigFiles(conf=conf, passwd=passwd, acl=acl, credentials=credentials,
+                             notes=tuple(notes))
+
+
+def _read_credentials(path: Path) -> dict[str, str]:
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read the existing {path}: {exc}") from exc
+    return {str(k): v for k, v in table.items() if isinstance(v, str)}
 
 
 def find_mosquitto() -> str | None:

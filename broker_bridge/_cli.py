@@ -42,6 +42,9 @@ def register(sub: Any) -> None:
     c.add_argument("--tls-ca", help="CA bundle to verify client certificates")
     c.add_argument("--require-certificate", action="store_true",
                    help="devices must present a client certificate signed by --tls-ca")
+    c.add_argument("--run-as", default=None, metavar="USER",
+                   help="the user a root-started mosquitto becomes (default: mosquitto, "
+                        "when that account exists); run as root, this gives it the files")
     c.set_defaults(handler=_write_config)
 
 
@@ -68,7 +71,8 @@ def _run_broker(args: argparse.Namespace) -> int:
 
 
 def _write_config(args: argparse.Namespace) -> int:
-    from broker_bridge._brokers import TlsFiles, write_broker_config
+    from broker_bridge._broker_files import TlsFiles, default_run_as
+    from broker_bridge._brokers import write_broker_config
     from device_profiles import ConfigError
 
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
@@ -89,12 +93,15 @@ def _write_config(args: argparse.Namespace) -> int:
         tls = TlsFiles(certfile=args.tls_cert, keyfile=args.tls_key, cafile=args.tls_ca,
                        require_certificate=args.require_certificate)
     port = args.port or (8883 if tls else 1883)
+    run_as = args.run_as or default_run_as()
     files = write_broker_config(args.out, fleet=args.fleet, devices=devices, port=port,
-                                bind_address=args.bind, tls=tls)
+                                bind_address=args.bind, tls=tls, run_as_user=run_as)
     print(f"wrote {files.conf}\n      {files.passwd}\n      {files.acl}\n"
-          f"      {files.credentials} (secret: one password per device)")
+          f"      {files.credentials} (secret: one password per device and the aggregator;"
+          " existing ones are kept)")
+    if tls is not None:
+        print(f"      {files.conf.parent / 'tls'}/ (copies of the certificate and key)")
+    for note in files.notes:
+        print(f"note: {note}")
     print(f"run: mosquitto -c {files.conf}")
-    data = files.conf.parent / "data"
-    print(f"(started as root, mosquitto drops to user 'mosquitto': make {data} writable by it,"
-          " e.g. chown mosquitto, so that its persistence can be saved)")
     return 0

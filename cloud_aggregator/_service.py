@@ -318,7 +318,8 @@ class Aggregator:
             self._started = True
             self._restore()
             if self.config.metrics_port is not None:
-                self._metrics_server = MetricsServer(self.counters, port=self.config.metrics_port)
+                self._metrics_server = MetricsServer(self.counters, port=self.config.metrics_port,
+                                                     host=self.config.metrics_bind)
             if not self.channel.transport.connected:
                 self.channel.transport.connect()
             topics = self.channel.topics

@@ -54,7 +54,11 @@ def test_devices_connect_over_tls_and_a_wrong_ca_is_refused(tmp_path: Path) -> N
         run_as_user=_child_user(),
     )
     conf = files.conf.read_text()
-    assert f"certfile {cert}" in conf and "tls_version tlsv1.2" in conf
+    # copied next to the rest, every path absolute, the key readable by its owner only
+    copied = tmp_path / "broker" / "tls"
+    assert f"certfile {copied / 'server.pem'}\n" in conf
+    assert f"keyfile {copied / 'server.key'}\n" in conf and "tls_version tlsv1.2" in conf
+    assert (copied / "server.key").stat().st_mode & 0o777 == 0o600
     creds = tomllib.loads(files.credentials.read_text())
     url = f"mqtts://127.0.0.1:{port}"
     with MosquittoProcess(conf_text=conf, port=port, workdir=tmp_path / "broker"):
