@@ -29,6 +29,7 @@ from broker_bridge import (
     write_broker_config,
 )
 from broker_bridge._broker_files import default_run_as
+from broker_bridge._brokers import _child_user
 from cloud_aggregator._config import AggregatorConfig
 from cloud_aggregator._connect import broker_settings
 from cloud_aggregator._metrics import Counters, MetricsServer
@@ -160,3 +161,38 @@ def test_the_metrics_endpoint_listens_on_loopback_unless_told(tmp_path: Path) ->
         server.close()
     with pytest.raises(ConfigError, match="metrics_bind"):
         AggregatorConfig(metrics_bind="")
+
+
+def test_agent_and_aggregator_with_a_wrong_password_stop_with_a_clear_error(
+        tmp_path: Path) -> None:
+    """They used to retry for ever ('still trying'), printing nothing useful."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    port = free_port()
+    files = write_broker_config(tmp_path / "broker", fleet="f", devices=["dev-1"], port=port,
+                                bind_address="127.0.0.1", run_as_user=_child_user())
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 40)).astype(np.float32),
+             y=rng.integers(0, 10, 16))
+    (tmp_path / "wrong").write_text("not-the-password\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    env.pop("FLEETLEARN_PASSWORD", None)
+    url = f"mqtt://127.0.0.1:{port}"
+    commands = {
+        "agent": ["agent", "--broker", url, "--fleet", "f", "--device-id", "dev-1",
+                  "--password-file", str(tmp_path / "wrong"), "--data", str(tmp_path / "d.npz"),
+                  "--state-dir", str(tmp_path / "state"), "--profile", "pi4"],
+        "aggregator": ["aggregator", "--broker", url, "--fleet", "f", "--model", "mlp",
+                       "--password-file", str(tmp_path / "wrong"),
+                       "--state-dir", str(tmp_path / "agg")],
+    }
+    with MosquittoProcess(conf_text=files.conf.read_text(), port=port,
+                          workdir=tmp_path / "broker"):
+        for name, argv in commands.items():
+            done = subprocess.run([sys.executable, "-m", "fleetlearn", *argv], env=env,
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 2, (name, done.stdout, done.stderr)
+            assert "refused the connection: not authorized" in done.stderr, (name, done.stderr)
