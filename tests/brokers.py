@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from broker_bridge import BrokerUnavailable, free_port
-from broker_bridge._brokers import wait_for_port
+from broker_bridge._ports import wait_for_port
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # the script, not the su wrapper
 

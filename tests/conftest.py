@@ -11,6 +11,8 @@ boot, and the default suite stays fast.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,32 +38,40 @@ def mosquitto() -> Iterator[MosquittoProcess]:
         broker.close()
 
 
+def _private(kind: type[RabbitMq] | type[Nats]) -> Iterator[RabbitMq | Nats]:
+    missing = kind.available()
+    if missing is not None:
+        pytest.fail(missing)
+    broker = kind()
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.close()
+
+
 @pytest.fixture(scope="session")
-def rabbitmq() -> Iterator[RabbitMq]:
+def rabbitmq() -> Iterator[RabbitMq | Nats]:
     """A private RabbitMQ (MQTT plugin) for the whole session."""
-    missing = RabbitMq.available()
-    if missing is not None:
-        pytest.fail(missing)
-    broker = RabbitMq()
-    try:
-        broker.start()
-        yield broker
-    finally:
-        broker.close()
+    yield from _private(RabbitMq)
 
 
 @pytest.fixture(scope="session")
-def nats() -> Iterator[Nats]:
+def nats() -> Iterator[RabbitMq | Nats]:
     """A private nats-server (JetStream, MQTT gateway) for the whole session."""
-    missing = Nats.available()
-    if missing is not None:
-        pytest.fail(missing)
-    broker = Nats()
+    yield from _private(Nats)
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """An empty folder every user can enter, as /etc/... is (pytest's own are 0700): for
+    a root-started Mosquitto, which drops to user mosquitto."""
+    path = Path(tempfile.mkdtemp(prefix="fleetlearn-open-"))
+    path.chmod(0o755)
     try:
-        broker.start()
-        yield broker
+        yield path
     finally:
-        broker.close()
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(params=[

@@ -16,14 +16,11 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,21 +58,11 @@ def test_the_walkthrough_is_what_this_test_expects() -> None:
     assert all("mqtts://" in c for c in commands if c.startswith(BACKGROUND[1:]))
 
 
-@pytest.fixture
-def scratch() -> Iterator[Path]:
-    """An empty folder user mosquitto can enter (pytest's own folders are 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="fleetlearn-walkthrough-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not (hasattr(os, "geteuid") and os.geteuid() == 0),
                     reason="the walkthrough runs as root (CI does)")
-def test_the_readme_deployment_gives_a_round_over_tls(scratch: Path) -> None:
+def test_the_readme_deployment_gives_a_round_over_tls(open_dir: Path) -> None:
+    scratch = open_dir
     assert default_run_as() == "mosquitto", "the mosquitto package creates this account"
     mqtt_port, metrics_port = free_port(), free_port()
     etc = scratch / "etc" / "fleetlearn"

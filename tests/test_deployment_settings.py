@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import stat
-import tempfile
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,17 +33,6 @@ from cloud_aggregator._metrics import Counters, MetricsServer
 
 ROOT_WITH_MOSQUITTO_USER = (hasattr(os, "geteuid") and os.geteuid() == 0
                             and default_run_as() is not None)
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A folder every user can enter (pytest's own are 0700), as /etc/... would be."""
-    path = Path(tempfile.mkdtemp(prefix="fleetlearn-deploy-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.skipif(not ROOT_WITH_MOSQUITTO_USER,
