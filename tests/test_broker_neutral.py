@@ -71,9 +71,10 @@ def test_rabbitmq_turns_a_dot_into_a_topic_level(rabbitmq: RabbitMq) -> None:
         sub.subscribe("fl/dots/devices/+/up/#", lambda t, _p: got.append(t))
         sub.subscribe("fl/dots/devices/pi/#", lambda t, _p: got.append(t))
         pub.publish("fl/dots/devices/pi.02/up/hello", b"x")
-        assert wait_until(lambda: len(got) >= 1, 10)
+        assert wait_until(lambda: len(got) >= 1, 30), got
         time.sleep(0.3)
-    assert got == ["fl/dots/devices/pi/02/up/hello"]
+    # QoS 1 is at least once: a duplicate is allowed, another topic is not
+    assert set(got) == {"fl/dots/devices/pi/02/up/hello"}, got
 
 
 def test_every_allowed_id_character_survives_every_broker(any_broker: tuple[str, str]) -> None:
