@@ -261,7 +261,8 @@ def test_many_clients_share_one_network_loop(any_broker: tuple[str, str]) -> Non
 
 
 def test_one_device_cannot_take_over_another_devices_session(tmp_path: Path) -> None:
-    """dev-a's credentials with client id dev-b must not close dev-b's session."""
+    """dev-a's credentials with client id dev-b (or aggregator) must not close that
+    client's session."""
     port = free_port()
     files = write_broker_config(tmp_path, fleet=FLEET, devices=["dev-a", "dev-b"], port=port,
                                 bind_address="127.0.0.1", run_as_user=_child_user())
@@ -274,18 +275,22 @@ def test_one_device_cannot_take_over_another_devices_session(tmp_path: Path) -> 
         b_down = Inbox()
         with agg.transport, b.transport:
             b.subscribe(b.topics.device_down("dev-b"), b_down)
-            attacker = _transport(broker.url, "dev-b", username="dev-a", password=creds["dev-a"])
-            attacker.connect(timeout=5)
+            attackers = [_transport(broker.url, victim, username="dev-a",
+                                    password=creds["dev-a"]) for victim in ("dev-b", "aggregator")]
             try:
-                time.sleep(1.0)  # time for the broker to act on the second CONNECT
+                for attacker in attackers:  # dev-a's credentials, the victims' client ids
+                    attacker.connect(timeout=5)
+                time.sleep(1.0)  # time for the broker to act on the CONNECTs
                 agg.send(agg.topics.down("dev-b", "task"),
                          json_message(Kind.TASK, fleet=FLEET, device="dev-b",
                                       payload={"n": 1}))
                 assert _wait(lambda: len(b_down.messages) == 1, 10)
-                assert b.transport.connected
-                assert b.transport.reconnects == 0  # type: ignore[attr-defined]
+                for victim in (b.transport, agg.transport):
+                    assert victim.connected
+                    assert victim.reconnects == 0  # type: ignore[attr-defined]
             finally:
-                attacker.close()
+                for attacker in attackers:
+                    attacker.close()
     log = broker.log_text()
-    assert "as dev-a" in log  # the attacker's session is its own user's
-    assert "dev-b already connected" not in log
+    assert "as dev-a" in log  # the attackers' sessions are their own user's
+    assert "dev-b already connected" not in log and "aggregator already connected" not in log
