@@ -14,6 +14,11 @@ What it adds to paho:
   bounded outgoing queue: ``publish`` waits for room, then raises ``TransportError``;
 - paho's return codes translated into fleetlearn's exceptions in one place
   (``_check``).
+
+Over 400 lines on purpose: ``NetworkLoop`` drives each transport through its private
+``_on_io``/``_tick``, and the transport's connect, lose, retry and refuse steps share
+paho's client state; telling a final refusal from a broker that is down lives apart,
+in ``_refusal``.
 """
 
 from __future__ import annotations
