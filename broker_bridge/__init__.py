@@ -2,7 +2,8 @@
 
 Where things live:
 
-- ``_errors``: ``WireError`` and its kinds, ``TransportError``, ``BrokerUnavailable``.
+- ``_errors``: ``WireError`` and its kinds, ``TransportError``, ``BrokerUnavailable``,
+  ``BrokerRefused``.
 - ``_layout``: ``Layout`` (named float32 tensors <-> one flat vector, fingerprint).
 - ``_codec``: ``encode_update``/``decode_update``, ``encode_model``/``decode_model``,
   ``ErrorFeedback``, ``ModelVersion``, ``BodyHeader`` (the update codec and its body
@@ -12,26 +13,29 @@ Where things live:
 - ``_chunking``: ``Reassembler``, ``ReassemblyLimits`` (bounded chunk reassembly).
 - ``_transport``: ``Transport`` (interface), ``Will``, ``MemoryBroker``/``MemoryTransport``.
 - ``_mqtt``: ``MqttTransport``, ``NetworkLoop`` (many clients, one thread), ``BrokerUrl``,
-  ``TlsConfig`` (paho-mqtt 2.x).
-- ``_channel``: ``Channel`` (whole messages over a transport, checked and reassembled).
+  ``TlsConfig`` (paho-mqtt 2.x); ``_refusal``: when a broker refuses a client for good.
+- ``_channel``: ``Channel`` (whole messages over a transport, checked and reassembled),
+  presence messages and the aggregator's ``roll_call``.
 - ``_protocol``: typed control payloads (``Hello``, ``TaskSpec``, ``UpdateMeta``, ``Ack``,
   ``Cancel``, ``ErrorReport``, ``Request``), update bodies, ``ProtocolError``.
 - ``_bundle``: ``pack_bundle``/``unpack_bundle`` (artifact bundles, bounded), ``BundleError``,
   ``file_sha256``/``content_hash`` (the artifact manifest's hashes).
-- ``_brokers``: ``write_broker_config``, ``MosquittoProcess``, ``EmbeddedBroker``,
-  ``local_broker``.
+- ``_brokers``: ``write_broker_config``, ``MosquittoProcess``, ``local_broker``;
+  ``_broker_files``: ``TlsFiles``, the generated files made readable by Mosquitto's user;
+  ``_embedded``: ``EmbeddedBroker``, ``EMBEDDED_LIMITS`` (and ``_amqtt_fixes``, its
+  corrections to amqtt); ``_ports``: ``free_port``.
+- ``_credentials``: ``read_password_file`` (credentials.toml or a bare password).
 - ``_files``: ``atomic_write``, ``fsync_dir`` (crash-safe writes, used by every package).
 """
 
+from broker_bridge._broker_files import TlsFiles
 from broker_bridge._brokers import (
     AGGREGATOR_USER,
     BrokerConfigFiles,
-    EmbeddedBroker,
     MosquittoProcess,
-    TlsFiles,
-    free_port,
     hash_password,
     local_broker,
+    local_broker_kind,
     render_acl,
     render_mosquitto_conf,
     write_broker_config,
@@ -43,7 +47,13 @@ from broker_bridge._bundle import (
     pack_bundle,
     unpack_bundle,
 )
-from broker_bridge._channel import DEFAULT_MAX_PAYLOAD, Channel, presence_message, presence_will
+from broker_bridge._channel import (
+    DEFAULT_MAX_PAYLOAD,
+    Channel,
+    presence_message,
+    presence_will,
+    roll_call,
+)
 from broker_bridge._chunking import Reassembler, ReassemblyLimits
 from broker_bridge._codec import (
     BodyHeader,
@@ -59,6 +69,8 @@ from broker_bridge._codec import (
     read_header,
 )
 from broker_bridge._codec_spec import CodecSpec, Quantize, Threshold, TopK
+from broker_bridge._credentials import read_password_file
+from broker_bridge._embedded import EMBEDDED_LIMITS, EmbeddedBroker
 from broker_bridge._envelope import (
     Chunk,
     EnvelopeLimits,
@@ -69,6 +81,7 @@ from broker_bridge._envelope import (
     split_message,
 )
 from broker_bridge._errors import (
+    BrokerRefused,
     BrokerUnavailable,
     ChunkError,
     CodecError,
@@ -79,6 +92,7 @@ from broker_bridge._errors import (
 from broker_bridge._files import atomic_write, fsync_dir
 from broker_bridge._layout import Layout
 from broker_bridge._mqtt import BrokerUrl, MqttTransport, NetworkLoop, TlsConfig
+from broker_bridge._ports import free_port
 from broker_bridge._protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -101,11 +115,13 @@ from device_profiles import ConfigError, FleetlearnError
 __all__ = [
     "AGGREGATOR_USER",
     "DEFAULT_MAX_PAYLOAD",
+    "EMBEDDED_LIMITS",
     "PROTOCOL_VERSION",
     "Ack",
     "BodyHeader",
     "BodyKind",
     "BrokerConfigFiles",
+    "BrokerRefused",
     "BrokerUnavailable",
     "BrokerUrl",
     "BundleError",
@@ -164,14 +180,17 @@ __all__ = [
     "hash_password",
     "json_message",
     "local_broker",
+    "local_broker_kind",
     "new_transfer_id",
     "pack_bundle",
     "pack_update_body",
     "presence_message",
     "presence_will",
+    "read_password_file",
     "read_header",
     "render_acl",
     "render_mosquitto_conf",
+    "roll_call",
     "split_message",
     "topic_matches",
     "unpack_bundle",

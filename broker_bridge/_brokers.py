@@ -7,13 +7,12 @@
   (Mosquitto's default of 1000 queued messages per client silently drops the rest).
 - ``MosquittoProcess``: runs a ``mosquitto`` binary on a port with such a config
   (tests and simulations start, stop and restart their own).
-- ``EmbeddedBroker``: a pure-Python broker (amqtt, MQTT 3.1.1) in a background
-  thread, for simulations on machines without Mosquitto.
+- ``local_broker``: a Mosquitto child when the binary exists, else the embedded
+  Python broker (``_embedded.EmbeddedBroker``) with a warning saying what it lacks.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import hashlib
@@ -22,17 +21,18 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import threading
-import time
+import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker_bridge._broker_files import TlsFiles, hand_over, install_tls
+from broker_bridge._embedded import EMBEDDED_LIMITS, EmbeddedBroker
 from broker_bridge._errors import BrokerUnavailable
 from broker_bridge._files import atomic_write
+from broker_bridge._ports import free_port, wait_for_port
 from broker_bridge._topics import ROOT, check_id
 from device_profiles import ConfigError
 
@@ -49,19 +49,13 @@ def hash_password(password: str, *, iterations: int = 1000, salt: bytes | None =
 
 
 @dataclass(frozen=True, kw_only=True)
-class TlsFiles:
-    certfile: str
-    keyfile: str
-    cafile: str | None = None
-    require_certificate: bool = False
-
-
-@dataclass(frozen=True, kw_only=True)
 class BrokerConfigFiles:
     conf: Path
     passwd: Path
     acl: Path
     credentials: Path
+    notes: tuple[str, ...] = ()
+    """What the operator must still do (files Mosquitto's user cannot reach, ...)."""
 
 
 def render_acl(*, fleet: str, aggregator_user: str = AGGREGATOR_USER) -> str:
@@ -117,7 +111,10 @@ def render_mosquitto_conf(
             lines.append("require_certificate true")
         lines.append("tls_version tlsv1.2")
     if password_file is not None:
-        lines += ["allow_anonymous false", f"password_file {password_file}"]
+        lines += ["allow_anonymous false", f"password_file {password_file}",
+                  "# The client id is the user name, whatever the client claims: one",
+                  "# device's credentials cannot take over (close) another's session.",
+                  "use_username_as_clientid true"]
     else:
         lines.append("allow_anonymous true")
     if acl_file is not None:
@@ -151,8 +148,17 @@ def write_broker_config(
     existing_credentials: dict[str, str] | None = None,
     run_as_user: str | None = None,
 ) -> BrokerConfigFiles:
-    """Write mosquitto.conf, passwd, acl and credentials.toml (mode 0600) to ``out_dir``."""
+    """Write mosquitto.conf, passwd, acl and credentials.toml (mode 0600) to ``out_dir``.
+
+    Passwords already in ``out_dir/credentials.toml`` are kept (devices keep working
+    when the configuration is written again); TLS files are copied into
+    ``out_dir/tls``; with ``run_as_user`` (the user a root-started Mosquitto becomes)
+    and when run as root, the files Mosquitto reads or writes are given to that user.
+    """
     out_dir = Path(out_dir).resolve()
+    credentials = out_dir / "credentials.toml"
+    if existing_credentials is None and credentials.is_file():
+        existing_credentials = _read_credentials(credentials)
     creds = dict(existing_credentials or {})
     ids = [check_id(d, what="device id") for d in devices]
     if aggregator_user in ids:
@@ -162,9 +168,10 @@ def write_broker_config(
     passwd = out_dir / "passwd"
     acl = out_dir / "acl"
     conf = out_dir / "mosquitto.conf"
-    credentials = out_dir / "credentials.toml"
     data_dir = out_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
+    if tls is not None:
+        tls = install_tls(out_dir, tls)
     atomic_write(passwd, "".join(f"{u}:{hash_password(p)}\n" for u, p in creds.items()).encode(),
                  mode=0o600)
     atomic_write(acl, render_acl(fleet=fleet, aggregator_user=aggregator_user).encode(),
@@ -175,25 +182,20 @@ def write_broker_config(
     body = "# fleetlearn device credentials: keep secret, hand each device its own line\n"
     body += "".join(f'"{u}" = "{p}"\n' for u, p in creds.items())
     atomic_write(credentials, body.encode(), mode=0o600)
-    return BrokerConfigFiles(conf=conf, passwd=passwd, acl=acl, credentials=credentials)
+    readable = [passwd, acl, data_dir]
+    if tls is not None:
+        readable += [Path(p) for p in (tls.certfile, tls.keyfile, tls.cafile) if p]
+    notes = hand_over(readable, run_as_user)
+    return BrokerConfigFiles(conf=conf, passwd=passwd, acl=acl, credentials=credentials,
+                             notes=tuple(notes))
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(host: str, port: int, *, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError as exc:
-            if time.monotonic() > deadline:
-                raise BrokerUnavailable(f"nothing listens on {host}:{port}") from exc
-            time.sleep(0.05)
+def _read_credentials(path: Path) -> dict[str, str]:
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read the existing {path}: {exc}") from exc
+    return {str(k): v for k, v in table.items() if isinstance(v, str)}
 
 
 def find_mosquitto() -> str | None:
@@ -299,79 +301,11 @@ class MosquittoProcess:
         self.close()
 
 
-class EmbeddedBroker:
-    """amqtt (pure Python, MQTT 3.1.1) in a background thread on 127.0.0.1."""
-
-    def __init__(self, *, host: str = "127.0.0.1", port: int | None = None) -> None:
-        self.host = host
-        self.port = port or free_port(host)
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready = threading.Event()
-        self._stopped: asyncio.Event | None = None
-        self._error: BaseException | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
-
-    def start(self, *, timeout: float = 15.0) -> EmbeddedBroker:
-        try:
-            import amqtt.broker  # noqa: F401  (checked here to fail with a clear message)
-        except ImportError as exc:
-            raise BrokerUnavailable(
-                "the embedded broker needs amqtt: pip install 'fleetlearn[sim]'"
-            ) from exc
-        self._thread = threading.Thread(target=self._run, name="embedded-broker", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout) or self._error is not None:
-            raise BrokerUnavailable(f"embedded broker did not start: {self._error}")
-        # No TCP probe here: the listener is up once broker.start() returned, and amqtt
-        # spends an error path on a connection that closes without a CONNECT.
-        return self
-
-    def _run(self) -> None:
-        from amqtt.broker import Broker
-
-        async def main() -> None:
-            config = {
-                "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}",
-                                          "max_connections": 0}},
-                "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
-                            {"allow_anonymous": True}},
-            }
-            broker = Broker(config)
-            self._stopped = asyncio.Event()
-            try:
-                await broker.start()
-            except BaseException as exc:  # reported to start()
-                self._error = exc
-                self._ready.set()
-                return
-            self._ready.set()
-            await self._stopped.wait()
-            await broker.shutdown()
-
-        for name in ("amqtt", "transitions"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        self._loop = asyncio.new_event_loop()
-        try:
-            self._loop.run_until_complete(main())
-        finally:
-            self._loop.close()
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stopped is not None and self._thread is not None:
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._stopped.set)
-            self._thread.join(timeout=10)
-        self._thread = None
-
-    def __enter__(self) -> EmbeddedBroker:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+def local_broker_kind(prefer: str = "mosquitto") -> str:
+    """Which broker ``local_broker(prefer=...)`` starts: "mosquitto" or "embedded"."""
+    if prefer not in ("mosquitto", "embedded"):
+        raise ConfigError(f"unknown local broker {prefer!r}: use 'mosquitto' or 'embedded'")
+    return "mosquitto" if prefer == "mosquitto" and find_mosquitto() is not None else "embedded"
 
 
 @contextlib.contextmanager
@@ -380,13 +314,14 @@ def local_broker(*, prefer: str = "mosquitto") -> Iterator[str]:
 
     ``prefer="mosquitto"`` uses a Mosquitto child process when the binary exists (it
     handles thousands of clients on two cores) and falls back to the embedded Python
-    broker; ``prefer="embedded"`` always uses the embedded one.
+    broker; ``prefer="embedded"`` always uses the embedded one, and logs a warning
+    saying what it lacks (``EMBEDDED_LIMITS``).
     """
-    if prefer not in ("mosquitto", "embedded"):
-        raise ConfigError(f"unknown local broker {prefer!r}: use 'mosquitto' or 'embedded'")
-    if prefer == "mosquitto" and find_mosquitto() is not None:
+    if local_broker_kind(prefer) == "mosquitto":
         with MosquittoProcess() as m:
             yield m.url
     else:
+        log.warning("%s", EMBEDDED_LIMITS if prefer == "embedded" else
+                    f"no mosquitto binary found: {EMBEDDED_LIMITS}")
         with EmbeddedBroker() as b:
             yield b.url

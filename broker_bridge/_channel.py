@@ -9,6 +9,8 @@ handler and never raises into the transport.
 On device topics (``.../devices/<id>/...``) the envelope's device id must equal the
 topic's: with a broker ACL confining each device to its own topics, this is what
 stops one device from speaking for another.
+
+``roll_call`` asks the fleet who is there (presence without retained messages).
 """
 
 from __future__ import annotations
@@ -111,6 +113,20 @@ def presence_message(*, fleet: str, device: str, status: str, **info: object) ->
     """The retained presence message of a device (``status``: online or offline)."""
     return json_message(Kind.PRESENCE, fleet=fleet, device=device,
                         payload={"status": status, **info})
+
+
+def roll_call(channel: Channel) -> None:
+    """Ask every connected device of the fleet for its presence and a hello.
+
+    Presence must not depend on retained messages reaching a ``+`` subscription
+    (RabbitMQ's MQTT plugin never delivers them there), nor trust a retained ``online``
+    that may be stale: the aggregator sends this on start and after each reconnect,
+    and counts a device as there once it answers.
+    """
+    from broker_bridge._protocol import Request
+
+    channel.send(channel.topics.broadcast("control"),
+                 Request(want="hello").to_message(fleet=channel.fleet))
 
 
 def presence_will(*, fleet: str, device: str) -> Will:

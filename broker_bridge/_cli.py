@@ -16,8 +16,10 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--port", type=int, default=1883)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (embedded broker)")
-    p.add_argument("--kind", choices=["embedded", "mosquitto"], default="embedded",
-                   help="embedded: pure-Python broker in this process; mosquitto: a child process")
+    p.add_argument("--kind", choices=["auto", "embedded", "mosquitto"], default="auto",
+                   help="mosquitto: a child process; embedded: a pure-Python broker in this "
+                        "process (a trial broker: no passwords, ACL, TLS or persistence); "
+                        "auto (default): mosquitto when installed, else embedded")
     p.set_defaults(handler=_run_broker)
     bsub = p.add_subparsers(dest="broker_command", metavar="SUBCOMMAND")
     c = bsub.add_parser(
@@ -40,18 +42,24 @@ def register(sub: Any) -> None:
     c.add_argument("--tls-ca", help="CA bundle to verify client certificates")
     c.add_argument("--require-certificate", action="store_true",
                    help="devices must present a client certificate signed by --tls-ca")
+    c.add_argument("--run-as", default=None, metavar="USER",
+                   help="the user a root-started mosquitto becomes (default: mosquitto, "
+                        "when that account exists); run as root, this gives it the files")
     c.set_defaults(handler=_write_config)
 
 
 def _run_broker(args: argparse.Namespace) -> int:
-    from broker_bridge._brokers import EmbeddedBroker, MosquittoProcess
+    from broker_bridge._brokers import MosquittoProcess, local_broker_kind
+    from broker_bridge._embedded import EMBEDDED_LIMITS, EmbeddedBroker
 
     broker: EmbeddedBroker | MosquittoProcess
-    if args.kind == "mosquitto":
+    kind = local_broker_kind("mosquitto") if args.kind == "auto" else args.kind
+    if kind == "mosquitto":
         broker = MosquittoProcess(port=args.port).start()
     else:
+        print(f"fleetlearn: warning: {EMBEDDED_LIMITS}", flush=True)
         broker = EmbeddedBroker(host=args.host, port=args.port).start()
-    print(f"fleetlearn broker ({args.kind}) listening on {broker.url}; Ctrl-C to stop", flush=True)
+    print(f"fleetlearn broker ({kind}) listening on {broker.url}; Ctrl-C to stop", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -63,7 +71,8 @@ def _run_broker(args: argparse.Namespace) -> int:
 
 
 def _write_config(args: argparse.Namespace) -> int:
-    from broker_bridge._brokers import TlsFiles, write_broker_config
+    from broker_bridge._broker_files import TlsFiles, default_run_as
+    from broker_bridge._brokers import write_broker_config
     from device_profiles import ConfigError
 
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
@@ -84,12 +93,15 @@ def _write_config(args: argparse.Namespace) -> int:
         tls = TlsFiles(certfile=args.tls_cert, keyfile=args.tls_key, cafile=args.tls_ca,
                        require_certificate=args.require_certificate)
     port = args.port or (8883 if tls else 1883)
+    run_as = args.run_as or default_run_as()
     files = write_broker_config(args.out, fleet=args.fleet, devices=devices, port=port,
-                                bind_address=args.bind, tls=tls)
+                                bind_address=args.bind, tls=tls, run_as_user=run_as)
     print(f"wrote {files.conf}\n      {files.passwd}\n      {files.acl}\n"
-          f"      {files.credentials} (secret: one password per device)")
+          f"      {files.credentials} (secret: one password per device and the aggregator;"
+          " existing ones are kept)")
+    if tls is not None:
+        print(f"      {files.conf.parent / 'tls'}/ (copies of the certificate and key)")
+    for note in files.notes:
+        print(f"note: {note}")
     print(f"run: mosquitto -c {files.conf}")
-    data = files.conf.parent / "data"
-    print(f"(started as root, mosquitto drops to user 'mosquitto': make {data} writable by it,"
-          " e.g. chown mosquitto, so that its persistence can be saved)")
     return 0

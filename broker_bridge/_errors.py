@@ -6,11 +6,13 @@
     └── CodecError       update bodies: spec, sizes, indices, NaN/Inf, layout
     TransportError       the broker or network failed (outside us; retry may help)
     └── BrokerUnavailable
+    BrokerRefused        (a ConfigError) the broker refused this client for good:
+                         credentials, authorisation, client id or topic, certificate
 """
 
 from __future__ import annotations
 
-from device_profiles._errors import FleetlearnError
+from device_profiles._errors import ConfigError, FleetlearnError
 
 
 class WireError(FleetlearnError, ValueError):
@@ -35,3 +37,9 @@ class TransportError(FleetlearnError):
 
 class BrokerUnavailable(TransportError):
     """No connection to the broker could be made (or it was lost for good)."""
+
+
+class BrokerRefused(ConfigError):
+    """The broker refused this client for a reason retrying will not change (bad user
+    name or password, not authorised, a client id or topic it rejects, an untrusted
+    certificate). A ``ConfigError``, not a ``TransportError``: fix, do not retry."""

@@ -6,11 +6,19 @@ What it adds to paho:
   apart, client certificates through ``TlsConfig``);
 - its own network thread, reconnecting with exponential backoff and full jitter so a
   fleet that lost its broker does not come back in one thundering herd;
+- no reconnecting when the broker refuses the client for good (``_refusal``): bad
+  credentials, a rejected client id or topic, an untrusted certificate raise
+  ``BrokerRefused`` from ``connect`` and show in ``refused``;
 - subscriptions remembered and restored after every reconnect;
 - QoS 1 delivery across reconnects (paho re-sends unacknowledged messages), with a
   bounded outgoing queue: ``publish`` waits for room, then raises ``TransportError``;
 - paho's return codes translated into fleetlearn's exceptions in one place
   (``_check``).
+
+Over 400 lines on purpose: ``NetworkLoop`` drives each transport through its private
+``_on_io``/``_tick``, and the transport's connect, lose, retry and refuse steps share
+paho's client state; telling a final refusal from a broker that is down lives apart,
+in ``_refusal``.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from broker_bridge._errors import BrokerUnavailable, TransportError
+from broker_bridge._refusal import Refusals
 from broker_bridge._transport import PayloadHandler, Transport, Will, dispatch
 from device_profiles import ConfigError
 
@@ -256,6 +265,7 @@ class MqttTransport(Transport):
         self._attempt = 0
         self._ever_connected = False
         self._last_error = "not connected yet"
+        self._refusals = Refusals(where=f"{self.url} (client {client_id})")
         self.reconnects = 0
 
         c = paho.Client(
@@ -301,10 +311,24 @@ class MqttTransport(Transport):
             self._next_attempt = 0.0
             self._loop.attach(self)
             self._loop.call_soon(lambda: self._tick(time.monotonic()))
-        if not self._connected.wait(timeout):
-            raise BrokerUnavailable(
-                f"no connection to {self.url} within {timeout:g}s: {self._last_error}"
-            )
+        deadline = time.monotonic() + timeout
+        while not self._connected.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+            if self._refusals.final is not None:
+                raise self._refusals.error()
+            if time.monotonic() >= deadline:
+                raise BrokerUnavailable(
+                    f"no connection to {self.url} within {timeout:g}s: {self._last_error}"
+                )
+
+    @property
+    def refused(self) -> str | None:
+        """Why the broker refused this client for good (then it stops retrying), or None."""
+        return self._refusals.final
+
+    def check_refused(self) -> None:
+        """Raise ``BrokerRefused`` if the broker refused this client for good."""
+        if self._refusals.final is not None:
+            raise self._refusals.error()
 
     def close(self) -> None:
         """Disconnect cleanly (no will) and stop driving this client."""
@@ -428,7 +452,7 @@ class MqttTransport(Transport):
             self._lost(rc)
 
     def _tick(self, now: float) -> None:
-        if not self._active:
+        if not self._active or self._refusals.final is not None:
             return
         if self._client.socket() is None:
             if now < self._next_attempt:
@@ -439,9 +463,13 @@ class MqttTransport(Transport):
                     self._started = True
                 else:
                     self._client.reconnect()
+                self._refusals.attempt_started()
             except (OSError, ssl.SSLError, ValueError) as exc:
                 self._last_error = f"{type(exc).__name__}: {exc}"
-                self._schedule_retry(now)
+                if self._refusals.connect_failed(exc) is not None:
+                    log.error("%s", self._refusals.final)
+                else:
+                    self._schedule_retry(now)
             return
         rc = self._client.loop_misc()
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -453,7 +481,11 @@ class MqttTransport(Transport):
             self._last_error = paho.error_string(rc)
         if self._client.socket() is not None:
             self._client._sock_close()
-        self._schedule_retry(time.monotonic())
+        if self._refusals.final is None and self._refusals.lost(
+                closed_by_broker=rc == MQTTErrorCode.MQTT_ERR_CONN_LOST) is not None:
+            log.error("%s", self._refusals.final)
+        if self._refusals.final is None:
+            self._schedule_retry(time.monotonic())
 
     def _schedule_retry(self, now: float) -> None:
         # Exponential backoff with jitter: uniform in [min/2, min(max, min * 2^attempt)],
@@ -465,9 +497,13 @@ class MqttTransport(Transport):
     def _on_connect(
         self, client: paho.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:
+        final = self._refusals.connack(reason)
         if reason.is_failure:
             self._last_error = f"connection refused: {reason}"
-            log.warning("%s: broker refused connection: %s", self.client_id, reason)
+            if final is not None:
+                log.error("%s", final)
+            else:
+                log.warning("%s: broker refused connection: %s", self.client_id, reason)
             return
         with self._subs_lock:
             subs = list(self._subs.items())

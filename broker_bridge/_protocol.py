@@ -214,10 +214,12 @@ class ErrorReport(_Payload):
 
 @dataclass(frozen=True, kw_only=True)
 class Request(_Payload):
-    """Device -> aggregator on ``up/request``: send me artifacts or a model version."""
+    """Device -> aggregator on ``up/request``: send me artifacts or a model version.
+    Aggregator -> fleet on ``broadcast/control``: ``want="hello"``, the roll call (every
+    device connected answers with its presence and a hello)."""
 
     KIND: typing.ClassVar[Kind] = Kind.CONTROL
-    want: str  # "artifacts" | "model"
+    want: str  # "artifacts" | "model" (from a device) | "hello" (the roll call)
     artifacts_hash: str | None = None
     model_version: int | None = None
     have_versions: list[int] = field(default_factory=list)

@@ -23,9 +23,11 @@ from device_profiles import ConfigError
 
 ROOT = "fl"
 
-# Identifiers must be usable as single MQTT topic levels and as broker usernames:
-# no '/', no wildcards, no '%' (ACL pattern escapes), no whitespace or NUL.
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+# Identifiers must be usable as single MQTT topic levels and as broker user names on
+# every broker: no '/', no wildcards, no '%' (ACL pattern escapes), no whitespace or
+# NUL, and no '.' (NATS' MQTT gateway refuses it in any topic, a last will included,
+# and RabbitMQ's MQTT plugin turns it into a level separator, hiding the device).
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:-]{0,63}$")
 
 
 @functools.lru_cache(maxsize=65536)
@@ -38,8 +40,9 @@ def check_id(value: str, *, what: str) -> str:
     """Return ``value`` if it is a valid fleet or device id, else raise ConfigError."""
     if not isinstance(value, str) or not _valid_id(value):
         raise ConfigError(
-            f"invalid {what} {value!r}: use 1-64 characters from A-Z a-z 0-9 . _ : -, "
-            "starting with a letter or digit"
+            f"invalid {what} {value!r}: use 1-64 characters from A-Z a-z 0-9 _ : -, "
+            "starting with a letter or digit ('.' is not allowed: some MQTT brokers refuse "
+            "it in topics, others turn it into '/')"
         )
     return value
 

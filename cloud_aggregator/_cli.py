@@ -7,6 +7,8 @@ Only argparse here: handlers import onnx and onnxruntime when they run, so the
 from __future__ import annotations
 
 import argparse
+import threading
+import time
 from typing import Any
 
 
@@ -129,8 +131,11 @@ _AGG_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--concurrency", "concurrency", int, "async: devices kept busy"),
     ("--buffer-size", "buffer_size", int, "async: updates per aggregation (K)"),
     ("--state-dir", "state_dir", str, "where the store, checkpoints and metrics live"),
-    ("--eval-data", "eval_data", str, "held-out .npz (x, y) for server-side evaluation"),
+    ("--eval-data", "eval_data", str,
+     "held-out .npz (arrays x: features, y: labels) for server-side evaluation"),
     ("--metrics-port", "metrics_port", int, "serve Prometheus metrics on this port"),
+    ("--metrics-bind", "metrics_bind", str,
+     "address the metrics endpoint listens on (default 127.0.0.1; 0.0.0.0: every interface)"),
     ("--seed", "seed", int, "selection and model seed"),
 )
 
@@ -138,8 +143,16 @@ _AGG_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
 def _register_aggregator(sub: Any) -> None:
     agg = sub.add_parser("aggregator", help="run the cloud aggregator against a broker")
     agg.add_argument("--broker", required=True, metavar="URL",
-                     help="mqtt://[user[:password]@]host[:port] or mqtts://...")
-    agg.add_argument("--client-id", default="aggregator", help="MQTT client id and user name")
+                     help="mqtt://[user@]host[:port] or mqtts://... (a password in the URL is "
+                          "visible in ps: use --password-file or $FLEETLEARN_PASSWORD)")
+    agg.add_argument("--client-id", default="aggregator",
+                     help="MQTT client id, and user name unless the URL names one")
+    agg.add_argument("--password-file", metavar="PATH",
+                     help="file with the MQTT password alone, or the credentials.toml of "
+                          "`fleetlearn broker config` (its entry for the user name)")
+    agg.add_argument("--tls-ca", metavar="PEM", help="CA bundle to verify the broker (mqtts://)")
+    agg.add_argument("--tls-cert", metavar="PEM", help="client certificate (PEM)")
+    agg.add_argument("--tls-key", metavar="PEM", help="client private key (PEM)")
     agg.add_argument("--config", metavar="aggregator.toml", help="settings file (TOML)")
     for flag, dest, kind, text in _AGG_FLAGS:
         agg.add_argument(flag, dest=dest, type=kind, default=None, help=text)
@@ -147,17 +160,29 @@ def _register_aggregator(sub: Any) -> None:
     agg.set_defaults(handler=_aggregator)
 
 
+def _stop_when_refused(transport: Any, aggregator: Any) -> None:
+    """Stop the aggregator when the broker refuses it for good (a changed password, a
+    revoked user): retrying would wait for ever."""
+    while not aggregator.done and transport.refused is None:
+        time.sleep(1.0)
+    if transport.refused is not None:
+        aggregator.stop()
+
+
 def _aggregator(args: argparse.Namespace) -> int:
-    from broker_bridge import BrokerUrl, Channel, MqttTransport
+    from broker_bridge import Channel
     from cloud_aggregator._config import load_config
+    from cloud_aggregator._connect import broker_settings
     from cloud_aggregator._metrics import RoundMetrics
     from cloud_aggregator._service import Aggregator
 
     overrides = {dest: getattr(args, dest) for _, dest, _, _ in _AGG_FLAGS}
     overrides["progress"] = not args.quiet
     config = load_config(args.config, **overrides)
-    url = BrokerUrl.parse(args.broker)
-    transport = MqttTransport(url=url, client_id=args.client_id, clean_session=False)
+    settings = broker_settings(broker=args.broker, client_id=args.client_id,
+                               password_file=args.password_file, tls_ca=args.tls_ca,
+                               tls_cert=args.tls_cert, tls_key=args.tls_key)
+    transport = settings.transport()
     channel = Channel(transport=transport, fleet=config.fleet)
 
     def progress(m: RoundMetrics) -> None:
@@ -170,12 +195,17 @@ def _aggregator(args: argparse.Namespace) -> int:
               f"t {m.wall_s:.1f}s emu {m.emulated_total_s:.0f}s", flush=True)
 
     aggregator = Aggregator(config=config, channel=channel, on_round=progress)
+    watcher = threading.Thread(target=_stop_when_refused, args=(transport, aggregator),
+                               name="refusal-watch", daemon=True)
     try:
         transport.connect()
         aggregator.start()
         if aggregator.metrics_port is not None and config.progress:
-            print(f"metrics on http://0.0.0.0:{aggregator.metrics_port}/metrics", flush=True)
+            print(f"metrics on http://{config.metrics_bind}:{aggregator.metrics_port}/metrics",
+                  flush=True)
+        watcher.start()
         aggregator.run()
+        transport.check_refused()  # BrokerRefused: the reason run() returned early
     finally:
         aggregator.close()
         transport.close()

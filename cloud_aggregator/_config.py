@@ -108,6 +108,9 @@ class AggregatorConfig:
     state_dir: Path | None = None
     eval_data: Path | None = None
     metrics_port: int | None = None
+    metrics_bind: str = "127.0.0.1"
+    """Address the metrics endpoint listens on: loopback unless you open it on purpose
+    (``0.0.0.0`` serves every interface; the endpoint has no authentication)."""
     store_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     seed: int = 0
     progress: bool = True
@@ -167,6 +170,8 @@ class AggregatorConfig:
                 f"min_devices ({self.effective_min_devices}) is below the quorum "
                 f"({self.effective_quorum}): such rounds could only be abandoned"
             )
+        if not isinstance(self.metrics_bind, str) or not self.metrics_bind:
+            raise ConfigError(f"metrics_bind must be an address, got {self.metrics_bind!r}")
         if self.extra:
             raise ConfigError(f"unknown settings: {', '.join(sorted(self.extra))}")
 

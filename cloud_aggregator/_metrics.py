@@ -133,7 +133,7 @@ def _label(value: str) -> str:
 class MetricsServer:
     """Serves ``Counters.render()`` at ``/metrics`` on ``port`` (0 picks a free one)."""
 
-    def __init__(self, counters: Counters, *, port: int, host: str = "0.0.0.0") -> None:
+    def __init__(self, counters: Counters, *, port: int, host: str = "127.0.0.1") -> None:
         registry = counters
 
         class Handler(BaseHTTPRequestHandler):

@@ -2,11 +2,16 @@
 
 Devices appear through presence (a retained ``online``/``offline`` status; the last
 will turns it ``offline`` when a connection dies) and ``hello`` messages (profile,
-eligibility, sample count, artifacts and model versions held). Participation history
-(rounds selected and completed, missed deadlines, observed durations) feeds the
-selection policy. Everything is persisted through the ``Store``: the profile and the
-counters in its ``devices`` table, the rest as one small JSON blob per device, so a
-restarted aggregator knows its fleet before the first presence message arrives.
+eligibility, sample count, artifacts and model versions held). Only a device that said
+hello to this aggregator process (``greeted``), and has not gone offline since, may be
+selected: a retained ``online`` can be stale (a device gone without its will firing),
+and some brokers never deliver retained messages to wildcard subscriptions, so the
+aggregator asks every device for a hello on start (``broker_bridge.roll_call``).
+Participation history (rounds selected and completed, missed deadlines, observed
+durations) feeds the selection policy. Everything is persisted through the ``Store``:
+the profile and the counters in its ``devices`` table, the rest as one small JSON blob
+per device, so a restarted aggregator knows its fleet before the first presence
+message arrives.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ class DeviceInfo:
     model_versions: tuple[int, ...] = ()
     busy_round: int | None = None
     hello_seen: bool = False
+    greeted: bool = False
+    """A hello reached this aggregator process since the device last went offline
+    (never persisted: a restarted aggregator asks again)."""
     rounds_selected: int = 0
     rounds_completed: int = 0
     missed_deadlines: int = 0
@@ -113,11 +121,10 @@ class FleetRegistry:
         return [d for d in self.all() if d.online]
 
     def ready(self) -> list[DeviceInfo]:
-        """Online devices that may train, sorted by id: eligible with data per their last
-        hello, or online with no hello heard yet (an aggregator started after its fleet
-        misses the hellos; such a device declines a task it cannot do)."""
-        return [d for d in self.all() if d.online and (
-            not d.hello_seen or (d.eligible and d.num_samples > 0))]
+        """Online devices that may train, sorted by id: greeted by a hello since they came
+        online (a retained ``online`` alone may be stale), eligible, with data."""
+        return [d for d in self.all()
+                if d.online and d.greeted and d.eligible and d.num_samples > 0]
 
     def candidates(
         self, *, exclude: set[str] | frozenset[str] = frozenset(),
@@ -149,7 +156,8 @@ class FleetRegistry:
         with self._lock:
             info = self._devices.get(device_id) or DeviceInfo(device_id=device_id)
             changed = info.online != online
-            self._devices[device_id] = replace(info, online=online, last_seen=when)
+            self._devices[device_id] = replace(info, online=online, last_seen=when,
+                                               greeted=info.greeted and online)
         if self._store is not None and not self._write(
             lambda s: s.mark_seen(device_id, online=online, at=when)
         ):
@@ -175,7 +183,7 @@ class FleetRegistry:
                 eligible=eligible, reasons=reasons, num_samples=max(0, hello.num_samples),
                 artifacts_hash=hello.artifacts_hash,
                 model_versions=tuple(hello.model_versions[-8:]), busy_round=hello.busy_round,
-                hello_seen=True,
+                hello_seen=True, greeted=True,
             )
             self._devices[device_id] = info
         self._persist(info, with_profile=True)

@@ -67,6 +67,7 @@ from broker_bridge import (
     decode_update,
     encode_model,
     pack_bundle,
+    roll_call,
     unpack_update_body,
 )
 from cloud_aggregator._aggregation import (
@@ -317,12 +318,16 @@ class Aggregator:
             self._started = True
             self._restore()
             if self.config.metrics_port is not None:
-                self._metrics_server = MetricsServer(self.counters, port=self.config.metrics_port)
+                self._metrics_server = MetricsServer(self.counters, port=self.config.metrics_port,
+                                                     host=self.config.metrics_bind)
             if not self.channel.transport.connected:
                 self.channel.transport.connect()
             topics = self.channel.topics
             self.channel.subscribe(topics.all_presence, self._on_presence)
             self.channel.subscribe(topics.all_up, self._on_up)
+            # Who is there: asked, not read from retained presence (see roll_call).
+            self.channel.transport.on_connect(lambda: roll_call(self.channel))
+            roll_call(self.channel)
             self._broadcast_model()
             self._resume_round()
             self._publish_gauges()

@@ -5,6 +5,7 @@ that every package can derive from it. The whole tree, by package::
 
     FleetlearnError                      device_profiles
     ├── ConfigError                      device_profiles  (bad configuration, from any source)
+    │   └── BrokerRefused                broker_bridge    (the broker refuses us for good)
     ├── ProfileError                     device_profiles  (bad or missing device profile)
     ├── WireError                        broker_bridge    (untrusted bytes that do not decode)
     │   ├── EnvelopeError                broker_bridge    (header: magic, version, lengths)

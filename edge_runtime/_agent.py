@@ -535,10 +535,13 @@ class Agent:
     def _send_hello(self) -> None:
         self._send("hello", self.hello().to_message(fleet=self.fleet, device=self.device_id))
 
+    def _greet(self) -> None:
+        self._send_presence("online")
+        self._send_hello()
+
     def _on_connected(self) -> None:
         try:
-            self._send_presence("online")
-            self._send_hello()
+            self._greet()
             with self._lock:
                 pending = self._pending.submission if self._pending is not None else None
             if pending is not None:
@@ -593,6 +596,8 @@ class Agent:
                 with self._lock:
                     self._bundles.append(message.body)
                 self._notify()
+            elif kind == Kind.CONTROL and Request.from_message(message).want == "hello":
+                self._greet()  # the aggregator's roll call
             else:
                 self.log.debug("ignoring %s message on %s", kind.topic_name, topic)
         except (WireError, ConfigError) as exc:

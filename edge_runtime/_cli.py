@@ -42,11 +42,16 @@ def register(sub: Any) -> None:
     p.add_argument("--broker", help="mqtt://host:port or mqtts://host:port ($FLEETLEARN_BROKER)")
     p.add_argument("--device-id", dest="device_id", help="this device's id ($FLEETLEARN_DEVICE_ID)")
     p.add_argument("--fleet", help="fleet id (default: default)")
-    p.add_argument("--data", help="local data: file.npz, file.csv or module:function")
+    p.add_argument("--data", help="local data: file.npz (arrays named x: features, y: "
+                                  "integer labels), file.csv (label in the last column) or "
+                                  "module:function returning (x, y)")
     p.add_argument("--holdout", dest="holdout_fraction", type=float,
                    help="fraction of local data held out for federated evaluation")
-    p.add_argument("--password", help="MQTT password (prefer --password-file)")
-    p.add_argument("--password-file", dest="password_file")
+    p.add_argument("--password", help="MQTT password (visible in ps: prefer --password-file "
+                                      "or $FLEETLEARN_PASSWORD)")
+    p.add_argument("--password-file", dest="password_file",
+                   help="file with the MQTT password alone, or the credentials.toml of "
+                        "`fleetlearn broker config` (its entry for DEVICE_ID)")
     p.add_argument("--tls-ca", dest="tls_ca", help="CA bundle (PEM) to verify the broker")
     p.add_argument("--tls-cert", dest="tls_cert", help="client certificate (PEM)")
     p.add_argument("--tls-key", dest="tls_key", help="client private key (PEM)")
@@ -123,15 +128,15 @@ def run_agent(config: Any, *, stop: threading.Event | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     try:
-        agent.start()
-    except BrokerUnavailable as exc:
-        # The transport keeps reconnecting in the background; greet when it does.
-        log.warning("%s: %s; still trying", config.device_id, exc)
-    print(f"fleetlearn agent {config.device_id}: {data.num_samples} local samples, "
-          f"onnxruntime {ort.__version__}, state in {config.state_dir}", flush=True)
-    try:
+        try:
+            agent.start()
+        except BrokerUnavailable as exc:
+            # The transport keeps reconnecting in the background; greet when it does.
+            log.warning("%s: %s; still trying", config.device_id, exc)
+        print(f"fleetlearn agent {config.device_id}: {data.num_samples} local samples, "
+              f"onnxruntime {ort.__version__}, state in {config.state_dir}", flush=True)
         while not stop.wait(1.0):
-            pass
+            transport.check_refused()  # BrokerRefused: retrying would not help
     finally:
         agent.stop()
     return 0

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker_bridge import BrokerUrl, TlsConfig, check_id
+from broker_bridge import BrokerUrl, TlsConfig, check_id, read_password_file
 from device_profiles import ConfigError
 from edge_runtime._agent import CRASH_ENV, AgentSettings
 from edge_runtime._data import DataSource
@@ -233,10 +233,8 @@ def load_config(
     BrokerUrl.parse(values["broker"])  # ConfigError with the reason
     password = values.get("password")
     if password is None and "password_file" in values:
-        try:
-            password = values["password_file"].read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read password file: {exc}") from exc
+        # a bare password, or the credentials.toml of `fleetlearn broker config`
+        password = read_password_file(values["password_file"], user=device_id)
     tls = None
     if any(k in values for k in ("tls_ca", "tls_cert", "tls_key")):
         if ("tls_cert" in values) != ("tls_key" in values):

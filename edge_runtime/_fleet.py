@@ -219,10 +219,9 @@ class Fleet:
         self.emulated_now = 0.0
         profiles = profile_mix(config.profile_mix, config.devices, seed=config.seed)
         shards = partition(y, config.devices, config.partition, seed=config.seed)
-        width = len(str(config.devices - 1))
         self.devices: list[DeviceRecord] = []
-        for i, (profile, idx) in enumerate(zip(profiles, shards, strict=True)):
-            device_id = f"dev-{i:0{width}d}"
+        for i, (profile, idx, device_id) in enumerate(
+                zip(profiles, shards, device_ids(config.devices), strict=True)):
             data = LocalData.split(x[idx], y[idx], holdout_fraction=config.holdout_fraction,
                                    seed=config.seed + i)
             self.devices.append(DeviceRecord(
@@ -396,6 +395,13 @@ def wait_until(cond: Callable[[], bool], *, timeout: float, interval: float = 0.
             return True
         time.sleep(interval)
     return cond()
+
+
+def device_ids(devices: int) -> list[str]:
+    """The ids of a simulated fleet: ``dev-`` and the index, zero-padded to the width of
+    the largest (100 devices: dev-00 ... dev-99), in fleet ``sim``."""
+    width = len(str(devices - 1))
+    return [f"dev-{i:0{width}d}" for i in range(devices)]
 
 
 def summarise_ids(ids: Sequence[str], limit: int = 5) -> str:

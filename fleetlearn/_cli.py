@@ -9,6 +9,9 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
+    from fleetlearn import _trial_data
+
+    _trial_data.register(sub)
     p = sub.add_parser(
         "simulate",
         help="simulate a fleet end to end: broker, aggregator and real device agents",
@@ -77,7 +80,12 @@ def register(sub: Any) -> None:
     g.add_argument("--broker-kind", choices=["mosquitto", "embedded"], default="mosquitto",
                    help="local broker to start (mosquitto falls back to embedded if missing)")
     g.add_argument("--credentials", type=Path, default=None,
-                   help="credentials.toml from `fleetlearn broker config` (external broker)")
+                   help="credentials.toml from `fleetlearn broker config` (external broker): "
+                        "fleet 'sim', users 'aggregator' and the ids --print-device-ids lists")
+    g.add_argument("--print-device-ids", action="store_true",
+                   help="print the simulated devices' ids, one a line, and exit (to create "
+                        "their broker users: fleetlearn broker config --fleet sim "
+                        "--devices-file FILE)")
     g.add_argument("--workers", type=int, default=2, help="training threads")
     g.add_argument("--out", type=Path, default=Path("runs/latest"),
                    help="directory for report.json, plots and state")
@@ -89,7 +97,11 @@ def register(sub: Any) -> None:
 
 def _simulate(args: argparse.Namespace) -> int:
     from device_profiles import DEFAULT_MIX
-    from edge_runtime._fleet import FaultSpec
+    from edge_runtime._fleet import FaultSpec, device_ids
+
+    if args.print_device_ids:
+        print("\n".join(device_ids(args.devices)))
+        return 0
     from fleetlearn._simulate import DEFAULT_CODEC, SimConfig, run_simulation
 
     extra: dict[str, Any] = {}

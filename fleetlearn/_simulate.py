@@ -27,7 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from broker_bridge import Channel, MqttTransport, atomic_write, local_broker
+from broker_bridge import (
+    EMBEDDED_LIMITS,
+    Channel,
+    MqttTransport,
+    atomic_write,
+    local_broker,
+    local_broker_kind,
+)
 from cloud_aggregator import Aggregator, AggregatorConfig, RoundMetrics
 from device_profiles import DEFAULT_MIX, ConfigError
 from edge_runtime._datasets import load_mnist1d
@@ -218,6 +225,8 @@ def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False) -> S
     records: list[dict[str, Any]] = []
     with _device_logs(log_path), _broker(cfg) as url:
         say(f"broker: {url}" + ("" if cfg.broker else " (started for this run)"))
+        if cfg.broker is None and local_broker_kind(cfg.broker_kind) == "embedded":
+            say(f"warning: {EMBEDDED_LIMITS}")
         fleet = Fleet(
             config=FleetConfig(
                 fleet=agg_cfg.fleet, devices=cfg.devices, profile_mix=cfg.profile_mix,

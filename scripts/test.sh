@@ -3,14 +3,24 @@
 # Extra arguments go to pytest (e.g. scripts/test.sh -k codec).
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+# The wire tests start their own brokers on free ports (never the machine's services):
+# Mosquitto, RabbitMQ's MQTT plugin and NATS' MQTT gateway; the TLS and deployment tests
+# make certificates with openssl. Debian packages: install what is missing.
+missing=()
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "$2" ]; }
+have mosquitto /usr/sbin/mosquitto || missing+=(mosquitto)
+have rabbitmq-server /usr/lib/rabbitmq/bin/rabbitmq-server || missing+=(rabbitmq-server)
+have nats-server /usr/sbin/nats-server || missing+=(nats-server)
+have openssl /usr/bin/openssl || missing+=(openssl)
+if [ ${#missing[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
-        echo "==> installing mosquitto (the wire tests run over a real broker)"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+        echo "==> installing ${missing[*]} (the wire tests run over real brokers)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "The wire tests need a 'mosquitto' binary. Install it with" >&2
-        echo "  sudo apt-get install mosquitto     (Debian/Ubuntu)" >&2
-        echo "  brew install mosquitto             (macOS)" >&2
+        echo "The wire tests need: ${missing[*]}. Install them with" >&2
+        echo "  sudo apt-get install ${missing[*]}     (Debian/Ubuntu)" >&2
+        echo "  brew install ${missing[*]}             (macOS; rabbitmq, nats-server)" >&2
         exit 2
     fi
 fi

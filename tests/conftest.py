@@ -1,12 +1,23 @@
-"""Shared fixtures: a real Mosquitto per test, started on a free port."""
+"""Shared fixtures: a real Mosquitto per test, started on a free port; the broker matrix.
+
+``any_broker`` runs a test over each MQTT 3.1.1 broker the project promises to work
+with and that Debian ships: Mosquitto (a fresh instance per test), RabbitMQ's MQTT
+plugin and NATS' MQTT gateway (one private instance per test session each, started on
+free ports by ``tests/brokers.py``; tests keep apart by fleet and client ids). The
+RabbitMQ and NATS variants are marked ``slow``: RabbitMQ takes about ten seconds to
+boot, and the default suite stays fast.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from brokers import Nats, RabbitMq
 
 from broker_bridge import MosquittoProcess
 from broker_bridge._brokers import find_mosquitto
@@ -25,6 +36,54 @@ def mosquitto() -> Iterator[MosquittoProcess]:
         yield broker
     finally:
         broker.close()
+
+
+def _private(kind: type[RabbitMq] | type[Nats]) -> Iterator[RabbitMq | Nats]:
+    missing = kind.available()
+    if missing is not None:
+        pytest.fail(missing)
+    broker = kind()
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitMq | Nats]:
+    """A private RabbitMQ (MQTT plugin) for the whole session."""
+    yield from _private(RabbitMq)
+
+
+@pytest.fixture(scope="session")
+def nats() -> Iterator[RabbitMq | Nats]:
+    """A private nats-server (JetStream, MQTT gateway) for the whole session."""
+    yield from _private(Nats)
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """An empty folder every user can enter, as /etc/... is (pytest's own are 0700): for
+    a root-started Mosquitto, which drops to user mosquitto."""
+    path = Path(tempfile.mkdtemp(prefix="fleetlearn-open-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(params=[
+    pytest.param("mosquitto", id="mosquitto"),
+    pytest.param("rabbitmq", id="rabbitmq", marks=pytest.mark.slow),
+    pytest.param("nats", id="nats", marks=pytest.mark.slow),
+])
+def any_broker(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(broker kind, mqtt:// URL) for each broker of the matrix."""
+    kind = str(request.param)
+    broker = request.getfixturevalue(kind)
+    return kind, broker.url
 
 
 @pytest.fixture(scope="session")

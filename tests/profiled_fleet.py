@@ -57,16 +57,24 @@ class ProfiledDevice:
         self.transport.connect()
         topics = self.channel.topics
         self.channel.subscribe(topics.device_down(device_id), self._on_message)
-        self.channel.send(topics.presence(device_id),
-                          presence_message(fleet=fleet, device=device_id, status="online"),
+        self.channel.subscribe(topics.broadcast("control"), self._on_message)
+        self.hello = Hello(profile=prof.to_dict() if prof is not None else {},
+                           eligibility={"eligible": True}, num_samples=SAMPLES)
+        self.greet()
+
+    def greet(self) -> None:
+        """Presence and hello: on connect, and to answer an aggregator's roll call."""
+        topics = self.channel.topics
+        self.channel.send(topics.presence(self.id),
+                          presence_message(fleet=self.fleet, device=self.id, status="online"),
                           retain=True)
-        hello = Hello(profile=prof.to_dict() if prof is not None else {},
-                      eligibility={"eligible": True}, num_samples=SAMPLES)
-        self.channel.send(topics.up(device_id, "hello"),
-                          hello.to_message(fleet=fleet, device=device_id))
+        self.channel.send(topics.up(self.id, "hello"),
+                          self.hello.to_message(fleet=self.fleet, device=self.id))
 
     def _on_message(self, topic: str, message: Message) -> None:
-        if message.kind == Kind.TASK:
+        if message.kind == Kind.CONTROL:
+            self.greet()
+        elif message.kind == Kind.TASK:
             self.tasks.append(TaskSpec.from_message(message))
         elif message.kind == Kind.ACK:
             self.acks.append(message.json().get("status", ""))

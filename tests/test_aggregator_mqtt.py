@@ -19,6 +19,7 @@ from broker_bridge import (
     Ack,
     Channel,
     CodecSpec,
+    Hello,
     Kind,
     Layout,
     Message,
@@ -132,12 +133,23 @@ class ScriptedDevice:
         self._lock = threading.Lock()
         topics = self.channel.topics
         self.channel.subscribe(topics.device_down(device_id), self._on_message)
+        self.channel.subscribe(topics.broadcast("control"), self._on_message)
         self.channel.transport.connect()
-        self.channel.send(topics.presence(device_id),
-                          presence_message(fleet=fleet, device=device_id, status="online"),
+        self.greet()
+
+    def greet(self) -> None:
+        """Presence and hello: on connect, and to answer the aggregator's roll call."""
+        topics = self.channel.topics
+        self.channel.send(topics.presence(self.id),
+                          presence_message(fleet=self.fleet, device=self.id, status="online"),
                           retain=True)
+        self.channel.send(topics.up(self.id, "hello"), Hello(num_samples=40).to_message(
+            fleet=self.fleet, device=self.id))
 
     def _on_message(self, topic: str, message: Message) -> None:
+        if message.kind == Kind.CONTROL:
+            self.greet()
+            return
         with self._lock:
             if message.kind == Kind.ACK:
                 self.acks.append(Ack.from_message(message))

@@ -22,16 +22,23 @@ def test_presence_hello_and_candidates(tmp_path: Path) -> None:
     reg.on_hello("a", hello())
     reg.on_hello("b", hello(eligible=False))
     reg.on_hello("c", hello(samples=0))
-    reg.on_presence("d", online=True)  # no hello heard yet: still a candidate
+    reg.on_presence("d", online=True)  # no hello heard: a retained 'online' may be stale
     reg.on_hello("e", hello())
     assert reg.on_presence("e", online=False)  # the last will
+    assert not reg.on_presence("e", online=False)
+    reg.on_presence("f", online=True)
+    reg.on_hello("f", hello())
+    reg.on_presence("f", online=False)
+    reg.on_presence("f", online=True)  # back, but no hello since: not yet
     ready = [d.device_id for d in reg.ready()]
-    assert ready == ["a", "d"]
+    assert ready == ["a"]
+    reg.on_hello("d", hello())
+    assert [d.device_id for d in reg.ready()] == ["a", "d"]
     info = reg.get("a")
     assert info is not None and info.profile is not None and info.profile.name == "phone-mid"
     assert info.model_versions == (1, 2) and info.artifacts_hash == "abc"
     cands = reg.candidates(duration=lambda i: 2.5 if i.profile else None)
-    assert [(c.device_id, c.predicted_duration_s) for c in cands] == [("a", 2.5), ("d", 1.0)]
+    assert [(c.device_id, c.predicted_duration_s) for c in cands] == [("a", 2.5), ("d", 2.5)]
 
 
 def test_history_survives_a_restart(tmp_path: Path) -> None:

@@ -76,7 +76,9 @@ class FakeDevice:
                           hello.to_message(fleet=FLEET, device=self.id))
 
     def _on_message(self, topic: str, message: Message) -> None:
-        if message.kind == Kind.TASK:
+        if message.kind == Kind.CONTROL:  # the aggregator's roll call
+            self.hello()
+        elif message.kind == Kind.TASK:
             self.tasks.append(TaskSpec.from_message(message))
         elif message.kind == Kind.ACK:
             self.acks.append(Ack.from_message(message))
