@@ -210,6 +210,14 @@ class FleetRegistry:
         if persist:
             self._persist(info, with_profile=False)
 
+    def exclude(self, device_id: str, reason: str) -> None:
+        """Not selectable until its next hello (which says again what it can do)."""
+        with self._lock:
+            info = self._devices.get(device_id)
+            if info is not None:
+                self._devices[device_id] = replace(
+                    info, eligible=False, hello_seen=True, reasons=(reason,))
+
     def set_model_versions(self, device_id: str, versions: list[int]) -> None:
         with self._lock:
             info = self._devices.get(device_id)

@@ -55,6 +55,7 @@ from broker_bridge import (
     pack_update_body,
     presence_message,
     presence_will,
+    read_model_message,
     unpack_bundle,
 )
 from device_profiles import ConfigError, DeviceProfile, FleetlearnError, predict
@@ -274,6 +275,9 @@ class AgentSettings:
     """Budget kept back from ``deadline_s`` for encoding and sending."""
     poll_interval_s: float = 0.5
     eligibility_interval_s: float = 30.0
+    status_interval_s: float | None = 15.0
+    """Say what the agent waits for (``Agent.status_line``) this often while it waits;
+    None: never (a simulator with thousands of agents)."""
     crash_at: str | None = None
     """Test hook (``FLEETLEARN_TEST_CRASH_AT``): SIGKILL this process at that point."""
 
@@ -282,6 +286,8 @@ class AgentSettings:
                      "eligibility_interval_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.status_interval_s is not None and not self.status_interval_s > 0:
+            raise ConfigError("status_interval_s must be positive (or None)")
         if self.deadline_margin_s < 0 or self.max_resends < 0:
             raise ConfigError("deadline_margin_s and max_resends must be >= 0")
         if self.crash_at is not None and self.crash_at not in CRASH_POINTS:
@@ -353,8 +359,10 @@ class Agent:
         models: ModelCache | None = None,
         emulation: Emulation | None = None,
         tamper: Callable[[np.ndarray], np.ndarray] | None = None,
+        tamper_meta: Callable[[UpdateMeta], UpdateMeta] | None = None,
         settings: AgentSettings | None = None,
         owns_transport: bool = False,
+        on_status: Callable[[str], None] | None = None,
     ) -> None:
         self.device_id = device_id
         self.channel = channel
@@ -375,9 +383,12 @@ class Agent:
         self.artifacts = artifacts or ArtifactCache(root=self._state_dir / "artifacts")
         self.models = models or ModelCache()
         self.emulation = emulation
-        # Simulation only: a Byzantine device's transformation of its true update
-        # (robust-aggregation experiments). Production agents never set it.
+        # Simulation only: a Byzantine device's transformation of its true update and
+        # of what it says about it (robust-aggregation experiments). Production agents
+        # never set them.
         self._tamper = tamper
+        self._tamper_meta = tamper_meta
+        self._on_status = on_status
         self._owns_transport = owns_transport
         self.log = _DeviceLog(log, {"device": device_id})
         self.state = AgentState(directory=self._state_dir, crash_hook=self._crash)
@@ -393,6 +404,10 @@ class Agent:
         self._last_eligible: bool | None = None
         self._last_eligibility_check = 0.0
         self._started = False
+        self._waiting_for: str | None = None
+        self._idle_since = time.monotonic()
+        self._last_status = time.monotonic()
+        self.last_status: str | None = None
         self._resume()
 
     # -- life cycle --------------------------------------------------------------------
@@ -479,6 +494,37 @@ class Agent:
             eligible = self._eligibility().eligible
             if self._last_eligible is not None and eligible != self._last_eligible:
                 self._send_hello()
+        interval = self.settings.status_interval_s
+        if interval is not None and now - self._last_status >= interval:
+            self._last_status = now
+            line = self.status_line(now)
+            self.last_status = line
+            if self._on_status is not None:
+                self._on_status(line)
+            else:
+                self.log.info("%s", line)
+
+    def status_line(self, now: float | None = None) -> str:
+        """What this agent is doing or waiting for, in one line."""
+        now = time.monotonic() if now is None else now
+        transport = self.channel.transport
+        if not transport.connected:
+            error = getattr(transport, "last_error", None)
+            where = getattr(transport, "url", None)
+            return (f"waiting for the broker{f' at {where}' if where else ''}"
+                    f"{f': {error}' if error else ''}")
+        with self._lock:
+            job, pending, waiting = self._job, self._pending, self._waiting_for
+        if job is not None:
+            if waiting is not None:
+                return f"round {job.task.round}: waiting for {waiting}"
+            return f"round {job.task.round}: training"
+        if pending is not None and pending.sends > 0:
+            return (f"round {pending.submission.round}: update sent {pending.sends} times; "
+                    "waiting for the aggregator to acknowledge it")
+        return (f"waiting for a task from the aggregator of fleet {self.fleet!r} (connected as "
+                f"{self.device_id}, no task for {now - self._idle_since:.0f} s); the "
+                f"aggregator must run with --fleet {self.fleet}")
 
     # -- wire helpers ------------------------------------------------------------------
 
@@ -585,8 +631,10 @@ class Agent:
             elif kind == Kind.ACK:
                 self._on_ack(Ack.from_message(message))
             elif kind == Kind.MODEL:
-                if self.models.offer(message.model_version, message.body):
-                    self.log.debug("model version %d received", message.model_version)
+                meta, body = read_model_message(message)
+                if self.models.offer(meta, body):
+                    self.log.debug("model version %d of run %s received", meta.model_version,
+                                   meta.run)
                 self._notify()
             elif kind == Kind.ARTIFACTS:
                 with self._lock:
@@ -603,7 +651,7 @@ class Agent:
             self.log.exception("handler failed for a message on %s", topic)
 
     def _on_task(self, message: Message) -> None:
-        received_at = time.monotonic()
+        received_at = self._idle_since = time.monotonic()
         task = TaskSpec.from_message(message)
         if message.round != task.round or message.model_version != task.model_version:
             raise WireError("task envelope round/model_version differ from its body")
@@ -713,6 +761,8 @@ class Agent:
             with self._lock:
                 if self._job is job:
                     self._job = None
+                    self._waiting_for = None
+                    self._idle_since = time.monotonic()
 
     def _set_status_quietly(self, status: TaskStatus) -> None:
         try:
@@ -725,14 +775,24 @@ class Agent:
     def _remaining(self, job: _Job) -> float:
         return job.task.deadline_s - (time.monotonic() - job.received_at)
 
-    def _wait(self, job: _Job, ready: Callable[[], Any]) -> Any:
+    def _wait(self, job: _Job, ready: Callable[[], Any], *, what: str) -> Any:
         """Wait (on the executor) until ``ready()`` returns something, bounded by the deadline.
 
         ``ready`` runs without the agent's lock (it may decode a model); ``_inbox_seq``
-        tells whether anything arrived meanwhile, so no notification is missed.
+        tells whether anything arrived meanwhile, so no notification is missed. ``what``
+        is said by the status line meanwhile.
         """
         limit = min(self.settings.request_timeout_s, self._remaining(job))
         end = time.monotonic() + max(limit, 0.0)
+        with self._lock:
+            self._waiting_for = what
+        try:
+            return self._wait_loop(job, ready, end)
+        finally:
+            with self._lock:
+                self._waiting_for = None
+
+    def _wait_loop(self, job: _Job, ready: Callable[[], Any], end: float) -> Any:
         while True:
             if job.cancel.is_set() or self._stop.is_set():
                 raise _Cancelled
@@ -761,7 +821,7 @@ class Agent:
         with self._trainers.lease(directory, task.artifacts_hash) as trainer:
             layout = Layout(tensors=trainer.parameter_shapes())
             base = self._ensure_model(job, layout)
-            self._check_data(trainer)
+            self._check_data(trainer, task)
             self.state.set_status(TaskStatus.TRAINING)
             if job.cancel.is_set():
                 raise _Cancelled
@@ -808,7 +868,7 @@ class Agent:
             self._ack_task(task.round, job.attempt, "declined", "deadline")
             return
         submission, emulated = self._encode(job, layout, base, trained, UpdateMeta(
-            num_samples=samples, steps=steps, train_loss=_finite(loss) or 0.0,
+            num_samples=samples, steps=steps, nonce=task.nonce, train_loss=_finite(loss) or 0.0,
             duration_s=round(train_s, 6), stopped_early=stopped_early,
             eval_loss=eval_loss, eval_accuracy=eval_acc, eval_samples=eval_samples,
         ))
@@ -828,12 +888,17 @@ class Agent:
         self.log.info("round %d: sent update (%d samples, %d steps, %d bytes)", task.round,
                       samples, steps, len(submission.body))
 
-    def _check_data(self, trainer: OrtTrainer) -> None:
+    def _check_data(self, trainer: OrtTrainer, task: TaskSpec) -> None:
         shape = trainer.input_shape
         if shape is not None:
-            validate_for_model(self.data.x, self.data.y, shape)
+            validate_for_model(self.data.x, self.data.y, shape, num_classes=task.num_classes)
         elif len(self.data.y) == 0:
             raise DataError("no local samples")
+        elif task.num_classes is not None and np.issubdtype(self.data.y.dtype, np.integer):
+            low, high = int(self.data.y.min()), int(self.data.y.max())
+            if low < 0 or high >= task.num_classes:
+                raise DataError(f"class labels range over [{low}, {high}]; the model has "
+                                f"{task.num_classes} classes")
 
     def _encode(
         self, job: _Job, layout: Layout, base: ModelVersion, trained: np.ndarray, meta: UpdateMeta
@@ -852,6 +917,8 @@ class Agent:
         delta = np.asarray(trained, np.float32) - base.weights
         if self._tamper is not None:
             delta = np.asarray(self._tamper(delta), np.float32)
+        if self._tamper_meta is not None:
+            meta = self._tamper_meta(meta)
         encoded = encode_update(delta, layout, spec, feedback=feedback, rng=task.seed)
         emulated = 0.0
         if self.emulation is not None:
@@ -884,7 +951,8 @@ class Agent:
                 return path
             return self._bundles.popleft() if self._bundles else None
 
-        got = self._wait(job, ready)
+        got = self._wait(job, ready, what=f"training artifacts {wanted[:12]}... (requested "
+                                          "from the aggregator)")
         if got is None:
             raise ArtifactError(f"no artifacts {wanted[:16]}... received in time")
         if isinstance(got, Path):
@@ -899,11 +967,12 @@ class Agent:
             raise state_error("cannot write artifacts", exc) from exc
 
     def _ensure_model(self, job: _Job, layout: Layout) -> ModelVersion:
-        version = job.task.model_version
+        """The global weights the task names by hash (requested when not held)."""
+        version, wanted = job.task.model_version, job.task.model_hash
 
         def ready() -> ModelVersion | None:
             try:
-                return self.models.get(version, layout)
+                return self.models.get(wanted, layout)
             except WireError as exc:
                 raise ModelVersionError(
                     f"global model version {version} does not fit the task's artifacts: {exc}"
@@ -911,16 +980,17 @@ class Agent:
 
         model: ModelVersion | None = ready()
         if model is None:
-            request = Request(want="model", model_version=version,
+            request = Request(want="model", model_version=version, model_hash=wanted,
                               artifacts_hash=job.task.artifacts_hash,
                               have_versions=self.models.versions())
             self._send("request", request.to_message(fleet=self.fleet, device=self.device_id,
                                                      round=job.task.round,
                                                      model_version=version))
-            model = self._wait(job, ready)
+            model = self._wait(job, ready, what=f"global model version {version} "
+                                                f"({wanted[:12]}...) from the aggregator")
         if model is None:
-            raise ModelVersionError(f"global model version {version} is unknown to this device "
-                                    "and was not received in time")
+            raise ModelVersionError(f"global model version {version} ({wanted[:12]}...) is "
+                                    "unknown to this device and was not received in time")
         if model.weights.shape != (layout.size,):
             raise ModelVersionError(f"model version {version} has the wrong size")
         return model

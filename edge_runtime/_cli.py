@@ -117,6 +117,7 @@ def run_agent(config: Any, *, stop: threading.Event | None = None) -> int:
         if config.emulate else None,
         settings=config.settings,
         owns_transport=True,
+        on_status=lambda line: print(f"fleetlearn agent {config.device_id}: {line}", flush=True),
     )
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
