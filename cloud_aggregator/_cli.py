@@ -171,7 +171,9 @@ def _aggregator(args: argparse.Namespace) -> int:
             print(f"metrics on http://0.0.0.0:{aggregator.metrics_port}/metrics", flush=True)
         aggregator.run()
     finally:
-        aggregator.close()
+        # The session keeps its subscriptions: the broker queues what devices send
+        # until the aggregator is back.
+        aggregator.close(unsubscribe=False)
         transport.close()
     if aggregator.failure is not None:
         print(f"fleetlearn: aggregator stopped: {aggregator.failure}")

@@ -44,7 +44,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -324,6 +324,7 @@ class Aggregator:
             collections.OrderedDict())
         self._started = False
         self._ready = False
+        self._closed = False
         self._early: collections.deque[tuple[Callable[[str, Message], None], str, Message]] = (
             collections.deque())
         self._failed: str | None = None
@@ -390,6 +391,8 @@ class Aggregator:
     def _gated(self, handler: Callable[[str, Message], None]) -> Callable[[str, Message], None]:
         def gate(topic: str, message: Message) -> None:
             with self._wake:
+                if self._closed:
+                    return
                 if not self._ready:
                     if len(self._early) < MAX_EARLY_MESSAGES:
                         self._early.append((handler, topic, message))
@@ -410,12 +413,18 @@ class Aggregator:
         with self._wake:
             self._wake.notify_all()
 
-    def close(self) -> None:
-        """Stop serving: unsubscribe, stop the metrics endpoint, close the store."""
+    def close(self, *, unsubscribe: bool = True) -> None:
+        """Stop serving: unsubscribe, stop the metrics endpoint, close the store.
+
+        ``unsubscribe=False`` keeps the broker session's subscriptions (a persistent
+        session then queues what devices send until the next start); messages that
+        still reach this object are dropped.
+        """
         self.stop()
         with self._lock:
+            self._closed = True
             topics = self.channel.topics
-            for topic_filter in (topics.all_presence, topics.all_up):
+            for topic_filter in (topics.all_presence, topics.all_up) if unsubscribe else ():
                 try:
                     self.channel.transport.unsubscribe(topic_filter)
                 except Exception:  # a dead connection has nothing to unsubscribe
@@ -1041,8 +1050,11 @@ class Aggregator:
         if task is None:
             self._reject(device, message, "unknown_task", "no such task in flight")
             return
-        parsed = self._parse_update(device, message, task_round=task.task_round,
-                                    max_steps=self._sent_steps(task.task_round, device))
+        unpacked = self._unpack(device, message, task.task_round)
+        if unpacked is False:
+            return
+        parsed = None if unpacked is None else self._parse_update(
+            device, message, *unpacked, max_steps=self._sent_steps(task.task_round, device))
         if parsed is None:
             sched.complete(task.task_round)
             return
@@ -1354,11 +1366,11 @@ class Aggregator:
 
     # ------------------------------------------------------------------ updates
 
-    def _parse_update(
-        self, device: str, message: Message, *, task_round: int, max_steps: int | None
-    ) -> _Parsed | None:
-        """Unpack, check the task nonce, decode, validate, screen the norm and bound the
-        weight; None after rejecting (the reason is acked)."""
+    def _unpack(self, device: str, message: Message,
+                task_round: int) -> tuple[UpdateMeta, bytes] | Literal[False] | None:
+        """(meta, codec body) of an update answering ``device``'s task ``task_round``;
+        None after rejecting a malformed body, False after rejecting an update that
+        answers no task of ours (a copy: the device's own answer may still come)."""
         try:
             meta, body = unpack_update_body(message.body)
         except WireError as exc:
@@ -1367,7 +1379,15 @@ class Aggregator:
         if meta.nonce != self._nonce(task_round, device):
             self._reject(device, message, "wrong_nonce",
                          f"the update does not answer this device's task {task_round}")
-            return None
+            return False
+        return meta, body
+
+    def _parse_update(
+        self, device: str, message: Message, meta: UpdateMeta, body: bytes, *,
+        max_steps: int | None
+    ) -> _Parsed | None:
+        """Decode, validate, screen the norm and bound the weight; None after rejecting
+        (the reason is acked)."""
         try:
             update = decode_update(body, self.layout)
         except CodecError as exc:
@@ -1441,8 +1461,11 @@ class Aggregator:
                          f"round trains version {rnd.spec.model_version}")
             rnd.rejected(device)
             return
-        parsed = self._parse_update(device, message, task_round=rnd.spec.index,
-                                    max_steps=self._sent_steps(rnd.spec.index, device))
+        unpacked = self._unpack(device, message, rnd.spec.index)
+        if unpacked is False:
+            return
+        parsed = None if unpacked is None else self._parse_update(
+            device, message, *unpacked, max_steps=self._sent_steps(rnd.spec.index, device))
         if parsed is None:
             rnd.rejected(device)
             return
