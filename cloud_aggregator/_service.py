@@ -28,7 +28,15 @@ budget, so it is the round's safety timeout there, not the emulated deadline.
 Threads: message handlers run on the transport's thread, ``tick``/``run`` on the
 caller's; one re-entrant lock serialises them (an in-memory transport delivers
 synchronously, so a handler may run inside ``tick``). Handlers only record; rounds
-open and close in ``tick``.
+open and close in ``tick``. ``start`` registers the handlers before connecting and
+holds no lock while subscribing; messages that arrive before the open round is rebuilt
+wait in a bounded queue.
+
+Why this module is long: it is the one place where the order of durable writes,
+acknowledgements and state changes is decided, for sync rounds, async aggregation
+and resume, all under one lock. The mechanisms it orders live elsewhere: the screens
+(``_screen``), serving models and artifacts (``_serving``), start-up checks and the run
+record (``_startup``), status lines (``_status``), rounds (``_rounds``), the store.
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ Everything heavy is injectable so that many agents can share one process: the
 channel (transport), the executor, the trainer provider (a few ONNX Runtime sessions
 for a whole simulated fleet), the artifact cache folder and the global-model cache.
 Crash safety lives in ``_state.py``; its module docstring gives the commit order.
+
+Why this module is long: the protocol side of a device (tasks, acks, cancels,
+requests, re-sends, status) shares one lock and one job record, and splitting it would
+spread that state over modules; data, state, caches, training and eligibility each
+live in their own module.
 """
 
 from __future__ import annotations
