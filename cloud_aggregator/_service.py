@@ -827,6 +827,7 @@ class Aggregator:
         self._round = SyncRound(spec=spec, selected=selected)
         capacity = max(len(selected), cfg.selected_per_round) * 2
         self._acc = _Accumulator(cfg, self.layout.size, capacity)
+        self._deferred = []
         self._fed = []
         snap = self.counters.snapshot()
         self._stats = _RoundStats(bytes_up0=snap["bytes_up"], bytes_down0=snap["bytes_down"])

@@ -267,3 +267,42 @@ def test_a_device_reporting_a_data_error_is_left_out_until_its_next_hello(
     bad.hello()  # fixed its data and restarted: selectable again
     assert bad.id in {c.device_id for c in agg.registry.candidates()}
     agg.close()
+
+
+def test_a_bootstrap_round_resumed_after_a_crash_gives_the_same_model(
+    tmp_path: Path, artifacts: Path
+) -> None:
+    """The updates a first round keeps aside are in the store: a restart judges them
+    as the aggregator that never stopped would have."""
+    from broker_bridge import MemoryTransport
+
+    norms = {"d0": 9000.0}
+    broker0 = MemoryBroker()
+    fleet0 = devices(broker0, 4)
+    agg0 = make(tmp_path / "a", artifacts, broker0, devices_per_round=4)
+    agg0.tick()
+    play_round(agg0, fleet0, norms)
+    assert agg0.tick()
+    reference = agg0.params.copy()
+    agg0.close()
+
+    broker = MemoryBroker()
+    fleet = devices(broker, 4)
+    agg1 = make(tmp_path / "b", artifacts, broker, devices_per_round=4)
+    agg1.tick()
+    index = agg1.round_index
+    assert index is not None
+    for d in ("d0", "d1"):
+        fleet[d].send_update(layout=agg1.layout,
+                             values=scaled(d, index, agg1.layout.size, norms.get(d, 0.3)))
+    assert isinstance(agg1.channel.transport, MemoryTransport)
+    agg1.channel.transport.kill()  # crash, mid bootstrap round
+    agg2 = make(tmp_path / "b", artifacts, broker, devices_per_round=4)
+    assert agg2.current_round is not None and agg2.current_round.counted == 2
+    assert len(agg2._deferred) == 2
+    for d in ("d2", "d3"):
+        fleet[d].send_update(layout=agg2.layout,
+                             values=scaled(d, index, agg2.layout.size, 0.3))
+    assert agg2.tick() and agg2.model_version == 1
+    np.testing.assert_allclose(agg2.params, reference, atol=1e-7)
+    agg2.close()
