@@ -1247,8 +1247,8 @@ class Aggregator:
             self.registry.on_presence(device, online=status == "online", at=self.clock.now())
             if status == "offline":
                 if self._round is not None and self._round.dropped(device):
-                    log.info("device %s went offline during round %d", device,
-                             self._round.spec.index)
+                    self._note(device, logging.INFO, "device %s went offline during round %d",
+                               device, self._round.spec.index)
                 if self._async is not None:
                     for task in self._async.drop_device(device):
                         log.info("device %s went offline with async task %d", device,
@@ -1314,7 +1314,8 @@ class Aggregator:
             return
         if self._async is not None:
             if ack.status == "declined" and self._async.complete(ack.round) is not None:
-                log.info("device %s declined async task %d: %s", device, ack.round, ack.reason)
+                self._note(device, logging.INFO, "device %s declined async task %d: %s", device,
+                           ack.round, printable(ack.reason))
             return
         rnd = self._round
         if rnd is None or ack.round != rnd.spec.index:
@@ -1322,7 +1323,8 @@ class Aggregator:
         if ack.status == "accepted":
             rnd.task_accepted(device)
         elif ack.status == "declined" and rnd.declined(device):
-            log.info("device %s declined round %d: %s", device, ack.round, ack.reason)
+            self._note(device, logging.INFO, "device %s declined round %d: %s", device,
+                       ack.round, printable(ack.reason))
             self._replace(rnd)
 
     def _replace(self, rnd: SyncRound) -> None:

@@ -365,6 +365,7 @@ class Agent:
         emulation: Emulation | None = None,
         tamper: Callable[[np.ndarray], np.ndarray] | None = None,
         tamper_meta: Callable[[UpdateMeta], UpdateMeta] | None = None,
+        tamper_hello: Callable[[Hello], Hello] | None = None,
         settings: AgentSettings | None = None,
         owns_transport: bool = False,
         on_status: Callable[[str], None] | None = None,
@@ -393,6 +394,7 @@ class Agent:
         # never set them.
         self._tamper = tamper
         self._tamper_meta = tamper_meta
+        self._tamper_hello = tamper_hello
         self._on_status = on_status
         self._owns_transport = owns_transport
         self.log = _DeviceLog(log, {"device": device_id})
@@ -572,7 +574,7 @@ class Agent:
             artifacts_hash = record.task.artifacts_hash
         elif cached:
             artifacts_hash = cached[0]
-        return Hello(
+        hello = Hello(
             agent=AGENT_NAME,
             profile=self.profile.to_dict() if self.profile is not None else {},
             eligibility=self._eligibility().to_dict(),
@@ -581,6 +583,7 @@ class Agent:
             model_versions=self.models.versions(),
             busy_round=self.busy_round(),
         )
+        return self._tamper_hello(hello) if self._tamper_hello is not None else hello
 
     def _send_hello(self) -> None:
         self._send("hello", self.hello().to_message(fleet=self.fleet, device=self.device_id))

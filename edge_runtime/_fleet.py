@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from broker_bridge import Channel, MqttTransport, NetworkLoop, TaskSpec, UpdateMeta
+from broker_bridge import Channel, Hello, MqttTransport, NetworkLoop, TaskSpec, UpdateMeta
 from device_profiles import DEFAULT_MIX, ConfigError, DeviceProfile, profile_mix
 from edge_runtime._agent import (
     Agent,
@@ -348,6 +348,7 @@ class Fleet:
             settings=self._settings, owns_transport=True,
             tamper=self._attack if d.byzantine else None,
             tamper_meta=self._claim if d.byzantine else None,
+            tamper_hello=self._announce if d.byzantine else None,
         )
         d.agent, d.transport = agent, transport
         d._seen_tasks = d._seen_acked = 0
@@ -366,6 +367,11 @@ class Fleet:
         if self.config.faults.byzantine_kind != "samples":
             return meta
         return replace(meta, num_samples=self.config.faults.byzantine_samples)
+
+    def _announce(self, hello: Hello) -> Hello:
+        if self.config.faults.byzantine_kind != "samples":
+            return hello
+        return replace(hello, num_samples=self.config.faults.byzantine_samples)
 
     def _crash_hook(self, d: DeviceRecord) -> Callable[[TaskSpec], None]:
         fraction = self.config.faults.crash_fraction
