@@ -38,7 +38,8 @@ class ReassemblyLimits:
     remember_completed: int = 4096
     max_sets_per_sender: int = 8
     """Incomplete sets one sender may have at once (a device sends one update at a time)."""
-    max_bytes_per_sender: int = 128 * 1024 * 1024
+    max_bytes_per_sender: int = 288 * 1024 * 1024
+    """One whole body of the largest size the envelope allows (256 MiB), with its records."""
     chunk_overhead: int = 512
     """Bytes charged per chunk held, on top of its data: what its record costs."""
 
