@@ -555,6 +555,19 @@ class Agent:
         self._last_eligible = result.eligible
         return result
 
+    def data_problem(self) -> str | None:
+        """Why the local data cannot train the model of the last task this device took,
+        if it cannot (labels outside its classes); said at start-up, before any task."""
+        record = self.state.record
+        classes = record.task.num_classes if record is not None else None
+        y = self.data.y
+        if classes is None or not len(y) or not np.issubdtype(y.dtype, np.integer):
+            return None
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= classes:
+            return f"class labels range over [{low}, {high}]; the model has {classes} classes"
+        return None
+
     def busy_round(self) -> int | None:
         """The round this device is working on (or was, before a restart), if any."""
         with self._lock:

@@ -35,6 +35,11 @@ def test_labels_outside_the_models_classes_are_a_data_error(rig: Rig) -> None:
     (err,) = rig.agg.errors
     assert err.code == "data" and "[0, 11]" in err.message and "10" in err.message
     assert not rig.agg.updates  # it trained and was accepted before
+    # restarted on the same data, it says so at once, before any task
+    agent.stop()
+    again = rig.agent(data=LocalData(x=data.x, y=y))
+    assert again.data_problem() == "class labels range over [0, 11]; the model has 10 classes"
+    assert rig.agent("dev-2", data=data).data_problem() is None
 
 
 def test_the_update_echoes_its_tasks_nonce(rig: Rig) -> None:
