@@ -19,6 +19,9 @@ Two cases need more than a median of the past:
   median of the round's own norms: an outlier is cut to the threshold there
   (``clip_factor``). An async aggregator has no round to wait for; it refuses, while
   bootstrapping, updates longer than the global model itself (``norm_above_model``).
+- *Order*: a synchronous round judges every update against the history as it was when
+  the round opened (``freeze``; accepted updates join it when the round ends), so the
+  verdicts do not depend on the order in which a round's updates arrive.
 - *A history that no longer describes the fleet* (the model changed, the learning
   rate changed, or the model broke): when, in one round (or one async buffer), the
   screen refused most of the devices that sent an update, and at least
@@ -71,6 +74,7 @@ class NormScreen:
         self.window = window
         self.min_history = min_history
         self._history: list[float] = []
+        self._frozen: list[float] | None = None
         self._epoch: collections.OrderedDict[str, tuple[float, bool]] = (
             collections.OrderedDict())
 
@@ -81,18 +85,29 @@ class NormScreen:
     def load(self, norms: Iterable[float]) -> None:
         self._history = [float(x) for x in norms if math.isfinite(float(x))][-self.window:]
 
+    def freeze(self) -> None:
+        """Judge against the history as it is now until ``thaw`` (a sync round)."""
+        self._frozen = list(self._history)
+
+    def thaw(self) -> None:
+        self._frozen = None
+
+    def _reference(self) -> list[float]:
+        return self._history if self._frozen is None else self._frozen
+
     @property
     def enabled(self) -> bool:
         return self.multiple is not None
 
     @property
     def bootstrapping(self) -> bool:
-        return self.enabled and len(self._history) < self.min_history
+        return self.enabled and len(self._reference()) < self.min_history
 
     def threshold(self) -> float | None:
-        if self.multiple is None or len(self._history) < self.min_history:
+        reference = self._reference()
+        if self.multiple is None or len(reference) < self.min_history:
             return None
-        return self.multiple * _median(self._history)
+        return self.multiple * _median(reference)
 
     def judge(self, norm: float) -> NormJudgement:
         if self.multiple is None:
@@ -136,6 +151,8 @@ class NormScreen:
         self._epoch.clear()
         old = self.threshold()
         self._history = norms[-self.window:]
+        if self._frozen is not None:
+            self._frozen = list(self._history)
         return (f"the norm screen refused {len(refused)} of the {senders} devices that sent "
                 f"an update (limit {old:.4g}); recent history no longer describes the fleet, "
                 f"so it now starts from their norms (median {_median(norms):.4g})")
@@ -148,7 +165,7 @@ class NormScreen:
         neither exists."""
         if self.multiple is None:
             return None
-        pool = [*self._history, *round_norms]
+        pool = [*self._reference(), *round_norms]
         if len(pool) >= self.min_history:
             return self.multiple * _median(pool)
         return model_norm if model_norm > 0 and math.isfinite(model_norm) else None
@@ -184,6 +201,7 @@ class WeightBound:
         self.window = window
         self.min_history = min_history
         self._history: list[float] = []
+        self._frozen: list[float] | None = None
 
     @property
     def history(self) -> list[float]:
@@ -192,10 +210,17 @@ class WeightBound:
     def load(self, weights: Iterable[float]) -> None:
         self._history = [float(w) for w in weights if float(w) > 0][-self.window:]
 
+    def freeze(self) -> None:
+        """Bound against the history as it is now until ``thaw`` (a sync round)."""
+        self._frozen = list(self._history)
+
+    def thaw(self) -> None:
+        self._frozen = None
+
     def fleet_cap(self, round_weights: Sequence[float] = ()) -> float | None:
         if self.multiple is None:
             return None
-        pool = [*self._history, *round_weights]
+        pool = [*(self._history if self._frozen is None else self._frozen), *round_weights]
         if len(pool) < self.min_history:
             return None
         return self.multiple * _median(pool)

@@ -828,6 +828,8 @@ class Aggregator:
         capacity = max(len(selected), cfg.selected_per_round) * 2
         self._acc = _Accumulator(cfg, self.layout.size, capacity)
         self._deferred = []
+        self._screen.freeze()  # the round's verdicts must not depend on arrival order
+        self._weights.freeze()
         self._fed = []
         snap = self.counters.snapshot()
         self._stats = _RoundStats(bytes_up0=snap["bytes_up"], bytes_down0=snap["bytes_down"])
@@ -851,6 +853,8 @@ class Aggregator:
                 log.error("round %d cannot be applied (%s): abandoning it", index, exc)
                 decision, reason = Decision.ABANDON, f"not applicable: {exc}"
         self._deferred = []
+        self._screen.thaw()
+        self._weights.thaw()
         reset = self._screen.end_epoch()
         if reset is not None:
             log.warning("round %d: %s", index, reset)
