@@ -101,7 +101,7 @@ def child_agent(args: argparse.Namespace) -> dict[str, Any]:
     cold_start_s = time.time() - args.start
     layout = Layout(tensors=trainer.parameter_shapes())
     models = ModelCache()
-    models.put(0, np.load(args.weights), layout)
+    model_hash = models.put(np.load(args.weights), layout, version=0)
     backend = trainer.backend
     del trainer
 
@@ -121,7 +121,8 @@ def child_agent(args: argparse.Namespace) -> dict[str, Any]:
         status_probe=lambda: DeviceStatus(),
     )
     agent.start(timer=False)
-    task = TaskSpec(round=1, model_version=0, artifacts_hash=artifacts_hash, codec="fp32",
+    task = TaskSpec(round=1, model_version=0, artifacts_hash=artifacts_hash,
+                    model_hash=model_hash, nonce="bench-task-1", codec="fp32",
                     epochs=epochs, batch_size=BATCH, lr=LR, seed=0)
     agg.send(agg.topics.down("bench-dev", "task"),
              task.to_message(fleet=fleet, device="bench-dev", round=1))

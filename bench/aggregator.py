@@ -129,7 +129,8 @@ def main() -> None:
         spec = CodecSpec.parse(text)
         bodies = []
         for u, n in zip(updates, samples, strict=True):
-            meta = UpdateMeta(num_samples=n, steps=3, train_loss=1.0, duration_s=0.1)
+            meta = UpdateMeta(num_samples=n, steps=3, nonce="bench", train_loss=1.0,
+                              duration_s=0.1)
             bodies.append(pack_update_body(meta, encode_update(u, layout, spec, rng=0).body))
         body_kb = float(np.mean([len(b) for b in bodies])) / 1024
         rows = []

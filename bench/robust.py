@@ -1,12 +1,21 @@
 """Robust aggregation under attack, end to end on the reference task.
 
-20% of the devices send their true update sign-flipped and scaled by 10 (Byzantine
-attackers, chosen from the seed). The same fleet, seed and rounds run with plain
-FedAvg (the baseline, ``mean``) and with the robust options; a clean run without
-attackers is the reference. Prints human lines, then one JSON object with final and
-best test accuracy per configuration.
+Two parts, on the same fleet, seed and rounds:
 
-Run from the repo root: ``python bench/robust.py`` (a few minutes on 2 cores).
+- *defaults*: the default configuration (nothing set) with one device in ten sending
+  (a) updates of L2 norm 9,000 (honest ones are ~0.3) or (b) its true update claiming
+  10^12 samples, beside the clean run of the same configuration; and the same two
+  attacks against the old defaults (an absolute cap of 1e4, no relative screen, no
+  weight bound), which they broke.
+- *robust options*: 20% of the devices send their true update sign-flipped and scaled
+  by 10; plain FedAvg (``mean`` with every screen off) against each robust option
+  alone (screens off as well).
+
+Prints human lines, then one JSON object with final and best test accuracy per run
+(``defaults`` holds the first part's comparison). ``BENCH_ROBUST_RUNS=a,b`` runs only
+those runs; ``BENCH_ROBUST_ROUNDS`` sets the rounds (40).
+
+Run from the repo root: ``python bench/robust.py`` (about ten minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -25,25 +34,39 @@ from fleetlearn._simulate import SimConfig, run_simulation
 
 ROUNDS = int(os.environ.get("BENCH_ROBUST_ROUNDS", "40"))
 ATTACK = FaultSpec(byzantine_fraction=0.2, byzantine_scale=10.0)
+HUGE_NORM = FaultSpec(byzantine_fraction=0.1, byzantine_kind="norm", byzantine_scale=9000.0)
+INFLATED = FaultSpec(byzantine_fraction=0.1, byzantine_kind="samples")
+OLD_DEFAULTS: dict[str, Any] = {"max_update_norm": 1e4, "norm_median_multiple": None,
+                                "max_weight_multiple": None}
+PLAIN: dict[str, Any] = {"robust": "mean", "norm_median_multiple": None,
+                         "max_weight_multiple": None}
+"""Plain FedAvg: every screen off (the baseline of the robust options)."""
 RUNS: tuple[tuple[str, FaultSpec, dict[str, Any]], ...] = (
-    ("clean_mean", FaultSpec(), {"robust": "mean"}),
-    ("attacked_mean", ATTACK, {"robust": "mean"}),
-    ("attacked_median", ATTACK, {"robust": "median"}),
-    ("attacked_trimmed_mean", ATTACK, {"robust": "trimmed_mean", "trim_fraction": 0.25}),
-    ("attacked_multi_krum", ATTACK, {"robust": "multi_krum", "byzantine": 4}),
-    ("attacked_clipped_mean", ATTACK, {"robust": "mean", "clip_norm": 1.0}),
-    ("attacked_mean_norm_screen", ATTACK, {"robust": "mean", "norm_median_multiple": 4.0}),
+    ("clean_defaults", FaultSpec(), {}),
+    ("defaults_norm_9000", HUGE_NORM, {}),
+    ("defaults_inflated_samples", INFLATED, {}),
+    ("old_defaults_norm_9000", HUGE_NORM, OLD_DEFAULTS),
+    ("old_defaults_inflated_samples", INFLATED, OLD_DEFAULTS),
+    ("clean_mean", FaultSpec(), PLAIN),
+    ("attacked_mean", ATTACK, PLAIN),
+    ("attacked_median", ATTACK, {**PLAIN, "robust": "median"}),
+    ("attacked_trimmed_mean", ATTACK, {**PLAIN, "robust": "trimmed_mean", "trim_fraction": 0.25}),
+    ("attacked_multi_krum", ATTACK, {**PLAIN, "robust": "multi_krum", "byzantine": 4}),
+    ("attacked_clipped_mean", ATTACK, {**PLAIN, "clip_norm": 1.0}),
+    ("attacked_mean_norm_screen", ATTACK, {**PLAIN, "norm_median_multiple": 4.0}),
     # Coordinate-wise statistics suffer with sparsified updates (most coordinates of most
     # updates are zero, so their median is too): the same two with dense updates.
-    ("attacked_median_dense", ATTACK, {"robust": "median", "codec": "fp32"}),
-    ("attacked_trimmed_mean_dense", ATTACK, {"robust": "trimmed_mean", "trim_fraction": 0.25,
-                                             "codec": "fp32"}),
+    ("attacked_median_dense", ATTACK, {**PLAIN, "robust": "median", "codec": "fp32"}),
+    ("attacked_trimmed_mean_dense", ATTACK, {**PLAIN, "robust": "trimmed_mean",
+                                             "trim_fraction": 0.25, "codec": "fp32"}),
 )
 
 
 def main() -> None:
+    wanted = os.environ.get("BENCH_ROBUST_RUNS")
+    runs = [r for r in RUNS if not wanted or r[0] in wanted.split(",")]
     results: dict[str, Any] = {}
-    for name, faults, agg in RUNS:
+    for name, faults, agg in runs:
         print(f"{name}: {agg} ...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="fleetlearn-robust-") as tmp:
             r = run_simulation(SimConfig(rounds=ROUNDS, seed=0, faults=faults, aggregator=agg,
@@ -52,17 +75,38 @@ def main() -> None:
         results[name] = {
             "aggregation": agg,
             "byzantine_fraction": faults.byzantine_fraction,
+            "attack": faults.byzantine_kind if faults.byzantine_fraction else None,
             "final_accuracy": r["final_accuracy"],
             "best_accuracy": r["best_accuracy"],
             "rejected_updates": sum(x["rejected"] for x in r["rounds"]),
         }
         print(f"  {results[name]}", file=sys.stderr, flush=True)
-    clean = results["clean_mean"]["final_accuracy"] or 0.0
-    for row in results.values():
-        row["points_vs_clean"] = round(100 * ((row["final_accuracy"] or 0.0) - clean), 2)
+    for name, row in results.items():
+        ref = results.get("clean_defaults" if "defaults" in name else "clean_mean")
+        if ref is not None:
+            row["points_vs_clean"] = round(
+                100 * ((row["final_accuracy"] or 0.0) - (ref["final_accuracy"] or 0.0)), 2)
+    defaults = {k: results[k]["final_accuracy"] for k in
+                ("clean_defaults", "defaults_norm_9000", "defaults_inflated_samples",
+                 "old_defaults_norm_9000", "old_defaults_inflated_samples") if k in results}
+    if "clean_defaults" in defaults:
+        clean = defaults["clean_defaults"] or 0.0
+        print("default configuration, 1 device in 10 attacking (final test accuracy):",
+              file=sys.stderr)
+        for k, acc in defaults.items():
+            print(f"  {k:32s} {100 * (acc or 0.0):5.1f}%  ({100 * ((acc or 0.0) - clean):+.1f} "
+                  "points vs clean)", file=sys.stderr)
     print(json.dumps({
         "task": f"MNIST-1D, 100 devices, Dirichlet(0.5), 10 per round, cnn, {ROUNDS} rounds",
-        "attack": "20% of devices send -10 x their update", "runs": results,
+        "attack": "defaults: 10% of devices send norm-9,000 updates or claim 10^12 samples; "
+                  "robust options: 20% of devices send -10 x their update",
+        "defaults": {**{f"{k}_accuracy": v for k, v in defaults.items()},
+                     "within_2_points_of_clean": (
+                         all(abs((defaults[k] or 0.0) - (defaults["clean_defaults"] or 0.0))
+                             <= 0.02 for k in ("defaults_norm_9000",
+                                               "defaults_inflated_samples") if k in defaults)
+                         if "clean_defaults" in defaults else None)},
+        "runs": results,
     }))
 
 

@@ -18,6 +18,10 @@ Where things live:
   presence messages and the aggregator's ``roll_call``.
 - ``_protocol``: typed control payloads (``Hello``, ``TaskSpec``, ``UpdateMeta``, ``Ack``,
   ``Cancel``, ``ErrorReport``, ``Request``), update bodies, ``ProtocolError``.
+- ``_model_msg``: ``ModelMeta``, ``model_message``/``read_model_message``,
+  ``weights_hash`` (global models named by run and content hash).
+- ``_ratelimit``: ``KeyedRateLimit``, ``LogLimiter``, ``printable`` (what one device
+  may cost a receiver in requests and log lines).
 - ``_bundle``: ``pack_bundle``/``unpack_bundle`` (artifact bundles, bounded), ``BundleError``,
   ``file_sha256``/``content_hash`` (the artifact manifest's hashes).
 - ``_brokers``: ``write_broker_config``, ``MosquittoProcess``, ``local_broker``;
@@ -78,6 +82,7 @@ from broker_bridge._envelope import (
     Message,
     json_message,
     new_transfer_id,
+    parse_json,
     split_message,
 )
 from broker_bridge._errors import (
@@ -91,6 +96,14 @@ from broker_bridge._errors import (
 )
 from broker_bridge._files import atomic_write, fsync_dir
 from broker_bridge._layout import Layout
+from broker_bridge._model_msg import (
+    ModelMeta,
+    model_message,
+    pack_model_body,
+    read_model_message,
+    unpack_model_body,
+    weights_hash,
+)
 from broker_bridge._mqtt import BrokerUrl, MqttTransport, NetworkLoop, TlsConfig
 from broker_bridge._ports import free_port
 from broker_bridge._protocol import (
@@ -104,10 +117,12 @@ from broker_bridge._protocol import (
     Request,
     TaskSpec,
     UpdateMeta,
+    is_sha256_hex,
     pack_update_body,
     unpack_update_body,
     update_message,
 )
+from broker_bridge._ratelimit import KeyedRateLimit, LogLimiter, printable
 from broker_bridge._topics import Topics, check_id, topic_matches
 from broker_bridge._transport import MemoryBroker, MemoryTransport, Transport, Will
 from device_profiles import ConfigError, FleetlearnError
@@ -141,11 +156,14 @@ __all__ = [
     "ErrorReport",
     "FleetlearnError",
     "Hello",
+    "KeyedRateLimit",
     "Kind",
     "Layout",
+    "LogLimiter",
     "MemoryBroker",
     "MemoryTransport",
     "Message",
+    "ModelMeta",
     "ModelVersion",
     "MosquittoProcess",
     "MqttTransport",
@@ -178,23 +196,31 @@ __all__ = [
     "file_sha256",
     "free_port",
     "hash_password",
+    "is_sha256_hex",
     "json_message",
     "local_broker",
     "local_broker_kind",
+    "model_message",
     "new_transfer_id",
+    "parse_json",
     "pack_bundle",
+    "pack_model_body",
     "pack_update_body",
     "presence_message",
     "presence_will",
     "read_password_file",
+    "printable",
     "read_header",
+    "read_model_message",
     "render_acl",
     "render_mosquitto_conf",
     "roll_call",
     "split_message",
     "topic_matches",
     "unpack_bundle",
+    "unpack_model_body",
     "unpack_update_body",
     "update_message",
+    "weights_hash",
     "write_broker_config",
 ]

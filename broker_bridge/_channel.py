@@ -8,7 +8,8 @@ handler and never raises into the transport.
 
 On device topics (``.../devices/<id>/...``) the envelope's device id must equal the
 topic's: with a broker ACL confining each device to its own topics, this is what
-stops one device from speaking for another.
+stops one device from speaking for another. Dropped payloads are logged a few lines
+per device a minute (``LogLimiter``): a device cannot grow the log at its own pace.
 
 ``roll_call`` asks the fleet who is there (presence without retained messages).
 """
@@ -30,6 +31,7 @@ from broker_bridge._envelope import (
     split_message,
 )
 from broker_bridge._errors import WireError
+from broker_bridge._ratelimit import LogLimiter, printable
 from broker_bridge._topics import Topics
 from broker_bridge._transport import Transport, Will
 
@@ -58,6 +60,7 @@ class Channel:
         self._limits = limits
         self._reassembler = Reassembler(limits=reassembly)
         self.dropped: collections.Counter[str] = collections.Counter()
+        self._log_limit = LogLimiter()
 
     @property
     def fleet(self) -> str:
@@ -106,7 +109,9 @@ class Channel:
 
     def _drop(self, reason: str, topic: str, detail: str) -> None:
         self.dropped[reason] += 1
-        log.warning("dropped message on %s (%s): %s", topic, reason, detail)
+        key = self.topics.device_of(topic) or "(no device)"
+        self._log_limit.log(log, logging.WARNING, key, "dropped message on %s (%s): %s",
+                            printable(topic), reason, printable(detail))
 
 
 def presence_message(*, fleet: str, device: str, status: str, **info: object) -> Message:

@@ -1,10 +1,16 @@
 """Bounded reassembly of chunked messages.
 
-A receiver keeps incomplete chunk sets in memory under three bounds: the number of
-sets, the bytes held across all sets, and a time to live. A set that breaks a bound
-or outlives its TTL is dropped whole (and counted); duplicates and out-of-order
-chunks are fine. Nothing is allocated from a declared length alone: memory grows
-only with bytes actually received.
+A receiver keeps incomplete chunk sets in memory under bounds on the number of sets
+and the bytes held, both across all senders and per sender (the envelope's device
+id), and a time to live. A set that breaks a bound or outlives its TTL is dropped
+whole (and counted); duplicates and out-of-order chunks are fine. Nothing is
+allocated from a declared length alone: memory grows only with chunks actually
+received, and each chunk is charged ``chunk_overhead`` bytes on top of its data (the
+record that holds it), so many tiny chunks cost what they really cost.
+
+One sender cannot push another one's sets out: past its own limits a sender loses
+its own oldest set, and when the global set limit is reached the set evicted belongs
+to the sender holding the most.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from broker_bridge._errors import ChunkError
 from device_profiles import ConfigError
 
 _Key = tuple[str, str, int, int]  # fleet, device, kind, transfer_id
+_Sender = tuple[str, str]  # fleet, device
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,9 +36,17 @@ class ReassemblyLimits:
     max_pending_bytes: int = 512 * 1024 * 1024
     ttl_s: float = 120.0
     remember_completed: int = 4096
+    max_sets_per_sender: int = 8
+    """Incomplete sets one sender may have at once (a device sends one update at a time)."""
+    max_bytes_per_sender: int = 288 * 1024 * 1024
+    """One whole body of the largest size the envelope allows (256 MiB), with its records."""
+    chunk_overhead: int = 512
+    """Bytes charged per chunk held, on top of its data: what its record costs."""
 
     def __post_init__(self) -> None:
-        if self.max_pending_sets <= 0 or self.max_pending_bytes <= 0 or self.ttl_s <= 0:
+        if (self.max_pending_sets <= 0 or self.max_pending_bytes <= 0 or self.ttl_s <= 0
+                or self.max_sets_per_sender <= 0 or self.max_bytes_per_sender <= 0
+                or self.chunk_overhead < 0):
             raise ConfigError("reassembly limits must be positive")
 
 
@@ -49,6 +64,7 @@ class ReassemblyStats:
     duplicates: int = 0
     expired: int = 0
     evicted: int = 0
+    sender_limited: int = 0
 
 
 class Reassembler:
@@ -64,6 +80,7 @@ class Reassembler:
         self._clock = clock
         self._pending: OrderedDict[_Key, _Pending] = OrderedDict()
         self._pending_bytes = 0
+        self._by_sender: dict[_Sender, list[int]] = {}  # sender -> [sets, bytes charged]
         self._done: OrderedDict[_Key, None] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = ReassemblyStats()
@@ -75,6 +92,12 @@ class Reassembler:
     @property
     def pending_sets(self) -> int:
         return len(self._pending)
+
+    def sender_usage(self, fleet: str, device: str) -> tuple[int, int]:
+        """(incomplete sets, bytes charged) held for one sender."""
+        with self._lock:
+            sets, nbytes = self._by_sender.get((fleet, device), (0, 0))
+            return sets, nbytes
 
     def feed(self, chunk: Chunk) -> Message | None:
         """Add one chunk; return the message once its set is complete, else None.
@@ -92,11 +115,17 @@ class Reassembler:
                 self.stats.duplicates += 1
                 return None
             pend = self._pending.get(key)
+            sender: _Sender = (chunk.fleet, chunk.device)
             if pend is None:
+                usage = self._by_sender.get(sender)
+                if usage is not None and usage[0] >= self._limits.max_sets_per_sender:
+                    self._drop_oldest(sender)
+                    self.stats.sender_limited += 1
                 if len(self._pending) >= self._limits.max_pending_sets:
-                    self._drop_oldest()
+                    self._drop_oldest(self._heaviest_sender())
                 pend = _Pending(first=chunk, started=now)
                 self._pending[key] = pend
+                self._by_sender.setdefault(sender, [0, 0])[0] += 1
             elif not _same_set(pend.first, chunk):
                 self._drop(key)
                 raise ChunkError("chunk disagrees with the other chunks of its set; set dropped")
@@ -107,14 +136,24 @@ class Reassembler:
                     raise ChunkError("two different chunks with the same index; set dropped")
                 self.stats.duplicates += 1
                 return None
-            if self._pending_bytes + len(chunk.data) > self._limits.max_pending_bytes:
+            cost = len(chunk.data) + self._limits.chunk_overhead
+            if self._pending_bytes + cost > self._limits.max_pending_bytes:
                 self._drop(key)
                 raise ChunkError(
                     f"reassembly buffer full ({self._limits.max_pending_bytes} bytes); set dropped"
                 )
+            if self._by_sender[sender][1] + cost > self._limits.max_bytes_per_sender:
+                self._drop(key)
+                self.stats.sender_limited += 1
+                raise ChunkError(
+                    f"sender {chunk.device or '(broadcast)'} holds "
+                    f"{self._limits.max_bytes_per_sender} bytes of incomplete messages; "
+                    "set dropped"
+                )
             pend.parts[chunk.chunk_index] = chunk
-            pend.size += len(chunk.data)
-            self._pending_bytes += len(chunk.data)
+            pend.size += cost
+            self._pending_bytes += cost
+            self._by_sender[sender][1] += cost
             if len(pend.parts) < chunk.chunk_count:
                 return None
             self._drop(key)
@@ -141,8 +180,11 @@ class Reassembler:
             dropped += 1
         return dropped
 
-    def _drop_oldest(self) -> None:
-        key = next(iter(self._pending))
+    def _heaviest_sender(self) -> _Sender:
+        return max(self._by_sender.items(), key=lambda kv: (kv[1][0], kv[1][1]))[0]
+
+    def _drop_oldest(self, sender: _Sender) -> None:
+        key = next(k for k in self._pending if (k[0], k[1]) == sender)
         self._drop(key)
         self.stats.evicted += 1
 
@@ -150,6 +192,12 @@ class Reassembler:
         pend = self._pending.pop(key, None)
         if pend is not None:
             self._pending_bytes -= pend.size
+            sender = (key[0], key[1])
+            usage = self._by_sender[sender]
+            usage[0] -= 1
+            usage[1] -= pend.size
+            if usage[0] <= 0:
+                del self._by_sender[sender]
 
 
 def _same_set(a: Chunk, b: Chunk) -> bool:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import secrets
 import struct
 import zlib
@@ -132,10 +133,43 @@ class Message:
         """The body parsed as JSON (control messages); EnvelopeError if it is not."""
         if self.codec != "json":
             raise EnvelopeError(f"{self.kind.topic_name} message body is {self.codec!r}, not json")
-        try:
-            return json.loads(self.body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise EnvelopeError(f"malformed json body in {self.kind.topic_name} message") from exc
+        return parse_json(self.body, what=f"{self.kind.topic_name} message")
+
+
+MAX_JSON_INT_DIGITS = 19
+"""Integers in JSON bodies are at most this many digits (any 64-bit value fits); a
+longer one is refused before Python converts it (a 10,000-digit integer would cost
+quadratic time, or raise past the interpreter's limit)."""
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        raise ValueError(f"integer of {len(text)} characters")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is not finite")
+    return value
+
+
+def _json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(data: bytes, *, what: str = "message") -> Any:
+    """Parse untrusted JSON: UTF-8, finite numbers, integers of at most 19 digits, and
+    nesting the parser can follow; anything else is an ``EnvelopeError``, never a
+    ``RecursionError`` or a stray ``ValueError``."""
+    try:
+        return json.loads(data.decode("utf-8"), parse_int=_json_int, parse_float=_json_float,
+                          parse_constant=_json_constant)
+    except RecursionError as exc:
+        raise EnvelopeError(f"malformed json body in {what}: nested too deeply") from exc
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise EnvelopeError(f"malformed json body in {what}: {exc}") from exc
 
 
 def json_message(kind: Kind, *, fleet: str, payload: Any, **fields: Any) -> Message:
@@ -219,6 +253,10 @@ class Chunk:
             raise EnvelopeError("chunk extends past the declared body length")
         if count == 1 and (offset != 0 or length != total):
             raise EnvelopeError("single-chunk message does not carry the whole body")
+        if count > 1 and length == 0:
+            # A sender splits a body into non-empty slices; empty chunks of a large set
+            # would only make a receiver hold chunk records that carry nothing.
+            raise EnvelopeError("empty chunk in a multi-chunk message")
         strings = payload[HEADER_SIZE:strings_end]
         if zlib.crc32(strings, zlib.crc32(payload[:60])) != crc:
             raise EnvelopeError("header checksum mismatch")

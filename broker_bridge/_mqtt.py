@@ -267,6 +267,8 @@ class MqttTransport(Transport):
         self._last_error = "not connected yet"
         self._refusals = Refusals(where=f"{self.url} (client {client_id})")
         self.reconnects = 0
+        self.suback_timeouts = 0
+        """Subscriptions whose grant did not come within ``_suback_timeout`` (a stall)."""
 
         c = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
@@ -373,6 +375,11 @@ class MqttTransport(Transport):
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def last_error(self) -> str | None:
+        """Why the last connection attempt failed or ended (None while connected)."""
+        return None if self._connected.is_set() else self._last_error
+
     # -- publish / subscribe -------------------------------------------------------------
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         # Never hold our lock while calling into paho: paho calls _on_publish (which
@@ -407,12 +414,19 @@ class MqttTransport(Transport):
             _check(rc, f"subscribe to {topic_filter}")
             # Return once the broker has granted it, so that what is published afterwards
             # reaches us (not possible from our own loop thread).
+            timed_out = False
             with self._cond:
                 if not self._loop.in_loop():
                     deadline = time.monotonic() + self._suback_timeout
                     while mid not in self._subacked and time.monotonic() < deadline:
                         self._cond.wait(0.1)
+                    timed_out = mid not in self._subacked
                 self._subacked.discard(mid)
+            if timed_out:
+                # Usually a handler blocking the network thread (it cannot read the grant).
+                self.suback_timeouts += 1
+                log.warning("%s: no grant for subscription %s within %gs; continuing",
+                            self.client_id, topic_filter, self._suback_timeout)
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._subs_lock:

@@ -5,25 +5,34 @@ module gives each one a typed, frozen dataclass that checks what it parses, so a
 malformed message becomes a ``ProtocolError`` (a ``WireError``) at the edge and
 never reaches domain code. ``docs/PROTOCOL.md`` is the language-neutral description.
 
-Updates carry a binary body: ``u32 meta_len | meta JSON (UpdateMeta) | codec body``.
-Artifact bundles are zip archives checked against their manifest (``_bundle.py``).
+Updates carry a binary body: ``u32 meta_len | meta JSON (UpdateMeta) | codec body``;
+models the same with ``ModelMeta`` (``_model_msg.py``). Artifact bundles are zip
+archives checked against their manifest (``_bundle.py``).
+
+Version 2 binds each update to the task that asked for it (``TaskSpec.nonce``, echoed
+in ``UpdateMeta.nonce``) and names the global model by content
+(``TaskSpec.model_hash``) rather than by its number alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import struct
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from broker_bridge._envelope import Kind, Message, json_message
+from broker_bridge._envelope import Kind, Message, json_message, parse_json
 from broker_bridge._errors import WireError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_META_BYTES = 64 * 1024
+MAX_SAFE_INT = 2**53 - 1
+"""Integers in control messages stay within what every JSON implementation reads
+exactly (a double's integer range)."""
 
 
 class ProtocolError(WireError):
@@ -60,7 +69,14 @@ def _check_value(name: str, value: Any, tp: Any) -> Any:
             raise ProtocolError(f"field {name!r} must be {tp.__name__}, not bool")
         if not isinstance(value, _SCALARS[tp]):
             raise ProtocolError(f"field {name!r} must be {tp.__name__}")
-        return float(value) if tp is float else value  # type: ignore[arg-type]
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SAFE_INT:
+            raise ProtocolError(f"field {name!r} is out of range (|value| > 2^53 - 1)")
+        if tp is float:
+            as_float = float(typing.cast(float, value))
+            if not math.isfinite(as_float):
+                raise ProtocolError(f"field {name!r} must be a finite number")
+            return as_float
+        return value
     if tp is Any:
         return value
     raise TypeError(f"unsupported protocol field type {tp!r}")
@@ -143,6 +159,14 @@ class TaskSpec(_Payload):
     round: int
     model_version: int
     artifacts_hash: str
+    model_hash: str
+    """sha256 (hex) of the global weights to train from, as float32 little-endian: the
+    model is found by this, never by ``model_version`` alone (see ``ModelMeta``)."""
+    nonce: str
+    """Random per task; the update echoes it (``UpdateMeta.nonce``) so a copy of an
+    update made for another task is refused."""
+    run: str = ""
+    """The aggregator's run id (informative: the hash names the model)."""
     codec: str = "fp32"
     epochs: int = 1
     batch_size: int = 32
@@ -151,6 +175,8 @@ class TaskSpec(_Payload):
     deadline_s: float = 600.0
     seed: int = 0
     evaluate: bool = False
+    num_classes: int | None = None
+    """Classification models: labels must lie in [0, num_classes)."""
 
     def __post_init__(self) -> None:
         if self.round < 0 or self.model_version < 0:
@@ -159,6 +185,12 @@ class TaskSpec(_Payload):
             raise ValueError("epochs, batch_size, lr and deadline_s must be positive")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("max_steps must be >= 1")
+        if not is_sha256_hex(self.model_hash):
+            raise ValueError("model_hash must be a sha256 hex digest")
+        if not 8 <= len(self.nonce) <= 64 or not self.nonce.isascii():
+            raise ValueError("nonce must be 8 to 64 ASCII characters")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError("num_classes must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,6 +200,8 @@ class UpdateMeta(_Payload):
     KIND: typing.ClassVar[Kind] = Kind.UPDATE
     num_samples: int
     steps: int
+    nonce: str
+    """The ``nonce`` of the task this update answers."""
     train_loss: float
     duration_s: float
     emulated_s: float | None = None  # simulated fleets: time the device's profile implies
@@ -222,29 +256,48 @@ class Request(_Payload):
     want: str  # "artifacts" | "model" (from a device) | "hello" (the roll call)
     artifacts_hash: str | None = None
     model_version: int | None = None
+    model_hash: str | None = None
     have_versions: list[int] = field(default_factory=list)
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def is_sha256_hex(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
 
 
 _META = struct.Struct("<I")
 
 
-def pack_update_body(meta: UpdateMeta, codec_body: bytes) -> bytes:
+def pack_prefixed(meta: _Payload, codec_body: bytes) -> bytes:
+    """``u32 meta_len | meta JSON | codec body`` (update and model bodies)."""
     raw = json.dumps(meta.to_dict(), separators=(",", ":"), sort_keys=True).encode()
     return _META.pack(len(raw)) + raw + codec_body
 
 
-def unpack_update_body(body: bytes) -> tuple[UpdateMeta, bytes]:
-    """Split an update body; ProtocolError when the prefix is malformed."""
+def unpack_prefixed(body: bytes, cls: type[T]) -> tuple[T, bytes]:
+    """Split a ``pack_prefixed`` body; ProtocolError when the prefix is malformed."""
+    what = cls.KIND.topic_name
     if len(body) < _META.size:
-        raise ProtocolError("update body too short for its metadata length")
+        raise ProtocolError(f"{what} body too short for its metadata length")
     (n,) = _META.unpack_from(body, 0)
     if n > MAX_META_BYTES or _META.size + n > len(body):
-        raise ProtocolError(f"update metadata length {n} is out of bounds")
+        raise ProtocolError(f"{what} metadata length {n} is out of bounds")
     try:
-        meta_obj = json.loads(body[_META.size:_META.size + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError("update metadata is not JSON") from exc
-    return UpdateMeta.from_dict(meta_obj), body[_META.size + n:]
+        meta_obj = parse_json(body[_META.size:_META.size + n], what=f"{what} metadata")
+    except WireError as exc:
+        raise ProtocolError(str(exc)) from exc
+    return cls.from_dict(meta_obj), body[_META.size + n:]
+
+
+def pack_update_body(meta: UpdateMeta, codec_body: bytes) -> bytes:
+    return pack_prefixed(meta, codec_body)
+
+
+def unpack_update_body(body: bytes) -> tuple[UpdateMeta, bytes]:
+    """Split an update body; ProtocolError when the prefix is malformed."""
+    return unpack_prefixed(body, UpdateMeta)
 
 
 def update_message(

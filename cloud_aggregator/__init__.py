@@ -13,7 +13,12 @@ Where things live:
 - ``_config``: ``AggregatorConfig`` (frozen, parsed once), ``load_config`` (TOML + flags).
 - ``_registry``: ``FleetRegistry``, ``DeviceInfo`` (presence, hello, participation history).
 - ``_rounds``: ``SyncRound``, ``AsyncScheduler``, ``RoundSpec``, ``WallClock``/``ManualClock``.
-- ``_service``: ``Aggregator`` (the service on a ``Channel``), ``prepare_artifacts``.
+- ``_service``: ``Aggregator`` (the service on a ``Channel``).
+- ``_startup``: ``prepare_artifacts``, ``ModelArtifacts``, the run record and the checks
+  a start makes (model identity, orphaned checkpoints, eval data).
+- ``_screen``: ``NormScreen``, ``WeightBound`` (the default defences against one device).
+- ``_serving``: ``ModelServer`` (models named by run and hash, artifacts, request limits).
+- ``_status``: the status lines that say what the aggregator waits for.
 - ``_evaluate``: ``ServerEvaluator``, ``federated_eval``, ``load_eval_data``.
 - ``_metrics``: ``RoundMetrics``, ``MetricsLog`` (JSON lines), ``Counters``, ``MetricsServer``.
 """
@@ -65,6 +70,7 @@ from cloud_aggregator._rounds import (
     SyncRound,
     WallClock,
 )
+from cloud_aggregator._screen import NormScreen, WeightBound
 from cloud_aggregator._selection import (
     POLICIES,
     Candidate,
@@ -78,7 +84,8 @@ from cloud_aggregator._selection import (
     make_policy,
 )
 from cloud_aggregator._server_opt import SERVER_OPTIMIZERS, ServerOptimizer, make_server_optimizer
-from cloud_aggregator._service import Aggregator, ModelArtifacts, prepare_artifacts
+from cloud_aggregator._service import Aggregator
+from cloud_aggregator._startup import ModelArtifacts, prepare_artifacts
 from cloud_aggregator._store import (
     CheckpointCorrupt,
     CheckpointRecord,
@@ -119,6 +126,7 @@ __all__ = [
     "MetricsLog",
     "MetricsServer",
     "ModelArtifacts",
+    "NormScreen",
     "ModelBuildError",
     "OortPolicy",
     "RandomPolicy",
@@ -143,6 +151,7 @@ __all__ = [
     "UpdateKey",
     "UpdateRejected",
     "UpdateRules",
+    "WeightBound",
     "Verdict",
     "WallClock",
     "build_artifacts",

@@ -38,6 +38,7 @@ class Reason(StrEnum):
     NON_FINITE = "non_finite"
     NORM_ABOVE_CAP = "norm_above_cap"
     NORM_ABOVE_MEDIAN = "norm_above_median"
+    NORM_ABOVE_MODEL = "norm_above_model"
     BAD_WEIGHT = "bad_weight"
     TOO_STALE = "too_stale"
     FROM_FUTURE = "from_future"

@@ -128,6 +128,10 @@ _AGG_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--downlink-codec", "downlink_codec", str, "global model codec: fp32 or fp16"),
     ("--robust", "robust", str, "mean, median, trimmed_mean, krum or multi_krum"),
     ("--clip-norm", "clip_norm", float, "clip each update to this L2 norm"),
+    ("--norm-median-multiple", "norm_median_multiple", float,
+     "refuse updates whose norm exceeds this multiple of the recent median (default: 4)"),
+    ("--max-weight-multiple", "max_weight_multiple", float,
+     "an update weighs at most this multiple of the recent median weight (default: 4)"),
     ("--concurrency", "concurrency", int, "async: devices kept busy"),
     ("--buffer-size", "buffer_size", int, "async: updates per aggregation (K)"),
     ("--state-dir", "state_dir", str, "where the store, checkpoints and metrics live"),
@@ -194,11 +198,16 @@ def _aggregator(args: argparse.Namespace) -> int:
               f"up {m.bytes_up / 1e6:.2f} MB down {m.bytes_down / 1e6:.2f} MB "
               f"t {m.wall_s:.1f}s emu {m.emulated_total_s:.0f}s", flush=True)
 
-    aggregator = Aggregator(config=config, channel=channel, on_round=progress)
+    def status(line: str) -> None:
+        if config.progress:
+            print(f"fleetlearn aggregator: {line}", flush=True)
+
+    aggregator = Aggregator(config=config, channel=channel, on_round=progress, on_status=status)
     watcher = threading.Thread(target=_stop_when_refused, args=(transport, aggregator),
                                name="refusal-watch", daemon=True)
     try:
-        transport.connect()
+        # start() registers the handlers, then connects: what the broker kept for this
+        # persistent session while the aggregator was away is handled, not dropped.
         aggregator.start()
         if aggregator.metrics_port is not None and config.progress:
             print(f"metrics on http://{config.metrics_bind}:{aggregator.metrics_port}/metrics",
@@ -207,7 +216,9 @@ def _aggregator(args: argparse.Namespace) -> int:
         aggregator.run()
         transport.check_refused()  # BrokerRefused: the reason run() returned early
     finally:
-        aggregator.close()
+        # The session keeps its subscriptions: the broker queues what devices send
+        # until the aggregator is back.
+        aggregator.close(unsubscribe=False)
         transport.close()
     if aggregator.failure is not None:
         print(f"fleetlearn: aggregator stopped: {aggregator.failure}")

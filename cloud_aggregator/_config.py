@@ -100,8 +100,16 @@ class AggregatorConfig:
     clip_norm: float | None = None
     trim_fraction: float = 0.1
     byzantine: int = 0
-    max_update_norm: float | None = 1e4
-    norm_median_multiple: float | None = None
+    max_update_norm: float | None = None
+    """An absolute L2 cap (off by default: a model that broke would trip it for every
+    honest update; the relative screen below adapts instead)."""
+    norm_median_multiple: float | None = 4.0
+    """Refuse an update whose norm exceeds this multiple of the median norm of recently
+    accepted ones (``_screen.NormScreen``); None turns the screen off."""
+    max_weight_multiple: float | None = 4.0
+    """An update weighs the samples it claims, cut to what its task allowed and to this
+    multiple of the median weight of recent updates (``_screen.WeightBound``); None
+    keeps only the task's bound."""
     robust_max_bytes: int = 1 << 30
 
     # -- persistence, evaluation, metrics
@@ -161,10 +169,14 @@ class AggregatorConfig:
                 raise ConfigError("downlink_codec cannot use error feedback (ef)")
         self.make_server_optimizer()  # raises ConfigError on bad options
         self.robust_config()
-        for name in ("max_update_norm", "norm_median_multiple"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.max_update_norm is not None and not self.max_update_norm > 0:
+            raise ConfigError(f"max_update_norm must be positive, got {self.max_update_norm}")
+        if self.norm_median_multiple is not None and not self.norm_median_multiple > 1:
+            raise ConfigError(
+                f"norm_median_multiple must be above 1, got {self.norm_median_multiple}")
+        if self.max_weight_multiple is not None and not self.max_weight_multiple >= 1:
+            raise ConfigError(
+                f"max_weight_multiple must be at least 1, got {self.max_weight_multiple}")
         if self.mode == "sync" and self.effective_min_devices < self.effective_quorum:
             raise ConfigError(
                 f"min_devices ({self.effective_min_devices}) is below the quorum "

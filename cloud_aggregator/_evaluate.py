@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ def load_eval_data(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray
     try:
         with np.load(Path(path), allow_pickle=False) as npz:
             x, y = np.asarray(npz["x"], np.float32), np.asarray(npz["y"])
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise ConfigError(f"eval data {path}: need an .npz with arrays x and y ({exc})") from exc
     if len(x) != len(y) or len(x) == 0:
         raise ConfigError(f"eval data {path}: x has {len(x)} rows, y has {len(y)}")
@@ -86,9 +87,19 @@ class ServerEvaluator:
         for start in range(0, len(self._x), self._batch):
             xb = self._x[start:start + self._batch]
             yb = self._y[start:start + self._batch]
-            out = np.asarray(session.run([self._output], {self._input: xb})[0], np.float64)
+            try:
+                out = np.asarray(session.run([self._output], {self._input: xb})[0], np.float64)
+            except Exception as exc:  # ORT's InvalidArgument: data that does not fit
+                raise AggregatorError(
+                    f"the model cannot run on the eval data (x {list(self._x.shape)}): "
+                    f"{str(exc).splitlines()[0][:300]}") from exc
             if self._loss == "cross_entropy":
                 labels = yb.astype(np.int64)
+                if out.ndim != 2 or (len(labels) and (labels.min() < 0
+                                                      or labels.max() >= out.shape[1])):
+                    raise AggregatorError(
+                        f"eval labels range over [{labels.min()}, {labels.max()}]; the model "
+                        f"outputs {list(out.shape)}")
                 shifted = out - out.max(axis=1, keepdims=True)
                 logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
                 loss_sum += float(-logp[np.arange(len(labels)), labels].sum())

@@ -65,15 +65,32 @@ class MetricsLog:
 
     def write(self, metrics: RoundMetrics) -> None:
         line = json.dumps(metrics.to_json(), sort_keys=True) + "\n"
-        with self.path.open("a") as fh:
-            fh.write(line)
+        with self.path.open("a+b") as fh:
+            # A process killed mid-line leaves a partial last line: start a new one.
+            if fh.tell() > 0:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    line = "\n" + line
+            fh.write(line.encode())
             fh.flush()
             os.fsync(fh.fileno())
 
     def read(self) -> list[dict[str, Any]]:
+        """Every complete line (a line a killed process left half-written is skipped)."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                log.warning("%s: skipping an unreadable line", self.path)
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+        return rows
 
 
 class Counters:

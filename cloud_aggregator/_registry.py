@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from broker_bridge import Hello, ProtocolError
+from broker_bridge import Hello, LogLimiter, ProtocolError, printable
 from cloud_aggregator._selection import Candidate
 from cloud_aggregator._store import Store, StoreError
 from device_profiles import ConfigError, DeviceProfile, ProfileError
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 MAX_DURATIONS = 16  # observed durations kept per device (newest last)
 _BLOB = "device:"
+_LOG_LIMIT = LogLimiter()
+"""What devices say comes at their pace: a few lines a minute per device at most."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,8 +175,9 @@ class FleetRegistry:
             elig = hello.eligibility_info()
             eligible, reasons = elig.eligible, tuple(elig.reasons)
         except ProtocolError as exc:
-            log.warning("device %s: bad eligibility in hello (%s); treated as ineligible",
-                        device_id, exc)
+            _LOG_LIMIT.log(log, logging.WARNING, device_id,
+                           "device %s: bad eligibility in hello (%s); treated as ineligible",
+                           device_id, printable(exc))
             eligible, reasons = False, ("malformed eligibility",)
         with self._lock:
             info = self._devices.get(device_id) or DeviceInfo(device_id=device_id)
@@ -218,6 +221,14 @@ class FleetRegistry:
         if persist:
             self._persist(info, with_profile=False)
 
+    def exclude(self, device_id: str, reason: str) -> None:
+        """Not selectable until its next hello (which says again what it can do)."""
+        with self._lock:
+            info = self._devices.get(device_id)
+            if info is not None:
+                self._devices[device_id] = replace(
+                    info, eligible=False, hello_seen=True, reasons=(reason,))
+
     def set_model_versions(self, device_id: str, versions: list[int]) -> None:
         with self._lock:
             info = self._devices.get(device_id)
@@ -256,7 +267,9 @@ def _profile(device_id: str, data: Mapping[str, Any]) -> DeviceProfile | None:
     try:
         return DeviceProfile.from_dict(data)
     except (ProfileError, ConfigError, KeyError, TypeError, ValueError) as exc:
-        log.warning("device %s: unusable profile (%s); the cost model will guess", device_id, exc)
+        _LOG_LIMIT.log(log, logging.WARNING, device_id,
+                       "device %s: unusable profile (%s); the cost model will guess", device_id,
+                       printable(exc))
         return None
 
 

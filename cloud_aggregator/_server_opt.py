@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import math
+import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
@@ -232,7 +233,7 @@ class ServerOptimizer:
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
-        except (ValueError, OSError, EOFError) as exc:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise AggregatorError("unreadable server optimizer state") from exc
         name = bytes(arrays.pop("_name", np.zeros(0, np.uint8))).decode(errors="replace")
         if name != self._name:

@@ -28,7 +28,15 @@ budget, so it is the round's safety timeout there, not the emulated deadline.
 Threads: message handlers run on the transport's thread, ``tick``/``run`` on the
 caller's; one re-entrant lock serialises them (an in-memory transport delivers
 synchronously, so a handler may run inside ``tick``). Handlers only record; rounds
-open and close in ``tick``.
+open and close in ``tick``. ``start`` registers the handlers before connecting and
+holds no lock while subscribing; messages that arrive before the open round is rebuilt
+wait in a bounded queue.
+
+Why this module is long: it is the one place where the order of durable writes,
+acknowledgements and state changes is decided, for sync rounds, async aggregation
+and resume, all under one lock. The mechanisms it orders live elsewhere: the screens
+(``_screen``), serving models and artifacts (``_serving``), start-up checks and the run
+record (``_startup``), status lines (``_status``), rounds (``_rounds``), the store.
 """
 
 from __future__ import annotations
@@ -44,12 +52,13 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from broker_bridge import (
+    PROTOCOL_VERSION,
     Ack,
     Cancel,
     Channel,
@@ -58,35 +67,29 @@ from broker_bridge import (
     ErrorReport,
     Hello,
     Kind,
-    Layout,
+    LogLimiter,
     Message,
     Request,
     TaskSpec,
     UpdateMeta,
     WireError,
     decode_update,
-    encode_model,
-    pack_bundle,
+    printable,
     roll_call,
     unpack_update_body,
 )
 from cloud_aggregator._aggregation import (
     FedBuffBuffer,
+    Reason,
     StalenessPolicy,
     StreamingAccumulator,
     UpdateRules,
     check_staleness,
+    l2_norm,
     staleness_discount,
     validate_update,
 )
-from cloud_aggregator._artifacts import (
-    MANIFEST_NAME,
-    MODEL_NAME,
-    ArtifactInfo,
-    build_artifacts,
-    initial_parameters,
-    read_manifest,
-)
+from cloud_aggregator._artifacts import MODEL_NAME
 from cloud_aggregator._config import AggregatorConfig
 from cloud_aggregator._errors import AggregatorError
 from cloud_aggregator._evaluate import EvalResult, ServerEvaluator, federated_eval, load_eval_data
@@ -106,7 +109,32 @@ from cloud_aggregator._rounds import (
     WallClock,
     over_select,
 )
+from cloud_aggregator._screen import (
+    NormScreen,
+    WeightBound,
+    clip_factor,
+    task_samples_cap,
+)
 from cloud_aggregator._selection import local_steps_for, make_policy
+from cloud_aggregator._serving import ModelServer
+from cloud_aggregator._startup import (
+    RUN_BLOB,
+    RunRecord,
+    check_eval_data,
+    check_state_dir,
+    clean_stale_temp_files,
+    model_identity,
+    output_classes,
+    prepare_artifacts,
+    task_nonce,
+)
+from cloud_aggregator._status import (
+    STATUS_INTERVAL_S,
+    async_line,
+    fleet_view,
+    round_line,
+    waiting_line,
+)
 from cloud_aggregator._store import Store, StoreError, UpdateKey
 from device_profiles import ConfigError, CorrectionEstimator, CostBreakdown, Task, predict
 
@@ -117,41 +145,18 @@ STATE_BLOB = "aggregator"
 OPT_BLOB = "server_opt"
 FEDBUFF_BLOB = "fedbuff"
 ASYNC_BLOB = "async"
+PENDING_METRICS_BLOB = "pending_metrics"
+"""A closed round's metrics, saved with its checkpoint until its metrics line is written."""
 POLL_S = 0.05
-NORM_WINDOW = 100
-"""Accepted update norms kept for the ``norm_median_multiple`` screen."""
 ADAPTIVE_HEADROOM = 0.9
 """Adaptive local work aims at this share of the deadline: a prediction is a typical
 time, and work that ends just past the deadline is wasted."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelArtifacts:
-    """The model being trained: its artifacts, layout and initial weights."""
-
-    info: ArtifactInfo
-    layout: Layout
-    initial: F32
-
-    @property
-    def directory(self) -> Path:
-        return self.info.directory
-
-
-def prepare_artifacts(config: AggregatorConfig, directory: Path) -> ModelArtifacts:
-    """Reuse the artifacts in ``directory`` (a resumed run) or build them there."""
-    if not (directory / MANIFEST_NAME).exists():
-        if config.is_reference_model:
-            from cloud_aggregator._models import build_reference_model
-
-            build_artifacts(build_reference_model(config.model, config.seed), directory,
-                            backend=config.backend)
-        else:
-            build_artifacts(config.model, directory, backend=config.backend)
-    info = read_manifest(directory)
-    layout = Layout(tensors=tuple((name, tuple(shape)) for name, shape in info.parameters))
-    return ModelArtifacts(info=info, layout=layout,
-                          initial=np.asarray(initial_parameters(directory), np.float32))
+MAX_EARLY_MESSAGES = 10_000
+"""Messages held while the aggregator rebuilds its round at start-up."""
+TASK_MEMORY = 50_000
+"""(round, device) -> max_steps of tasks sent, kept to bound each update's weight."""
+DEVICE_ERRORS_EXCLUDE = ("data", "artifact", "backend")
+"""Error codes after which a device is not selected again until its next hello."""
 
 
 class _Accumulator:
@@ -173,8 +178,9 @@ class _Accumulator:
     def count(self) -> int:
         return self._stream.count if self._stream is not None else self._buffer.count  # type: ignore[union-attr]
 
-    def has_room(self) -> bool:
-        return self._buffer is None or self._buffer.count < self._buffer.capacity
+    def has_room(self, waiting: int = 0) -> bool:
+        """Room for one more update, with ``waiting`` more to be added later."""
+        return self._buffer is None or self._buffer.count + waiting < self._buffer.capacity
 
     def add(self, update: F32, weight: float) -> None:
         if self._stream is not None:
@@ -203,6 +209,29 @@ class _RoundStats:
     train_samples: int = 0
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
+class _Parsed:
+    """An update that passed every check: what to add, and with which weight."""
+
+    meta: UpdateMeta
+    update: F32
+    norm: float
+    weight: float
+    body_bytes: int
+    bootstrap: bool
+    """No norm history yet (sync): kept aside and judged when the round closes."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Deferred:
+    """An accepted update of a bootstrapping round (no norm history yet): stored and
+    acknowledged, added when the round closes, judged against the round's own median."""
+
+    device: str
+    norm: float
+    weight: float
+
+
 class Aggregator:
     """Runs a fleet's training on ``channel`` as ``config`` says; see the module doc.
 
@@ -220,6 +249,7 @@ class Aggregator:
         clock: Clock | None = None,
         artifacts_dir: str | Path | None = None,
         on_round: Callable[[RoundMetrics], None] | None = None,
+        on_status: Callable[[str], None] | None = None,
     ) -> None:
         if channel.fleet != config.fleet:
             raise ConfigError(f"channel is for fleet {channel.fleet!r}, config {config.fleet!r}")
@@ -227,6 +257,7 @@ class Aggregator:
         self.channel = channel
         self.clock: Clock = clock or WallClock()
         self._on_round = on_round
+        self._on_status = on_status
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._stop = threading.Event()
@@ -240,27 +271,48 @@ class Aggregator:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.state_dir / "aggregator.sqlite",
                            synchronous=config.store_synchronous)
+        try:
+            self._init_state(config, artifacts_dir)
+        except BaseException:
+            self.store.close()
+            if self._tmp is not None:
+                self._tmp.cleanup()
+            raise
+
+    def _init_state(self, config: AggregatorConfig, artifacts_dir: str | Path | None) -> None:
+        clean_stale_temp_files(self.store.checkpoint_dir)
+        self.metrics_log = MetricsLog(self.state_dir / "metrics.jsonl")
+        identity = model_identity(config)
+        self._run: RunRecord | None = check_state_dir(
+            self.store, config=config, identity=identity, metrics_path=self.metrics_log.path)
+        self._identity = identity
         self.registry = FleetRegistry(store=self.store, clock=self.clock.now)
         self.counters = Counters()
-        self.metrics_log = MetricsLog(self.state_dir / "metrics.jsonl")
         self.history: list[RoundMetrics] = []
         self.model = prepare_artifacts(
-            config, Path(artifacts_dir) if artifacts_dir else self.state_dir / "artifacts"
-        )
+            config, Path(artifacts_dir) if artifacts_dir else self.state_dir / "artifacts",
+            identity=identity)
         self.layout = self.model.layout
-        self._rules = UpdateRules(size=self.layout.size, max_norm=config.max_update_norm,
-                                  median_multiple=config.norm_median_multiple)
+        self._rules = UpdateRules(size=self.layout.size, max_norm=config.max_update_norm)
+        self._screen = NormScreen(multiple=config.norm_median_multiple)
+        self._weights = WeightBound(multiple=config.max_weight_multiple)
         self._uplink = CodecSpec.parse(config.codec)
         self._downlink = CodecSpec.parse(config.downlink_codec)
         self._policy = make_policy(config.selection, **_policy_options(config))
         self._opt = config.make_server_optimizer()
+        self.num_classes = output_classes(self.model.directory / MODEL_NAME,
+                                          loss=self.model.info.loss)
         self._evaluator: ServerEvaluator | None = None
         if config.eval_data is not None:
             x, y = load_eval_data(config.eval_data)
             self._evaluator = ServerEvaluator(
                 model_path=self.model.directory / MODEL_NAME, layout=self.layout, x=x, y=y,
                 input_name=self.model.info.input_name, loss=self.model.info.loss)
+            check_eval_data(self._evaluator.evaluate, self.model.initial, y=y,
+                            num_classes=self.num_classes, path=config.eval_data)
         self._metrics_server: MetricsServer | None = None
+        self._log = LogLimiter()
+        self._server: ModelServer | None = None
         # Global state (restored in start()).
         self.params: F32 = self.model.initial.copy()
         self.model_version = 0
@@ -269,7 +321,7 @@ class Aggregator:
         self._next_round = 1
         self._round: SyncRound | None = None
         self._acc: _Accumulator | None = None
-        self._norms: list[float] = []
+        self._deferred: list[_Deferred] = []
         self._stats = _RoundStats()
         self._fed: list[tuple[float | None, float | None, int]] = []
         self._async: AsyncScheduler | None = None
@@ -277,11 +329,16 @@ class Aggregator:
         self._async_done: collections.OrderedDict[tuple[int, str], None] = (
             collections.OrderedDict())
         self._async_started = 0.0
-        self._model_body: tuple[int, bytes] | None = None
-        self._bundle: bytes | None = None
+        self._task_steps: collections.OrderedDict[tuple[int, str], int | None] = (
+            collections.OrderedDict())
         self._started = False
+        self._ready = False
+        self._closed = False
+        self._early: collections.deque[tuple[Callable[[str, Message], None], str, Message]] = (
+            collections.deque())
         self._failed: str | None = None
-        self._last_wait_log = 0.0
+        self._last_status = time.monotonic()
+        self.last_status: str | None = None
         self._dense_bytes = 4 * self.layout.size
         self._body_bytes_sum = 0
         self._body_count = 0
@@ -311,7 +368,13 @@ class Aggregator:
         return self._failed
 
     def start(self) -> None:
-        """Restore state, subscribe, announce the model; resume an open round."""
+        """Restore state, subscribe, connect, announce the model; resume an open round.
+
+        Handlers are registered before the transport connects (a persistent session
+        delivers what was queued for us right after connecting), and no lock is held
+        while subscribing (the network thread runs handlers that take it). Messages that
+        arrive before the open round is rebuilt wait in a bounded queue.
+        """
         with self._lock:
             if self._started:
                 return
@@ -320,17 +383,38 @@ class Aggregator:
             if self.config.metrics_port is not None:
                 self._metrics_server = MetricsServer(self.counters, port=self.config.metrics_port,
                                                      host=self.config.metrics_bind)
-            if not self.channel.transport.connected:
-                self.channel.transport.connect()
-            topics = self.channel.topics
-            self.channel.subscribe(topics.all_presence, self._on_presence)
-            self.channel.subscribe(topics.all_up, self._on_up)
-            # Who is there: asked, not read from retained presence (see roll_call).
-            self.channel.transport.on_connect(lambda: roll_call(self.channel))
-            roll_call(self.channel)
+        topics = self.channel.topics
+        self.channel.subscribe(topics.all_presence, self._gated(self._on_presence))
+        self.channel.subscribe(topics.all_up, self._gated(self._on_up))
+        # Who is there: asked, not read from retained presence (see roll_call).
+        self.channel.transport.on_connect(lambda: roll_call(self.channel))
+        if not self.channel.transport.connected:
+            self.channel.transport.connect()
+        roll_call(self.channel)
+        with self._wake:
             self._broadcast_model()
             self._resume_round()
+            self._ready = True
+            early, self._early = list(self._early), collections.deque()
+            for handler, topic, message in early:
+                handler(topic, message)
             self._publish_gauges()
+            self._wake.notify_all()
+
+    def _gated(self, handler: Callable[[str, Message], None]) -> Callable[[str, Message], None]:
+        def gate(topic: str, message: Message) -> None:
+            with self._wake:
+                if self._closed:
+                    return
+                if not self._ready:
+                    if len(self._early) < MAX_EARLY_MESSAGES:
+                        self._early.append((handler, topic, message))
+                    else:
+                        self.counters.update("dropped:starting")
+                    return
+            handler(topic, message)
+
+        return gate
 
     @property
     def metrics_port(self) -> int | None:
@@ -342,12 +426,18 @@ class Aggregator:
         with self._wake:
             self._wake.notify_all()
 
-    def close(self) -> None:
-        """Stop serving: unsubscribe, stop the metrics endpoint, close the store."""
+    def close(self, *, unsubscribe: bool = True) -> None:
+        """Stop serving: unsubscribe, stop the metrics endpoint, close the store.
+
+        ``unsubscribe=False`` keeps the broker session's subscriptions (a persistent
+        session then queues what devices send until the next start); messages that
+        still reach this object are dropped.
+        """
         self.stop()
         with self._lock:
+            self._closed = True
             topics = self.channel.topics
-            for topic_filter in (topics.all_presence, topics.all_up):
+            for topic_filter in (topics.all_presence, topics.all_up) if unsubscribe else ():
                 try:
                     self.channel.transport.unsubscribe(topic_filter)
                 except Exception:  # a dead connection has nothing to unsubscribe
@@ -380,35 +470,64 @@ class Aggregator:
 
     def _state_json(self) -> bytes:
         """Everything learned from the fleet that the next round depends on: the policy's
-        duration corrections and statistics, the observed compression, the norm screen's
-        history. Saved with each checkpoint, so a restarted aggregator schedules as the
-        one that stopped would have."""
+        duration corrections and statistics, the observed compression, the screens'
+        histories. Saved with each checkpoint, so a restarted aggregator schedules and
+        screens as the one that stopped would have."""
         return json.dumps({
             "mode": self.config.mode, "model": self.config.model,
             "content_hash": self.model.info.content_hash, "model_version": self.model_version,
             "emulated_total_s": self.emulated_total_s,
             "abandoned_streak": self._abandoned_streak,
             "selection": self._policy.state(),
-            "accepted_norms": self._norms,
+            "accepted_norms": self._screen.history,
+            "accepted_weights": self._weights.history,
             "body_bytes": [self._body_bytes_sum, self._body_count],
         }, sort_keys=True).encode()
 
+    def _blob_json(self, name: str) -> Any:
+        raw = self.store.get_state(name)
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise StoreError(f"state {name!r} in {self.store.path} is unreadable ({exc}); "
+                             "restore the store from a backup or use another state dir") from exc
+
     def _restore(self) -> None:
-        raw = self.store.get_state(STATE_BLOB)
-        if raw is not None:
-            state = json.loads(raw)
+        try:
+            self._restore_state()
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise StoreError(f"the state in {self.store.path} is malformed ({exc!r}); restore "
+                             "it from a backup or use another state dir") from exc
+
+    def _restore_state(self) -> None:
+        state = self._blob_json(STATE_BLOB)
+        if state is not None:
+            if not isinstance(state, dict):
+                raise StoreError(f"state {STATE_BLOB!r} in {self.store.path} is not an object")
             if state.get("mode") != self.config.mode:
                 raise ConfigError(
                     f"{self.state_dir} holds a {state.get('mode')} run; use another state_dir")
+            if self._run is None and state.get("model") != self.config.model:
+                raise ConfigError(
+                    f"{self.state_dir} holds a run of model {state.get('model')!r}; --model "
+                    f"{self.config.model} needs another state dir")
             if state.get("content_hash") != self.model.info.content_hash:
                 raise ConfigError(f"{self.state_dir} was trained with other model artifacts")
             self.emulated_total_s = float(state.get("emulated_total_s", 0.0))
             self._abandoned_streak = int(state.get("abandoned_streak", 0))
             if "selection" in state:
                 self._policy.load_state(state["selection"])
-            self._norms = [float(x) for x in state.get("accepted_norms", [])][-NORM_WINDOW:]
+            self._screen.load(state.get("accepted_norms", []))
+            self._weights.load(state.get("accepted_weights", []))
             body_sum, body_count = state.get("body_bytes", [0, 0])
             self._body_bytes_sum, self._body_count = int(body_sum), int(body_count)
+        if self._run is None:  # a fresh state dir, or one from before run records
+            self._run = RunRecord.new(self._identity)
+            self.store.put_state(RUN_BLOB, self._run.to_bytes())
         if self.store.checkpoint(self.fleet) is None:
             self.store.save_checkpoint(
                 fleet=self.fleet, model_version=0, params=self.params,
@@ -422,12 +541,17 @@ class Aggregator:
             self._opt.load_bytes(opt_state)
         rounds = self.store.rounds(self.fleet)
         self._next_round = (rounds[-1].round + 1) if rounds else 1
+        self._server = ModelServer(
+            fleet=self.fleet, run_id=self._run.run_id, layout=self.layout,
+            codec=self._downlink, store=self.store, topics=self.channel.topics,
+            send=self._send, counters=self.counters, artifacts_dir=self.model.directory,
+            artifacts_hash=self.model.info.content_hash)
         if self.config.mode == "async":
             self._async = AsyncScheduler(concurrency=self.config.concurrency,
                                          deadline_s=self.config.deadline_s)
-            raw_async = self.store.get_state(ASYNC_BLOB)
+            raw_async = self._blob_json(ASYNC_BLOB)
             if raw_async is not None:
-                self._async.load_json(json.loads(raw_async))
+                self._async.load_json(raw_async)
             self._fedbuff = FedBuffBuffer(
                 size=self.layout.size, buffer_size=self.config.buffer_size,
                 policy=StalenessPolicy(kind=self.config.staleness,
@@ -438,8 +562,26 @@ class Aggregator:
 
                 self._fedbuff.restore(AccumulatorSnapshot.from_bytes(raw_buf))
             self._async_started = self.clock.now()
-        log.info("fleet %s: model version %d, next round %d", self.fleet, self.model_version,
-                 self._next_round)
+        self._finish_pending_metrics()
+        log.info("fleet %s: run %s, model version %d, next round %d", self.fleet,
+                 self._run.run_id, self.model_version, self._next_round)
+
+    def _finish_pending_metrics(self) -> None:
+        """Write the metrics line of a round whose checkpoint was saved but whose line was
+        not (the process stopped in between)."""
+        pending = self._blob_json(PENDING_METRICS_BLOB)
+        if pending is None:
+            return
+        try:
+            metrics = RoundMetrics(**pending)
+        except TypeError as exc:
+            raise StoreError(f"pending metrics in {self.store.path} are malformed: {exc}") from exc
+        written = {(r.get("round"), r.get("outcome")) for r in self.metrics_log.read()[-5:]}
+        if (metrics.round, metrics.outcome) not in written:
+            log.info("writing the metrics of round %d, interrupted by a stop", metrics.round)
+            self._record(metrics, evaluate=metrics.model_version == self.model_version
+                         and metrics.outcome != "abandoned", recovered=True)
+        self.store.delete_state(PENDING_METRICS_BLOB)
 
     def _resume_round(self) -> None:
         """Rebuild the open sync round from the store, re-sending unanswered tasks."""
@@ -462,9 +604,8 @@ class Aggregator:
                         rec.round, rec.model_version, self.model_version)
             self.store.close_round(fleet=self.fleet, round_index=rec.round, state="abandoned")
             return
-        extra = self.store.get_state(f"round:{rec.round}:extra")
-        selected = list(rec.selected) + [d for d in json.loads(extra or b"[]")
-                                         if d not in rec.selected]
+        extra = self._blob_json(f"round:{rec.round}:extra") or []
+        selected = list(rec.selected) + [str(d) for d in extra if d not in rec.selected]
         self._begin_round(rec.round, selected, quorum=rec.quorum,
                           deadline_s=rec.deadline or self.config.deadline_s,
                           started_at=rec.started_at)
@@ -472,13 +613,24 @@ class Aggregator:
         restored = 0
         for stored in self.store.round_updates(self.fleet, rec.round):
             device = stored.key.device_id
-            meta, body = unpack_update_body(stored.body)
-            update = decode_update(body, self.layout)
+            try:
+                meta, body = unpack_update_body(stored.body)
+                norm = float(stored.meta.get("norm", 0.0))
+                weight = float(stored.meta.get("weight", meta.num_samples))
+                deferred = bool(stored.meta.get("deferred", False))
+                update = None if deferred else decode_update(body, self.layout)
+            except (WireError, TypeError, ValueError) as exc:
+                raise StoreError(f"stored update of {device} in round {rec.round} does not "
+                                 f"decode: {exc}") from exc
             if self._round.state(device) is None:
                 self._round.add_device(device)
-            self._acc.add(update, float(meta.num_samples))
+            if update is None:
+                self._deferred.append(_Deferred(device=device, norm=norm, weight=weight))
+            else:
+                self._acc.add(update, weight)
+                self._screen.accepted(norm)
+                self._weights.accepted(weight)
             self._observe_body(len(body))
-            self._remember_norm(float(stored.meta.get("norm", 0.0)))
             self._round.count(device, _report(meta))
             self._note_report(meta)
             restored += 1
@@ -490,20 +642,62 @@ class Aggregator:
 
     def tick(self) -> bool:
         """One scheduling step; True when something happened (a round opened or closed)."""
+        if not self._started:
+            self.start()  # not under the lock: start() subscribes
         with self._lock:
-            if not self._started:
-                self.start()
             if self.done:
                 return False
             if self.config.mode == "async":
-                return self._tick_async()
-            if self._round is None:
-                return self._open_round()
-            decision = self._round.decide(self.clock.now())
-            if decision is None:
-                return False
-            self._end_round(*decision)
-            return True
+                progressed = self._tick_async()
+            elif self._round is None:
+                progressed = self._open_round()
+            else:
+                decision = self._round.decide(self.clock.now())
+                progressed = decision is not None
+                if decision is not None:
+                    self._end_round(*decision)
+            self._maybe_status(progressed)
+            return progressed
+
+    # ------------------------------------------------------------------ status
+
+    def status_line(self) -> str:
+        """What the aggregator is doing or waiting for, in one line."""
+        with self._lock:
+            ready = self.registry.ready()
+            view = fleet_view(self.registry.all(), ready)
+            if self._async is not None and self._fedbuff is not None:
+                return async_line(inflight=len(self._async.inflight),
+                                  concurrency=self.config.concurrency,
+                                  buffered=self._fedbuff.pending,
+                                  buffer_size=self._fedbuff.buffer_size, view=view,
+                                  fleet=self.fleet)
+            rnd = self._round
+            if rnd is None:
+                return waiting_line(self.config, view, next_round=self._next_round)
+            left = None if rnd.spec.virtual else rnd.spec.deadline_at - self.clock.now()
+            return round_line(index=rnd.spec.index, counted=rnd.counted,
+                              selected=len(rnd.selected), pending=len(rnd.pending()),
+                              quorum=rnd.spec.quorum, target=rnd.spec.target,
+                              seconds_left=left)
+
+    def _maybe_status(self, progressed: bool) -> None:
+        """Say what we wait for once the wait has lasted ``STATUS_INTERVAL_S``."""
+        now = time.monotonic()
+        if progressed:
+            self._last_status = now
+            return
+        if now - self._last_status < STATUS_INTERVAL_S:
+            return
+        self._last_status = now
+        line = self.status_line()
+        self.last_status = line
+        log.info("%s", line)
+        if self._on_status is not None:
+            try:
+                self._on_status(line)
+            except Exception:
+                log.exception("on_status callback failed")
 
     def _duration(self, info: DeviceInfo) -> float | None:
         """Predicted seconds of the task ``info`` would be sent; None when unknown.
@@ -599,11 +793,6 @@ class Aggregator:
         cfg = self.config
         candidates = self.registry.candidates(duration=self._duration)
         if len(candidates) < cfg.effective_min_devices:
-            now = time.monotonic()
-            if now - self._last_wait_log > 10.0:
-                self._last_wait_log = now
-                log.info("waiting for devices: %d ready, need %d", len(candidates),
-                         cfg.effective_min_devices)
             return False
         index = self._next_round
         k = over_select(cfg.devices_per_round, cfg.over_selection, len(candidates))
@@ -643,6 +832,9 @@ class Aggregator:
         self._round = SyncRound(spec=spec, selected=selected)
         capacity = max(len(selected), cfg.selected_per_round) * 2
         self._acc = _Accumulator(cfg, self.layout.size, capacity)
+        self._deferred = []
+        self._screen.freeze()  # the round's verdicts must not depend on arrival order
+        self._weights.freeze()
         self._fed = []
         snap = self.counters.snapshot()
         self._stats = _RoundStats(bytes_up0=snap["bytes_up"], bytes_down0=snap["bytes_down"])
@@ -657,6 +849,7 @@ class Aggregator:
         new_params = self.params
         if decision is Decision.CLOSE:
             try:
+                self._judge_deferred(index, acc)
                 delta = acc.result()
                 new_params = self._opt.step(self.params, delta)
                 if not np.isfinite(new_params).all():
@@ -664,6 +857,12 @@ class Aggregator:
             except AggregatorError as exc:
                 log.error("round %d cannot be applied (%s): abandoning it", index, exc)
                 decision, reason = Decision.ABANDON, f"not applicable: {exc}"
+        self._deferred = []
+        self._screen.thaw()
+        self._weights.thaw()
+        reset = self._screen.end_epoch()
+        if reset is not None:
+            log.warning("round %d: %s", index, reset)
         outcome = rnd.finish(decision, reason, now=self.clock.now())
         self.emulated_total_s += outcome.emulated_s
         results = self._results(outcome)
@@ -674,16 +873,29 @@ class Aggregator:
             self.params = new_params
             self.model_version += 1
             self._abandoned_streak = 0
-            self.store.save_checkpoint(
-                fleet=self.fleet, model_version=self.model_version, params=self.params,
-                states={STATE_BLOB: self._state_json(), OPT_BLOB: self._opt.to_bytes()},
-                close_round=index, missed=outcome.missed)
-            self._model_body = None
         else:
             self._abandoned_streak += 1
+        metrics = self._round_metrics(RoundMetrics(
+            round=index, model_version=self.model_version,
+            outcome="closed" if decision is Decision.CLOSE else "abandoned", reason=reason,
+            devices_selected=len(rnd.selected), devices_reported=len(outcome.counted),
+            devices_dropped=len(outcome.missed), devices_declined=len(outcome.declined),
+            updates_rejected=self._stats.rejected, emulated_s=outcome.emulated_s,
+            wall_s=outcome.wall_s,
+            update_norm=float(np.linalg.norm(delta)) if delta is not None else None,
+        ))
+        # The round's metrics go in the same transaction as its end: a stop before the
+        # metrics line is written is repaired at the next start (_finish_pending_metrics).
+        states = {STATE_BLOB: self._state_json(),
+                  PENDING_METRICS_BLOB: json.dumps(metrics.to_json()).encode()}
+        if decision is Decision.CLOSE:
+            self.store.save_checkpoint(
+                fleet=self.fleet, model_version=self.model_version, params=self.params,
+                states={**states, OPT_BLOB: self._opt.to_bytes()},
+                close_round=index, missed=outcome.missed)
+        else:
             self.store.close_round(fleet=self.fleet, round_index=index, state="abandoned",
-                                   missed=outcome.missed)
-            self.store.put_state(STATE_BLOB, self._state_json())
+                                   missed=outcome.missed, states=states)
             if self._abandoned_streak >= self.config.max_abandoned:
                 self._failed = f"{self._abandoned_streak} rounds in a row missed their quorum"
                 log.error("giving up: %s", self._failed)
@@ -697,15 +909,39 @@ class Aggregator:
         self._round, self._acc = None, None
         if decision is Decision.CLOSE:
             self._broadcast_model()
-        self._record(RoundMetrics(
-            round=index, model_version=self.model_version,
-            outcome="closed" if decision is Decision.CLOSE else "abandoned", reason=reason,
-            devices_selected=len(rnd.selected), devices_reported=len(outcome.counted),
-            devices_dropped=len(outcome.missed), devices_declined=len(outcome.declined),
-            updates_rejected=self._stats.rejected, emulated_s=outcome.emulated_s,
-            wall_s=outcome.wall_s,
-            update_norm=float(np.linalg.norm(delta)) if delta is not None else None,
-        ), evaluate=decision is Decision.CLOSE)
+        self._record(metrics, evaluate=decision is Decision.CLOSE)
+
+    def _judge_deferred(self, index: int, acc: _Accumulator) -> None:
+        """Add the updates a bootstrapping round kept aside, each cut to ``multiple`` x
+        the median norm of the round (and to the fleet's weight bound)."""
+        if not self._deferred:
+            return
+        limit = self._screen.bootstrap_limit([d.norm for d in self._deferred],
+                                             model_norm=l2_norm(self.params))
+        weight_cap = self._weights.fleet_cap([d.weight for d in self._deferred])
+        waiting = {d.device: d for d in self._deferred}
+        for stored in self.store.round_updates(self.fleet, index):
+            d = waiting.pop(stored.key.device_id, None)
+            if d is None or not stored.meta.get("deferred"):
+                continue
+            try:
+                _, body = unpack_update_body(stored.body)
+                update = decode_update(body, self.layout)
+            except WireError as exc:
+                raise StoreError(f"stored update of {d.device} does not decode: {exc}") from exc
+            scale = clip_factor(d.norm, limit)
+            weight = d.weight if weight_cap is None else min(d.weight, weight_cap)
+            if scale < 1.0:
+                self.counters.update("clipped:norm")
+                self._note(d.device, logging.WARNING, "device %s: update of round %d (norm "
+                           "%.4g) cut to norm %.4g, the limit of the round's first updates",
+                           d.device, index, d.norm, d.norm * scale)
+                update = update * np.float32(scale)
+            if weight < d.weight:
+                self.counters.update("bounded:weight")
+            acc.add(update, weight)
+            self._screen.accepted(d.norm * scale)
+            self._weights.accepted(weight)
 
     def _results(self, outcome: RoundOutcome) -> list[_DeviceResult]:
         """What each selected device did in the ending round, for the policy and registry."""
@@ -726,27 +962,34 @@ class Aggregator:
             results.append(_DeviceResult(device_id=device, completed=False, duration_s=late_s))
         return results
 
-    def _record(self, metrics: RoundMetrics, *, evaluate: bool) -> None:
-        server: EvalResult | None = None
-        if evaluate and self._evaluator is not None:
-            try:
-                server = self._evaluator.evaluate(self.params)
-            except AggregatorError as exc:
-                log.error("server-side evaluation failed: %s", exc)
+    def _round_metrics(self, metrics: RoundMetrics) -> RoundMetrics:
+        """``metrics`` with what the round's devices reported and the bytes it moved."""
         fed = federated_eval(self._fed)
         snap = self.counters.snapshot()
         train_loss = (self._stats.train_loss_sum / self._stats.train_samples
                       if self._stats.train_samples else None)
-        metrics = replace(
+        return replace(
             metrics,
-            accuracy=server.accuracy if server else None, loss=server.loss if server else None,
             fed_accuracy=fed.accuracy if fed else None, fed_loss=fed.loss if fed else None,
             train_loss=train_loss,
             bytes_up=snap["bytes_up"] - self._stats.bytes_up0,
             bytes_down=snap["bytes_down"] - self._stats.bytes_down0,
             emulated_total_s=self.emulated_total_s,
         )
-        self.history.append(metrics)
+
+    def _record(self, metrics: RoundMetrics, *, evaluate: bool, recovered: bool = False) -> None:
+        """Evaluate (server side), then write the metrics line, the store's metrics and
+        the gauges, and tell ``on_round``."""
+        server: EvalResult | None = None
+        if evaluate and self._evaluator is not None:
+            try:
+                server = self._evaluator.evaluate(self.params)
+            except AggregatorError as exc:
+                log.error("server-side evaluation failed: %s", exc)
+        metrics = replace(metrics, accuracy=server.accuracy if server else None,
+                          loss=server.loss if server else None)
+        if not recovered:
+            self.history.append(metrics)
         self.metrics_log.write(metrics)
         values = {k: float(v) for k, v in metrics.to_json().items()
                   if isinstance(v, int | float) and not isinstance(v, bool) and v is not None
@@ -761,7 +1004,7 @@ class Aggregator:
                  "n/a" if metrics.accuracy is None else f"{metrics.accuracy:.3f}",
                  metrics.devices_reported, metrics.devices_selected, metrics.bytes_up,
                  metrics.bytes_down)
-        if self._on_round is not None:
+        if self._on_round is not None and not recovered:
             try:
                 self._on_round(metrics)
             except Exception:
@@ -825,11 +1068,15 @@ class Aggregator:
         if task is None:
             self._reject(device, message, "unknown_task", "no such task in flight")
             return
-        parsed = self._parse_update(device, message)
+        unpacked = self._unpack(device, message, task.task_round)
+        if unpacked is False:
+            return
+        parsed = None if unpacked is None else self._parse_update(
+            device, message, *unpacked, max_steps=self._sent_steps(task.task_round, device))
         if parsed is None:
             sched.complete(task.task_round)
             return
-        meta, update, norm, body_bytes = parsed
+        meta, update = parsed.meta, parsed.update
         if message.model_version != task.model_version:
             sched.complete(task.task_round)
             self._reject(device, message, "wrong_model_version",
@@ -845,7 +1092,7 @@ class Aggregator:
         discount = staleness_discount(staleness, buf.policy)
         # The buffer as it will be once this update is in it: stored with the key.
         acc = StreamingAccumulator.from_snapshot(buf.snapshot())
-        acc.add(update, float(meta.num_samples), scale=discount)
+        acc.add(update, parsed.weight, scale=discount)
         sched.complete(task.task_round, emulated_s=_took(meta))
         ukey = UpdateKey(fleet=self.fleet, round=message.round, device_id=device,
                          attempt=message.attempt)
@@ -860,9 +1107,10 @@ class Aggregator:
             self._ack(device, message, "duplicate", "already counted")
             return
         buf.restore(acc.snapshot())
-        self._observe_body(body_bytes)
+        self._observe_body(parsed.body_bytes)
         self._remember_done(key)
-        self._remember_norm(norm)
+        self._screen.accepted(parsed.norm)
+        self._weights.accepted(parsed.weight)
         self._note_report(meta)
         self.counters.update("accepted")
         self._ack(device, message, "accepted", "")
@@ -890,20 +1138,24 @@ class Aggregator:
         self.model_version += 1
         self.emulated_total_s = (self._async.emulated_now if self.config.clock == "virtual"
                                  else self.emulated_total_s + (now - self._async_started))
-        self.store.save_checkpoint(
-            fleet=self.fleet, model_version=self.model_version, params=self.params,
-            states={STATE_BLOB: self._state_json(), OPT_BLOB: self._opt.to_bytes(),
-                    FEDBUFF_BLOB: buf.snapshot().to_bytes(),
-                    ASYNC_BLOB: json.dumps(self._async.to_json()).encode()})
-        self._model_body = None
-        self._broadcast_model()
-        self._record(RoundMetrics(
+        reset = self._screen.end_epoch(min_refused=buf.buffer_size // 2 + 1)
+        if reset is not None:
+            log.warning("%s", reset)
+        metrics = self._round_metrics(RoundMetrics(
             round=self.model_version, model_version=self.model_version, outcome="aggregated",
             reason=f"{snap.count} updates buffered", devices_reported=snap.count,
             devices_selected=snap.count, updates_rejected=self._stats.rejected,
             emulated_s=emulated if self.config.clock == "virtual" else now - self._async_started,
             wall_s=now - self._async_started, update_norm=float(np.linalg.norm(delta)),
-        ), evaluate=True)
+        ))
+        self.store.save_checkpoint(
+            fleet=self.fleet, model_version=self.model_version, params=self.params,
+            states={STATE_BLOB: self._state_json(), OPT_BLOB: self._opt.to_bytes(),
+                    FEDBUFF_BLOB: buf.snapshot().to_bytes(),
+                    ASYNC_BLOB: json.dumps(self._async.to_json()).encode(),
+                    PENDING_METRICS_BLOB: json.dumps(metrics.to_json()).encode()})
+        self._broadcast_model()
+        self._record(metrics, evaluate=True)
         self._async_started = now
         self._fed = []
         snap2 = self.counters.snapshot()
@@ -935,30 +1187,41 @@ class Aggregator:
 
     def _send_task(self, device: str, *, round_index: int, model_version: int) -> None:
         cfg = self.config
+        assert self._server is not None and self._run is not None
         seed = int(np.random.default_rng([cfg.seed, round_index, _hash(device)])
                    .integers(0, 2**31 - 1))
         max_steps = self._max_steps(device)
         if max_steps != cfg.max_steps:
             log.info("device %s: %d local steps in round %d (the whole task would miss "
                      "the %.3g s deadline)", device, max_steps, round_index, cfg.deadline_s)
+        try:
+            model_hash = self._server.hash_of(
+                model_version, self.params if model_version == self.model_version else None)
+        except StoreError as exc:
+            log.error("device %s: no task for round %d: model version %d is gone (%s)",
+                      device, round_index, model_version, exc)
+            return
+        self._task_steps[(round_index, device)] = max_steps
+        while len(self._task_steps) > TASK_MEMORY:
+            self._task_steps.popitem(last=False)
         task = TaskSpec(round=round_index, model_version=model_version,
-                        artifacts_hash=self.model.info.content_hash, codec=str(self._uplink),
-                        epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                        max_steps=max_steps, deadline_s=self._task_deadline_s(), seed=seed,
-                        evaluate=cfg.federated_eval)
+                        artifacts_hash=self.model.info.content_hash, model_hash=model_hash,
+                        nonce=self._nonce(round_index, device), run=self._run.run_id,
+                        codec=str(self._uplink), epochs=cfg.local_epochs,
+                        batch_size=cfg.batch_size, lr=cfg.lr, max_steps=max_steps,
+                        deadline_s=self._task_deadline_s(), seed=seed,
+                        evaluate=cfg.federated_eval, num_classes=self.num_classes)
         self._send(self.channel.topics.down(device, "task"),
                    task.to_message(fleet=self.fleet, round=round_index,
                                    model_version=model_version))
 
-    def _model_message(self) -> Message:
-        if self._model_body is None or self._model_body[0] != self.model_version:
-            body = encode_model(self.params, self.layout, self._downlink)
-            self._model_body = (self.model_version, body)
-        return Message(kind=Kind.MODEL, fleet=self.fleet, model_version=self.model_version,
-                       codec=str(self._downlink), body=self._model_body[1])
+    def _sent_steps(self, task_round: int, device: str) -> int | None:
+        """``max_steps`` of the task sent to ``device`` (the configured cap if unknown)."""
+        return self._task_steps.get((task_round, device), self.config.max_steps)
 
     def _broadcast_model(self) -> None:
-        self._send(self.channel.topics.broadcast("model"), self._model_message())
+        assert self._server is not None
+        self._server.broadcast(self.model_version, self.params)
 
     def _ack(self, device: str, message: Message, status: str, reason: str) -> None:
         ack = Ack(round=message.round, attempt=message.attempt, what="update", status=status,
@@ -967,9 +1230,13 @@ class Aggregator:
                    ack.to_message(fleet=self.fleet, round=message.round,
                                   model_version=message.model_version, attempt=message.attempt))
 
+    def _note(self, device: str, level: int, msg: str, *args: object) -> None:
+        """Log a line about ``device``: a few a minute per device at most."""
+        self._log.log(log, level, device, msg, *args)
+
     def _reject(self, device: str, message: Message, reason: str, detail: str) -> None:
-        log.warning("device %s: update for round %d rejected (%s): %s", device, message.round,
-                    reason, detail)
+        self._note(device, logging.WARNING, "device %s: update for round %d rejected (%s): %s",
+                   device, message.round, reason, printable(detail, 300))
         self.counters.update(f"rejected:{reason}")
         self._stats.rejected += 1
         self._ack(device, message, "rejected", f"{reason}: {detail}" if detail else reason)
@@ -981,7 +1248,7 @@ class Aggregator:
         try:
             status = message.json().get("status")
         except (WireError, AttributeError):
-            log.warning("device %s: malformed presence", device)
+            self._note(device, logging.WARNING, "device %s: malformed presence", device)
             return
         if status not in ("online", "offline"):
             return
@@ -989,8 +1256,8 @@ class Aggregator:
             self.registry.on_presence(device, online=status == "online", at=self.clock.now())
             if status == "offline":
                 if self._round is not None and self._round.dropped(device):
-                    log.info("device %s went offline during round %d", device,
-                             self._round.spec.index)
+                    self._note(device, logging.INFO, "device %s went offline during round %d",
+                               device, self._round.spec.index)
                 if self._async is not None:
                     for task in self._async.drop_device(device):
                         log.info("device %s went offline with async task %d", device,
@@ -1020,18 +1287,24 @@ class Aggregator:
                 elif message.kind == Kind.ERROR:
                     self._on_error(device, ErrorReport.from_message(message))
                 else:
-                    log.warning("device %s: unexpected %s message on %s", device,
-                                message.kind.topic_name, topic)
+                    self._note(device, logging.WARNING, "device %s: unexpected %s message on %s",
+                               device, message.kind.topic_name, printable(topic))
             except WireError as exc:
                 self.counters.update(f"malformed:{message.kind.topic_name}")
-                log.warning("device %s: malformed %s message: %s", device,
-                            message.kind.topic_name, exc)
+                self._note(device, logging.WARNING, "device %s: malformed %s message: %s",
+                           device, message.kind.topic_name, printable(exc, 300))
             self._wake.notify_all()
 
     def _on_hello(self, device: str, hello: Hello) -> None:
         info = self.registry.on_hello(device, hello, at=self.clock.now())
         log.debug("device %s: hello (eligible=%s, samples=%d)", device, info.eligible,
                   info.num_samples)
+        if hello.protocol != PROTOCOL_VERSION:
+            why = f"speaks protocol {hello.protocol}; this aggregator speaks {PROTOCOL_VERSION}"
+            self.registry.exclude(device, why)
+            self._note(device, logging.WARNING, "device %s %s: not selected (update the agent)",
+                       device, why)
+            return
         rnd = self._round
         if rnd is not None and hello.busy_round == rnd.spec.index:
             state = rnd.state(device)
@@ -1050,7 +1323,8 @@ class Aggregator:
             return
         if self._async is not None:
             if ack.status == "declined" and self._async.complete(ack.round) is not None:
-                log.info("device %s declined async task %d: %s", device, ack.round, ack.reason)
+                self._note(device, logging.INFO, "device %s declined async task %d: %s", device,
+                           ack.round, printable(ack.reason))
             return
         rnd = self._round
         if rnd is None or ack.round != rnd.spec.index:
@@ -1058,7 +1332,8 @@ class Aggregator:
         if ack.status == "accepted":
             rnd.task_accepted(device)
         elif ack.status == "declined" and rnd.declined(device):
-            log.info("device %s declined round %d: %s", device, ack.round, ack.reason)
+            self._note(device, logging.INFO, "device %s declined round %d: %s", device,
+                       ack.round, printable(ack.reason))
             self._replace(rnd)
 
     def _replace(self, rnd: SyncRound) -> None:
@@ -1090,46 +1365,19 @@ class Aggregator:
         return rec.selected if rec is not None else ()
 
     def _on_request(self, device: str, request: Request) -> None:
-        topics = self.channel.topics
-        if request.want == "artifacts":
-            if (request.artifacts_hash is not None
-                    and request.artifacts_hash != self.model.info.content_hash):
-                log.warning("device %s asked for unknown artifacts %s", device,
-                            request.artifacts_hash)
-                return
-            body = self._artifact_bundle()
-            self._send(topics.down(device, "artifacts"),
-                       Message(kind=Kind.ARTIFACTS, fleet=self.fleet, codec="zip", body=body,
-                               model_version=self.model_version))
-        elif request.want == "model":
-            version = request.model_version
-            if version is None or version == self.model_version:
-                self._send(topics.down(device, "model"), self._model_message())
-                return
-            try:
-                _, params = self.store.load_checkpoint(self.fleet, model_version=version)
-            except StoreError as exc:
-                log.warning("device %s asked for model version %s: %s", device, version, exc)
-                return
-            body = encode_model(params, self.layout, self._downlink)
-            self._send(topics.down(device, "model"),
-                       Message(kind=Kind.MODEL, fleet=self.fleet, model_version=version,
-                               codec=str(self._downlink), body=body))
-        else:
-            log.warning("device %s: unknown request %r", device, request.want)
-
-    def _artifact_bundle(self) -> bytes:
-        if self._bundle is None:
-            directory = self.model.directory
-            files = {name: (directory / name).read_bytes()
-                     for name in (*self.model.info.device_files, MANIFEST_NAME)}
-            self._bundle = pack_bundle(files)
-        return self._bundle
+        assert self._server is not None
+        self._server.serve(device, request, current_version=self.model_version,
+                           params=self.params)
 
     def _on_error(self, device: str, report: ErrorReport) -> None:
-        log.warning("device %s reports error %s (round %s): %s", device, report.code,
-                    report.round, report.message)
-        self.counters.update(f"device_error:{report.code}")
+        code = printable(report.code, 32)
+        self._note(device, logging.WARNING, "device %s reports error %s (round %s): %s", device,
+                   code, report.round, printable(report.message, 300))
+        self.counters.update(f"device_error:{code}")
+        if report.code in DEVICE_ERRORS_EXCLUDE:
+            # It would fail the same way next round: leave it out until its next hello.
+            self.registry.exclude(
+                device, f"reported {code} error: {printable(report.message, 120)}")
         rnd = self._round
         if rnd is not None and report.round == rnd.spec.index:
             rnd.dropped(device)
@@ -1138,16 +1386,28 @@ class Aggregator:
 
     # ------------------------------------------------------------------ updates
 
-    def _parse_update(
-        self, device: str, message: Message
-    ) -> tuple[UpdateMeta, F32, float, int] | None:
-        """Unpack, decode and validate: (meta, update, norm, codec body bytes); None
-        after rejecting (the reason is acked)."""
+    def _unpack(self, device: str, message: Message,
+                task_round: int) -> tuple[UpdateMeta, bytes] | Literal[False] | None:
+        """(meta, codec body) of an update answering ``device``'s task ``task_round``;
+        None after rejecting a malformed body, False after rejecting an update that
+        answers no task of ours (a copy: the device's own answer may still come)."""
         try:
             meta, body = unpack_update_body(message.body)
         except WireError as exc:
             self._reject(device, message, "bad_body", str(exc))
             return None
+        if meta.nonce != self._nonce(task_round, device):
+            self._reject(device, message, "wrong_nonce",
+                         f"the update does not answer this device's task {task_round}")
+            return False
+        return meta, body
+
+    def _parse_update(
+        self, device: str, message: Message, meta: UpdateMeta, body: bytes, *,
+        max_steps: int | None
+    ) -> _Parsed | None:
+        """Decode, validate, screen the norm and bound the weight; None after rejecting
+        (the reason is acked)."""
         try:
             update = decode_update(body, self.layout)
         except CodecError as exc:
@@ -1156,11 +1416,47 @@ class Aggregator:
         if not meta.num_samples > 0:
             self._reject(device, message, "bad_weight", f"num_samples {meta.num_samples}")
             return None
-        verdict = validate_update(update, rules=self._rules, accepted_norms=self._norms)
+        verdict = validate_update(update, rules=self._rules)
         if not verdict.ok:
             self._reject(device, message, str(verdict.reason), verdict.detail)
             return None
-        return meta, update, verdict.norm, len(body)
+        norm = verdict.norm
+        judgement = self._screen.judge(norm)
+        bootstrap = judgement.bootstrap and self.config.mode == "sync"
+        if judgement.bootstrap and not bootstrap:  # async: no round to judge at
+            model_norm = l2_norm(self.params)
+            if model_norm > 0 and norm > model_norm:
+                judgement = replace(judgement, ok=False, detail=(
+                    f"norm {norm:.4g} > the global model's own norm {model_norm:.4g} "
+                    "(no update history yet)"))
+        self._screen.observe(device, norm, refused=not judgement.ok)
+        if not judgement.ok:
+            reason = (Reason.NORM_ABOVE_MEDIAN if judgement.threshold is not None
+                      else Reason.NORM_ABOVE_MODEL)
+            self._reject(device, message, str(reason), judgement.detail)
+            if self._async is not None:
+                reset = self._screen.end_epoch(
+                    min_refused=self.config.buffer_size // 2 + 1, clear=False)
+                if reset is not None:
+                    log.warning("%s", reset)
+            return None
+        info = self.registry.get(device)
+        announced = info.num_samples if info is not None and info.hello_seen else None
+        cap = task_samples_cap(epochs=self.config.local_epochs,
+                               batch_size=self.config.batch_size, max_steps=max_steps,
+                               announced=announced)
+        weight, why = self._weights.bound(meta.num_samples, task_cap=cap)
+        if why:
+            self.counters.update("bounded:weight")
+            self._note(device, logging.WARNING, "device %s: weight bounded to %.4g (%s)",
+                       device, weight, why)
+        return _Parsed(meta=meta, update=update, norm=norm, weight=weight,
+                       body_bytes=len(body), bootstrap=bootstrap)
+
+    def _nonce(self, task_round: int, device: str) -> str:
+        assert self._run is not None
+        return task_nonce(self._run.secret, fleet=self.fleet, task_round=task_round,
+                          device=device)
 
     def _sync_update(self, device: str, message: Message) -> None:
         rnd, acc = self._round, self._acc
@@ -1185,28 +1481,34 @@ class Aggregator:
                          f"round trains version {rnd.spec.model_version}")
             rnd.rejected(device)
             return
-        parsed = self._parse_update(device, message)
+        unpacked = self._unpack(device, message, rnd.spec.index)
+        if unpacked is False:
+            return
+        parsed = None if unpacked is None else self._parse_update(
+            device, message, *unpacked, max_steps=self._sent_steps(rnd.spec.index, device))
         if parsed is None:
             rnd.rejected(device)
             return
-        meta, update, norm, body_bytes = parsed
+        meta = parsed.meta
         if rnd.admit(device, emulated_s=meta.emulated_s,
                      duration_s=meta.duration_s) is Admission.LATE:
             rnd.late(device, _report(meta))
             self._reject(device, message, "missed_deadline",
                          f"took {_took(meta):.3g} s > deadline {rnd.spec.deadline_s:.3g} s")
             return
-        if not acc.has_room():
+        if not acc.has_room(len(self._deferred)):
             self._reject(device, message, "buffer_full", "robust buffer is full")
             return
         key = UpdateKey(fleet=self.fleet, round=rnd.spec.index, device_id=device,
                         attempt=message.attempt)
+        stored_meta: dict[str, Any] = {
+            "num_samples": meta.num_samples, "weight": parsed.weight, "norm": parsed.norm,
+            "model_version": message.model_version, "emulated_s": meta.emulated_s}
+        if parsed.bootstrap:
+            stored_meta["deferred"] = True
         try:
-            fresh = self.store.add_round_update(
-                key, message.body,
-                {"num_samples": meta.num_samples, "norm": norm,
-                 "model_version": message.model_version, "emulated_s": meta.emulated_s},
-                at=self.clock.now())
+            fresh = self.store.add_round_update(key, message.body, stored_meta,
+                                                at=self.clock.now())
         except StoreError as exc:  # not acknowledged: the device will send it again
             log.error("device %s: cannot store update (%s); not acknowledged", device, exc)
             return
@@ -1214,18 +1516,18 @@ class Aggregator:
             self.counters.update("duplicate")
             self._ack(device, message, "duplicate", "already counted")
             return
-        acc.add(update, float(meta.num_samples))
-        self._observe_body(body_bytes)
-        self._remember_norm(norm)
+        if parsed.bootstrap:
+            self._deferred.append(_Deferred(device=device, norm=parsed.norm,
+                                            weight=parsed.weight))
+        else:
+            acc.add(parsed.update, parsed.weight)
+            self._screen.accepted(parsed.norm)
+            self._weights.accepted(parsed.weight)
+        self._observe_body(parsed.body_bytes)
         rnd.count(device, _report(meta))
         self._note_report(meta)
         self.counters.update("accepted")
         self._ack(device, message, "accepted", "")
-
-    def _remember_norm(self, norm: float) -> None:
-        # The norm screen compares against recently accepted updates across rounds: a
-        # per-round history would let whoever reports first in a round through unscreened.
-        self._norms = [*self._norms[-(NORM_WINDOW - 1):], norm]
 
     def _note_report(self, meta: UpdateMeta) -> None:
         if math.isfinite(meta.train_loss):

@@ -14,6 +14,9 @@ sum, with no update lost or counted twice. Bodies are cleared when the round clo
 Checkpoints are written to a temporary file in the same directory, flushed, fsynced,
 ``os.replace``d into place and the directory fsynced; only then are the path and the
 sha256 recorded, so a row always points at a complete file.
+
+A damaged database is a ``StoreError`` saying so, never a raw ``sqlite3`` traceback:
+opening runs SQLite's ``quick_check``, and every later SQLite failure is translated.
 """
 
 from __future__ import annotations
@@ -256,6 +259,7 @@ class Store:
             # NORMAL is offered for simulations, where the host never loses power.
             self._conn.execute(f"PRAGMA synchronous={synchronous}")
             self._conn.execute("PRAGMA foreign_keys=ON")
+            self._check_integrity()
             self._init_schema()
         except sqlite3.DatabaseError as exc:
             self._conn.close()
@@ -263,6 +267,14 @@ class Store:
         except BaseException:
             self._conn.close()
             raise
+
+    def _check_integrity(self) -> None:
+        rows = self._conn.execute("PRAGMA quick_check").fetchall()
+        problems = [str(r[0]) for r in rows if r and r[0] != "ok"]
+        if problems:
+            raise StoreError(
+                f"{self._path} is damaged ({'; '.join(problems[:3])}): restore it from a "
+                "backup, or start a new run with another state dir")
 
     # -- plumbing
 
@@ -294,6 +306,10 @@ class Store:
                 raise StoreError(f"cannot start a transaction on {self._path}: {exc}") from exc
             try:
                 yield self._conn
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+                raise StoreError(f"{self._path}: {exc}") from exc
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.execute("ROLLBACK")
@@ -307,7 +323,10 @@ class Store:
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
-            return list(self._conn.execute(sql, args).fetchall())
+            try:
+                return list(self._conn.execute(sql, args).fetchall())
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self._path}: {exc}") from exc
 
     def _init_schema(self) -> None:
         with self._write() as conn:
@@ -427,10 +446,15 @@ class Store:
         state: Literal["closed", "abandoned"] = "closed",
         missed: Iterable[str] = (),
         ended_at: float | None = None,
+        states: Mapping[str, bytes] | None = None,
     ) -> None:
-        """Close (or abandon) an open round, count missed deadlines, drop its bodies."""
+        """Close (or abandon) an open round, count missed deadlines, drop its bodies;
+        ``states`` are written in the same transaction."""
+        when = _now(ended_at)
         with self._write() as conn:
-            self._close_round_tx(conn, fleet, round_index, state, missed, _now(ended_at))
+            self._close_round_tx(conn, fleet, round_index, state, missed, when)
+            for name, body in (states or {}).items():
+                _put_state(conn, name, body, when)
 
     @staticmethod
     def _close_round_tx(
@@ -550,12 +574,16 @@ class Store:
                 return
             for seq, device_id, attempt, accepted_at, body, meta in rows:
                 last = seq
+                try:
+                    meta_obj = json.loads(meta)
+                except (ValueError, RecursionError) as exc:
+                    raise StoreError(f"stored update {seq} has unreadable metadata") from exc
                 yield StoredUpdate(
                     key=UpdateKey(
                         fleet=fleet, round=round_index, device_id=device_id, attempt=attempt
                     ),
                     body=bytes(body),
-                    meta=json.loads(meta),
+                    meta=meta_obj,
                     accepted_at=accepted_at,
                 )
 
@@ -616,6 +644,10 @@ class Store:
     def get_state(self, name: str) -> bytes | None:
         rows = self._read("SELECT body FROM state_blobs WHERE name = ?", (name,))
         return bytes(rows[0][0]) if rows else None
+
+    def delete_state(self, name: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM state_blobs WHERE name = ?", (name,))
 
     # -- checkpoints
 
@@ -733,11 +765,18 @@ _ROUND_SELECT = (
 )
 
 
+def _loads(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise StoreError(f"the aggregator store holds an unreadable {what}") from exc
+
+
 def _device(row: tuple[Any, ...]) -> DeviceRecord:
     device_id, profile, last_seen, online, selected, accepted, missed = row
     return DeviceRecord(
         device_id=device_id,
-        profile=json.loads(profile),
+        profile=_loads(profile, f"profile of device {device_id!r}"),
         last_seen=last_seen,
         online=bool(online),
         rounds_selected=selected,
@@ -755,7 +794,7 @@ def _round(row: tuple[Any, ...]) -> RoundRecord:
         model_version=version,
         started_at=started,
         ended_at=ended,
-        selected=tuple(json.loads(selected)),
+        selected=tuple(_loads(selected, f"selection of round {index}")),
         quorum=quorum,
         deadline=deadline,
     )

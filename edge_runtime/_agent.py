@@ -10,6 +10,11 @@ Everything heavy is injectable so that many agents can share one process: the
 channel (transport), the executor, the trainer provider (a few ONNX Runtime sessions
 for a whole simulated fleet), the artifact cache folder and the global-model cache.
 Crash safety lives in ``_state.py``; its module docstring gives the commit order.
+
+Why this module is long: the protocol side of a device (tasks, acks, cancels,
+requests, re-sends, status) shares one lock and one job record, and splitting it would
+spread that state over modules; data, state, caches, training and eligibility each
+live in their own module.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from broker_bridge import (
     pack_update_body,
     presence_message,
     presence_will,
+    read_model_message,
     unpack_bundle,
 )
 from device_profiles import ConfigError, DeviceProfile, FleetlearnError, predict
@@ -275,6 +281,9 @@ class AgentSettings:
     """Budget kept back from ``deadline_s`` for encoding and sending."""
     poll_interval_s: float = 0.5
     eligibility_interval_s: float = 30.0
+    status_interval_s: float | None = 15.0
+    """Say what the agent waits for (``Agent.status_line``) this often while it waits;
+    None: never (a simulator with thousands of agents)."""
     crash_at: str | None = None
     """Test hook (``FLEETLEARN_TEST_CRASH_AT``): SIGKILL this process at that point."""
 
@@ -283,6 +292,8 @@ class AgentSettings:
                      "eligibility_interval_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.status_interval_s is not None and not self.status_interval_s > 0:
+            raise ConfigError("status_interval_s must be positive (or None)")
         if self.deadline_margin_s < 0 or self.max_resends < 0:
             raise ConfigError("deadline_margin_s and max_resends must be >= 0")
         if self.crash_at is not None and self.crash_at not in CRASH_POINTS:
@@ -354,8 +365,11 @@ class Agent:
         models: ModelCache | None = None,
         emulation: Emulation | None = None,
         tamper: Callable[[np.ndarray], np.ndarray] | None = None,
+        tamper_meta: Callable[[UpdateMeta], UpdateMeta] | None = None,
+        tamper_hello: Callable[[Hello], Hello] | None = None,
         settings: AgentSettings | None = None,
         owns_transport: bool = False,
+        on_status: Callable[[str], None] | None = None,
     ) -> None:
         self.device_id = device_id
         self.channel = channel
@@ -376,9 +390,13 @@ class Agent:
         self.artifacts = artifacts or ArtifactCache(root=self._state_dir / "artifacts")
         self.models = models or ModelCache()
         self.emulation = emulation
-        # Simulation only: a Byzantine device's transformation of its true update
-        # (robust-aggregation experiments). Production agents never set it.
+        # Simulation only: a Byzantine device's transformation of its true update and
+        # of what it says about it (robust-aggregation experiments). Production agents
+        # never set them.
         self._tamper = tamper
+        self._tamper_meta = tamper_meta
+        self._tamper_hello = tamper_hello
+        self._on_status = on_status
         self._owns_transport = owns_transport
         self.log = _DeviceLog(log, {"device": device_id})
         self.state = AgentState(directory=self._state_dir, crash_hook=self._crash)
@@ -394,6 +412,10 @@ class Agent:
         self._last_eligible: bool | None = None
         self._last_eligibility_check = 0.0
         self._started = False
+        self._waiting_for: str | None = None
+        self._idle_since = time.monotonic()
+        self._last_status = time.monotonic()
+        self.last_status: str | None = None
         self._resume()
 
     # -- life cycle --------------------------------------------------------------------
@@ -480,6 +502,37 @@ class Agent:
             eligible = self._eligibility().eligible
             if self._last_eligible is not None and eligible != self._last_eligible:
                 self._send_hello()
+        interval = self.settings.status_interval_s
+        if interval is not None and now - self._last_status >= interval:
+            self._last_status = now
+            line = self.status_line(now)
+            self.last_status = line
+            if self._on_status is not None:
+                self._on_status(line)
+            else:
+                self.log.info("%s", line)
+
+    def status_line(self, now: float | None = None) -> str:
+        """What this agent is doing or waiting for, in one line."""
+        now = time.monotonic() if now is None else now
+        transport = self.channel.transport
+        if not transport.connected:
+            error = getattr(transport, "last_error", None)
+            where = getattr(transport, "url", None)
+            return (f"waiting for the broker{f' at {where}' if where else ''}"
+                    f"{f': {error}' if error else ''}")
+        with self._lock:
+            job, pending, waiting = self._job, self._pending, self._waiting_for
+        if job is not None:
+            if waiting is not None:
+                return f"round {job.task.round}: waiting for {waiting}"
+            return f"round {job.task.round}: training"
+        if pending is not None and pending.sends > 0:
+            return (f"round {pending.submission.round}: update sent {pending.sends} times; "
+                    "waiting for the aggregator to acknowledge it")
+        return (f"waiting for a task from the aggregator of fleet {self.fleet!r} (connected as "
+                f"{self.device_id}, no task for {now - self._idle_since:.0f} s); the "
+                f"aggregator must run with --fleet {self.fleet}")
 
     # -- wire helpers ------------------------------------------------------------------
 
@@ -503,6 +556,19 @@ class Agent:
         self._last_eligible = result.eligible
         return result
 
+    def data_problem(self) -> str | None:
+        """Why the local data cannot train the model of the last task this device took,
+        if it cannot (labels outside its classes); said at start-up, before any task."""
+        record = self.state.record
+        classes = record.task.num_classes if record is not None else None
+        y = self.data.y
+        if classes is None or not len(y) or not np.issubdtype(y.dtype, np.integer):
+            return None
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= classes:
+            return f"class labels range over [{low}, {high}]; the model has {classes} classes"
+        return None
+
     def busy_round(self) -> int | None:
         """The round this device is working on (or was, before a restart), if any."""
         with self._lock:
@@ -522,7 +588,7 @@ class Agent:
             artifacts_hash = record.task.artifacts_hash
         elif cached:
             artifacts_hash = cached[0]
-        return Hello(
+        hello = Hello(
             agent=AGENT_NAME,
             profile=self.profile.to_dict() if self.profile is not None else {},
             eligibility=self._eligibility().to_dict(),
@@ -531,6 +597,7 @@ class Agent:
             model_versions=self.models.versions(),
             busy_round=self.busy_round(),
         )
+        return self._tamper_hello(hello) if self._tamper_hello is not None else hello
 
     def _send_hello(self) -> None:
         self._send("hello", self.hello().to_message(fleet=self.fleet, device=self.device_id))
@@ -589,8 +656,10 @@ class Agent:
             elif kind == Kind.ACK:
                 self._on_ack(Ack.from_message(message))
             elif kind == Kind.MODEL:
-                if self.models.offer(message.model_version, message.body):
-                    self.log.debug("model version %d received", message.model_version)
+                meta, body = read_model_message(message)
+                if self.models.offer(meta, body):
+                    self.log.debug("model version %d of run %s received", meta.model_version,
+                                   meta.run)
                 self._notify()
             elif kind == Kind.ARTIFACTS:
                 with self._lock:
@@ -609,7 +678,7 @@ class Agent:
             self.log.exception("handler failed for a message on %s", topic)
 
     def _on_task(self, message: Message) -> None:
-        received_at = time.monotonic()
+        received_at = self._idle_since = time.monotonic()
         task = TaskSpec.from_message(message)
         if message.round != task.round or message.model_version != task.model_version:
             raise WireError("task envelope round/model_version differ from its body")
@@ -719,6 +788,8 @@ class Agent:
             with self._lock:
                 if self._job is job:
                     self._job = None
+                    self._waiting_for = None
+                    self._idle_since = time.monotonic()
 
     def _set_status_quietly(self, status: TaskStatus) -> None:
         try:
@@ -731,14 +802,24 @@ class Agent:
     def _remaining(self, job: _Job) -> float:
         return job.task.deadline_s - (time.monotonic() - job.received_at)
 
-    def _wait(self, job: _Job, ready: Callable[[], Any]) -> Any:
+    def _wait(self, job: _Job, ready: Callable[[], Any], *, what: str) -> Any:
         """Wait (on the executor) until ``ready()`` returns something, bounded by the deadline.
 
         ``ready`` runs without the agent's lock (it may decode a model); ``_inbox_seq``
-        tells whether anything arrived meanwhile, so no notification is missed.
+        tells whether anything arrived meanwhile, so no notification is missed. ``what``
+        is said by the status line meanwhile.
         """
         limit = min(self.settings.request_timeout_s, self._remaining(job))
         end = time.monotonic() + max(limit, 0.0)
+        with self._lock:
+            self._waiting_for = what
+        try:
+            return self._wait_loop(job, ready, end)
+        finally:
+            with self._lock:
+                self._waiting_for = None
+
+    def _wait_loop(self, job: _Job, ready: Callable[[], Any], end: float) -> Any:
         while True:
             if job.cancel.is_set() or self._stop.is_set():
                 raise _Cancelled
@@ -767,7 +848,7 @@ class Agent:
         with self._trainers.lease(directory, task.artifacts_hash) as trainer:
             layout = Layout(tensors=trainer.parameter_shapes())
             base = self._ensure_model(job, layout)
-            self._check_data(trainer)
+            self._check_data(trainer, task)
             self.state.set_status(TaskStatus.TRAINING)
             if job.cancel.is_set():
                 raise _Cancelled
@@ -814,7 +895,7 @@ class Agent:
             self._ack_task(task.round, job.attempt, "declined", "deadline")
             return
         submission, emulated = self._encode(job, layout, base, trained, UpdateMeta(
-            num_samples=samples, steps=steps, train_loss=_finite(loss) or 0.0,
+            num_samples=samples, steps=steps, nonce=task.nonce, train_loss=_finite(loss) or 0.0,
             duration_s=round(train_s, 6), stopped_early=stopped_early,
             eval_loss=eval_loss, eval_accuracy=eval_acc, eval_samples=eval_samples,
         ))
@@ -834,12 +915,17 @@ class Agent:
         self.log.info("round %d: sent update (%d samples, %d steps, %d bytes)", task.round,
                       samples, steps, len(submission.body))
 
-    def _check_data(self, trainer: Trainer) -> None:
+    def _check_data(self, trainer: Trainer, task: TaskSpec) -> None:
         shape = trainer.input_shape
         if shape is not None:
-            validate_for_model(self.data.x, self.data.y, shape)
+            validate_for_model(self.data.x, self.data.y, shape, num_classes=task.num_classes)
         elif len(self.data.y) == 0:
             raise DataError("no local samples")
+        elif task.num_classes is not None and np.issubdtype(self.data.y.dtype, np.integer):
+            low, high = int(self.data.y.min()), int(self.data.y.max())
+            if low < 0 or high >= task.num_classes:
+                raise DataError(f"class labels range over [{low}, {high}]; the model has "
+                                f"{task.num_classes} classes")
 
     def _encode(
         self, job: _Job, layout: Layout, base: ModelVersion, trained: np.ndarray, meta: UpdateMeta
@@ -858,6 +944,8 @@ class Agent:
         delta = np.asarray(trained, np.float32) - base.weights
         if self._tamper is not None:
             delta = np.asarray(self._tamper(delta), np.float32)
+        if self._tamper_meta is not None:
+            meta = self._tamper_meta(meta)
         encoded = encode_update(delta, layout, spec, feedback=feedback, rng=task.seed)
         emulated = 0.0
         if self.emulation is not None:
@@ -890,7 +978,8 @@ class Agent:
                 return path
             return self._bundles.popleft() if self._bundles else None
 
-        got = self._wait(job, ready)
+        got = self._wait(job, ready, what=f"training artifacts {wanted[:12]}... (requested "
+                                          "from the aggregator)")
         if got is None:
             raise ArtifactError(f"no artifacts {wanted[:16]}... received in time")
         if isinstance(got, Path):
@@ -905,11 +994,12 @@ class Agent:
             raise state_error("cannot write artifacts", exc) from exc
 
     def _ensure_model(self, job: _Job, layout: Layout) -> ModelVersion:
-        version = job.task.model_version
+        """The global weights the task names by hash (requested when not held)."""
+        version, wanted = job.task.model_version, job.task.model_hash
 
         def ready() -> ModelVersion | None:
             try:
-                return self.models.get(version, layout)
+                return self.models.get(wanted, layout)
             except WireError as exc:
                 raise ModelVersionError(
                     f"global model version {version} does not fit the task's artifacts: {exc}"
@@ -917,16 +1007,17 @@ class Agent:
 
         model: ModelVersion | None = ready()
         if model is None:
-            request = Request(want="model", model_version=version,
+            request = Request(want="model", model_version=version, model_hash=wanted,
                               artifacts_hash=job.task.artifacts_hash,
                               have_versions=self.models.versions())
             self._send("request", request.to_message(fleet=self.fleet, device=self.device_id,
                                                      round=job.task.round,
                                                      model_version=version))
-            model = self._wait(job, ready)
+            model = self._wait(job, ready, what=f"global model version {version} "
+                                                f"({wanted[:12]}...) from the aggregator")
         if model is None:
-            raise ModelVersionError(f"global model version {version} is unknown to this device "
-                                    "and was not received in time")
+            raise ModelVersionError(f"global model version {version} ({wanted[:12]}...) is "
+                                    "unknown to this device and was not received in time")
         if model.weights.shape != (layout.size,):
             raise ModelVersionError(f"model version {version} has the wrong size")
         return model

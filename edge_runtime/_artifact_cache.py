@@ -7,10 +7,11 @@ named), written to a temporary folder, fsynced, and renamed into place in one
 ``os.replace``. Many agents in one process (the fleet simulator) may share one cache
 folder; two installing the same hash at once both succeed and one copy wins.
 
-``ModelCache`` holds the last few global model versions, so a delta on the downlink
-can be applied and the broadcast model is decoded once per process, not once per
-simulated agent: agents *offer* the raw body (cheap, on the network thread) and the
-first one that needs the weights decodes them (on its worker thread).
+``ModelCache`` holds the last few global models, named by the hash of their weights
+(never by version number alone), so a delta on the downlink can be applied and the
+broadcast model is decoded once per process, not once per simulated agent: agents
+*offer* the raw body (cheap, on the network thread) and the first one that needs the
+weights decodes them (on its worker thread) and checks them against their hash.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from broker_bridge import (
     BodyKind,
     CodecError,
     Layout,
+    ModelMeta,
     ModelVersion,
     WireError,
     decode_model,
     fsync_dir,
     read_header,
+    weights_hash,
 )
 from edge_runtime._errors import ArtifactError
 from edge_runtime._manifest import MANIFEST_NAME, check_manifest, device_files
@@ -131,10 +134,14 @@ class ArtifactCache:
 
 
 class ModelCache:
-    """The last ``keep`` global model versions of one fleet, shared by agents in a process.
+    """The last ``keep`` global models, named by content; shared by agents in a process.
 
+    A model is found by its ``model_hash`` (sha256 of its float32 weights), never by
+    its version number alone: an aggregator started afresh numbers from 0 again, and a
+    version 4 of another run (or another model) must never stand in for this one's.
     Raw bodies are kept until a layout is known (an agent may hear a broadcast before
-    it has the artifacts); decoded weights are cached per (version, layout).
+    it has the artifacts); decoded weights are checked against the hash, then cached
+    per layout. A delta body's base is looked up within its own run.
     """
 
     def __init__(self, *, keep: int = 3) -> None:
@@ -143,79 +150,106 @@ class ModelCache:
         self.keep = keep
         self._lock = threading.Lock()
         self._decode_lock = threading.RLock()  # one decode at a time: the others reuse it
-        self._bodies: collections.OrderedDict[int, bytes] = collections.OrderedDict()
-        self._decoded: dict[tuple[int, bytes], ModelVersion] = {}
+        self._entries: collections.OrderedDict[str, tuple[ModelMeta, bytes]] = (
+            collections.OrderedDict())
+        self._decoded: dict[tuple[str, bytes], ModelVersion] = {}
 
-    def offer(self, version: int, body: bytes) -> bool:
-        """Remember a model body; False when this version was already known (no work done)."""
+    def offer(self, meta: ModelMeta, body: bytes) -> bool:
+        """Remember a model body; False when this model was already known (no work done)."""
         with self._lock:
-            if version in self._bodies:
+            if meta.model_hash in self._entries:
                 return False
-            self._bodies[version] = body
-            self._bodies = collections.OrderedDict(sorted(self._bodies.items()))
-            while len(self._bodies) > self.keep:
-                old, _ = self._bodies.popitem(last=False)
-                for key in [k for k in self._decoded if k[0] == old]:
-                    del self._decoded[key]
+            self._entries[meta.model_hash] = (meta, body)
+            self._evict()
             return True
 
-    def put(self, version: int, weights: np.ndarray, layout: Layout) -> None:
-        """Add decoded weights directly (tests, or a simulator that holds the model)."""
-        model = ModelVersion(version=version, weights=weights)
+    def put(self, weights: np.ndarray, layout: Layout, *, version: int = 0,
+            run: str = "local") -> str:
+        """Add decoded weights directly (tests, or a simulator that holds the model);
+        returns their hash."""
+        vec = np.asarray(weights, dtype=np.float32)
+        model_hash = weights_hash(vec)
+        meta = ModelMeta(run=run, model_version=version, model_hash=model_hash)
         with self._lock:
-            self._decoded[(version, layout.fingerprint)] = model
-            self._bodies.setdefault(version, b"")
-            self._bodies = collections.OrderedDict(sorted(self._bodies.items()))
-            while len(self._bodies) > self.keep:
-                old, _ = self._bodies.popitem(last=False)
-                for key in [k for k in self._decoded if k[0] == old]:
-                    del self._decoded[key]
+            self._entries[model_hash] = (meta, b"")
+            self._decoded[(model_hash, layout.fingerprint)] = ModelVersion(version=version,
+                                                                           weights=vec)
+            self._evict()
+        return model_hash
+
+    def _evict(self) -> None:
+        while len(self._entries) > self.keep:
+            old, _ = self._entries.popitem(last=False)
+            for key in [k for k in self._decoded if k[0] == old]:
+                del self._decoded[key]
 
     def versions(self) -> list[int]:
+        """Version numbers of the models held (informative: the hashes identify them)."""
         with self._lock:
-            return list(self._bodies)
+            return sorted({meta.model_version for meta, _ in self._entries.values()})
 
-    def has(self, version: int) -> bool:
+    def hashes(self) -> list[str]:
         with self._lock:
-            return version in self._bodies
+            return list(self._entries)
 
-    def get(self, version: int, layout: Layout, *, _depth: int = 0) -> ModelVersion | None:
-        """The weights of ``version`` for ``layout``; None when not held.
+    def has(self, model_hash: str) -> bool:
+        with self._lock:
+            return model_hash in self._entries
 
-        A body that does not decode for this layout (another model, a corrupt body)
-        raises ``CodecError``.
+    def get(self, model_hash: str, layout: Layout, *, _depth: int = 0) -> ModelVersion | None:
+        """The weights whose hash is ``model_hash``, for ``layout``; None when not held.
+
+        A body that does not decode for this layout (another model, a corrupt body), or
+        decodes to other weights than its hash says, raises ``CodecError``.
         """
-        key = (version, layout.fingerprint)
+        key = (model_hash, layout.fingerprint)
         with self._lock:
             cached = self._decoded.get(key)
+            if model_hash in self._entries:
+                self._entries.move_to_end(model_hash)
         if cached is not None:
             return cached
         with self._decode_lock:
-            return self._decode(version, layout, _depth)
+            return self._decode(model_hash, layout, _depth)
 
-    def _decode(self, version: int, layout: Layout, depth: int) -> ModelVersion | None:
-        key = (version, layout.fingerprint)
+    def _decode(self, model_hash: str, layout: Layout, depth: int) -> ModelVersion | None:
+        key = (model_hash, layout.fingerprint)
         with self._lock:
             cached = self._decoded.get(key)
-            body = self._bodies.get(version)
+            entry = self._entries.get(model_hash)
         if cached is not None:
             return cached
-        if not body:
+        if entry is None or not entry[1]:
             return None
+        meta, body = entry
         try:
             header = read_header(body)
         except WireError as exc:
-            raise CodecError(f"model version {version} does not decode: {exc}") from exc
+            raise CodecError(f"model version {meta.model_version} does not decode: {exc}") from exc
         base = None
         if header.kind == BodyKind.MODEL_DELTA:
-            if header.base_version is None or depth > self.keep or header.base_version == version:
-                raise CodecError(f"model version {version}: delta chain too long")
-            base = self.get(int(header.base_version), layout, _depth=depth + 1)
+            if (header.base_version is None or depth > self.keep
+                    or header.base_version == meta.model_version):
+                raise CodecError(f"model version {meta.model_version}: delta chain too long")
+            base_hash = self._find(meta.run, int(header.base_version))
+            base = None if base_hash is None else self.get(base_hash, layout, _depth=depth + 1)
             if base is None:
                 return None
         weights = decode_model(body, layout, base=base)
-        model = ModelVersion(version=version, weights=weights)
+        if weights_hash(weights) != model_hash:
+            with self._lock:
+                self._entries.pop(model_hash, None)
+            raise CodecError(f"model version {meta.model_version} of run {meta.run} decodes to "
+                             "other weights than its hash names; dropped")
+        model = ModelVersion(version=meta.model_version, weights=weights)
         with self._lock:
-            if version in self._bodies:
+            if model_hash in self._entries:
                 self._decoded[key] = model
         return model
+
+    def _find(self, run: str, version: int) -> str | None:
+        with self._lock:
+            for model_hash, (meta, _) in self._entries.items():
+                if meta.run == run and meta.model_version == version:
+                    return model_hash
+        return None

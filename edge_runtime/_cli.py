@@ -122,7 +122,12 @@ def run_agent(config: Any, *, stop: threading.Event | None = None) -> int:
         if config.emulate else None,
         settings=config.settings,
         owns_transport=True,
+        on_status=lambda line: print(f"fleetlearn agent {config.device_id}: {line}", flush=True),
     )
+    problem = agent.data_problem()
+    if problem is not None:
+        print(f"fleetlearn agent {config.device_id}: error: {config.data}: {problem} "
+              "(its tasks will fail until the data is fixed)", flush=True)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

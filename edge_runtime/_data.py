@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import importlib
 import os
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +100,8 @@ def load_npz(
             x, y = archive[x_key], archive[y_key]
     except FileNotFoundError as exc:
         raise DataError(f"data file not found: {where}") from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        # a truncated archive is a BadZipFile or an EOFError, neither an OSError
         raise DataError(f"{where}: not a readable .npz file: {exc}") from exc
     return _finish(x, y, task, where)
 

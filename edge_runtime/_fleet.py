@@ -15,7 +15,8 @@ out in real time. Faults are injected deterministically from the seed:
   broker publishes its will); it restarts from its state folder some rounds later,
   as the real agent would after a reboot;
 - *slow* devices take ``slow_factor`` times what their profile says;
-- *Byzantine* devices send their true update sign-flipped and scaled;
+- *Byzantine* devices send their true update sign-flipped and scaled (``flip``),
+  stretched to a huge norm (``norm``), or claim an absurd sample count (``samples``);
 - *availability* follows each profile's pattern (always on, diurnal, charging-only,
   flaky) in emulated time, starting at ``start_hour``.
 
@@ -33,12 +34,12 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from broker_bridge import Channel, MqttTransport, NetworkLoop, TaskSpec
+from broker_bridge import Channel, Hello, MqttTransport, NetworkLoop, TaskSpec, UpdateMeta
 from device_profiles import DEFAULT_MIX, ConfigError, DeviceProfile, profile_mix
 from edge_runtime._agent import (
     Agent,
@@ -75,10 +76,18 @@ class FaultSpec:
     """Share of devices that run ``slow_factor`` times slower than their profile."""
     slow_factor: float = 4.0
     byzantine_fraction: float = 0.0
-    """Share of devices that send their true update sign-flipped and scaled (attackers)."""
+    """Share of devices that attack (``byzantine_kind`` says how)."""
     byzantine_scale: float = 10.0
+    byzantine_kind: str = "flip"
+    """``flip``: send -``byzantine_scale`` x the true update; ``norm``: the true update
+    stretched to L2 norm ``byzantine_scale``; ``samples``: the true update, claiming
+    ``byzantine_samples`` samples."""
+    byzantine_samples: int = 10**12
 
     def __post_init__(self) -> None:
+        if self.byzantine_kind not in ("flip", "norm", "samples"):
+            raise ConfigError("byzantine_kind must be flip, norm or samples, got "
+                              f"{self.byzantine_kind!r}")
         for name in ("crash_fraction", "slow_fraction", "byzantine_fraction"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -206,7 +215,8 @@ class Fleet:
         self.broker_url = broker_url
         self.state_root = Path(state_root)
         self._password_for = password_for or (lambda _d: None)
-        self._settings = settings or AgentSettings(ack_timeout_s=10.0, eligibility_interval_s=3600)
+        self._settings = settings or AgentSettings(ack_timeout_s=10.0, eligibility_interval_s=3600,
+                                                   status_interval_s=None)
         self._loops = [NetworkLoop(name=f"fleet-net-{i}") for i in range(config.network_loops)]
         self._executor = ThreadPoolExecutor(max_workers=config.training_workers,
                                             thread_name_prefix="fleet-train")
@@ -336,13 +346,31 @@ class Fleet:
             artifacts=self._artifacts, models=self._models, emulation=emulation,
             settings=self._settings, owns_transport=True,
             tamper=self._attack if d.byzantine else None,
+            tamper_meta=self._claim if d.byzantine else None,
+            tamper_hello=self._announce if d.byzantine else None,
         )
         d.agent, d.transport = agent, transport
         d._seen_tasks = d._seen_acked = 0
         agent.start(timer=False)
 
     def _attack(self, delta: np.ndarray) -> np.ndarray:
-        return -self.config.faults.byzantine_scale * delta
+        faults = self.config.faults
+        if faults.byzantine_kind == "flip":
+            return -faults.byzantine_scale * delta
+        if faults.byzantine_kind == "norm":
+            norm = float(np.linalg.norm(delta))
+            return delta * (faults.byzantine_scale / norm) if norm > 0 else delta
+        return delta
+
+    def _claim(self, meta: UpdateMeta) -> UpdateMeta:
+        if self.config.faults.byzantine_kind != "samples":
+            return meta
+        return replace(meta, num_samples=self.config.faults.byzantine_samples)
+
+    def _announce(self, hello: Hello) -> Hello:
+        if self.config.faults.byzantine_kind != "samples":
+            return hello
+        return replace(hello, num_samples=self.config.faults.byzantine_samples)
 
     def _crash_hook(self, d: DeviceRecord) -> Callable[[TaskSpec], None]:
         fraction = self.config.faults.crash_fraction

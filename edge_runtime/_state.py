@@ -108,7 +108,7 @@ class TaskRecord:
                 submission_sha256=str(sha) if sha is not None else None,
             )
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError,
-                ProtocolError) as exc:
+                RecursionError, ProtocolError) as exc:
             raise StateError(f"unreadable {TASK_FILE}: {exc}") from exc
 
 
@@ -162,7 +162,7 @@ class Submission:
                 body=raw[start : start + body_len],
                 residual=None if res_len is None else raw[start + body_len : end],
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise StateError(f"{SUBMISSION_FILE} is malformed: {exc}") from exc
 
 

@@ -66,6 +66,9 @@ def register(sub: Any) -> None:
     g.add_argument("--byzantine-fraction", type=float, default=0.0,
                    help="share of devices sending sign-flipped, scaled updates (attackers)")
     g.add_argument("--byzantine-scale", type=float, default=10.0)
+    g.add_argument("--byzantine-kind", choices=("flip", "norm", "samples"), default="flip",
+                   help="flip: -scale x the true update; norm: an update of L2 norm SCALE; "
+                        "samples: the true update claiming 10^12 samples")
     g.add_argument("--robust", default=None,
                    help="aggregation: mean, median, trimmed_mean, krum or multi_krum")
     g.add_argument("--clip-norm", type=float, default=None,
@@ -127,7 +130,8 @@ def _simulate(args: argparse.Namespace) -> int:
                          restart_after_rounds=args.restart_after_rounds,
                          slow_fraction=args.slow_fraction, slow_factor=args.slow_factor,
                          byzantine_fraction=args.byzantine_fraction,
-                         byzantine_scale=args.byzantine_scale),
+                         byzantine_scale=args.byzantine_scale,
+                         byzantine_kind=args.byzantine_kind),
         availability=not args.no_availability, start_hour=args.start_hour, seed=args.seed,
         broker=args.broker, broker_kind=args.broker_kind, credentials=args.credentials,
         out_dir=args.out, workers=args.workers, num_samples=args.samples,

@@ -88,8 +88,8 @@ class ProfiledDevice:
             values = (np.random.default_rng(len(self.id)).standard_normal(layout.size)
                       * 0.01).astype(np.float32)
         body = encode_update(values, layout, CodecSpec.parse(codec), rng=0).body
-        meta = UpdateMeta(num_samples=num_samples, steps=steps, train_loss=1.0,
-                          duration_s=0.1, emulated_s=emulated_s)
+        meta = UpdateMeta(num_samples=num_samples, steps=steps, nonce=task.nonce,
+                          train_loss=1.0, duration_s=0.1, emulated_s=emulated_s)
         msg = update_message(fleet=self.fleet, device=self.id, round=task.round,
                              model_version=task.model_version, attempt=0, codec=codec,
                              meta=meta, codec_body=body)

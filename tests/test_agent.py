@@ -25,14 +25,17 @@ from broker_bridge import (
     MemoryBroker,
     MemoryTransport,
     Message,
+    ModelMeta,
     Request,
     TaskSpec,
     decode_update,
     encode_model,
     json_message,
+    model_message,
     pack_bundle,
     presence_will,
     unpack_update_body,
+    weights_hash,
 )
 from cloud_aggregator._artifacts import build_artifacts, initial_parameters, read_manifest
 from cloud_aggregator._models import build_reference_model
@@ -156,8 +159,10 @@ class StandIn:
     def model_message(self, version: int, device: str = "") -> Message:
         spec = CodecSpec.parse("fp32")
         body = encode_model(self.models[version], self.layout, spec)
-        return Message(kind=Kind.MODEL, fleet=self.channel.fleet, device=device,
-                       model_version=version, codec=str(spec), body=body)
+        meta = ModelMeta(run="stand-in", model_version=version,
+                         model_hash=weights_hash(self.models[version]))
+        return model_message(fleet=self.channel.fleet, device=device, meta=meta,
+                             codec=str(spec), codec_body=body)
 
     def send_model(self, device: str, version: int) -> None:
         self.channel.send(self.topics.down(device, "model"), self.model_message(version, device))
@@ -169,8 +174,11 @@ class StandIn:
         fields: dict[str, object] = {"round": round_, "model_version": 0,
                                      "artifacts_hash": self.artifacts_hash, "codec": "fp32",
                                      "epochs": 1, "batch_size": 32, "lr": 0.05, "seed": 7,
-                                     "deadline_s": 60.0}
+                                     "deadline_s": 60.0, "nonce": f"nonce-of-round-{round_}"}
         fields.update(kw)
+        version = int(fields["model_version"])  # type: ignore[call-overload]
+        fields.setdefault("model_hash", weights_hash(self.models[version])
+                          if version in self.models else "f" * 64)
         return TaskSpec(**fields)  # type: ignore[arg-type]
 
     def send_task(self, device: str, task: TaskSpec) -> None:
@@ -422,9 +430,11 @@ def test_model_errors_are_reported(rig: Rig) -> None:
     # A model for another layout under version 5.
     other = Layout(tensors=(("w", (3, 3)),))
     body = encode_model(np.ones(9, np.float32), other, CodecSpec.parse("fp32"))
-    rig.agg.channel.send(rig.agg.topics.broadcast("model"), Message(
-        kind=Kind.MODEL, fleet=FLEET, model_version=5, codec="fp32", body=body))
-    rig.agg.send_task("dev-1", rig.agg.task(round_=1, model_version=5))
+    meta = ModelMeta(run="r", model_version=5, model_hash=weights_hash(np.ones(9, np.float32)))
+    rig.agg.channel.send(rig.agg.topics.broadcast("model"), model_message(
+        fleet=FLEET, meta=meta, codec="fp32", codec_body=body))
+    rig.agg.send_task("dev-1", rig.agg.task(round_=1, model_version=5,
+                                            model_hash=meta.model_hash))
     assert wait_for(lambda: rig.agg.errors and idle(agent))
     assert rig.agg.errors[0].code == "model_version" and "does not fit" in rig.agg.errors[0].message
     # A version nobody serves: requested, then reported.
@@ -432,6 +442,7 @@ def test_model_errors_are_reported(rig: Rig) -> None:
     assert wait_for(lambda: len(rig.agg.errors) == 2 and idle(agent))
     assert rig.agg.errors[1].code == "model_version" and "unknown" in rig.agg.errors[1].message
     assert rig.agg.requests[-1].model_version == 77
+    assert rig.agg.requests[-1].model_hash == "f" * 64
 
 
 def test_data_that_does_not_fit_is_reported(rig: Rig) -> None:

@@ -11,7 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from broker_bridge import CodecSpec, Layout, TaskSpec, content_hash, encode_model
+from broker_bridge import (
+    CodecError,
+    CodecSpec,
+    Layout,
+    ModelMeta,
+    TaskSpec,
+    content_hash,
+    encode_model,
+    weights_hash,
+)
 from edge_runtime import (
     AgentState,
     ArtifactCache,
@@ -23,7 +32,8 @@ from edge_runtime import (
     TaskStatus,
 )
 
-TASK = TaskSpec(round=3, model_version=2, artifacts_hash="a" * 64, codec="ef+topk:0.1+q8")
+TASK = TaskSpec(round=3, model_version=2, artifacts_hash="a" * 64, model_hash="b" * 64,
+                nonce="task-nonce-3", codec="ef+topk:0.1+q8")
 
 
 class Crash(Exception):
@@ -170,20 +180,57 @@ def test_artifact_cache_shared_by_concurrent_installers(tmp_path: Path) -> None:
 # -- model cache -----------------------------------------------------------------------
 
 
-def test_model_cache_decodes_once_applies_deltas_and_keeps_the_last_few() -> None:
-    layout = Layout(tensors=(("w", (4,)), ("b", (2,))))
-    fp32 = CodecSpec.parse("fp32")
+def _model(run: str, version: int, weights: np.ndarray, layout: Layout,
+           base: np.ndarray | None = None) -> tuple[ModelMeta, bytes]:
     from broker_bridge import ModelVersion
 
+    fp32 = CodecSpec.parse("fp32")
+    body = encode_model(weights, layout, fp32, base=None if base is None else
+                        ModelVersion(version=version - 1, weights=base))
+    return ModelMeta(run=run, model_version=version, model_hash=weights_hash(weights)), body
+
+
+def test_model_cache_decodes_once_applies_deltas_and_keeps_the_last_few() -> None:
+    layout = Layout(tensors=(("w", (4,)), ("b", (2,))))
     v1 = np.arange(6, dtype=np.float32)
     v2 = v1 + 0.5
     cache = ModelCache(keep=2)
-    assert cache.offer(1, encode_model(v1, layout, fp32))
-    assert not cache.offer(1, b"ignored: already known")
-    cache.offer(2, encode_model(v2, layout, fp32, base=ModelVersion(version=1, weights=v1)))
-    got = cache.get(2, layout)
-    assert got is not None
+    m1, b1 = _model("run-a", 1, v1, layout)
+    assert cache.offer(m1, b1)
+    assert not cache.offer(m1, b"ignored: already known")
+    m2, b2 = _model("run-a", 2, v2, layout, base=v1)
+    cache.offer(m2, b2)
+    got = cache.get(m2.model_hash, layout)
+    assert got is not None and got.version == 2
     np.testing.assert_allclose(got.weights, v2)
-    assert cache.get(2, layout) is got  # decoded once, shared
-    cache.offer(3, encode_model(v2, layout, fp32))
-    assert cache.versions() == [2, 3] and cache.get(1, layout) is None
+    assert cache.get(m2.model_hash, layout) is got  # decoded once, shared
+    m3, b3 = _model("run-a", 3, v2 + 1, layout)
+    cache.offer(m3, b3)
+    assert cache.versions() == [2, 3] and cache.get(m1.model_hash, layout) is None
+
+
+def test_model_cache_never_serves_another_runs_weights_for_a_version_number() -> None:
+    """An aggregator started afresh numbers from 0 again: its version 0 must not be
+    evicted by an old run's higher numbers, and its version 4 must not be taken for the
+    old run's version 4."""
+    layout = Layout(tensors=(("w", (6,)),))
+    cache = ModelCache(keep=3)
+    old = {v: np.full(6, v, np.float32) for v in (3, 4, 5)}
+    for v, w in old.items():
+        cache.offer(*_model("old-run", v, w, layout))
+    fresh0 = np.full(6, -1.0, np.float32)
+    m0, b0 = _model("new-run", 0, fresh0, layout)
+    assert cache.offer(m0, b0)
+    got = cache.get(m0.model_hash, layout)
+    assert got is not None and np.array_equal(got.weights, fresh0)
+    fresh4 = np.full(6, 40.0, np.float32)
+    m4, b4 = _model("new-run", 4, fresh4, layout)
+    assert cache.offer(m4, b4)  # a new model, not "version 4, already known"
+    got4 = cache.get(m4.model_hash, layout)
+    assert got4 is not None and np.array_equal(got4.weights, fresh4)
+    # a body whose weights do not match the hash it claims is refused, not served
+    lie = ModelMeta(run="x", model_version=9, model_hash=weights_hash(fresh4 + 1))
+    cache.offer(lie, b4)
+    with pytest.raises(CodecError, match="other weights"):
+        cache.get(lie.model_hash, layout)
+    assert not cache.has(lie.model_hash)

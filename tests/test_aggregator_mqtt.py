@@ -163,7 +163,8 @@ class ScriptedDevice:
                 return
         body = encode_update(fake_update(self.id, task.round, self.layout.size), self.layout,
                              CodecSpec.parse("fp32")).body
-        meta = UpdateMeta(num_samples=40, steps=2, train_loss=1.0, duration_s=0.01)
+        meta = UpdateMeta(num_samples=40, steps=2, nonce=task.nonce, train_loss=1.0,
+                          duration_s=0.01)
         self.channel.send(self.channel.topics.up(self.id, "update"), update_message(
             fleet=self.fleet, device=self.id, round=task.round, model_version=task.model_version,
             attempt=0, codec="fp32", meta=meta, codec_body=body))

@@ -149,6 +149,36 @@ def test_max_pending_sets_evicts_the_oldest() -> None:
     assert r.pending_sets == 2 and r.stats.evicted == 1
 
 
+def test_one_sender_cannot_evict_anothers_sets_or_hold_empty_chunks() -> None:
+    r = Reassembler(limits=ReassemblyLimits(max_pending_sets=16, max_sets_per_sender=4))
+    honest = split_message(_msg(b"h" * 100_000, device="dev-1"), max_payload=8192)
+    for p in honest[:6]:
+        assert r.feed(Chunk.from_bytes(p)) is None
+    for tid in range(300):  # one device's small incomplete sets
+        part = split_message(_msg(b"n" * 3000, device="dev-2", transfer_id=tid + 1),
+                             max_payload=2048)[0]
+        r.feed(Chunk.from_bytes(part))
+    assert r.sender_usage("f1", "dev-2")[0] == 4 and r.stats.sender_limited >= 296
+    done = [r.feed(Chunk.from_bytes(p)) for p in honest[6:]]
+    assert done[-1] is not None and done[-1].body == b"h" * 100_000
+    # every chunk is charged its record's cost: many tiny chunks are not free
+    tiny = ReassemblyLimits(max_bytes_per_sender=64 * 1024, chunk_overhead=512)
+    r = Reassembler(limits=tiny)
+    with pytest.raises(ChunkError, match="holds"):
+        for i in range(1000):
+            chunk = Chunk(kind=Kind.UPDATE, fleet="f1", device="dev-2", round=1,
+                          model_version=0, attempt=0, codec="raw", transfer_id=9,
+                          chunk_index=i, chunk_count=65536, total_length=10**6,
+                          offset=i, body_crc32=0, data=b"x")
+            r.feed(chunk)
+    assert r.pending_bytes == 0
+    empty = Chunk(kind=Kind.UPDATE, fleet="f1", device="dev-2", round=1, model_version=0,
+                  attempt=0, codec="raw", transfer_id=9, chunk_index=3, chunk_count=65536,
+                  total_length=100, offset=0, body_crc32=0, data=b"")
+    with pytest.raises(EnvelopeError, match="empty chunk"):
+        Chunk.from_bytes(empty.to_bytes())
+
+
 def test_message_validates_fields() -> None:
     with pytest.raises(ConfigError):
         _msg(b"", device="bad/id")

@@ -36,33 +36,77 @@ _JSON = st.recursive(
 )
 
 
+_TASK = {"round": 4, "model_version": 3, "artifacts_hash": "ab", "model_hash": "c" * 64,
+         "nonce": "0123456789abcdef"}
+
+
 def test_task_round_trip_and_field_checks() -> None:
-    task = TaskSpec(round=4, model_version=3, artifacts_hash="ab", codec="q8", max_steps=7)
+    task = TaskSpec(**{**_TASK, "codec": "q8", "max_steps": 7, "num_classes": 10})  # type: ignore[arg-type]
     assert TaskSpec.from_message(task.to_message(fleet="f", device="d", round=4)) == task
     with pytest.raises(ProtocolError, match="round"):
-        TaskSpec.from_dict({"round": "4", "model_version": 3, "artifacts_hash": "ab"})
+        TaskSpec.from_dict({**_TASK, "round": "4"})
     with pytest.raises(ProtocolError, match="required field"):
         TaskSpec.from_dict({"round": 4})
     with pytest.raises(ProtocolError, match="positive"):
-        TaskSpec.from_dict({"round": 4, "model_version": 3, "artifacts_hash": "a", "lr": -1})
+        TaskSpec.from_dict({**_TASK, "lr": -1})
     with pytest.raises(ProtocolError, match="bool"):
-        TaskSpec.from_dict({"round": True, "model_version": 3, "artifacts_hash": "a"})
+        TaskSpec.from_dict({**_TASK, "round": True})
     with pytest.raises(ProtocolError, match="expected a task"):
         TaskSpec.from_message(Ack(round=1).to_message(fleet="f", device="d"))
+    # protocol 2: a task without a nonce or a model hash (protocol 1) is refused, typed
+    for missing in ("nonce", "model_hash"):
+        with pytest.raises(ProtocolError, match=f"required field '{missing}'"):
+            TaskSpec.from_dict({k: v for k, v in _TASK.items() if k != missing})
+    with pytest.raises(ProtocolError, match="sha256"):
+        TaskSpec.from_dict({**_TASK, "model_hash": "5"})
+
+
+def test_numbers_in_control_messages_are_bounded() -> None:
+    # 10,000 digits: refused before Python converts them (no ValueError, no slow parse)
+    hello = Message(kind=Kind.HELLO, fleet="f", device="d", codec="json",
+                    body=b'{"num_samples": ' + b"9" * 10_000 + b"}")
+    with pytest.raises(WireError, match="integer"):
+        Hello.from_message(hello)
+    # within JSON's digits, above what every JSON reader holds exactly
+    with pytest.raises(ProtocolError, match="out of range"):
+        Hello.from_dict({"num_samples": 2**60})
+    for literal in (b"NaN", b"Infinity", b"1e999"):
+        msg = Message(kind=Kind.TASK, fleet="f", device="d", codec="json",
+                      body=b'{"lr": ' + literal + b"}")
+        with pytest.raises(WireError):
+            msg.json()
+
+
+def test_deeply_nested_json_is_a_typed_error() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    hello = Message(kind=Kind.HELLO, fleet="f", device="d", codec="json",
+                    body=b'{"profile": ' + deep + b"}")
+    with pytest.raises(WireError, match="nested too deeply"):
+        Hello.from_message(hello)
+    within_limit = b"[" * 30_000 + b"]" * 30_000  # metadata is at most 64 KiB
+    with pytest.raises(ProtocolError, match="nested too deeply"):
+        unpack_update_body(_raw_bytes(b'{"x": ' + within_limit + b"}"))
+
+
+def _raw_bytes(raw: bytes) -> bytes:
+    return len(raw).to_bytes(4, "little") + raw
 
 
 def test_update_body_round_trip_and_bounds() -> None:
-    meta = UpdateMeta(num_samples=80, steps=3, train_loss=1.5, duration_s=0.2)
+    meta = UpdateMeta(num_samples=80, steps=3, nonce="n" * 16, train_loss=1.5, duration_s=0.2)
     got, body = unpack_update_body(pack_update_body(meta, b"codec-bytes"))
     assert got == meta and body == b"codec-bytes"
     with pytest.raises(ProtocolError, match="too short"):
         unpack_update_body(b"\x01")
     with pytest.raises(ProtocolError, match="out of bounds"):
         unpack_update_body(b"\xff\xff\xff\x7f" + b"{}")
-    with pytest.raises(ProtocolError, match="not JSON"):
+    with pytest.raises(ProtocolError, match="malformed json"):
         unpack_update_body(b"\x02\x00\x00\x00{x")
     with pytest.raises(ProtocolError, match=">= 0"):
         unpack_update_body(_raw_meta({"num_samples": -1, "steps": 0, "train_loss": 0.0,
+                                      "duration_s": 0.0, "nonce": "n" * 16}))
+    with pytest.raises(ProtocolError, match="required field 'nonce'"):
+        unpack_update_body(_raw_meta({"num_samples": 1, "steps": 0, "train_loss": 0.0,
                                       "duration_s": 0.0}))
 
 

@@ -30,8 +30,10 @@ from broker_bridge import (
     encode_update,
     presence_message,
     presence_will,
+    read_model_message,
     unpack_bundle,
     update_message,
+    weights_hash,
 )
 from cloud_aggregator._config import AggregatorConfig, load_config
 from cloud_aggregator._rounds import ManualClock
@@ -100,8 +102,10 @@ class FakeDevice:
         if codec_body is None:
             vec = fake_update(self.id, r, layout.size) if values is None else values
             codec_body = encode_update(vec, layout, CodecSpec.parse(codec), rng=0).body
+        nonce = next((t.nonce for t in reversed(self.tasks) if t.round == r), "no-task-nonce")
         meta = UpdateMeta(num_samples=self.num_samples if num_samples is None else num_samples,
-                          steps=2, train_loss=1.0, duration_s=0.1, emulated_s=emulated_s)
+                          steps=2, nonce=nonce, train_loss=1.0, duration_s=0.1,
+                          emulated_s=emulated_s)
         msg = update_message(fleet=FLEET, device=self.id, round=r, model_version=v,
                              attempt=attempt, codec=codec, meta=meta, codec_body=codec_body)
         self.channel.send(self.channel.topics.up(self.id, "update"), msg)
@@ -156,8 +160,9 @@ def test_a_round_averages_what_devices_sent(tmp_path: Path, artifacts: Path) -> 
     expected = (50 * ups["d0"] + 50 * ups["d1"] + 150 * ups["d2"]) / 250
     np.testing.assert_allclose(agg.params, start + expected.astype(np.float32), atol=1e-6)
     # the new model went out once on broadcast/model and decodes to the global weights
-    model = fleet["d0"].models[1]
-    np.testing.assert_array_equal(decode_model(model.body, agg.layout), agg.params)
+    meta, body = read_model_message(fleet["d0"].models[1])
+    np.testing.assert_array_equal(decode_model(body, agg.layout), agg.params)
+    assert meta.model_hash == weights_hash(agg.params)
     rows = agg.metrics_log.read()
     assert rows[-1]["round"] == 1 and rows[-1]["devices_reported"] == 3
     assert rows[-1]["bytes_up"] > 3 * 4 * agg.layout.size
@@ -183,7 +188,8 @@ def test_duplicates_count_once_whatever_the_attempt(tmp_path: Path, artifacts: P
 def test_bad_updates_are_rejected_by_rule(tmp_path: Path, artifacts: Path) -> None:
     broker = MemoryBroker()
     fleet = devices(broker, 5)
-    agg = make(tmp_path, artifacts, broker, devices_per_round=4, quorum=1, min_devices=4)
+    agg = make(tmp_path, artifacts, broker, devices_per_round=4, quorum=1, min_devices=4,
+               max_update_norm=1e4)  # an absolute cap, as an option (off by default)
     agg.tick()
     chosen = [d for d in fleet.values() if d.tasks]
     outsider = next(d for d in fleet.values() if not d.tasks)
@@ -208,12 +214,13 @@ def test_bad_updates_are_rejected_by_rule(tmp_path: Path, artifacts: Path) -> No
     assert replay_dev.last_ack().status == "rejected"
     assert "stale_round" in replay_dev.last_ack().reason
 
-    outsider.tasks.append(TaskSpec(round=1, model_version=0, artifacts_hash="x"))
+    outsider.tasks.append(TaskSpec(round=1, model_version=0, artifacts_hash="x",
+                                   model_hash="0" * 64, nonce="forged-nonce"))
     outsider.send_update(layout=agg.layout)
     assert outsider.last_ack().status == "rejected"
     assert "not_selected" in outsider.last_ack().reason
 
-    good.send_update(layout=agg.layout, values=np.full(agg.layout.size, 1e3, np.float32))
+    good.send_update(layout=agg.layout, values=np.full(agg.layout.size, 1e5, np.float32))
     assert good.last_ack().status == "rejected"  # norm way above max_update_norm
     assert "norm_above_cap" in good.last_ack().reason
 
@@ -315,8 +322,10 @@ def test_serves_artifacts_and_models(tmp_path: Path, artifacts: Path) -> None:
     dev.models.clear()
     dev.channel.send(dev.channel.topics.up("d0", "request"),
                      Request(want="model", model_version=0).to_message(fleet=FLEET, device="d0"))
-    weights = decode_model(dev.models[0].body, agg.layout)
+    meta, body = read_model_message(dev.models[0])
+    weights = decode_model(body, agg.layout)
     np.testing.assert_allclose(weights, agg.params, rtol=1e-3, atol=1e-3)  # fp16 downlink
+    assert meta.model_hash == weights_hash(weights)  # the hash of what a device decodes
     agg.close()
 
 

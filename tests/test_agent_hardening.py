@@ -1,0 +1,82 @@
+"""The agent's half of issue 12: labels outside the model's classes, a truncated .npz,
+the task nonce echoed, and status lines that say what the agent waits for."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_agent import Rig, idle, make_data, wait_for
+
+from broker_bridge import unpack_update_body
+from edge_runtime import AgentSettings, DataError, LocalData
+from edge_runtime._data import load_npz
+
+
+@pytest.fixture
+def rig(tmp_path: Path, artifacts: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path, artifacts)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def test_labels_outside_the_models_classes_are_a_data_error(rig: Rig) -> None:
+    data = make_data()
+    y = data.y.copy()
+    y[3] = 11  # the model has 10 classes
+    agent = rig.agent(data=LocalData(x=data.x, y=y))
+    rig.agg.send_task("dev-1", rig.agg.task(num_classes=10))
+    assert wait_for(lambda: rig.agg.errors and idle(agent))
+    (err,) = rig.agg.errors
+    assert err.code == "data" and "[0, 11]" in err.message and "10" in err.message
+    assert not rig.agg.updates  # it trained and was accepted before
+    # restarted on the same data, it says so at once, before any task
+    agent.stop()
+    again = rig.agent(data=LocalData(x=data.x, y=y))
+    assert again.data_problem() == "class labels range over [0, 11]; the model has 10 classes"
+    assert rig.agent("dev-2", data=data).data_problem() is None
+
+
+def test_the_update_echoes_its_tasks_nonce(rig: Rig) -> None:
+    agent = rig.agent()
+    rig.agg.send_task("dev-1", rig.agg.task(round_=4, nonce="a-task-nonce-4"))
+    assert wait_for(lambda: rig.agg.updates and idle(agent))
+    meta, _ = unpack_update_body(rig.agg.updates[0].body)
+    assert meta.nonce == "a-task-nonce-4"
+
+
+def test_a_truncated_npz_is_a_data_error(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, x=np.zeros((10, 40), np.float32), y=np.zeros(10, np.int64))
+    for cut in (10, 300, len(buf.getvalue()) - 40):
+        path = tmp_path / f"cut{cut}.npz"
+        path.write_bytes(buf.getvalue()[:cut])
+        with pytest.raises(DataError, match=r"not a readable \.npz"):  # was BadZipFile
+            load_npz(path)
+
+
+def test_status_lines_say_what_the_agent_waits_for(rig: Rig) -> None:
+    said: list[str] = []
+    rig.agg.resend_tasks = False
+    agent = rig.agent(settings=AgentSettings(status_interval_s=1.0, request_timeout_s=30.0),
+                      on_status=said.append)
+    agent.poll(agent._last_status + 2)
+    assert "waiting for a task from the aggregator of fleet 'unit'" in said[-1]
+    assert "--fleet unit" in said[-1]
+    # the aggregator does not answer the model request: the line says so
+    rig.agg.models.pop(0)
+    rig.agg.send_task("dev-1", rig.agg.task(round_=2, model_hash="e" * 64))
+    assert wait_for(lambda: agent._waiting_for is not None and "model" in agent._waiting_for)
+    agent.poll(agent._last_status + 2)
+    assert said[-1].startswith("round 2: waiting for global model version 0 (eeeeeeeeeeee...)")
+    agent._stop.set()
+    rig.agg.cancel("dev-1", 2)
+    assert wait_for(lambda: idle(agent))
+    agent.channel.transport.close()
+    agent.poll(agent._last_status + 2)
+    assert said[-1].startswith("waiting for the broker")
