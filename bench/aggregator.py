@@ -1,64 +1,80 @@
-"""Aggregator ingestion benchmark on genuine ``mlp-xl`` updates.
+"""Aggregator ingest benchmark: genuine ``mlp-xl`` updates through the whole service path.
 
-Updates come from real local training: the 40-1024-1024-10 MLP (1.1M parameters, the
-reference artifacts) is trained with ONNX Runtime for one epoch on each of a few
-MNIST-1D device partitions (Dirichlet(0.5), seed 0), and update = trained - global.
-Each is encoded as dense fp32 and as ``topk:0.01+q8+zstd``. Ingestion is what the
-service does per update: unpack the update body, decode with the layout, validate
-(finite, norm rules), accumulate into the streaming sum. Peak memory (tracemalloc,
-numpy allocations included) is measured as the number of updates grows, beside a
-naive "decode all, then average" baseline in the same run.
+Updates come from real local training: the 40-1024-1024-10 MLP (1.1M parameters) is
+trained with ONNX Runtime for one epoch on each of a few MNIST-1D device partitions
+(Dirichlet(0.5), seed 0), and update = trained - global; each is encoded as
+``topk:0.01+q8+zstd`` (compressed) and as dense ``fp32``.
 
-    python bench/aggregator.py [--counts 10,50,200] [--devices 6]
+*Service* scenarios drive a real ``Aggregator`` (its own SQLite store, synchronous FULL,
+so every acknowledged update is durable) over an in-memory broker: N fake devices say
+hello, the aggregator selects them, and each answers its task with one update (the task's
+nonce and model hash echoed, bodies reused cyclically). Throughput is N over the time
+from the first update sent to the last acknowledgement received; the run loop runs in
+its own thread, as in production. ``sync``: one round of N devices; ``async``: FedBuff
+with N devices in flight and a buffer of ``--buffer`` updates. Peak memory is the
+process's ``VmHWM`` growth while ingesting, for two counts (flat means it does not grow
+with N).
+
+``--repo DIR`` runs the same scenarios against another checkout (e.g. the commit before
+the ingest pipeline): run it twice, or let ``--baseline-rev REV`` make a temporary
+worktree of REV and run it there in a child process, and print both side by side.
+
+    python bench/aggregator.py [--counts 200,800] [--baseline-rev REV]
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
+import subprocess
 import sys
 import tempfile
+import threading
 import time
-import tracemalloc
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+if "--repo" in sys.argv:  # import another checkout's packages (a baseline run)
+    sys.path.insert(0, sys.argv[sys.argv.index("--repo") + 1])
+else:
+    sys.path.insert(0, str(REPO))
 
-import numpy as np
+import numpy as np  # noqa: E402
 
-from broker_bridge import (
-    CodecSpec,
-    Layout,
-    UpdateMeta,
-    decode_update,
-    encode_update,
-    pack_update_body,
-    unpack_update_body,
-)
-from cloud_aggregator._aggregation import StreamingAccumulator, UpdateRules, validate_update
-from cloud_aggregator._artifacts import build_artifacts, initial_parameters, read_manifest
-from cloud_aggregator._models import build_reference_model
-from edge_runtime._datasets import load_mnist1d, partition_dirichlet
-from edge_runtime._training import open_trainer
-
-SPECS = ("fp32", "topk:0.01+q8+zstd")
+SPECS = ("topk:0.01+q8+zstd", "fp32")
+FLEET = "bench"
 
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def genuine_updates(devices: int) -> tuple[Layout, list[np.ndarray], list[int]]:
+def vm_hwm_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def genuine_updates(devices: int, cache: Path) -> tuple[list[np.ndarray], list[int]]:
+    """Trained-minus-initial vectors of ``devices`` partitions (cached as .npz)."""
+    path = cache / f"mlp-xl-updates-{devices}.npz"
+    if path.exists():
+        with np.load(path) as npz:
+            return [npz[f"u{i}"] for i in range(devices)], [int(n) for n in npz["samples"]]
+    from cloud_aggregator._artifacts import build_artifacts, initial_parameters
+    from cloud_aggregator._models import build_reference_model
+    from edge_runtime._datasets import load_mnist1d, partition_dirichlet
+    from edge_runtime._training import open_trainer
+
     data = load_mnist1d()
     parts = partition_dirichlet(data.y_train, 100, alpha=0.5, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         build_artifacts(build_reference_model("mlp-xl", 0), tmp)
-        info = read_manifest(tmp)
-        layout = Layout(tensors=tuple((n, tuple(s)) for n, s in info.parameters))
         init = initial_parameters(tmp)
         trainer = open_trainer(tmp)
         updates, samples = [], []
@@ -68,91 +84,209 @@ def genuine_updates(devices: int) -> tuple[Layout, list[np.ndarray], list[int]]:
             trainer.train(data.x_train[idx], data.y_train[idx], epochs=1, lr=0.05, seed=d)
             updates.append(trainer.get_parameters() - init)
             samples.append(len(idx))
-    return layout, updates, samples
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, samples=np.asarray(samples), **{f"u{i}": u for i, u in enumerate(updates)})
+    return updates, samples
 
 
-def ingest_ours(bodies: list[bytes], layout: Layout, count: int) -> tuple[float, np.ndarray]:
-    rules = UpdateRules(size=layout.size, max_norm=1e4)
-    acc = StreamingAccumulator(size=layout.size)
-    norms: list[float] = []
-    start = time.perf_counter()
-    for i in range(count):
-        meta, body = unpack_update_body(bodies[i % len(bodies)])
-        update = decode_update(body, layout)
-        verdict = validate_update(update, rules=rules, accepted_norms=norms)
-        if verdict.ok:
-            acc.add(update, float(meta.num_samples))
-            norms.append(verdict.norm)
-        del update
-    return time.perf_counter() - start, acc.result()
+class Swarm:
+    """N fake devices on one in-memory broker, answering tasks by hand."""
+
+    def __init__(self, broker: Any, n: int) -> None:
+        from broker_bridge import Channel, Kind, MemoryTransport, TaskSpec, presence_will
+
+        self.kind, self.task_spec = Kind, TaskSpec
+        self.tasks: dict[str, Any] = {}
+        self.answered: set[int] = set()
+        self.acks = 0
+        self.rejected: list[str] = []
+        self.first_ack = threading.Event()
+        self._lock = threading.Lock()
+        self.channels = {}
+        for i in range(n):
+            dev = f"d{i:05d}"
+            transport = MemoryTransport(broker=broker, client_id=dev,
+                                        will=presence_will(fleet=FLEET, device=dev))
+            channel = Channel(transport=transport, fleet=FLEET)
+            transport.connect()
+            channel.subscribe(channel.topics.device_down(dev), self._handler(dev))
+            self.channels[dev] = channel
+
+    def _handler(self, dev: str) -> Any:
+        def on(topic: str, message: Any) -> None:
+            from broker_bridge import Ack
+
+            if message.kind == self.kind.TASK:
+                self.tasks[dev] = self.task_spec.from_message(message)
+            elif message.kind == self.kind.ACK:
+                ack = Ack.from_message(message)
+                if ack.what == "update":
+                    with self._lock:
+                        self.acks += 1
+                        if ack.status != "accepted":
+                            self.rejected.append(f"{dev}: {ack.status} {ack.reason}")
+            elif message.kind == self.kind.CONTROL:  # roll call
+                self.hello(dev)
+        return on
+
+    def hello(self, dev: str) -> None:
+        from broker_bridge import Hello, presence_message
+        from device_profiles import get_profile
+
+        channel = self.channels[dev]
+        channel.send(channel.topics.presence(dev),
+                     presence_message(fleet=FLEET, device=dev, status="online"), retain=True)
+        hello = Hello(profile=get_profile("pi4").to_dict(), eligibility={"eligible": True},
+                      num_samples=80)
+        channel.send(channel.topics.up(dev, "hello"), hello.to_message(fleet=FLEET, device=dev))
+
+    def send_updates(self, bodies: list[bytes], samples: list[int], codec: str,
+                     profile: bool = False) -> None:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile() if profile else None
+        if prof is not None:
+            prof.enable()
+        self._send_updates(bodies, samples, codec)
+        if prof is not None:
+            prof.disable()
+            pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
+
+    def _send_updates(self, bodies: list[bytes], samples: list[int], codec: str) -> None:
+        from broker_bridge import UpdateMeta, update_message
+
+        for i, (dev, channel) in enumerate(self.channels.items()):
+            task = self.tasks[dev]
+            meta = UpdateMeta(num_samples=samples[i % len(samples)], steps=3, nonce=task.nonce,
+                              train_loss=1.0, duration_s=0.1)
+            msg = update_message(fleet=FLEET, device=dev, round=task.round,
+                                 model_version=task.model_version, attempt=0, codec=codec,
+                                 meta=meta, codec_body=bodies[i % len(bodies)])
+            self.answered.add(task.round)
+            channel.send(channel.topics.up(dev, "update"), msg)
 
 
-def ingest_naive(bodies: list[bytes], layout: Layout, count: int) -> tuple[float, np.ndarray]:
-    start = time.perf_counter()
-    kept, weights = [], []
-    for i in range(count):
-        meta, body = unpack_update_body(bodies[i % len(bodies)])
-        kept.append(decode_update(body, layout))
-        weights.append(float(meta.num_samples))
-    result = np.average(np.stack(kept), axis=0, weights=np.asarray(weights)).astype(np.float32)
-    return time.perf_counter() - start, result
+def run_service(mode: str, codec: str, bodies: list[bytes], samples: list[int], n: int,
+                buffer: int, state: Path, profile: bool = False) -> dict[str, Any]:
+    from broker_bridge import Channel, MemoryBroker, MemoryTransport
+    from cloud_aggregator import Aggregator, AggregatorConfig
+
+    broker = MemoryBroker()
+    swarm = Swarm(broker, n)
+    cfg = AggregatorConfig(
+        fleet=FLEET, model="mlp-xl", rounds=1_000_000, mode=mode, devices_per_round=n,
+        over_selection=1.0, quorum=n, min_devices=n, deadline_s=3600.0, codec=codec,
+        concurrency=n, buffer_size=buffer, state_dir=state, progress=False, seed=0)
+    agg = Aggregator(config=cfg, channel=Channel(
+        transport=MemoryTransport(broker=broker, client_id="aggregator"), fleet=FLEET))
+    agg.start()
+    for dev in swarm.channels:
+        swarm.hello(dev)
+    runner = threading.Thread(target=agg.run, name="aggregator-run", daemon=True)
+    runner.start()
+    # A first round (or buffer) warms the screens up (their first updates are judged
+    # differently: no history yet); the second is timed.
+    for phase in ("warm-up", "timed"):
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (
+                len(swarm.tasks) < n or any(t.round in swarm.answered
+                                            for t in list(swarm.tasks.values()))):
+            time.sleep(0.005)
+        if len(swarm.tasks) < n or any(t.round in swarm.answered for t in swarm.tasks.values()):
+            raise SystemExit(f"{phase}: not every device got a new task")
+        acked0 = swarm.acks
+        rss0 = vm_hwm_mb()
+        t0 = time.perf_counter()
+        swarm.send_updates(bodies, samples, codec, profile=profile and phase == "timed")
+        while swarm.acks < acked0 + n and time.perf_counter() - t0 < 600:
+            time.sleep(0.001)
+        seconds = time.perf_counter() - t0
+        rss1 = vm_hwm_mb()
+    agg.stop()
+    runner.join(timeout=60)
+    agg.close()
+    return {"mode": mode, "codec": codec, "updates": n, "acked": swarm.acks - acked0,
+            "rejected": len(swarm.rejected), "seconds": round(seconds, 3),
+            "updates_per_s": round(n / seconds, 1), "peak_rss_growth_mb": round(rss1 - rss0, 1),
+            "first_rejections": swarm.rejected[:3]}
 
 
-def peak_mb(fn: Any, *args: Any) -> tuple[float, float, np.ndarray]:
-    gc.collect()
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    seconds, result = fn(*args)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return seconds, peak / 2**20, result
+def scenarios(args: argparse.Namespace) -> dict[str, Any]:
+    from broker_bridge import CodecSpec, Layout, encode_update
+    from cloud_aggregator._models import build_reference_model
+
+    cache = Path(args.cache)
+    updates, samples = genuine_updates(args.devices, cache)
+    model = build_reference_model("mlp-xl", 0)
+    layout = Layout(tensors=tuple((i.name, tuple(int(d) for d in i.dims))
+                                  for i in model.graph.initializer if len(i.dims) >= 1))
+    out: dict[str, Any] = {"parameters": layout.size, "runs": []}
+    for codec in SPECS:
+        spec = CodecSpec.parse(codec)
+        bodies = [encode_update(u, layout, spec, rng=0).body for u in updates]
+        counts = [int(c) for c in (args.counts if codec != "fp32" else args.dense_counts)
+                  .split(",")]
+        for mode in ("sync", "async"):
+            for n in counts:
+                with tempfile.TemporaryDirectory(prefix="fleetlearn-bench-agg-") as tmp:
+                    row = run_service(mode, codec, bodies, samples, n, args.buffer, Path(tmp),
+                                      profile=args.profile)
+                say(f"  {mode:5s} {codec:18s} n={n:5d}: {row['updates_per_s']:8.1f} updates/s, "
+                    f"peak RSS +{row['peak_rss_growth_mb']} MB, rejected {row['rejected']}")
+                out["runs"].append(row)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--counts", default="10,50,200")
-    parser.add_argument("--devices", type=int, default=6)
+    parser.add_argument("--counts", default="200,800", help="compressed updates per scenario")
+    parser.add_argument("--dense-counts", default="50,100", help="dense fp32 updates")
+    parser.add_argument("--buffer", type=int, default=100, help="async buffer size (K)")
+    parser.add_argument("--devices", type=int, default=6, help="genuine updates to train")
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "fleetlearn"))
+    parser.add_argument("--repo", default=None, help="run another checkout's code")
+    parser.add_argument("--baseline-rev", default=None,
+                        help="also run this git revision (in a temporary worktree)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print a cProfile of each timed ingest to stderr")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    counts = [int(c) for c in args.counts.split(",")]
-    say(f"training {args.devices} genuine mlp-xl updates with ONNX Runtime...")
-    layout, updates, samples = genuine_updates(args.devices)
-    model_mb = layout.size * 4 / 2**20
-    say(f"  {layout.size} parameters ({model_mb:.1f} MB fp32); update norms "
-        f"{[round(float(np.linalg.norm(u)), 3) for u in updates]}")
-    out: dict[str, Any] = {
-        "model": "mlp-xl", "parameters": layout.size, "model_mb": round(model_mb, 2),
-        "updates_source": f"ONNX Runtime training, 1 epoch on {args.devices} MNIST-1D "
-                          "Dirichlet(0.5) device partitions (bodies reused cyclically)",
-        "codecs": {},
-    }
-    for text in SPECS:
-        spec = CodecSpec.parse(text)
-        bodies = []
-        for u, n in zip(updates, samples, strict=True):
-            meta = UpdateMeta(num_samples=n, steps=3, nonce="bench", train_loss=1.0,
-                              duration_s=0.1)
-            bodies.append(pack_update_body(meta, encode_update(u, layout, spec, rng=0).body))
-        body_kb = float(np.mean([len(b) for b in bodies])) / 1024
-        rows = []
-        for count in counts:
-            s_ours, mb_ours, r_ours = peak_mb(ingest_ours, bodies, layout, count)
-            s_naive, mb_naive, r_naive = peak_mb(ingest_naive, bodies, layout, count)
-            max_diff = float(np.abs(r_ours - r_naive).max())
-            row = {
-                "updates": count,
-                "updates_per_s": round(count / s_ours, 1),
-                "naive_updates_per_s": round(count / s_naive, 1),
-                "peak_mb": round(mb_ours, 1),
-                "naive_peak_mb": round(mb_naive, 1),
-                "ratio_peak_vs_naive": round(mb_ours / mb_naive, 3),
-                "max_abs_diff_vs_naive": max_diff,
-            }
-            say(f"{text:20s} n={count:4d}: {row['updates_per_s']:8.1f} upd/s "
-                f"(naive {row['naive_updates_per_s']:.1f}), peak {row['peak_mb']:.1f} MB "
-                f"(naive {row['naive_peak_mb']:.1f} MB)")
-            rows.append(row)
-        out["codecs"][text] = {"body_kb": round(body_kb, 1), "runs": rows}
-    print(json.dumps(out))
+    if args.child:
+        print(json.dumps(scenarios(args)))
+        return
+    say(f"training (or loading) {args.devices} genuine mlp-xl updates...")
+    genuine_updates(args.devices, Path(args.cache))
+    say(f"this checkout ({REPO}):")
+    ours = scenarios(args)
+    result: dict[str, Any] = {"model": "mlp-xl", "parameters": ours["parameters"],
+                              "store_synchronous": "FULL", "ours": ours["runs"]}
+    if args.baseline_rev:
+        with tempfile.TemporaryDirectory(prefix="fleetlearn-baseline-") as tmp:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", tmp,
+                            args.baseline_rev], check=True, capture_output=True)
+            try:
+                say(f"baseline {args.baseline_rev}:")
+                child = subprocess.run(
+                    [sys.executable, __file__, "--child", "--repo", tmp, "--counts", args.counts,
+                     "--dense-counts", args.dense_counts, "--buffer", str(args.buffer),
+                     "--devices", str(args.devices), "--cache", args.cache],
+                    capture_output=True, text=True, timeout=3600)
+                sys.stderr.write(child.stderr)
+                base = json.loads(child.stdout.strip().splitlines()[-1])["runs"]
+            finally:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", tmp],
+                               capture_output=True)
+        result["baseline_rev"] = args.baseline_rev
+        result["baseline"] = base
+        ratios = {}
+        for mine, theirs in zip(ours["runs"], base, strict=True):
+            key = f"{mine['mode']}:{mine['codec']}:{mine['updates']}"
+            ratios[key] = round(mine["updates_per_s"] / theirs["updates_per_s"], 2)
+        result["speedup_vs_baseline"] = ratios
+    compressed = [r for r in ours["runs"] if r["codec"] != "fp32"]
+    result["compressed_at_least_1000_per_s"] = all(r["updates_per_s"] >= 1000 for r in compressed)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -228,6 +228,30 @@ class StreamingAccumulator:
         self._total_weight += weight
         self._count += 1
 
+    def add_sparse(
+        self, indices: npt.NDArray[np.integer], values: FloatArray, weight: float, *,
+        scale: float = 1.0,
+    ) -> None:
+        """Accumulate an update given by its nonzero coordinates, in O(len(indices)).
+
+        The same sum as ``add`` of the dense vector; repeated indices add up.
+        """
+        if indices.shape != values.shape or indices.ndim != 1:
+            raise AggregatorError("sparse update: indices and values differ in shape")
+        if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= self._size):
+            raise AggregatorError("sparse update: an index is outside the model")
+        if not (weight > 0 and math.isfinite(weight)):
+            raise AggregatorError(f"weight must be positive and finite, got {weight}")
+        if not (scale >= 0 and math.isfinite(scale)):
+            raise AggregatorError(f"scale must be non-negative and finite, got {scale}")
+        contribution = values.astype(np.float64) * (weight * scale)
+        if indices.size < 2 or bool(np.all(indices[1:] > indices[:-1])):
+            self._sum[indices] += contribution  # distinct indices: one fancy-indexed add
+        else:
+            np.add.at(self._sum, indices, contribution)
+        self._total_weight += weight
+        self._count += 1
+
     def merge(self, other: StreamingAccumulator) -> None:
         """Fold another accumulator of the same size in (sharded aggregation)."""
         if other.size != self._size:

@@ -108,6 +108,18 @@ class StoredUpdate:
 
 
 @dataclass(frozen=True, kw_only=True)
+class JournalEntry:
+    """One accepted update to journal: its idempotency key, the journal stream it
+    belongs to (a sync round's index, or the model version a FedBuff buffer builds),
+    its encoded body and plain-JSON metadata."""
+
+    key: UpdateKey
+    stream: int
+    body: bytes
+    meta: Mapping[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
 class Metric:
     fleet: str
     round: int
@@ -557,6 +569,27 @@ class Store:
             )
             return True
 
+    def journal(self, entries: Sequence[JournalEntry], *, at: float | None = None) -> list[bool]:
+        """Accept and keep several updates in one transaction (a group commit).
+
+        Returns, per entry, whether it was new (False: its key was already accepted,
+        and nothing of it is stored). Either every new entry is durable or none is.
+        """
+        when = _now(at)
+        fresh: list[bool] = []
+        rows = [(e, _json(dict(e.meta))) for e in entries]
+        with self._write() as conn:
+            for entry, meta_json in rows:
+                seq = self._accept_tx(conn, entry.key, when)
+                fresh.append(seq is not None)
+                if seq is not None:
+                    conn.execute(
+                        "INSERT INTO round_updates (seq, fleet, round, body, meta)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (seq, entry.key.fleet, entry.stream, bytes(entry.body), meta_json),
+                    )
+        return fresh
+
     def round_updates(self, fleet: str, round_index: int) -> Iterator[StoredUpdate]:
         """The open round's kept updates in acceptance order (re-accumulate them on resume).
 
@@ -660,6 +693,7 @@ class Store:
         states: Mapping[str, bytes] | None = None,
         close_round: int | None = None,
         missed: Iterable[str] = (),
+        drop_stream: int | None = None,
         at: float | None = None,
     ) -> CheckpointRecord:
         """Write the global model durably, then record it in one transaction.
@@ -697,6 +731,9 @@ class Store:
                 _put_state(conn, key, body, record.created_at)
             if close_round is not None:
                 self._close_round_tx(conn, fleet, close_round, "closed", missed, record.created_at)
+            if drop_stream is not None:  # a FedBuff buffer released into this model
+                conn.execute("DELETE FROM round_updates WHERE fleet = ? AND round = ?",
+                             (fleet, drop_stream))
         return record
 
     def checkpoint(

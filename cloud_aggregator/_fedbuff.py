@@ -1,0 +1,285 @@
+"""FedBuff: asynchronous, buffered aggregation.
+
+``concurrency`` devices train at once, each on the model version current when it was
+given its task; every accepted update goes into the buffer discounted by its
+staleness (``_aggregation.staleness_discount``; too stale: refused), and once the
+buffer holds ``buffer_size`` updates (at the end of a journal batch, which is never
+split) their weighted mean is applied with the server optimizer as a new model
+version. Clipping, robust rules and the screens are the same as in sync rounds (one
+``RoundAggregate``).
+
+Durability: each accepted update is journaled with its weight and discount under the
+model version its buffer builds; a release writes the new model and drops that
+journal in one transaction. A restarted aggregator replays the open buffer's journal,
+so no accepted update is lost or counted twice, and the buffer is never snapshotted
+per update. The tasks in flight are saved when dispatched (small) and re-sent.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from broker_bridge import Ack, ErrorReport, Hello, Message, WireError, printable, unpack_update_body
+from cloud_aggregator._aggregate import Contribution, RoundAggregate
+from cloud_aggregator._aggregation import StalenessPolicy, check_staleness, staleness_discount
+from cloud_aggregator._errors import AggregatorError
+from cloud_aggregator._ingest import Rejection, UpdateItem
+from cloud_aggregator._metrics import RoundMetrics
+from cloud_aggregator._rounds import AsyncScheduler
+from cloud_aggregator._status import async_line, fleet_view
+from cloud_aggregator._store import StoreError
+from cloud_aggregator._strategy import Admit, Reply, StrategyContext, record_round
+from cloud_aggregator._sync import _decode, finite_loss, took
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_STATE = "fedbuff_tasks"
+"""State name: the tasks in flight (written when they are dispatched)."""
+DONE_MEMORY = 10_000
+
+
+class FedBuff:
+    """Buffered asynchronous aggregation (see the module doc)."""
+
+    name = "async"
+    defers_bootstrap = False
+
+    def __init__(self) -> None:
+        self._ctx: StrategyContext | None = None
+        self._sched: AsyncScheduler | None = None
+        self._agg: RoundAggregate | None = None
+        self._policy = StalenessPolicy()
+        self._done: collections.OrderedDict[tuple[int, str], None] = collections.OrderedDict()
+        self._started = 0.0
+
+    @property
+    def ctx(self) -> StrategyContext:
+        if self._ctx is None:
+            raise AggregatorError(f"strategy {self.name} is not bound to an aggregator")
+        return self._ctx
+
+    @property
+    def scheduler(self) -> AsyncScheduler:
+        assert self._sched is not None
+        return self._sched
+
+    @property
+    def buffered(self) -> int:
+        return self._agg.count if self._agg is not None else 0
+
+    def bind(self, ctx: StrategyContext) -> None:
+        self._ctx = ctx
+        cfg = ctx.config
+        self._sched = AsyncScheduler(concurrency=cfg.concurrency, deadline_s=cfg.deadline_s)
+        self._policy = StalenessPolicy(kind=cfg.staleness, max_staleness=cfg.max_staleness)
+        self._agg = ctx.new_aggregate(max(cfg.buffer_size * 2, 2))
+        self._started = ctx.clock.now()
+
+    def state(self) -> dict[str, Any]:
+        return {}  # the tasks in flight have their own state (saved when dispatched)
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    def _save_tasks(self) -> None:
+        self.ctx.store.put_state(SCHEDULER_STATE, json.dumps(self.scheduler.to_json()).encode())
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    def tick(self, now: float) -> bool:
+        ctx, sched = self.ctx, self.scheduler
+        changed = False
+        for task in sched.expire(now):
+            log.info("device %s: async task %d timed out", task.device_id, task.task_round)
+            ctx.policy.feedback(task.device_id, duration_s=None, completed=False)
+            ctx.registry.record_outcome(task.device_id, completed=False)
+            changed = True
+        free = sched.free_slots()
+        if free == 0:
+            if changed:
+                self._save_tasks()
+            return changed
+        candidates = ctx.registry.candidates(exclude=sched.busy(), duration=ctx.planner.duration)
+        if not candidates:
+            return changed
+        seq = sched.next_task_round
+        chosen = ctx.policy.select(candidates, min(free, len(candidates)), round_index=seq,
+                                   deadline_s=ctx.config.deadline_s, rng=ctx.rng(seq))
+        tasks = [sched.dispatch(d, model_version=ctx.model.version, now=now) for d in chosen]
+        ctx.registry.record_selected(chosen, seq)
+        self._save_tasks()
+        for task in tasks:
+            ctx.send_task(task.device_id, task.task_round, task.model_version)
+        return bool(tasks) or changed
+
+    # -- updates --------------------------------------------------------------------------
+
+    def admit(self, device: str, message: Message) -> Admit | Reply:
+        if (message.round, device) in self._done:
+            return Reply("duplicate", "already counted")
+        task = self.scheduler.lookup(message.round, device)
+        if task is None:
+            return Reply("rejected", "unknown_task", "no such task in flight")
+        if message.model_version != task.model_version:
+            self.scheduler.complete(task.task_round)
+            return Reply("rejected", "wrong_model_version", f"task was version {task.model_version}")
+        return Admit(task.task_round)
+
+    def check(self, item: UpdateItem) -> Rejection | None:
+        task = self.scheduler.lookup(item.task_round, item.device)
+        assert task is not None
+        verdict = check_staleness(trained_from=task.model_version,
+                                  current_version=self.ctx.model.version, policy=self._policy)
+        if not verdict.ok:
+            return Rejection(str(verdict.reason), verdict.detail)
+        assert self._agg is not None
+        if not self._agg.has_room():
+            return Rejection("buffer_full", "robust buffer is full")
+        item.scale = staleness_discount(self.ctx.model.version - task.model_version,
+                                        self._policy)
+        return None
+
+    def refused(self, item: UpdateItem, rejection: Rejection) -> None:
+        if not rejection.copy:
+            self.scheduler.complete(item.task_round)
+        if rejection.reason in ("norm_above_median", "norm_above_model"):
+            reset = self.ctx.screen.end_epoch(
+                min_refused=self.ctx.config.buffer_size // 2 + 1, clear=False)
+            if reset is not None:
+                log.warning("%s", reset)
+
+    def stream(self, item: UpdateItem) -> int:
+        return self.ctx.model.version
+
+    def journal_meta(self, item: UpdateItem) -> dict[str, Any]:
+        assert item.meta is not None
+        return {"num_samples": item.meta.num_samples, "weight": item.weight, "norm": item.norm,
+                "scale": item.scale, "model_version": item.message.model_version,
+                "emulated_s": item.meta.emulated_s}
+
+    def accepted(self, item: UpdateItem) -> None:
+        ctx = self.ctx
+        assert self._agg is not None and item.meta is not None
+        self._agg.add(item.contribution())
+        ctx.screen.accepted(item.norm)
+        ctx.weights.accepted(item.weight)
+        self.scheduler.complete(item.task_round,
+                                emulated_s=took(item.meta.emulated_s, item.meta.duration_s))
+        self._done[(item.task_round, item.device)] = None
+        while len(self._done) > DONE_MEMORY:
+            self._done.popitem(last=False)
+        duration = took(item.meta.emulated_s, item.meta.duration_s)
+        loss = finite_loss(item.meta.train_loss)
+        ctx.policy.feedback(item.device, duration_s=duration, completed=True, loss=loss,
+                            num_samples=item.meta.num_samples)
+        ctx.registry.record_outcome(item.device, completed=True, duration_s=duration, loss=loss)
+
+    def flushed(self) -> None:
+        if self._agg is not None and self._agg.count >= self.ctx.config.buffer_size:
+            self._release()
+
+    def _release(self) -> None:
+        ctx = self.ctx
+        assert self._agg is not None
+        agg, self._agg = self._agg, ctx.new_aggregate(max(ctx.config.buffer_size * 2, 2))
+        epoch = ctx.model.version
+        now = ctx.clock.now()
+        emulated = self.scheduler.aggregated()
+        try:
+            delta = agg.result()
+            new_params = ctx.model.stepped(delta)
+        except AggregatorError as exc:
+            log.error("async aggregate dropped: %s", exc)
+            return
+        virtual = ctx.config.clock == "virtual"
+        ctx.model.emulated_total_s = (self.scheduler.emulated_now if virtual
+                                      else ctx.model.emulated_total_s + (now - self._started))
+        reset = ctx.screen.end_epoch(min_refused=ctx.config.buffer_size // 2 + 1)
+        if reset is not None:
+            log.warning("%s", reset)
+        metrics = record_round(ctx, RoundMetrics(
+            round=epoch + 1, model_version=epoch + 1, outcome="aggregated",
+            reason=f"{agg.count} updates buffered", devices_reported=agg.count,
+            devices_selected=agg.count,
+            emulated_s=emulated if virtual else now - self._started,
+            wall_s=now - self._started, update_norm=float(np.linalg.norm(delta)),
+        ))
+        ctx.release(params=new_params, metrics=metrics, drop_stream=epoch)
+        self._save_tasks()
+        self._started = now
+        ctx.recorder.begin()
+
+    # -- resume ---------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Replay the open buffer's journal; re-send the tasks still in flight."""
+        ctx = self.ctx
+        raw = ctx.store.get_state(SCHEDULER_STATE)
+        if raw is not None:
+            try:
+                self.scheduler.load_json(json.loads(raw))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise StoreError(f"the tasks in flight in {ctx.store.path} are unreadable: "
+                                 f"{exc}") from exc
+        assert self._agg is not None
+        restored = 0
+        for stored in ctx.journal(ctx.model.version):
+            device = stored.key.device_id
+            try:
+                meta, body = unpack_update_body(stored.body)
+            except WireError as exc:
+                raise StoreError(f"stored update of {device} does not decode: {exc}") from exc
+            indices, values = _decode(stored.body, ctx, what=device)
+            weight = float(stored.meta.get("weight", meta.num_samples))
+            norm = float(stored.meta.get("norm", 0.0))
+            self._agg.add(Contribution(indices=indices, values=values, weight=weight, norm=norm,
+                                       scale=float(stored.meta.get("scale", 1.0))))
+            ctx.screen.accepted(norm)
+            ctx.weights.accepted(weight)
+            ctx.planner.observe_body(len(body))
+            ctx.recorder.note_report(meta)
+            self.scheduler.complete(stored.key.round)
+            self._done[(stored.key.round, device)] = None
+            restored += 1
+        if restored:
+            log.info("resumed a FedBuff buffer with %d stored updates", restored)
+        if self.buffered >= ctx.config.buffer_size:
+            self._release()  # stopped between the K-th update and its release
+        for task in list(self.scheduler.inflight.values()):
+            ctx.send_task(task.device_id, task.task_round, task.model_version)
+
+    # -- devices --------------------------------------------------------------------------
+
+    def on_task_ack(self, device: str, ack: Ack) -> None:
+        if ack.status == "declined" and self.scheduler.complete(ack.round) is not None:
+            self.ctx.note(device, logging.INFO, "device %s declined async task %d: %s", device,
+                          ack.round, printable(ack.reason))
+
+    def on_offline(self, device: str) -> None:
+        for task in self.scheduler.drop_device(device):
+            log.info("device %s went offline with async task %d", device, task.task_round)
+            self.ctx.policy.feedback(device, duration_s=None, completed=False)
+
+    def on_hello(self, device: str, hello: Hello) -> None:
+        if hello.busy_round is None:
+            return
+        task = self.scheduler.lookup(hello.busy_round, device)
+        if task is not None:
+            self.ctx.send_task(device, task.task_round, task.model_version)
+
+    def on_error(self, device: str, report: ErrorReport) -> None:
+        if report.round is not None:
+            self.scheduler.complete(report.round)
+
+    def status(self) -> str:
+        ctx = self.ctx
+        view = fleet_view(ctx.registry.all(), ctx.registry.ready())
+        return async_line(inflight=len(self.scheduler.inflight),
+                          concurrency=ctx.config.concurrency, buffered=self.buffered,
+                          buffer_size=ctx.config.buffer_size, view=view, fleet=ctx.config.fleet)

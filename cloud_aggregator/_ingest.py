@@ -1,0 +1,323 @@
+"""The ingest pipeline: what every update goes through before it may move the model.
+
+An ``UpdateItem`` enters with its envelope and leaves either rejected (a ``Rejection``:
+a reason code the device is told, see docs/PROTOCOL.md) or ready to journal and add.
+The pipeline is a list of stages, each one job:
+
+    unpack      body -> metadata + codec body; the task's nonce must be echoed
+    decode      codec body -> nonzero indices and values (no dense vector for top-k)
+    validate    sample count, finite values, size, the absolute norm cap (optional)
+    screen      norm relative to recent accepted updates (bootstrap: deferred)
+    weight      the weight the update counts with, bounded by its task and the fleet
+
+Stages are objects with a ``name`` and ``process(item) -> Rejection | None``; a stage
+may fill in the item (``meta``, ``indices``/``values``, ``norm``, ``weight``,
+``deferred``). Later stages slot in by name (``IngestPipeline.insert``): a signature
+check after ``unpack``, secure-aggregation unmasking in place of ``decode``, without
+touching the runtime. Strategy-specific gates (is the round open, is the device
+selected, is it too stale) run before the pipeline; clipping and the combining rule
+are the aggregate's (``_aggregate``).
+
+``Journal`` makes accepted updates durable in groups: an update is acknowledged only
+after the transaction that stores it commits, and one commit carries up to
+``max_batch`` updates or whatever arrived within ``max_delay_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from broker_bridge import CodecError, Layout, Message, UpdateMeta, WireError, unpack_update_body
+from broker_bridge import decode_update_sparse as _decode_sparse
+from cloud_aggregator._aggregate import Contribution
+from cloud_aggregator._aggregation import Reason, UpdateRules
+from cloud_aggregator._errors import AggregatorError
+from cloud_aggregator._screen import NormScreen, WeightBound, task_samples_cap
+from cloud_aggregator._store import JournalEntry, Store, StoreError, UpdateKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False, kw_only=True)
+class UpdateItem:
+    """One update on its way through the pipeline (filled in stage by stage)."""
+
+    device: str
+    message: Message
+    task_round: int
+    """The task it answers: a sync round's index, or a FedBuff task's sequence number."""
+    max_steps: int | None = None
+    """The ``max_steps`` its task carried (bounds the weight)."""
+    meta: UpdateMeta | None = None
+    codec_body: bytes = b""
+    indices: npt.NDArray[np.integer] | None = field(default=None, repr=False)
+    values: npt.NDArray[np.float32] | None = field(default=None, repr=False)
+    norm: float = math.nan
+    weight: float = 0.0
+    scale: float = 1.0
+    """The strategy's factor (FedBuff's staleness discount)."""
+    deferred: bool = False
+    """No norm history yet (sync): journaled now, judged when the round closes."""
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    """(counter, text) the stages want counted and logged, e.g. a bounded weight."""
+
+    def contribution(self) -> Contribution:
+        assert self.values is not None
+        return Contribution(indices=self.indices, values=self.values, weight=self.weight,
+                            norm=self.norm, scale=self.scale)
+
+    @property
+    def body_bytes(self) -> int:
+        return len(self.codec_body)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why an update is refused: a reason code for the device and a human detail."""
+
+    reason: str
+    detail: str = ""
+    copy: bool = False
+    """The update answers no task of this device (a replay or a forgery): refusing it
+    must not resolve the device's own task, whose answer may still come."""
+
+
+class IngestStage(Protocol):
+    """One step of the pipeline."""
+
+    name: str
+
+    def process(self, item: UpdateItem) -> Rejection | None: ...
+
+
+class IngestPipeline:
+    """Runs the stages in order; the first rejection ends the item's way."""
+
+    def __init__(self, stages: Sequence[IngestStage]) -> None:
+        self._stages = list(stages)
+        names = self.names
+        if len(set(names)) != len(names):
+            raise AggregatorError(f"two ingest stages share a name: {names}")
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self._stages]
+
+    def insert(self, stage: IngestStage, *, before: str | None = None,
+               after: str | None = None, replace: str | None = None) -> None:
+        """Put ``stage`` before, after or in place of the stage named so."""
+        anchor = next(n for n in (before, after, replace) if n is not None)
+        try:
+            at = self.names.index(anchor)
+        except ValueError as exc:
+            raise AggregatorError(f"no ingest stage named {anchor!r}; have {self.names}") from exc
+        if replace is not None:
+            self._stages[at] = stage
+        else:
+            self._stages.insert(at if before is not None else at + 1, stage)
+        if len(set(self.names)) != len(self.names):
+            raise AggregatorError(f"two ingest stages share a name: {self.names}")
+
+    def run(self, item: UpdateItem) -> Rejection | None:
+        for stage in self._stages:
+            rejection = stage.process(item)
+            if rejection is not None:
+                return rejection
+        return None
+
+
+# -- the default stages -----------------------------------------------------------------
+
+
+@dataclass
+class Unpack:
+    """Split the body into metadata and codec body; the task's nonce must be echoed."""
+
+    nonce_of: Callable[[int, str], str]
+    name: str = "unpack"
+
+    def process(self, item: UpdateItem) -> Rejection | None:
+        try:
+            item.meta, item.codec_body = unpack_update_body(item.message.body)
+        except WireError as exc:
+            return Rejection("bad_body", str(exc))
+        if item.meta.nonce != self.nonce_of(item.task_round, item.device):
+            return Rejection("wrong_nonce",
+                             f"the update does not answer this device's task {item.task_round}",
+                             copy=True)
+        return None
+
+
+@dataclass
+class Decode:
+    """Decode the codec body into nonzero coordinates (dense codecs: all of them)."""
+
+    layout: Layout
+    name: str = "decode"
+
+    def process(self, item: UpdateItem) -> Rejection | None:
+        try:
+            indices, values = _decode_sparse(item.codec_body, self.layout)
+        except CodecError as exc:
+            return Rejection("codec", str(exc))
+        item.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
+        item.values = np.asarray(values, dtype=np.float32)
+        return None
+
+
+@dataclass
+class Validate:
+    """Sample count, finite values and the optional absolute norm cap."""
+
+    rules: UpdateRules
+    name: str = "validate"
+
+    def process(self, item: UpdateItem) -> Rejection | None:
+        assert item.meta is not None and item.values is not None
+        if not item.meta.num_samples > 0:
+            return Rejection(str(Reason.BAD_WEIGHT), f"num_samples {item.meta.num_samples}")
+        values = item.values
+        if item.indices is None and values.size != self.rules.size:
+            return Rejection(str(Reason.WRONG_SIZE),
+                             f"expected {self.rules.size} values, got {values.size}")
+        if not bool(np.isfinite(values).all()):
+            return Rejection(str(Reason.NON_FINITE), "update holds NaN or Inf")
+        item.norm = math.sqrt(float(np.einsum("i,i->", values, values, dtype=np.float64)))
+        cap = self.rules.max_norm
+        if cap is not None and item.norm > cap:
+            return Rejection(str(Reason.NORM_ABOVE_CAP), f"norm {item.norm:.4g} > {cap}")
+        return None
+
+
+@dataclass
+class Screen:
+    """The norm screen (relative to recent accepted updates; see ``_screen``).
+
+    With no history yet, a sync round defers the update (judged at close); a FedBuff
+    buffer, which has no round to wait for, refuses one longer than the model itself.
+    """
+
+    screen: NormScreen
+    defers: bool
+    model_norm: Callable[[], float]
+    on_refused: Callable[[], None] | None = None
+    name: str = "screen"
+
+    def process(self, item: UpdateItem) -> Rejection | None:
+        judgement = self.screen.judge(item.norm)
+        if judgement.bootstrap and self.defers:
+            item.deferred = True
+        elif judgement.bootstrap:
+            model_norm = self.model_norm()
+            if model_norm > 0 and item.norm > model_norm:
+                judgement = type(judgement)(
+                    ok=False, detail=(f"norm {item.norm:.4g} > the global model's own norm "
+                                      f"{model_norm:.4g} (no update history yet)"))
+        self.screen.observe(item.device, item.norm, refused=not judgement.ok)
+        if judgement.ok:
+            return None
+        if self.on_refused is not None:
+            self.on_refused()
+        reason = (Reason.NORM_ABOVE_MEDIAN if judgement.threshold is not None
+                  else Reason.NORM_ABOVE_MODEL)
+        return Rejection(str(reason), judgement.detail)
+
+
+@dataclass
+class BoundWeight:
+    """The weight the update counts with: what it claims, cut to what its task allowed
+    (epochs x the data size the device announced, max_steps x batch) and to a multiple
+    of the fleet's recent median."""
+
+    weights: WeightBound
+    epochs: int
+    batch_size: int
+    announced: Callable[[str], int | None]
+    name: str = "weight"
+
+    def process(self, item: UpdateItem) -> Rejection | None:
+        assert item.meta is not None
+        cap = task_samples_cap(epochs=self.epochs, batch_size=self.batch_size,
+                               max_steps=item.max_steps, announced=self.announced(item.device))
+        item.weight, why = self.weights.bound(item.meta.num_samples, task_cap=cap)
+        if why:
+            item.notes.append(("bounded:weight", f"weight bounded to {item.weight:.4g} ({why})"))
+        return None
+
+
+# -- the journal ------------------------------------------------------------------------
+
+Outcome = Literal["fresh", "duplicate", "failed"]
+
+
+@dataclass
+class _Pending:
+    entry: JournalEntry
+    then: Callable[[Outcome], None]
+    since: float
+
+
+class Journal:
+    """Group commit of accepted updates (see the module doc).
+
+    ``submit`` queues an entry; ``flush`` writes every queued entry in one transaction
+    and then calls each entry's ``then`` in submission order with ``fresh`` (stored),
+    ``duplicate`` (its key was already accepted) or ``failed`` (the transaction failed:
+    nothing was stored, nothing must be acknowledged). A key already queued counts as
+    accepted for ``queued``.
+    """
+
+    def __init__(self, store: Store, *, max_batch: int = 64, max_delay_s: float = 0.005,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if max_batch < 1 or max_delay_s < 0:
+            raise AggregatorError("journal batches need max_batch >= 1 and max_delay_s >= 0")
+        self._store = store
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self._clock = clock
+        self._pending: list[_Pending] = []
+        self._keys: set[UpdateKey] = set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def queued(self, key: UpdateKey) -> bool:
+        return key in self._keys
+
+    def submit(self, entry: JournalEntry, then: Callable[[Outcome], None]) -> None:
+        self._pending.append(_Pending(entry, then, self._clock()))
+        self._keys.add(entry.key)
+
+    def wait_s(self) -> float | None:
+        """Seconds until the queued entries are due (0: now; None: nothing queued)."""
+        if not self._pending:
+            return None
+        if len(self._pending) >= self.max_batch:
+            return 0.0
+        return max(0.0, self._pending[0].since + self.max_delay_s - self._clock())
+
+    def flush(self) -> int:
+        """Commit what is queued; returns how many entries were written or refused."""
+        if not self._pending:
+            return 0
+        batch, self._pending = self._pending, []
+        self._keys.clear()
+        try:
+            fresh = self._store.journal([p.entry for p in batch])
+            outcomes: list[Outcome] = ["fresh" if f else "duplicate" for f in fresh]
+        except StoreError:
+            outcomes = ["failed"] * len(batch)
+            log.exception("cannot journal %d updates; none is acknowledged (devices send "
+                          "them again)", len(batch))
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            pending.then(outcome)
+        return len(batch)

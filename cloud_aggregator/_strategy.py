@@ -1,0 +1,178 @@
+"""How updates become model versions: the ``Strategy`` interface and what it may use.
+
+The runtime (``_runtime.Aggregator``) owns the wire, the lock, the store, the ingest
+pipeline and the journal; a strategy decides *when* devices get tasks and *when* the
+aggregate becomes a new model. ``SyncRounds`` (``_sync``) and ``FedBuff``
+(``_fedbuff``) implement it over one shared aggregate (``_aggregate.RoundAggregate``),
+so clipping, robust rules and the screens apply to both.
+
+The life of an update, and where a strategy takes part:
+
+1. ``admit(device, message)``: cheap checks on the envelope (is a round open, was the
+   device selected, is this a duplicate); returns the task it answers (``Admit``) or
+   an answer for the device (``Reply``).
+2. The ingest pipeline decodes, validates, screens and weighs it.
+3. ``check(item)``: checks that need the decoded update (deadline, buffer room,
+   staleness discount into ``item.scale``); ``refused`` hears of any rejection.
+4. The journal makes it durable (``stream`` and ``journal_meta`` say where and what);
+5. ``accepted(item)``: add it to the aggregate; after each journal batch ``flushed()``
+   may release a model (a batch is never split across two models).
+
+Around that: ``tick`` opens and closes rounds (or dispatches tasks), ``resume``
+rebuilds the open round or buffer from the journal after a restart, ``state`` /
+``load_state`` persist what the strategy learned with each checkpoint, and
+``on_task_ack`` / ``on_offline`` / ``on_hello`` / ``on_error`` follow the devices.
+
+Strategies use the runtime only through ``StrategyContext``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from broker_bridge import Ack, ErrorReport, Hello, Layout, Message
+from cloud_aggregator._aggregate import RoundAggregate
+from cloud_aggregator._config import AggregatorConfig
+from cloud_aggregator._errors import AggregatorError
+from cloud_aggregator._events import Event
+from cloud_aggregator._ingest import Rejection, UpdateItem
+from cloud_aggregator._metrics import RoundMetrics
+from cloud_aggregator._rounds import Clock
+from cloud_aggregator._screen import NormScreen, WeightBound
+from cloud_aggregator._store import Store, StoredUpdate
+
+if TYPE_CHECKING:
+    from cloud_aggregator._planner import WorkPlanner
+    from cloud_aggregator._recorder import RoundRecorder
+    from cloud_aggregator._registry import FleetRegistry
+    from cloud_aggregator._selection import SelectionPolicy
+
+F32 = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Admit:
+    """The update answers ``task_round`` of this device: run the pipeline."""
+
+    task_round: int
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Answer the device now (``status`` accepted/duplicate/rejected) and stop."""
+
+    status: str
+    reason: str
+    detail: str = ""
+
+
+class ModelState:
+    """The global model: parameters, version, the server optimizer."""
+
+    def __init__(self, *, params: F32, optimizer: Any) -> None:
+        self.params = params
+        self.version = 0
+        self.optimizer = optimizer
+        self.emulated_total_s = 0.0
+
+    def stepped(self, delta: F32) -> F32:
+        """The parameters one server-optimizer step with ``delta`` would give (not yet
+        applied); ``AggregatorError`` when they are not finite."""
+        new = self.optimizer.step(self.params, delta)
+        if not np.isfinite(new).all():
+            raise AggregatorError("the new global model is not finite")
+        return np.asarray(new, dtype=np.float32)
+
+
+@dataclass(kw_only=True)
+class StrategyContext:
+    """What the runtime lends a strategy."""
+
+    config: AggregatorConfig
+    clock: Clock
+    store: Store
+    registry: FleetRegistry
+    policy: SelectionPolicy
+    planner: WorkPlanner
+    recorder: RoundRecorder
+    layout: Layout
+    model: ModelState
+    screen: NormScreen
+    weights: WeightBound
+    send_task: Callable[[str, int, int], bool]
+    """``send_task(device, task_round, model_version)``: False when no task could go."""
+    cancel: Callable[[str, int, str], None]
+    """``cancel(device, round, reason)``."""
+    release: Callable[..., None]
+    """``release(params=..., metrics=..., close_round=..., missed=..., drop_stream=...,
+    abandoned=...)``: apply (or abandon) and checkpoint, broadcast, record; see
+    ``Aggregator._release``."""
+    emit: Callable[[Event], None]
+    note: Callable[..., None]
+    """``note(device, level, msg, *args)``: a log line rate-limited per device."""
+    fail: Callable[[str], None]
+    """Give up the run, saying why (e.g. too many rounds abandoned in a row)."""
+
+    def new_aggregate(self, capacity: int) -> RoundAggregate:
+        return RoundAggregate(size=self.layout.size, robust=self.config.robust_config(),
+                              capacity=capacity, max_bytes=self.config.robust_max_bytes)
+
+    def journal(self, stream: int) -> Iterator[StoredUpdate]:
+        """The journaled updates of ``stream``, in acceptance order (for ``resume``)."""
+        return self.store.round_updates(self.config.fleet, stream)
+
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.config.seed, index])
+
+
+class Strategy(Protocol):
+    """How the fleet's updates become model versions (see the module doc)."""
+
+    name: str
+
+    def bind(self, ctx: StrategyContext) -> None: ...
+
+    def load_state(self, state: Mapping[str, Any]) -> None: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    def resume(self) -> None: ...
+
+    def tick(self, now: float) -> bool: ...
+
+    def admit(self, device: str, message: Message) -> Admit | Reply: ...
+
+    def check(self, item: UpdateItem) -> Rejection | None: ...
+
+    def refused(self, item: UpdateItem, rejection: Rejection) -> None: ...
+
+    def stream(self, item: UpdateItem) -> int: ...
+
+    def journal_meta(self, item: UpdateItem) -> dict[str, Any]: ...
+
+    def accepted(self, item: UpdateItem) -> None: ...
+
+    def on_task_ack(self, device: str, ack: Ack) -> None: ...
+
+    def on_offline(self, device: str) -> None: ...
+
+    def on_hello(self, device: str, hello: Hello) -> None: ...
+
+    def on_error(self, device: str, report: ErrorReport) -> None: ...
+
+    def flushed(self) -> None: ...
+
+    def status(self) -> str: ...
+
+    @property
+    def defers_bootstrap(self) -> bool: ...
+
+
+def record_round(ctx: StrategyContext, metrics: RoundMetrics) -> RoundMetrics:
+    """``metrics`` completed with the recorder's running figures."""
+    return ctx.recorder.complete(metrics, emulated_total_s=ctx.model.emulated_total_s)

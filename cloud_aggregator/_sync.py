@@ -1,0 +1,520 @@
+"""Synchronous rounds: select, send tasks, gather until quorum and deadline, aggregate.
+
+A round over-selects devices (the policy chooses among the eligible ones; too few for
+the quorum are topped up with the fastest others), waits for the target count of
+counted updates or for the deadline with a quorum (``_rounds.SyncRound`` decides),
+then applies the round's aggregate with the server optimizer, or abandons the round
+when it missed its quorum. A device that declines is replaced while there is time.
+
+Bootstrap: until the norm screen has a history, a round journals and acknowledges its
+updates without adding them and, at close, cuts each to ``multiple`` x the median of
+the round's own norms before adding (``_screen``). Each round judges its updates
+against the screens' history as it was when the round opened, so verdicts do not
+depend on arrival order.
+
+On restart the open round is rebuilt from the journal: the stored updates are decoded
+and added again in acceptance order, so the resumed round reaches the same model.
+
+Extension points for subclasses: ``select`` (which devices a round asks) and
+``combine`` (the new global model from the current one and the round's aggregate).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from broker_bridge import (
+    Ack,
+    ErrorReport,
+    Hello,
+    Message,
+    WireError,
+    decode_update_sparse,
+    printable,
+    unpack_update_body,
+)
+from cloud_aggregator._aggregate import Contribution, RoundAggregate
+from cloud_aggregator._errors import AggregatorError
+from cloud_aggregator._events import RoundOpened
+from cloud_aggregator._ingest import Rejection, UpdateItem
+from cloud_aggregator._metrics import RoundMetrics
+from cloud_aggregator._registry import Candidate
+from cloud_aggregator._rounds import (
+    Admission,
+    Decision,
+    DeviceState,
+    Report,
+    RoundOutcome,
+    RoundSpec,
+    SyncRound,
+    over_select,
+)
+from cloud_aggregator._screen import clip_factor
+from cloud_aggregator._status import fleet_view, round_line, waiting_line
+from cloud_aggregator._store import StoreError
+from cloud_aggregator._strategy import Admit, Reply, StrategyContext, record_round
+
+log = logging.getLogger(__name__)
+
+F32 = np.ndarray
+
+
+def took(emulated_s: float | None, duration_s: float) -> float:
+    return emulated_s if emulated_s is not None else duration_s
+
+
+def finite_loss(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) and value >= 0 else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Deferred:
+    device: str
+    norm: float
+    weight: float
+
+
+@dataclass(kw_only=True)
+class _Open:
+    """The open round: its bookkeeping and its aggregate."""
+
+    round: SyncRound
+    aggregate: RoundAggregate
+    deferred: list[_Deferred] = field(default_factory=list)
+
+
+class SyncRounds:
+    """Synchronous FedAvg-style rounds (see the module doc)."""
+
+    name = "sync"
+    defers_bootstrap = True
+
+    def __init__(self) -> None:
+        self._ctx: StrategyContext | None = None
+        self._open: _Open | None = None
+        self.next_round = 1
+        self.abandoned_streak = 0
+
+    # -- extension points ---------------------------------------------------------------
+
+    def select(self, candidates: list[Candidate], k: int, *, round_index: int) -> list[str]:
+        """The devices round ``round_index`` asks (default: the selection policy)."""
+        ctx = self.ctx
+        return ctx.policy.select(candidates, k, round_index=round_index,
+                                 deadline_s=ctx.config.deadline_s, rng=ctx.rng(round_index))
+
+    def combine(self, params: F32, delta: F32) -> F32:
+        """The next global model (default: one server-optimizer step)."""
+        return self.ctx.model.stepped(delta)
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    @property
+    def ctx(self) -> StrategyContext:
+        if self._ctx is None:
+            raise AggregatorError(f"strategy {self.name} is not bound to an aggregator")
+        return self._ctx
+
+    def bind(self, ctx: StrategyContext) -> None:
+        self._ctx = ctx
+
+    def state(self) -> dict[str, Any]:
+        return {"abandoned_streak": self.abandoned_streak}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.abandoned_streak = int(state.get("abandoned_streak", 0))
+
+    @property
+    def current(self) -> SyncRound | None:
+        return self._open.round if self._open is not None else None
+
+    # -- rounds -------------------------------------------------------------------------
+
+    def tick(self, now: float) -> bool:
+        if self._open is None:
+            return self._open_round(now)
+        decision = self._open.round.decide(now)
+        if decision is None:
+            return False
+        self._end_round(*decision)
+        return True
+
+    def _open_round(self, now: float) -> bool:
+        ctx, cfg = self.ctx, self.ctx.config
+        candidates = ctx.registry.candidates(duration=ctx.planner.duration)
+        if len(candidates) < cfg.effective_min_devices:
+            return False
+        index = self.next_round
+        k = over_select(cfg.devices_per_round, cfg.over_selection, len(candidates))
+        selected = self.select(candidates, k, round_index=index)
+        if len(selected) < cfg.effective_quorum:
+            # A policy may be too strict for the devices at hand (a tier too small, too
+            # few predicted to fit). Waiting would never change its answer: top up with
+            # the fastest other candidates so the round can reach its quorum.
+            chosen = set(selected)
+            extra = sorted((c for c in candidates if c.device_id not in chosen),
+                           key=lambda c: (c.predicted_duration_s, c.device_id))
+            selected = [*selected, *(c.device_id for c in extra)][:max(k, cfg.effective_quorum)]
+            log.info("selection chose fewer devices than the quorum of %d; topped up to %d",
+                     cfg.effective_quorum, len(selected))
+        ctx.store.open_round(fleet=cfg.fleet, round_index=index,
+                             model_version=ctx.model.version, selected=selected,
+                             quorum=cfg.effective_quorum, deadline=cfg.deadline_s,
+                             started_at=now)
+        ctx.registry.record_selected(selected, index)
+        self._begin(index, selected, quorum=cfg.effective_quorum, deadline_s=cfg.deadline_s,
+                    started_at=now)
+        log.info("round %d: %d devices selected from %d (target %d, quorum %d)", index,
+                 len(selected), len(candidates), cfg.devices_per_round, cfg.effective_quorum)
+        ctx.emit(RoundOpened(round=index, model_version=ctx.model.version,
+                             selected=tuple(selected)))
+        for device in selected:
+            ctx.send_task(device, index, ctx.model.version)
+        return True
+
+    def _begin(self, index: int, selected: list[str], *, quorum: int, deadline_s: float,
+               started_at: float) -> None:
+        ctx, cfg = self.ctx, self.ctx.config
+        spec = RoundSpec(index=index, model_version=ctx.model.version,
+                         target=cfg.devices_per_round, quorum=quorum, deadline_s=deadline_s,
+                         started_at=started_at, virtual=cfg.clock == "virtual",
+                         safety_timeout_s=cfg.safety_timeout_s)
+        capacity = max(len(selected), cfg.selected_per_round) * 2
+        self._open = _Open(round=SyncRound(spec=spec, selected=selected),
+                           aggregate=ctx.new_aggregate(capacity))
+        ctx.screen.freeze()  # the round's verdicts must not depend on arrival order
+        ctx.weights.freeze()
+        ctx.recorder.begin()
+        self.next_round = index + 1
+
+    def _end_round(self, decision: Decision, reason: str) -> None:
+        ctx = self.ctx
+        assert self._open is not None
+        rnd, agg = self._open.round, self._open.aggregate
+        index = rnd.spec.index
+        pending = rnd.pending()
+        delta: F32 | None = None
+        new_params: F32 | None = None
+        if decision is Decision.CLOSE:
+            try:
+                self._judge_deferred(index, agg)
+                delta = agg.result()
+                new_params = self.combine(ctx.model.params, delta)
+            except AggregatorError as exc:
+                log.error("round %d cannot be applied (%s): abandoning it", index, exc)
+                decision, reason = Decision.ABANDON, f"not applicable: {exc}"
+                new_params = None
+        ctx.screen.thaw()
+        ctx.weights.thaw()
+        reset = ctx.screen.end_epoch()
+        if reset is not None:
+            log.warning("round %d: %s", index, reset)
+        outcome = rnd.finish(decision, reason, now=ctx.clock.now())
+        ctx.model.emulated_total_s += outcome.emulated_s
+        results = self._results(outcome)
+        for r in results:  # before the checkpoint, which saves what the policy learned
+            ctx.policy.feedback(r["device"], duration_s=r["duration_s"],
+                                completed=r["completed"], loss=r.get("loss"),
+                                num_samples=r.get("num_samples"))
+        self.abandoned_streak = 0 if new_params is not None else self.abandoned_streak + 1
+        metrics = record_round(ctx, RoundMetrics(
+            round=index, model_version=ctx.model.version + (1 if new_params is not None else 0),
+            outcome="closed" if new_params is not None else "abandoned", reason=reason,
+            devices_selected=len(rnd.selected), devices_reported=len(outcome.counted),
+            devices_dropped=len(outcome.missed), devices_declined=len(outcome.declined),
+            emulated_s=outcome.emulated_s, wall_s=outcome.wall_s,
+            update_norm=float(np.linalg.norm(delta)) if delta is not None else None,
+        ))
+        self._open = None
+        ctx.release(params=new_params, metrics=metrics, close_round=index,
+                    missed=outcome.missed)
+        if new_params is None and self.abandoned_streak >= ctx.config.max_abandoned:
+            ctx.fail(f"{self.abandoned_streak} rounds in a row missed their quorum")
+        for device in pending:
+            ctx.cancel(device, index, f"round {decision.value}d: {reason}")
+        for r in results:
+            ctx.registry.record_outcome(r["device"], completed=r["completed"],
+                                        duration_s=r["duration_s"], loss=r.get("loss"))
+
+    def _judge_deferred(self, index: int, agg: RoundAggregate) -> None:
+        """Add the updates a bootstrapping round kept aside, each cut to ``multiple`` x
+        the median norm of the round (and to the fleet's weight bound)."""
+        ctx = self.ctx
+        assert self._open is not None
+        deferred = self._open.deferred
+        if not deferred:
+            return
+        limit = ctx.screen.bootstrap_limit([d.norm for d in deferred],
+                                           model_norm=_norm(ctx.model.params))
+        weight_cap = ctx.weights.fleet_cap([d.weight for d in deferred])
+        waiting = {d.device: d for d in deferred}
+        for stored in ctx.journal(index):
+            d = waiting.pop(stored.key.device_id, None)
+            if d is None or not stored.meta.get("deferred"):
+                continue
+            indices, values = _decode(stored.body, ctx)
+            scale = clip_factor(d.norm, limit)
+            weight = d.weight if weight_cap is None else min(d.weight, weight_cap)
+            if scale < 1.0:
+                ctx.note(d.device, logging.WARNING, "device %s: update of round %d (norm %.4g) "
+                         "cut to norm %.4g, the limit of the round's first updates",
+                         d.device, index, d.norm, d.norm * scale)
+                values = values * np.float32(scale)
+            agg.add(Contribution(indices=indices, values=values, weight=weight,
+                                 norm=d.norm * scale))
+            ctx.screen.accepted(d.norm * scale)
+            ctx.weights.accepted(weight)
+        self._open.deferred = []
+
+    def _results(self, outcome: RoundOutcome) -> list[dict[str, Any]]:
+        """What each selected device did in the ending round, for the policy and registry."""
+        assert self._open is not None
+        rnd = self._open.round
+        results: list[dict[str, Any]] = []
+        for device in outcome.counted:
+            r = rnd.reports[device]
+            took_s = (r.emulated_s if (rnd.spec.virtual and r.emulated_s is not None)
+                      else r.duration_s)
+            results.append({"device": device, "completed": True, "duration_s": took_s,
+                            "loss": finite_loss(r.loss), "num_samples": r.num_samples})
+        for device in outcome.missed:
+            late = rnd.reports.get(device)
+            late_s: float | None = None
+            if late is not None and rnd.state(device) is DeviceState.LATE:
+                late_s = late.emulated_s if late.emulated_s is not None else late.duration_s
+            results.append({"device": device, "completed": False, "duration_s": late_s})
+        return results
+
+    # -- updates ------------------------------------------------------------------------
+
+    def admit(self, device: str, message: Message) -> Admit | Reply:
+        op = self._open
+        if op is None or message.round != op.round.spec.index:
+            where = "no open round" if op is None else f"round {op.round.spec.index} is open"
+            return Reply("rejected", "stale_round", where)
+        rnd = op.round
+        admission = rnd.admit(device, emulated_s=None, duration_s=0.0)
+        if admission is Admission.NOT_SELECTED:
+            return Reply("rejected", "not_selected", f"not selected in round {rnd.spec.index}")
+        if admission is Admission.ALREADY_COUNTED:
+            return Reply("duplicate", "already counted")
+        if admission is Admission.RESOLVED:
+            return Reply("rejected", "resolved", f"device is {rnd.state(device)} in this round")
+        if message.model_version != rnd.spec.model_version:
+            rnd.rejected(device)
+            return Reply("rejected", "wrong_model_version",
+                         f"round trains version {rnd.spec.model_version}")
+        return Admit(rnd.spec.index)
+
+    def check(self, item: UpdateItem) -> Rejection | None:
+        assert self._open is not None and item.meta is not None
+        rnd, meta = self._open.round, item.meta
+        if rnd.admit(item.device, emulated_s=meta.emulated_s,
+                     duration_s=meta.duration_s) is Admission.LATE:
+            rnd.late(item.device, _report(meta))
+            return Rejection("missed_deadline",
+                             f"took {took(meta.emulated_s, meta.duration_s):.3g} s > deadline "
+                             f"{rnd.spec.deadline_s:.3g} s")
+        if not self._open.aggregate.has_room(len(self._open.deferred)):
+            return Rejection("buffer_full", "robust buffer is full")
+        return None
+
+    def refused(self, item: UpdateItem, rejection: Rejection) -> None:
+        op = self._open
+        if op is None or rejection.copy or rejection.reason in ("missed_deadline", "buffer_full"):
+            return
+        op.round.rejected(item.device)
+
+    def stream(self, item: UpdateItem) -> int:
+        return item.task_round
+
+    def journal_meta(self, item: UpdateItem) -> dict[str, Any]:
+        assert item.meta is not None
+        meta: dict[str, Any] = {
+            "num_samples": item.meta.num_samples, "weight": item.weight, "norm": item.norm,
+            "model_version": item.message.model_version, "emulated_s": item.meta.emulated_s}
+        if item.deferred:
+            meta["deferred"] = True
+        return meta
+
+    def accepted(self, item: UpdateItem) -> None:
+        op = self._open
+        if op is None or op.round.spec.index != item.task_round:
+            # Journaled for a round that closed while the commit was pending: the row
+            # is gone with the round, and the device was told its round is over.
+            return
+        ctx = self.ctx
+        assert item.meta is not None
+        if item.deferred:
+            op.deferred.append(_Deferred(device=item.device, norm=item.norm,
+                                         weight=item.weight))
+        else:
+            op.aggregate.add(item.contribution())
+            ctx.screen.accepted(item.norm)
+            ctx.weights.accepted(item.weight)
+        op.round.count(item.device, _report(item.meta))
+
+    def flushed(self) -> None:
+        """Rounds close in ``tick``."""
+
+    # -- resume -------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Rebuild the open round from the store, re-sending unanswered tasks."""
+        ctx, cfg = self.ctx, self.ctx.config
+        rounds = ctx.store.rounds(cfg.fleet)
+        self.next_round = (rounds[-1].round + 1) if rounds else 1
+        open_rounds = [r for r in rounds if r.state == "open"]
+        if not open_rounds:
+            return
+        rec = open_rounds[-1]
+        for stale in open_rounds[:-1]:  # cannot happen with one aggregator; be safe
+            ctx.store.close_round(fleet=cfg.fleet, round_index=stale.round, state="abandoned")
+        if rec.model_version != ctx.model.version:
+            log.warning("round %d trained from version %d, model is %d: abandoning it",
+                        rec.round, rec.model_version, ctx.model.version)
+            ctx.store.close_round(fleet=cfg.fleet, round_index=rec.round, state="abandoned")
+            return
+        extra = _extra_devices(ctx, rec.round)
+        selected = list(rec.selected) + [d for d in extra if d not in rec.selected]
+        self._begin(rec.round, selected, quorum=rec.quorum,
+                    deadline_s=rec.deadline or cfg.deadline_s, started_at=rec.started_at)
+        assert self._open is not None
+        op = self._open
+        restored = 0
+        for stored in ctx.journal(rec.round):
+            device = stored.key.device_id
+            try:
+                meta, body = unpack_update_body(stored.body)
+            except WireError as exc:
+                raise StoreError(f"stored update of {device} in round {rec.round} does not "
+                                 f"decode: {exc}") from exc
+            norm = float(stored.meta.get("norm", 0.0))
+            weight = float(stored.meta.get("weight", meta.num_samples))
+            if op.round.state(device) is None:
+                op.round.add_device(device)
+            if stored.meta.get("deferred"):
+                op.deferred.append(_Deferred(device=device, norm=norm, weight=weight))
+            else:
+                indices, values = _decode(body, ctx, what=f"{device} in round {rec.round}")
+                op.aggregate.add(Contribution(indices=indices, values=values, weight=weight,
+                                              norm=norm))
+                ctx.screen.accepted(norm)
+                ctx.weights.accepted(weight)
+            ctx.planner.observe_body(len(body))
+            op.round.count(device, _report(meta))
+            ctx.recorder.note_report(meta)
+            restored += 1
+        log.info("resumed round %d with %d stored updates", rec.round, restored)
+        for device in op.round.pending():
+            ctx.send_task(device, rec.round, ctx.model.version)
+
+    # -- devices ------------------------------------------------------------------------
+
+    def on_task_ack(self, device: str, ack: Ack) -> None:
+        op = self._open
+        if op is None or ack.round != op.round.spec.index:
+            return
+        if ack.status == "accepted":
+            op.round.task_accepted(device)
+        elif ack.status == "declined" and op.round.declined(device):
+            self.ctx.note(device, logging.INFO, "device %s declined round %d: %s", device,
+                          ack.round, printable(ack.reason))
+            self._replace(op.round)
+
+    def _replace(self, rnd: SyncRound) -> None:
+        """Select one replacement for a decliner while the round has time left."""
+        ctx = self.ctx
+        if not ctx.config.replace_declined:
+            return
+        if not rnd.spec.virtual and ctx.clock.now() >= rnd.spec.deadline_at:
+            return
+        candidates = ctx.registry.candidates(exclude=set(rnd.selected),
+                                             duration=ctx.planner.duration)
+        if not candidates:
+            return
+        index = rnd.spec.index
+        chosen = ctx.policy.select(candidates, 1, round_index=index,
+                                   deadline_s=ctx.config.deadline_s,
+                                   rng=ctx.rng(index * 7919 + len(rnd.selected)))
+        if not chosen:
+            return
+        device = chosen[0]
+        rnd.add_device(device)
+        record = ctx.store.round(ctx.config.fleet, index)
+        initial = record.selected if record is not None else ()
+        extras = [d for d in rnd.selected if d not in initial]
+        ctx.store.put_state(f"round:{index}:extra", json.dumps(extras).encode())
+        ctx.registry.record_selected([device], index)
+        log.info("round %d: %s replaces a decliner", index, device)
+        ctx.send_task(device, index, rnd.spec.model_version)
+
+    def on_offline(self, device: str) -> None:
+        op = self._open
+        if op is not None and op.round.dropped(device):
+            self.ctx.note(device, logging.INFO, "device %s went offline during round %d",
+                          device, op.round.spec.index)
+
+    def on_hello(self, device: str, hello: Hello) -> None:
+        op = self._open
+        if op is None or hello.busy_round != op.round.spec.index:
+            return
+        if op.round.state(device) in (DeviceState.TASKED, DeviceState.WORKING,
+                                      DeviceState.DROPPED):
+            op.round.revive(device)
+            self.ctx.send_task(device, op.round.spec.index, op.round.spec.model_version)
+
+    def on_error(self, device: str, report: ErrorReport) -> None:
+        op = self._open
+        if op is not None and report.round == op.round.spec.index:
+            op.round.dropped(device)
+
+    def status(self) -> str:
+        ctx = self.ctx
+        op = self._open
+        if op is None:
+            view = fleet_view(ctx.registry.all(), ctx.registry.ready())
+            return waiting_line(ctx.config, view, next_round=self.next_round)
+        rnd = op.round
+        left = None if rnd.spec.virtual else rnd.spec.deadline_at - ctx.clock.now()
+        return round_line(index=rnd.spec.index, counted=rnd.counted, selected=len(rnd.selected),
+                          pending=len(rnd.pending()), quorum=rnd.spec.quorum,
+                          target=rnd.spec.target, seconds_left=left)
+
+
+def _report(meta: Any) -> Report:
+    return Report(duration_s=meta.duration_s, emulated_s=meta.emulated_s,
+                  loss=finite_loss(meta.train_loss), num_samples=meta.num_samples)
+
+
+def _norm(params: F32) -> float:
+    return math.sqrt(float(np.einsum("i,i->", params, params, dtype=np.float64)))
+
+
+def _decode(body: bytes, ctx: StrategyContext, *, what: str = "a journaled update"
+            ) -> tuple[Any, Any]:
+    """(indices, values) of a journaled update body (envelope body: meta + codec body)."""
+    try:
+        _, codec_body = unpack_update_body(body)
+        indices, values = decode_update_sparse(codec_body, ctx.layout)
+    except WireError as exc:
+        raise StoreError(f"stored update of {what} does not decode: {exc}") from exc
+    return (None if indices is None else np.asarray(indices, dtype=np.int64),
+            np.asarray(values, dtype=np.float32))
+
+
+def _extra_devices(ctx: StrategyContext, index: int) -> list[str]:
+    raw = ctx.store.get_state(f"round:{index}:extra")
+    if raw is None:
+        return []
+    try:
+        return [str(d) for d in json.loads(raw)]
+    except (ValueError, TypeError) as exc:
+        raise StoreError(f"round {index}'s replacements are unreadable: {exc}") from exc
