@@ -8,10 +8,11 @@ trained with ONNX Runtime for one epoch on each of a few MNIST-1D device partiti
 *Service* scenarios drive a real ``Aggregator`` (its own SQLite store, synchronous FULL,
 so every acknowledged update is durable) over an in-memory broker: N fake devices say
 hello, the aggregator selects them, and each answers its task with one update (the task's
-nonce and model hash echoed, bodies reused cyclically). Throughput is N over the time
-from the first update sent to the last acknowledgement received; the run loop runs in
-its own thread, as in production. ``sync``: one round of N devices; ``async``: FedBuff
-with N devices in flight and a buffer of ``--buffer`` updates. Peak memory is the
+nonce and model hash echoed, bodies reused cyclically, encoded into wire payloads before
+the clock starts: that is the devices' work, not the aggregator's). Throughput is N over
+the time from the first payload published to the last acknowledgement received; the
+run loop runs in its own thread, as in production. ``sync``: one round of N devices;
+``async``: FedBuff with N devices in flight and a buffer of ``--buffer`` updates. Peak memory is the
 process's ``VmHWM`` growth while ingesting, for two counts (flat means it does not grow
 with N).
 
@@ -153,9 +154,11 @@ class Swarm:
             prof.disable()
             pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
 
-    def _send_updates(self, bodies: list[bytes], samples: list[int], codec: str) -> None:
-        from broker_bridge import UpdateMeta, update_message
+    def prepare(self, bodies: list[bytes], samples: list[int], codec: str) -> None:
+        """Encode every device's update into wire payloads (not timed: device work)."""
+        from broker_bridge import UpdateMeta, split_message, update_message
 
+        self._ready: list[tuple[Any, str, list[bytes]]] = []
         for i, (dev, channel) in enumerate(self.channels.items()):
             task = self.tasks[dev]
             meta = UpdateMeta(num_samples=samples[i % len(samples)], steps=3, nonce=task.nonce,
@@ -164,7 +167,13 @@ class Swarm:
                                  model_version=task.model_version, attempt=0, codec=codec,
                                  meta=meta, codec_body=bodies[i % len(bodies)])
             self.answered.add(task.round)
-            channel.send(channel.topics.up(dev, "update"), msg)
+            payloads = split_message(msg, max_payload=channel.max_payload)
+            self._ready.append((channel.transport, channel.topics.up(dev, "update"), payloads))
+
+    def _send_updates(self, bodies: list[bytes], samples: list[int], codec: str) -> None:
+        for transport, topic, payloads in self._ready:
+            for payload in payloads:
+                transport.publish(topic, payload)
 
 
 def run_service(mode: str, codec: str, bodies: list[bytes], samples: list[int], n: int,
@@ -196,6 +205,7 @@ def run_service(mode: str, codec: str, bodies: list[bytes], samples: list[int], 
         if len(swarm.tasks) < n or any(t.round in swarm.answered for t in swarm.tasks.values()):
             raise SystemExit(f"{phase}: not every device got a new task")
         acked0 = swarm.acks
+        swarm.prepare(bodies, samples, codec)
         rss0 = vm_hwm_mb()
         t0 = time.perf_counter()
         swarm.send_updates(bodies, samples, codec, profile=profile and phase == "timed")

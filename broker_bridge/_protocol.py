@@ -17,6 +17,7 @@ in ``UpdateMeta.nonce``) and names the global model by content
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import struct
@@ -82,21 +83,42 @@ def _check_value(name: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported protocol field type {tp!r}")
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Payload):
+        return value.to_dict()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@functools.cache
+def _schema(cls: type) -> tuple[dict[str, Any], tuple[dataclasses.Field[Any], ...]]:
+    """A payload class's resolved field types and fields (resolving them is slow: once)."""
+    return typing.get_type_hints(cls), dataclasses.fields(cls)
+
+
 class _Payload:
     """JSON (de)serialisation with type checks, for frozen dataclasses."""
 
     KIND: typing.ClassVar[Kind]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        """The payload as plain JSON values (``dataclasses.asdict`` without its deep
+        copies: a task is written for every device, every round)."""
+        fields = _schema(type(self))[1]  # type: ignore[arg-type]
+        return {f.name: _plain(getattr(self, f.name)) for f in fields}
 
     @classmethod
     def from_dict(cls: type[T], data: Any) -> T:
         if not isinstance(data, dict):
             raise ProtocolError(f"{cls.__name__} body must be a JSON object")
-        hints = typing.get_type_hints(cls)
+        hints, fields = _schema(cls)  # type: ignore[arg-type]
         kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        for f in fields:
             if f.name in data:
                 kwargs[f.name] = _check_value(f.name, data[f.name], hints[f.name])
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:

@@ -13,7 +13,14 @@ Where things live:
 - ``_config``: ``AggregatorConfig`` (frozen, parsed once), ``load_config`` (TOML + flags).
 - ``_registry``: ``FleetRegistry``, ``DeviceInfo`` (presence, hello, participation history).
 - ``_rounds``: ``SyncRound``, ``AsyncScheduler``, ``RoundSpec``, ``WallClock``/``ManualClock``.
-- ``_service``: ``Aggregator`` (the service on a ``Channel``).
+- ``_runtime``: ``Aggregator`` (the runtime on a ``Channel``: wires the parts below).
+- ``_strategy``: ``Strategy`` (interface), ``StrategyContext``, ``Admit``/``Reply``,
+  ``ModelState``; ``_sync``: ``SyncRounds``; ``_fedbuff``: ``FedBuff``.
+- ``_ingest``: ``IngestPipeline``, ``IngestStage``, ``UpdateItem``, ``Rejection``, the
+  default stages, ``Journal`` (group commit); ``_aggregate``: ``RoundAggregate``,
+  ``Contribution``.
+- ``_planner``: ``WorkPlanner`` (cost model, adaptive local work, tasks);
+  ``_recorder``: ``RoundRecorder`` (metrics, evaluation); ``_events``: the event types.
 - ``_startup``: ``prepare_artifacts``, ``ModelArtifacts``, the run record and the checks
   a start makes (model identity, orphaned checkpoints, eval data).
 - ``_screen``: ``NormScreen``, ``WeightBound`` (the default defences against one device).
@@ -23,6 +30,7 @@ Where things live:
 - ``_metrics``: ``RoundMetrics``, ``MetricsLog`` (JSON lines), ``Counters``, ``MetricsServer``.
 """
 
+from cloud_aggregator._aggregate import Contribution, RoundAggregate
 from cloud_aggregator._aggregation import (
     AccumulatorSnapshot,
     AsyncOutcome,
@@ -47,6 +55,19 @@ from cloud_aggregator._artifacts import (
 from cloud_aggregator._config import AggregatorConfig, load_config
 from cloud_aggregator._errors import AggregatorError, ModelBuildError, UpdateRejected
 from cloud_aggregator._evaluate import EvalResult, ServerEvaluator, federated_eval, load_eval_data
+from cloud_aggregator._events import (
+    DeviceOffline,
+    DeviceOnline,
+    Event,
+    ModelReleased,
+    RoundEnded,
+    RoundOpened,
+    Status,
+    UpdateAccepted,
+    UpdateRefused,
+)
+from cloud_aggregator._fedbuff import FedBuff
+from cloud_aggregator._ingest import IngestPipeline, IngestStage, Rejection, UpdateItem
 from cloud_aggregator._metrics import Counters, MetricsLog, MetricsServer, RoundMetrics
 from cloud_aggregator._models import REFERENCE_MODELS, build_reference_model
 from cloud_aggregator._registry import DeviceInfo, FleetRegistry
@@ -70,6 +91,7 @@ from cloud_aggregator._rounds import (
     SyncRound,
     WallClock,
 )
+from cloud_aggregator._runtime import Aggregator
 from cloud_aggregator._screen import NormScreen, WeightBound
 from cloud_aggregator._selection import (
     POLICIES,
@@ -84,7 +106,6 @@ from cloud_aggregator._selection import (
     make_policy,
 )
 from cloud_aggregator._server_opt import SERVER_OPTIMIZERS, ServerOptimizer, make_server_optimizer
-from cloud_aggregator._service import Aggregator
 from cloud_aggregator._startup import ModelArtifacts, prepare_artifacts
 from cloud_aggregator._store import (
     CheckpointCorrupt,
@@ -98,12 +119,12 @@ from cloud_aggregator._store import (
     StoreError,
     UpdateKey,
 )
+from cloud_aggregator._strategy import Admit, ModelState, Reply, Strategy, StrategyContext
+from cloud_aggregator._sync import SyncRounds
 
 __all__ = [
-    "POLICIES",
-    "REFERENCE_MODELS",
-    "SERVER_OPTIMIZERS",
     "AccumulatorSnapshot",
+    "Admit",
     "Aggregator",
     "AggregatorConfig",
     "AggregatorError",
@@ -114,46 +135,70 @@ __all__ = [
     "CheckpointCorrupt",
     "CheckpointRecord",
     "Clock",
+    "Contribution",
     "Counters",
     "DeadlinePolicy",
     "DeviceInfo",
+    "DeviceOffline",
+    "DeviceOnline",
     "DeviceRecord",
     "EvalResult",
+    "Event",
+    "FedBuff",
     "FedBuffBuffer",
     "FleetRegistry",
+    "IngestPipeline",
+    "IngestStage",
     "ManualClock",
     "Metric",
     "MetricsLog",
     "MetricsServer",
     "ModelArtifacts",
-    "NormScreen",
     "ModelBuildError",
+    "ModelReleased",
+    "ModelState",
+    "NormScreen",
     "OortPolicy",
+    "POLICIES",
+    "REFERENCE_MODELS",
     "RandomPolicy",
     "Reason",
+    "Rejection",
+    "Reply",
     "RobustBuffer",
     "RobustConfig",
+    "RoundAggregate",
+    "RoundEnded",
     "RoundMetrics",
+    "RoundOpened",
     "RoundOutcome",
     "RoundRecord",
     "RoundSpec",
+    "SERVER_OPTIMIZERS",
     "SchemaTooNew",
     "SelectionPolicy",
     "ServerEvaluator",
     "ServerOptimizer",
     "StalenessPolicy",
+    "Status",
     "Store",
     "StoreError",
     "StoredUpdate",
+    "Strategy",
+    "StrategyContext",
     "StreamingAccumulator",
     "SyncRound",
+    "SyncRounds",
     "TieredPolicy",
+    "UpdateAccepted",
+    "UpdateItem",
     "UpdateKey",
+    "UpdateRefused",
     "UpdateRejected",
     "UpdateRules",
-    "WeightBound",
     "Verdict",
     "WallClock",
+    "WeightBound",
     "build_artifacts",
     "build_reference_model",
     "check_staleness",

@@ -175,10 +175,10 @@ def _stop_when_refused(transport: Any, aggregator: Any) -> None:
 
 def _aggregator(args: argparse.Namespace) -> int:
     from broker_bridge import Channel
+    from cloud_aggregator import Aggregator
     from cloud_aggregator._config import load_config
     from cloud_aggregator._connect import broker_settings
     from cloud_aggregator._metrics import RoundMetrics
-    from cloud_aggregator._service import Aggregator
 
     overrides = {dest: getattr(args, dest) for _, dest, _, _ in _AGG_FLAGS}
     overrides["progress"] = not args.quiet

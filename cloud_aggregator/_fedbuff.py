@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,8 +41,16 @@ from cloud_aggregator._sync import _decode, finite_loss, took
 log = logging.getLogger(__name__)
 
 SCHEDULER_STATE = "fedbuff_tasks"
-"""State name: the tasks in flight (written when they are dispatched)."""
+"""State name: the tasks in flight (written at each release, and every ``SAVE_EVERY_S``)."""
+NEXT_TASK_STATE = "fedbuff_next_task"
+"""State name: a task number not yet given (task numbers are reserved ``TASK_BLOCK`` at a
+time, so after a crash none is given twice, at one write per block)."""
+TASK_BLOCK = 1000
+SAVE_EVERY_S = 1.0
 DONE_MEMORY = 10_000
+DISPATCH_EVERY_S = 0.05
+"""Free slots are filled at once when a twentieth of ``concurrency`` is free, else at
+least this often: dispatching scans the fleet, so not once per update."""
 
 
 class FedBuff:
@@ -57,6 +66,9 @@ class FedBuff:
         self._policy = StalenessPolicy()
         self._done: collections.OrderedDict[tuple[int, str], None] = collections.OrderedDict()
         self._started = 0.0
+        self._last_dispatch = 0.0
+        self._last_save = 0.0
+        self._reserved = 0
 
     @property
     def ctx(self) -> StrategyContext:
@@ -87,8 +99,23 @@ class FedBuff:
     def load_state(self, state: Mapping[str, Any]) -> None:
         pass
 
-    def _save_tasks(self) -> None:
-        self.ctx.store.put_state(SCHEDULER_STATE, json.dumps(self.scheduler.to_json()).encode())
+    def _save_tasks(self, *, full: bool) -> None:
+        """Persist the next task number (always: a task number is never given twice, even
+        after a crash) and, when ``full`` or a while has passed, the tasks in flight
+        (those dispatched since are not re-sent after a crash; their updates are refused
+        as unknown and the devices get new tasks)."""
+        store, sched = self.ctx.store, self.scheduler
+        now = time.monotonic()
+        if full or now - self._last_save >= SAVE_EVERY_S:
+            store.put_state(SCHEDULER_STATE, json.dumps(sched.to_json()).encode())
+            self._last_save = now
+        self._reserve(sched.next_task_round)
+
+    def _reserve(self, upto: int) -> None:
+        """Make sure task numbers below ``upto`` are reserved (durably) before use."""
+        if upto > self._reserved:
+            self._reserved = upto + TASK_BLOCK
+            self.ctx.store.put_state(NEXT_TASK_STATE, str(self._reserved).encode())
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -101,19 +128,20 @@ class FedBuff:
             ctx.registry.record_outcome(task.device_id, completed=False)
             changed = True
         free = sched.free_slots()
-        if free == 0:
-            if changed:
-                self._save_tasks()
+        if free == 0 or (free < max(1, ctx.config.concurrency // 20)
+                         and time.monotonic() - self._last_dispatch < DISPATCH_EVERY_S):
             return changed
+        self._last_dispatch = time.monotonic()
         candidates = ctx.registry.candidates(exclude=sched.busy(), duration=ctx.planner.duration)
         if not candidates:
             return changed
         seq = sched.next_task_round
         chosen = ctx.policy.select(candidates, min(free, len(candidates)), round_index=seq,
                                    deadline_s=ctx.config.deadline_s, rng=ctx.rng(seq))
+        self._reserve(sched.next_task_round + len(chosen))
         tasks = [sched.dispatch(d, model_version=ctx.model.version, now=now) for d in chosen]
         ctx.registry.record_selected(chosen, seq)
-        self._save_tasks()
+        self._save_tasks(full=False)
         for task in tasks:
             ctx.send_task(task.device_id, task.task_round, task.model_version)
         return bool(tasks) or changed
@@ -128,7 +156,8 @@ class FedBuff:
             return Reply("rejected", "unknown_task", "no such task in flight")
         if message.model_version != task.model_version:
             self.scheduler.complete(task.task_round)
-            return Reply("rejected", "wrong_model_version", f"task was version {task.model_version}")
+            return Reply("rejected", "wrong_model_version",
+                         f"task was version {task.model_version}")
         return Admit(task.task_round)
 
     def check(self, item: UpdateItem) -> Rejection | None:
@@ -211,7 +240,7 @@ class FedBuff:
             wall_s=now - self._started, update_norm=float(np.linalg.norm(delta)),
         ))
         ctx.release(params=new_params, metrics=metrics, drop_stream=epoch)
-        self._save_tasks()
+        self._save_tasks(full=True)
         self._started = now
         ctx.recorder.begin()
 
@@ -221,12 +250,16 @@ class FedBuff:
         """Replay the open buffer's journal; re-send the tasks still in flight."""
         ctx = self.ctx
         raw = ctx.store.get_state(SCHEDULER_STATE)
-        if raw is not None:
-            try:
+        counter = ctx.store.get_state(NEXT_TASK_STATE)
+        try:
+            if raw is not None:
                 self.scheduler.load_json(json.loads(raw))
-            except (ValueError, TypeError, KeyError) as exc:
-                raise StoreError(f"the tasks in flight in {ctx.store.path} are unreadable: "
-                                 f"{exc}") from exc
+            if counter is not None:
+                self.scheduler.next_task_round = max(self.scheduler.next_task_round,
+                                                     int(counter))
+        except (ValueError, TypeError, KeyError, AggregatorError) as exc:
+            raise StoreError(f"the tasks in flight in {ctx.store.path} are unreadable: "
+                             f"{exc}") from exc
         assert self._agg is not None
         restored = 0
         for stored in ctx.journal(ctx.model.version):

@@ -26,7 +26,7 @@ from typing import Any
 
 from broker_bridge import Hello, LogLimiter, ProtocolError, printable
 from cloud_aggregator._selection import Candidate
-from cloud_aggregator._store import Store, StoreError
+from cloud_aggregator._store import DeviceRow, Store, StoreError
 from device_profiles import ConfigError, DeviceProfile, ProfileError
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,16 @@ DurationModel = Callable[[DeviceInfo], float | None]
 
 
 class FleetRegistry:
-    """Devices by id; thread-safe; every change written through to the ``Store``."""
+    """Devices by id; thread-safe; changes written to the ``Store`` in batches
+    (``flush``, which the aggregator calls after each group of updates and tick)."""
 
     def __init__(self, *, store: Store | None = None, clock: Callable[[], float] = time.time):
         self._store = store
         self._clock = clock
         self._lock = threading.RLock()
         self._devices: dict[str, DeviceInfo] = {}
+        self._dirty: dict[str, tuple[DeviceInfo, bool]] = {}
+        self._flushed_at = 0.0
         if store is not None:
             self._load(store)
 
@@ -238,16 +241,38 @@ class FleetRegistry:
     # -- persistence
 
     def _persist(self, info: DeviceInfo, *, with_profile: bool) -> None:
+        """Queue ``info`` for the next ``flush`` (one transaction for every change
+        since the last one: a thousand updates a second must not cost a thousand
+        commits). The registry is advisory: what a crash loses, hellos bring back."""
         if self._store is None:
             return
-        body = json.dumps(info.history_json(), sort_keys=True).encode()
+        with self._lock:
+            _, had_profile = self._dirty.get(info.device_id, (info, False))
+            self._dirty[info.device_id] = (info, had_profile or with_profile)
 
+    def flush(self, *, every_s: float = 0.0) -> None:
+        """Write the devices changed since the last flush, in one transaction (not when
+        the last flush was less than ``every_s`` ago)."""
+        if self._store is None:
+            return
+        now = time.monotonic()
+        if every_s and now - self._flushed_at < every_s:
+            return
+        self._flushed_at = now
+        with self._lock:
+            dirty, self._dirty = self._dirty, {}
+        if not dirty:
+            return
+        rows = []
+        for device_id, (stale, with_profile) in dirty.items():
+            info = self._devices.get(device_id, stale)
+            profile = ((info.profile.to_dict() if info.profile is not None else {})
+                       if with_profile else None)
+            rows.append(DeviceRow(device_id=device_id, profile=profile, online=info.online,
+                                  seen_at=info.last_seen, blob_name=_BLOB + device_id,
+                                  blob=json.dumps(info.history_json(), sort_keys=True).encode()))
         def write(store: Store) -> bool:
-            if with_profile or store.device(info.device_id) is None:
-                profile = info.profile.to_dict() if info.profile is not None else {}
-                store.upsert_device(info.device_id, profile=profile, online=info.online,
-                                    seen_at=info.last_seen)
-            store.put_state(_BLOB + info.device_id, body)
+            store.save_devices(rows)
             return True
 
         self._write(write)

@@ -138,6 +138,8 @@ class SyncRound:
         self.spec = spec
         self.states: dict[str, DeviceState] = {}
         self.reports: dict[str, Report] = {}
+        self._counted = 0
+        self._unresolved = 0
         for device_id in selected:
             self.add_device(device_id)
         if not self.states:
@@ -153,7 +155,17 @@ class SyncRound:
         """Select ``device_id`` (at the start, or as a replacement for a decliner)."""
         if device_id in self.states:
             raise AggregatorError(f"{device_id} is already in round {self.spec.index}")
-        self.states[device_id] = DeviceState.TASKED
+        self._set(device_id, DeviceState.TASKED)
+
+    def _set(self, device_id: str, state: DeviceState) -> None:
+        """Change a device's state, keeping the round's counts (no scan per update)."""
+        old = self.states.get(device_id)
+        if old is not None:
+            self._counted -= old is DeviceState.COUNTED
+            self._unresolved -= not old.resolved
+        self.states[device_id] = state
+        self._counted += state is DeviceState.COUNTED
+        self._unresolved += not state.resolved
 
     def state(self, device_id: str) -> DeviceState | None:
         return self.states.get(device_id)
@@ -164,13 +176,13 @@ class SyncRound:
 
     @property
     def counted(self) -> int:
-        return sum(1 for s in self.states.values() if s is DeviceState.COUNTED)
+        return self._counted
 
     # -- events
 
     def task_accepted(self, device_id: str) -> None:
         if self.states.get(device_id) is DeviceState.TASKED:
-            self.states[device_id] = DeviceState.WORKING
+            self._set(device_id, DeviceState.WORKING)
 
     def declined(self, device_id: str) -> bool:
         """True if this changed the device's state (it was still expected)."""
@@ -186,13 +198,13 @@ class SyncRound:
         current = self.states.get(device_id)
         if current is None or current.resolved:
             return False
-        self.states[device_id] = state
+        self._set(device_id, state)
         return True
 
     def revive(self, device_id: str) -> bool:
         """A dropped device is back (it said hello while busy with this round)."""
         if self.states.get(device_id) is DeviceState.DROPPED:
-            self.states[device_id] = DeviceState.WORKING
+            self._set(device_id, DeviceState.WORKING)
             return True
         return False
 
@@ -220,14 +232,14 @@ class SyncRound:
             DeviceState.TASKED, DeviceState.WORKING, DeviceState.DROPPED
         ):
             raise AggregatorError(f"{device_id} cannot be counted in round {self.spec.index}")
-        self.states[device_id] = DeviceState.COUNTED
+        self._set(device_id, DeviceState.COUNTED)
         self.reports[device_id] = report
 
     def late(self, device_id: str, report: Report) -> None:
         if self.states.get(device_id) is DeviceState.DROPPED or self._resolve(
             device_id, DeviceState.LATE
         ):
-            self.states[device_id] = DeviceState.LATE
+            self._set(device_id, DeviceState.LATE)
             self.reports[device_id] = report
 
     # -- termination
@@ -237,7 +249,7 @@ class SyncRound:
         counted = self.counted
         done = "quorum reached" if counted >= self.spec.quorum else "quorum missed"
         decision = Decision.CLOSE if counted >= self.spec.quorum else Decision.ABANDON
-        if not self.pending():
+        if self._unresolved == 0:
             return decision, f"every selected device answered ({done})"
         if not self.spec.virtual and counted >= self.spec.target:
             return Decision.CLOSE, "target reached"
@@ -250,7 +262,7 @@ class SyncRound:
     def finish(self, decision: Decision, reason: str, *, now: float) -> RoundOutcome:
         """End the round: still-pending devices count as dropped (missed deadline)."""
         for device_id in self.pending():
-            self.states[device_id] = DeviceState.DROPPED
+            self._set(device_id, DeviceState.DROPPED)
         wall = max(0.0, now - self.spec.started_at)
         return RoundOutcome(
             decision=decision,
@@ -308,6 +320,7 @@ class AsyncScheduler:
         self.deadline_s = deadline_s
         self.next_task_round = next_task_round
         self.inflight: dict[int, InFlight] = {}
+        self._busy: dict[str, int] = {}
         self.emulated_now = 0.0
         self._pending_finish = 0.0  # latest emulated finish among buffered updates
 
@@ -315,12 +328,19 @@ class AsyncScheduler:
         return max(0, self.concurrency - len(self.inflight))
 
     def busy(self) -> set[str]:
-        return {t.device_id for t in self.inflight.values()}
+        return set(self._busy)
+
+    def _forget(self, task: InFlight) -> None:
+        left = self._busy.get(task.device_id, 0) - 1
+        if left > 0:
+            self._busy[task.device_id] = left
+        else:
+            self._busy.pop(task.device_id, None)
 
     def dispatch(self, device_id: str, *, model_version: int, now: float) -> InFlight:
         if self.free_slots() == 0:
             raise AggregatorError("no free async slot")
-        if device_id in self.busy():
+        if device_id in self._busy:
             raise AggregatorError(f"{device_id} already has a task in flight")
         task = InFlight(
             task_round=self.next_task_round, device_id=device_id, model_version=model_version,
@@ -328,6 +348,7 @@ class AsyncScheduler:
         )
         self.next_task_round += 1
         self.inflight[task.task_round] = task
+        self._busy[device_id] = self._busy.get(device_id, 0) + 1
         return task
 
     def lookup(self, task_round: int, device_id: str) -> InFlight | None:
@@ -337,6 +358,8 @@ class AsyncScheduler:
     def complete(self, task_round: int, *, emulated_s: float | None = None) -> InFlight | None:
         """A task's update was counted (or refused): free its slot."""
         task = self.inflight.pop(task_round, None)
+        if task is not None:
+            self._forget(task)
         if task is not None and emulated_s is not None:
             finish = task.emulated_start + emulated_s
             self._pending_finish = max(self._pending_finish, finish)
@@ -344,9 +367,12 @@ class AsyncScheduler:
 
     def drop_device(self, device_id: str) -> list[InFlight]:
         """The device went offline: forget its tasks."""
+        if device_id not in self._busy:
+            return []
         gone = [t for t in self.inflight.values() if t.device_id == device_id]
         for t in gone:
             del self.inflight[t.task_round]
+            self._forget(t)
         return gone
 
     def expire(self, now: float) -> list[InFlight]:
@@ -354,6 +380,7 @@ class AsyncScheduler:
         late = [t for t in self.inflight.values() if now >= t.dispatched_at + self.deadline_s]
         for t in late:
             del self.inflight[t.task_round]
+            self._forget(t)
         return late
 
     def aggregated(self) -> float:
@@ -384,6 +411,9 @@ class AsyncScheduler:
                                  dispatched_at=float(at), emulated_start=float(es))
                 for r, d, v, at, es in data["inflight"]
             }
+            self._busy = {}
+            for t in self.inflight.values():
+                self._busy[t.device_id] = self._busy.get(t.device_id, 0) + 1
         except (KeyError, TypeError, ValueError) as exc:
             raise AggregatorError(f"unreadable async scheduler state: {exc}") from exc
 

@@ -122,6 +122,9 @@ F32 = npt.NDArray[np.float32]
 STATE_BLOB = "aggregator"
 OPT_BLOB = "server_opt"
 POLL_S = 0.05
+REGISTRY_EVERY_S = 1.0
+"""While ``run`` loops, the registry's device history is written at most this often
+(and with every new model): it is advisory, and hellos bring it back after a crash."""
 MAX_EARLY_MESSAGES = 10_000
 """Messages held while the aggregator rebuilds its round at start-up."""
 DEVICE_ERRORS_EXCLUDE = ("data", "artifact", "backend")
@@ -373,6 +376,7 @@ class Aggregator:
             if not self._closed:
                 self.journal.flush()
                 self._flushed()
+                self.registry.flush()
             self._closed = True
             topics = self.channel.topics
             for topic_filter in (topics.all_presence, topics.all_up) if unsubscribe else ():
@@ -400,7 +404,6 @@ class Aggregator:
                     log.warning("aggregator run timed out after %.0f s", timeout_s)
                     break
                 with self._wake:
-                    self._commit_due()
                     progressed = self.tick()
                     if not progressed and not self._stop.is_set():
                         due = self.journal.wait_s()
@@ -424,9 +427,13 @@ class Aggregator:
         with self._lock:
             if self.done:
                 return False
-            self.journal.flush()
-            self._flushed()
+            if self._running:
+                self._commit_due()  # the run loop groups commits
+            else:
+                self.journal.flush()
+                self._flushed()
             progressed = self.strategy.tick(self.clock.now())
+            self.registry.flush(every_s=0.0 if not self._running else REGISTRY_EVERY_S)
             self._maybe_status(progressed)
             return progressed
 
@@ -439,6 +446,7 @@ class Aggregator:
     def _flushed(self) -> None:
         if self._started and not self._closed:
             self.strategy.flushed()
+            self.registry.flush(every_s=REGISTRY_EVERY_S)
 
     # ------------------------------------------------------------------ state
 
@@ -543,6 +551,7 @@ class Aggregator:
         return StrategyContext(
             config=self.config, clock=self.clock, store=self.store, registry=self.registry,
             policy=self.policy, planner=self._planner(), recorder=self.recorder,
+            counters=self.counters,
             layout=self.layout, model=self.state, screen=self.screen, weights=self.weights,
             send_task=self._send_task, cancel=self._cancel, release=self._release,
             emit=self.events.emit, note=self._note, fail=self._fail)
@@ -571,6 +580,7 @@ class Aggregator:
             assert close_round is not None
             self.store.close_round(fleet=self.fleet, round_index=close_round, state="abandoned",
                                    missed=missed, states=states)
+        self.registry.flush()
         if params is not None:
             self._broadcast_model()
             self.events.emit(ModelReleased(model_version=self.state.version))

@@ -108,6 +108,19 @@ class StoredUpdate:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DeviceRow:
+    """One device's state for ``save_devices``: its profile (None: keep the stored
+    one), presence, and its history blob."""
+
+    device_id: str
+    profile: Mapping[str, Any] | None
+    online: bool
+    seen_at: float | None
+    blob_name: str
+    blob: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
 class JournalEntry:
     """One accepted update to journal: its idempotency key, the journal stream it
     belongs to (a sync round's index, or the model version a FedBuff buffer builds),
@@ -384,6 +397,27 @@ class Store:
                 " last_seen = excluded.last_seen, online = excluded.online",
                 (device_id, _json(dict(profile)), _now(seen_at), int(online)),
             )
+
+    def save_devices(self, rows: Sequence[DeviceRow]) -> None:
+        """Write several devices' state in one transaction (the registry's batches)."""
+        if not rows:
+            return
+        with self._write() as conn:
+            for row in rows:
+                if row.profile is not None:
+                    conn.execute(
+                        "INSERT INTO devices (device_id, profile, last_seen, online)"
+                        " VALUES (?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET"
+                        " profile = excluded.profile, last_seen = excluded.last_seen,"
+                        " online = excluded.online",
+                        (row.device_id, _json(dict(row.profile)), _now(row.seen_at),
+                         int(row.online)))
+                else:
+                    conn.execute(
+                        "INSERT INTO devices (device_id, profile, last_seen, online)"
+                        " VALUES (?, '{}', ?, ?) ON CONFLICT (device_id) DO NOTHING",
+                        (row.device_id, _now(row.seen_at), int(row.online)))
+                _put_state(conn, row.blob_name, row.blob, _now(row.seen_at))
 
     def mark_seen(self, device_id: str, *, online: bool, at: float | None = None) -> bool:
         """Record presence (status message or last will); False for an unknown device."""

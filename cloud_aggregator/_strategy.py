@@ -41,7 +41,7 @@ from cloud_aggregator._config import AggregatorConfig
 from cloud_aggregator._errors import AggregatorError
 from cloud_aggregator._events import Event
 from cloud_aggregator._ingest import Rejection, UpdateItem
-from cloud_aggregator._metrics import RoundMetrics
+from cloud_aggregator._metrics import Counters, RoundMetrics
 from cloud_aggregator._rounds import Clock
 from cloud_aggregator._screen import NormScreen, WeightBound
 from cloud_aggregator._store import Store, StoredUpdate
@@ -100,6 +100,7 @@ class StrategyContext:
     policy: SelectionPolicy
     planner: WorkPlanner
     recorder: RoundRecorder
+    counters: Counters
     layout: Layout
     model: ModelState
     screen: NormScreen

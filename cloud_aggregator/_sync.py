@@ -135,6 +135,11 @@ class SyncRounds:
     def current(self) -> SyncRound | None:
         return self._open.round if self._open is not None else None
 
+    @property
+    def deferred(self) -> list[str]:
+        """Devices whose updates the open (bootstrapping) round keeps aside."""
+        return [d.device for d in self._open.deferred] if self._open is not None else []
+
     # -- rounds -------------------------------------------------------------------------
 
     def tick(self, now: float) -> bool:
@@ -262,7 +267,10 @@ class SyncRounds:
             indices, values = _decode(stored.body, ctx)
             scale = clip_factor(d.norm, limit)
             weight = d.weight if weight_cap is None else min(d.weight, weight_cap)
+            if weight < d.weight:
+                ctx.counters.update("bounded:weight")
             if scale < 1.0:
+                ctx.counters.update("clipped:norm")
                 ctx.note(d.device, logging.WARNING, "device %s: update of round %d (norm %.4g) "
                          "cut to norm %.4g, the limit of the round's first updates",
                          d.device, index, d.norm, d.norm * scale)
@@ -403,7 +411,7 @@ class SyncRounds:
             if stored.meta.get("deferred"):
                 op.deferred.append(_Deferred(device=device, norm=norm, weight=weight))
             else:
-                indices, values = _decode(body, ctx, what=f"{device} in round {rec.round}")
+                indices, values = _decode(stored.body, ctx, what=f"{device} in round {rec.round}")
                 op.aggregate.add(Contribution(indices=indices, values=values, weight=weight,
                                               norm=norm))
                 ctx.screen.accepted(norm)

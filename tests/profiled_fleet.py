@@ -28,9 +28,9 @@ from broker_bridge import (
     presence_will,
     update_message,
 )
+from cloud_aggregator import Aggregator
 from cloud_aggregator._config import AggregatorConfig
 from cloud_aggregator._rounds import ManualClock
-from cloud_aggregator._service import Aggregator
 from device_profiles import DeviceProfile, get_profile
 
 SAMPLES = 320  # 10 steps of 32 per epoch

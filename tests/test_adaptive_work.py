@@ -16,8 +16,8 @@ from profiled_fleet import SAMPLES, ProfiledDevice, profile, start_aggregator
 
 from broker_bridge import MemoryBroker
 from cloud_aggregator import Aggregator
+from cloud_aggregator._planner import ADAPTIVE_HEADROOM
 from cloud_aggregator._selection import local_steps_for
-from cloud_aggregator._service import ADAPTIVE_HEADROOM
 from device_profiles import DeviceProfile, Task, predict
 
 FLEET = "adaptive"
@@ -121,15 +121,15 @@ def test_what_was_learned_survives_an_aggregator_restart(tmp_path: Path, artifac
     agg = start(tmp_path, artifacts, broker, 2, clock="virtual", selection="deadline")
     fast, slow = Device(broker, "fast", FAST), Device(broker, "slow", SLOW)
     first = _round_where_the_slow_device_runs_late(agg, fast, slow)
-    learned = agg._policy.state()
-    factor = agg._policy.corrections.factor("slow")  # type: ignore[attr-defined]
+    learned = agg.policy.state()
+    factor = agg.policy.corrections.factor("slow")  # type: ignore[attr-defined]
     assert factor > 1.0
     agg.close()
 
     again = start(tmp_path, artifacts, broker, 2, clock="virtual", selection="deadline")
     assert again.model_version == 1
-    assert again._policy.corrections.factor("slow") == factor  # type: ignore[attr-defined]
-    assert again._policy.state() == learned
+    assert again.policy.corrections.factor("slow") == factor  # type: ignore[attr-defined]
+    assert again.policy.state() == learned
     assert again.tick()  # round 2: the slow device is still given less than at first
     second = slow.tasks[-1].max_steps
     assert second is not None and 1 <= second < first
@@ -137,6 +137,6 @@ def test_what_was_learned_survives_an_aggregator_restart(tmp_path: Path, artifac
 
     # Another policy keeps the corrections (they describe devices), not the statistics.
     other = start(tmp_path, artifacts, broker, 2, clock="virtual", selection="oort")
-    assert other._policy.corrections.factor("slow") == factor  # type: ignore[attr-defined]
-    assert other._policy.state()["stats"] == {}
+    assert other.policy.corrections.factor("slow") == factor  # type: ignore[attr-defined]
+    assert other.policy.state()["stats"] == {}
     other.close()

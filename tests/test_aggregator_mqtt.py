@@ -32,11 +32,11 @@ from broker_bridge import (
     presence_will,
     update_message,
 )
+from cloud_aggregator import Aggregator
 from cloud_aggregator._aggregation import StreamingAccumulator
 from cloud_aggregator._artifacts import initial_parameters, read_manifest
 from cloud_aggregator._config import AggregatorConfig
 from cloud_aggregator._server_opt import make_server_optimizer
-from cloud_aggregator._service import Aggregator
 from cloud_aggregator._store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,8 +91,8 @@ def test_real_agents_learn_over_mosquitto(mosquitto: MosquittoProcess, tmp_path:
                       status_probe=lambda: DeviceStatus())
         agent.start()
         agents.append(agent)
-    assert agg._evaluator is not None
-    before = agg._evaluator.evaluate(agg.params).accuracy
+    assert agg.recorder.evaluator is not None
+    before = agg.recorder.evaluator.evaluate(agg.params).accuracy
     runner = threading.Thread(target=agg.run, kwargs={"timeout_s": 240.0}, daemon=True)
     runner.start()
     try:

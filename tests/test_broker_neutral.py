@@ -153,8 +153,8 @@ def _start_agents(url: str, fleet: str, ids: list[str], tmp_path: Path) -> list[
 
 def _aggregator(url: str, fleet: str, kind: str, tmp_path: Path, artifacts: Path,
                 rounds: int) -> Any:
+    from cloud_aggregator import Aggregator
     from cloud_aggregator._config import AggregatorConfig
-    from cloud_aggregator._service import Aggregator
 
     config = AggregatorConfig(
         fleet=fleet, model="mlp", rounds=rounds, devices_per_round=2, over_selection=1.0,

@@ -62,7 +62,12 @@ def test_a_root_started_mosquitto_reads_everything_broker_config_wrote(open_dir:
             assert dev.transport.flush(timeout=10)
         broker.stop()  # saves its persistence as user mosquitto
         log = broker.log_text()
-    assert "Error" not in log, log
+    # The start-up readiness probe opens a TCP connection and closes it before any TLS
+    # handshake; Mosquitto may log that as an OpenSSL "unexpected eof". Anything else
+    # that says Error (an unreadable file, a refused login) fails the test.
+    errors = [line for line in log.splitlines() if "Error" in line
+              and "unexpected eof while reading" not in line]
+    assert not errors, log
     assert (open_dir / "broker" / "data" / "mosquitto.db").exists()
 
 

@@ -31,8 +31,8 @@ from broker_bridge import (
     split_message,
     update_message,
 )
+from cloud_aggregator import Aggregator
 from cloud_aggregator._config import AggregatorConfig
-from cloud_aggregator._service import Aggregator
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 30.0) -> bool:

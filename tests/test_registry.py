@@ -48,6 +48,7 @@ def test_history_survives_a_restart(tmp_path: Path) -> None:
     reg.record_selected(["a"], 3)
     reg.record_outcome("a", completed=True, duration_s=4.0, loss=0.7)
     reg.record_outcome("a", completed=False)
+    reg.flush()  # the aggregator flushes after each group of updates and each tick
     store.close()
     again = FleetRegistry(store=Store(tmp_path / "s.sqlite"))
     info = again.get("a")

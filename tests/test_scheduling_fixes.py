@@ -17,8 +17,8 @@ from profiled_fleet import SAMPLES, ProfiledDevice, profile, start_aggregator
 
 from broker_bridge import MemoryBroker
 from cloud_aggregator import Candidate, DeadlinePolicy, make_policy
+from cloud_aggregator._planner import ADAPTIVE_HEADROOM
 from cloud_aggregator._selection import local_steps_for
-from cloud_aggregator._service import ADAPTIVE_HEADROOM
 from device_profiles import ConfigError, Task, predict
 
 FLEET = "sched"
@@ -92,14 +92,14 @@ def test_duration_prediction_follows_the_observed_compression(
         return predict(SLOW_LINK, task).total_s
 
     assert agg.compression_ratio == 1.0  # nothing seen yet: dense uploads
-    assert agg._duration(info) == pytest.approx(predicted(1.0))
+    assert agg.planner.duration(info) == pytest.approx(predicted(1.0))
     assert agg.tick()
     body = dev.send_update(layout=agg.layout, codec=CODEC)
     assert dev.acks[-1] == "accepted"
     ratio = 4 * agg.layout.size / len(body)
     assert ratio > 5  # top-10% of the values, 8 bits each
     assert agg.compression_ratio == pytest.approx(ratio)
-    after = agg._duration(info)
+    after = agg.planner.duration(info)
     assert after is not None and after == pytest.approx(predicted(ratio))
     assert after < predicted(1.0) / 3  # the upload dominated; now it does not
     agg.close()
@@ -179,7 +179,7 @@ def test_the_aggregator_samples_with_its_quorum_as_the_floor(
     broker = MemoryBroker()
     agg = start(tmp_path, artifacts, broker, 4, selection="deadline", quorum=3,
                 clock="virtual", deadline_s=1.0)
-    policy = agg._policy
+    policy = agg.policy
     assert isinstance(policy, DeadlinePolicy)
     assert policy.sampling == "random" and policy.min_devices == 3
     assert policy.exploration > 0
@@ -194,7 +194,7 @@ def test_fedcs_with_max_selected_sends_tasks_to_every_device_that_fits(
     broker = MemoryBroker()
     agg = start(tmp_path, artifacts, broker, 2, selection="deadline", clock="virtual",
                 deadline_s=1.0, max_selected=6)
-    assert agg._policy.max_devices == 6  # type: ignore[attr-defined]
+    assert agg.policy.max_devices == 6  # type: ignore[attr-defined]
     fast = [Device(broker, f"fast{i}", FAST) for i in range(4)]
     stuck = Device(broker, "stuck", profile("stuck", 5.0, latency_ms=2000.0))
     assert agg.tick()

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from test_service import FakeDevice, devices, fake_update, make
 
-import cloud_aggregator._service as service_module
+import cloud_aggregator._runtime as service_module
 from broker_bridge import ErrorReport, Hello, Kind, MemoryBroker, Message, Request
+from cloud_aggregator import Status
 from cloud_aggregator._config import AggregatorConfig
 from cloud_aggregator._rounds import ManualClock
 
@@ -84,10 +85,10 @@ def test_when_every_honest_norm_grows_the_screen_adapts(tmp_path: Path, artifact
     assert agg.tick() and agg.model_version == 1
     # One device alone cannot move the screen: it is refused and the history stays.
     agg.tick()
-    history = agg._screen.history
+    history = agg.screen.history
     acks = play_round(agg, fleet, {"d0": 1.7e7})
     assert acks["d0"].startswith("rejected:norm_above_median")
-    assert agg.tick() and agg._screen.history[: len(history)] == history
+    assert agg.tick() and agg.screen.history[: len(history)] == history
     # Every device's norm grows (a new learning rate, a broken model): round refused...
     agg.tick()
     big = {d: 1.7e7 for d in fleet}
@@ -210,7 +211,7 @@ def test_status_lines_say_what_the_aggregator_waits_for(
     broker = MemoryBroker()
     said: list[str] = []
     agg = make(tmp_path, artifacts, broker, devices_per_round=10)
-    agg._on_status = said.append
+    agg.subscribe(lambda e: said.append(e.text) if isinstance(e, Status) else None)
     assert not agg.tick()
     assert said and "0 devices online in fleet 'test'" in said[-1]
     assert "--fleet test" in said[-1]
@@ -223,7 +224,7 @@ def test_status_lines_say_what_the_aggregator_waits_for(
     broker = MemoryBroker()
     fleet = devices(broker, 3)
     agg = make(tmp_path / "b", artifacts, broker, devices_per_round=3)
-    agg._on_status = said.append
+    agg.subscribe(lambda e: said.append(e.text) if isinstance(e, Status) else None)
     agg.tick()  # opens round 1
     fleet["d0"].send_update(layout=agg.layout)
     agg.tick()
@@ -299,7 +300,7 @@ def test_a_bootstrap_round_resumed_after_a_crash_gives_the_same_model(
     agg1.channel.transport.kill()  # crash, mid bootstrap round
     agg2 = make(tmp_path / "b", artifacts, broker, devices_per_round=4)
     assert agg2.current_round is not None and agg2.current_round.counted == 2
-    assert len(agg2._deferred) == 2
+    assert len(agg2.strategy.deferred) == 2  # type: ignore[attr-defined]
     for d in ("d2", "d3"):
         fleet[d].send_update(layout=agg2.layout,
                              values=scaled(d, index, agg2.layout.size, 0.3))

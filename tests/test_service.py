@@ -35,9 +35,9 @@ from broker_bridge import (
     update_message,
     weights_hash,
 )
+from cloud_aggregator import Aggregator
 from cloud_aggregator._config import AggregatorConfig, load_config
 from cloud_aggregator._rounds import ManualClock
-from cloud_aggregator._service import Aggregator
 from device_profiles import ConfigError, get_profile
 
 FLEET = "test"
@@ -473,7 +473,7 @@ def test_a_policy_choosing_too_few_devices_is_topped_up(
     broker = MemoryBroker()
     devices(broker, 4)
     agg = make(tmp_path, artifacts, broker)
-    monkeypatch.setattr(agg._policy, "select", lambda cands, k, **kw: [cands[0].device_id])
+    monkeypatch.setattr(agg.policy, "select", lambda cands, k, **kw: [cands[0].device_id])
     assert agg.tick()  # opens instead of waiting forever
     rnd = agg.current_round
     assert rnd is not None and len(rnd.selected) >= agg.config.effective_quorum

@@ -19,8 +19,9 @@ import pytest
 from test_service import FLEET, devices, make
 
 from broker_bridge import Channel, MemoryBroker, MemoryTransport
+from cloud_aggregator import Aggregator
 from cloud_aggregator._config import AggregatorConfig
-from cloud_aggregator._service import Aggregator
+from cloud_aggregator._recorder import RoundRecorder
 from cloud_aggregator._store import StoreError
 from device_profiles import ConfigError, FleetlearnError
 
@@ -157,7 +158,7 @@ def test_a_stop_between_checkpoint_and_metrics_line_loses_no_line(
     def killed(*_a: object, **_k: object) -> None:
         raise Killed  # the process dies right after the checkpoint transaction
 
-    monkeypatch.setattr(Aggregator, "_record", killed)
+    monkeypatch.setattr(RoundRecorder, "record", killed)
     with pytest.raises(Killed):
         agg.tick()
     monkeypatch.undo()
