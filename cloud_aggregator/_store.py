@@ -632,22 +632,23 @@ class Store:
         last = 0
         while True:
             rows = self._read(
-                "SELECT r.seq, a.device_id, a.attempt, a.accepted_at, r.body, r.meta"
+                "SELECT r.seq, a.round, a.device_id, a.attempt, a.accepted_at, r.body, r.meta"
                 " FROM round_updates r JOIN accepted_updates a ON a.seq = r.seq"
                 " WHERE r.fleet = ? AND r.round = ? AND r.seq > ? ORDER BY r.seq LIMIT 64",
                 (fleet, round_index, last),
             )
             if not rows:
                 return
-            for seq, device_id, attempt, accepted_at, body, meta in rows:
+            for seq, key_round, device_id, attempt, accepted_at, body, meta in rows:
                 last = seq
                 try:
                     meta_obj = json.loads(meta)
                 except (ValueError, RecursionError) as exc:
                     raise StoreError(f"stored update {seq} has unreadable metadata") from exc
                 yield StoredUpdate(
+                    # The key's own round (a FedBuff task), not the stream it was kept under.
                     key=UpdateKey(
-                        fleet=fleet, round=round_index, device_id=device_id, attempt=attempt
+                        fleet=fleet, round=key_round, device_id=device_id, attempt=attempt
                     ),
                     body=bytes(body),
                     meta=meta_obj,

@@ -128,11 +128,14 @@ def make(
         "over_selection": 1.0, "deadline_s": 30.0, "state_dir": tmp, "local_epochs": 1,
         "server_opt": "fedavg", "store_synchronous": "NORMAL",
     }
+    parts = {k: overrides.pop(k) for k in ("strategy", "policy", "optimizer", "evaluator")
+             if k in overrides}  # objects of one's own go to the runtime, not the config
     settings.update(overrides)
     config = AggregatorConfig(**settings)  # type: ignore[arg-type]
     transport = MemoryTransport(broker=broker, client_id="aggregator")
     agg = Aggregator(config=config, channel=Channel(transport=transport, fleet=FLEET),
-                     clock=manual or ManualClock(), artifacts_dir=artifacts)
+                     clock=manual or ManualClock(), artifacts_dir=artifacts,
+                     **parts)  # type: ignore[arg-type]
     agg.start()
     return agg
 

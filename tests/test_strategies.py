@@ -1,0 +1,165 @@
+"""Strategies over the shared round aggregate: FedBuff with robust rules and clipping
+(checked against numpy), journal replay after a crash, events, custom parts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_service import FakeDevice, devices, fake_update, make
+
+from broker_bridge import (
+    CodecSpec,
+    Layout,
+    MemoryBroker,
+    MemoryTransport,
+    decode_update,
+    encode_update,
+)
+from cloud_aggregator import (
+    DeviceOnline,
+    ModelReleased,
+    RoundEnded,
+    RoundOpened,
+    SyncRounds,
+    UpdateAccepted,
+    UpdateRefused,
+)
+from cloud_aggregator._robust import coordinate_median, multi_krum
+
+
+def _feed_async(agg: object, fleet: dict[str, FakeDevice], count: int) -> list[tuple[str, int]]:
+    """Answer ``count`` async tasks in dispatch order; returns (device, task round)."""
+    answered: list[tuple[str, int]] = []
+    while len(answered) < count:
+        agg.tick()  # type: ignore[attr-defined]
+        waiting = [d for d in fleet.values()
+                   if d.tasks and (d.id, d.tasks[-1].round) not in answered]
+        assert waiting, "no device holds an unanswered task"
+        device = min(waiting, key=lambda d: d.tasks[-1].round)
+        device.send_update(layout=agg.layout)  # type: ignore[attr-defined]
+        assert device.last_ack().status == "accepted", (device.id, device.last_ack())
+        answered.append((device.id, device.tasks[-1].round))
+    return answered
+
+
+@pytest.mark.parametrize(("robust", "reference"), [
+    ("median", lambda u: coordinate_median(np.stack(u))),
+    ("multi_krum", lambda u: multi_krum(np.stack(u), f=1, m=4)),  # m defaults to n - f
+])
+def test_fedbuff_applies_robust_rules_like_numpy(tmp_path: Path, artifacts: Path, robust: str,
+                                                 reference: object) -> None:
+    broker = MemoryBroker()
+    fleet = devices(broker, 6)
+    agg = make(tmp_path, artifacts, broker, mode="async", concurrency=6, buffer_size=5,
+               rounds=1, robust=robust, byzantine=1, staleness="constant",
+               norm_median_multiple=None)
+    start = agg.params.copy()
+    answered = _feed_async(agg, fleet, 5)
+    assert agg.model_version == 1
+    updates = [fake_update(d, r, agg.layout.size) for d, r in answered]
+    np.testing.assert_allclose(agg.params, start + reference(updates), atol=1e-6)  # type: ignore[operator]
+    agg.close()
+
+
+def test_fedbuff_clips_like_sync_rounds(tmp_path: Path, artifacts: Path) -> None:
+    broker = MemoryBroker()
+    fleet = devices(broker, 4)
+    agg = make(tmp_path, artifacts, broker, mode="async", concurrency=4, buffer_size=3,
+               rounds=1, clip_norm=0.05, staleness="constant", norm_median_multiple=None)
+    start = agg.params.copy()
+    answered = _feed_async(agg, fleet, 3)
+    clipped = []
+    for d, r in answered:
+        u = fake_update(d, r, agg.layout.size).astype(np.float64)
+        clipped.append(u * min(1.0, 0.05 / np.linalg.norm(u)))
+    assert all(np.linalg.norm(fake_update(d, r, agg.layout.size)) > 0.05 for d, r in answered)
+    np.testing.assert_allclose(agg.params, start + np.mean(clipped, axis=0), atol=1e-6)
+    agg.close()
+
+
+def test_a_fedbuff_buffer_survives_a_crash_through_its_journal(tmp_path: Path,
+                                                                artifacts: Path) -> None:
+    broker = MemoryBroker()
+    fleet = devices(broker, 5)
+    agg = make(tmp_path, artifacts, broker, mode="async", concurrency=5, buffer_size=4,
+               rounds=1, staleness="constant", norm_median_multiple=None)
+    start = agg.params.copy()
+    answered = _feed_async(agg, fleet, 2)
+    assert agg.model_version == 0
+    assert isinstance(agg.channel.transport, MemoryTransport)
+    agg.channel.transport.kill()  # crash: two updates accepted, buffer half full
+    again = make(tmp_path, artifacts, broker, mode="async", concurrency=5, buffer_size=4,
+                 rounds=1, staleness="constant", norm_median_multiple=None)
+    # The journal put both back; a redelivery of one is a duplicate, not a third.
+    first = fleet[answered[0][0]]
+    first.send_update(layout=again.layout, round_index=answered[0][1])
+    assert first.last_ack().status == "duplicate"
+    answered += _feed_async(again, fleet, 2)
+    assert again.model_version == 1
+    mean = np.mean([fake_update(d, r, again.layout.size) for d, r in answered], axis=0)
+    np.testing.assert_allclose(again.params, start + mean, atol=1e-6)
+    again.close()
+
+
+def test_sparse_updates_add_up_like_dense_ones(tmp_path: Path, artifacts: Path) -> None:
+    """A top-k update is added from its nonzeros; the model is what the dense sum gives."""
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=1, codec="topk:0.05",
+               norm_median_multiple=None)
+    start = agg.params.copy()
+    agg.tick()
+    layout: Layout = agg.layout
+    sent = []
+    for d in fleet.values():
+        vec = fake_update(d.id, 1, layout.size)
+        body = encode_update(vec, layout, CodecSpec.parse("topk:0.05"), rng=0).body
+        d.send_update(layout=layout, codec="topk:0.05", codec_body=body)
+        sent.append(decode_update(body, layout))  # dense: the top 5% and zeros
+    assert all(np.count_nonzero(v) < 0.06 * v.size for v in sent)
+    assert agg.tick() and agg.model_version == 1
+    np.testing.assert_allclose(agg.params, start + np.mean(sent, axis=0), atol=1e-6)
+    agg.close()
+
+
+def test_events_tell_what_happened(tmp_path: Path, artifacts: Path) -> None:
+    broker = MemoryBroker()
+    seen: list[object] = []
+    agg = make(tmp_path, artifacts, broker, rounds=1, norm_median_multiple=None)
+    agg.subscribe(seen.append)
+    fleet = devices(broker, 3)
+    agg.tick()
+    for d in fleet.values():
+        d.send_update(layout=agg.layout)
+    fleet["d0"].send_update(layout=agg.layout, round_index=99)  # no such round
+    assert agg.tick()
+    kinds = [type(e) for e in seen]
+    assert kinds.count(DeviceOnline) == 3 and kinds.count(RoundOpened) == 1
+    assert kinds.count(UpdateAccepted) == 3 and kinds.count(UpdateRefused) == 1
+    assert kinds.index(ModelReleased) < kinds.index(RoundEnded)
+    ended = next(e for e in seen if isinstance(e, RoundEnded))
+    assert ended.metrics.outcome == "closed" and ended.metrics.devices_reported == 3
+    agg.close()
+
+
+def test_a_strategy_of_ones_own(tmp_path: Path, artifacts: Path) -> None:
+    """SyncRounds with another ``combine``: here, a server step capped in norm."""
+
+    class CappedStep(SyncRounds):
+        def combine(self, params: np.ndarray, delta: np.ndarray) -> np.ndarray:
+            norm = float(np.linalg.norm(delta))
+            return params + delta * min(1.0, 0.01 / norm)
+
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=1, strategy=CappedStep(),
+               norm_median_multiple=None)
+    start = agg.params.copy()
+    agg.tick()
+    for d in fleet.values():
+        d.send_update(layout=agg.layout)
+    assert agg.tick() and agg.model_version == 1
+    assert np.linalg.norm(agg.params - start) == pytest.approx(0.01, rel=1e-4)
+    agg.close()
