@@ -18,6 +18,8 @@ Where things live:
   presence messages and the aggregator's ``roll_call``.
 - ``_protocol``: typed control payloads (``Hello``, ``TaskSpec``, ``UpdateMeta``, ``Ack``,
   ``Cancel``, ``ErrorReport``, ``Request``), update bodies, ``ProtocolError``.
+- ``_acks``: ``AckCode``, ``ack_code``, ``may_retry`` (update ack reason codes and what a
+  device does after each: the ack state machine of docs/PROTOCOL.md section 5.1).
 - ``_model_msg``: ``ModelMeta``, ``model_message``/``read_model_message``,
   ``weights_hash`` (global models named by run and content hash).
 - ``_ratelimit``: ``KeyedRateLimit``, ``LogLimiter``, ``printable`` (what one device
@@ -32,6 +34,7 @@ Where things live:
 - ``_files``: ``atomic_write``, ``fsync_dir`` (crash-safe writes, used by every package).
 """
 
+from broker_bridge._acks import RETRYABLE, AckCode, ack_code, may_retry, reason_text
 from broker_bridge._broker_files import TlsFiles
 from broker_bridge._brokers import (
     AGGREGATOR_USER,
@@ -132,7 +135,9 @@ __all__ = [
     "DEFAULT_MAX_PAYLOAD",
     "EMBEDDED_LIMITS",
     "PROTOCOL_VERSION",
+    "RETRYABLE",
     "Ack",
+    "AckCode",
     "BodyHeader",
     "BodyKind",
     "BrokerConfigFiles",
@@ -184,6 +189,7 @@ __all__ = [
     "UpdateMeta",
     "Will",
     "WireError",
+    "ack_code",
     "atomic_write",
     "fsync_dir",
     "check_id",
@@ -200,6 +206,7 @@ __all__ = [
     "json_message",
     "local_broker",
     "local_broker_kind",
+    "may_retry",
     "model_message",
     "new_transfer_id",
     "parse_json",
@@ -209,6 +216,7 @@ __all__ = [
     "presence_message",
     "presence_will",
     "read_password_file",
+    "reason_text",
     "printable",
     "read_header",
     "read_model_message",
