@@ -176,7 +176,9 @@ class SyncRound:
     # -- events
 
     def task_accepted(self, device_id: str) -> None:
-        if self.states.get(device_id) is DeviceState.TASKED:
+        """The device took its task: working (again, when it had gone offline and came
+        back to find its task, which may reach it before its hello)."""
+        if self.states.get(device_id) in (DeviceState.TASKED, DeviceState.DROPPED):
             self.states[device_id] = DeviceState.WORKING
 
     def declined(self, device_id: str) -> bool:

@@ -1355,6 +1355,8 @@ class Aggregator:
 
     def _on_hello(self, device: str, hello: Hello) -> None:
         info = self.registry.on_hello(device, hello, at=self.clock.now())
+        if info.profile_problem is not None:
+            self.counters.update("malformed:profile")
         log.debug("device %s: hello (eligible=%s, samples=%d)", device, info.eligible,
                   info.num_samples)
         if hello.protocol != PROTOCOL_VERSION:
@@ -1364,12 +1366,19 @@ class Aggregator:
                        device, why)
             return
         rnd = self._round
-        if rnd is not None and hello.busy_round == rnd.spec.index:
-            state = rnd.state(device)
-            if state in (DeviceState.TASKED, DeviceState.WORKING, DeviceState.DROPPED):
+        state = rnd.state(device) if rnd is not None else None
+        if rnd is not None and (
+            (hello.busy_round == rnd.spec.index
+             and state in (DeviceState.TASKED, DeviceState.WORKING, DeviceState.DROPPED))
+            or (hello.busy_round is None and state is DeviceState.DROPPED)
+        ):
+            # Busy with this round (restarted mid-task), or back from offline without
+            # it (its session may have lost the task): the same task again. A device
+            # that was not busy counts as working again once it accepts the task.
+            if hello.busy_round is not None:
                 rnd.revive(device)
-                self._send_task(device, round_index=rnd.spec.index,
-                                model_version=rnd.spec.model_version)
+            self._send_task(device, round_index=rnd.spec.index,
+                            model_version=rnd.spec.model_version)
         if self._async is not None and hello.busy_round is not None:
             task = self._async.lookup(hello.busy_round, device)
             if task is not None:
