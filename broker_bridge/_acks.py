@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from broker_bridge._protocol import Ack
+if TYPE_CHECKING:
+    from broker_bridge._protocol import Ack
 
 
 class AckCode(StrEnum):
@@ -88,7 +90,7 @@ _CODE = re.compile(r"^[a-z][a-z0-9_]*")
 
 def ack_code(ack: Ack | str) -> str:
     """The machine-readable code of an ack (or of its ``reason``); ``""`` when none."""
-    reason = ack.reason if isinstance(ack, Ack) else ack
+    reason = ack if isinstance(ack, str) else ack.reason
     found = _CODE.match(reason)
     return found.group(0) if found else ""
 

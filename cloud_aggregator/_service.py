@@ -71,6 +71,7 @@ from broker_bridge import (
     Kind,
     LogLimiter,
     Message,
+    Presence,
     Request,
     TaskSpec,
     UpdateMeta,
@@ -1304,11 +1305,10 @@ class Aggregator:
         if device is None or message.kind != Kind.PRESENCE:
             return
         try:
-            status = message.json().get("status")
-        except (WireError, AttributeError):
-            self._note(device, logging.WARNING, "device %s: malformed presence", device)
-            return
-        if status not in ("online", "offline"):
+            status = Presence.from_message(message).status
+        except WireError as exc:
+            self._note(device, logging.WARNING, "device %s: malformed presence: %s", device,
+                       printable(exc))
             return
         with self._wake:
             self.registry.on_presence(device, online=status == "online", at=self.clock.now())

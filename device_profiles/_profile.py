@@ -398,6 +398,8 @@ def _number(label: str, value: Any) -> float:
 
 
 def _integer(label: str, value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # JSON makes no difference between 4 and 4.0
     if isinstance(value, bool) or not isinstance(value, int):
         raise ProfileError(f"{label} must be an integer, got {value!r}")
     return value
