@@ -1354,6 +1354,8 @@ class Aggregator:
             self._wake.notify_all()
 
     def _on_hello(self, device: str, hello: Hello) -> None:
+        before = self.registry.get(device)
+        back = before is not None and not before.greeted  # its first hello since offline
         info = self.registry.on_hello(device, hello, at=self.clock.now())
         if info.profile_problem is not None:
             self.counters.update("malformed:profile")
@@ -1370,7 +1372,7 @@ class Aggregator:
         if rnd is not None and (
             (hello.busy_round == rnd.spec.index
              and state in (DeviceState.TASKED, DeviceState.WORKING, DeviceState.DROPPED))
-            or (hello.busy_round is None and state is DeviceState.DROPPED)
+            or (hello.busy_round is None and state is DeviceState.DROPPED and back)
         ):
             # Busy with this round (restarted mid-task), or back from offline without
             # it (its session may have lost the task): the same task again. A device

@@ -178,3 +178,30 @@ def test_a_task_before_the_hello_and_the_same_task_twice_over_mosquitto(
         if again is not None:
             again.close()
             again.channel.transport.close()
+
+
+def test_a_device_back_from_offline_gets_its_task_again(tmp_path: Path, artifacts: Path) -> None:
+    """Its session may have lost the task; a device that only reported an error (and
+    never left) is not sent the task again for each hello."""
+    from test_service import devices
+
+    from broker_bridge import ErrorReport
+
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker)
+    agg.tick()
+    d0, d1 = fleet["d0"], fleet["d1"]
+    d1.channel.send(d1.channel.topics.up("d1", "error"), ErrorReport(
+        round=1, code="disk_full", message="no space").to_message(fleet=FLEET, device="d1"))
+    d1.hello()  # still connected: no new copy of its task
+    assert len(d1.tasks) == 1
+    d0.transport.kill()  # its will: offline
+    rnd = agg.current_round
+    assert rnd is not None and rnd.state("d0") is DeviceState.DROPPED
+    d0.transport.connect()
+    d0.channel.send(d0.channel.topics.presence("d0"),
+                    presence_message(fleet=FLEET, device="d0", status="online"), retain=True)
+    d0.hello()  # back, not busy: its task comes again
+    assert len(d0.tasks) == 2 and d0.tasks[-1] == d0.tasks[0]
+    agg.close()

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from broker_bridge import AckCode, message_schemas, may_retry
+from broker_bridge import AckCode, may_retry, message_schemas
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "PROTOCOL.md").read_text()
