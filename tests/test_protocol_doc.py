@@ -107,3 +107,12 @@ def test_links_into_docs_lead_to_files() -> None:
         assert (ROOT / "docs" / target).exists(), target
     for name in SCHEMAS:
         assert f"schemas/{name}.schema.json" in DOC, name
+
+
+def test_section_8_names_every_key_of_a_portable_manifest() -> None:
+    manifest = json.loads((ROOT / "docs" / "vectors" / "tiny_artifacts.json").read_text())
+    section = DOC[DOC.index("## 8. Models and artifacts"):DOC.index("## 9. Exchanges")]
+    for key in manifest:
+        assert f"`{key}`" in section, key
+    for key in [*manifest["train"], *manifest["eval"]]:
+        assert f"`{key}" in section, key  # `state[j].in` names `state`
