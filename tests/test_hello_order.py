@@ -13,13 +13,11 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from test_agent import make_data
-from test_hardening_mqtt import aggregator, transport
+from test_hardening_mqtt import aggregator, transport, wait_for
 from test_service import make
 
 from broker_bridge import (
@@ -37,15 +35,6 @@ from device_profiles import get_profile
 from edge_runtime import Agent, AgentSettings, DeviceStatus
 
 FLEET = "test"
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 30.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return bool(cond())
 
 
 def say_hello(broker: MemoryBroker, device: str, profile: dict[str, object]) -> None:
