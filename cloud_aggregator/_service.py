@@ -35,8 +35,9 @@ wait in a bounded queue.
 Why this module is long: it is the one place where the order of durable writes,
 acknowledgements and state changes is decided, for sync rounds, async aggregation
 and resume, all under one lock. The mechanisms it orders live elsewhere: the screens
-(``_screen``), serving models and artifacts (``_serving``), start-up checks and the run
-record (``_startup``), status lines (``_status``), rounds (``_rounds``), the store.
+(``_screen``), what an update is answered (``_answers``), serving models and
+artifacts (``_serving``), start-up checks and the run record (``_startup``), status
+lines (``_status``), rounds (``_rounds``), the store.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -60,6 +61,7 @@ import numpy.typing as npt
 from broker_bridge import (
     PROTOCOL_VERSION,
     Ack,
+    AckCode,
     Cancel,
     Channel,
     CodecError,
@@ -69,6 +71,7 @@ from broker_bridge import (
     Kind,
     LogLimiter,
     Message,
+    Presence,
     Request,
     TaskSpec,
     UpdateMeta,
@@ -88,6 +91,14 @@ from cloud_aggregator._aggregation import (
     l2_norm,
     staleness_discount,
     validate_update,
+)
+from cloud_aggregator._answers import (
+    ACCEPTED,
+    Answer,
+    AttemptLedger,
+    after_round,
+    refused,
+    refused_blob,
 )
 from cloud_aggregator._artifacts import MODEL_NAME
 from cloud_aggregator._config import AggregatorConfig
@@ -331,6 +342,7 @@ class Aggregator:
         self._async_started = 0.0
         self._task_steps: collections.OrderedDict[tuple[int, str], int | None] = (
             collections.OrderedDict())
+        self._ledger = AttemptLedger()
         self._started = False
         self._ready = False
         self._closed = False
@@ -634,9 +646,18 @@ class Aggregator:
             self._round.count(device, _report(meta))
             self._note_report(meta)
             restored += 1
+        self._restore_refusals(rec.round)
         log.info("resumed round %d with %d stored updates", rec.round, restored)
         for device in self._round.pending():
             self._send_task(device, round_index=rec.round, model_version=self.model_version)
+
+    def _restore_refusals(self, index: int) -> None:
+        """A refusal survives a restart: a device refused for good is not asked again,
+        and an attempt gets the answer it got before."""
+        assert self._round is not None
+        raw = self._blob_json(refused_blob(index))
+        if raw is not None:
+            self._ledger.restore(index, raw, self._round, where=str(self.store.path))
 
     # ------------------------------------------------------------------ ticking
 
@@ -899,6 +920,7 @@ class Aggregator:
             if self._abandoned_streak >= self.config.max_abandoned:
                 self._failed = f"{self._abandoned_streak} rounds in a row missed their quorum"
                 log.error("giving up: %s", self._failed)
+        self.store.delete_state(refused_blob(index))
         for device in pending:
             self._send(self.channel.topics.down(device, "cancel"),
                        Cancel(round=index, reason=f"round {decision.value}d: {reason}")
@@ -1061,32 +1083,41 @@ class Aggregator:
         assert self._async is not None and self._fedbuff is not None
         sched, buf = self._async, self._fedbuff
         key = (message.round, device)
-        if key in self._async_done:
-            self._ack(device, message, "duplicate", "already counted")
-            return
         task = sched.lookup(message.round, device)
-        if task is None:
-            self._reject(device, message, "unknown_task", "no such task in flight")
+        first = self._ledger.recall(message.round, device, message.attempt)
+        if key in self._async_done or task is None or first is not None:
+            # Counted, refused before, or not a task in flight: the store and the ledger
+            # say which (after a restart too).
+            self._answer(device, message, after_round(
+                self.store, self._ledger, fleet=self.fleet, task_round=message.round,
+                device=device, attempt=message.attempt, unknown=AckCode.UNKNOWN_TASK,
+                why="no such task in flight"))
             return
-        unpacked = self._unpack(device, message, task.task_round)
-        if unpacked is False:
-            return
-        parsed = None if unpacked is None else self._parse_update(
-            device, message, *unpacked, max_steps=self._sent_steps(task.task_round, device))
-        if parsed is None:
+        if self._ledger.exhausted(task.task_round, device):
             sched.complete(task.task_round)
+            self._refuse(device, message, refused(
+                AckCode.TOO_MANY_ATTEMPTS,
+                f"{self._ledger.max_judged} attempts were refused for task {task.task_round}"))
+            return
+        if message.model_version != task.model_version:
+            self._refuse(device, message, refused(
+                AckCode.WRONG_MODEL_VERSION, f"task was version {task.model_version}"))
+            return
+        parsed = self._judge(device, message, task.task_round,
+                             max_steps=self._sent_steps(task.task_round, device))
+        if parsed is None:
+            return
+        if isinstance(parsed, Answer):
+            if parsed.final:  # else the task stays in flight for a corrected attempt
+                sched.complete(task.task_round)
+            self._refuse(device, message, parsed)
             return
         meta, update = parsed.meta, parsed.update
-        if message.model_version != task.model_version:
-            sched.complete(task.task_round)
-            self._reject(device, message, "wrong_model_version",
-                         f"task was version {task.model_version}")
-            return
         verdict = check_staleness(trained_from=task.model_version,
                                   current_version=self.model_version, policy=buf.policy)
         if not verdict.ok:
             sched.complete(task.task_round)
-            self._reject(device, message, str(verdict.reason), verdict.detail)
+            self._refuse(device, message, refused(str(verdict.reason), verdict.detail))
             return
         staleness = self.model_version - task.model_version
         discount = staleness_discount(staleness, buf.policy)
@@ -1104,7 +1135,9 @@ class Aggregator:
             log.error("device %s: cannot store update (%s); not acknowledged", device, exc)
             return
         if not fresh:
-            self._ack(device, message, "duplicate", "already counted")
+            self._answer(device, message, after_round(
+                self.store, self._ledger, fleet=self.fleet, task_round=message.round,
+                device=device, attempt=message.attempt))
             return
         buf.restore(acc.snapshot())
         self._observe_body(parsed.body_bytes)
@@ -1113,7 +1146,7 @@ class Aggregator:
         self._weights.accepted(parsed.weight)
         self._note_report(meta)
         self.counters.update("accepted")
-        self._ack(device, message, "accepted", "")
+        self._answer(device, message, ACCEPTED)
         took = _took(meta)
         self._policy.feedback(device, duration_s=took, completed=True,
                               loss=_loss(meta.train_loss), num_samples=meta.num_samples)
@@ -1190,8 +1223,12 @@ class Aggregator:
         assert self._server is not None and self._run is not None
         seed = int(np.random.default_rng([cfg.seed, round_index, _hash(device)])
                    .integers(0, 2**31 - 1))
-        max_steps = self._max_steps(device)
-        if max_steps != cfg.max_steps:
+        key = (round_index, device)
+        # A task sent again (a restarted device, a roll call) is the same task: the same
+        # nonce and seed, and the work first asked for.
+        max_steps = (self._task_steps[key] if key in self._task_steps
+                     else self._max_steps(device))
+        if max_steps != cfg.max_steps and key not in self._task_steps:
             log.info("device %s: %d local steps in round %d (the whole task would miss "
                      "the %.3g s deadline)", device, max_steps, round_index, cfg.deadline_s)
         try:
@@ -1201,7 +1238,7 @@ class Aggregator:
             log.error("device %s: no task for round %d: model version %d is gone (%s)",
                       device, round_index, model_version, exc)
             return
-        self._task_steps[(round_index, device)] = max_steps
+        self._task_steps[key] = max_steps
         while len(self._task_steps) > TASK_MEMORY:
             self._task_steps.popitem(last=False)
         task = TaskSpec(round=round_index, model_version=model_version,
@@ -1235,22 +1272,43 @@ class Aggregator:
         self._log.log(log, level, device, msg, *args)
 
     def _reject(self, device: str, message: Message, reason: str, detail: str) -> None:
-        self._note(device, logging.WARNING, "device %s: update for round %d rejected (%s): %s",
-                   device, message.round, reason, printable(detail, 300))
-        self.counters.update(f"rejected:{reason}")
-        self._stats.rejected += 1
-        self._ack(device, message, "rejected", f"{reason}: {detail}" if detail else reason)
+        self._answer(device, message, refused(reason, detail))
+
+    def _answer(self, device: str, message: Message, answer: Answer) -> None:
+        """Acknowledge an update (docs/PROTOCOL.md section 5.1)."""
+        if answer.status == "rejected":
+            self._note(device, logging.WARNING,
+                       "device %s: update for round %d (attempt %d) rejected (%s): %s", device,
+                       message.round, message.attempt, answer.code, answer.detail)
+            self.counters.update(f"rejected:{answer.code}")
+            self._stats.rejected += 1
+        elif answer.status == "duplicate":
+            self.counters.update("duplicate")
+        self._ack(device, message, answer.status, answer.reason)
+
+    def _refuse(self, device: str, message: Message, answer: Answer) -> None:
+        """Refuse a judged attempt: remember the answer (the same attempt gets it again),
+        settle the device's part in a sync round when the refusal is final, and ack."""
+        self._ledger.record(message.round, device, message.attempt, answer)
+        rnd = self._round
+        if rnd is not None and rnd.spec.index == message.round and self.config.mode == "sync":
+            if answer.final:
+                rnd.rejected(device)
+            else:
+                rnd.refused(device)
+            self.store.put_state(refused_blob(message.round),
+                                 json.dumps(self._ledger.to_json(message.round)).encode())
+        self._answer(device, message, answer)
 
     def _on_presence(self, topic: str, message: Message) -> None:
         device = self.channel.topics.device_of(topic)
         if device is None or message.kind != Kind.PRESENCE:
             return
         try:
-            status = message.json().get("status")
-        except (WireError, AttributeError):
-            self._note(device, logging.WARNING, "device %s: malformed presence", device)
-            return
-        if status not in ("online", "offline"):
+            status = Presence.from_message(message).status
+        except WireError as exc:
+            self._note(device, logging.WARNING, "device %s: malformed presence: %s", device,
+                       printable(exc))
             return
         with self._wake:
             self.registry.on_presence(device, online=status == "online", at=self.clock.now())
@@ -1296,7 +1354,11 @@ class Aggregator:
             self._wake.notify_all()
 
     def _on_hello(self, device: str, hello: Hello) -> None:
+        before = self.registry.get(device)
+        back = before is not None and not before.greeted  # its first hello since offline
         info = self.registry.on_hello(device, hello, at=self.clock.now())
+        if info.profile_problem is not None:
+            self.counters.update("malformed:profile")
         log.debug("device %s: hello (eligible=%s, samples=%d)", device, info.eligible,
                   info.num_samples)
         if hello.protocol != PROTOCOL_VERSION:
@@ -1306,12 +1368,19 @@ class Aggregator:
                        device, why)
             return
         rnd = self._round
-        if rnd is not None and hello.busy_round == rnd.spec.index:
-            state = rnd.state(device)
-            if state in (DeviceState.TASKED, DeviceState.WORKING, DeviceState.DROPPED):
+        state = rnd.state(device) if rnd is not None else None
+        if rnd is not None and (
+            (hello.busy_round == rnd.spec.index
+             and state in (DeviceState.TASKED, DeviceState.WORKING, DeviceState.DROPPED))
+            or (hello.busy_round is None and state is DeviceState.DROPPED and back)
+        ):
+            # Busy with this round (restarted mid-task), or back from offline without
+            # it (its session may have lost the task): the same task again. A device
+            # that was not busy counts as working again once it accepts the task.
+            if hello.busy_round is not None:
                 rnd.revive(device)
-                self._send_task(device, round_index=rnd.spec.index,
-                                model_version=rnd.spec.model_version)
+            self._send_task(device, round_index=rnd.spec.index,
+                            model_version=rnd.spec.model_version)
         if self._async is not None and hello.busy_round is not None:
             task = self._async.lookup(hello.busy_round, device)
             if task is not None:
@@ -1386,40 +1455,35 @@ class Aggregator:
 
     # ------------------------------------------------------------------ updates
 
-    def _unpack(self, device: str, message: Message,
-                task_round: int) -> tuple[UpdateMeta, bytes] | Literal[False] | None:
-        """(meta, codec body) of an update answering ``device``'s task ``task_round``;
-        None after rejecting a malformed body, False after rejecting an update that
-        answers no task of ours (a copy: the device's own answer may still come)."""
+    def _judge(self, device: str, message: Message, task_round: int, *,
+                max_steps: int | None) -> _Parsed | Answer | None:
+        """Unpack, check the nonce, decode, validate, screen the norm and bound the weight
+        of an update answering ``device``'s task ``task_round``: the parsed update, or
+        the refusal of this attempt, or None after refusing a copy that answers no task
+        of ours (``wrong_nonce``: not a judged attempt; the device's own may still come)."""
         try:
             meta, body = unpack_update_body(message.body)
         except WireError as exc:
-            self._reject(device, message, "bad_body", str(exc))
-            return None
+            return refused(AckCode.BAD_BODY, str(exc))
         if meta.nonce != self._nonce(task_round, device):
-            self._reject(device, message, "wrong_nonce",
+            self._reject(device, message, AckCode.WRONG_NONCE,
                          f"the update does not answer this device's task {task_round}")
-            return False
-        return meta, body
+            return None
+        return self._parse_update(device, meta, body, max_steps=max_steps)
 
     def _parse_update(
-        self, device: str, message: Message, meta: UpdateMeta, body: bytes, *,
-        max_steps: int | None
-    ) -> _Parsed | None:
-        """Decode, validate, screen the norm and bound the weight; None after rejecting
-        (the reason is acked)."""
+        self, device: str, meta: UpdateMeta, body: bytes, *, max_steps: int | None
+    ) -> _Parsed | Answer:
+        """Decode, validate, screen the norm and bound the weight (or say why not)."""
         try:
             update = decode_update(body, self.layout)
         except CodecError as exc:
-            self._reject(device, message, "codec", str(exc))
-            return None
+            return refused(AckCode.CODEC, str(exc))
         if not meta.num_samples > 0:
-            self._reject(device, message, "bad_weight", f"num_samples {meta.num_samples}")
-            return None
+            return refused(AckCode.BAD_WEIGHT, f"num_samples {meta.num_samples}")
         verdict = validate_update(update, rules=self._rules)
         if not verdict.ok:
-            self._reject(device, message, str(verdict.reason), verdict.detail)
-            return None
+            return refused(str(verdict.reason), verdict.detail)
         norm = verdict.norm
         judgement = self._screen.judge(norm)
         bootstrap = judgement.bootstrap and self.config.mode == "sync"
@@ -1433,13 +1497,12 @@ class Aggregator:
         if not judgement.ok:
             reason = (Reason.NORM_ABOVE_MEDIAN if judgement.threshold is not None
                       else Reason.NORM_ABOVE_MODEL)
-            self._reject(device, message, str(reason), judgement.detail)
             if self._async is not None:
                 reset = self._screen.end_epoch(
                     min_refused=self.config.buffer_size // 2 + 1, clear=False)
                 if reset is not None:
                     log.warning("%s", reset)
-            return None
+            return refused(str(reason), judgement.detail)
         info = self.registry.get(device)
         announced = info.num_samples if info is not None and info.hello_seen else None
         cap = task_samples_cap(epochs=self.config.local_epochs,
@@ -1461,43 +1524,54 @@ class Aggregator:
     def _sync_update(self, device: str, message: Message) -> None:
         rnd, acc = self._round, self._acc
         if rnd is None or acc is None or message.round != rnd.spec.index:
-            self._reject(device, message, "stale_round",
-                         "no open round" if rnd is None else f"round {rnd.spec.index} is open")
+            why = "no open round" if rnd is None else f"round {rnd.spec.index} is open"
+            self._answer(device, message, after_round(
+                self.store, self._ledger, fleet=self.fleet, task_round=message.round,
+                device=device, attempt=message.attempt, why=why))
+            return
+        index = rnd.spec.index
+        first = self._ledger.recall(index, device, message.attempt)
+        if first is not None:  # an attempt is judged once
+            self._answer(device, message, first)
             return
         admission = rnd.admit(device, emulated_s=None, duration_s=0.0)
         if admission is Admission.NOT_SELECTED:
-            self._reject(device, message, "not_selected", f"not selected in round {rnd.spec.index}")
+            self._reject(device, message, AckCode.NOT_SELECTED, f"not selected in round {index}")
             return
         if admission is Admission.ALREADY_COUNTED:
-            self.counters.update("duplicate")
-            self._ack(device, message, "duplicate", "already counted")
+            self._answer(device, message, after_round(
+                self.store, self._ledger, fleet=self.fleet, task_round=index, device=device,
+                attempt=message.attempt))
             return
         if admission is Admission.RESOLVED:
-            self._reject(device, message, "resolved",
+            self._reject(device, message, AckCode.RESOLVED,
                          f"device is {rnd.state(device)} in this round")
             return
+        if self._ledger.exhausted(index, device):
+            self._refuse(device, message, refused(
+                AckCode.TOO_MANY_ATTEMPTS,
+                f"{self._ledger.max_judged} attempts were refused in round {index}"))
+            return
         if message.model_version != rnd.spec.model_version:
-            self._reject(device, message, "wrong_model_version",
-                         f"round trains version {rnd.spec.model_version}")
-            rnd.rejected(device)
+            self._refuse(device, message, refused(
+                AckCode.WRONG_MODEL_VERSION, f"round trains version {rnd.spec.model_version}"))
             return
-        unpacked = self._unpack(device, message, rnd.spec.index)
-        if unpacked is False:
-            return
-        parsed = None if unpacked is None else self._parse_update(
-            device, message, *unpacked, max_steps=self._sent_steps(rnd.spec.index, device))
+        parsed = self._judge(device, message, index, max_steps=self._sent_steps(index, device))
         if parsed is None:
-            rnd.rejected(device)
+            return
+        if isinstance(parsed, Answer):
+            self._refuse(device, message, parsed)
             return
         meta = parsed.meta
         if rnd.admit(device, emulated_s=meta.emulated_s,
                      duration_s=meta.duration_s) is Admission.LATE:
             rnd.late(device, _report(meta))
-            self._reject(device, message, "missed_deadline",
-                         f"took {_took(meta):.3g} s > deadline {rnd.spec.deadline_s:.3g} s")
+            self._refuse(device, message, refused(
+                AckCode.MISSED_DEADLINE,
+                f"took {_took(meta):.3g} s > deadline {rnd.spec.deadline_s:.3g} s"))
             return
         if not acc.has_room(len(self._deferred)):
-            self._reject(device, message, "buffer_full", "robust buffer is full")
+            self._refuse(device, message, refused(AckCode.BUFFER_FULL, "robust buffer is full"))
             return
         key = UpdateKey(fleet=self.fleet, round=rnd.spec.index, device_id=device,
                         attempt=message.attempt)
@@ -1513,8 +1587,9 @@ class Aggregator:
             log.error("device %s: cannot store update (%s); not acknowledged", device, exc)
             return
         if not fresh:
-            self.counters.update("duplicate")
-            self._ack(device, message, "duplicate", "already counted")
+            self._answer(device, message, after_round(
+                self.store, self._ledger, fleet=self.fleet, task_round=index, device=device,
+                attempt=message.attempt))
             return
         if parsed.bootstrap:
             self._deferred.append(_Deferred(device=device, norm=parsed.norm,
@@ -1527,7 +1602,7 @@ class Aggregator:
         rnd.count(device, _report(meta))
         self._note_report(meta)
         self.counters.update("accepted")
-        self._ack(device, message, "accepted", "")
+        self._answer(device, message, ACCEPTED)
 
     def _note_report(self, meta: UpdateMeta) -> None:
         if math.isfinite(meta.train_loss):
