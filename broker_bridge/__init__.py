@@ -16,8 +16,12 @@ Where things live:
   ``TlsConfig`` (paho-mqtt 2.x); ``_refusal``: when a broker refuses a client for good.
 - ``_channel``: ``Channel`` (whole messages over a transport, checked and reassembled),
   presence messages and the aggregator's ``roll_call``.
-- ``_protocol``: typed control payloads (``Hello``, ``TaskSpec``, ``UpdateMeta``, ``Ack``,
-  ``Cancel``, ``ErrorReport``, ``Request``), update bodies, ``ProtocolError``.
+- ``_protocol``: typed control payloads (``Presence``, ``Hello``, ``Eligibility``,
+  ``TaskSpec``, ``UpdateMeta``, ``Ack``, ``Cancel``, ``ErrorReport``, ``Request``), update
+  bodies; ``_payload``: their base (types and JSON Schema rules checked on parse),
+  ``ProtocolError``; ``_schema``: the JSON Schemas of docs/schemas/, from those classes.
+- ``_acks``: ``AckCode``, ``ack_code``, ``may_retry`` (update ack reason codes and what a
+  device does after each: the ack state machine of docs/PROTOCOL.md section 5.1).
 - ``_model_msg``: ``ModelMeta``, ``model_message``/``read_model_message``,
   ``weights_hash`` (global models named by run and content hash).
 - ``_ratelimit``: ``KeyedRateLimit``, ``LogLimiter``, ``printable`` (what one device
@@ -32,6 +36,7 @@ Where things live:
 - ``_files``: ``atomic_write``, ``fsync_dir`` (crash-safe writes, used by every package).
 """
 
+from broker_bridge._acks import RETRYABLE, AckCode, ack_code, may_retry, reason_text
 from broker_bridge._broker_files import TlsFiles
 from broker_bridge._brokers import (
     AGGREGATOR_USER,
@@ -113,6 +118,7 @@ from broker_bridge._protocol import (
     Eligibility,
     ErrorReport,
     Hello,
+    Presence,
     ProtocolError,
     Request,
     TaskSpec,
@@ -123,6 +129,7 @@ from broker_bridge._protocol import (
     update_message,
 )
 from broker_bridge._ratelimit import KeyedRateLimit, LogLimiter, printable
+from broker_bridge._schema import message_schemas, schema_id
 from broker_bridge._topics import Topics, check_id, topic_matches
 from broker_bridge._transport import MemoryBroker, MemoryTransport, Transport, Will
 from device_profiles import ConfigError, FleetlearnError
@@ -132,7 +139,9 @@ __all__ = [
     "DEFAULT_MAX_PAYLOAD",
     "EMBEDDED_LIMITS",
     "PROTOCOL_VERSION",
+    "RETRYABLE",
     "Ack",
+    "AckCode",
     "BodyHeader",
     "BodyKind",
     "BrokerConfigFiles",
@@ -168,6 +177,7 @@ __all__ = [
     "MosquittoProcess",
     "MqttTransport",
     "NetworkLoop",
+    "Presence",
     "ProtocolError",
     "Quantize",
     "Reassembler",
@@ -184,6 +194,7 @@ __all__ = [
     "UpdateMeta",
     "Will",
     "WireError",
+    "ack_code",
     "atomic_write",
     "fsync_dir",
     "check_id",
@@ -200,6 +211,8 @@ __all__ = [
     "json_message",
     "local_broker",
     "local_broker_kind",
+    "message_schemas",
+    "may_retry",
     "model_message",
     "new_transfer_id",
     "parse_json",
@@ -209,12 +222,14 @@ __all__ = [
     "presence_message",
     "presence_will",
     "read_password_file",
+    "reason_text",
     "printable",
     "read_header",
     "read_model_message",
     "render_acl",
     "render_mosquitto_conf",
     "roll_call",
+    "schema_id",
     "split_message",
     "topic_matches",
     "unpack_bundle",

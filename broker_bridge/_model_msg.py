@@ -19,13 +19,8 @@ import numpy as np
 import numpy.typing as npt
 
 from broker_bridge._envelope import Kind, Message
-from broker_bridge._protocol import (
-    ProtocolError,
-    _Payload,
-    is_sha256_hex,
-    pack_prefixed,
-    unpack_prefixed,
-)
+from broker_bridge._payload import ASCII, SHA256_HEX, U32, ProtocolError, _Payload, rule
+from broker_bridge._protocol import pack_prefixed, unpack_prefixed
 
 
 def weights_hash(weights: npt.ArrayLike) -> str:
@@ -39,17 +34,12 @@ class ModelMeta(_Payload):
     """What a model body is: which run, which version of it, which weights."""
 
     KIND: typing.ClassVar[Kind] = Kind.MODEL
-    run: str
-    model_version: int
-    model_hash: str
-
-    def __post_init__(self) -> None:
-        if not 1 <= len(self.run) <= 64 or not self.run.isascii():
-            raise ValueError("run must be 1 to 64 ASCII characters")
-        if self.model_version < 0:
-            raise ValueError("model_version must be >= 0")
-        if not is_sha256_hex(self.model_hash):
-            raise ValueError("model_hash must be a sha256 hex digest")
+    run: str = rule(minLength=1, maxLength=64, pattern=f"^[{ASCII}]*$",
+                    description="the aggregator run that made this model")
+    model_version: int = rule(minimum=0, maximum=U32,
+                              description="its version in that run; the envelope's")
+    model_hash: str = rule(pattern=SHA256_HEX, description=(
+        "sha256 of the weights the codec body decodes to, as little-endian float32"))
 
 
 def pack_model_body(meta: ModelMeta, codec_body: bytes) -> bytes:

@@ -16,140 +16,51 @@ in ``UpdateMeta.nonce``) and names the global model by content
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
-import math
 import struct
-import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
-from broker_bridge._envelope import Kind, Message, json_message, parse_json
+from broker_bridge._envelope import Kind, Message, parse_json
 from broker_bridge._errors import WireError
+from broker_bridge._payload import (
+    ASCII,
+    SHA256_HEX,
+    U16,
+    U32,
+    ProtocolError,
+    T,
+    _Payload,
+    rule,
+)
 
 PROTOCOL_VERSION = 2
 MAX_META_BYTES = 64 * 1024
-MAX_SAFE_INT = 2**53 - 1
-"""Integers in control messages stay within what every JSON implementation reads
-exactly (a double's integer range)."""
+
+_ROUND = {"minimum": 0, "maximum": U32}
+UPDATE_ACK_STATUSES = ("accepted", "duplicate", "rejected")
+TASK_ACK_STATUSES = ("accepted", "declined")
 
 
-class ProtocolError(WireError):
-    """A well-formed envelope whose body does not follow the protocol."""
+@dataclass(frozen=True, kw_only=True)
+class Presence(_Payload):
+    """Device -> all, retained, on ``presence``: there or not (the will says offline).
+    Other fields may follow and are ignored."""
 
-
-T = TypeVar("T", bound="_Payload")
-
-_SCALARS: dict[type, tuple[type, ...]] = {
-    int: (int,), float: (int, float), str: (str,), bool: (bool,),
-}
-
-
-def _check_value(name: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check_value(name, value, inner[0])
-    if origin in (list, tuple):
-        if not isinstance(value, list):
-            raise ProtocolError(f"field {name!r} must be a list")
-        (item,) = typing.get_args(tp)[:1]
-        checked = [_check_value(f"{name}[]", v, item) for v in value]
-        return tuple(checked) if origin is tuple else checked
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ProtocolError(f"field {name!r} must be an object")
-        return value
-    if tp in _SCALARS:
-        if isinstance(value, bool) and tp is not bool:
-            raise ProtocolError(f"field {name!r} must be {tp.__name__}, not bool")
-        if not isinstance(value, _SCALARS[tp]):
-            raise ProtocolError(f"field {name!r} must be {tp.__name__}")
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SAFE_INT:
-            raise ProtocolError(f"field {name!r} is out of range (|value| > 2^53 - 1)")
-        if tp is float:
-            as_float = float(typing.cast(float, value))
-            if not math.isfinite(as_float):
-                raise ProtocolError(f"field {name!r} must be a finite number")
-            return as_float
-        return value
-    if tp is Any:
-        return value
-    raise TypeError(f"unsupported protocol field type {tp!r}")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, _Payload):
-        return value.to_dict()
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-@functools.cache
-def _schema(cls: type) -> tuple[dict[str, Any], tuple[dataclasses.Field[Any], ...]]:
-    """A payload class's resolved field types and fields (resolving them is slow: once)."""
-    return typing.get_type_hints(cls), dataclasses.fields(cls)
-
-
-class _Payload:
-    """JSON (de)serialisation with type checks, for frozen dataclasses."""
-
-    KIND: typing.ClassVar[Kind]
-
-    def to_dict(self) -> dict[str, Any]:
-        """The payload as plain JSON values (``dataclasses.asdict`` without its deep
-        copies: a task is written for every device, every round)."""
-        fields = _schema(type(self))[1]  # type: ignore[arg-type]
-        return {f.name: _plain(getattr(self, f.name)) for f in fields}
-
-    @classmethod
-    def from_dict(cls: type[T], data: Any) -> T:
-        if not isinstance(data, dict):
-            raise ProtocolError(f"{cls.__name__} body must be a JSON object")
-        hints, fields = _schema(cls)  # type: ignore[arg-type]
-        kwargs: dict[str, Any] = {}
-        for f in fields:
-            if f.name in data:
-                kwargs[f.name] = _check_value(f.name, data[f.name], hints[f.name])
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ProtocolError(f"{cls.__name__} lacks required field {f.name!r}")
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise ProtocolError(f"invalid {cls.__name__}: {exc}") from exc
-
-    @classmethod
-    def from_message(cls: type[T], message: Message) -> T:
-        if message.kind != cls.KIND:
-            raise ProtocolError(
-                f"expected a {cls.KIND.topic_name} message, got {message.kind.topic_name}"
-            )
-        return cls.from_dict(message.json())
-
-    def to_message(self, *, fleet: str, device: str = "", **fields: Any) -> Message:
-        return json_message(self.KIND, fleet=fleet, device=device, payload=self.to_dict(),
-                            **fields)
+    KIND: typing.ClassVar[Kind] = Kind.PRESENCE
+    status: str = rule(enum=["online", "offline"])
 
 
 @dataclass(frozen=True, kw_only=True)
 class Eligibility(_Payload):
-    """What the device can do right now, and why not when it cannot."""
+    """What the device can do right now, and why not when it cannot (in a hello)."""
 
     KIND: typing.ClassVar[Kind] = Kind.HELLO
-    eligible: bool = True
-    reasons: list[str] = field(default_factory=list)
-    free_memory_mb: float | None = None
-    battery_percent: float | None = None
+    eligible: bool = rule(True, description="whether the device takes tasks now")
+    reasons: list[str] = rule(factory=list, description="why not, for people")
+    free_memory_mb: float | None = rule(None, minimum=0)
+    battery_percent: float | None = rule(None, minimum=0, maximum=100)
     charging: bool | None = None
     metered: bool | None = None
     idle: bool | None = None
@@ -157,17 +68,26 @@ class Eligibility(_Payload):
 
 @dataclass(frozen=True, kw_only=True)
 class Hello(_Payload):
-    """Device -> aggregator on ``up/hello`` after each connect and on changes."""
+    """Device -> aggregator on ``up/hello`` after each connect, on a roll call and when
+    its eligibility changes."""
 
     KIND: typing.ClassVar[Kind] = Kind.HELLO
-    protocol: int = PROTOCOL_VERSION
-    agent: str = ""
-    profile: dict[str, Any] = field(default_factory=dict)
-    eligibility: dict[str, Any] = field(default_factory=dict)
-    num_samples: int = 0
-    artifacts_hash: str | None = None
-    model_versions: list[int] = field(default_factory=list)
-    busy_round: int | None = None  # the round the device is working on, if any
+    protocol: int = rule(PROTOCOL_VERSION, minimum=1, maximum=U16,
+                         description="protocol version the device speaks")
+    agent: str = rule("", description="agent name and version, for people")
+    profile: dict[str, Any] = rule(
+        factory=dict, description="the device profile (device_profile.schema.json), or {} "
+        "when unknown; a profile that is not valid is ignored, not the hello")
+    eligibility: dict[str, Any] = rule(
+        factory=dict, description="an Eligibility object; one that is not valid makes the "
+        "device ineligible")
+    num_samples: int = rule(0, minimum=0, description="local training samples")
+    artifacts_hash: str | None = rule(None, pattern=SHA256_HEX,
+                                      description="content hash of artifacts it holds")
+    model_versions: list[int] = rule(factory=list, items=_ROUND,
+                                     description="global model versions it holds")
+    busy_round: int | None = rule(None, **_ROUND, description="the round (or async task) "
+                                  "it is working on, if any")
 
     def eligibility_info(self) -> Eligibility:
         return Eligibility.from_dict(self.eligibility)
@@ -178,41 +98,37 @@ class TaskSpec(_Payload):
     """Aggregator -> device on ``down/task``: train from ``model_version`` and report."""
 
     KIND: typing.ClassVar[Kind] = Kind.TASK
-    round: int
-    model_version: int
-    artifacts_hash: str
-    model_hash: str
+    round: int = rule(**_ROUND, description="round (or async task) number; the envelope's")
+    model_version: int = rule(**_ROUND, description="the envelope's model_version")
+    artifacts_hash: str = rule(pattern=SHA256_HEX,
+                               description="content_hash of the training artifacts")
+    model_hash: str = rule(pattern=SHA256_HEX, description=(
+        "sha256 of the global weights to train from (little-endian float32): the model is "
+        "found by this, never by model_version alone"))
     """sha256 (hex) of the global weights to train from, as float32 little-endian: the
     model is found by this, never by ``model_version`` alone (see ``ModelMeta``)."""
-    nonce: str
+    nonce: str = rule(minLength=8, maxLength=64, pattern=f"^[{ASCII}]*$", description=(
+        "random per task, the same when the task is sent again; the update echoes it"))
     """Random per task; the update echoes it (``UpdateMeta.nonce``) so a copy of an
     update made for another task is refused."""
-    run: str = ""
+    run: str = rule("", maxLength=64, pattern=f"^[{ASCII}]*$",
+                    description="the aggregator's run id (informative)")
     """The aggregator's run id (informative: the hash names the model)."""
-    codec: str = "fp32"
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
-    max_steps: int | None = None
-    deadline_s: float = 600.0
-    seed: int = 0
-    evaluate: bool = False
-    num_classes: int | None = None
+    codec: str = rule("fp32", minLength=1, maxLength=255, pattern=f"^[{ASCII}]*$",
+                      description="uplink codec spec; a device that cannot encode it "
+                      "declines the task")
+    epochs: int = rule(1, minimum=1)
+    batch_size: int = rule(32, minimum=1)
+    lr: float = rule(0.05, exclusiveMinimum=0)
+    max_steps: int | None = rule(None, minimum=1,
+                                 description="at most this many optimizer steps")
+    deadline_s: float = rule(600.0, exclusiveMinimum=0,
+                             description="wall-clock budget from receipt")
+    seed: int = rule(0, minimum=0, description="seeds shuffling and stochastic rounding")
+    evaluate: bool = rule(False, description="also evaluate on local held-out data")
+    num_classes: int | None = rule(None, minimum=1, description=(
+        "classification models: labels must lie in [0, num_classes)"))
     """Classification models: labels must lie in [0, num_classes)."""
-
-    def __post_init__(self) -> None:
-        if self.round < 0 or self.model_version < 0:
-            raise ValueError("round and model_version must be >= 0")
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or not self.deadline_s > 0:
-            raise ValueError("epochs, batch_size, lr and deadline_s must be positive")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError("max_steps must be >= 1")
-        if not is_sha256_hex(self.model_hash):
-            raise ValueError("model_hash must be a sha256 hex digest")
-        if not 8 <= len(self.nonce) <= 64 or not self.nonce.isascii():
-            raise ValueError("nonce must be 8 to 64 ASCII characters")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise ValueError("num_classes must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,21 +136,18 @@ class UpdateMeta(_Payload):
     """What a device says about its update (JSON prefix of the update body)."""
 
     KIND: typing.ClassVar[Kind] = Kind.UPDATE
-    num_samples: int
-    steps: int
-    nonce: str
+    num_samples: int = rule(minimum=0, description="samples trained on (the weight)")
+    steps: int = rule(minimum=0, description="optimizer steps taken")
+    nonce: str = rule(description="the nonce of the task this update answers")
     """The ``nonce`` of the task this update answers."""
-    train_loss: float
-    duration_s: float
-    emulated_s: float | None = None  # simulated fleets: time the device's profile implies
-    stopped_early: bool = False
+    train_loss: float = rule(description="mean training loss")
+    duration_s: float = rule(minimum=0, description="wall seconds the task took")
+    emulated_s: float | None = rule(None, minimum=0, description=(
+        "simulated fleets: seconds the device's profile implies"))
+    stopped_early: bool = rule(False, description="stopped at the deadline")
     eval_loss: float | None = None
-    eval_accuracy: float | None = None
-    eval_samples: int = 0
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 0 or self.steps < 0 or self.duration_s < 0:
-            raise ValueError("counts and durations must be >= 0")
+    eval_accuracy: float | None = rule(None, minimum=0, maximum=1)
+    eval_samples: int = rule(0, minimum=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -242,11 +155,28 @@ class Ack(_Payload):
     """Either side acknowledges: the aggregator an update, the device a task."""
 
     KIND: typing.ClassVar[Kind] = Kind.ACK
-    round: int
-    attempt: int = 0
-    what: str = "update"  # "update" | "task"
-    status: str = "accepted"  # accepted | duplicate | rejected | declined
-    reason: str = ""
+    round: int = rule(**_ROUND)
+    attempt: int = rule(0, minimum=0, maximum=U16,
+                        description="the acknowledged update's (or task's) attempt")
+    what: str = rule("update", enum=["update", "task"])
+    status: str = rule("accepted", enum=["accepted", "duplicate", "rejected", "declined"],
+                       description="update: accepted, duplicate or rejected; task: "
+                       "accepted or declined")
+    reason: str = rule("", description=(
+        "update acks: \"\", \"<code>\" or \"<code>: <detail>\" (docs/PROTOCOL.md "
+        "section 5.1); task acks: why it was declined"))
+
+    SCHEMA_EXTRA: typing.ClassVar[dict[str, Any]] = {
+        "if": {"properties": {"what": {"const": "task"}}, "required": ["what"]},
+        "then": {"properties": {"status": {"enum": list(TASK_ACK_STATUSES)}}},
+        "else": {"properties": {"status": {"enum": list(UPDATE_ACK_STATUSES)}}},
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        allowed = TASK_ACK_STATUSES if self.what == "task" else UPDATE_ACK_STATUSES
+        if self.status not in allowed:
+            raise ValueError(f"a {self.what} ack is {' or '.join(allowed)}, not {self.status}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,7 +184,7 @@ class Cancel(_Payload):
     """Aggregator -> device: stop working on ``round`` (it closed or was abandoned)."""
 
     KIND: typing.ClassVar[Kind] = Kind.CANCEL
-    round: int
+    round: int = rule(**_ROUND)
     reason: str = ""
 
 
@@ -263,8 +193,10 @@ class ErrorReport(_Payload):
     """Device -> aggregator on ``up/error``: a typed failure the device could not fix."""
 
     KIND: typing.ClassVar[Kind] = Kind.ERROR
-    round: int | None = None
-    code: str = "error"  # artifact | data | disk_full | model_version | backend | internal
+    round: int | None = rule(None, **_ROUND)
+    code: str = rule("error", description=(
+        "artifact, data, disk_full, model_version, backend or internal; after artifact, "
+        "data or backend the device is not selected until its next hello"))
     message: str = ""
 
 
@@ -275,11 +207,12 @@ class Request(_Payload):
     device connected answers with its presence and a hello)."""
 
     KIND: typing.ClassVar[Kind] = Kind.CONTROL
-    want: str  # "artifacts" | "model" (from a device) | "hello" (the roll call)
-    artifacts_hash: str | None = None
-    model_version: int | None = None
-    model_hash: str | None = None
-    have_versions: list[int] = field(default_factory=list)
+    want: str = rule(enum=["artifacts", "model", "hello"], description=(
+        "artifacts or model (from a device); hello (the roll call)"))
+    artifacts_hash: str | None = rule(None, pattern=SHA256_HEX)
+    model_version: int | None = rule(None, **_ROUND)
+    model_hash: str | None = rule(None, pattern=SHA256_HEX)
+    have_versions: list[int] = rule(factory=list, items=_ROUND)
 
 
 _HEX = frozenset("0123456789abcdef")

@@ -26,9 +26,19 @@ from typing import Any
 
 import numpy as np
 
-from broker_bridge import Ack, ErrorReport, Hello, Message, WireError, printable, unpack_update_body
+from broker_bridge import (
+    Ack,
+    AckCode,
+    ErrorReport,
+    Hello,
+    Message,
+    WireError,
+    printable,
+    unpack_update_body,
+)
 from cloud_aggregator._aggregate import Contribution, RoundAggregate
 from cloud_aggregator._aggregation import StalenessPolicy, check_staleness, staleness_discount
+from cloud_aggregator._answers import Answer, refused
 from cloud_aggregator._errors import AggregatorError
 from cloud_aggregator._ingest import Rejection, UpdateItem
 from cloud_aggregator._metrics import RoundMetrics
@@ -149,15 +159,22 @@ class FedBuff:
     # -- updates --------------------------------------------------------------------------
 
     def admit(self, device: str, message: Message) -> Admit | Reply:
-        if (message.round, device) in self._done:
-            return Reply("duplicate", "already counted")
-        task = self.scheduler.lookup(message.round, device)
-        if task is None:
-            return Reply("rejected", "unknown_task", "no such task in flight")
+        ctx, sched = self.ctx, self.scheduler
+        task = sched.lookup(message.round, device)
+        first = ctx.ledger.recall(message.round, device, message.attempt)
+        if (message.round, device) in self._done or task is None or first is not None:
+            # Counted, refused before, or not a task in flight: the store and the ledger
+            # say which (after a restart too).
+            return Reply(ctx.after_round(message.round, device, message.attempt,
+                                         unknown=AckCode.UNKNOWN_TASK,
+                                         why="no such task in flight"))
+        if ctx.ledger.exhausted(task.task_round, device):
+            return Reply(refused(AckCode.TOO_MANY_ATTEMPTS,
+                                 f"{ctx.ledger.max_judged} attempts were refused for task "
+                                 f"{task.task_round}"), judged=True)
         if message.model_version != task.model_version:
-            self.scheduler.complete(task.task_round)
-            return Reply("rejected", "wrong_model_version",
-                         f"task was version {task.model_version}")
+            return Reply(refused(AckCode.WRONG_MODEL_VERSION,
+                                 f"task was version {task.model_version}"), judged=True)
         return Admit(task.task_round)
 
     def check(self, item: UpdateItem) -> Rejection | None:
@@ -169,15 +186,15 @@ class FedBuff:
             return Rejection(str(verdict.reason), verdict.detail)
         assert self._agg is not None
         if not self._agg.has_room():
-            return Rejection("buffer_full", "robust buffer is full")
+            return Rejection(AckCode.BUFFER_FULL, "robust buffer is full")
         item.scale = staleness_discount(self.ctx.model.version - task.model_version,
                                         self._policy)
         return None
 
-    def refused(self, item: UpdateItem, rejection: Rejection) -> None:
-        if not rejection.copy:
-            self.scheduler.complete(item.task_round)
-        if rejection.reason in ("norm_above_median", "norm_above_model"):
+    def refused(self, device: str, task_round: int, answer: Answer) -> None:
+        if answer.final:  # else the task stays in flight for a corrected attempt
+            self.scheduler.complete(task_round)
+        if answer.code in (AckCode.NORM_ABOVE_MEDIAN, AckCode.NORM_ABOVE_MODEL):
             reset = self.ctx.screen.end_epoch(
                 min_refused=self.ctx.config.buffer_size // 2 + 1, clear=False)
             if reset is not None:
@@ -299,7 +316,7 @@ class FedBuff:
             log.info("device %s went offline with async task %d", device, task.task_round)
             self.ctx.policy.feedback(device, duration_s=None, completed=False)
 
-    def on_hello(self, device: str, hello: Hello) -> None:
+    def on_hello(self, device: str, hello: Hello, *, back: bool) -> None:
         if hello.busy_round is None:
             return
         task = self.scheduler.lookup(hello.busy_round, device)

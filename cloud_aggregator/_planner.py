@@ -162,11 +162,15 @@ class WorkPlanner:
         cfg = self.config
         seed = int(np.random.default_rng([cfg.seed, task_round, zlib.crc32(device.encode())])
                    .integers(0, 2**31 - 1))
-        steps = self.max_steps(device)
-        if steps != cfg.max_steps:
+        key = (task_round, device)
+        # A task sent again (a restarted device, a roll call) is the same task: the same
+        # nonce and seed, and the work first asked for.
+        again = key in self._task_steps
+        steps = self._task_steps[key] if again else self.max_steps(device)
+        if steps != cfg.max_steps and not again:
             log.info("device %s: %d local steps in round %d (the whole task would miss "
                      "the %.3g s deadline)", device, steps, task_round, cfg.deadline_s)
-        self._task_steps[(task_round, device)] = steps
+        self._task_steps[key] = steps
         while len(self._task_steps) > TASK_MEMORY:
             self._task_steps.popitem(last=False)
         return TaskSpec(round=task_round, model_version=model_version,

@@ -45,6 +45,8 @@ class DeviceInfo:
     online: bool = False
     last_seen: float | None = None
     profile: DeviceProfile | None = None
+    profile_problem: str | None = None
+    """Why the profile of the last hello was refused (None: usable, or none sent)."""
     eligible: bool = False
     reasons: tuple[str, ...] = ()
     num_samples: int = 0
@@ -173,7 +175,10 @@ class FleetRegistry:
     def on_hello(self, device_id: str, hello: Hello, *, at: float | None = None) -> DeviceInfo:
         """Record a hello (profile, eligibility, data, artifacts and versions held)."""
         when = self._clock() if at is None else at
-        profile = _profile(device_id, hello.profile) if hello.profile else None
+        profile, problem = _parse_profile(hello.profile) if hello.profile else (None, None)
+        if problem is not None:
+            _LOG_LIMIT.log(log, logging.WARNING, device_id, "device %s: unusable profile in its "
+                           "hello (%s); the cost model will guess", device_id, problem)
         try:
             elig = hello.eligibility_info()
             eligible, reasons = elig.eligible, tuple(elig.reasons)
@@ -186,6 +191,7 @@ class FleetRegistry:
             info = self._devices.get(device_id) or DeviceInfo(device_id=device_id)
             info = replace(
                 info, online=True, last_seen=when, profile=profile or info.profile,
+                profile_problem=problem,
                 eligible=eligible, reasons=reasons, num_samples=max(0, hello.num_samples),
                 artifacts_hash=hello.artifacts_hash,
                 model_versions=tuple(hello.model_versions[-8:]), busy_round=hello.busy_round,
@@ -286,16 +292,24 @@ class FleetRegistry:
             return False
 
 
+def _parse_profile(data: Mapping[str, Any]) -> tuple[DeviceProfile | None, str | None]:
+    """A profile from the wire (keys this version does not know are ignored, as in
+    every control message), or why it is unusable."""
+    try:
+        return DeviceProfile.from_dict(data, strict=False), None
+    except (ProfileError, ConfigError, KeyError, TypeError, ValueError) as exc:
+        return None, printable(exc)
+
+
 def _profile(device_id: str, data: Mapping[str, Any]) -> DeviceProfile | None:
     if not data:
         return None
-    try:
-        return DeviceProfile.from_dict(data)
-    except (ProfileError, ConfigError, KeyError, TypeError, ValueError) as exc:
+    profile, problem = _parse_profile(data)
+    if problem is not None:
         _LOG_LIMIT.log(log, logging.WARNING, device_id,
                        "device %s: unusable profile (%s); the cost model will guess", device_id,
-                       printable(exc))
-        return None
+                       problem)
+    return profile
 
 
 def _with_history(info: DeviceInfo, data: Mapping[str, Any]) -> DeviceInfo:

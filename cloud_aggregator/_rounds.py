@@ -62,11 +62,18 @@ class DeviceState(StrEnum):
     DROPPED = "dropped"  # went offline, or never answered before the round ended
     COUNTED = "counted"  # its update is in the aggregate
     LATE = "late"  # reported past the deadline (emulated time): not aggregated
-    REJECTED = "rejected"  # reported an update that broke a rule
+    REJECTED = "rejected"  # reported an update refused for good (a screen, a rule)
+    REFUSED = "refused"  # an update was refused for a fault it may correct: the round
+    # does not wait for it, but a corrected update (a new attempt) is still judged
 
     @property
     def resolved(self) -> bool:
         return self not in (DeviceState.TASKED, DeviceState.WORKING)
+
+
+_MAY_STILL_REPORT = frozenset({DeviceState.TASKED, DeviceState.WORKING, DeviceState.DROPPED,
+                               DeviceState.REFUSED})
+"""States in which an update from the device is still judged while the round is open."""
 
 
 class Admission(StrEnum):
@@ -76,7 +83,7 @@ class Admission(StrEnum):
     NOT_SELECTED = "not_selected"
     ALREADY_COUNTED = "already_counted"
     LATE = "missed_deadline"
-    RESOLVED = "device_resolved"  # declined, dropped or rejected earlier this round
+    RESOLVED = "device_resolved"  # declined, late or rejected for good earlier this round
 
 
 class Decision(StrEnum):
@@ -181,7 +188,9 @@ class SyncRound:
     # -- events
 
     def task_accepted(self, device_id: str) -> None:
-        if self.states.get(device_id) is DeviceState.TASKED:
+        """The device took its task: working (again, when it had gone offline and came
+        back to find its task, which may reach it before its hello)."""
+        if self.states.get(device_id) in (DeviceState.TASKED, DeviceState.DROPPED):
             self._set(device_id, DeviceState.WORKING)
 
     def declined(self, device_id: str) -> bool:
@@ -192,7 +201,18 @@ class SyncRound:
         return self._resolve(device_id, DeviceState.DROPPED)
 
     def rejected(self, device_id: str) -> bool:
-        return self._resolve(device_id, DeviceState.REJECTED)
+        """An update was refused for good: nothing more from ``device_id`` counts."""
+        if self.states.get(device_id) in _MAY_STILL_REPORT:
+            self._set(device_id, DeviceState.REJECTED)
+            return True
+        return False
+
+    def refused(self, device_id: str) -> bool:
+        """An update was refused for a fault the device may correct (a new attempt)."""
+        if self.states.get(device_id) in _MAY_STILL_REPORT:
+            self._set(device_id, DeviceState.REFUSED)
+            return True
+        return False
 
     def _resolve(self, device_id: str, state: DeviceState) -> bool:
         current = self.states.get(device_id)
@@ -212,14 +232,15 @@ class SyncRound:
         """May an update from ``device_id`` count? (Does not change any state.)
 
         A device marked dropped (it went offline) may still count while the round is
-        open: a connection blip should not waste finished work.
+        open: a connection blip should not waste finished work. So may one whose update
+        was refused for a fault it can correct.
         """
         current = self.states.get(device_id)
         if current is None:
             return Admission.NOT_SELECTED
         if current is DeviceState.COUNTED:
             return Admission.ALREADY_COUNTED
-        if current.resolved and current is not DeviceState.DROPPED:
+        if current not in _MAY_STILL_REPORT:
             return Admission.RESOLVED
         if self.spec.virtual:
             took = emulated_s if emulated_s is not None else duration_s
@@ -228,17 +249,13 @@ class SyncRound:
         return Admission.OK
 
     def count(self, device_id: str, report: Report) -> None:
-        if self.states.get(device_id) not in (
-            DeviceState.TASKED, DeviceState.WORKING, DeviceState.DROPPED
-        ):
+        if self.states.get(device_id) not in _MAY_STILL_REPORT:
             raise AggregatorError(f"{device_id} cannot be counted in round {self.spec.index}")
         self._set(device_id, DeviceState.COUNTED)
         self.reports[device_id] = report
 
     def late(self, device_id: str, report: Report) -> None:
-        if self.states.get(device_id) is DeviceState.DROPPED or self._resolve(
-            device_id, DeviceState.LATE
-        ):
+        if self.states.get(device_id) in _MAY_STILL_REPORT:
             self._set(device_id, DeviceState.LATE)
             self.reports[device_id] = report
 
@@ -268,7 +285,8 @@ class SyncRound:
             decision=decision,
             reason=reason,
             counted=self._with(DeviceState.COUNTED),
-            missed=self._with(DeviceState.LATE, DeviceState.DROPPED, DeviceState.REJECTED),
+            missed=self._with(DeviceState.LATE, DeviceState.DROPPED, DeviceState.REJECTED,
+                              DeviceState.REFUSED),
             declined=self._with(DeviceState.DECLINED),
             wall_s=wall,
             emulated_s=self.emulated_duration() if self.spec.virtual else wall,

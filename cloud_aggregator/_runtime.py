@@ -48,6 +48,7 @@ import numpy.typing as npt
 from broker_bridge import (
     PROTOCOL_VERSION,
     Ack,
+    AckCode,
     Cancel,
     Channel,
     CodecSpec,
@@ -56,12 +57,14 @@ from broker_bridge import (
     Kind,
     LogLimiter,
     Message,
+    Presence,
     Request,
     WireError,
     printable,
     roll_call,
 )
 from cloud_aggregator._aggregation import UpdateRules
+from cloud_aggregator._answers import ACCEPTED, Answer, AttemptLedger, after_round, refused
 from cloud_aggregator._artifacts import MODEL_NAME
 from cloud_aggregator._config import AggregatorConfig
 from cloud_aggregator._errors import AggregatorError
@@ -86,7 +89,6 @@ from cloud_aggregator._ingest import (
     IngestStage,
     Journal,
     Outcome,
-    Rejection,
     Screen,
     Unpack,
     UpdateItem,
@@ -166,6 +168,7 @@ class Aggregator:
         self._wake = threading.Condition(self._lock)
         self._stop = threading.Event()
         self.events = EventBus()
+        self.ledger = AttemptLedger()
         if on_status is not None:
             self.events.subscribe(lambda e: on_status(e.text) if isinstance(e, Status) else None)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -554,7 +557,7 @@ class Aggregator:
             counters=self.counters,
             layout=self.layout, model=self.state, screen=self.screen, weights=self.weights,
             send_task=self._send_task, cancel=self._cancel, release=self._release,
-            emit=self.events.emit, note=self._note, fail=self._fail)
+            emit=self.events.emit, note=self._note, fail=self._fail, ledger=self.ledger)
 
     def _fail(self, reason: str) -> None:
         self._failed = reason
@@ -667,14 +670,26 @@ class Aggregator:
         """Log a line about ``device``: a few a minute per device at most."""
         self._log.log(log, level, device, msg, *args)
 
-    def _reject(self, device: str, message: Message, reason: str, detail: str) -> None:
-        self._note(device, logging.WARNING, "device %s: update for round %d rejected (%s): %s",
-                   device, message.round, reason, printable(detail, 300))
-        self.counters.update(f"rejected:{reason}")
-        self.recorder.rejected()
-        self._ack(device, message, "rejected", f"{reason}: {detail}" if detail else reason)
-        self.events.emit(UpdateRefused(device=device, task_round=message.round, reason=reason,
-                                       detail=detail))
+    def _answer(self, device: str, message: Message, answer: Answer) -> None:
+        """Acknowledge an update (docs/PROTOCOL.md section 5.1)."""
+        if answer.status == "rejected":
+            self._note(device, logging.WARNING,
+                       "device %s: update for round %d (attempt %d) rejected (%s): %s", device,
+                       message.round, message.attempt, answer.code, answer.detail)
+            self.counters.update(f"rejected:{answer.code}")
+            self.recorder.rejected()
+            self.events.emit(UpdateRefused(device=device, task_round=message.round,
+                                           reason=answer.code, detail=answer.detail))
+        elif answer.status == "duplicate":
+            self.counters.update("duplicate")
+        self._ack(device, message, answer.status, answer.reason)
+
+    def _refuse(self, device: str, message: Message, answer: Answer) -> None:
+        """Refuse a judged attempt: remember the answer (the same attempt gets it again),
+        let the strategy settle the device's part, and ack."""
+        self.ledger.record(message.round, device, message.attempt, answer)
+        self.strategy.refused(device, message.round, answer)
+        self._answer(device, message, answer)
 
     # ------------------------------------------------------------------ handlers
 
@@ -683,11 +698,11 @@ class Aggregator:
         if device is None or message.kind != Kind.PRESENCE:
             return
         try:
-            status = message.json().get("status")
-        except (WireError, AttributeError):
-            self._note(device, logging.WARNING, "device %s: malformed presence", device)
-            return
-        if status not in ("online", "offline"):
+            status = Presence.from_message(message).status
+        except WireError as exc:
+            self.counters.update("malformed:presence")
+            self._note(device, logging.WARNING, "device %s: malformed presence: %s", device,
+                       printable(exc))
             return
         with self._wake:
             self.registry.on_presence(device, online=status == "online", at=self.clock.now())
@@ -728,10 +743,16 @@ class Aggregator:
                 self.counters.update(f"malformed:{message.kind.topic_name}")
                 self._note(device, logging.WARNING, "device %s: malformed %s message: %s",
                            device, message.kind.topic_name, printable(exc, 300))
+            if not self._running:  # driven by hand (tick): write what a hello changed now
+                self.registry.flush()
             self._wake.notify_all()
 
     def _on_hello(self, device: str, hello: Hello) -> None:
+        before = self.registry.get(device)
+        back = before is not None and not before.greeted  # its first hello since offline
         info = self.registry.on_hello(device, hello, at=self.clock.now())
+        if info.profile_problem is not None:
+            self.counters.update("malformed:profile")
         log.debug("device %s: hello (eligible=%s, samples=%d)", device, info.eligible,
                   info.num_samples)
         if hello.protocol != PROTOCOL_VERSION:
@@ -740,7 +761,7 @@ class Aggregator:
             self._note(device, logging.WARNING, "device %s %s: not selected (update the agent)",
                        device, why)
             return
-        self.strategy.on_hello(device, hello)
+        self.strategy.on_hello(device, hello, back=back)
 
     def _on_error(self, device: str, report: ErrorReport) -> None:
         code = printable(report.code, 32)
@@ -758,12 +779,10 @@ class Aggregator:
     def _on_update(self, device: str, message: Message) -> None:
         gate = self.strategy.admit(device, message)
         if isinstance(gate, Reply):
-            if gate.status == "rejected":
-                self._reject(device, message, gate.reason, gate.detail)
+            if gate.judged:
+                self._refuse(device, message, gate.answer)
             else:
-                if gate.status == "duplicate":
-                    self.counters.update("duplicate")
-                self._ack(device, message, gate.status, gate.reason)
+                self._answer(device, message, gate.answer)
             return
         assert isinstance(gate, Admit)
         item = UpdateItem(device=device, message=message, task_round=gate.task_round,
@@ -773,13 +792,18 @@ class Aggregator:
             self.counters.update(counter)
             self._note(device, logging.WARNING, "device %s: %s", device, text)
         if rejection is not None:
-            self._refuse(item, rejection)
+            answer = refused(rejection.reason, rejection.detail)
+            if rejection.copy:  # answers no task of this device: not one of its attempts
+                self._answer(device, message, answer)
+            else:
+                self._refuse(device, message, answer)
             return
         key = UpdateKey(fleet=self.fleet, round=message.round, device_id=device,
                         attempt=message.attempt)
-        if self.journal.queued(key):
-            self.counters.update("duplicate")
-            self._ack(device, message, "duplicate", "already counted")
+        if self.journal.queued(key):  # a copy of an update that is being committed
+            self._answer(device, message, Answer(
+                status="duplicate", code=AckCode.ALREADY_COUNTED,
+                detail=f"attempt {message.attempt} counts in round {message.round}"))
             return
         entry = JournalEntry(key=key, stream=self.strategy.stream(item), body=message.body,
                              meta=self.strategy.journal_meta(item))
@@ -788,24 +812,21 @@ class Aggregator:
             self.journal.flush()
             self._flushed()
 
-    def _refuse(self, item: UpdateItem, rejection: Rejection) -> None:
-        self.strategy.refused(item, rejection)
-        self._reject(item.device, item.message, rejection.reason, rejection.detail)
-
     def _journaled(self, item: UpdateItem, outcome: Outcome) -> None:
         device, message = item.device, item.message
         if outcome == "failed":  # not acknowledged: the device will send it again
             return
         if outcome == "duplicate":
-            self.counters.update("duplicate")
-            self._ack(device, message, "duplicate", "already counted")
+            self._answer(device, message, after_round(
+                self.store, self.ledger, fleet=self.fleet, task_round=message.round,
+                device=device, attempt=message.attempt))
             return
         assert item.meta is not None
         self.strategy.accepted(item)
         self._planner().observe_body(item.body_bytes)
         self.recorder.note_report(item.meta)
         self.counters.update("accepted")
-        self._ack(device, message, "accepted", "")
+        self._answer(device, message, ACCEPTED)
         self.events.emit(UpdateAccepted(device=device, task_round=item.task_round,
                                         model_version=message.model_version,
                                         num_samples=item.meta.num_samples, weight=item.weight,

@@ -670,6 +670,16 @@ class Store:
             )
         return [UpdateKey(fleet=fleet, round=r, device_id=d, attempt=a) for r, d, a in rows]
 
+    def accepted_attempt(self, fleet: str, round_index: int, device_id: str) -> int | None:
+        """The attempt of ``device_id`` accepted in ``round_index`` (kept after the round
+        closes, unlike its body), or None."""
+        rows = self._read(
+            "SELECT attempt FROM accepted_updates WHERE fleet = ? AND round = ? AND device_id = ?"
+            " ORDER BY seq LIMIT 1",
+            (fleet, round_index, device_id),
+        )
+        return int(rows[0][0]) if rows else None
+
     def count_accepted(self, fleet: str, round_index: int) -> int:
         return int(
             self._read(

@@ -9,11 +9,13 @@ so clipping, robust rules and the screens apply to both.
 The life of an update, and where a strategy takes part:
 
 1. ``admit(device, message)``: cheap checks on the envelope (is a round open, was the
-   device selected, is this a duplicate); returns the task it answers (``Admit``) or
-   an answer for the device (``Reply``).
+   device selected, is this a duplicate, was this attempt judged before); returns the
+   task it answers (``Admit``) or an answer for the device (``Reply``).
 2. The ingest pipeline decodes, validates, screens and weighs it.
 3. ``check(item)``: checks that need the decoded update (deadline, buffer room,
-   staleness discount into ``item.scale``); ``refused`` hears of any rejection.
+   staleness discount into ``item.scale``); ``refused(device, task_round, answer)``
+   hears of every refusal of a judged attempt (``answer.final``: nothing more from the
+   device counts for that task; else a corrected attempt may).
 4. The journal makes it durable (``stream`` and ``journal_meta`` say where and what);
 5. ``accepted(item)``: add it to the aggregate; after each journal batch ``flushed()``
    may release a model (a batch is never split across two models).
@@ -35,8 +37,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from broker_bridge import Ack, ErrorReport, Hello, Layout, Message
+from broker_bridge import Ack, AckCode, ErrorReport, Hello, Layout, Message
 from cloud_aggregator._aggregate import RoundAggregate
+from cloud_aggregator._answers import Answer, AttemptLedger, after_round
 from cloud_aggregator._config import AggregatorConfig
 from cloud_aggregator._errors import AggregatorError
 from cloud_aggregator._events import Event
@@ -64,11 +67,12 @@ class Admit:
 
 @dataclass(frozen=True)
 class Reply:
-    """Answer the device now (``status`` accepted/duplicate/rejected) and stop."""
+    """Answer the device now and stop. ``judged``: the answer refuses this very attempt
+    (docs/PROTOCOL.md section 5.1): the runtime remembers it, so the same attempt gets it
+    again, and tells the strategy (``refused``)."""
 
-    status: str
-    reason: str
-    detail: str = ""
+    answer: Answer
+    judged: bool = False
 
 
 class ModelState:
@@ -118,6 +122,16 @@ class StrategyContext:
     """``note(device, level, msg, *args)``: a log line rate-limited per device."""
     fail: Callable[[str], None]
     """Give up the run, saying why (e.g. too many rounds abandoned in a row)."""
+    ledger: AttemptLedger
+    """The refused attempts of recent rounds and tasks (``_answers``)."""
+
+    def after_round(self, task_round: int, device: str, attempt: int, *,
+                    unknown: str = AckCode.STALE_ROUND, why: str = "") -> Answer:
+        """The answer to an update of a round or task that is not open, or whose device
+        already counts (``_answers.after_round``)."""
+        return after_round(self.store, self.ledger, fleet=self.config.fleet,
+                           task_round=task_round, device=device, attempt=attempt,
+                           unknown=unknown, why=why)
 
     def new_aggregate(self, capacity: int) -> RoundAggregate:
         return RoundAggregate(size=self.layout.size, robust=self.config.robust_config(),
@@ -150,7 +164,7 @@ class Strategy(Protocol):
 
     def check(self, item: UpdateItem) -> Rejection | None: ...
 
-    def refused(self, item: UpdateItem, rejection: Rejection) -> None: ...
+    def refused(self, device: str, task_round: int, answer: Answer) -> None: ...
 
     def stream(self, item: UpdateItem) -> int: ...
 
@@ -162,7 +176,7 @@ class Strategy(Protocol):
 
     def on_offline(self, device: str) -> None: ...
 
-    def on_hello(self, device: str, hello: Hello) -> None: ...
+    def on_hello(self, device: str, hello: Hello, *, back: bool) -> None: ...
 
     def on_error(self, device: str, report: ErrorReport) -> None: ...
 

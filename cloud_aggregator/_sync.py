@@ -32,6 +32,7 @@ import numpy as np
 
 from broker_bridge import (
     Ack,
+    AckCode,
     ErrorReport,
     Hello,
     Message,
@@ -41,6 +42,7 @@ from broker_bridge import (
     unpack_update_body,
 )
 from cloud_aggregator._aggregate import Contribution, RoundAggregate
+from cloud_aggregator._answers import Answer, refused, refused_blob
 from cloud_aggregator._errors import AggregatorError
 from cloud_aggregator._events import RoundOpened
 from cloud_aggregator._ingest import Rejection, UpdateItem
@@ -242,6 +244,7 @@ class SyncRounds:
                     missed=outcome.missed)
         if new_params is None and self.abandoned_streak >= ctx.config.max_abandoned:
             ctx.fail(f"{self.abandoned_streak} rounds in a row missed their quorum")
+        ctx.store.delete_state(refused_blob(index))
         for device in pending:
             ctx.cancel(device, index, f"round {decision.value}d: {reason}")
         for r in results:
@@ -303,23 +306,30 @@ class SyncRounds:
     # -- updates ------------------------------------------------------------------------
 
     def admit(self, device: str, message: Message) -> Admit | Reply:
-        op = self._open
+        ctx, op = self.ctx, self._open
         if op is None or message.round != op.round.spec.index:
-            where = "no open round" if op is None else f"round {op.round.spec.index} is open"
-            return Reply("rejected", "stale_round", where)
+            why = "no open round" if op is None else f"round {op.round.spec.index} is open"
+            return Reply(ctx.after_round(message.round, device, message.attempt, why=why))
         rnd = op.round
+        index = rnd.spec.index
+        first = ctx.ledger.recall(index, device, message.attempt)
+        if first is not None:  # an attempt is judged once
+            return Reply(first)
         admission = rnd.admit(device, emulated_s=None, duration_s=0.0)
         if admission is Admission.NOT_SELECTED:
-            return Reply("rejected", "not_selected", f"not selected in round {rnd.spec.index}")
+            return Reply(refused(AckCode.NOT_SELECTED, f"not selected in round {index}"))
         if admission is Admission.ALREADY_COUNTED:
-            return Reply("duplicate", "already counted")
+            return Reply(ctx.after_round(index, device, message.attempt))
         if admission is Admission.RESOLVED:
-            return Reply("rejected", "resolved", f"device is {rnd.state(device)} in this round")
+            return Reply(refused(AckCode.RESOLVED, f"device is {rnd.state(device)} in this round"))
+        if ctx.ledger.exhausted(index, device):
+            return Reply(refused(AckCode.TOO_MANY_ATTEMPTS,
+                                 f"{ctx.ledger.max_judged} attempts were refused in round "
+                                 f"{index}"), judged=True)
         if message.model_version != rnd.spec.model_version:
-            rnd.rejected(device)
-            return Reply("rejected", "wrong_model_version",
-                         f"round trains version {rnd.spec.model_version}")
-        return Admit(rnd.spec.index)
+            return Reply(refused(AckCode.WRONG_MODEL_VERSION,
+                                 f"round trains version {rnd.spec.model_version}"), judged=True)
+        return Admit(index)
 
     def check(self, item: UpdateItem) -> Rejection | None:
         assert self._open is not None and item.meta is not None
@@ -327,18 +337,25 @@ class SyncRounds:
         if rnd.admit(item.device, emulated_s=meta.emulated_s,
                      duration_s=meta.duration_s) is Admission.LATE:
             rnd.late(item.device, _report(meta))
-            return Rejection("missed_deadline",
+            return Rejection(AckCode.MISSED_DEADLINE,
                              f"took {took(meta.emulated_s, meta.duration_s):.3g} s > deadline "
                              f"{rnd.spec.deadline_s:.3g} s")
         if not self._open.aggregate.has_room(len(self._open.deferred)):
-            return Rejection("buffer_full", "robust buffer is full")
+            return Rejection(AckCode.BUFFER_FULL, "robust buffer is full")
         return None
 
-    def refused(self, item: UpdateItem, rejection: Rejection) -> None:
-        op = self._open
-        if op is None or rejection.copy or rejection.reason in ("missed_deadline", "buffer_full"):
+    def refused(self, device: str, task_round: int, answer: Answer) -> None:
+        """Settle the device's part (for good, or until a corrected attempt) and keep the
+        round's refusals with it, so a restart neither forgets nor asks again."""
+        op, ctx = self._open, self.ctx
+        if op is None or op.round.spec.index != task_round:
             return
-        op.round.rejected(item.device)
+        if answer.final:
+            op.round.rejected(device)
+        else:
+            op.round.refused(device)
+        ctx.store.put_state(refused_blob(task_round),
+                            json.dumps(ctx.ledger.to_json(task_round)).encode())
 
     def stream(self, item: UpdateItem) -> int:
         return item.task_round
@@ -420,9 +437,25 @@ class SyncRounds:
             op.round.count(device, _report(meta))
             ctx.recorder.note_report(meta)
             restored += 1
+        self._restore_refusals(rec.round)
         log.info("resumed round %d with %d stored updates", rec.round, restored)
         for device in op.round.pending():
             ctx.send_task(device, rec.round, ctx.model.version)
+
+    def _restore_refusals(self, index: int) -> None:
+        """A refusal survives a restart: a device refused for good is not asked again,
+        and an attempt gets the answer it got before."""
+        ctx = self.ctx
+        assert self._open is not None
+        raw = ctx.store.get_state(refused_blob(index))
+        if raw is None:
+            return
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise StoreError(f"the refused updates of round {index} in {ctx.store.path} are "
+                             f"unreadable: {exc}") from exc
+        ctx.ledger.restore(index, data, self._open.round, where=str(ctx.store.path))
 
     # -- devices ------------------------------------------------------------------------
 
@@ -470,14 +503,21 @@ class SyncRounds:
             self.ctx.note(device, logging.INFO, "device %s went offline during round %d",
                           device, op.round.spec.index)
 
-    def on_hello(self, device: str, hello: Hello) -> None:
+    def on_hello(self, device: str, hello: Hello, *, back: bool) -> None:
         op = self._open
-        if op is None or hello.busy_round != op.round.spec.index:
+        if op is None:
             return
-        if op.round.state(device) in (DeviceState.TASKED, DeviceState.WORKING,
-                                      DeviceState.DROPPED):
-            op.round.revive(device)
-            self.ctx.send_task(device, op.round.spec.index, op.round.spec.model_version)
+        rnd = op.round
+        state = rnd.state(device)
+        busy = (hello.busy_round == rnd.spec.index
+                and state in (DeviceState.TASKED, DeviceState.WORKING, DeviceState.DROPPED))
+        if busy or (hello.busy_round is None and state is DeviceState.DROPPED and back):
+            # Busy with this round (restarted mid-task), or back from offline without it
+            # (its session may have lost the task): the same task again. A device that
+            # was not busy counts as working again once it accepts the task.
+            if hello.busy_round is not None:
+                rnd.revive(device)
+            self.ctx.send_task(device, rnd.spec.index, rnd.spec.model_version)
 
     def on_error(self, device: str, report: ErrorReport) -> None:
         op = self._open

@@ -6,6 +6,7 @@ Imports numpy only. Where things live:
   ``ProfileError``.
 - ``_profile``: ``DeviceProfile``, ``Availability``, ``AvailabilityKind``,
   ``PowerSource``, ``dumps_toml`` (the small TOML writer).
+- ``_schema``: ``profile_schema`` (the JSON Schema of a profile in a hello).
 - ``_catalogue``: ``load_catalogue``, ``get_profile``, ``load_profile_file``,
   ``parse_mix``, ``profile_mix``, ``DEFAULT_MIX`` (bundled ``catalogue/*.toml``).
 - ``_cost``: ``Task``, ``CostBreakdown``, ``predict``, ``transfer_time_s``,
@@ -60,6 +61,7 @@ from device_profiles._profile import (
     PowerSource,
     dumps_toml,
 )
+from device_profiles._schema import profile_schema
 
 __all__ = [
     "DEFAULT_MIX",
@@ -91,6 +93,7 @@ __all__ = [
     "memory_mb",
     "parse_mix",
     "predict",
+    "profile_schema",
     "profile_mix",
     "reference_model",
     "register_throughput_probe",

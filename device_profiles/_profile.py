@@ -164,7 +164,9 @@ class Availability:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Availability:
+    def from_dict(cls, data: Mapping[str, Any], *, strict: bool = True) -> Availability:
+        """``strict=False`` (a profile received on the wire) ignores the keys its kind
+        does not use instead of refusing them."""
         if not isinstance(data, Mapping):
             raise ProfileError("availability must be a table")
         if "kind" not in data:
@@ -177,6 +179,8 @@ class Availability:
                 f"availability.kind {data['kind']!r} is not one of: {known}"
             ) from exc
         allowed = {"kind", *_AVAILABILITY_FIELDS[kind]}
+        if not strict:
+            data = {k: v for k, v in data.items() if k in allowed}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise ProfileError(f"availability ({kind.value}) has unknown keys: {unknown}")
@@ -286,10 +290,19 @@ class DeviceProfile:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DeviceProfile:
-        """Validate untrusted plain data: missing, unknown, wrongly typed keys all raise."""
+    def from_dict(cls, data: Mapping[str, Any], *, strict: bool = True) -> DeviceProfile:
+        """Validate untrusted plain data: missing, unknown, wrongly typed keys all raise.
+
+        ``strict=False`` is for a profile received in a hello: as everywhere on the wire,
+        keys this version does not know are ignored (top-level keys, availability keys
+        its kind does not use, and ``sources``/``estimated`` entries naming them), so a
+        newer or foreign agent's profile is not thrown away for one extra field. Types
+        and ranges are checked the same.
+        """
         if not isinstance(data, Mapping):
             raise ProfileError("a profile must be a table/object")
+        if not strict:
+            data = _known_keys(data)
         label = data.get("name", "<unnamed>")
         required = {f.name for f in fields(cls) if _is_required(f.name)}
         missing = sorted(required - set(data))
@@ -301,7 +314,7 @@ class DeviceProfile:
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key == "availability":
-                kwargs[key] = Availability.from_dict(value)
+                kwargs[key] = Availability.from_dict(value, strict=strict)
             elif key in ("measured_step_ms", "sources"):
                 if not isinstance(value, Mapping):
                     raise ProfileError(f"profile {label!r}: {key} must be a table")
@@ -349,6 +362,18 @@ def _field_names() -> set[str]:
     return {f.name for f in fields(DeviceProfile)}
 
 
+def _known_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` without the keys (and source/estimate entries) no profile field has."""
+    known = _field_names()
+    out = {k: v for k, v in data.items() if k in known}
+    if isinstance(out.get("sources"), Mapping):
+        out["sources"] = {k: v for k, v in out["sources"].items() if k in known}
+    estimated = out.get("estimated")
+    if isinstance(estimated, list):
+        out["estimated"] = [e for e in estimated if not isinstance(e, str) or e in known]
+    return out
+
+
 def _is_required(name: str) -> bool:
     return name not in {
         "availability",
@@ -373,6 +398,8 @@ def _number(label: str, value: Any) -> float:
 
 
 def _integer(label: str, value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # JSON makes no difference between 4 and 4.0
     if isinstance(value, bool) or not isinstance(value, int):
         raise ProfileError(f"{label} must be an integer, got {value!r}")
     return value

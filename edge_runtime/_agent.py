@@ -56,7 +56,9 @@ from broker_bridge import (
     TlsConfig,
     UpdateMeta,
     WireError,
+    ack_code,
     encode_update,
+    may_retry,
     pack_update_body,
     presence_message,
     presence_will,
@@ -692,10 +694,18 @@ class Agent:
             raise WireError(f"task artifacts_hash {task.artifacts_hash!r} is not a sha256 hex")
         with self._lock:
             record = self.state.record
-            same = record is not None and record.task.round == task.round
+            # A task is known by its round and nonce (a fresh aggregator counts rounds
+            # from 1 again, with new nonces): the same task again is answered, never
+            # trained twice; an older round of the same run is not trained at all.
+            same = record is not None and same_task(record.task, task)
             attempt = record.attempt if same and record is not None else 0
+            if record is not None and not same and moved_past(record.task, task):
+                self.stats.declined += 1
+                self._ack_task(task.round, 0, "declined",
+                               f"stale: this device has moved on to round {record.task.round}")
+                return
             if self._job is not None:
-                if self._job.task.round == task.round:
+                if same_task(self._job.task, task):
                     self._ack_task(task.round, self._job.attempt, "accepted")  # a re-sent task
                 else:
                     self.stats.declined += 1
@@ -754,7 +764,13 @@ class Agent:
                 self.state.set_status(TaskStatus.ACKED)
                 self.stats.acked += 1
             elif ack.status == "rejected":
-                self.log.warning("round %d update rejected: %s", ack.round, ack.reason)
+                # Not counted. The reference encoder is deterministic (a corrected attempt
+                # would be the same bytes), so this agent does not retry on its own; it
+                # trains again (attempt + 1) only if the task is sent again.
+                self.log.warning("round %d update rejected (%s): %s", ack.round,
+                                 "a corrected update may still count"
+                                 if may_retry(ack_code(ack)) else "final for this round",
+                                 ack.reason)
                 self.state.set_status(TaskStatus.REJECTED)
             else:
                 return
@@ -1021,6 +1037,16 @@ class Agent:
         if model.weights.shape != (layout.size,):
             raise ModelVersionError(f"model version {version} has the wrong size")
         return model
+
+
+def same_task(a: TaskSpec, b: TaskSpec) -> bool:
+    """Two copies of one task (a task sent again carries the same round and nonce)."""
+    return a.round == b.round and a.nonce == b.nonce
+
+
+def moved_past(held: TaskSpec, new: TaskSpec) -> bool:
+    """``new`` is an older round of the run this device already worked for."""
+    return bool(held.run) and held.run == new.run and new.round < held.round
 
 
 def _finite(value: float) -> float | None:

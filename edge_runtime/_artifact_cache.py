@@ -39,6 +39,7 @@ from broker_bridge import (
     WireError,
     decode_model,
     fsync_dir,
+    is_sha256_hex,
     read_header,
     weights_hash,
 )
@@ -101,7 +102,7 @@ class ArtifactCache:
         except OSError:
             return []
         entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-        return [p.name for p in entries if len(p.name) == 64]
+        return [p.name for p in entries if is_sha256_hex(p.name)]  # a hello carries them
 
     def install(self, files: Mapping[str, bytes], *, expected_hash: str) -> Path:
         """Verify ``files`` (an unpacked bundle) and move them into the cache."""

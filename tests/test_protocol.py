@@ -36,7 +36,7 @@ _JSON = st.recursive(
 )
 
 
-_TASK = {"round": 4, "model_version": 3, "artifacts_hash": "ab", "model_hash": "c" * 64,
+_TASK = {"round": 4, "model_version": 3, "artifacts_hash": "a" * 64, "model_hash": "c" * 64,
          "nonce": "0123456789abcdef"}
 
 
@@ -47,7 +47,7 @@ def test_task_round_trip_and_field_checks() -> None:
         TaskSpec.from_dict({**_TASK, "round": "4"})
     with pytest.raises(ProtocolError, match="required field"):
         TaskSpec.from_dict({"round": 4})
-    with pytest.raises(ProtocolError, match="positive"):
+    with pytest.raises(ProtocolError, match="lr"):
         TaskSpec.from_dict({**_TASK, "lr": -1})
     with pytest.raises(ProtocolError, match="bool"):
         TaskSpec.from_dict({**_TASK, "round": True})
@@ -57,7 +57,7 @@ def test_task_round_trip_and_field_checks() -> None:
     for missing in ("nonce", "model_hash"):
         with pytest.raises(ProtocolError, match=f"required field '{missing}'"):
             TaskSpec.from_dict({k: v for k, v in _TASK.items() if k != missing})
-    with pytest.raises(ProtocolError, match="sha256"):
+    with pytest.raises(ProtocolError, match="model_hash"):
         TaskSpec.from_dict({**_TASK, "model_hash": "5"})
 
 

@@ -13,7 +13,7 @@ from device_profiles import get_profile
 def hello(samples: int = 40, eligible: bool = True) -> Hello:
     return Hello(profile=get_profile("phone-mid").to_dict(),
                  eligibility={"eligible": eligible, "reasons": [] if eligible else ["battery"]},
-                 num_samples=samples, artifacts_hash="abc", model_versions=[1, 2])
+                 num_samples=samples, artifacts_hash="abc" + "0" * 61, model_versions=[1, 2])
 
 
 def test_presence_hello_and_candidates(tmp_path: Path) -> None:
@@ -36,7 +36,7 @@ def test_presence_hello_and_candidates(tmp_path: Path) -> None:
     assert [d.device_id for d in reg.ready()] == ["a", "d"]
     info = reg.get("a")
     assert info is not None and info.profile is not None and info.profile.name == "phone-mid"
-    assert info.model_versions == (1, 2) and info.artifacts_hash == "abc"
+    assert info.model_versions == (1, 2) and info.artifacts_hash == "abc" + "0" * 61
     cands = reg.candidates(duration=lambda i: 2.5 if i.profile else None)
     assert [(c.device_id, c.predicted_duration_s) for c in cands] == [("a", 2.5), ("d", 2.5)]
 

@@ -217,7 +217,7 @@ def test_bad_updates_are_rejected_by_rule(tmp_path: Path, artifacts: Path) -> No
     assert replay_dev.last_ack().status == "rejected"
     assert "stale_round" in replay_dev.last_ack().reason
 
-    outsider.tasks.append(TaskSpec(round=1, model_version=0, artifacts_hash="x",
+    outsider.tasks.append(TaskSpec(round=1, model_version=0, artifacts_hash="0" * 64,
                                    model_hash="0" * 64, nonce="forged-nonce"))
     outsider.send_update(layout=agg.layout)
     assert outsider.last_ack().status == "rejected"
