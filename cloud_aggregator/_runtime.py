@@ -26,19 +26,22 @@ journal commits in groups (``max_delay_s`` apart at most); otherwise each accept
 update commits before its handler returns. ``start`` registers the handlers before
 connecting and holds no lock while subscribing; messages that arrive before the open
 round is rebuilt wait in a bounded queue.
+
+Why this module is longer than 400 lines: it is the one place that orders start-up,
+durable writes, releases and shutdown. What it orders lives in parts: devices' messages
+(``_desk``), strategies, the ingest pipeline and journal, the learned state
+(``_learned``), the planner, the model server, the recorder.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import math
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,40 +49,25 @@ import numpy as np
 import numpy.typing as npt
 
 from broker_bridge import (
-    PROTOCOL_VERSION,
-    Ack,
-    AckCode,
-    Cancel,
     Channel,
     CodecSpec,
-    ErrorReport,
-    Hello,
-    Kind,
-    LogLimiter,
     Message,
-    Presence,
-    Request,
-    WireError,
-    printable,
     roll_call,
 )
 from cloud_aggregator._aggregation import UpdateRules
-from cloud_aggregator._answers import ACCEPTED, Answer, AttemptLedger, after_round, refused
+from cloud_aggregator._answers import AttemptLedger
 from cloud_aggregator._artifacts import MODEL_NAME
 from cloud_aggregator._config import AggregatorConfig
+from cloud_aggregator._desk import DeviceDesk
 from cloud_aggregator._errors import AggregatorError
 from cloud_aggregator._evaluate import ServerEvaluator, load_eval_data
 from cloud_aggregator._events import (
-    DeviceOffline,
-    DeviceOnline,
     Event,
     EventBus,
     ModelReleased,
     RoundEnded,
     Status,
     Subscriber,
-    UpdateAccepted,
-    UpdateRefused,
 )
 from cloud_aggregator._fedbuff import FedBuff
 from cloud_aggregator._ingest import (
@@ -88,12 +76,11 @@ from cloud_aggregator._ingest import (
     IngestPipeline,
     IngestStage,
     Journal,
-    Outcome,
     Screen,
     Unpack,
-    UpdateItem,
     Validate,
 )
+from cloud_aggregator._learned import STATE_BLOB, LearnedState, read_json_blob
 from cloud_aggregator._metrics import Counters, MetricsLog, MetricsServer, RoundMetrics
 from cloud_aggregator._planner import WorkPlanner
 from cloud_aggregator._recorder import PENDING_METRICS, RoundRecorder
@@ -113,15 +100,14 @@ from cloud_aggregator._startup import (
     prepare_artifacts,
 )
 from cloud_aggregator._status import STATUS_INTERVAL_S
-from cloud_aggregator._store import JournalEntry, Store, StoreError, UpdateKey
-from cloud_aggregator._strategy import Admit, ModelState, Reply, Strategy, StrategyContext
+from cloud_aggregator._store import Store, StoreError
+from cloud_aggregator._strategy import ModelState, Strategy, StrategyContext
 from cloud_aggregator._sync import SyncRounds
 from device_profiles import ConfigError
 
 log = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
-STATE_BLOB = "aggregator"
 OPT_BLOB = "server_opt"
 POLL_S = 0.05
 REGISTRY_EVERY_S = 1.0
@@ -129,8 +115,6 @@ REGISTRY_EVERY_S = 1.0
 (and with every new model): it is advisory, and hellos bring it back after a crash."""
 MAX_EARLY_MESSAGES = 10_000
 """Messages held while the aggregator rebuilds its round at start-up."""
-DEVICE_ERRORS_EXCLUDE = ("data", "artifact", "backend")
-"""Error codes after which a device is not selected again until its next hello."""
 
 
 class Aggregator:
@@ -189,6 +173,27 @@ class Aggregator:
                 self._tmp.cleanup()
             raise
 
+    @classmethod
+    def connect(cls, config: AggregatorConfig, *, broker: str,
+                password_file: str | None = None, tls_ca: str | None = None,
+                tls_cert: str | None = None, tls_key: str | None = None,
+                client_id: str = "aggregator", **parts: Any) -> Aggregator:
+        """An aggregator on the MQTT broker at ``broker`` (``mqtt://`` or ``mqtts://``),
+        as ``fleetlearn aggregator`` connects: a persistent session, the password from
+        ``password_file`` or ``$FLEETLEARN_PASSWORD``. ``parts`` are the constructor's
+        (``strategy``, ``policy``, ``optimizer``, ``evaluator``, ``on_round``, ...).
+        Not started: ``start()``, then ``run()``; ``close()`` also closes the connection."""
+        from cloud_aggregator._connect import broker_settings
+
+        settings = broker_settings(broker=broker, client_id=client_id,
+                                   password_file=password_file, tls_ca=tls_ca,
+                                   tls_cert=tls_cert, tls_key=tls_key)
+        transport = settings.transport()
+        aggregator = cls(config=config, channel=Channel(transport=transport, fleet=config.fleet),
+                         **parts)
+        aggregator._owns_transport = True
+        return aggregator
+
     def _init_parts(self, artifacts_dir: str | Path | None,
                     on_round: Callable[[RoundMetrics], None] | None, strategy: Strategy | None,
                     policy: SelectionPolicy | None, optimizer: Any, evaluator: Any) -> None:
@@ -230,8 +235,19 @@ class Aggregator:
         self.planner: WorkPlanner | None = None  # needs the run record: set in start()
         self._server: ModelServer | None = None
         self._metrics_server: MetricsServer | None = None
-        self._log = LogLimiter()
         self._started = self._ready = self._closed = self._running = False
+        self._owns_transport = False
+        self.desk = DeviceDesk(
+            fleet=config.fleet, channel=self.channel, clock=self.clock, store=self.store,
+            registry=self.registry, counters=self.counters, events=self.events,
+            recorder=self.recorder, ledger=self.ledger, journal=self.journal,
+            pipeline=self.pipeline, model=self.state, strategy=self.strategy,
+            uplink=self._uplink, planner=self._planner, server=self._model_server,
+            running=lambda: self._running, flushed=self._flushed)
+        self.learned = LearnedState(
+            config=config, store=self.store, state_dir=self.state_dir,
+            content_hash=self.model.info.content_hash, model=self.state, strategy=self.strategy,
+            policy=self.policy, screen=self.screen, weights=self.weights, planner=self._planner)
         self._early: collections.deque[tuple[Callable[[str, Message], None], str, Message]] = (
             collections.deque())
         self._failed: str | None = None
@@ -259,6 +275,11 @@ class Aggregator:
         if self.planner is None:
             raise AggregatorError("the aggregator is not started")
         return self.planner
+
+    def _model_server(self) -> ModelServer:
+        if self._server is None:
+            raise AggregatorError("the aggregator is not started")
+        return self._server
 
     # ------------------------------------------------------------------ properties
 
@@ -332,8 +353,8 @@ class Aggregator:
                 self._metrics_server = MetricsServer(self.counters, port=self.config.metrics_port,
                                                      host=self.config.metrics_bind)
         topics = self.channel.topics
-        self.channel.subscribe(topics.all_presence, self._gated(self._on_presence))
-        self.channel.subscribe(topics.all_up, self._gated(self._on_up))
+        self.channel.subscribe(topics.all_presence, self._gated(self.desk.on_presence))
+        self.channel.subscribe(topics.all_up, self._gated(self.desk.on_up))
         # Who is there: asked, not read from retained presence (see roll_call).
         self.channel.transport.on_connect(lambda: roll_call(self.channel))
         if not self.channel.transport.connected:
@@ -360,7 +381,8 @@ class Aggregator:
                     else:
                         self.counters.update("dropped:starting")
                     return
-            handler(topic, message)
+                handler(topic, message)
+                self._wake.notify_all()
 
         return gate
 
@@ -393,6 +415,8 @@ class Aggregator:
             self.store.close()
             if self._tmp is not None:
                 self._tmp.cleanup()
+        if self._owns_transport:
+            self.channel.transport.close()
 
     def run(self, *, timeout_s: float | None = None) -> list[RoundMetrics]:
         """Tick until ``config.rounds`` model versions exist, ``stop()``, or the timeout.
@@ -453,33 +477,6 @@ class Aggregator:
 
     # ------------------------------------------------------------------ state
 
-    def _state_json(self) -> bytes:
-        """Everything learned from the fleet that the next round depends on: the policy's
-        duration corrections and statistics, the observed compression, the screens'
-        histories, the strategy's own state. Saved with each checkpoint, so a restarted
-        aggregator schedules and screens as the one that stopped would have."""
-        planner = self._planner()
-        return json.dumps({
-            "mode": self.config.mode, "model": self.config.model,
-            "content_hash": self.model.info.content_hash, "model_version": self.state.version,
-            "emulated_total_s": self.state.emulated_total_s,
-            "strategy": self.strategy.state(),
-            "selection": self.policy.state(),
-            "accepted_norms": self.screen.history,
-            "accepted_weights": self.weights.history,
-            "body_bytes": [planner.body_bytes_sum, planner.body_count],
-        }, sort_keys=True).encode()
-
-    def _blob_json(self, name: str) -> Any:
-        raw = self.store.get_state(name)
-        if raw is None:
-            return None
-        try:
-            return json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            raise StoreError(f"state {name!r} in {self.store.path} is unreadable ({exc}); "
-                             "restore the store from a backup or use another state dir") from exc
-
     def _restore(self) -> None:
         try:
             self._restore_state()
@@ -502,16 +499,14 @@ class Aggregator:
         self._server = ModelServer(
             fleet=self.fleet, run_id=self._run.run_id, layout=self.layout,
             codec=self._downlink, store=self.store, topics=self.channel.topics,
-            send=self._send, counters=self.counters, artifacts_dir=self.model.directory,
+            send=self.desk.send, counters=self.counters, artifacts_dir=self.model.directory,
             artifacts_hash=self.model.info.content_hash)
         self.strategy.bind(self._context())
-        state = self._blob_json(STATE_BLOB)
-        if state is not None:
-            self._load_state(state)
+        self.learned.restore()
         if self.store.checkpoint(self.fleet) is None:
             self.store.save_checkpoint(
                 fleet=self.fleet, model_version=0, params=self.state.params,
-                states={STATE_BLOB: self._state_json(),
+                states={STATE_BLOB: self.learned.to_bytes(),
                         OPT_BLOB: self.state.optimizer.to_bytes()})
         record, params = self.store.load_checkpoint(self.fleet)
         if params.size != self.layout.size:
@@ -520,7 +515,7 @@ class Aggregator:
         opt_state = self.store.get_state(OPT_BLOB)
         if opt_state is not None:
             self.state.optimizer.load_bytes(opt_state)
-        pending = self._blob_json(PENDING_METRICS)
+        pending = read_json_blob(self.store, PENDING_METRICS)
         if pending is not None:
             self.recorder.recover(pending, model_version=self.state.version,
                                   params=self.state.params)
@@ -529,35 +524,14 @@ class Aggregator:
         log.info("fleet %s: run %s, model version %d", self.fleet, self._run.run_id,
                  self.state.version)
 
-    def _load_state(self, state: Any) -> None:
-        if not isinstance(state, dict):
-            raise StoreError(f"state {STATE_BLOB!r} in {self.store.path} is not an object")
-        if state.get("mode") != self.config.mode:
-            raise ConfigError(
-                f"{self.state_dir} holds a {state.get('mode')} run; use another state_dir")
-        if state.get("content_hash") != self.model.info.content_hash:
-            raise ConfigError(f"{self.state_dir} was trained with other model artifacts")
-        self.state.emulated_total_s = float(state.get("emulated_total_s", 0.0))
-        strategy_state = state.get("strategy")
-        if strategy_state is None and "abandoned_streak" in state:  # before strategies
-            strategy_state = {"abandoned_streak": state["abandoned_streak"]}
-        self.strategy.load_state(strategy_state or {})
-        if "selection" in state:
-            self.policy.load_state(state["selection"])
-        self.screen.load(state.get("accepted_norms", []))
-        self.weights.load(state.get("accepted_weights", []))
-        body_sum, body_count = state.get("body_bytes", [0, 0])
-        planner = self._planner()
-        planner.body_bytes_sum, planner.body_count = int(body_sum), int(body_count)
-
     def _context(self) -> StrategyContext:
         return StrategyContext(
             config=self.config, clock=self.clock, store=self.store, registry=self.registry,
             policy=self.policy, planner=self._planner(), recorder=self.recorder,
             counters=self.counters,
             layout=self.layout, model=self.state, screen=self.screen, weights=self.weights,
-            send_task=self._send_task, cancel=self._cancel, release=self._release,
-            emit=self.events.emit, note=self._note, fail=self._fail, ledger=self.ledger)
+            send_task=self.desk.send_task, cancel=self.desk.cancel, release=self._release,
+            emit=self.events.emit, note=self.desk.note, fail=self._fail, ledger=self.ledger)
 
     def _fail(self, reason: str) -> None:
         self._failed = reason
@@ -573,13 +547,13 @@ class Aggregator:
         if params is not None:
             self.state.params = params
             self.state.version += 1
-            states[STATE_BLOB] = self._state_json()
+            states[STATE_BLOB] = self.learned.to_bytes()
             states[OPT_BLOB] = self.state.optimizer.to_bytes()
             self.store.save_checkpoint(
                 fleet=self.fleet, model_version=self.state.version, params=params,
                 states=states, close_round=close_round, missed=missed, drop_stream=drop_stream)
         else:
-            states[STATE_BLOB] = self._state_json()
+            states[STATE_BLOB] = self.learned.to_bytes()
             assert close_round is not None
             self.store.close_round(fleet=self.fleet, round_index=close_round, state="abandoned",
                                    missed=missed, states=states)
@@ -619,218 +593,9 @@ class Aggregator:
         c.set("devices_online", len(self.registry.online()))
         c.set("emulated_seconds_total", self.state.emulated_total_s)
 
-    # ------------------------------------------------------------------ sending
-
-    def _send(self, topic: str, message: Message) -> None:
-        owner = self.channel.topics.device_of(topic)
-        if owner is not None and message.device != owner:
-            # Receivers drop a message on a device topic whose envelope names another
-            # device; the aggregator's messages to a device carry that device's id.
-            message = replace(message, device=owner)
-        try:
-            self.channel.send(topic, message)
-        except Exception as exc:  # a dead link or a vanished broker is data here
-            log.warning("send on %s failed: %s", topic, exc)
-            return
-        self.counters.add_bytes(down=len(message.body))
-
-    def _send_task(self, device: str, task_round: int, model_version: int) -> bool:
-        assert self._server is not None
-        try:
-            model_hash = self._server.hash_of(
-                model_version, self.state.params if model_version == self.state.version else None)
-        except StoreError as exc:
-            log.error("device %s: no task for round %d: model version %d is gone (%s)",
-                      device, task_round, model_version, exc)
-            return False
-        task = self._planner().task(device, task_round=task_round, model_version=model_version,
-                                    model_hash=model_hash, codec=str(self._uplink))
-        self._send(self.channel.topics.down(device, "task"),
-                   task.to_message(fleet=self.fleet, round=task_round,
-                                   model_version=model_version))
-        return True
-
-    def _cancel(self, device: str, round_index: int, reason: str) -> None:
-        self._send(self.channel.topics.down(device, "cancel"),
-                   Cancel(round=round_index, reason=reason)
-                   .to_message(fleet=self.fleet, round=round_index))
-
     def _broadcast_model(self) -> None:
         assert self._server is not None
         self._server.broadcast(self.state.version, self.state.params)
-
-    def _ack(self, device: str, message: Message, status: str, reason: str) -> None:
-        ack = Ack(round=message.round, attempt=message.attempt, what="update", status=status,
-                  reason=reason)
-        self._send(self.channel.topics.down(device, "ack"),
-                   ack.to_message(fleet=self.fleet, round=message.round,
-                                  model_version=message.model_version, attempt=message.attempt))
-
-    def _note(self, device: str, level: int, msg: str, *args: object) -> None:
-        """Log a line about ``device``: a few a minute per device at most."""
-        self._log.log(log, level, device, msg, *args)
-
-    def _answer(self, device: str, message: Message, answer: Answer) -> None:
-        """Acknowledge an update (docs/PROTOCOL.md section 5.1)."""
-        if answer.status == "rejected":
-            self._note(device, logging.WARNING,
-                       "device %s: update for round %d (attempt %d) rejected (%s): %s", device,
-                       message.round, message.attempt, answer.code, answer.detail)
-            self.counters.update(f"rejected:{answer.code}")
-            self.recorder.rejected()
-            self.events.emit(UpdateRefused(device=device, task_round=message.round,
-                                           reason=answer.code, detail=answer.detail))
-        elif answer.status == "duplicate":
-            self.counters.update("duplicate")
-        self._ack(device, message, answer.status, answer.reason)
-
-    def _refuse(self, device: str, message: Message, answer: Answer) -> None:
-        """Refuse a judged attempt: remember the answer (the same attempt gets it again),
-        let the strategy settle the device's part, and ack."""
-        self.ledger.record(message.round, device, message.attempt, answer)
-        self.strategy.refused(device, message.round, answer)
-        self._answer(device, message, answer)
-
-    # ------------------------------------------------------------------ handlers
-
-    def _on_presence(self, topic: str, message: Message) -> None:
-        device = self.channel.topics.device_of(topic)
-        if device is None or message.kind != Kind.PRESENCE:
-            return
-        try:
-            status = Presence.from_message(message).status
-        except WireError as exc:
-            self.counters.update("malformed:presence")
-            self._note(device, logging.WARNING, "device %s: malformed presence: %s", device,
-                       printable(exc))
-            return
-        with self._wake:
-            self.registry.on_presence(device, online=status == "online", at=self.clock.now())
-            if status == "offline":
-                self.strategy.on_offline(device)
-                self.events.emit(DeviceOffline(device=device))
-            else:
-                self.events.emit(DeviceOnline(device=device))
-            self.counters.set("devices_online", len(self.registry.online()))
-            self._wake.notify_all()
-
-    def _on_up(self, topic: str, message: Message) -> None:
-        device = self.channel.topics.device_of(topic)
-        if device is None:
-            return
-        with self._wake:
-            try:
-                if message.kind == Kind.UPDATE:
-                    self.counters.add_bytes(up=len(message.body))
-                    self._on_update(device, message)
-                elif message.kind == Kind.HELLO:
-                    self._on_hello(device, Hello.from_message(message))
-                elif message.kind == Kind.ACK:
-                    ack = Ack.from_message(message)
-                    if ack.what == "task":
-                        self.strategy.on_task_ack(device, ack)
-                elif message.kind == Kind.CONTROL:
-                    assert self._server is not None
-                    self._server.serve(device, Request.from_message(message),
-                                       current_version=self.state.version,
-                                       params=self.state.params)
-                elif message.kind == Kind.ERROR:
-                    self._on_error(device, ErrorReport.from_message(message))
-                else:
-                    self._note(device, logging.WARNING, "device %s: unexpected %s message on %s",
-                               device, message.kind.topic_name, printable(topic))
-            except WireError as exc:
-                self.counters.update(f"malformed:{message.kind.topic_name}")
-                self._note(device, logging.WARNING, "device %s: malformed %s message: %s",
-                           device, message.kind.topic_name, printable(exc, 300))
-            if not self._running:  # driven by hand (tick): write what a hello changed now
-                self.registry.flush()
-            self._wake.notify_all()
-
-    def _on_hello(self, device: str, hello: Hello) -> None:
-        before = self.registry.get(device)
-        back = before is not None and not before.greeted  # its first hello since offline
-        info = self.registry.on_hello(device, hello, at=self.clock.now())
-        if info.profile_problem is not None:
-            self.counters.update("malformed:profile")
-        log.debug("device %s: hello (eligible=%s, samples=%d)", device, info.eligible,
-                  info.num_samples)
-        if hello.protocol != PROTOCOL_VERSION:
-            why = f"speaks protocol {hello.protocol}; this aggregator speaks {PROTOCOL_VERSION}"
-            self.registry.exclude(device, why)
-            self._note(device, logging.WARNING, "device %s %s: not selected (update the agent)",
-                       device, why)
-            return
-        self.strategy.on_hello(device, hello, back=back)
-
-    def _on_error(self, device: str, report: ErrorReport) -> None:
-        code = printable(report.code, 32)
-        self._note(device, logging.WARNING, "device %s reports error %s (round %s): %s", device,
-                   code, report.round, printable(report.message, 300))
-        self.counters.update(f"device_error:{code}")
-        if report.code in DEVICE_ERRORS_EXCLUDE:
-            # It would fail the same way next round: leave it out until its next hello.
-            self.registry.exclude(
-                device, f"reported {code} error: {printable(report.message, 120)}")
-        self.strategy.on_error(device, report)
-
-    # ------------------------------------------------------------------ updates
-
-    def _on_update(self, device: str, message: Message) -> None:
-        gate = self.strategy.admit(device, message)
-        if isinstance(gate, Reply):
-            if gate.judged:
-                self._refuse(device, message, gate.answer)
-            else:
-                self._answer(device, message, gate.answer)
-            return
-        assert isinstance(gate, Admit)
-        item = UpdateItem(device=device, message=message, task_round=gate.task_round,
-                          max_steps=self._planner().sent_steps(gate.task_round, device))
-        rejection = self.pipeline.run(item) or self.strategy.check(item)
-        for counter, text in item.notes:
-            self.counters.update(counter)
-            self._note(device, logging.WARNING, "device %s: %s", device, text)
-        if rejection is not None:
-            answer = refused(rejection.reason, rejection.detail)
-            if rejection.copy:  # answers no task of this device: not one of its attempts
-                self._answer(device, message, answer)
-            else:
-                self._refuse(device, message, answer)
-            return
-        key = UpdateKey(fleet=self.fleet, round=message.round, device_id=device,
-                        attempt=message.attempt)
-        if self.journal.queued(key):  # a copy of an update that is being committed
-            self._answer(device, message, Answer(
-                status="duplicate", code=AckCode.ALREADY_COUNTED,
-                detail=f"attempt {message.attempt} counts in round {message.round}"))
-            return
-        entry = JournalEntry(key=key, stream=self.strategy.stream(item), body=message.body,
-                             meta=self.strategy.journal_meta(item))
-        self.journal.submit(entry, lambda outcome: self._journaled(item, outcome))
-        if not self._running:
-            self.journal.flush()
-            self._flushed()
-
-    def _journaled(self, item: UpdateItem, outcome: Outcome) -> None:
-        device, message = item.device, item.message
-        if outcome == "failed":  # not acknowledged: the device will send it again
-            return
-        if outcome == "duplicate":
-            self._answer(device, message, after_round(
-                self.store, self.ledger, fleet=self.fleet, task_round=message.round,
-                device=device, attempt=message.attempt))
-            return
-        assert item.meta is not None
-        self.strategy.accepted(item)
-        self._planner().observe_body(item.body_bytes)
-        self.recorder.note_report(item.meta)
-        self.counters.update("accepted")
-        self._answer(device, message, ACCEPTED)
-        self.events.emit(UpdateAccepted(device=device, task_round=item.task_round,
-                                        model_version=message.model_version,
-                                        num_samples=item.meta.num_samples, weight=item.weight,
-                                        norm=item.norm))
 
     def emit(self, event: Event) -> None:
         """Deliver ``event`` to subscribers (for strategies and stages of your own)."""
