@@ -99,7 +99,9 @@ class SelectionPolicy(Protocol):
 
 
 @dataclass(kw_only=True)
-class _DeviceStats:
+class DeviceStats:
+    """What a policy has seen of one device (``BasePolicy`` keeps it up to date)."""
+
     selections: int = 0
     completions: int = 0
     misses: int = 0
@@ -109,14 +111,24 @@ class _DeviceStats:
     last_duration_s: float | None = None
 
 
-class _BasePolicy:
-    """Shared bookkeeping: validation, per-device stats, duration correction."""
+class BasePolicy:
+    """The base of every policy, built in or your own: subclass it and write ``choose``.
+
+    ``select`` checks its arguments, calls ``choose`` and counts each chosen device's
+    selections; ``feedback`` keeps per-device ``DeviceStats`` (selections, completions,
+    misses, last loss, data size, last duration) and teaches the duration corrections;
+    ``state``/``load_state`` save and restore both with every checkpoint. A subclass
+    may also use ``expected_duration``/``can_make`` (the cost model's prediction
+    times what the device has taught us), ``participations``, ``loss``,
+    ``num_samples`` and ``last_round``, react in ``on_feedback``, and persist its own
+    learning through ``extra_state``/``load_extra`` (JSON-able values).
+    """
 
     name = "base"
 
     def __init__(self, *, corrections: CorrectionEstimator | None = None) -> None:
         self.corrections = corrections if corrections is not None else CorrectionEstimator()
-        self._stats: dict[str, _DeviceStats] = {}
+        self._stats: dict[str, DeviceStats] = {}
         self._pending: dict[str, tuple[float, float | None]] = {}  # predicted, deadline
 
     # -- the public protocol --------------------------------------------------------
@@ -141,12 +153,12 @@ class _BasePolicy:
         if k == 0 or not candidates:
             return []
         generator = rng if rng is not None else np.random.default_rng(round_index)
-        chosen = self._choose(
+        chosen = self.choose(
             list(candidates), k, round_index=round_index, deadline_s=deadline_s, rng=generator
         )
         by_id = {c.device_id: c for c in candidates}
         for device_id in chosen:
-            stats = self._stats.setdefault(device_id, _DeviceStats())
+            stats = self._stats.setdefault(device_id, DeviceStats())
             stats.selections += 1
             stats.last_round = round_index
             self._pending[device_id] = (by_id[device_id].predicted_duration_s, deadline_s)
@@ -167,7 +179,7 @@ class _BasePolicy:
         as a missed deadline and, when the round had a deadline, pushes the device's
         duration correction up.
         """
-        stats = self._stats.setdefault(device_id, _DeviceStats())
+        stats = self._stats.setdefault(device_id, DeviceStats())
         if duration_s is not None and (not math.isfinite(duration_s) or duration_s < 0):
             raise ConfigError("duration_s must be a non-negative number")
         if completed:
@@ -186,7 +198,7 @@ class _BasePolicy:
         if pending is not None:
             predicted, deadline = pending
             self.corrections.observe(device_id, predicted, duration_s, deadline_s=deadline)
-        self._on_feedback(device_id, stats, completed=completed)
+        self.on_feedback(device_id, stats, completed=completed)
 
     def state(self) -> dict[str, Any]:
         """Learned corrections, per-device statistics, devices awaiting feedback."""
@@ -198,7 +210,7 @@ class _BasePolicy:
             # some thirty times faster (this runs at every model release).
             "stats": {d: dict(vars(st)) for d, st in self._stats.items()},
             "pending": {d: list(v) for d, v in self._pending.items()},
-            **self._extra_state(),
+            **self.extra_state(),
         }
 
     def load_state(self, state: Mapping[str, Any]) -> None:
@@ -209,10 +221,10 @@ class _BasePolicy:
             self.corrections.load(state.get("factors", {}), state.get("observations", {}))
             if state.get("policy") != self.name:
                 return
-            self._stats = {str(d): _DeviceStats(**st) for d, st in state.get("stats", {}).items()}
+            self._stats = {str(d): DeviceStats(**st) for d, st in state.get("stats", {}).items()}
             self._pending = {str(d): (float(v[0]), None if v[1] is None else float(v[1]))
                              for d, v in state.get("pending", {}).items()}
-            self._load_extra(state)
+            self.load_extra(state)
         except (TypeError, ValueError, IndexError, KeyError) as exc:
             raise ConfigError(f"saved selection state is malformed: {exc}") from exc
 
@@ -256,7 +268,7 @@ class _BasePolicy:
             return stats.last_round
         return candidate.last_round
 
-    def _choose(
+    def choose(
         self,
         candidates: list[Candidate],
         k: int,
@@ -265,24 +277,27 @@ class _BasePolicy:
         deadline_s: float | None,
         rng: np.random.Generator,
     ) -> list[str]:
-        raise NotImplementedError
+        """Up to ``k`` of ``candidates``' ids, best first (``candidates`` is non-empty,
+        without duplicates, and ``k`` >= 1). ``rng`` is seeded per round: use it, not a
+        global generator, so a seed gives the same run."""
+        raise NotImplementedError(f"{type(self).__name__} must implement choose()")
 
-    def _on_feedback(self, device_id: str, stats: _DeviceStats, *, completed: bool) -> None:
+    def on_feedback(self, device_id: str, stats: DeviceStats, *, completed: bool) -> None:
         del device_id, stats, completed
 
-    def _extra_state(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {}
 
-    def _load_extra(self, state: Mapping[str, Any]) -> None:
+    def load_extra(self, state: Mapping[str, Any]) -> None:
         del state
 
 
-class RandomPolicy(_BasePolicy):
+class RandomPolicy(BasePolicy):
     """Uniform random selection without replacement: the baseline every policy beats."""
 
     name = "random"
 
-    def _choose(
+    def choose(
         self,
         candidates: list[Candidate],
         k: int,
@@ -295,7 +310,7 @@ class RandomPolicy(_BasePolicy):
         return [candidates[int(i)].device_id for i in picks]
 
 
-class DeadlinePolicy(_BasePolicy):
+class DeadlinePolicy(BasePolicy):
     """FedCS-style: devices predicted to finish within the deadline.
 
     A candidate fits when its expected duration (the cost model's prediction of the
@@ -353,7 +368,7 @@ class DeadlinePolicy(_BasePolicy):
         self.min_devices = min_devices
         self.max_devices = max_devices
 
-    def _choose(
+    def choose(
         self,
         candidates: list[Candidate],
         k: int,
@@ -386,7 +401,7 @@ class DeadlinePolicy(_BasePolicy):
         return chosen
 
 
-class TieredPolicy(_BasePolicy):
+class TieredPolicy(BasePolicy):
     """TiFL-style: speed tiers, one tier per round, chosen adaptively.
 
     Devices are sorted by expected duration and split into ``num_tiers`` equal
@@ -421,10 +436,10 @@ class TieredPolicy(_BasePolicy):
         self.last_tier: int | None = None
         self.last_probabilities: np.ndarray | None = None
 
-    def _extra_state(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {"tier_credits_used": [int(x) for x in self._used]}
 
-    def _load_extra(self, state: Mapping[str, Any]) -> None:
+    def load_extra(self, state: Mapping[str, Any]) -> None:
         used = state.get("tier_credits_used")
         if used is not None and len(used) == self.num_tiers:
             self._used = np.array([int(x) for x in used], dtype=int)
@@ -451,7 +466,7 @@ class TieredPolicy(_BasePolicy):
         p: np.ndarray = (1.0 - self.uniform_mix) * loss_based + self.uniform_mix * uniform
         return p
 
-    def _choose(
+    def choose(
         self,
         candidates: list[Candidate],
         k: int,
@@ -489,7 +504,7 @@ class TieredPolicy(_BasePolicy):
         return [tier[int(i)].device_id for i in picks]
 
 
-class OortPolicy(_BasePolicy):
+class OortPolicy(BasePolicy):
     """Oort-style guided participant selection.
 
     Utility of an explored device ``i``: ``|B_i| * loss_i`` (``loss_i`` being the RMS
@@ -556,10 +571,10 @@ class OortPolicy(_BasePolicy):
         self.preferred_duration_s = preferred_duration_s
         self.preferred_quantile = preferred_quantile
 
-    def _extra_state(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon}
 
-    def _load_extra(self, state: Mapping[str, Any]) -> None:
+    def load_extra(self, state: Mapping[str, Any]) -> None:
         if "epsilon" in state:
             self.epsilon = min(1.0, max(self.min_exploration, float(state["epsilon"])))
 
@@ -606,7 +621,7 @@ class OortPolicy(_BasePolicy):
             out[c.device_id] = util
         return out
 
-    def _choose(
+    def choose(
         self,
         candidates: list[Candidate],
         k: int,
@@ -704,7 +719,7 @@ def local_steps_for(
 
 # -- registry -------------------------------------------------------------------------------
 
-POLICIES: Mapping[str, Callable[..., _BasePolicy]] = {
+POLICIES: Mapping[str, Callable[..., BasePolicy]] = {
     "random": RandomPolicy,
     "deadline": DeadlinePolicy,
     "tiered": TieredPolicy,
