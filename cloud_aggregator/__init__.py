@@ -1,5 +1,9 @@
 """The cloud aggregator: registry, selection, rounds, aggregation, persistence.
 
+The front door exports what a program that runs or extends the aggregator uses (the
+same names ``fleetlearn`` re-exports, plus the built-in policies, clocks and model
+building); everything else is private to the package, listed here by module.
+
 Where things live:
 
 - ``_errors``: ``AggregatorError``, ``ModelBuildError``, ``UpdateRejected``.
@@ -13,7 +17,10 @@ Where things live:
 - ``_config``: ``AggregatorConfig`` (frozen, parsed once), ``load_config`` (TOML + flags).
 - ``_registry``: ``FleetRegistry``, ``DeviceInfo`` (presence, hello, participation history).
 - ``_rounds``: ``SyncRound``, ``AsyncScheduler``, ``RoundSpec``, ``WallClock``/``ManualClock``.
-- ``_runtime``: ``Aggregator`` (the runtime on a ``Channel``: wires the parts below).
+- ``_runtime``: ``Aggregator`` (the runtime on a ``Channel``: wires the parts below);
+  ``_desk``: ``DeviceDesk`` (what devices send, what they are told); ``_learned``: the
+  state learned from the fleet, saved with each model; ``_answers``: the ack state
+  machine's memory (``AttemptLedger``, ``Answer``).
 - ``_strategy``: ``Strategy`` (interface), ``StrategyContext``, ``Admit``/``Reply``,
   ``ModelState``; ``_sync``: ``SyncRounds``; ``_fedbuff``: ``FedBuff``.
 - ``_ingest``: ``IngestPipeline``, ``IngestStage``, ``UpdateItem``, ``Rejection``, the
@@ -31,21 +38,7 @@ Where things live:
 """
 
 from cloud_aggregator._aggregate import Contribution, RoundAggregate
-from cloud_aggregator._aggregation import (
-    AccumulatorSnapshot,
-    AsyncOutcome,
-    FedBuffBuffer,
-    Reason,
-    StalenessPolicy,
-    StreamingAccumulator,
-    UpdateRules,
-    Verdict,
-    check_staleness,
-    fedavg,
-    fedbuff_aggregate,
-    staleness_discount,
-    validate_update,
-)
+from cloud_aggregator._answers import Answer
 from cloud_aggregator._artifacts import (
     ArtifactInfo,
     build_artifacts,
@@ -54,7 +47,7 @@ from cloud_aggregator._artifacts import (
 )
 from cloud_aggregator._config import AggregatorConfig, load_config
 from cloud_aggregator._errors import AggregatorError, ModelBuildError, UpdateRejected
-from cloud_aggregator._evaluate import EvalResult, ServerEvaluator, federated_eval, load_eval_data
+from cloud_aggregator._evaluate import ServerEvaluator
 from cloud_aggregator._events import (
     DeviceOffline,
     DeviceOnline,
@@ -68,35 +61,17 @@ from cloud_aggregator._events import (
 )
 from cloud_aggregator._fedbuff import FedBuff
 from cloud_aggregator._ingest import IngestPipeline, IngestStage, Rejection, UpdateItem
-from cloud_aggregator._metrics import Counters, MetricsLog, MetricsServer, RoundMetrics
+from cloud_aggregator._metrics import RoundMetrics
 from cloud_aggregator._models import REFERENCE_MODELS, build_reference_model
-from cloud_aggregator._registry import DeviceInfo, FleetRegistry
-from cloud_aggregator._robust import (
-    RobustBuffer,
-    RobustConfig,
-    clip_by_norm,
-    coordinate_median,
-    krum,
-    multi_krum,
-    robust_aggregate,
-    robust_memory_bytes,
-    trimmed_mean,
-)
-from cloud_aggregator._rounds import (
-    AsyncScheduler,
-    Clock,
-    ManualClock,
-    RoundOutcome,
-    RoundSpec,
-    SyncRound,
-    WallClock,
-)
+from cloud_aggregator._robust import RobustConfig
+from cloud_aggregator._rounds import Clock, ManualClock, WallClock
 from cloud_aggregator._runtime import Aggregator
-from cloud_aggregator._screen import NormScreen, WeightBound
 from cloud_aggregator._selection import (
     POLICIES,
+    BasePolicy,
     Candidate,
     DeadlinePolicy,
+    DeviceStats,
     OortPolicy,
     RandomPolicy,
     SelectionPolicy,
@@ -106,121 +81,75 @@ from cloud_aggregator._selection import (
     make_policy,
 )
 from cloud_aggregator._server_opt import SERVER_OPTIMIZERS, ServerOptimizer, make_server_optimizer
-from cloud_aggregator._startup import ModelArtifacts, prepare_artifacts
-from cloud_aggregator._store import (
-    CheckpointCorrupt,
-    CheckpointRecord,
-    DeviceRecord,
-    Metric,
-    RoundRecord,
-    SchemaTooNew,
-    Store,
-    StoredUpdate,
-    StoreError,
-    UpdateKey,
-)
+from cloud_aggregator._store import CheckpointCorrupt, SchemaTooNew, Store, StoreError
 from cloud_aggregator._strategy import Admit, ModelState, Reply, Strategy, StrategyContext
 from cloud_aggregator._sync import SyncRounds
 
 __all__ = [
-    "AccumulatorSnapshot",
-    "Admit",
+    # running
     "Aggregator",
     "AggregatorConfig",
-    "AggregatorError",
-    "ArtifactInfo",
-    "AsyncOutcome",
-    "AsyncScheduler",
-    "Candidate",
-    "CheckpointCorrupt",
-    "CheckpointRecord",
+    "load_config",
     "Clock",
-    "Contribution",
-    "Counters",
-    "DeadlinePolicy",
-    "DeviceInfo",
-    "DeviceOffline",
-    "DeviceOnline",
-    "DeviceRecord",
-    "EvalResult",
-    "Event",
-    "FedBuff",
-    "FedBuffBuffer",
-    "FleetRegistry",
-    "IngestPipeline",
-    "IngestStage",
     "ManualClock",
-    "Metric",
-    "MetricsLog",
-    "MetricsServer",
-    "ModelArtifacts",
-    "ModelBuildError",
-    "ModelReleased",
-    "ModelState",
-    "NormScreen",
-    "OortPolicy",
-    "POLICIES",
-    "REFERENCE_MODELS",
-    "RandomPolicy",
-    "Reason",
-    "Rejection",
-    "Reply",
-    "RobustBuffer",
-    "RobustConfig",
-    "RoundAggregate",
-    "RoundEnded",
-    "RoundMetrics",
-    "RoundOpened",
-    "RoundOutcome",
-    "RoundRecord",
-    "RoundSpec",
-    "SERVER_OPTIMIZERS",
-    "SchemaTooNew",
-    "SelectionPolicy",
-    "ServerEvaluator",
-    "ServerOptimizer",
-    "StalenessPolicy",
-    "Status",
+    "WallClock",
     "Store",
-    "StoreError",
-    "StoredUpdate",
+    # strategies and the ingest pipeline
     "Strategy",
     "StrategyContext",
-    "StreamingAccumulator",
-    "SyncRound",
     "SyncRounds",
-    "TieredPolicy",
-    "UpdateAccepted",
+    "FedBuff",
+    "Admit",
+    "Reply",
+    "Answer",
+    "ModelState",
+    "RoundAggregate",
+    "Contribution",
+    "RobustConfig",
+    "IngestPipeline",
+    "IngestStage",
     "UpdateItem",
-    "UpdateKey",
-    "UpdateRefused",
-    "UpdateRejected",
-    "UpdateRules",
-    "Verdict",
-    "WallClock",
-    "WeightBound",
-    "build_artifacts",
-    "build_reference_model",
-    "check_staleness",
-    "clip_by_norm",
-    "coordinate_median",
-    "fedavg",
-    "fedbuff_aggregate",
-    "federated_eval",
-    "initial_parameters",
-    "krum",
-    "load_config",
-    "load_eval_data",
+    "Rejection",
+    "ServerOptimizer",
+    "SERVER_OPTIMIZERS",
+    "make_server_optimizer",
+    "ServerEvaluator",
+    # selection
+    "SelectionPolicy",
+    "BasePolicy",
+    "Candidate",
+    "DeviceStats",
+    "RandomPolicy",
+    "DeadlinePolicy",
+    "TieredPolicy",
+    "OortPolicy",
+    "POLICIES",
+    "make_policy",
     "local_steps",
     "local_steps_for",
-    "make_policy",
-    "make_server_optimizer",
-    "multi_krum",
-    "prepare_artifacts",
+    # events and metrics
+    "Event",
+    "DeviceOnline",
+    "DeviceOffline",
+    "UpdateAccepted",
+    "UpdateRefused",
+    "RoundOpened",
+    "RoundEnded",
+    "ModelReleased",
+    "Status",
+    "RoundMetrics",
+    # models and artifacts
+    "REFERENCE_MODELS",
+    "build_reference_model",
+    "build_artifacts",
+    "ArtifactInfo",
     "read_manifest",
-    "robust_aggregate",
-    "robust_memory_bytes",
-    "staleness_discount",
-    "trimmed_mean",
-    "validate_update",
+    "initial_parameters",
+    # errors
+    "AggregatorError",
+    "ModelBuildError",
+    "UpdateRejected",
+    "StoreError",
+    "SchemaTooNew",
+    "CheckpointCorrupt",
 ]

@@ -10,16 +10,28 @@ that every package can derive from it. The whole tree, by package::
     ├── WireError                        broker_bridge    (untrusted bytes that do not decode)
     │   ├── EnvelopeError                broker_bridge    (header: magic, version, lengths)
     │   ├── ChunkError                   broker_bridge    (reassembly limits, inconsistent chunks)
-    │   └── CodecError                   broker_bridge    (update body: spec, sizes, indices, NaN)
+    │   ├── CodecError                   broker_bridge    (update body: spec, sizes, indices, NaN)
+    │   ├── ProtocolError                broker_bridge    (a JSON body that breaks the protocol)
+    │   └── BundleError                  broker_bridge    (an artifact bundle that does not unpack)
     ├── TransportError                   broker_bridge    (the broker and the network: outside us)
     │   └── BrokerUnavailable            broker_bridge
     ├── AgentError                       edge_runtime
     │   ├── TrainingBackendMissing       edge_runtime     (no usable ONNX Runtime backend)
     │   ├── ArtifactError                edge_runtime     (corrupt or mismatched artifacts)
-    │   └── DataError                    edge_runtime     (local data does not fit the model)
+    │   ├── DataError                    edge_runtime     (local data does not fit the model)
+    │   ├── ModelVersionError            edge_runtime     (a global model that is not the task's)
+    │   └── StateError                   edge_runtime     (the agent's state dir cannot be used)
+    │       └── DiskFull                 edge_runtime
     └── AggregatorError                  cloud_aggregator
         ├── ModelBuildError              cloud_aggregator (unsupported ONNX graph)
-        └── UpdateRejected               cloud_aggregator (an update broke a rule)
+        ├── UpdateRejected               cloud_aggregator (an update broke a rule)
+        └── StoreError                   cloud_aggregator (the SQLite state cannot be used)
+            ├── SchemaTooNew             cloud_aggregator (written by a newer fleetlearn)
+            └── CheckpointCorrupt        cloud_aggregator (a model file that fails its hash)
+
+Every class in the tree is importable from ``fleetlearn`` (``fleetlearn.StoreError``)
+and from its package's front door; ``tests/test_errors.py`` checks this tree against
+the real subclasses, so a new error class must be added here.
 
 Errors we cause (bad input, bad configuration) are kept apart from outside failures
 (``TransportError``): a caller retries the second kind, never the first.

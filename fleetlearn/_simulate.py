@@ -198,8 +198,34 @@ def _fmt_kb(n: float) -> str:
     return f"{n / 1024:.1f} KB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MB"
 
 
-def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False) -> SimResult:
-    """Run one simulation end to end; write the report and plots into ``cfg.out_dir``."""
+def simulate(config: SimConfig | None = None, *, out: Any = None, quiet: bool = False,
+             strategy: Any = None, policy: Any = None, optimizer: Any = None,
+             evaluator: Any = None, **settings: Any) -> SimResult:
+    """Simulate a fleet on this machine: real agents, real training, a broker started
+    for the run; what ``fleetlearn simulate`` does. ``config`` or ``SimConfig`` fields
+    as keywords (``simulate(devices=20, per_round=5, rounds=10)``). ``strategy``,
+    ``policy``, ``optimizer`` and ``evaluator`` replace the aggregator's configured ones.
+    Progress goes to ``out`` (stdout) unless ``quiet``; the report and plots to
+    ``config.out_dir``."""
+    if config is None:
+        try:
+            config = SimConfig(**settings)
+        except TypeError as exc:  # an unknown keyword
+            raise ConfigError(f"simulate(): {exc}") from exc
+    elif settings:
+        raise ConfigError(f"give a SimConfig or its fields, not both ({sorted(settings)})")
+    parts = {k: v for k, v in (("strategy", strategy), ("policy", policy),
+                                ("optimizer", optimizer), ("evaluator", evaluator))
+             if v is not None}
+    return run_simulation(config, out=out, quiet=quiet, **parts)
+
+
+def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False,
+                   **parts: Any) -> SimResult:
+    """Run one simulation end to end; write the report and plots into ``cfg.out_dir``.
+
+    ``parts`` go to the ``Aggregator`` (``strategy``, ``policy``, ``optimizer``,
+    ``evaluator``): a simulation runs your own parts exactly as a deployment would."""
     say = _Printer(out or sys.stdout, quiet)
     started = time.monotonic()
     out_dir = cfg.out_dir
@@ -241,7 +267,8 @@ def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False) -> S
         agg_transport = MqttTransport(url=url, client_id="aggregator", username="aggregator",
                                       password=password_for("aggregator"), max_queued=0)
         aggregator = Aggregator(config=agg_cfg,
-                                channel=Channel(transport=agg_transport, fleet=agg_cfg.fleet))
+                                channel=Channel(transport=agg_transport, fleet=agg_cfg.fleet),
+                                **parts)
         dense_bytes = 4 * aggregator.layout.size
         try:
             aggregator.start()
