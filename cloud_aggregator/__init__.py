@@ -60,6 +60,7 @@ from cloud_aggregator._events import (
     UpdateRefused,
 )
 from cloud_aggregator._fedbuff import FedBuff
+from cloud_aggregator._history import DeviceHistory, FleetHistory
 from cloud_aggregator._ingest import IngestPipeline, IngestStage, Rejection, UpdateItem
 from cloud_aggregator._metrics import RoundMetrics
 from cloud_aggregator._models import REFERENCE_MODELS, build_reference_model
@@ -71,7 +72,6 @@ from cloud_aggregator._selection import (
     BasePolicy,
     Candidate,
     DeadlinePolicy,
-    DeviceStats,
     OortPolicy,
     RandomPolicy,
     SelectionPolicy,
@@ -118,7 +118,8 @@ __all__ = [
     "SelectionPolicy",
     "BasePolicy",
     "Candidate",
-    "DeviceStats",
+    "DeviceHistory",
+    "FleetHistory",
     "RandomPolicy",
     "DeadlinePolicy",
     "TieredPolicy",

@@ -2,7 +2,10 @@
 
     AggregatorError
     ├── ModelBuildError   an ONNX model that cannot be turned into training artifacts
-    └── UpdateRejected    an update that broke a rule (layout, NaN, norm, staleness)
+    ├── UpdateRejected    an update that broke a rule (layout, NaN, norm, staleness)
+    └── StoreError        the database cannot be opened or used as asked
+        ├── SchemaTooNew      written by a newer fleetlearn (never downgraded in place)
+        └── CheckpointCorrupt a checkpoint file missing, truncated or not its sha256
 """
 
 from __future__ import annotations
@@ -25,3 +28,15 @@ class UpdateRejected(AggregatorError, ValueError):
         super().__init__(message)
         self.reason = reason
         self.device_id = device_id
+
+
+class StoreError(AggregatorError):
+    """The aggregator's database cannot be opened or used as asked."""
+
+
+class SchemaTooNew(StoreError):
+    """The database was written by a newer fleetlearn; upgrade rather than downgrade it."""
+
+
+class CheckpointCorrupt(StoreError):
+    """A recorded checkpoint file is missing, truncated or does not match its sha256."""

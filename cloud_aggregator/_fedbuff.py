@@ -134,8 +134,7 @@ class FedBuff:
         changed = False
         for task in sched.expire(now):
             log.info("device %s: async task %d timed out", task.device_id, task.task_round)
-            ctx.policy.feedback(task.device_id, duration_s=None, completed=False)
-            ctx.registry.record_outcome(task.device_id, completed=False)
+            ctx.outcome(task.device_id, completed=False)
             changed = True
         free = sched.free_slots()
         if free == 0 or (free < max(1, ctx.config.concurrency // 20)
@@ -222,9 +221,8 @@ class FedBuff:
             self._done.popitem(last=False)
         duration = took(item.meta.emulated_s, item.meta.duration_s)
         loss = finite_loss(item.meta.train_loss)
-        ctx.policy.feedback(item.device, duration_s=duration, completed=True, loss=loss,
-                            num_samples=item.meta.num_samples)
-        ctx.registry.record_outcome(item.device, completed=True, duration_s=duration, loss=loss)
+        ctx.outcome(item.device, completed=True, duration_s=duration, loss=loss,
+                    num_samples=item.meta.num_samples)
 
     def flushed(self) -> None:
         if self._agg is not None and self._agg.count >= self.ctx.config.buffer_size:
@@ -314,7 +312,7 @@ class FedBuff:
     def on_offline(self, device: str) -> None:
         for task in self.scheduler.drop_device(device):
             log.info("device %s went offline with async task %d", device, task.task_round)
-            self.ctx.policy.feedback(device, duration_s=None, completed=False)
+            self.ctx.outcome(device, completed=False)
 
     def on_hello(self, device: str, hello: Hello, *, back: bool) -> None:
         if hello.busy_round is None:

@@ -7,32 +7,33 @@ hello to this aggregator process (``greeted``), and has not gone offline since, 
 selected: a retained ``online`` can be stale (a device gone without its will firing),
 and some brokers never deliver retained messages to wildcard subscriptions, so the
 aggregator asks every device for a hello on start (``broker_bridge.roll_call``).
-Participation history (rounds selected and completed, missed deadlines, observed
-durations) feeds the selection policy. Everything is persisted through the ``Store``:
-the profile and the counters in its ``devices`` table, the rest as one small JSON blob
-per device, so a restarted aggregator knows its fleet before the first presence
-message arrives.
+How each device behaved when asked to train is ``history`` (a ``FleetHistory``: tasks
+given, completed and missed, last loss, reported samples, durations), the one record
+of it: strategies record into it (``record_selected``, ``record_outcome``) and the
+selection policy reads it. Everything is persisted through the ``Store`` in typed
+tables (``devices``: profile, presence, what the last hello said; ``device_history``),
+in batches (``flush``), so a restarted aggregator knows its fleet before the first
+presence message arrives.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from broker_bridge import Hello, LogLimiter, ProtocolError, printable
+from cloud_aggregator._history import FleetHistory
 from cloud_aggregator._selection import Candidate
-from cloud_aggregator._store import DeviceRow, Store, StoreError
+from cloud_aggregator._store import Store, StoreError
+from cloud_aggregator._store_devices import DeviceRow
 from device_profiles import ConfigError, DeviceProfile, ProfileError
 
 log = logging.getLogger(__name__)
 
-MAX_DURATIONS = 16  # observed durations kept per device (newest last)
-_BLOB = "device:"
 _LOG_LIMIT = LogLimiter()
 """What devices say comes at their pace: a few lines a minute per device at most."""
 
@@ -57,26 +58,6 @@ class DeviceInfo:
     greeted: bool = False
     """A hello reached this aggregator process since the device last went offline
     (never persisted: a restarted aggregator asks again)."""
-    rounds_selected: int = 0
-    rounds_completed: int = 0
-    missed_deadlines: int = 0
-    last_round: int | None = None
-    last_loss: float | None = None
-    durations: tuple[float, ...] = field(default=(), repr=False)
-
-    @property
-    def mean_duration_s(self) -> float | None:
-        return sum(self.durations) / len(self.durations) if self.durations else None
-
-    def history_json(self) -> dict[str, Any]:
-        return {
-            "eligible": self.eligible, "reasons": list(self.reasons),
-            "num_samples": self.num_samples, "artifacts_hash": self.artifacts_hash,
-            "model_versions": list(self.model_versions), "hello_seen": self.hello_seen,
-            "rounds_selected": self.rounds_selected, "rounds_completed": self.rounds_completed,
-            "missed_deadlines": self.missed_deadlines, "last_round": self.last_round,
-            "last_loss": self.last_loss, "durations": list(self.durations),
-        }
 
 
 DurationModel = Callable[[DeviceInfo], float | None]
@@ -94,25 +75,21 @@ class FleetRegistry:
         self._devices: dict[str, DeviceInfo] = {}
         self._dirty: dict[str, tuple[DeviceInfo, bool]] = {}
         self._flushed_at = 0.0
+        self.history = FleetHistory()
         if store is not None:
             self._load(store)
 
     def _load(self, store: Store) -> None:
-        for record in store.devices():
-            info = DeviceInfo(
+        records = store.devices()
+        for record in records:
+            # Presence is re-announced after a restart (roll call); until then, offline.
+            self._devices[record.device_id] = DeviceInfo(
                 device_id=record.device_id, online=False, last_seen=record.last_seen,
-                profile=_profile(record.device_id, record.profile),
-                rounds_selected=record.rounds_selected,
-                missed_deadlines=record.missed_deadlines,
-            )
-            blob = store.get_state(_BLOB + record.device_id)
-            if blob is not None:
-                try:
-                    info = _with_history(info, json.loads(blob))
-                except (ValueError, TypeError, KeyError) as exc:
-                    log.warning("device %s: unreadable registry entry (%s)", record.device_id, exc)
-            # Presence is re-announced (retained) after a restart; until then, offline.
-            self._devices[record.device_id] = replace(info, online=False)
+                profile=_profile(record.device_id, record.profile), eligible=record.eligible,
+                reasons=record.reasons, num_samples=record.num_samples,
+                artifacts_hash=record.artifacts_hash, model_versions=record.model_versions,
+                hello_seen=record.hello_seen)
+        self.history = FleetHistory((r.device_id, r.history) for r in records)
 
     # -- queries
 
@@ -144,14 +121,10 @@ class FleetRegistry:
                 continue
             predicted = duration(info) if duration is not None else None
             if predicted is None or not predicted > 0:
-                predicted = info.mean_duration_s or 1.0
+                predicted = self.history.get(info.device_id).mean_duration_s or 1.0
             out.append(Candidate(
                 device_id=info.device_id, predicted_duration_s=max(predicted, 1e-6),
                 num_samples=info.num_samples, profile=info.profile,
-                last_loss=info.last_loss if info.last_loss is None or info.last_loss >= 0
-                else None,
-                participation_count=info.rounds_selected,
-                missed_deadlines=info.missed_deadlines, last_round=info.last_round,
             ))
         return out
 
@@ -202,33 +175,16 @@ class FleetRegistry:
         return info
 
     def record_selected(self, device_ids: list[str] | tuple[str, ...], round_index: int) -> None:
-        """Selection counters (the ``Store`` counts them in ``open_round``)."""
-        with self._lock:
-            for d in device_ids:
-                info = self._devices.get(d) or DeviceInfo(device_id=d)
-                self._devices[d] = replace(info, rounds_selected=info.rounds_selected + 1,
-                                           last_round=round_index)
+        """``device_ids`` were given a task of ``round_index`` (their history says so)."""
+        self.history.selected(device_ids, round_index)
 
     def record_outcome(
         self, device_id: str, *, completed: bool, duration_s: float | None = None,
-        loss: float | None = None, persist: bool = True,
+        loss: float | None = None, num_samples: int | None = None,
     ) -> None:
-        """A selected device finished (or missed) its round: update its history."""
-        with self._lock:
-            info = self._devices.get(device_id) or DeviceInfo(device_id=device_id)
-            durations = info.durations
-            if duration_s is not None:
-                durations = (*durations, float(duration_s))[-MAX_DURATIONS:]
-            info = replace(
-                info,
-                rounds_completed=info.rounds_completed + (1 if completed else 0),
-                missed_deadlines=info.missed_deadlines + (0 if completed else 1),
-                durations=durations,
-                last_loss=loss if loss is not None else info.last_loss,
-            )
-            self._devices[device_id] = info
-        if persist:
-            self._persist(info, with_profile=False)
+        """A device's task ended: its update counted (``completed``) or it missed."""
+        self.history.finished(device_id, completed=completed, duration_s=duration_s, loss=loss,
+                              num_samples=num_samples)
 
     def exclude(self, device_id: str, reason: str) -> None:
         """Not selectable until its next hello (which says again what it can do)."""
@@ -267,16 +223,20 @@ class FleetRegistry:
         self._flushed_at = now
         with self._lock:
             dirty, self._dirty = self._dirty, {}
-        if not dirty:
+        histories = self.history.take_changed()
+        if not dirty and not histories:
             return
         rows = []
-        for device_id, (stale, with_profile) in dirty.items():
-            info = self._devices.get(device_id, stale)
+        for device_id in {*dirty, *histories}:
+            stale, with_profile = dirty.get(device_id, (None, False))
+            info = self._devices.get(device_id, stale) or DeviceInfo(device_id=device_id)
             profile = ((info.profile.to_dict() if info.profile is not None else {})
                        if with_profile else None)
-            rows.append(DeviceRow(device_id=device_id, profile=profile, online=info.online,
-                                  seen_at=info.last_seen, blob_name=_BLOB + device_id,
-                                  blob=json.dumps(info.history_json(), sort_keys=True).encode()))
+            rows.append(DeviceRow(
+                device_id=device_id, profile=profile, online=info.online, seen_at=info.last_seen,
+                eligible=info.eligible, reasons=info.reasons, num_samples=info.num_samples,
+                artifacts_hash=info.artifacts_hash, model_versions=info.model_versions,
+                hello_seen=info.hello_seen, history=histories.get(device_id)))
         def write(store: Store) -> bool:
             store.save_devices(rows)
             return True
@@ -310,21 +270,3 @@ def _profile(device_id: str, data: Mapping[str, Any]) -> DeviceProfile | None:
                        "device %s: unusable profile (%s); the cost model will guess", device_id,
                        problem)
     return profile
-
-
-def _with_history(info: DeviceInfo, data: Mapping[str, Any]) -> DeviceInfo:
-    return replace(
-        info,
-        eligible=bool(data.get("eligible", False)),
-        reasons=tuple(str(r) for r in data.get("reasons", ())),
-        num_samples=int(data.get("num_samples", 0)),
-        artifacts_hash=data.get("artifacts_hash"),
-        model_versions=tuple(int(v) for v in data.get("model_versions", ())),
-        hello_seen=bool(data.get("hello_seen", False)),
-        rounds_selected=max(info.rounds_selected, int(data.get("rounds_selected", 0))),
-        rounds_completed=int(data.get("rounds_completed", 0)),
-        missed_deadlines=max(info.missed_deadlines, int(data.get("missed_deadlines", 0))),
-        last_round=data.get("last_round"),
-        last_loss=data.get("last_loss"),
-        durations=tuple(float(x) for x in data.get("durations", ()))[-MAX_DURATIONS:],
-    )

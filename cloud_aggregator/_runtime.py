@@ -214,6 +214,9 @@ class Aggregator:
         self._uplink = CodecSpec.parse(config.codec)
         self._downlink = CodecSpec.parse(config.downlink_codec)
         self.policy = policy or make_policy(config.selection, **_policy_options(config))
+        use_history = getattr(self.policy, "use_history", None)
+        if use_history is not None:  # the registry's record of each device, not a copy
+            use_history(self.registry.history)
         self.num_classes = output_classes(self.model.directory / MODEL_NAME,
                                           loss=self.model.info.loss)
         if evaluator is None and config.eval_data is not None:
@@ -538,7 +541,7 @@ class Aggregator:
         log.error("giving up: %s", reason)
 
     def _release(self, *, params: F32 | None, metrics: RoundMetrics,
-                 close_round: int | None = None, missed: Sequence[str] = (),
+                 close_round: int | None = None,
                  drop_stream: int | None = None) -> None:
         """Apply ``params`` as the next model version (None: the round is abandoned) and
         make it durable with everything learned and the round's metrics, in one
@@ -551,12 +554,12 @@ class Aggregator:
             states[OPT_BLOB] = self.state.optimizer.to_bytes()
             self.store.save_checkpoint(
                 fleet=self.fleet, model_version=self.state.version, params=params,
-                states=states, close_round=close_round, missed=missed, drop_stream=drop_stream)
+                states=states, close_round=close_round, drop_stream=drop_stream)
         else:
             states[STATE_BLOB] = self.learned.to_bytes()
             assert close_round is not None
             self.store.close_round(fleet=self.fleet, round_index=close_round, state="abandoned",
-                                   missed=missed, states=states)
+                                   states=states)
         self.registry.flush()
         if params is not None:
             self._broadcast_model()

@@ -31,6 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from cloud_aggregator._history import DeviceHistory, FleetHistory
 from device_profiles import ConfigError, CorrectionEstimator, CostBreakdown, DeviceProfile
 
 
@@ -39,28 +40,22 @@ class Candidate:
     """A device that could train this round, as the registry sees it.
 
     ``predicted_duration_s`` comes from the cost model (uncorrected: the policy
-    applies its learned correction). ``last_loss`` is the root-mean-square per-sample
-    training loss the device last reported; ``num_samples`` its local data size.
+    applies its learned correction); ``num_samples`` is its local data size. How it
+    behaved before is in the policy's ``history`` (``BasePolicy.history``).
     """
 
     device_id: str
     predicted_duration_s: float
     num_samples: int = 0
     profile: DeviceProfile | None = None
-    last_loss: float | None = None
-    participation_count: int = 0
-    missed_deadlines: int = 0
-    last_round: int | None = None
 
     def __post_init__(self) -> None:
         if not self.device_id:
             raise ConfigError("candidate device_id must not be empty")
         if not math.isfinite(self.predicted_duration_s) or self.predicted_duration_s <= 0:
             raise ConfigError(f"{self.device_id}: predicted_duration_s must be positive")
-        if self.num_samples < 0 or self.participation_count < 0 or self.missed_deadlines < 0:
-            raise ConfigError(f"{self.device_id}: counts must not be negative")
-        if self.last_loss is not None and (not math.isfinite(self.last_loss) or self.last_loss < 0):
-            raise ConfigError(f"{self.device_id}: last_loss must be a non-negative number")
+        if self.num_samples < 0:
+            raise ConfigError(f"{self.device_id}: num_samples must not be negative")
 
 
 @runtime_checkable
@@ -98,38 +93,35 @@ class SelectionPolicy(Protocol):
         ...
 
 
-@dataclass(kw_only=True)
-class DeviceStats:
-    """What a policy has seen of one device (``BasePolicy`` keeps it up to date)."""
-
-    selections: int = 0
-    completions: int = 0
-    misses: int = 0
-    last_loss: float | None = None
-    num_samples: int | None = None
-    last_round: int | None = None
-    last_duration_s: float | None = None
-
-
 class BasePolicy:
     """The base of every policy, built in or your own: subclass it and write ``choose``.
 
-    ``select`` checks its arguments, calls ``choose`` and counts each chosen device's
-    selections; ``feedback`` keeps per-device ``DeviceStats`` (selections, completions,
-    misses, last loss, data size, last duration) and teaches the duration corrections;
-    ``state``/``load_state`` save and restore both with every checkpoint. A subclass
-    may also use ``expected_duration``/``can_make`` (the cost model's prediction
-    times what the device has taught us), ``participations``, ``loss``,
-    ``num_samples`` and ``last_round``, react in ``on_feedback``, and persist its own
-    learning through ``extra_state``/``load_extra`` (JSON-able values).
+    ``select`` checks its arguments and calls ``choose``; ``feedback`` teaches the
+    duration corrections; ``state``/``load_state`` save and restore what the policy
+    learned with every checkpoint. How each device behaved (tasks given, completed and
+    missed, last loss and duration) is ``history``, a ``FleetHistory``: the aggregator
+    hands its registry's (``use_history``), which the registry records; a policy used
+    on its own records into its own from ``select`` and ``feedback``. A subclass may
+    use ``expected_duration``/``can_make`` (the cost model's prediction times what the
+    device has taught us), ``participations``, ``loss``, ``samples`` and
+    ``last_round``, react in ``on_feedback``, and persist its own learning through
+    ``extra_state``/``load_extra`` (JSON-able values).
     """
 
     name = "base"
 
-    def __init__(self, *, corrections: CorrectionEstimator | None = None) -> None:
+    def __init__(self, *, corrections: CorrectionEstimator | None = None,
+                 history: FleetHistory | None = None) -> None:
         self.corrections = corrections if corrections is not None else CorrectionEstimator()
-        self._stats: dict[str, DeviceStats] = {}
+        self.history = history if history is not None else FleetHistory()
+        self._records_history = history is None
         self._pending: dict[str, tuple[float, float | None]] = {}  # predicted, deadline
+
+    def use_history(self, history: FleetHistory) -> None:
+        """Read the devices' histories from ``history``, which its owner records (the
+        aggregator hands its registry's): the policy stops recording its own."""
+        self.history = history
+        self._records_history = False
 
     # -- the public protocol --------------------------------------------------------
 
@@ -158,10 +150,9 @@ class BasePolicy:
         )
         by_id = {c.device_id: c for c in candidates}
         for device_id in chosen:
-            stats = self._stats.setdefault(device_id, DeviceStats())
-            stats.selections += 1
-            stats.last_round = round_index
             self._pending[device_id] = (by_id[device_id].predicted_duration_s, deadline_s)
+        if self._records_history:
+            self.history.selected(chosen, round_index)
         return chosen
 
     def feedback(
@@ -179,36 +170,27 @@ class BasePolicy:
         as a missed deadline and, when the round had a deadline, pushes the device's
         duration correction up.
         """
-        stats = self._stats.setdefault(device_id, DeviceStats())
         if duration_s is not None and (not math.isfinite(duration_s) or duration_s < 0):
             raise ConfigError("duration_s must be a non-negative number")
-        if completed:
-            stats.completions += 1
-        else:
-            stats.misses += 1
-        if duration_s is not None:
-            stats.last_duration_s = duration_s
-        if loss is not None:
-            if not math.isfinite(loss) or loss < 0:
-                raise ConfigError("loss must be a non-negative number")
-            stats.last_loss = loss
-        if num_samples is not None:
-            stats.num_samples = num_samples
+        if loss is not None and (not math.isfinite(loss) or loss < 0):
+            raise ConfigError("loss must be a non-negative number")
+        if self._records_history:
+            self.history.finished(device_id, completed=completed, duration_s=duration_s,
+                                  loss=loss, num_samples=num_samples)
         pending = self._pending.pop(device_id, None)
         if pending is not None:
             predicted, deadline = pending
             self.corrections.observe(device_id, predicted, duration_s, deadline_s=deadline)
-        self.on_feedback(device_id, stats, completed=completed)
+        self.on_feedback(device_id, self.history.get(device_id), completed=completed)
 
     def state(self) -> dict[str, Any]:
-        """Learned corrections, per-device statistics, devices awaiting feedback."""
+        """Learned corrections, devices awaiting feedback, the subclass's own state (the
+        devices' histories are their owner's to save: the registry's, or, for a policy
+        used on its own, ``history``'s)."""
         return {
             "policy": self.name,
             "factors": self.corrections.to_dict(),
             "observations": self.corrections.counts(),
-            # A flat record of scalars: its __dict__ copy is what asdict would give,
-            # some thirty times faster (this runs at every model release).
-            "stats": {d: dict(vars(st)) for d, st in self._stats.items()},
             "pending": {d: list(v) for d, v in self._pending.items()},
             **self.extra_state(),
         }
@@ -221,7 +203,6 @@ class BasePolicy:
             self.corrections.load(state.get("factors", {}), state.get("observations", {}))
             if state.get("policy") != self.name:
                 return
-            self._stats = {str(d): DeviceStats(**st) for d, st in state.get("stats", {}).items()}
             self._pending = {str(d): (float(v[0]), None if v[1] is None else float(v[1]))
                              for d, v in state.get("pending", {}).items()}
             self.load_extra(state)
@@ -239,15 +220,10 @@ class BasePolicy:
         return self.corrections.corrected(candidate.device_id, candidate.predicted_duration_s)
 
     def participations(self, candidate: Candidate) -> int:
-        stats = self._stats.get(candidate.device_id)
-        own = stats.selections if stats is not None else 0
-        return max(own, candidate.participation_count)
+        return self.history.get(candidate.device_id).selections
 
     def loss(self, candidate: Candidate) -> float | None:
-        stats = self._stats.get(candidate.device_id)
-        if stats is not None and stats.last_loss is not None:
-            return stats.last_loss
-        return candidate.last_loss
+        return self.history.get(candidate.device_id).last_loss
 
     def samples(self, candidate: Candidate) -> int:
         """The samples the device last trained on, else its reported data size.
@@ -257,16 +233,11 @@ class BasePolicy:
         made Oort both slower and less accurate in ``bench/scheduling.py`` (2.9x mean
         speedup and -1.7 points, against 3.9x and -1.0 points).
         """
-        stats = self._stats.get(candidate.device_id)
-        if stats is not None and stats.num_samples is not None:
-            return stats.num_samples
-        return candidate.num_samples
+        reported = self.history.get(candidate.device_id).reported_samples
+        return reported if reported is not None else candidate.num_samples
 
     def last_round(self, candidate: Candidate) -> int | None:
-        stats = self._stats.get(candidate.device_id)
-        if stats is not None and stats.last_round is not None:
-            return stats.last_round
-        return candidate.last_round
+        return self.history.get(candidate.device_id).last_round
 
     def choose(
         self,
@@ -282,8 +253,9 @@ class BasePolicy:
         global generator, so a seed gives the same run."""
         raise NotImplementedError(f"{type(self).__name__} must implement choose()")
 
-    def on_feedback(self, device_id: str, stats: DeviceStats, *, completed: bool) -> None:
-        del device_id, stats, completed
+    def on_feedback(self, device_id: str, history: DeviceHistory, *, completed: bool) -> None:
+        """After each ``feedback`` (``history``: the device's record, updated)."""
+        del device_id, history, completed
 
     def extra_state(self) -> dict[str, Any]:
         return {}

@@ -31,7 +31,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,22 +40,11 @@ import numpy as np
 import numpy.typing as npt
 
 from broker_bridge import atomic_write
-from cloud_aggregator._errors import AggregatorError
+from cloud_aggregator._errors import CheckpointCorrupt, SchemaTooNew, StoreError
+from cloud_aggregator._store_devices import DeviceTables, migrate_v2
 from device_profiles._errors import ConfigError
 
-SCHEMA_VERSION = 1
-
-
-class StoreError(AggregatorError):
-    """The aggregator's database cannot be opened or used as asked."""
-
-
-class SchemaTooNew(StoreError):
-    """The database was written by a newer fleetlearn; upgrade rather than downgrade it."""
-
-
-class CheckpointCorrupt(StoreError):
-    """A recorded checkpoint file is missing, truncated or does not match its sha256."""
+SCHEMA_VERSION = 2
 
 
 # --------------------------------------------------------------------------- records
@@ -87,17 +76,6 @@ class RoundRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DeviceRecord:
-    device_id: str
-    profile: Mapping[str, Any]
-    last_seen: float | None
-    online: bool
-    rounds_selected: int
-    updates_accepted: int
-    missed_deadlines: int
-
-
-@dataclass(frozen=True, kw_only=True)
 class StoredUpdate:
     """An accepted update of an open round, as it arrived (encoded body + metadata)."""
 
@@ -105,19 +83,6 @@ class StoredUpdate:
     body: bytes = field(repr=False)
     meta: Mapping[str, Any]
     accepted_at: float
-
-
-@dataclass(frozen=True, kw_only=True)
-class DeviceRow:
-    """One device's state for ``save_devices``: its profile (None: keep the stored
-    one), presence, and its history blob."""
-
-    device_id: str
-    profile: Mapping[str, Any] | None
-    online: bool
-    seen_at: float | None
-    blob_name: str
-    blob: bytes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -245,7 +210,7 @@ def _safe_name(fleet: str) -> str:
 # --------------------------------------------------------------------------- store
 
 
-class Store:
+class Store(DeviceTables):
     """The aggregator's durable state: rounds, devices, accepted keys, metrics, blobs.
 
     One connection guarded by a lock; write transactions are ``BEGIN IMMEDIATE`` so a
@@ -364,6 +329,7 @@ class Store:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                migrate_v2(conn)  # a new store is a version-1 store brought up to date
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
                 return
             (version,) = conn.execute("SELECT max(version) FROM schema_version").fetchone()
@@ -374,67 +340,13 @@ class Store:
                 f"{self._path} has schema version {version}; this fleetlearn reads up to "
                 f"{SCHEMA_VERSION}. Upgrade fleetlearn (the store is never downgraded)."
             )
-        # version < SCHEMA_VERSION: migrations go here when a version 2 exists.
+        if version < 2:  # each migration commits with its version, or not at all
+            with self._write() as conn:
+                migrate_v2(conn)
+                conn.execute("INSERT INTO schema_version (version) VALUES (2)")
 
     def schema_version(self) -> int:
         return int(self._read("SELECT max(version) FROM schema_version")[0][0])
-
-    # -- devices
-
-    def upsert_device(
-        self,
-        device_id: str,
-        *,
-        profile: Mapping[str, Any],
-        online: bool = True,
-        seen_at: float | None = None,
-    ) -> None:
-        """Register a device or refresh its profile and presence."""
-        with self._write() as conn:
-            conn.execute(
-                "INSERT INTO devices (device_id, profile, last_seen, online) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (device_id) DO UPDATE SET profile = excluded.profile,"
-                " last_seen = excluded.last_seen, online = excluded.online",
-                (device_id, _json(dict(profile)), _now(seen_at), int(online)),
-            )
-
-    def save_devices(self, rows: Sequence[DeviceRow]) -> None:
-        """Write several devices' state in one transaction (the registry's batches)."""
-        if not rows:
-            return
-        with self._write() as conn:
-            for row in rows:
-                if row.profile is not None:
-                    conn.execute(
-                        "INSERT INTO devices (device_id, profile, last_seen, online)"
-                        " VALUES (?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET"
-                        " profile = excluded.profile, last_seen = excluded.last_seen,"
-                        " online = excluded.online",
-                        (row.device_id, _json(dict(row.profile)), _now(row.seen_at),
-                         int(row.online)))
-                else:
-                    conn.execute(
-                        "INSERT INTO devices (device_id, profile, last_seen, online)"
-                        " VALUES (?, '{}', ?, ?) ON CONFLICT (device_id) DO NOTHING",
-                        (row.device_id, _now(row.seen_at), int(row.online)))
-                _put_state(conn, row.blob_name, row.blob, _now(row.seen_at))
-
-    def mark_seen(self, device_id: str, *, online: bool, at: float | None = None) -> bool:
-        """Record presence (status message or last will); False for an unknown device."""
-        with self._write() as conn:
-            cur = conn.execute(
-                "UPDATE devices SET last_seen = ?, online = ? WHERE device_id = ?",
-                (_now(at), int(online), device_id),
-            )
-            return cur.rowcount == 1
-
-    def device(self, device_id: str) -> DeviceRecord | None:
-        rows = self._read(_DEVICE_SELECT + " WHERE device_id = ?", (device_id,))
-        return _device(rows[0]) if rows else None
-
-    def devices(self, *, online_only: bool = False) -> list[DeviceRecord]:
-        where = " WHERE online = 1" if online_only else ""
-        return [_device(r) for r in self._read(_DEVICE_SELECT + where + " ORDER BY device_id")]
 
     # -- rounds
 
@@ -478,10 +390,6 @@ class Store:
                 )
             except sqlite3.IntegrityError as exc:
                 raise StoreError(f"round {round_index} of fleet {fleet!r} exists") from exc
-            conn.executemany(
-                "UPDATE devices SET rounds_selected = rounds_selected + 1 WHERE device_id = ?",
-                [(d,) for d in record.selected],
-            )
         return record
 
     def close_round(
@@ -490,15 +398,14 @@ class Store:
         fleet: str,
         round_index: int,
         state: Literal["closed", "abandoned"] = "closed",
-        missed: Iterable[str] = (),
         ended_at: float | None = None,
         states: Mapping[str, bytes] | None = None,
     ) -> None:
-        """Close (or abandon) an open round, count missed deadlines, drop its bodies;
+        """Close (or abandon) an open round and drop its bodies;
         ``states`` are written in the same transaction."""
         when = _now(ended_at)
         with self._write() as conn:
-            self._close_round_tx(conn, fleet, round_index, state, missed, when)
+            self._close_round_tx(conn, fleet, round_index, state, when)
             for name, body in (states or {}).items():
                 _put_state(conn, name, body, when)
 
@@ -508,7 +415,6 @@ class Store:
         fleet: str,
         round_index: int,
         state: str,
-        missed: Iterable[str],
         ended_at: float,
     ) -> None:
         if state not in ("closed", "abandoned"):
@@ -520,10 +426,6 @@ class Store:
         )
         if cur.rowcount != 1:
             raise StoreError(f"round {round_index} of fleet {fleet!r} is not open")
-        conn.executemany(
-            "UPDATE devices SET missed_deadlines = missed_deadlines + 1 WHERE device_id = ?",
-            [(d,) for d in missed],
-        )
         conn.execute(
             "DELETE FROM round_updates WHERE fleet = ? AND round = ?", (fleet, round_index)
         )
@@ -552,10 +454,6 @@ class Store:
         )
         if cur.rowcount != 1:
             return None
-        conn.execute(
-            "UPDATE devices SET updates_accepted = updates_accepted + 1 WHERE device_id = ?",
-            (key.device_id,),
-        )
         return cur.lastrowid
 
     def accept_update(
@@ -737,7 +635,6 @@ class Store:
         params: npt.NDArray[np.float32],
         states: Mapping[str, bytes] | None = None,
         close_round: int | None = None,
-        missed: Iterable[str] = (),
         drop_stream: int | None = None,
         at: float | None = None,
     ) -> CheckpointRecord:
@@ -775,7 +672,7 @@ class Store:
             for key, body in (states or {}).items():
                 _put_state(conn, key, body, record.created_at)
             if close_round is not None:
-                self._close_round_tx(conn, fleet, close_round, "closed", missed, record.created_at)
+                self._close_round_tx(conn, fleet, close_round, "closed", record.created_at)
             if drop_stream is not None:  # a FedBuff buffer released into this model
                 conn.execute("DELETE FROM round_updates WHERE fleet = ? AND round = ?",
                              (fleet, drop_stream))
@@ -837,10 +734,6 @@ def _put_state(conn: sqlite3.Connection, name: str, body: bytes, at: float) -> N
     )
 
 
-_DEVICE_SELECT = (
-    "SELECT device_id, profile, last_seen, online, rounds_selected, updates_accepted,"
-    " missed_deadlines FROM devices"
-)
 _ROUND_SELECT = (
     "SELECT fleet, round, state, model_version, started_at, ended_at, selected, quorum,"
     " deadline FROM rounds"
@@ -852,19 +745,6 @@ def _loads(text: str, what: str) -> Any:
         return json.loads(text)
     except (ValueError, TypeError, RecursionError) as exc:
         raise StoreError(f"the aggregator store holds an unreadable {what}") from exc
-
-
-def _device(row: tuple[Any, ...]) -> DeviceRecord:
-    device_id, profile, last_seen, online, selected, accepted, missed = row
-    return DeviceRecord(
-        device_id=device_id,
-        profile=_loads(profile, f"profile of device {device_id!r}"),
-        last_seen=last_seen,
-        online=bool(online),
-        rounds_selected=selected,
-        updates_accepted=accepted,
-        missed_deadlines=missed,
-    )
 
 
 def _round(row: tuple[Any, ...]) -> RoundRecord:

@@ -114,7 +114,7 @@ class StrategyContext:
     cancel: Callable[[str, int, str], None]
     """``cancel(device, round, reason)``."""
     release: Callable[..., None]
-    """``release(params=..., metrics=..., close_round=..., missed=..., drop_stream=...,
+    """``release(params=..., metrics=..., close_round=..., drop_stream=...,
     abandoned=...)``: apply (or abandon) and checkpoint, broadcast, record; see
     ``Aggregator._release``."""
     emit: Callable[[Event], None]
@@ -132,6 +132,15 @@ class StrategyContext:
         return after_round(self.store, self.ledger, fleet=self.config.fleet,
                            task_round=task_round, device=device, attempt=attempt,
                            unknown=unknown, why=why)
+
+    def outcome(self, device: str, *, completed: bool, duration_s: float | None = None,
+                loss: float | None = None, num_samples: int | None = None) -> None:
+        """A device's task ended (its update counted, or it missed): its history records
+        it, then the selection policy learns from it."""
+        self.registry.record_outcome(device, completed=completed, duration_s=duration_s,
+                                     loss=loss, num_samples=num_samples)
+        self.policy.feedback(device, duration_s=duration_s, completed=completed, loss=loss,
+                             num_samples=num_samples)
 
     def new_aggregate(self, capacity: int) -> RoundAggregate:
         return RoundAggregate(size=self.layout.size, robust=self.config.robust_config(),

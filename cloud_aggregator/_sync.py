@@ -227,9 +227,8 @@ class SyncRounds:
         ctx.model.emulated_total_s += outcome.emulated_s
         results = self._results(outcome)
         for r in results:  # before the checkpoint, which saves what the policy learned
-            ctx.policy.feedback(r["device"], duration_s=r["duration_s"],
-                                completed=r["completed"], loss=r.get("loss"),
-                                num_samples=r.get("num_samples"))
+            ctx.outcome(r["device"], completed=r["completed"], duration_s=r["duration_s"],
+                        loss=r.get("loss"), num_samples=r.get("num_samples"))
         self.abandoned_streak = 0 if new_params is not None else self.abandoned_streak + 1
         metrics = record_round(ctx, RoundMetrics(
             round=index, model_version=ctx.model.version + (1 if new_params is not None else 0),
@@ -240,16 +239,12 @@ class SyncRounds:
             update_norm=float(np.linalg.norm(delta)) if delta is not None else None,
         ))
         self._open = None
-        ctx.release(params=new_params, metrics=metrics, close_round=index,
-                    missed=outcome.missed)
+        ctx.release(params=new_params, metrics=metrics, close_round=index)
         if new_params is None and self.abandoned_streak >= ctx.config.max_abandoned:
             ctx.fail(f"{self.abandoned_streak} rounds in a row missed their quorum")
         ctx.store.delete_state(refused_blob(index))
         for device in pending:
             ctx.cancel(device, index, f"round {decision.value}d: {reason}")
-        for r in results:
-            ctx.registry.record_outcome(r["device"], completed=r["completed"],
-                                        duration_s=r["duration_s"], loss=r.get("loss"))
 
     def _judge_deferred(self, index: int, agg: RoundAggregate) -> None:
         """Add the updates a bootstrapping round kept aside, each cut to ``multiple`` x

@@ -141,8 +141,10 @@ def test_the_readme_policy_chooses_the_least_recent(tmp_path: Path) -> None:
     code = _readme_example("policy").split("\nresult = ")[0]  # the class, not the run
     exec(compile(code, "README.md:policy", "exec"), namespace)
     policy = namespace["LeastRecentFirst"]()  # type: ignore[operator]
-    candidates = [fleetlearn.Candidate(device_id=f"d{i}", predicted_duration_s=1.0,
-                                       last_round=r) for i, r in enumerate([3, None, 1, 2])]
+    candidates = [fleetlearn.Candidate(device_id=f"d{i}", predicted_duration_s=1.0)
+                  for i in range(4)]
+    for device, last in (("d0", 3), ("d2", 1), ("d3", 2)):
+        policy.history.selected([device], last)
     import numpy as np
 
     chosen = policy.select(candidates, 2, round_index=4, rng=np.random.default_rng(0))

@@ -53,6 +53,42 @@ def test_history_survives_a_restart(tmp_path: Path) -> None:
     again = FleetRegistry(store=Store(tmp_path / "s.sqlite"))
     info = again.get("a")
     assert info is not None and not info.online  # presence is re-announced after restarts
-    assert info.rounds_completed == 1 and info.missed_deadlines == 1
-    assert info.durations == (4.0,) and info.last_loss == 0.7 and info.num_samples == 40
+    assert info.num_samples == 40 and info.eligible and info.hello_seen
     assert info.profile is not None
+    history = again.history.get("a")
+    assert (history.selections, history.completions, history.misses) == (1, 1, 1)
+    assert history.durations == (4.0,) and history.last_loss == 0.7 and history.last_round == 3
+
+
+def test_a_version_1_store_moves_its_device_blobs_into_typed_tables(tmp_path: Path) -> None:
+    """Before schema 2 a device's history was a JSON blob and its counters were kept by
+    the round transactions; the migration keeps the larger count of the two."""
+    import json
+    import sqlite3
+
+    from cloud_aggregator._store import _SCHEMA
+
+    path = tmp_path / "v1.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(_SCHEMA + ";INSERT INTO schema_version (version) VALUES (1);")
+    conn.execute("INSERT INTO devices (device_id, profile, last_seen, online, rounds_selected,"
+                 " missed_deadlines) VALUES ('a', '{}', 1.0, 1, 5, 2)")
+    blob = {"eligible": True, "reasons": [], "num_samples": 40, "hello_seen": True,
+            "rounds_selected": 4, "rounds_completed": 3, "missed_deadlines": 1,
+            "last_round": 9, "last_loss": 0.5, "durations": [2.0, 3.0],
+            "model_versions": [1, 2], "artifacts_hash": None}
+    conn.execute("INSERT INTO state_blobs (name, body, updated_at) VALUES (?, ?, 1.0)",
+                 ("device:a", json.dumps(blob).encode()))
+    conn.commit()
+    conn.close()
+    store = Store(path)
+    assert store.schema_version() == 2
+    assert store.get_state("device:a") is None  # moved, not copied
+    record = store.device("a")
+    assert record is not None and record.eligible and record.num_samples == 40
+    assert record.model_versions == (1, 2)
+    h = record.history
+    assert (h.selections, h.completions, h.misses, h.last_round) == (5, 3, 2, 9)
+    assert h.durations == (2.0, 3.0) and h.last_loss == 0.5
+    store.close()
+    assert Store(path).schema_version() == 2  # migrated once

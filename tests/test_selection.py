@@ -10,6 +10,7 @@ import pytest
 from cloud_aggregator import (
     Candidate,
     DeadlinePolicy,
+    FleetHistory,
     OortPolicy,
     RandomPolicy,
     SelectionPolicy,
@@ -356,14 +357,19 @@ def test_oort_does_not_keep_exploring_a_device_that_missed() -> None:
     assert counts["d00"] <= 2  # once by exploration; its correction then keeps it out
 
 
-def test_oort_uses_candidate_losses_before_any_feedback() -> None:
-    fleet = [
-        Candidate(device_id="a", predicted_duration_s=1.0, num_samples=100, last_loss=3.0),
-        Candidate(device_id="b", predicted_duration_s=1.0, num_samples=100, last_loss=0.1),
-        Candidate(device_id="c", predicted_duration_s=1.0, num_samples=100, last_loss=0.1),
-    ]
+def test_oort_reads_losses_from_the_history_it_is_handed() -> None:
+    """The aggregator hands its registry's history: what the devices did before this
+    policy existed (a restart, another policy) counts, and the policy records nothing."""
+    fleet = [Candidate(device_id=d, predicted_duration_s=1.0, num_samples=100) for d in "abc"]
+    history = FleetHistory()
+    for device, loss in (("a", 3.0), ("b", 0.1), ("c", 0.1)):
+        history.selected([device], 0)
+        history.finished(device, completed=True, duration_s=1.0, loss=loss)
     policy = OortPolicy(exploration=0.0, min_exploration=0.0)
+    policy.use_history(history)
     assert policy.select(fleet, 1, round_index=1, rng=_rng()) == ["a"]
+    policy.feedback("a", duration_s=1.0, completed=True, loss=0.2)
+    assert history.get("a").selections == 1 and history.get("a").last_loss == 3.0
 
 
 # -- adapting local work -----------------------------------------------------------------------
@@ -412,8 +418,9 @@ def test_policy_state_round_trips_through_json() -> None:
         saved = json.loads(json.dumps(policy.state()))
         restored = make()
         restored.load_state(saved)
+        restored.use_history(policy.history)  # histories are their owner's to save
         assert restored.state() == policy.state()
         assert (restored.select(fleet, 2, round_index=6, deadline_s=10.0, rng=_rng(6))
                 == policy.select(fleet, 2, round_index=6, deadline_s=10.0, rng=_rng(6)))
     with pytest.raises(ConfigError, match="malformed"):
-        RandomPolicy().load_state({"policy": "random", "stats": {"d00": {"bogus": 1}}})
+        RandomPolicy().load_state({"policy": "random", "pending": {"d00": ["soon", None]}})
