@@ -184,7 +184,7 @@ class FedBuff:
         if not verdict.ok:
             return Rejection(str(verdict.reason), verdict.detail)
         assert self._agg is not None
-        if not self._agg.has_room():
+        if not self._agg.has_room(self.ctx.queued()):
             return Rejection(AckCode.BUFFER_FULL, "robust buffer is full")
         item.scale = staleness_discount(self.ctx.model.version - task.model_version,
                                         self._policy)

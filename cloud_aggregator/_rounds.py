@@ -394,8 +394,17 @@ class AsyncScheduler:
         return gone
 
     def expire(self, now: float) -> list[InFlight]:
-        """Tasks past their wall-clock deadline: dropped, their slots freed."""
-        late = [t for t in self.inflight.values() if now >= t.dispatched_at + self.deadline_s]
+        """Tasks past their wall-clock deadline: dropped, their slots freed.
+
+        Tasks are kept in dispatch order, so the scan stops at the first one still in
+        time (called at every tick: not a pass over every task in flight). Should the
+        clock step back between two dispatches, the later task waits for the earlier
+        ones' expiry: late, never lost."""
+        late = []
+        for t in self.inflight.values():
+            if now < t.dispatched_at + self.deadline_s:
+                break
+            late.append(t)
         for t in late:
             del self.inflight[t.task_round]
             self._forget(t)

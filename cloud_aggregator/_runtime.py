@@ -534,7 +534,8 @@ class Aggregator:
             counters=self.counters,
             layout=self.layout, model=self.state, screen=self.screen, weights=self.weights,
             send_task=self.desk.send_task, cancel=self.desk.cancel, release=self._release,
-            emit=self.events.emit, note=self.desk.note, fail=self._fail, ledger=self.ledger)
+            emit=self.events.emit, note=self.desk.note, fail=self._fail, ledger=self.ledger,
+            queued=lambda: self.journal.pending)
 
     def _fail(self, reason: str) -> None:
         self._failed = reason

@@ -116,26 +116,26 @@ class DeviceTables:
         """Write several devices' state in one transaction (the registry's batches)."""
         if not rows:
             return
+        columns = ("INSERT INTO devices (device_id, profile, last_seen, online, eligible,"
+                   " reasons, num_samples, artifacts_hash, model_versions, hello_seen)"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE"
+                   " SET last_seen = excluded.last_seen, online = excluded.online,"
+                   " eligible = excluded.eligible, reasons = excluded.reasons,"
+                   " num_samples = excluded.num_samples,"
+                   " artifacts_hash = excluded.artifacts_hash,"
+                   " model_versions = excluded.model_versions,"
+                   " hello_seen = excluded.hello_seen")
+        with_profile = [_device_params(r) for r in rows if r.profile is not None]
+        without = [_device_params(r) for r in rows if r.profile is None]
+        histories = [_history_params(r.device_id, r.history) for r in rows
+                     if r.history is not None]
         with self._write() as conn:
-            for row in rows:
-                hello = (int(row.eligible), json.dumps(list(row.reasons)), int(row.num_samples),
-                         row.artifacts_hash, json.dumps(list(row.model_versions)),
-                         int(row.hello_seen))
-                conn.execute(
-                    "INSERT INTO devices (device_id, profile, last_seen, online, eligible,"
-                    " reasons, num_samples, artifacts_hash, model_versions, hello_seen)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE"
-                    " SET last_seen = excluded.last_seen, online = excluded.online,"
-                    " eligible = excluded.eligible, reasons = excluded.reasons,"
-                    " num_samples = excluded.num_samples,"
-                    " artifacts_hash = excluded.artifacts_hash,"
-                    " model_versions = excluded.model_versions,"
-                    " hello_seen = excluded.hello_seen"
-                    + (", profile = excluded.profile" if row.profile is not None else ""),
-                    (row.device_id, _plain_json(dict(row.profile or {})), _when(row.seen_at),
-                     int(row.online), *hello))
-                if row.history is not None:
-                    _put_history(conn, row.device_id, row.history)
+            if with_profile:
+                conn.executemany(columns + ", profile = excluded.profile", with_profile)
+            if without:
+                conn.executemany(columns, without)
+            if histories:
+                conn.executemany(_HISTORY_UPSERT, histories)
 
     def mark_seen(self, device_id: str, *, online: bool, at: float | None = None) -> bool:
         """Record presence (status message or last will); False for an unknown device."""
@@ -195,16 +195,29 @@ def migrate_v2(conn: sqlite3.Connection) -> None:
     conn.execute("DELETE FROM state_blobs WHERE name LIKE ?", (_OLD_BLOB + "%",))
 
 
+_HISTORY_UPSERT = (
+    "INSERT INTO device_history (device_id, selections, completions, misses, last_round,"
+    " last_loss, reported_samples, durations) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (device_id) DO UPDATE SET selections = excluded.selections,"
+    " completions = excluded.completions, misses = excluded.misses,"
+    " last_round = excluded.last_round, last_loss = excluded.last_loss,"
+    " reported_samples = excluded.reported_samples, durations = excluded.durations")
+
+
+def _history_params(device_id: str, h: DeviceHistory) -> tuple[Any, ...]:
+    return (device_id, h.selections, h.completions, h.misses, h.last_round, h.last_loss,
+            h.reported_samples, json.dumps(list(h.durations)))
+
+
 def _put_history(conn: sqlite3.Connection, device_id: str, h: DeviceHistory) -> None:
-    conn.execute(
-        "INSERT INTO device_history (device_id, selections, completions, misses, last_round,"
-        " last_loss, reported_samples, durations) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (device_id) DO UPDATE SET selections = excluded.selections,"
-        " completions = excluded.completions, misses = excluded.misses,"
-        " last_round = excluded.last_round, last_loss = excluded.last_loss,"
-        " reported_samples = excluded.reported_samples, durations = excluded.durations",
-        (device_id, h.selections, h.completions, h.misses, h.last_round, h.last_loss,
-         h.reported_samples, json.dumps(list(h.durations))))
+    conn.execute(_HISTORY_UPSERT, _history_params(device_id, h))
+
+
+def _device_params(row: DeviceRow) -> tuple[Any, ...]:
+    return (row.device_id, _plain_json(dict(row.profile or {})), _when(row.seen_at),
+            int(row.online), int(row.eligible), json.dumps(list(row.reasons)),
+            int(row.num_samples), row.artifacts_hash, json.dumps(list(row.model_versions)),
+            int(row.hello_seen))
 
 
 def _record(row: tuple[Any, ...]) -> DeviceRecord:

@@ -124,6 +124,9 @@ class StrategyContext:
     """Give up the run, saying why (e.g. too many rounds abandoned in a row)."""
     ledger: AttemptLedger
     """The refused attempts of recent rounds and tasks (``_answers``)."""
+    queued: Callable[[], int]
+    """Updates admitted but still waiting for their journal commit: ``accepted`` will
+    add each of them, so a bounded aggregate must keep room for them (``check``)."""
 
     def after_round(self, task_round: int, device: str, attempt: int, *,
                     unknown: str = AckCode.STALE_ROUND, why: str = "") -> Answer:

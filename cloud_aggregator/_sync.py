@@ -335,7 +335,7 @@ class SyncRounds:
             return Rejection(AckCode.MISSED_DEADLINE,
                              f"took {took(meta.emulated_s, meta.duration_s):.3g} s > deadline "
                              f"{rnd.spec.deadline_s:.3g} s")
-        if not self._open.aggregate.has_room(len(self._open.deferred)):
+        if not self._open.aggregate.has_room(len(self._open.deferred) + self.ctx.queued()):
             return Rejection(AckCode.BUFFER_FULL, "robust buffer is full")
         return None
 

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from broker_bridge import BrokerUnavailable, free_port
+from broker_bridge import BrokerRefused, BrokerUnavailable, MqttTransport, free_port
 from broker_bridge._ports import wait_for_port
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # the script, not the su wrapper
@@ -126,6 +126,26 @@ class RabbitMq(_Child):
         self.dist_port = free_port()
         self.epmd_port = free_port()
         self.node = f"fleetlearn-test-{secrets.token_hex(4)}@localhost"
+
+    def start(self, *, timeout: float = 120.0) -> _Child:
+        """Ready once an anonymous MQTT client is let in: the MQTT listener may open
+        before the boot-time definitions (the guest user among them) are imported, and
+        a client in between is refused as an unknown user."""
+        super().start(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            probe = MqttTransport(url=self.url, client_id=f"probe-{secrets.token_hex(3)}")
+            try:
+                probe.connect(timeout=5.0)
+                return self
+            except (BrokerRefused, BrokerUnavailable):
+                if time.monotonic() >= deadline:
+                    self.stop()
+                    raise BrokerUnavailable(f"{self.name} never let a client in; log:\n"
+                                            f"{self.log_text()}") from None
+                time.sleep(0.5)
+            finally:
+                probe.close()
 
     def _command(self) -> tuple[list[str], dict[str, str]]:
         d = self.workdir

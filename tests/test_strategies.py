@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -162,4 +163,37 @@ def test_a_strategy_of_ones_own(tmp_path: Path, artifacts: Path) -> None:
         d.send_update(layout=agg.layout)
     assert agg.tick() and agg.model_version == 1
     assert np.linalg.norm(agg.params - start) == pytest.approx(0.01, rel=1e-4)
+    agg.close()
+
+
+def test_a_journal_batch_never_overfills_a_robust_fedbuff_buffer(tmp_path: Path,
+                                                                  artifacts: Path) -> None:
+    """While run() loops, updates wait in the journal for a group commit. A robust
+    buffer holds 2 x buffer_size updates; those waiting must count against its room,
+    or an update would be acknowledged and then not fit (lost)."""
+    import threading
+
+    broker = MemoryBroker()
+    fleet = devices(broker, 6)
+    agg = make(tmp_path, artifacts, broker, mode="async", concurrency=6, buffer_size=2,
+               rounds=50, robust="median", staleness="constant", norm_median_multiple=None)
+    agg.tick()
+    assert all(d.tasks for d in fleet.values())
+    agg.journal.max_delay_s = 0.5  # one batch for all six
+    runner = threading.Thread(target=agg.run, kwargs={"timeout_s": 30.0}, daemon=True)
+    runner.start()
+    for d in fleet.values():
+        d.send_update(layout=agg.layout)
+    deadline = time.monotonic() + 20
+    while sum(1 for d in fleet.values() if d.acks) < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    agg.stop()
+    runner.join(timeout=20)
+    statuses = sorted(d.acks[0].status for d in fleet.values())
+    accepted = statuses.count("accepted")
+    assert accepted == 4, statuses  # the buffer's room: 2 x buffer_size
+    assert [a.reason.split(":")[0] for d in fleet.values() for a in d.acks
+            if a.status == "rejected"] == ["buffer_full"] * 2
+    # What was acknowledged is what the models were made of.
+    assert agg.model_version == 1 and agg.history[-1].devices_reported == 4
     agg.close()
