@@ -71,7 +71,7 @@ class DeviceDesk:
                  pipeline: IngestPipeline, model: ModelState, strategy: Strategy,
                  uplink: CodecSpec, planner: Callable[[], WorkPlanner],
                  server: Callable[[], ModelServer], running: Callable[[], bool],
-                 flushed: Callable[[], None]) -> None:
+                 commit: Callable[[], None]) -> None:
         self.fleet = fleet
         self.channel = channel
         self.clock = clock
@@ -89,7 +89,7 @@ class DeviceDesk:
         self._planner = planner
         self._server = server
         self._running = running
-        self._flushed = flushed
+        self._commit = commit
         self._log = LogLimiter()
 
     # -- sending ----------------------------------------------------------------------
@@ -269,8 +269,7 @@ class DeviceDesk:
                              meta=self.strategy.journal_meta(item))
         self.journal.submit(entry, lambda outcome: self._journaled(item, outcome))
         if not self._running():
-            self.journal.flush()
-            self._flushed()
+            self._commit()
 
     def _journaled(self, item: UpdateItem, outcome: Outcome) -> None:
         device, message = item.device, item.message

@@ -246,7 +246,7 @@ class Aggregator:
             recorder=self.recorder, ledger=self.ledger, journal=self.journal,
             pipeline=self.pipeline, model=self.state, strategy=self.strategy,
             uplink=self._uplink, planner=self._planner, server=self._model_server,
-            running=lambda: self._running, flushed=self._flushed)
+            running=lambda: self._running, commit=self._commit)
         self.learned = LearnedState(
             config=config, store=self.store, state_dir=self.state_dir,
             content_hash=self.model.info.content_hash, model=self.state, strategy=self.strategy,
@@ -402,8 +402,7 @@ class Aggregator:
         self.stop()
         with self._lock:
             if not self._closed:
-                self.journal.flush()
-                self._flushed()
+                self._commit()
                 self.registry.flush()
             self._closed = True
             topics = self.channel.topics
@@ -441,8 +440,7 @@ class Aggregator:
         finally:
             with self._lock:
                 self._running = False
-                self.journal.flush()
-                self._flushed()
+                self._commit()
         return list(self.history)
 
     def wake(self) -> None:
@@ -460,8 +458,7 @@ class Aggregator:
             if self._running:
                 self._commit_due()  # the run loop groups commits
             else:
-                self.journal.flush()
-                self._flushed()
+                self._commit()
             progressed = self.strategy.tick(self.clock.now())
             self.registry.flush(every_s=0.0 if not self._running else REGISTRY_EVERY_S)
             self._maybe_status(progressed)
@@ -470,7 +467,12 @@ class Aggregator:
     def _commit_due(self) -> None:
         due = self.journal.wait_s()
         if due is not None and due <= 0:
-            self.journal.flush()
+            self._commit()
+
+    def _commit(self) -> None:
+        """Commit the updates waiting in the journal, acknowledge them, and let the
+        strategy act on them (a FedBuff release)."""
+        if self.journal.flush():
             self._flushed()
 
     def _flushed(self) -> None:
@@ -535,7 +537,7 @@ class Aggregator:
             layout=self.layout, model=self.state, screen=self.screen, weights=self.weights,
             send_task=self.desk.send_task, cancel=self.desk.cancel, release=self._release,
             emit=self.events.emit, note=self.desk.note, fail=self._fail, ledger=self.ledger,
-            queued=lambda: self.journal.pending)
+            queued=lambda: self.journal.pending, commit=self._commit)
 
     def _fail(self, reason: str) -> None:
         self._failed = reason

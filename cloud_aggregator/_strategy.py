@@ -127,6 +127,9 @@ class StrategyContext:
     queued: Callable[[], int]
     """Updates admitted but still waiting for their journal commit: ``accepted`` will
     add each of them, so a bounded aggregate must keep room for them (``check``)."""
+    commit: Callable[[], None]
+    """Commit the waiting updates now (``accepted`` hears of each): a round about to end
+    takes what it admitted first."""
 
     def after_round(self, task_round: int, device: str, attempt: int, *,
                     unknown: str = AckCode.STALE_ROUND, why: str = "") -> Answer:

@@ -150,6 +150,13 @@ class SyncRounds:
         decision = self._open.round.decide(now)
         if decision is None:
             return False
+        if self.ctx.queued():
+            # Updates admitted before this moment are the round's: count them (they are
+            # acknowledged 'accepted' once committed), then decide again.
+            self.ctx.commit()
+            decision = self._open.round.decide(now) if self._open is not None else None
+            if decision is None:
+                return False
         self._end_round(*decision)
         return True
 

@@ -197,3 +197,37 @@ def test_a_journal_batch_never_overfills_a_robust_fedbuff_buffer(tmp_path: Path,
     # What was acknowledged is what the models were made of.
     assert agg.model_version == 1 and agg.history[-1].devices_reported == 4
     agg.close()
+
+
+def test_a_round_never_ends_with_an_admitted_update_left_uncounted(
+        tmp_path: Path, artifacts: Path) -> None:
+    """An update admitted before the deadline but still waiting for its group commit
+    when the deadline passes is counted in the round it answered (it is acknowledged
+    'accepted' after its commit: it must then be in the model)."""
+    import threading
+
+    from cloud_aggregator import ManualClock
+
+    broker = MemoryBroker()
+    clock = ManualClock()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, manual=clock, rounds=1, quorum=2,
+               deadline_s=30.0, norm_median_multiple=None)
+    assert agg.tick()
+    start = agg.params.copy()
+    agg.journal.max_delay_s = 60.0  # nothing commits on its own while run() loops
+    runner = threading.Thread(target=agg.run, kwargs={"timeout_s": 30.0}, daemon=True)
+    runner.start()
+    for d in fleet.values():
+        d.send_update(layout=agg.layout)
+    time.sleep(0.2)
+    assert not any(d.acks for d in fleet.values())  # all three wait for their commit
+    clock.advance(31.0)
+    agg.wake()
+    runner.join(timeout=20)
+    assert not runner.is_alive()
+    assert [d.acks[0].status for d in fleet.values()] == ["accepted"] * 3
+    assert agg.model_version == 1 and agg.history[-1].devices_reported == 3
+    mean = np.mean([fake_update(d, 1, agg.layout.size) for d in fleet], axis=0)
+    np.testing.assert_allclose(agg.params, start + mean, atol=1e-6)
+    agg.close()
