@@ -82,7 +82,14 @@ from cloud_aggregator._selection import (
 )
 from cloud_aggregator._server_opt import SERVER_OPTIMIZERS, ServerOptimizer, make_server_optimizer
 from cloud_aggregator._store import CheckpointCorrupt, SchemaTooNew, Store, StoreError
-from cloud_aggregator._strategy import Admit, ModelState, Reply, Strategy, StrategyContext
+from cloud_aggregator._strategy import (
+    Admit,
+    ModelState,
+    Reply,
+    Strategy,
+    StrategyBase,
+    StrategyContext,
+)
 from cloud_aggregator._sync import SyncRounds
 
 __all__ = [
@@ -97,6 +104,7 @@ __all__ = [
     # strategies and the ingest pipeline
     "Strategy",
     "StrategyContext",
+    "StrategyBase",
     "SyncRounds",
     "FedBuff",
     "Admit",

@@ -45,7 +45,13 @@ from cloud_aggregator._metrics import RoundMetrics
 from cloud_aggregator._rounds import AsyncScheduler
 from cloud_aggregator._status import async_line, fleet_view
 from cloud_aggregator._store import StoreError
-from cloud_aggregator._strategy import Admit, Reply, StrategyContext, record_round
+from cloud_aggregator._strategy import (
+    Admit,
+    Reply,
+    StrategyBase,
+    StrategyContext,
+    record_round,
+)
 from cloud_aggregator._sync import _decode, finite_loss, took
 
 log = logging.getLogger(__name__)
@@ -63,14 +69,14 @@ DISPATCH_EVERY_S = 0.05
 least this often: dispatching scans the fleet, so not once per update."""
 
 
-class FedBuff:
+class FedBuff(StrategyBase):
     """Buffered asynchronous aggregation (see the module doc)."""
 
     name = "async"
     defers_bootstrap = False
 
     def __init__(self) -> None:
-        self._ctx: StrategyContext | None = None
+        super().__init__()
         self._sched: AsyncScheduler | None = None
         self._agg: RoundAggregate | None = None
         self._policy = StalenessPolicy()
@@ -79,12 +85,6 @@ class FedBuff:
         self._last_dispatch = 0.0
         self._last_save = 0.0
         self._reserved = 0
-
-    @property
-    def ctx(self) -> StrategyContext:
-        if self._ctx is None:
-            raise AggregatorError(f"strategy {self.name} is not bound to an aggregator")
-        return self._ctx
 
     @property
     def scheduler(self) -> AsyncScheduler:
@@ -96,7 +96,7 @@ class FedBuff:
         return self._agg.count if self._agg is not None else 0
 
     def bind(self, ctx: StrategyContext) -> None:
-        self._ctx = ctx
+        super().bind(ctx)
         cfg = ctx.config
         self._sched = AsyncScheduler(concurrency=cfg.concurrency, deadline_s=cfg.deadline_s)
         self._policy = StalenessPolicy(kind=cfg.staleness, max_staleness=cfg.max_staleness)

@@ -203,6 +203,25 @@ class Strategy(Protocol):
     def defers_bootstrap(self) -> bool: ...
 
 
+class StrategyBase:
+    """What every strategy starts from: the context it is bound to (``ctx``)."""
+
+    name = "strategy"
+    defers_bootstrap = False
+
+    def __init__(self) -> None:
+        self._ctx: StrategyContext | None = None
+
+    @property
+    def ctx(self) -> StrategyContext:
+        if self._ctx is None:
+            raise AggregatorError(f"strategy {self.name} is not bound to an aggregator")
+        return self._ctx
+
+    def bind(self, ctx: StrategyContext) -> None:
+        self._ctx = ctx
+
+
 def record_round(ctx: StrategyContext, metrics: RoundMetrics) -> RoundMetrics:
     """``metrics`` completed with the recorder's running figures."""
     return ctx.recorder.complete(metrics, emulated_total_s=ctx.model.emulated_total_s)

@@ -61,7 +61,13 @@ from cloud_aggregator._rounds import (
 from cloud_aggregator._screen import clip_factor
 from cloud_aggregator._status import fleet_view, round_line, waiting_line
 from cloud_aggregator._store import StoreError
-from cloud_aggregator._strategy import Admit, Reply, StrategyContext, record_round
+from cloud_aggregator._strategy import (
+    Admit,
+    Reply,
+    StrategyBase,
+    StrategyContext,
+    record_round,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +98,14 @@ class _Open:
     deferred: list[_Deferred] = field(default_factory=list)
 
 
-class SyncRounds:
+class SyncRounds(StrategyBase):
     """Synchronous FedAvg-style rounds (see the module doc)."""
 
     name = "sync"
     defers_bootstrap = True
 
     def __init__(self) -> None:
-        self._ctx: StrategyContext | None = None
+        super().__init__()
         self._open: _Open | None = None
         self.next_round = 1
         self.abandoned_streak = 0
@@ -117,15 +123,6 @@ class SyncRounds:
         return self.ctx.model.stepped(delta)
 
     # -- plumbing -----------------------------------------------------------------------
-
-    @property
-    def ctx(self) -> StrategyContext:
-        if self._ctx is None:
-            raise AggregatorError(f"strategy {self.name} is not bound to an aggregator")
-        return self._ctx
-
-    def bind(self, ctx: StrategyContext) -> None:
-        self._ctx = ctx
 
     def state(self) -> dict[str, Any]:
         return {"abandoned_streak": self.abandoned_streak}

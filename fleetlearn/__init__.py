@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 _SOURCES: dict[str, tuple[str, ...]] = {
     "cloud_aggregator": (
-        "Aggregator", "AggregatorConfig", "Strategy", "StrategyContext", "SyncRounds",
+        "Aggregator", "AggregatorConfig", "Strategy", "StrategyBase", "StrategyContext",
+        "SyncRounds",
         "FedBuff", "Admit", "Reply", "Answer", "ModelState", "RoundAggregate",
         "Contribution", "IngestPipeline", "IngestStage", "UpdateItem", "Rejection",
         "SelectionPolicy", "BasePolicy", "Candidate", "DeviceHistory", "FleetHistory",
@@ -114,6 +115,7 @@ __all__ = [
     "Status",
     "StoreError",
     "Strategy",
+    "StrategyBase",
     "StrategyContext",
     "SyncRounds",
     "TrainResult",
@@ -196,6 +198,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
         Status,
         StoreError,
         Strategy,
+        StrategyBase,
         StrategyContext,
         SyncRounds,
         UpdateAccepted,
