@@ -105,6 +105,9 @@ def add_section_flags(parser: argparse.ArgumentParser, section: Section, *,
     skipped = set(skip)
     headings: dict[str, Any] = {}
     parser.formatter_class = _Paragraphs
+    # No abbreviations: "--password x" must not be taken for "--password-file x" (whose
+    # error would print the password as a path), nor a typo for some other flag.
+    parser.allow_abbrev = False
     if parser.usage is None:
         parser.usage = "%(prog)s [--config FILE] [options]"
 
@@ -163,7 +166,7 @@ def flag_values(args: argparse.Namespace, section: Section
                 section.spec(full)
             except ConfigError:
                 raise ConfigError(f"{flag} {pair!r}: unknown setting {key!r}") from None
-            values[full], names[full] = raw, f"{flag} {key}=..."
+            values[full], names[full] = raw, f"{flag} {key}="
     return values, names
 
 

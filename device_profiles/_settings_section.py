@@ -77,7 +77,7 @@ class Section:
         return tuple(dict.fromkeys(names))
 
     def _specs_of(self, cls: type, prefix: tuple[str, ...] = (),
-                  group_meta: Meta | None = None) -> list[Spec]:
+                  group_meta: Meta | None = None, owner: type | None = None) -> list[Spec]:
         hints = typing.get_type_hints(cls)
         out: list[Spec] = []
         for f in dataclasses.fields(cls):
@@ -96,14 +96,16 @@ class Section:
             if dataclasses.is_dataclass(hint) and meta.parse is None:
                 if meta.table is None:
                     raise TypeError(f"{where}: a group needs a table (use group(...))")
-                out.extend(self._specs_of(hint, (*prefix, f.name), meta))  # type: ignore[arg-type]
+                out.extend(self._specs_of(hint, (*prefix, f.name), meta,  # type: ignore[arg-type]
+                                          owner or cls))
                 continue
             if group_meta is not None:
                 meta = dataclasses.replace(meta, table=meta.table or group_meta.table,
                                            group=meta.group or group_meta.group)
             default = _default_of(f)
             out.append(Spec(
-                name=f.name, owner=cls, path=(*prefix, f.name), kind=kind_of(hint, meta, where),
+                name=f.name, owner=owner or cls, path=(*prefix, f.name),
+                kind=kind_of(hint, meta, where),
                 meta=meta, default=default, env=self._env_names(f.name, meta),
                 flag=None if meta.no_flag else (meta.flag or "--" + f.name.replace("_", "-")),
                 table=meta.table, key=meta.key or f.name,
@@ -223,8 +225,9 @@ class Section:
                 continue
             s = self.spec(name)
             flag = (flag_names or {}).get(name) or s.flag or f"--{name}"
-            values[name] = self._convert(s, raw, f"{flag} {_shown(s, raw)} (flag)")
-            sources[name] = Source("flag", flag)
+            sep = "" if flag.endswith("=") else " "  # --aggregator lr='x'
+            values[name] = self._convert(s, raw, f"{flag}{sep}{_shown(s, raw)} (flag)")
+            sources[name] = Source("flag", flag.rstrip("="))
         self._settle_alternatives(values, sources)
         return Resolved(section=self, values=values, sources=sources, file=file_source)
 
