@@ -627,3 +627,20 @@ def test_simulate_print_device_ids_takes_its_settings_from_every_source(
     monkeypatch.setenv("FLEETLEARN_SIMULATE_PER_ROUND", "2")
     assert main(["simulate", "--print-device-ids"]) == 0
     assert capsys.readouterr().out.split() == ["dev-0", "dev-1", "dev-2"]
+
+
+def test_the_readme_example_file_gives_every_command_its_settings(tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- config-example:begin -->")[1].split("<!-- config-example:end -->")[0]
+    body = block.split("```toml\n")[1].split("```")[0]
+    file = tmp_path / "fleet.toml"
+    file.write_text(body)
+    for name, sec in SECTIONS.items():
+        res = sec.resolve(config_file=file, env={})
+        assert not res.missing(), name
+        for cls in sec.classes:
+            res.build(cls)
+    agent = AGENT.resolve(config_file=file, env={}).build(AgentOptions)
+    assert agent.require_charging and agent.tls_ca == Path("ca.pem")
+    sim = SIMULATE.resolve(config_file=file, env={}).build(SimConfig)
+    assert sim.faults.crash_fraction == 0.1 and sim.aggregator_config().local_epochs == 2
