@@ -209,6 +209,14 @@ def epilog(section: Section) -> str:
 # --------------------------------------------------------------------------- config show
 
 
+def _toml(value: Any) -> str:
+    """A TOML value; a table inside a table is written inline."""
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_toml_key(str(k))} = {_toml(v)}"
+                               for k, v in value.items()) + "}"
+    return _toml_value(value)
+
+
 def _value_for_toml(spec: Spec, value: Any) -> Any:
     if spec.meta.show is not None:
         return spec.meta.show(value)
@@ -271,9 +279,9 @@ def show_toml(resolved: Sequence[Resolved]) -> str:
             data = _value_for_toml(spec, value)
             if isinstance(data, Mapping):
                 tables.setdefault(spec.name, []).extend(
-                    f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items())
+                    f"{_toml_key(k)} = {_toml(v)}" for k, v in data.items())
                 continue
-            lines.append(f"{_toml_key(key)} = {_toml_value(data)}")
+            lines.append(f"{_toml_key(key)} = {_toml(data)}")
         out += ["", f"[{res.section.name}]", *top]
         for table, lines in tables.items():
             if lines:

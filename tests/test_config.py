@@ -541,7 +541,7 @@ def test_config_show_toml_reproduces_the_configuration(
     file.write_text(
         '[aggregator]\nbroker = "mqtt://broker:1883"\nrounds = 7\nmax_staleness = "none"\n'
         '[agent]\nbroker = "mqtt://b:1883"\ndevice_id = "pi-1"\n'
-        '[agent.data]\nkind = "csv"\nlocation = "local.csv"\nlabel_column = 0\n'
+        '[agent.data]\nkind = "callable"\nlocation = "mymod:load"\nkwargs = {n = 3, s = "x"}\n'
         '[agent.tls]\nca = "ca.pem"\n'
         '[simulate]\ndevices = 20\nper_round = 5\n[simulate.faults]\ncrash_fraction = 0.2\n')
     monkeypatch.setenv("FLEETLEARN_SIMULATE_AGGREGATOR_TRIM_FRACTION", "0.2")
