@@ -68,9 +68,13 @@ def main() -> None:
     results: dict[str, Any] = {}
     for name, faults, agg in runs:
         print(f"{name}: {agg} ...", file=sys.stderr, flush=True)
+        # The codec is the simulation's own setting (it reports it); the rest go to its
+        # aggregator.
+        own = {k: v for k, v in agg.items() if k == "codec"}
+        rest = {k: v for k, v in agg.items() if k != "codec"}
         with tempfile.TemporaryDirectory(prefix="fleetlearn-robust-") as tmp:
-            r = run_simulation(SimConfig(rounds=ROUNDS, seed=0, faults=faults, aggregator=agg,
-                                         availability=False, out_dir=Path(tmp)),
+            r = run_simulation(SimConfig(rounds=ROUNDS, seed=0, faults=faults, aggregator=rest,
+                                         availability=False, out_dir=Path(tmp), **own),
                                quiet=True).report
         results[name] = {
             "aggregation": agg,

@@ -14,7 +14,9 @@ Where things live:
 - ``_server_opt``: ``make_server_optimizer`` (fedavg, fedavgm, fedadagrad, fedadam, fedyogi).
 - ``_robust``: ``RobustBuffer``/``RobustConfig``, clipping, median, trimmed mean, (multi-)Krum.
 - ``_store``: ``Store`` (SQLite: rounds, devices, update keys, checkpoints), ``StoreError``.
-- ``_config``: ``AggregatorConfig`` (frozen, parsed once), ``load_config`` (TOML + flags).
+- ``_config``: ``AggregatorConfig`` (frozen, parsed once), ``load_config`` (flags >
+  environment > TOML > defaults), ``AGGREGATOR`` (the ``[aggregator]`` settings section);
+  ``_connect``: ``AggregatorConnection`` (the broker settings of ``fleetlearn aggregator``).
 - ``_registry``: ``FleetRegistry``, ``DeviceInfo`` (presence, hello, participation history).
 - ``_rounds``: ``SyncRound``, ``AsyncScheduler``, ``RoundSpec``, ``WallClock``/``ManualClock``.
 - ``_runtime``: ``Aggregator`` (the runtime on a ``Channel``: wires the parts below);
@@ -162,3 +164,9 @@ __all__ = [
     "SchemaTooNew",
     "CheckpointCorrupt",
 ]
+
+# The [aggregator] settings section (issue 13, one configuration system).
+from cloud_aggregator._config import AGGREGATOR
+from cloud_aggregator._connect import AggregatorConnection
+
+__all__ += ["AGGREGATOR", "AggregatorConnection"]

@@ -103,64 +103,17 @@ def _reference(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- aggregator
 
-# Flags that map one-to-one onto ``AggregatorConfig`` fields: (flag, field, type, help).
-_AGG_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
-    ("--fleet", "fleet", str, "fleet id (default: default)"),
-    ("--model", "model", str, "mlp, cnn, mlp-xl or a path to your .onnx model (default: cnn)"),
-    ("--backend", "backend", str,
-     "training artifacts: portable (default, any onnxruntime) or ort-training"),
-    ("--rounds", "rounds", int, "model versions to produce (default: 150)"),
-    ("--devices-per-round", "devices_per_round", int, "target updates per round (default: 10)"),
-    ("--over-selection", "over_selection", float, "devices asked per target one (default: 1.3)"),
-    ("--min-devices", "min_devices", int, "ready devices needed to start a round"),
-    ("--quorum", "quorum", int, "counted updates a round needs (default: half the target)"),
-    ("--deadline-s", "deadline_s", float, "round deadline in seconds (default: 60)"),
-    ("--mode", "mode", str, "sync (rounds) or async (FedBuff)"),
-    ("--clock", "clock", str, "real, or virtual (deadlines in emulated device seconds)"),
-    ("--selection", "selection", str, "random, deadline, tiered or oort"),
-    ("--max-selected", "max_selected", int,
-     "deadline (FedCS): select up to this many devices that fit (default: as many as others)"),
-    ("--server-opt", "server_opt", str, "fedavg, fedavgm, fedadagrad, fedadam or fedyogi"),
-    ("--server-lr", "server_lr", float, "server learning rate"),
-    ("--local-epochs", "local_epochs", int, "local epochs per task (default: 5)"),
-    ("--lr", "lr", float, "device learning rate (default: 0.05)"),
-    ("--codec", "codec", str, "update codec devices use, e.g. topk:0.01+q8+zstd"),
-    ("--downlink-codec", "downlink_codec", str, "global model codec: fp32 or fp16"),
-    ("--robust", "robust", str, "mean, median, trimmed_mean, krum or multi_krum"),
-    ("--clip-norm", "clip_norm", float, "clip each update to this L2 norm"),
-    ("--norm-median-multiple", "norm_median_multiple", float,
-     "refuse updates whose norm exceeds this multiple of the recent median (default: 4)"),
-    ("--max-weight-multiple", "max_weight_multiple", float,
-     "an update weighs at most this multiple of the recent median weight (default: 4)"),
-    ("--concurrency", "concurrency", int, "async: devices kept busy"),
-    ("--buffer-size", "buffer_size", int, "async: updates per aggregation (K)"),
-    ("--state-dir", "state_dir", str, "where the store, checkpoints and metrics live"),
-    ("--eval-data", "eval_data", str,
-     "held-out .npz (arrays x: features, y: labels) for server-side evaluation"),
-    ("--metrics-port", "metrics_port", int, "serve Prometheus metrics on this port"),
-    ("--metrics-bind", "metrics_bind", str,
-     "address the metrics endpoint listens on (default 127.0.0.1; 0.0.0.0: every interface)"),
-    ("--seed", "seed", int, "selection and model seed"),
-)
-
-
 def _register_aggregator(sub: Any) -> None:
-    agg = sub.add_parser("aggregator", help="run the cloud aggregator against a broker")
-    agg.add_argument("--broker", required=True, metavar="URL",
-                     help="mqtt://[user@]host[:port] or mqtts://... (a password in the URL is "
-                          "visible in ps: use --password-file or $FLEETLEARN_PASSWORD)")
-    agg.add_argument("--client-id", default="aggregator",
-                     help="MQTT client id, and user name unless the URL names one")
-    agg.add_argument("--password-file", metavar="PATH",
-                     help="file with the MQTT password alone, or the credentials.toml of "
-                          "`fleetlearn broker config` (its entry for the user name)")
-    agg.add_argument("--tls-ca", metavar="PEM", help="CA bundle to verify the broker (mqtts://)")
-    agg.add_argument("--tls-cert", metavar="PEM", help="client certificate (PEM)")
-    agg.add_argument("--tls-key", metavar="PEM", help="client private key (PEM)")
-    agg.add_argument("--config", metavar="aggregator.toml", help="settings file (TOML)")
-    for flag, dest, kind, text in _AGG_FLAGS:
-        agg.add_argument(flag, dest=dest, type=kind, default=None, help=text)
-    agg.add_argument("--quiet", action="store_true", help="no progress lines")
+    from cloud_aggregator._config import AGGREGATOR
+
+    agg = sub.add_parser(
+        "aggregator", help="run the cloud aggregator against a broker",
+        description="Runs the aggregator: selects devices, sends tasks, aggregates their "
+        "updates into new model versions. Settings come from flags, then "
+        "FLEETLEARN_AGGREGATOR_* environment variables, then the [aggregator] table of "
+        "--config FILE, then defaults.",
+        epilog=AGGREGATOR.epilog())
+    AGGREGATOR.add_flags(agg)
     agg.set_defaults(handler=_aggregator)
 
 
@@ -176,17 +129,14 @@ def _stop_when_refused(transport: Any, aggregator: Any) -> None:
 def _aggregator(args: argparse.Namespace) -> int:
     from broker_bridge import Channel
     from cloud_aggregator import Aggregator
-    from cloud_aggregator._config import load_config
-    from cloud_aggregator._connect import broker_settings
+    from cloud_aggregator._config import AGGREGATOR, AggregatorConfig
+    from cloud_aggregator._connect import AggregatorConnection
     from cloud_aggregator._metrics import RoundMetrics
 
-    overrides = {dest: getattr(args, dest) for _, dest, _, _ in _AGG_FLAGS}
-    overrides["progress"] = not args.quiet
-    config = load_config(args.config, **overrides)
-    settings = broker_settings(broker=args.broker, client_id=args.client_id,
-                               password_file=args.password_file, tls_ca=args.tls_ca,
-                               tls_cert=args.tls_cert, tls_key=args.tls_key)
-    transport = settings.transport()
+    resolved = AGGREGATOR.from_args(args)
+    config: AggregatorConfig = resolved.build(AggregatorConfig)
+    connection: AggregatorConnection = resolved.build(AggregatorConnection)
+    transport = connection.settings().transport()
     channel = Channel(transport=transport, fleet=config.fleet)
 
     def progress(m: RoundMetrics) -> None:

@@ -1,33 +1,43 @@
-"""The aggregator's configuration: parsed once (TOML file, then flags) into a frozen object.
+"""The aggregator's configuration: the ``[aggregator]`` section, parsed once into frozen objects.
 
-Defaults are chosen by ``bench/defaults.py`` on the reference task (MNIST-1D, 100
-devices, Dirichlet(0.5), 10 per round): see ``AggregatorConfig`` for the numbers.
-Every value is checked here; a bad one raises ``ConfigError`` naming the setting,
-before any round starts.
+``AGGREGATOR`` is the section: ``AggregatorConfig`` (what the aggregator does) and
+``AggregatorConnection`` (how it reaches its broker, ``_connect``). Every field is a
+setting with a flag, an environment variable ``FLEETLEARN_AGGREGATOR_<NAME>`` and a key
+of the ``[aggregator]`` table (``device_profiles.Section``); flags > environment > file
+> defaults. Defaults are chosen by ``bench/defaults.py`` on the reference task
+(MNIST-1D, 100 devices, Dirichlet(0.5), 10 per round): see ``AggregatorConfig`` for the
+numbers. Every value is checked here, alone and against the others; a bad one raises
+``ConfigError`` naming the setting and its source, before any round starts.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-import tomllib
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from broker_bridge import CodecSpec, WireError, check_id
-from cloud_aggregator._robust import RobustConfig
+from cloud_aggregator._connect import AggregatorConnection
+from cloud_aggregator._robust import RobustConfig, krum_min_updates
 from cloud_aggregator._selection import POLICIES
 from cloud_aggregator._server_opt import SERVER_OPTIMIZERS, make_server_optimizer
-from device_profiles import ConfigError
+from device_profiles import ConfigError, Section, internal, setting
 
 Mode = Literal["sync", "async"]
 ClockKind = Literal["real", "virtual"]
 RobustMethod = Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"]
 StalenessKind = Literal["constant", "sqrt", "polynomial"]
+
+
+_FLEET = "fleet and model"
+_SYNC = "sync rounds"
+_ASYNC = "async rounds (FedBuff)"
+_LOCAL = "local training (sent in each task)"
+_SERVER = "server side: optimizer, robust aggregation, screens"
+_STATE = "persistence, evaluation, metrics"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,93 +47,135 @@ class AggregatorConfig:
     Training defaults (``bench/defaults.py``): 5 local epochs of SGD at lr 0.05 and
     server momentum (FedAvgM, lr 1.0, momentum 0.9) reach the accuracy targets in far
     fewer rounds than plain FedAvg (1 epoch, no momentum) on the reference task.
+    Each field is a setting of the ``[aggregator]`` section (``AGGREGATOR``): a flag,
+    ``FLEETLEARN_AGGREGATOR_<NAME>`` and a key of the file.
     """
 
-    fleet: str = "default"
-    model: str = "cnn"
-    """A reference model name (mlp, cnn, mlp-xl) or a path to your ``.onnx`` model."""
-    backend: Literal["portable", "ort-training"] = "portable"
-    """Training artifacts devices run: ``portable`` (standard ONNX ops, any onnxruntime)
-    or ``ort-training`` (needs the onnxruntime-training wheel on every device)."""
-    rounds: int = 150
-    """Model versions to produce (closed rounds in sync mode, aggregations in async)."""
-    mode: Mode = "sync"
-    clock: ClockKind = "real"
-    """``virtual``: deadlines are judged in the emulated seconds devices report."""
+    fleet: str = setting("default", help="fleet id", example="plant-7", group=_FLEET)
+    model: str = setting(
+        "cnn", help="a reference model (mlp, cnn, mlp-xl) or a path to your .onnx model",
+        example="mlp", group=_FLEET)
+    backend: Literal["portable", "ort-training"] = setting(
+        "portable", help="training artifacts devices run: portable (standard ONNX ops, any "
+        "onnxruntime) or ort-training (needs the onnxruntime-training wheel on every device)",
+        group=_FLEET)
+    rounds: int = setting(
+        150, help="model versions to produce (closed rounds in sync mode, aggregations in "
+        "async)", group=_FLEET)
+    mode: Mode = setting("sync", help="sync (rounds) or async (FedBuff)", group=_FLEET)
+    clock: ClockKind = setting(
+        "real", help="virtual: deadlines are judged in the emulated seconds devices report",
+        group=_FLEET)
 
     # -- sync rounds
-    devices_per_round: int = 10
-    over_selection: float = 1.3
-    min_devices: int | None = None
-    """Eligible online devices needed before a round starts (default: devices_per_round)."""
-    quorum: int | None = None
-    """Counted updates a round needs to be applied (default: half of devices_per_round)."""
-    deadline_s: float = 60.0
-    safety_timeout_s: float = 600.0
-    """Virtual clock: wall-clock seconds after which a round stops waiting for devices."""
-    replace_declined: bool = True
-    max_abandoned: int = 20
-    """Consecutive abandoned rounds after which the aggregator gives up."""
-    selection: str = "random"
-    max_selected: int | None = None
-    """``selection = "deadline"`` (FedCS) only: select up to this many of the devices
-    predicted to finish within ``deadline_s`` (FedCS takes as many as will finish).
-    Default: the same count as every other policy, ``selected_per_round``."""
+    devices_per_round: int = setting(10, help="target updates per round", group=_SYNC)
+    over_selection: float = setting(1.3, help="devices asked per target one", group=_SYNC)
+    min_devices: int | None = setting(
+        None, help="eligible online devices needed before a round starts (default: "
+        "devices_per_round)", example=12, group=_SYNC)
+    quorum: int | None = setting(
+        None, help="counted updates a round needs to be applied (default: half of "
+        "devices_per_round)", example=6, group=_SYNC)
+    deadline_s: float = setting(60.0, help="round (and async task) deadline in seconds",
+                                group=_SYNC)
+    safety_timeout_s: float = setting(
+        600.0, help="virtual clock: wall-clock seconds after which a round stops waiting "
+        "for devices", group=_SYNC)
+    replace_declined: bool = setting(
+        True, help="ask another device when a selected one declines", group=_SYNC)
+    max_abandoned: int = setting(
+        20, help="consecutive abandoned rounds after which the aggregator gives up",
+        group=_SYNC)
+    selection: str = setting(
+        "random", help="device selection policy: random, deadline (FedCS), tiered or oort",
+        example="oort", group=_SYNC)
+    max_selected: int | None = setting(
+        None, help="selection = deadline (FedCS) only: select up to this many of the "
+        "devices predicted to finish within deadline_s (default: the same count as every "
+        "other policy, devices_per_round x over_selection)", example=20, group=_SYNC)
 
     # -- async (FedBuff)
-    concurrency: int = 20
-    buffer_size: int = 10
-    staleness: StalenessKind = "sqrt"
-    max_staleness: int | None = 20
+    concurrency: int = setting(20, help="async: devices kept busy", group=_ASYNC)
+    buffer_size: int = setting(10, help="async: updates per aggregation (K)", group=_ASYNC)
+    staleness: StalenessKind = setting(
+        "sqrt", help="async: how a stale update is discounted", group=_ASYNC)
+    max_staleness: int | None = setting(
+        20, help="async: refuse updates staler than this many versions (none: no limit)",
+        group=_ASYNC)
 
     # -- local training (sent in each task)
-    local_epochs: int = 5
-    batch_size: int = 32
-    lr: float = 0.05
-    max_steps: int | None = None
-    adaptive_local_work: bool = True
-    """A device whose profile predicts it would miss ``deadline_s`` is asked for fewer
-    local steps (at least one) instead of being dropped; it reports the samples it
-    really trained on, which weight its update. Devices without a profile are not
-    adapted."""
-    codec: str = "fp32"
-    """Uplink update codec the devices are asked to use."""
-    downlink_codec: str = "fp32"
-    """Codec of the broadcast global model: fp32, or fp16 to halve the download."""
-    federated_eval: bool = False
+    local_epochs: int = setting(5, help="local epochs per task", group=_LOCAL)
+    batch_size: int = setting(32, help="local batch size", group=_LOCAL)
+    lr: float = setting(0.05, help="device learning rate", group=_LOCAL)
+    max_steps: int | None = setting(None, help="cap on local steps per task", example=50,
+                                    group=_LOCAL)
+    adaptive_local_work: bool = setting(
+        True, help="a device whose profile predicts it would miss deadline_s is asked for "
+        "fewer local steps (at least one) instead of being dropped; its update weighs the "
+        "samples it really trained on", group=_LOCAL)
+    codec: str = setting("fp32", help="uplink update codec, e.g. topk:0.01+q8+zstd",
+                         example="topk:0.01+q8+zstd", group=_LOCAL)
+    downlink_codec: str = setting(
+        "fp32", help="codec of the broadcast global model: fp32, or fp16 to halve the "
+        "download", example="fp16", group=_LOCAL)
+    federated_eval: bool = setting(
+        False, help="devices also evaluate the model on their held-out data", group=_LOCAL)
 
     # -- server side
-    server_opt: str = "fedavgm"
-    server_lr: float | None = None
-    server_momentum: float | None = None
-    robust: RobustMethod = "mean"
-    clip_norm: float | None = None
-    trim_fraction: float = 0.1
-    byzantine: int = 0
-    max_update_norm: float | None = None
-    """An absolute L2 cap (off by default: a model that broke would trip it for every
-    honest update; the relative screen below adapts instead)."""
-    norm_median_multiple: float | None = 4.0
-    """Refuse an update whose norm exceeds this multiple of the median norm of recently
-    accepted ones (``_screen.NormScreen``); None turns the screen off."""
-    max_weight_multiple: float | None = 4.0
-    """An update weighs the samples it claims, cut to what its task allowed and to this
-    multiple of the median weight of recent updates (``_screen.WeightBound``); None
-    keeps only the task's bound."""
-    robust_max_bytes: int = 1 << 30
+    server_opt: str = setting(
+        "fedavgm", help="server optimizer: fedavg, fedavgm, fedadagrad, fedadam or fedyogi",
+        example="fedadam", group=_SERVER)
+    server_lr: float | None = setting(None, help="server learning rate (default: the "
+                                      "optimizer's)", example=0.5, group=_SERVER)
+    server_momentum: float | None = setting(
+        None, help="server_opt = fedavgm only: its momentum (default 0.9)", example=0.5,
+        group=_SERVER)
+    robust: RobustMethod = setting(
+        "mean", help="aggregation rule: mean, median, trimmed_mean, krum or multi_krum",
+        group=_SERVER)
+    clip_norm: float | None = setting(None, help="clip each update to this L2 norm",
+                                      example=1.0, group=_SERVER)
+    trim_fraction: float = setting(0.1, help="robust = trimmed_mean: share trimmed at each "
+                                   "end", group=_SERVER)
+    byzantine: int = setting(
+        0, help="robust = krum or multi_krum: Byzantine updates to tolerate (f; a round "
+        "needs 2f + 3 updates)", group=_SERVER)
+    max_update_norm: float | None = setting(
+        None, help="an absolute L2 cap on updates (off by default: a model that broke would "
+        "trip it for every honest update; the relative screen adapts instead)",
+        example=100.0, group=_SERVER)
+    norm_median_multiple: float | None = setting(
+        4.0, help="refuse an update whose norm exceeds this multiple of the median norm of "
+        "recently accepted ones (none: screen off)", group=_SERVER)
+    max_weight_multiple: float | None = setting(
+        4.0, help="an update weighs the samples it claims, cut to what its task allowed and "
+        "to this multiple of the recent median weight (none: only the task's bound)",
+        group=_SERVER)
+    robust_max_bytes: int = setting(
+        1 << 30, help="memory the robust rules may hold a round's updates in (bytes)",
+        group=_SERVER)
 
     # -- persistence, evaluation, metrics
-    state_dir: Path | None = None
-    eval_data: Path | None = None
-    metrics_port: int | None = None
-    metrics_bind: str = "127.0.0.1"
-    """Address the metrics endpoint listens on: loopback unless you open it on purpose
-    (``0.0.0.0`` serves every interface; the endpoint has no authentication)."""
-    store_synchronous: Literal["FULL", "NORMAL"] = "FULL"
-    seed: int = 0
-    progress: bool = True
+    state_dir: Path | None = setting(
+        None, help="where the store, checkpoints and metrics live (default: a temporary "
+        "folder, lost on exit)", example="agg", group=_STATE)
+    eval_data: Path | None = setting(
+        None, help="held-out .npz (arrays x: features, y: labels) for server-side "
+        "evaluation", example="test.npz", group=_STATE)
+    metrics_port: int | None = setting(None, help="serve Prometheus metrics on this port",
+                                       example=9100, group=_STATE)
+    metrics_bind: str = setting(
+        "127.0.0.1", help="address the metrics endpoint listens on: loopback unless you "
+        "open it on purpose (0.0.0.0: every interface; the endpoint has no authentication)",
+        example="0.0.0.0", group=_STATE)
+    store_synchronous: Literal["FULL", "NORMAL"] = setting(
+        "FULL", help="SQLite synchronous mode of the store (NORMAL: faster, may lose the "
+        "last commits on a power cut)", group=_STATE)
+    seed: int = setting(0, help="selection and model seed", group=_STATE)
+    progress: bool = setting(True, help="print a line per round", group=_STATE,
+                             const_flags=(("--quiet", False),))
 
-    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    extra: Mapping[str, Any] = internal(default_factory=dict, repr=False)
     """Unused keys are refused; this stays empty (kept for forward-compatible tooling)."""
 
     def __post_init__(self) -> None:
@@ -182,10 +234,34 @@ class AggregatorConfig:
                 f"min_devices ({self.effective_min_devices}) is below the quorum "
                 f"({self.effective_quorum}): such rounds could only be abandoned"
             )
+        self._check_combinations()
         if not isinstance(self.metrics_bind, str) or not self.metrics_bind:
             raise ConfigError(f"metrics_bind must be an address, got {self.metrics_bind!r}")
         if self.extra:
             raise ConfigError(f"unknown settings: {', '.join(sorted(self.extra))}")
+
+    def _check_combinations(self) -> None:
+        """Settings that contradict each other: each refusal says why."""
+        if self.max_selected is not None and self.selection != "deadline":
+            raise ConfigError(
+                f"max_selected applies to selection = deadline (FedCS) only; with selection "
+                f"= {self.selection} it would be ignored")
+        if self.robust in ("krum", "multi_krum"):
+            need = krum_min_updates(self.byzantine)
+            why = f"{self.robust} with byzantine = {self.byzantine} needs {need} updates"
+            if self.mode == "async" and self.buffer_size < need:
+                raise ConfigError(
+                    f"buffer_size ({self.buffer_size}) is below what {why}: no buffer could "
+                    "be aggregated (raise buffer_size or lower byzantine)")
+            if self.mode == "sync" and self.selected_per_round < need:
+                raise ConfigError(
+                    f"devices_per_round x over_selection ({self.selected_per_round} devices "
+                    f"asked per round) is below the {need} updates {why.split(' needs ')[0]} "
+                    "needs: no round could be aggregated")
+            if self.mode == "sync" and self.quorum is not None and self.quorum < need:
+                raise ConfigError(
+                    f"quorum ({self.quorum}) is below what {why}: a round closing with its "
+                    "quorum could not be aggregated (raise quorum or lower byzantine)")
 
     # -- derived values
 
@@ -236,48 +312,23 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(AggregatorConfig) if f.name != "extra"}
-_HINTS = typing.get_type_hints(AggregatorConfig)
-
-
-def _coerce(name: str, value: Any) -> Any:
-    """Turn a TOML or flag value into the field's type (paths, ints that are floats...)."""
-    hint = _HINTS[name]
-    args = set(typing.get_args(hint)) or {hint}
-    if value is None:
-        return None
-    if Path in args or hint is Path:
-        return Path(os.path.expanduser(str(value)))
-    if float in args and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if bool in args and not isinstance(value, bool):
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-    return value
+AGGREGATOR = Section("aggregator", AggregatorConnection, AggregatorConfig,
+                     title="fleetlearn aggregator")
+"""The ``[aggregator]`` section: every field of both classes is a setting."""
 
 
 def load_config(
-    path: str | os.PathLike[str] | None = None, **overrides: Any
+    path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
+    **overrides: Any,
 ) -> AggregatorConfig:
-    """Settings from a TOML file (top level or an ``[aggregator]`` table), then
-    ``overrides`` (flags; ``None`` means not given). Unknown keys raise ConfigError."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-        table = data.get("aggregator", data)
-        if not isinstance(table, dict):
-            raise ConfigError(f"{path}: [aggregator] must be a table")
-        values.update({k.replace("-", "_"): v for k, v in table.items()})
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = sorted(set(values) - set(_FIELDS))
-    if unknown:
-        raise ConfigError(f"unknown aggregator settings: {', '.join(unknown)}")
-    kwargs = {k: _coerce(k, v) for k, v in values.items()}
-    try:
-        return AggregatorConfig(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"bad aggregator settings: {exc}") from exc
+    """``AggregatorConfig`` from ``overrides`` (flags: setting name -> value, None: not
+    given) > the environment (``env``, default ``os.environ``) > the TOML file ``path``
+    (else ``$FLEETLEARN_CONFIG``: an ``[aggregator]`` table, or an older file with the
+    settings at the top level) > defaults. Unknown keys raise ConfigError."""
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    for name in flags:
+        if AGGREGATOR.spec(name).owner is not AggregatorConfig:
+            raise ConfigError(f"{name} is a broker setting, not one of AggregatorConfig")
+    resolved = AGGREGATOR.resolve(flags=flags, env=env, config_file=path)
+    config: AggregatorConfig = resolved.build(AggregatorConfig)
+    return config

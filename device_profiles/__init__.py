@@ -17,6 +17,9 @@ Imports numpy only. Where things live:
   ``register_throughput_probe``, ``ThroughputProbe``, ``cpu_count``, ``memory_mb``,
   ``storage_gb``.
 - ``_cli``: the ``fleetlearn profile`` subcommand.
+- ``_settings``, ``_settings_section``, ``_settings_cli``: the settings mechanism of
+  every command: ``Section``, ``setting``, ``group``, ``overrides``, ``internal``,
+  ``Meta``, ``Resolved``, ``Source``, ``show_config``, ``CONFIG_ENV``.
 """
 
 from device_profiles._catalogue import (
@@ -63,6 +66,11 @@ from device_profiles._profile import (
 )
 from device_profiles._schema import profile_schema
 
+# The settings mechanism (flags > environment > file > defaults, for every command).
+from device_profiles._settings import CONFIG_ENV, Meta, Source, group, internal, overrides, setting
+from device_profiles._settings_cli import show_config
+from device_profiles._settings_section import Resolved, Section
+
 __all__ = [
     "DEFAULT_MIX",
     "REFERENCE_MODELS",
@@ -102,3 +110,4 @@ __all__ = [
     "train_flops_per_sample",
     "transfer_time_s",
 ]
+__all__ += ["CONFIG_ENV", "Meta", "Resolved", "Section", "Source", "group", "internal", "overrides", "setting", "show_config"]  # noqa: E501  (settings)

@@ -19,7 +19,8 @@ Where things live:
   ``DiskFull`` (crash-safe state; the commit order is in its docstring).
 - ``_artifact_cache``: ``ArtifactCache`` (verified, content-addressed), ``ModelCache``.
 - ``_eligibility``: ``DeviceStatus``, ``EligibilityRules``, ``SystemProbe``, ``check_eligibility``.
-- ``_config``: ``AgentConfig``, ``load_config`` (flags > environment > TOML > defaults).
+- ``_config``: ``AgentConfig``, ``load_config`` (flags > environment > TOML > defaults),
+  ``AgentOptions`` and ``AGENT`` (the ``[agent]`` settings section).
 """
 
 from edge_runtime._agent import (
@@ -112,3 +113,8 @@ __all__ = [
     "partition_shards",
     "validate_for_model",
 ]
+
+# The [agent] settings section (issue 13, one configuration system).
+from edge_runtime._config import AGENT, AgentOptions
+
+__all__ += ["AGENT", "AgentOptions"]

@@ -30,57 +30,28 @@ def register(sub: Any) -> None:
     from device_profiles import register_throughput_probe
 
     register_throughput_probe(_reference_probe)
+    from edge_runtime._config import AGENT
+
     p = sub.add_parser(
         "agent",
         help="run a device agent: train on local data when the aggregator asks",
         description=(
             "Connects to the broker as DEVICE_ID, announces itself, and answers training "
             "tasks with ONNX Runtime on the local data. Settings come from flags, then "
-            "FLEETLEARN_* environment variables, then --config TOML, then defaults."
+            "FLEETLEARN_AGENT_* environment variables, then the [agent] table of --config "
+            "FILE, then defaults."
         ),
+        epilog=AGENT.epilog(),
     )
-    p.add_argument("--broker", help="mqtt://host:port or mqtts://host:port ($FLEETLEARN_BROKER)")
-    p.add_argument("--device-id", dest="device_id", help="this device's id ($FLEETLEARN_DEVICE_ID)")
-    p.add_argument("--fleet", help="fleet id (default: default)")
-    p.add_argument("--data", help="local data: file.npz (arrays named x: features, y: "
-                                  "integer labels), file.csv (label in the last column) or "
-                                  "module:function returning (x, y)")
-    p.add_argument("--holdout", dest="holdout_fraction", type=float,
-                   help="fraction of local data held out for federated evaluation")
-    p.add_argument("--password", help="MQTT password (visible in ps: prefer --password-file "
-                                      "or $FLEETLEARN_PASSWORD)")
-    p.add_argument("--password-file", dest="password_file",
-                   help="file with the MQTT password alone, or the credentials.toml of "
-                        "`fleetlearn broker config` (its entry for DEVICE_ID)")
-    p.add_argument("--tls-ca", dest="tls_ca", help="CA bundle (PEM) to verify the broker")
-    p.add_argument("--tls-cert", dest="tls_cert", help="client certificate (PEM)")
-    p.add_argument("--tls-key", dest="tls_key", help="client private key (PEM)")
-    p.add_argument("--state-dir", dest="state_dir", help="where crash-safe state is kept")
-    p.add_argument("--artifacts-dir", dest="artifacts_dir",
-                   help="artifact cache (default: STATE_DIR/artifacts)")
-    p.add_argument("--profile", help="device profile: catalogue name or profile .toml "
-                                     "(default: measure this machine)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default 1)")
-    p.add_argument("--emulate", action="store_const", const=True, default=None,
-                   help="report the profile's emulated duration with each update")
-    p.add_argument("--time-scale", dest="time_scale", type=float,
-                   help="with --emulate: also take emulated time x this before uploading")
-    p.add_argument("--config", help="agent.toml ($FLEETLEARN_CONFIG)")
+    AGENT.add_flags(p)
     p.set_defaults(handler=_run)
 
 
-_FLAG_NAMES = (
-    "broker", "device_id", "fleet", "data", "holdout_fraction", "password", "password_file",
-    "tls_ca", "tls_cert", "tls_key", "state_dir", "artifacts_dir", "profile", "threads",
-    "emulate", "time_scale",
-)
-
-
 def _run(args: argparse.Namespace) -> int:
-    from edge_runtime._config import load_config
+    from edge_runtime._config import AGENT, load_config
 
-    flags = {name: getattr(args, name, None) for name in _FLAG_NAMES}
-    config = load_config(flags=flags, config_file=args.config)
+    flags, names = AGENT.flag_values(args)
+    config = load_config(flags=flags, flag_names=names, config_file=args.config_file)
     return run_agent(config)
 
 

@@ -21,7 +21,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,10 @@ from broker_bridge import (
     local_broker,
     local_broker_kind,
 )
-from cloud_aggregator import Aggregator, AggregatorConfig, RoundMetrics
-from device_profiles import DEFAULT_MIX, ConfigError
+from cloud_aggregator import Aggregator, RoundMetrics
+from device_profiles import ConfigError
 from edge_runtime._datasets import load_mnist1d
-from edge_runtime._fleet import FaultSpec, Fleet, FleetConfig, summarise_ids, wait_until
+from edge_runtime._fleet import Fleet, FleetConfig, summarise_ids, wait_until
 from fleetlearn._report import (
     human_time,
     summary_lines,
@@ -46,80 +46,13 @@ from fleetlearn._report import (
     write_plots,
     write_report,
 )
+from fleetlearn._sim_config import DEFAULT_CODEC, SimConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CODEC = "ef+topk:0.1+q8+zstd:3"
-"""The default compressed uplink codec of simulations (see bench/simulate.py)."""
+__all__ = ["DEFAULT_CODEC", "TARGETS", "SimConfig", "SimResult", "run_simulation"]
+
 TARGETS = (0.6, 0.8, 0.9)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SimConfig:
-    """Everything one simulation needs, parsed once from flags."""
-
-    devices: int = 100
-    per_round: int = 10
-    model: str = "cnn"
-    rounds: int = 100
-    target_accuracy: float | None = None
-    codec: str = DEFAULT_CODEC
-    selection: str = "random"
-    mode: str = "sync"
-    partition: str = "dirichlet:0.5"
-    profile_mix: str = DEFAULT_MIX
-    deadline_s: float = 120.0
-    clock: str = "virtual"
-    time_scale: float = 0.01
-    faults: FaultSpec = field(default_factory=FaultSpec)
-    availability: bool = True
-    start_hour: float = 23.5
-    seed: int = 0
-    broker: str | None = None
-    broker_kind: str = "mosquitto"
-    credentials: Path | None = None
-    out_dir: Path = Path("runs/latest")
-    workers: int = 2
-    network_loops: int = 2
-    max_wall_s: float = 3600.0
-    num_samples: int = 10_000
-    """MNIST-1D samples to generate (80% train, split over devices; 20% held out)."""
-    aggregator: dict[str, Any] = field(default_factory=dict)
-    """Extra ``AggregatorConfig`` fields (local_epochs, server_opt, ...)."""
-
-    def __post_init__(self) -> None:
-        if self.per_round < 1 or self.per_round > self.devices:
-            raise ConfigError(f"--per-round must be within 1..{self.devices} (the fleet size)")
-        if self.rounds < 1:
-            raise ConfigError("--rounds must be >= 1")
-        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
-            raise ConfigError("--target-accuracy is a fraction in (0, 1], e.g. 0.8")
-        if self.clock not in ("virtual", "real"):
-            raise ConfigError("--clock must be virtual or real")
-        if self.mode not in ("sync", "async"):
-            raise ConfigError("--mode must be sync or async")
-        if self.num_samples * 0.8 < 8 * self.devices:
-            raise ConfigError(f"{self.num_samples} samples are too few for {self.devices} "
-                              f"devices: use --samples {10 * self.devices} or more")
-
-    def aggregator_config(self) -> AggregatorConfig:
-        fields: dict[str, Any] = dict(
-            fleet="sim", model=self.model, rounds=self.rounds, mode=self.mode,
-            clock=self.clock, devices_per_round=self.per_round, deadline_s=self.deadline_s,
-            selection=self.selection, codec=self.codec, seed=self.seed,
-            state_dir=self.out_dir / "aggregator", eval_data=self.out_dir / "test.npz",
-            store_synchronous="NORMAL", progress=False,
-            safety_timeout_s=max(60.0, self.deadline_s * (self.time_scale if
-                                                          self.clock == "real" else 1.0) * 4),
-        )
-        if self.mode == "async":
-            fields["concurrency"] = self.per_round * 2
-            fields["buffer_size"] = self.per_round
-        fields.update(self.aggregator)
-        try:
-            return AggregatorConfig(**fields)
-        except TypeError as exc:
-            raise ConfigError(f"bad aggregator setting: {exc}") from exc
 
 
 def _ort_version() -> str:
