@@ -563,7 +563,7 @@ class Aggregator:
             assert close_round is not None
             self.store.close_round(fleet=self.fleet, round_index=close_round, state="abandoned",
                                    states=states)
-        self.registry.flush()
+        self.registry.flush(every_s=REGISTRY_EVERY_S)  # advisory: not at every release
         if params is not None:
             self._broadcast_model()
             self.events.emit(ModelReleased(model_version=self.state.version))
