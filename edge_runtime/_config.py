@@ -47,7 +47,7 @@ from typing import Any
 
 from broker_bridge import BrokerUrl, TlsConfig, check_id, read_password_file
 from device_profiles import ConfigError
-from edge_runtime._agent import CRASH_ENV, AgentSettings
+from edge_runtime._agent import AgentSettings
 from edge_runtime._data import DataSource
 from edge_runtime._eligibility import EligibilityRules
 
@@ -260,10 +260,9 @@ def load_config(
         allow_metered=values.get("allow_metered", True),
         require_idle=values.get("require_idle", False),
     )
-    crash_at = env.get(CRASH_ENV) or None
     protocol = {k: values[k] for k in ("ack_timeout_s", "request_timeout_s",
                                        "deadline_margin_s") if k in values}
-    settings = AgentSettings(crash_at=crash_at, **protocol)
+    settings = AgentSettings(**protocol)
     time_scale = values.get("time_scale")
     if time_scale is not None and time_scale < 0:
         raise ConfigError("time_scale must be >= 0")

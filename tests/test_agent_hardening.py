@@ -4,6 +4,7 @@ the task nonce echoed, and status lines that say what the agent waits for."""
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from test_agent import Rig, idle, make_data, wait_for
 
 from broker_bridge import unpack_update_body
-from edge_runtime import AgentSettings, DataError, LocalData
+from edge_runtime import AgentSettings, DataError, LocalData, Phase
 from edge_runtime._data import load_npz
 
 
@@ -65,18 +66,24 @@ def test_status_lines_say_what_the_agent_waits_for(rig: Rig) -> None:
     rig.agg.resend_tasks = False
     agent = rig.agent(settings=AgentSettings(status_interval_s=1.0, request_timeout_s=30.0),
                       on_status=said.append)
-    agent.poll(agent._last_status + 2)
+    later = iter(range(10, 1000, 10))  # each poll past the status interval of the last
+
+    def poll() -> None:
+        agent.poll(time.monotonic() + next(later))
+
+    poll()
     assert "waiting for a task from the aggregator of fleet 'unit'" in said[-1]
     assert "--fleet unit" in said[-1]
     # the aggregator does not answer the model request: the line says so
     rig.agg.models.pop(0)
     rig.agg.send_task("dev-1", rig.agg.task(round_=2, model_hash="e" * 64))
-    assert wait_for(lambda: agent._waiting_for is not None and "model" in agent._waiting_for)
-    agent.poll(agent._last_status + 2)
+    assert wait_for(lambda: "waiting for global model" in agent.status_line())
+    assert agent.phase == Phase.FETCHING
+    poll()
     assert said[-1].startswith("round 2: waiting for global model version 0 (eeeeeeeeeeee...)")
-    agent._stop.set()
     rig.agg.cancel("dev-1", 2)
     assert wait_for(lambda: idle(agent))
+    assert agent.phase == Phase.IDLE
     agent.channel.transport.close()
-    agent.poll(agent._last_status + 2)
+    poll()
     assert said[-1].startswith("waiting for the broker")
