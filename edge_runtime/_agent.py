@@ -15,6 +15,10 @@ thread); re-sending unacknowledged updates and noticing an eligibility change ha
 thousands of agents, by the simulator. Everything heavy is injectable so that many
 agents can share one process: the channel, the executor, the trainer provider, the
 artifact cache and the global-model cache.
+
+Why this module is a little over 400 lines: the ``Agent`` class owns the one lock under
+which the phase, the task in hand and the outbox change together; its handlers are the
+state machine's edges and stay side by side so each move can be read against the others.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from edge_runtime._data import LocalData
 from edge_runtime._eligibility import EligibilityRules, StatusProbe, SystemProbe
 from edge_runtime._emulation import Emulation
 from edge_runtime._fetch import Fetcher
-from edge_runtime._hooks import AgentHooks, ask_on_task
+from edge_runtime._hooks import AgentHooks, ask_on_task, notify
 from edge_runtime._inbox import Inbox, InboxHandlers, admit, read_task
 from edge_runtime._local_training import LocalTraining, labels_problem, train_locally
 from edge_runtime._outbox import Outbox
@@ -53,7 +57,7 @@ from edge_runtime._phase import Phase, PhaseMachine
 from edge_runtime._presence import Presence
 from edge_runtime._presence import make_agent_transport as make_agent_transport
 from edge_runtime._settings import AgentSettings, AgentStats
-from edge_runtime._state import AgentState, TaskStatus
+from edge_runtime._state import AgentState, CommitStep, TaskStatus
 from edge_runtime._trainer_pool import TrainerPool, TrainerProvider
 from edge_runtime._work import Control, Job, Worker
 
@@ -105,8 +109,8 @@ class Agent:
         self.profile = profile
         self.rules = rules or EligibilityRules()
         self.settings = settings or AgentSettings()
-        self.hooks = hooks or AgentHooks()
-        self.training: LocalTraining = training or train_locally
+        self._hooks = hooks or AgentHooks()
+        self._training: LocalTraining = training or train_locally
         self.emulation = emulation
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(
@@ -119,7 +123,7 @@ class Agent:
         self._on_status = on_status
         self._owns_transport = owns_transport
         self.log = _DeviceLog(log, {"device": device_id})
-        self.state = AgentState(directory=state_path, on_step=self.hooks.on_commit_step)
+        self.state = AgentState(directory=state_path, on_step=self._commit_step)
         self.stats = AgentStats()
         self._lock = threading.RLock()
         self._job: Job | None = None
@@ -133,7 +137,7 @@ class Agent:
         self._presence = Presence(
             channel=channel, device_id=device_id, profile=profile, data=data, rules=self.rules,
             probe=status_probe or SystemProbe(), artifacts=self.artifacts, models=self.models,
-            state=self.state, hooks=self.hooks, busy_round=self.busy_round, log=self.log)
+            state=self.state, hooks=self._hooks, busy_round=self.busy_round, log=self.log)
         self._inbox = Inbox(models=self.models, log=self.log, handlers=InboxHandlers(
             task=self._on_task, cancel=self._on_cancel, ack=self._on_ack,
             roll_call=self._presence.greet, malformed=self._count_malformed))
@@ -141,19 +145,31 @@ class Agent:
                                 request=self._send_request)
         self._outbox = Outbox(
             state=self.state, publish=lambda m: self._send("update", m), fleet=self.fleet,
-            device=device_id, settings=self.settings, stats=self.stats, hooks=self.hooks,
+            device=device_id, settings=self.settings, stats=self.stats, hooks=self._hooks,
             lock=self._lock, log=self.log)
         self._worker = Worker(
             control=Control(enter=self._enter, end=self._end_job, aborted=lambda: self._aborted,
                             stopping=self._stop.is_set, ack_task=self._ack_task,
                             report=self._report),
             state=self.state, fetcher=self._fetcher, trainers=self._trainers,
-            outbox=self._outbox, data=data, training=self.training, hooks=self.hooks,
+            outbox=self._outbox, data=data, training=self._training, hooks=self._hooks,
             emulation=emulation, settings=self.settings, stats=self.stats, log=self.log)
         self._phase = PhaseMachine(Phase.IDLE)
         self._resume()
 
     # -- life cycle --------------------------------------------------------------------
+
+    @property
+    def hooks(self) -> AgentHooks:
+        return self._hooks
+
+    @property
+    def training(self) -> LocalTraining:
+        """The local training callable (``train_locally`` unless one was given)."""
+        return self._training
+
+    def _commit_step(self, step: CommitStep) -> None:
+        notify(self._hooks.on_commit_step, step, self.log)
 
     @property
     def phase(self) -> Phase:
@@ -370,7 +386,9 @@ class Agent:
                 self._decline(task, decision.attempt,
                               "ineligible: " + "; ".join(eligibility.reasons))
                 return
-            reason = ask_on_task(self.hooks, task, self.log)
+            reason = ask_on_task(self._hooks, task, self.log)
+            if self._phase.phase == Phase.STOPPED:
+                return  # the hook stopped the agent
             if reason is not None:
                 self._decline(task, decision.attempt, reason)
                 return

@@ -40,7 +40,10 @@ Errors: an exception from ``on_task`` declines the task (reason ``hook failed``)
 ``internal``); from ``transform_hello``, sends the hello untransformed; from a
 notification hook, is logged and ignored (the update is committed either way). A hook
 that must end the device's work, as a power cut would (the simulator's crashes), calls
-``Agent.abort()`` and returns: the agent then writes and sends nothing more. Hooks run
+``Agent.abort()`` and returns: the agent then writes and sends nothing more, except
+that a commit already under way (``on_commit_step``) completes, so the state folder is
+never left half-committed by a hook (a real power cut there is what the crash-safe
+commit order is for; tests/crash_agent.py SIGKILLs the process at those steps). Hooks run
 on the agent's threads: keep them short, and never wait in them for the agent itself.
 """
 
@@ -49,11 +52,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from broker_bridge import Hello, TaskSpec, UpdateMeta
 from edge_runtime._state import CommitStep, Submission
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -77,6 +83,17 @@ class AgentHooks:
     on_committed: Callable[[Submission], None] | None = None
     on_sent: Callable[[Submission], None] | None = None
     transform_hello: Callable[[Hello], Hello] | None = None
+
+
+def notify(hook: Callable[[T], None] | None, value: T,
+           log: logging.LoggerAdapter[logging.Logger]) -> None:
+    """Call a notification hook; an exception from it is logged and ignored."""
+    if hook is None:
+        return
+    try:
+        hook(value)
+    except Exception:
+        log.exception("hook %s failed (ignored)", getattr(hook, "__name__", hook))
 
 
 def ask_on_task(hooks: AgentHooks, task: TaskSpec,

@@ -34,7 +34,7 @@ from broker_bridge import (
     pack_update_body,
 )
 from edge_runtime._emulation import Emulation
-from edge_runtime._hooks import AgentHooks, UpdateDraft
+from edge_runtime._hooks import AgentHooks, UpdateDraft, notify
 from edge_runtime._settings import AgentSettings, AgentStats
 from edge_runtime._state import AgentState, Submission, TaskStatus
 
@@ -121,7 +121,7 @@ class Outbox:
         self._state.commit(submission)
         with self._lock:
             self._pending = Pending(submission=submission)
-        self._notify(self._hooks.on_committed, submission)
+        notify(self._hooks.on_committed, submission, self._log)
 
     def send(self, submission: Submission) -> None:
         """Hand ``submission`` to the transport (the first send or a re-send)."""
@@ -137,7 +137,7 @@ class Outbox:
             self._pending.sent_at = time.monotonic()
         self._publish(message)
         self._stats.updates_sent += 1
-        self._notify(self._hooks.on_sent, submission)
+        notify(self._hooks.on_sent, submission, self._log)
 
     def send_pending(self) -> None:
         """Send the held update again, if any (after a reconnect)."""
@@ -193,11 +193,3 @@ class Outbox:
                 self._pending = None
                 return True
             return False
-
-    def _notify(self, hook: Callable[[Submission], None] | None, submission: Submission) -> None:
-        if hook is None:
-            return
-        try:
-            hook(submission)
-        except Exception:
-            self._log.exception("hook %s failed (ignored)", getattr(hook, "__name__", hook))
