@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +14,6 @@ from test_agent import Rig, idle, make_data, wait_for
 from broker_bridge import unpack_update_body
 from edge_runtime import AgentSettings, DataError, LocalData, Phase
 from edge_runtime._data import load_npz
-
-
-@pytest.fixture
-def rig(tmp_path: Path, artifacts: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path, artifacts)
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def test_labels_outside_the_models_classes_are_a_data_error(rig: Rig) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,15 +44,6 @@ from edge_runtime import (
     train_locally,
 )
 from edge_runtime._phase import PhaseMachine, legal
-
-
-@pytest.fixture
-def rig(tmp_path: Path, artifacts: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path, artifacts)
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def test_hooks_run_in_the_documented_order(rig: Rig) -> None:

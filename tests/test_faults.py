@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,15 +29,6 @@ TASK = TaskSpec(round=4, model_version=0, artifacts_hash="a" * 64, model_hash="b
 def draft(values: list[float]) -> UpdateDraft:
     meta = UpdateMeta(num_samples=96, steps=3, nonce=TASK.nonce, train_loss=1.0, duration_s=0.1)
     return UpdateDraft(task=TASK, delta=np.asarray(values, np.float32), meta=meta)
-
-
-@pytest.fixture
-def rig(tmp_path: Path, artifacts: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path, artifacts)
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def test_byzantine_kinds_transform_the_draft_and_the_hello() -> None:
