@@ -1,5 +1,6 @@
 """The agent's half of issue 12: labels outside the model's classes, a truncated .npz,
-the task nonce echoed, and status lines that say what the agent waits for."""
+the task nonce echoed, and status lines that say what the agent waits for; and a change
+of eligibility announced (found while splitting the agent, issue 13)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ import pytest
 from test_agent import Rig, idle, make_data, wait_for
 
 from broker_bridge import unpack_update_body
-from edge_runtime import AgentSettings, DataError, LocalData, Phase
+from edge_runtime import (
+    AgentSettings,
+    DataError,
+    DeviceStatus,
+    EligibilityRules,
+    LocalData,
+    Phase,
+)
 from edge_runtime._data import load_npz
 
 
@@ -77,3 +85,22 @@ def test_status_lines_say_what_the_agent_waits_for(rig: Rig) -> None:
     agent.channel.transport.close()
     poll()
     assert said[-1].startswith("waiting for the broker")
+
+
+def test_a_change_of_eligibility_is_announced_with_a_new_hello(rig: Rig) -> None:
+    # Before: poll() recorded the new eligibility before comparing it with the old one,
+    # so a device that started charging (or stopped) never said so until it reconnected.
+    charging = [True]
+    agent = rig.agent(rules=EligibilityRules(require_charging=True),
+                      status_probe=lambda: DeviceStatus(charging=charging[0]),
+                      settings=AgentSettings(eligibility_interval_s=1.0))
+    assert [h.eligibility_info().eligible for h in rig.agg.hellos] == [True]
+    agent.poll(time.monotonic() + 10)
+    assert len(rig.agg.hellos) == 1  # nothing changed: nothing said
+    charging[0] = False
+    agent.poll(time.monotonic() + 20)
+    assert [h.eligibility_info().eligible for h in rig.agg.hellos] == [True, False]
+    assert "not charging" in rig.agg.hellos[-1].eligibility_info().reasons[0]
+    charging[0] = True
+    agent.poll(time.monotonic() + 30)
+    assert [h.eligibility_info().eligible for h in rig.agg.hellos] == [True, False, True]
