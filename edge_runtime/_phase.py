@@ -5,8 +5,8 @@
   being fetched (from the caches, or requested from the aggregator).
 - ``TRAINING``: local training runs (the replaceable training callable).
 - ``ENCODING``: the trained weights become an update: the transform hook, the codec,
-  the emulated wait, the durable commit and the first send.
-- ``AWAITING_ACK``: the committed update was sent and is re-sent until the aggregator
+  the emulated wait and the durable commit.
+- ``AWAITING_ACK``: the committed update is sent, and re-sent until the aggregator
   acknowledges it (docs/PROTOCOL.md section 5.1); the agent takes new tasks meanwhile.
 - ``STOPPED``: ``stop`` or ``abort`` was called; nothing leaves it.
 
@@ -15,7 +15,7 @@ The edges (``_LEGAL``)::
     IDLE          -> FETCHING (a task taken), AWAITING_ACK (restart with an unacked update)
     FETCHING      -> TRAINING
     TRAINING      -> ENCODING
-    ENCODING      -> AWAITING_ACK (committed and sent)
+    ENCODING      -> AWAITING_ACK (committed; the first send follows)
     FETCHING, TRAINING, ENCODING
                   -> IDLE or AWAITING_ACK (the job ended with nothing sent: cancelled,
                      failed, withdrawn at its deadline; AWAITING_ACK when an earlier
@@ -31,13 +31,14 @@ written or sent for it. Staying in a phase is not a move.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from enum import StrEnum
 
 from edge_runtime._errors import IllegalTransition
 
 
 class Phase(StrEnum):
+    """What the agent is doing (the module docstring says what each means)."""
+
     IDLE = "idle"
     FETCHING = "fetching"
     TRAINING = "training"
@@ -66,18 +67,11 @@ def legal(current: Phase, target: Phase) -> bool:
 
 
 class PhaseMachine:
-    """The current phase, moved only along legal edges; thread-safe.
+    """The current phase, moved only along legal edges; thread-safe."""
 
-    ``on_change(old, new)`` is called after each move, outside the machine's lock.
-    """
-
-    def __init__(
-        self, initial: Phase = Phase.IDLE,
-        on_change: Callable[[Phase, Phase], None] | None = None,
-    ) -> None:
+    def __init__(self, initial: Phase = Phase.IDLE) -> None:
         self._phase = initial
         self._lock = threading.Lock()
-        self._on_change = on_change
 
     @property
     def phase(self) -> Phase:
@@ -100,6 +94,4 @@ class PhaseMachine:
             if not legal(old, target):
                 raise IllegalTransition(old, target)
             self._phase = target
-        if self._on_change is not None:
-            self._on_change(old, target)
         return old
