@@ -24,6 +24,10 @@ the hooks run in this order (each only if set):
 6. ``on_sent(submission)``: after each hand-over of the update to the transport: the
    first send and every re-send (no ack in time, a reconnect, the task sent again).
 
+The agent's phase (``Agent.phase``) meanwhile: ``on_task`` in ``IDLE`` or ``AWAITING_ACK``,
+the training callable in ``TRAINING``, steps 3 to 5 in ``ENCODING``, ``on_sent`` in
+``AWAITING_ACK`` (or already ``IDLE`` when the ack overtook it).
+
 ``transform_hello(hello)`` runs whenever the agent builds its hello (each connect, a
 roll call, an eligibility change) and returns the hello to send.
 
@@ -31,7 +35,8 @@ What a hook may change: ``on_task`` only decides; ``transform_update`` may chang
 update's values and everything in its metadata (the aggregator judges what it claims),
 not its length (a delta of another shape is a ``HookError`` and the task fails);
 ``draft.task`` is for reading (a changed one is ignored); ``emulated_s`` is set after
-the transform when the agent emulates a profile. ``transform_hello`` may change any
+the transform, from the samples and steps the returned metadata claims, when the agent
+emulates a profile. ``transform_hello`` may change any
 field. The notification hooks (``on_commit_step``, ``on_committed``, ``on_sent``) change
 nothing: their return value is ignored.
 
