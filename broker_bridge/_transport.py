@@ -46,6 +46,11 @@ class Transport(ABC):
     def close(self) -> None:
         """Disconnect cleanly: the broker does not publish the will."""
 
+    def abort(self) -> None:
+        """Drop the connection without a DISCONNECT, as a crash would: the broker
+        publishes the will. (This default closes cleanly; the real transports override it.)"""
+        self.close()
+
     @abstractmethod
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         """Queue one message. QoS 1 messages accepted here are delivered at least once,
@@ -197,6 +202,9 @@ class MemoryTransport(Transport):
         if self._connected:
             self._connected = False
             self.broker._detach(self, clean=False)
+
+    def abort(self) -> None:
+        self.kill()
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         if not self._connected:

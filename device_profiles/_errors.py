@@ -20,6 +20,8 @@ that every package can derive from it. The whole tree, by package::
     │   ├── ArtifactError                edge_runtime     (corrupt or mismatched artifacts)
     │   ├── DataError                    edge_runtime     (local data does not fit the model)
     │   ├── ModelVersionError            edge_runtime     (a global model that is not the task's)
+    │   ├── HookError                    edge_runtime     (a hook returned something unusable)
+    │   ├── IllegalTransition            edge_runtime     (the agent's state machine refused)
     │   └── StateError                   edge_runtime     (the agent's state dir cannot be used)
     │       └── DiskFull                 edge_runtime
     └── AggregatorError                  cloud_aggregator

@@ -54,7 +54,7 @@ from typing import Any
 
 from broker_bridge import BrokerUrl, TlsConfig, check_id, read_password_file
 from device_profiles import ConfigError, Section, setting
-from edge_runtime._agent import CRASH_ENV, AgentSettings
+from edge_runtime._agent import AgentSettings
 from edge_runtime._data import DataSource
 from edge_runtime._eligibility import EligibilityRules
 
@@ -246,7 +246,7 @@ class AgentOptions:
                               "= false forbids training on one: this device would never "
                               "train")
         self.rules()
-        self.protocol(crash_at=None)
+        self.protocol()
 
     # A field added to EligibilityRules or AgentSettings keeps its default until it is a
     # setting here too (tests/test_config.py fails until then).
@@ -256,10 +256,10 @@ class AgentOptions:
                                    for f in dataclasses.fields(EligibilityRules)
                                    if hasattr(self, f.name)})
 
-    def protocol(self, *, crash_at: str | None) -> AgentSettings:
-        return AgentSettings(crash_at=crash_at, **{
-            f.name: getattr(self, f.name) for f in dataclasses.fields(AgentSettings)
-            if f.name != "crash_at" and hasattr(self, f.name)})
+    def protocol(self) -> AgentSettings:
+        return AgentSettings(**{f.name: getattr(self, f.name)
+                                for f in dataclasses.fields(AgentSettings)
+                                if hasattr(self, f.name)})
 
     def config(self, *, env: Mapping[str, str] | None = None) -> AgentConfig:
         """The ``AgentConfig`` the agent runs with (reads the password file)."""
@@ -280,7 +280,7 @@ class AgentOptions:
             state_dir=self.state_dir or _default_state_dir(self.device_id),
             artifacts_dir=self.artifacts_dir, profile=self.profile, threads=self.threads,
             rules=self.rules(), metered=self.metered,
-            settings=self.protocol(crash_at=env.get(CRASH_ENV) or None),
+            settings=self.protocol(),
             emulate=self.emulate, time_scale=self.time_scale,
         )
 

@@ -1,6 +1,7 @@
 """Local data adapters: a device's own samples as ``(x float32, y int64 | float32)``.
 
-Three sources, each named in the agent's configuration: an ``.npz`` file, a CSV file,
+``LocalData`` holds a device's samples (and its held-out evaluation split). Three
+sources, each named in the agent's configuration: an ``.npz`` file, a CSV file,
 or the user's own Python callable (``module:function``) returning ``(x, y)``. Labels
 are int64 class indices for classification and float32 targets for regression.
 :func:`validate_for_model` then says in plain words when the data does not fit the
@@ -20,10 +21,39 @@ from typing import Any, Literal
 
 import numpy as np
 
+from device_profiles import ConfigError
 from edge_runtime._errors import DataError
 
 Task = Literal["classification", "regression"]
 Dim = int | str | None
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LocalData:
+    """A device's own samples; ``x_eval``/``y_eval`` are held out for federated evaluation."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_eval: np.ndarray | None = None
+    y_eval: np.ndarray | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.y)
+
+    @classmethod
+    def split(
+        cls, x: np.ndarray, y: np.ndarray, *, holdout_fraction: float = 0.0, seed: int = 0
+    ) -> LocalData:
+        """Hold out ``holdout_fraction`` of the samples (seeded) for evaluation."""
+        if not 0.0 <= holdout_fraction < 1.0:
+            raise ConfigError("holdout_fraction must be within [0, 1)")
+        n_eval = int(len(y) * holdout_fraction)
+        if n_eval == 0:
+            return cls(x=x, y=y)
+        order = np.random.default_rng(seed).permutation(len(y))
+        ev, tr = np.sort(order[:n_eval]), np.sort(order[n_eval:])
+        return cls(x=x[tr], y=y[tr], x_eval=x[ev], y_eval=y[ev])
 
 
 @dataclass(frozen=True, kw_only=True)

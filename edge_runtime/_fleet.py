@@ -20,6 +20,11 @@ out in real time. Faults are injected deterministically from the seed:
 - *availability* follows each profile's pattern (always on, diurnal, charging-only,
   flaky) in emulated time, starting at ``start_hour``.
 
+The faults live in ``_faults`` and reach the agents only through public parts: a crash
+is a ``transform_update`` hook that calls ``Agent.abort()``, a Byzantine device's
+tampering is its ``transform_update`` and ``transform_hello`` hooks, a slow device an
+``Emulation`` subclass.
+
 Fleet changes happen only between rounds (``advance``), and ``advance`` waits until
 the aggregator's view of who is online matches, so the same seed gives the same run.
 """
@@ -34,66 +39,24 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from broker_bridge import Channel, Hello, MqttTransport, NetworkLoop, TaskSpec, UpdateMeta
+from broker_bridge import Channel, NetworkLoop
 from device_profiles import DEFAULT_MIX, ConfigError, DeviceProfile, profile_mix
-from edge_runtime._agent import (
-    Agent,
-    AgentSettings,
-    Emulation,
-    LocalData,
-    TrainerPool,
-    make_agent_transport,
-)
+from edge_runtime._agent import Agent, make_agent_transport
 from edge_runtime._artifact_cache import ArtifactCache, ModelCache
+from edge_runtime._data import LocalData
 from edge_runtime._datasets import partition_dirichlet, partition_iid, partition_shards
 from edge_runtime._eligibility import DeviceStatus
+from edge_runtime._faults import Byzantine, FaultSpec, SlowEmulation, chain, draw
+from edge_runtime._hooks import AgentHooks, UpdateDraft
+from edge_runtime._settings import AgentSettings
+from edge_runtime._trainer_pool import TrainerPool
 
 log = logging.getLogger(__name__)
-
-
-class SimulatedCrash(BaseException):
-    """Raised inside a device's job to end it the way a power cut would.
-
-    A ``BaseException`` on purpose: the agent's error handling (which would record the
-    task as failed and report it) must not run, exactly as it would not on a real crash.
-    """
-
-
-@dataclass(frozen=True, kw_only=True)
-class FaultSpec:
-    """Failure injection, all decided from the seed."""
-
-    crash_fraction: float = 0.0
-    """Probability that a device crashes on a task (after training, before uploading)."""
-    restart_after_rounds: int = 2
-    """A crashed device reboots this many rounds later."""
-    slow_fraction: float = 0.0
-    """Share of devices that run ``slow_factor`` times slower than their profile."""
-    slow_factor: float = 4.0
-    byzantine_fraction: float = 0.0
-    """Share of devices that attack (``byzantine_kind`` says how)."""
-    byzantine_scale: float = 10.0
-    byzantine_kind: str = "flip"
-    """``flip``: send -``byzantine_scale`` x the true update; ``norm``: the true update
-    stretched to L2 norm ``byzantine_scale``; ``samples``: the true update, claiming
-    ``byzantine_samples`` samples."""
-    byzantine_samples: int = 10**12
-
-    def __post_init__(self) -> None:
-        if self.byzantine_kind not in ("flip", "norm", "samples"):
-            raise ConfigError("byzantine_kind must be flip, norm or samples, got "
-                              f"{self.byzantine_kind!r}")
-        for name in ("crash_fraction", "slow_fraction", "byzantine_fraction"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ConfigError(f"{name} must be within [0, 1], got {v}")
-        if self.restart_after_rounds < 1 or not self.slow_factor >= 1.0:
-            raise ConfigError("restart_after_rounds must be >= 1 and slow_factor >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,28 +113,6 @@ def partition(labels: np.ndarray, devices: int, spec: str, *, seed: int) -> list
     return partition_shards(labels, devices, shards_per_device=int(arg), seed=seed)
 
 
-def _draw(seed: int, *parts: object) -> float:
-    """A deterministic uniform draw in [0, 1) for (seed, parts)."""
-    key = "/".join(str(p) for p in (seed, *parts)).encode()
-    return zlib.crc32(key) / 2**32
-
-
-@dataclass(frozen=True, kw_only=True)
-class _FaultyEmulation(Emulation):
-    """The profile's time, made slower for slow devices, and a crash hook."""
-
-    slow_factor: float = 1.0
-    crash: Callable[[TaskSpec], None] | None = None
-
-    def emulated_s(self, *, task: TaskSpec, num_parameters: int, samples: int, steps: int,
-                   update_bytes: int) -> float:
-        if self.crash is not None:
-            self.crash(task)
-        base = super().emulated_s(task=task, num_parameters=num_parameters, samples=samples,
-                                  steps=steps, update_bytes=update_bytes)
-        return base * self.slow_factor
-
-
 @dataclass
 class DeviceRecord:
     """The simulator's view of one virtual device (agents come and go; this stays)."""
@@ -183,7 +124,6 @@ class DeviceRecord:
     slow: bool
     byzantine: bool = False
     agent: Agent | None = None
-    transport: MqttTransport | None = None
     crashed_at_round: int | None = None
     tasks: int = 0
     completed: int = 0
@@ -237,8 +177,8 @@ class Fleet:
             self.devices.append(DeviceRecord(
                 device_id=device_id, profile=profile, data=data,
                 state_dir=self.state_root / "devices" / device_id,
-                slow=_draw(config.seed, "slow", device_id) < config.faults.slow_fraction,
-                byzantine=(_draw(config.seed, "byzantine", device_id)
+                slow=draw(config.seed, "slow", device_id) < config.faults.slow_fraction,
+                byzantine=(draw(config.seed, "byzantine", device_id)
                            < config.faults.byzantine_fraction),
             ))
         self._by_id = {d.device_id: d for d in self.devices}
@@ -334,69 +274,54 @@ class Fleet:
             password=self._password_for(d.device_id), loop=loop,
             backoff_min_s=0.2, backoff_max_s=5.0, max_queued=0,
         )
-        emulation = _FaultyEmulation(
+        faults = self.config.faults
+        emulation = SlowEmulation(
             profile=d.profile, model=self.config.model, time_scale=self.config.time_scale,
-            slow_factor=self.config.faults.slow_factor if d.slow else 1.0,
-            crash=self._crash_hook(d) if self.config.faults.crash_fraction > 0 else None,
+            slow_factor=faults.slow_factor if d.slow else 1.0,
+        )
+        byzantine = Byzantine(faults) if d.byzantine else None
+        hooks = AgentHooks(
+            transform_update=chain(self._crash_hook(d) if faults.crash_fraction > 0 else None,
+                                   byzantine.attack if byzantine is not None else None),
+            transform_hello=byzantine.announce if byzantine is not None else None,
         )
         agent = Agent(
             device_id=d.device_id, channel=Channel(transport=transport, fleet=self.config.fleet),
             data=d.data, state_dir=d.state_dir, profile=d.profile,
             status_probe=_plugged_in, executor=self._executor, trainers=self._trainers,
             artifacts=self._artifacts, models=self._models, emulation=emulation,
-            settings=self._settings, owns_transport=True,
-            tamper=self._attack if d.byzantine else None,
-            tamper_meta=self._claim if d.byzantine else None,
-            tamper_hello=self._announce if d.byzantine else None,
+            settings=self._settings, owns_transport=True, hooks=hooks,
         )
-        d.agent, d.transport = agent, transport
+        d.agent = agent
         d._seen_tasks = d._seen_acked = 0
         agent.start(timer=False)
 
-    def _attack(self, delta: np.ndarray) -> np.ndarray:
-        faults = self.config.faults
-        if faults.byzantine_kind == "flip":
-            return -faults.byzantine_scale * delta
-        if faults.byzantine_kind == "norm":
-            norm = float(np.linalg.norm(delta))
-            return delta * (faults.byzantine_scale / norm) if norm > 0 else delta
-        return delta
-
-    def _claim(self, meta: UpdateMeta) -> UpdateMeta:
-        if self.config.faults.byzantine_kind != "samples":
-            return meta
-        return replace(meta, num_samples=self.config.faults.byzantine_samples)
-
-    def _announce(self, hello: Hello) -> Hello:
-        if self.config.faults.byzantine_kind != "samples":
-            return hello
-        return replace(hello, num_samples=self.config.faults.byzantine_samples)
-
-    def _crash_hook(self, d: DeviceRecord) -> Callable[[TaskSpec], None]:
+    def _crash_hook(self, d: DeviceRecord) -> Callable[[UpdateDraft], UpdateDraft]:
+        """Crash after training, before uploading: the device dies as in a power cut (its
+        socket drops without DISCONNECT, so the broker publishes its will) and reboots from
+        its state folder ``restart_after_rounds`` rounds later."""
         fraction = self.config.faults.crash_fraction
 
-        def maybe_crash(task: TaskSpec) -> None:
-            if _draw(self.config.seed, "crash", d.device_id, task.round) >= fraction:
-                return
-            log.info("%s crashes in round %d (injected)", d.device_id, task.round)
+        def maybe_crash(draft: UpdateDraft) -> UpdateDraft:
+            round_ = draft.task.round
+            if draw(self.config.seed, "crash", d.device_id, round_) >= fraction:
+                return draft
+            log.info("%s crashes in round %d (injected)", d.device_id, round_)
             with self._lock:
                 d.crashes += 1
-                d.crashed_at_round = task.round
+                d.crashed_at_round = round_
                 self._collect(d)
-                agent, transport = d.agent, d.transport
-                d.agent = d.transport = None
-            if transport is not None:
-                transport.abort()  # no DISCONNECT: the broker publishes the will
+                agent, d.agent = d.agent, None
             if agent is not None:
-                agent._stop.set()
-            raise SimulatedCrash(f"{d.device_id} crashed in round {task.round}")
+                agent.abort()  # the agent writes and sends nothing more
+            return draft
 
         return maybe_crash
 
     def _shutdown(self, d: DeviceRecord, *, clean: bool) -> None:
         with self._lock:
             self._collect(d)
-            agent, d.agent, d.transport = d.agent, None, None
+            agent, d.agent = d.agent, None
         if agent is not None:
             agent.stop(timeout=5.0)
 

@@ -170,18 +170,27 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-CrashHook = Callable[[str], None]
+class CommitStep(StrEnum):
+    """The points inside :meth:`AgentState.commit` between its writes (see the module
+    docstring's order), reported to ``on_step`` for crash tests and tracing."""
+
+    SUBMISSION_WRITTEN = "submission_written"
+    """``submission.bin`` is on disk; ``task.json`` does not say ``encoded`` yet."""
+    RECORD_COMMITTED = "record_committed"
+    """``task.json`` says ``encoded`` (the commit point); ``residual.ef`` not yet rolled."""
 
 
 class AgentState:
     """The state folder of one device (one per device, even with many agents per process)."""
 
-    def __init__(self, *, directory: str | Path, crash_hook: CrashHook | None = None) -> None:
+    def __init__(
+        self, *, directory: str | Path, on_step: Callable[[CommitStep], None] | None = None
+    ) -> None:
         self.directory = Path(directory)
         self._lock = threading.RLock()
         self._record: TaskRecord | None = None
         self._submission: Submission | None = None
-        self._crash_hook = crash_hook
+        self._on_step = on_step
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -262,9 +271,9 @@ class AgentState:
         except OSError as exc:
             raise state_error(f"cannot write {self.directory / name}", exc) from exc
 
-    def _crash(self, point: str) -> None:
-        if self._crash_hook is not None:
-            self._crash_hook(point)
+    def _step(self, step: CommitStep) -> None:
+        if self._on_step is not None:
+            self._on_step(step)
 
     def begin(self, task: TaskSpec, *, attempt: int) -> TaskRecord:
         """Record a newly accepted task (status ``received``)."""
@@ -302,7 +311,7 @@ class AgentState:
             if record.status.submitted:
                 raise StateError(f"round {submission.round} is already submitted")
             self._write(SUBMISSION_FILE, raw)
-            self._crash("before_commit")
+            self._step(CommitStep.SUBMISSION_WRITTEN)
             record = replace(
                 record,
                 status=TaskStatus.ENCODED,
@@ -312,7 +321,7 @@ class AgentState:
             self._write(TASK_FILE, record.to_bytes())  # the commit point
             self._record = record
             self._submission = submission
-            self._crash("after_commit")
+            self._step(CommitStep.RECORD_COMMITTED)
             if submission.residual is not None:
                 self._write(RESIDUAL_FILE, submission.residual)
             return record

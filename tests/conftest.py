@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from brokers import Nats, RabbitMq
@@ -95,3 +96,16 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("mlp-artifacts")
     build_artifacts(build_reference_model("mlp", 0), out)
     return out
+
+
+@pytest.fixture
+def rig(tmp_path: Path, artifacts: Path) -> Iterator[Any]:
+    """A device rig (test_agent.Rig: the aggregator stand-in over MemoryTransport, and
+    the agents it makes), stopped at teardown. test_agent.py has its own."""
+    from test_agent import Rig
+
+    r = Rig(tmp_path, artifacts)
+    try:
+        yield r
+    finally:
+        r.close()

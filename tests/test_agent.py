@@ -234,13 +234,14 @@ class Rig:
         self.agents: list[Agent] = []
 
     def agent(self, device: str = "dev-1", *, data: LocalData | None = None,
-              settings: AgentSettings | None = None, **kw: object) -> Agent:
+              settings: AgentSettings | None = None,
+              status_probe: Callable[[], DeviceStatus] | None = None, **kw: object) -> Agent:
         t = MemoryTransport(broker=self.broker, client_id=device,
                             will=presence_will(fleet=FLEET, device=device))
         agent = Agent(
             device_id=device, channel=Channel(transport=t, fleet=FLEET),
             data=data if data is not None else make_data(), state_dir=self.tmp / device,
-            status_probe=lambda: DeviceStatus(free_memory_mb=1000.0),
+            status_probe=status_probe or (lambda: DeviceStatus(free_memory_mb=1000.0)),
             settings=settings or AgentSettings(request_timeout_s=5.0), **kw,  # type: ignore[arg-type]
         )
         agent.start(timer=False)
@@ -331,8 +332,8 @@ def test_lossy_codec_with_error_feedback_persists_the_residual(rig: Rig) -> None
 
 
 def test_ineligible_device_declines_with_reason(rig: Rig) -> None:
-    agent = rig.agent(rules=EligibilityRules(require_charging=True, min_battery_percent=50))
-    agent._probe = lambda: DeviceStatus(battery_percent=20.0, charging=False)  # type: ignore[method-assign]
+    rig.agent(rules=EligibilityRules(require_charging=True, min_battery_percent=50),
+              status_probe=lambda: DeviceStatus(battery_percent=20.0, charging=False))
     rig.agg.send_task("dev-1", rig.agg.task())
     assert wait_for(lambda: rig.agg.task_acks)
     (ack,) = rig.agg.task_acks
@@ -526,7 +527,7 @@ def test_many_agents_share_caches_and_one_session(rig: Rig) -> None:
     for i in range(6):
         rig.agg.send_task(f"sim-{i}", rig.agg.task())
     assert wait_for(lambda: len(rig.agg.updates) == 6 and all(idle(a) for a in agents), 30)
-    assert pool._created == {rig.agg.artifacts_hash: 1}
+    assert pool.sessions() == {rig.agg.artifacts_hash: 1}
     assert 1 <= [r.want for r in rig.agg.requests].count("artifacts") <= 6
     executor.shutdown()
 

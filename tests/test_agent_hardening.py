@@ -1,10 +1,11 @@
 """The agent's half of issue 12: labels outside the model's classes, a truncated .npz,
-the task nonce echoed, and status lines that say what the agent waits for."""
+the task nonce echoed, and status lines that say what the agent waits for; and a change
+of eligibility announced (found while splitting the agent, issue 13)."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +13,15 @@ import pytest
 from test_agent import Rig, idle, make_data, wait_for
 
 from broker_bridge import unpack_update_body
-from edge_runtime import AgentSettings, DataError, LocalData
+from edge_runtime import (
+    AgentSettings,
+    DataError,
+    DeviceStatus,
+    EligibilityRules,
+    LocalData,
+    Phase,
+)
 from edge_runtime._data import load_npz
-
-
-@pytest.fixture
-def rig(tmp_path: Path, artifacts: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path, artifacts)
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def test_labels_outside_the_models_classes_are_a_data_error(rig: Rig) -> None:
@@ -65,18 +64,43 @@ def test_status_lines_say_what_the_agent_waits_for(rig: Rig) -> None:
     rig.agg.resend_tasks = False
     agent = rig.agent(settings=AgentSettings(status_interval_s=1.0, request_timeout_s=30.0),
                       on_status=said.append)
-    agent.poll(agent._last_status + 2)
+    later = iter(range(10, 1000, 10))  # each poll past the status interval of the last
+
+    def poll() -> None:
+        agent.poll(time.monotonic() + next(later))
+
+    poll()
     assert "waiting for a task from the aggregator of fleet 'unit'" in said[-1]
     assert "--fleet unit" in said[-1]
     # the aggregator does not answer the model request: the line says so
     rig.agg.models.pop(0)
     rig.agg.send_task("dev-1", rig.agg.task(round_=2, model_hash="e" * 64))
-    assert wait_for(lambda: agent._waiting_for is not None and "model" in agent._waiting_for)
-    agent.poll(agent._last_status + 2)
+    assert wait_for(lambda: "waiting for global model" in agent.status_line())
+    assert agent.phase == Phase.FETCHING
+    poll()
     assert said[-1].startswith("round 2: waiting for global model version 0 (eeeeeeeeeeee...)")
-    agent._stop.set()
     rig.agg.cancel("dev-1", 2)
     assert wait_for(lambda: idle(agent))
+    assert agent.phase == Phase.IDLE
     agent.channel.transport.close()
-    agent.poll(agent._last_status + 2)
+    poll()
     assert said[-1].startswith("waiting for the broker")
+
+
+def test_a_change_of_eligibility_is_announced_with_a_new_hello(rig: Rig) -> None:
+    # Before: poll() recorded the new eligibility before comparing it with the old one,
+    # so a device that started charging (or stopped) never said so until it reconnected.
+    charging = [True]
+    agent = rig.agent(rules=EligibilityRules(require_charging=True),
+                      status_probe=lambda: DeviceStatus(charging=charging[0]),
+                      settings=AgentSettings(eligibility_interval_s=1.0))
+    assert [h.eligibility_info().eligible for h in rig.agg.hellos] == [True]
+    agent.poll(time.monotonic() + 10)
+    assert len(rig.agg.hellos) == 1  # nothing changed: nothing said
+    charging[0] = False
+    agent.poll(time.monotonic() + 20)
+    assert [h.eligibility_info().eligible for h in rig.agg.hellos] == [True, False]
+    assert "not charging" in rig.agg.hellos[-1].eligibility_info().reasons[0]
+    charging[0] = True
+    agent.poll(time.monotonic() + 30)
+    assert [h.eligibility_info().eligible for h in rig.agg.hellos] == [True, False, True]

@@ -1,8 +1,9 @@
 """The agent over a real Mosquitto, on real MNIST-1D data; kill -9 at every commit step.
 
-The crash test runs ``python -m fleetlearn agent`` as a child process and uses the
-agent's documented test hook ``FLEETLEARN_TEST_CRASH_AT=<point>``: the agent
-SIGKILLs itself at that point (see ``edge_runtime._agent.CRASH_POINTS``).
+The crash test runs ``tests/crash_agent.py`` as a child process: the agent of
+``fleetlearn agent``, built from the same settings, with ``AgentHooks`` (and a training
+callable) that SIGKILL the process at a named point (its docstring lists them). The
+restart is the real ``python -m fleetlearn agent``.
 """
 
 from __future__ import annotations
@@ -123,11 +124,10 @@ def _launch(url: str, device: str, data: Path, state: Path, crash_at: str | None
             ) -> subprocess.Popen[bytes]:
     env = dict(os.environ, OMP_NUM_THREADS="1", FLEETLEARN_ACK_TIMEOUT_S="1",
                PYTHONPATH=str(REPO))
-    env.pop("FLEETLEARN_TEST_CRASH_AT", None)
-    if crash_at is not None:
-        env["FLEETLEARN_TEST_CRASH_AT"] = crash_at
+    command = ([str(REPO / "tests" / "crash_agent.py"), "--crash-at", crash_at]
+               if crash_at is not None else ["-m", "fleetlearn", "agent"])
     return subprocess.Popen(
-        [sys.executable, "-m", "fleetlearn", "agent", "--broker", url, "--device-id", device,
+        [sys.executable, *command, "--broker", url, "--device-id", device,
          "--fleet", FLEET, "--data", str(data), "--state-dir", str(state), "--profile", "pi4"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )

@@ -25,6 +25,7 @@ from edge_runtime import (
     AgentState,
     ArtifactCache,
     ArtifactError,
+    CommitStep,
     DiskFull,
     ModelCache,
     StateError,
@@ -71,23 +72,26 @@ def test_commit_then_restart_resends_same_bytes(tmp_path: Path) -> None:
     assert AgentState(directory=tmp_path).record.status == TaskStatus.ACKED  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("point", ["before_commit", "after_commit"])
-def test_a_crash_around_the_commit_point_loses_nothing(tmp_path: Path, point: str) -> None:
+@pytest.mark.parametrize("point", [CommitStep.SUBMISSION_WRITTEN, CommitStep.RECORD_COMMITTED])
+def test_a_crash_around_the_commit_point_loses_nothing(tmp_path: Path, point: CommitStep) -> None:
     # The residual of the previous round is in place.
     (tmp_path / "residual.ef").write_bytes(b"R0")
+    steps: list[CommitStep] = []
 
-    def hook(at: str) -> None:
+    def hook(at: CommitStep) -> None:
+        steps.append(at)
         if at == point:
             raise Crash(at)
 
-    state = AgentState(directory=tmp_path, crash_hook=hook)
+    state = AgentState(directory=tmp_path, on_step=hook)
     state.begin(TASK, attempt=0)
     state.set_status(TaskStatus.TRAINING)
     with pytest.raises(Crash):
         state.commit(_submission())
+    assert steps[-1] == point
     after = AgentState(directory=tmp_path)
     assert after.record is not None
-    if point == "before_commit":
+    if point == CommitStep.SUBMISSION_WRITTEN:
         # Not committed: the task is still in progress (train again), old residual kept.
         assert after.record.status == TaskStatus.TRAINING
         assert after.submission is None and after.residual() == b"R0"

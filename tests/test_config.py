@@ -215,8 +215,7 @@ def test_the_settings_are_the_fields_of_the_configs() -> None:
     agent = {s.name for s in AGENT.specs}
     assert {f.name for f in dataclasses.fields(AgentOptions)} == agent
     assert {f.name for f in dataclasses.fields(EligibilityRules)} <= agent
-    # crash_at is a test hook read from FLEETLEARN_TEST_CRASH_AT only.
-    assert {f.name for f in dataclasses.fields(AgentSettings)} - {"crash_at"} <= agent
+    assert {f.name for f in dataclasses.fields(AgentSettings)} <= agent
     sim = {s.name for s in SIMULATE.specs}
     assert {f.name for f in dataclasses.fields(SimConfig)} - {"faults", "aggregator"} <= sim
     assert {f.name for f in dataclasses.fields(FaultSpec)} <= sim
