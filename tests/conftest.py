@@ -102,7 +102,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def rig(tmp_path: Path, artifacts: Path) -> Iterator[Any]:
     """A device rig (test_agent.Rig: the aggregator stand-in over MemoryTransport, and
     the agents it makes), stopped at teardown. test_agent.py has its own."""
-    from test_agent import Rig
+    from agent_rig import Rig
 
     r = Rig(tmp_path, artifacts)
     try:

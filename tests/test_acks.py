@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from test_agent import Rig, idle, wait_for
-from test_service import FakeDevice, devices, fake_update, make
+from agent_rig import Rig, idle
+from aggregator_rig import FakeDevice, devices, fake_update, make
+from waiting import wait_for
 
 from broker_bridge import (
     AckCode,

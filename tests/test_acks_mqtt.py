@@ -11,7 +11,8 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from test_hardening_mqtt import Device, aggregator, wait_for
+from mqtt_rig import Device, aggregator
+from waiting import wait_for
 
 from broker_bridge import AckCode, MosquittoProcess, ack_code, may_retry
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_agent import Rig, idle, make_data, wait_for
+from agent_rig import Rig, idle, make_data
+from waiting import wait_for
 
 from broker_bridge import unpack_update_body
 from edge_runtime import (

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_agent import Rig, expected_delta, idle, make_data, wait_for
+from agent_rig import Rig, expected_delta, idle, make_data
+from waiting import wait_for
 
 from broker_bridge import (
     Channel,
@@ -299,7 +300,7 @@ def test_a_restarted_agent_with_an_unacknowledged_update_awaits_its_ack(rig: Rig
 def test_a_transform_hook_changes_what_a_real_aggregator_applies_over_mosquitto(
     mosquitto: MosquittoProcess, tmp_path: Path, artifacts: Path
 ) -> None:
-    from test_hardening_mqtt import aggregator
+    from mqtt_rig import aggregator
 
     fleet = "hooks"
     data = {f"dev-{i}": make_data(n=64, seed=i) for i in range(2)}

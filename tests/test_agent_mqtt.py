@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_agent import StandIn, expected_delta, wait_for
+from agent_rig import StandIn, expected_delta
+from waiting import wait_for
 
 from broker_bridge import (
     Channel,

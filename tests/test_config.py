@@ -397,8 +397,7 @@ def test_combinations_that_work_are_accepted() -> None:
 
 def test_fedbuff_with_a_buffer_larger_than_its_concurrency_releases_models(
         tmp_path: Path, artifacts: Path) -> None:
-    from test_service import devices, make
-    from test_strategies import _feed_async
+    from aggregator_rig import devices, feed_async, make
 
     from broker_bridge import MemoryBroker
 
@@ -407,7 +406,7 @@ def test_fedbuff_with_a_buffer_larger_than_its_concurrency_releases_models(
     agg = make(tmp_path, artifacts, broker, mode="async", concurrency=2, buffer_size=3,
                rounds=2, staleness="constant", norm_median_multiple=None)
     try:
-        answered = _feed_async(agg, fleet, 6)
+        answered = feed_async(agg, fleet, 6)
         assert agg.model_version == 2  # two buffers of 3, never more than 2 tasks out
         assert len({d for d, _ in answered}) == 3 and len(set(answered)) == 6
     finally:

@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from test_tls import _make_ca_and_server
+from tls_files import make_ca_and_server
 
 from broker_bridge import (
     Channel,
@@ -40,7 +40,7 @@ ROOT_WITH_MOSQUITTO_USER = (hasattr(os, "geteuid") and os.geteuid() == 0
 def test_a_root_started_mosquitto_reads_everything_broker_config_wrote(open_dir: Path) -> None:
     certs = open_dir / "certs"
     certs.mkdir()
-    ca, cert, key = _make_ca_and_server(certs, "plant")
+    ca, cert, key = make_ca_and_server(certs, "plant")
     assert key.stat().st_mode & 0o777 == 0o600 and key.stat().st_uid == 0
     port = free_port()
     files = write_broker_config(

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_agent import Rig, expected_delta, idle, make_data, wait_for
+from agent_rig import Rig, expected_delta, idle, make_data
+from waiting import wait_for
 
 from broker_bridge import (
     Hello,

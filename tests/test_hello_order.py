@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from test_agent import make_data
-from test_hardening_mqtt import aggregator, transport, wait_for
-from test_service import make
+from agent_rig import make_data
+from aggregator_rig import make
+from mqtt_rig import aggregator, transport
+from waiting import wait_for
 
 from broker_bridge import (
     Ack,
@@ -197,7 +198,7 @@ def test_a_task_before_the_hello_and_the_same_task_twice_over_mosquitto(
 def test_a_device_back_from_offline_gets_its_task_again(tmp_path: Path, artifacts: Path) -> None:
     """Its session may have lost the task; a device that only reported an error (and
     never left) is not sent the task again for each hello."""
-    from test_service import devices
+    from aggregator_rig import devices
 
     from broker_bridge import ErrorReport
 

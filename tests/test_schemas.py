@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_rig import make_data
+from aggregator_rig import FLEET, devices, make
 from conformance import SCHEMA_DIR, differences, schema_files
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schema_validator import SchemaError, Validator, check_keywords
-from test_agent import make_data, wait_for
-from test_service import FLEET, devices, make
+from waiting import wait_for
 
 from broker_bridge import (
     Ack,

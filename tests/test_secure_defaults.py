@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_service import FakeDevice, devices, fake_update, make
+from aggregator_rig import FakeDevice, devices, fake_update, make
 
 import cloud_aggregator._runtime as service_module
 from broker_bridge import ErrorReport, Hello, Kind, MemoryBroker, Message, Request

@@ -7,141 +7,30 @@ Fake devices send real encoded updates (``encode_update``) whose values depend o
 from __future__ import annotations
 
 import math
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from aggregator_rig import FLEET, FakeDevice, devices, fake_update, make
 
 from broker_bridge import (
-    Ack,
-    Channel,
     CodecSpec,
-    Hello,
     Kind,
     Layout,
     MemoryBroker,
     MemoryTransport,
-    Message,
     Request,
     TaskSpec,
-    UpdateMeta,
     decode_model,
     encode_update,
-    presence_message,
-    presence_will,
     read_model_message,
     unpack_bundle,
-    update_message,
     weights_hash,
 )
 from cloud_aggregator import Aggregator
-from cloud_aggregator._config import AggregatorConfig, load_config
+from cloud_aggregator._config import load_config
 from cloud_aggregator._rounds import ManualClock
-from device_profiles import ConfigError, get_profile
-
-FLEET = "test"
-
-
-def fake_update(device: str, round_index: int, size: int) -> np.ndarray:
-    rng = np.random.default_rng([zlib.crc32(device.encode()), round_index])
-    return (rng.standard_normal(size) * 0.01).astype(np.float32)
-
-
-class FakeDevice:
-    """Speaks the device side of the protocol from its payload classes; answers by hand."""
-
-    def __init__(self, broker: MemoryBroker, device_id: str, *, num_samples: int = 50) -> None:
-        self.id = device_id
-        self.num_samples = num_samples
-        self.transport = MemoryTransport(broker=broker, client_id=device_id,
-                                         will=presence_will(fleet=FLEET, device=device_id))
-        self.channel = Channel(transport=self.transport, fleet=FLEET)
-        self.tasks: list[TaskSpec] = []
-        self.acks: list[Ack] = []
-        self.cancels: list[int] = []
-        self.models: dict[int, Message] = {}
-        self.other: list[Message] = []
-        self.transport.connect()
-        topics = self.channel.topics
-        self.channel.subscribe(topics.device_down(device_id), self._on_message)
-        self.channel.subscribe(topics.all_broadcast, self._on_message)
-        self.channel.send(topics.presence(device_id),
-                          presence_message(fleet=FLEET, device=device_id, status="online"),
-                          retain=True)
-        self.hello()
-
-    def hello(self, busy_round: int | None = None) -> None:
-        hello = Hello(profile=get_profile("pi4").to_dict(), eligibility={"eligible": True},
-                      num_samples=self.num_samples, busy_round=busy_round)
-        self.channel.send(self.channel.topics.up(self.id, "hello"),
-                          hello.to_message(fleet=FLEET, device=self.id))
-
-    def _on_message(self, topic: str, message: Message) -> None:
-        if message.kind == Kind.CONTROL:  # the aggregator's roll call
-            self.hello()
-        elif message.kind == Kind.TASK:
-            self.tasks.append(TaskSpec.from_message(message))
-        elif message.kind == Kind.ACK:
-            self.acks.append(Ack.from_message(message))
-        elif message.kind == Kind.CANCEL:
-            self.cancels.append(message.round)
-        elif message.kind == Kind.MODEL:
-            self.models[message.model_version] = message
-        else:
-            self.other.append(message)
-
-    def send_update(
-        self, *, round_index: int | None = None, model_version: int | None = None,
-        values: np.ndarray | None = None, layout: Layout, codec: str = "fp32", attempt: int = 0,
-        emulated_s: float | None = None, num_samples: int | None = None,
-        codec_body: bytes | None = None,
-    ) -> None:
-        r = self.tasks[-1].round if round_index is None else round_index
-        v = self.tasks[-1].model_version if model_version is None else model_version
-        if codec_body is None:
-            vec = fake_update(self.id, r, layout.size) if values is None else values
-            codec_body = encode_update(vec, layout, CodecSpec.parse(codec), rng=0).body
-        nonce = next((t.nonce for t in reversed(self.tasks) if t.round == r), "no-task-nonce")
-        meta = UpdateMeta(num_samples=self.num_samples if num_samples is None else num_samples,
-                          steps=2, nonce=nonce, train_loss=1.0, duration_s=0.1,
-                          emulated_s=emulated_s)
-        msg = update_message(fleet=FLEET, device=self.id, round=r, model_version=v,
-                             attempt=attempt, codec=codec, meta=meta, codec_body=codec_body)
-        self.channel.send(self.channel.topics.up(self.id, "update"), msg)
-
-    def decline(self) -> None:
-        ack = Ack(round=self.tasks[-1].round, what="task", status="declined", reason="battery")
-        self.channel.send(self.channel.topics.up(self.id, "ack"),
-                          ack.to_message(fleet=FLEET, device=self.id))
-
-    def last_ack(self) -> Ack:
-        return self.acks[-1]
-
-
-def make(
-    tmp: Path, artifacts: Path, broker: MemoryBroker, *, manual: ManualClock | None = None,
-    **overrides: object,
-) -> Aggregator:
-    settings: dict[str, object] = {
-        "fleet": FLEET, "model": "mlp", "rounds": 3, "devices_per_round": 3,
-        "over_selection": 1.0, "deadline_s": 30.0, "state_dir": tmp, "local_epochs": 1,
-        "server_opt": "fedavg", "store_synchronous": "NORMAL",
-    }
-    parts = {k: overrides.pop(k) for k in ("strategy", "policy", "optimizer", "evaluator")
-             if k in overrides}  # objects of one's own go to the runtime, not the config
-    settings.update(overrides)
-    config = AggregatorConfig(**settings)  # type: ignore[arg-type]
-    transport = MemoryTransport(broker=broker, client_id="aggregator")
-    agg = Aggregator(config=config, channel=Channel(transport=transport, fleet=FLEET),
-                     clock=manual or ManualClock(), artifacts_dir=artifacts,
-                     **parts)  # type: ignore[arg-type]
-    agg.start()
-    return agg
-
-
-def devices(broker: MemoryBroker, n: int) -> dict[str, FakeDevice]:
-    return {f"d{i}": FakeDevice(broker, f"d{i}") for i in range(n)}
+from device_profiles import ConfigError
 
 
 def test_a_round_averages_what_devices_sent(tmp_path: Path, artifacts: Path) -> None:

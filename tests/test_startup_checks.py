@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_service import FLEET, devices, make
+from aggregator_rig import FLEET, devices, make
 
 from broker_bridge import Channel, MemoryBroker, MemoryTransport
 from cloud_aggregator import Aggregator

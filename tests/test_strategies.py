@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_service import FakeDevice, devices, fake_update, make
+from aggregator_rig import devices, fake_update, feed_async, make
 
 from broker_bridge import (
     CodecSpec,
@@ -30,21 +30,6 @@ from cloud_aggregator import (
 from cloud_aggregator._robust import coordinate_median, multi_krum
 
 
-def _feed_async(agg: object, fleet: dict[str, FakeDevice], count: int) -> list[tuple[str, int]]:
-    """Answer ``count`` async tasks in dispatch order; returns (device, task round)."""
-    answered: list[tuple[str, int]] = []
-    while len(answered) < count:
-        agg.tick()  # type: ignore[attr-defined]
-        waiting = [d for d in fleet.values()
-                   if d.tasks and (d.id, d.tasks[-1].round) not in answered]
-        assert waiting, "no device holds an unanswered task"
-        device = min(waiting, key=lambda d: d.tasks[-1].round)
-        device.send_update(layout=agg.layout)  # type: ignore[attr-defined]
-        assert device.last_ack().status == "accepted", (device.id, device.last_ack())
-        answered.append((device.id, device.tasks[-1].round))
-    return answered
-
-
 @pytest.mark.parametrize(("robust", "reference"), [
     ("median", lambda u: coordinate_median(np.stack(u))),
     ("multi_krum", lambda u: multi_krum(np.stack(u), f=1, m=4)),  # m defaults to n - f
@@ -57,7 +42,7 @@ def test_fedbuff_applies_robust_rules_like_numpy(tmp_path: Path, artifacts: Path
                rounds=1, robust=robust, byzantine=1, staleness="constant",
                norm_median_multiple=None)
     start = agg.params.copy()
-    answered = _feed_async(agg, fleet, 5)
+    answered = feed_async(agg, fleet, 5)
     assert agg.model_version == 1
     updates = [fake_update(d, r, agg.layout.size) for d, r in answered]
     np.testing.assert_allclose(agg.params, start + reference(updates), atol=1e-6)  # type: ignore[operator]
@@ -70,7 +55,7 @@ def test_fedbuff_clips_like_sync_rounds(tmp_path: Path, artifacts: Path) -> None
     agg = make(tmp_path, artifacts, broker, mode="async", concurrency=4, buffer_size=3,
                rounds=1, clip_norm=0.05, staleness="constant", norm_median_multiple=None)
     start = agg.params.copy()
-    answered = _feed_async(agg, fleet, 3)
+    answered = feed_async(agg, fleet, 3)
     clipped = []
     for d, r in answered:
         u = fake_update(d, r, agg.layout.size).astype(np.float64)
@@ -87,7 +72,7 @@ def test_a_fedbuff_buffer_survives_a_crash_through_its_journal(tmp_path: Path,
     agg = make(tmp_path, artifacts, broker, mode="async", concurrency=5, buffer_size=4,
                rounds=1, staleness="constant", norm_median_multiple=None)
     start = agg.params.copy()
-    answered = _feed_async(agg, fleet, 2)
+    answered = feed_async(agg, fleet, 2)
     assert agg.model_version == 0
     assert isinstance(agg.channel.transport, MemoryTransport)
     agg.channel.transport.kill()  # crash: two updates accepted, buffer half full
@@ -97,7 +82,7 @@ def test_a_fedbuff_buffer_survives_a_crash_through_its_journal(tmp_path: Path,
     first = fleet[answered[0][0]]
     first.send_update(layout=again.layout, round_index=answered[0][1])
     assert first.last_ack().status == "duplicate"
-    answered += _feed_async(again, fleet, 2)
+    answered += feed_async(again, fleet, 2)
     assert again.model_version == 1
     mean = np.mean([fake_update(d, r, again.layout.size) for d, r in answered], axis=0)
     np.testing.assert_allclose(again.params, start + mean, atol=1e-6)

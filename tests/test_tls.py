@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import threading
 import tomllib
 from pathlib import Path
 
 import pytest
+from tls_files import make_ca_and_server
 
 from broker_bridge import (
     BrokerRefused,
@@ -26,27 +26,13 @@ from broker_bridge._brokers import _child_user, free_port
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def _make_ca_and_server(d: Path, name: str) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1 signed by it."""
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-             "-subj", f"/CN={name} test CA", "-keyout", f"{name}-ca.key",
-             "-out", f"{name}-ca.pem", cwd=d)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-             "-keyout", f"{name}-server.key", "-out", f"{name}-server.csr", cwd=d)
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    _openssl("x509", "-req", "-in", f"{name}-server.csr", "-CA", f"{name}-ca.pem",
-             "-CAkey", f"{name}-ca.key", "-CAcreateserial", "-days", "2",
-             "-extfile", "san.ext", "-out", f"{name}-server.pem", cwd=d)
-    return d / f"{name}-ca.pem", d / f"{name}-server.pem", d / f"{name}-server.key"
 
 
 def test_devices_connect_over_tls_and_a_wrong_ca_is_refused(tmp_path: Path) -> None:
-    ca, cert, key = _make_ca_and_server(tmp_path, "fleet")
-    other_ca, _, _ = _make_ca_and_server(tmp_path, "other")
+    ca, cert, key = make_ca_and_server(tmp_path, "fleet")
+    other_ca, _, _ = make_ca_and_server(tmp_path, "other")
     port = free_port()
     files = write_broker_config(
         tmp_path / "broker", fleet="tls", devices=["dev-1"], port=port,
