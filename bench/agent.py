@@ -18,7 +18,7 @@ Backends, side by side in one run:
 
 A backend whose environment is missing reports null. ``--aarch64-venv DIR`` adds the
 portable agent under qemu's aarch64 emulation (an aarch64 venv with fleetlearn
-installed, as ``tests/test_arm64.py`` leaves it): marked ``emulated``, only its RSS
+installed, as ``tests/edge_runtime/test_arm64.py`` leaves it): marked ``emulated``, only its RSS
 (which includes the emulator's own) and the fact that it trained mean anything.
 
 Prints human lines, then one JSON object (the last line).

@@ -1,8 +1,8 @@
 """Two corrections to amqtt 0.12 (the embedded broker), imported only when it starts.
 
 amqtt is pinned (``amqtt==0.12.1``); both corrections override its behaviour where it
-departs from MQTT 3.1.1 in ways the fleet depends on, and ``tests/test_embedded_broker.py``
-fails if either stops working:
+departs from MQTT 3.1.1 in ways the fleet depends on, and
+``tests/broker_bridge/test_embedded_broker.py`` fails if either stops working:
 
 - ``SessionAuthPlugin`` admits every client as a named, not anonymous, session.
   amqtt marks every client anonymous when anonymous access is allowed, and never

@@ -7,7 +7,7 @@ rest as JSON Schema keywords (``minimum``, ``maximum``, ``exclusiveMinimum``,
 ``minLength``, ``maxLength``, ``pattern``, ``enum``, ``items`` for a list's items) plus
 a ``description``. ``from_dict`` enforces exactly these, and ``broker_bridge._schema``
 writes the same facts as JSON Schema (docs/schemas/), so what the schema allows and what
-a receiver accepts cannot drift apart (tests/test_schemas.py checks both ways).
+a receiver accepts cannot drift apart (tests/broker_bridge/test_schemas.py checks both ways).
 
 Every integer lies within +-(2^53 - 1), every number is finite: what any JSON
 implementation reads exactly. As in JSON Schema, ``4.0`` is the integer 4.

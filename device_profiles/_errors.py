@@ -32,7 +32,7 @@ that every package can derive from it. The whole tree, by package::
             └── CheckpointCorrupt        cloud_aggregator (a model file that fails its hash)
 
 Every class in the tree is importable from ``fleetlearn`` (``fleetlearn.StoreError``)
-and from its package's front door; ``tests/test_errors.py`` checks this tree against
+and from its package's front door; ``tests/fleetlearn/test_public_api.py`` checks this tree against
 the real subclasses, so a new error class must be added here.
 
 Errors we cause (bad input, bad configuration) are kept apart from outside failures

@@ -2,9 +2,10 @@
 
 Built from ``DeviceProfile``'s fields: a field without an entry in ``_FIELDS`` is an
 error here, so a new profile field cannot be left out of the schema. The bounds are
-those ``DeviceProfile.__post_init__`` and ``Availability`` check; tests/test_schemas.py
-checks the schema against ``DeviceProfile.from_dict(data, strict=False)`` (the wire
-reading: unknown keys ignored) both ways.
+those ``DeviceProfile.__post_init__`` and ``Availability`` check;
+tests/broker_bridge/test_schemas.py checks the schema against
+``DeviceProfile.from_dict(data, strict=False)`` (the wire reading: unknown keys ignored)
+both ways.
 
 One rule has no JSON Schema form and is stated in the description only: a diurnal or
 charging window may not be empty (``start_hour`` and ``end_hour`` equal modulo 24).

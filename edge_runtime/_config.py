@@ -249,7 +249,7 @@ class AgentOptions:
         self.protocol()
 
     # A field added to EligibilityRules or AgentSettings keeps its default until it is a
-    # setting here too (tests/test_config.py fails until then).
+    # setting here too (tests/fleetlearn/test_config.py fails until then).
 
     def rules(self) -> EligibilityRules:
         return EligibilityRules(**{f.name: getattr(self, f.name)

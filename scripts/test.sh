@@ -28,7 +28,7 @@ fi
 # The optional onnxruntime-training backend in its own venv, to compare against.
 source "$(dirname "${BASH_SOURCE[0]}")/_ort_training_env.sh"
 
-# The emulated aarch64 board (tests/test_arm64.py): required wherever its tool is found.
+# The emulated aarch64 board (tests/edge_runtime/test_arm64.py): required wherever its tool is found.
 for tool in "${FLEETLEARN_ARM64_TOOL:-}" "$ROOT/../shared/tools/arm64-python.sh" /work/shared/tools/arm64-python.sh; do
     if [ -n "$tool" ] && [ -f "$tool" ]; then
         export FLEETLEARN_ARM64_TOOL="$tool" FLEETLEARN_REQUIRE_ARM64=1

@@ -1,8 +1,9 @@
 """The protocol's reference files: docs/schemas/ and docs/vectors/, made by the code.
 
 ``python tests/conformance.py --write`` rewrites both folders from the implementation;
-``--check`` (and tests/test_schemas.py, tests/test_vectors.py) says whether they are
-still what the implementation makes. The files are for agents in other languages:
+``--check`` (and tests/broker_bridge/test_schemas.py,
+tests/broker_bridge/test_vectors.py) says whether they are still what the implementation
+makes. The files are for agents in other languages:
 docs/PROTOCOL.md section 10 says how to use them.
 """
 

@@ -1,4 +1,5 @@
-"""A device agent that SIGKILLs itself at one named point of its work (tests/test_agent_mqtt.py).
+"""A device agent that SIGKILLs itself at one named point of its work
+(tests/edge_runtime/test_agent_mqtt.py).
 
 The production agent has no crash switch: this script builds the same agent as
 ``fleetlearn agent`` from the same settings (``load_config``: flags, then ``FLEETLEARN_*``

@@ -20,7 +20,7 @@ from edge_runtime._datasets import load_mnist1d
 from edge_runtime._ort import install_hint
 from edge_runtime._training import Trainer, batch_schedule, open_trainer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

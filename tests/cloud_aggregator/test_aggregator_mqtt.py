@@ -39,7 +39,7 @@ from cloud_aggregator._config import AggregatorConfig
 from cloud_aggregator._server_opt import make_server_optimizer
 from cloud_aggregator._store import Store
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 60.0) -> bool:

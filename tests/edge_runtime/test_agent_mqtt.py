@@ -43,7 +43,7 @@ from edge_runtime import (
     partition_dirichlet,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FLEET = "mqtt-agent"
 
 

@@ -170,7 +170,7 @@ def test_every_python_package_ships_in_the_wheel() -> None:
     # and is absent from the wheel a device installs.
     import tomllib
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     listed = set(tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
                  ["packages"])
     found = {

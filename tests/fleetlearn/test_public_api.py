@@ -18,7 +18,7 @@ from broker_bridge import Channel, MosquittoProcess
 from cloud_aggregator import Aggregator, AggregatorConfig
 from device_profiles import FleetlearnError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("device_profiles", "broker_bridge", "edge_runtime", "cloud_aggregator", "fleetlearn")
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "scheduling.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "scheduling.py"
 
 
 def _bench() -> ModuleType:

@@ -29,7 +29,7 @@ from brokers import wait_until
 from broker_bridge import free_port
 from broker_bridge._broker_files import default_run_as
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 INSTALL_STEPS = ("apt-get install", "python3 -m venv", "pip install")
 BACKGROUND = ("mosquitto ", "fleetlearn aggregator ", "fleetlearn agent ")
 

@@ -415,7 +415,7 @@ def test_agent_without_training_backend_exits_with_instructions(tmp_path: Path) 
         f"raise SystemExit(main(['agent', '--broker', 'mqtt://127.0.0.1:1', '--device-id', 'd',"
         f" '--data', {str(data)!r}, '--state-dir', {str(tmp_path / 's')!r}]))\n"
     )
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode != 0

@@ -25,7 +25,7 @@ from cloud_aggregator._store import (
     UpdateKey,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FLEET = "fleet-a"
 
 

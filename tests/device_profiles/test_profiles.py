@@ -85,7 +85,7 @@ def test_every_catalogue_number_is_sourced_or_marked_estimated(name: str) -> Non
 
 
 def test_catalogue_files_are_named_after_their_profiles() -> None:
-    root = Path(__file__).resolve().parents[1] / "device_profiles" / "catalogue"
+    root = Path(__file__).resolve().parents[2] / "device_profiles" / "catalogue"
     for path in root.glob("*.toml"):
         assert load_profile_file(path).name == path.stem
 

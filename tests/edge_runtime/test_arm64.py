@@ -32,7 +32,7 @@ from edge_runtime._datasets import load_mnist1d, partition_dirichlet
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEVICE_DEPS = ("numpy>=1.26", "onnxruntime>=1.17", "paho-mqtt>=2.1,<3", "zstandard>=0.22")
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from broker_bridge import AckCode, may_retry, message_schemas
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "PROTOCOL.md").read_text()
 SCHEMAS = message_schemas()
 U32 = 2**32 - 1

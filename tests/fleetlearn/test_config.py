@@ -32,7 +32,7 @@ from edge_runtime._fleet import FaultSpec
 from fleetlearn._sim_config import SIM_OWNED, SIMULATE, SimConfig
 from fleetlearn.cli import build_parser, main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COMMAND = {"aggregator": "aggregator", "agent": "agent", "simulate": "simulate"}
 SECTIONS: dict[str, Section] = {"aggregator": AGGREGATOR, "agent": AGENT, "simulate": SIMULATE}
 BASE: dict[str, dict[str, Any]] = {

@@ -169,7 +169,7 @@ def test_agent_and_aggregator_with_a_wrong_password_stop_with_a_clear_error(
     np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 40)).astype(np.float32),
              y=rng.integers(0, 10, 16))
     (tmp_path / "wrong").write_text("not-the-password\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[2]))
     env.pop("FLEETLEARN_PASSWORD", None)
     url = f"mqtt://127.0.0.1:{port}"
     commands = {
