@@ -129,8 +129,18 @@ def make(
     agg = Aggregator(config=config, channel=Channel(transport=transport, fleet=FLEET),
                      clock=manual or ManualClock(), artifacts_dir=artifacts,
                      **parts)  # type: ignore[arg-type]
+    OPEN.append(agg)
     agg.start()
     return agg
+
+
+OPEN: list[Aggregator] = []
+"""Aggregators ``make`` created; conftest closes them when each test ends, failed or not."""
+
+
+def close_all() -> None:
+    while OPEN:
+        OPEN.pop().close()
 
 
 def devices(broker: MemoryBroker, n: int) -> dict[str, FakeDevice]:

@@ -109,3 +109,13 @@ def rig(tmp_path: Path, artifacts: Path) -> Iterator[Any]:
         yield r
     finally:
         r.close()
+
+
+@pytest.fixture(autouse=True)
+def _aggregators_closed() -> Iterator[None]:
+    """Whatever ``aggregator_rig.make`` opened is closed when the test ends, passed or
+    failed (closing twice is harmless)."""
+    yield
+    from aggregator_rig import close_all
+
+    close_all()

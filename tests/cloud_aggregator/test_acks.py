@@ -71,7 +71,6 @@ def test_a_counted_update_that_arrives_after_the_round_closed_says_counted(
     fleet["d1"].send_update(layout=agg.layout, round_index=7, model_version=0)
     assert answer(fleet["d1"]) == ("rejected", AckCode.STALE_ROUND)
     assert agg.store.count_accepted(FLEET, 1) == 3
-    agg.close()
 
 
 def test_an_update_of_an_abandoned_round_says_it_was_not_applied(
@@ -91,7 +90,6 @@ def test_an_update_of_an_abandoned_round_says_it_was_not_applied(
     # Held for the round, but the round was abandoned: nothing of it was applied.
     assert answer(d0) == ("rejected", AckCode.ROUND_ABANDONED)
     assert not may_retry(AckCode.ROUND_ABANDONED)
-    agg.close()
 
 
 def test_a_counted_async_update_that_arrives_after_a_restart_says_counted(
@@ -113,7 +111,6 @@ def test_a_counted_async_update_that_arrives_after_a_restart_says_counted(
                         model_version=task.model_version)
     # Before: ("rejected", "unknown_task"): the counted update looked refused.
     assert answer(busy[0]) == ("duplicate", AckCode.ALREADY_COUNTED)
-    again.close()
 
 
 # -- (b) a rejection, then a corrected attempt ------------------------------------------------
@@ -143,7 +140,6 @@ def test_a_malformed_update_can_be_corrected_with_a_new_attempt(
     assert agg.tick() and agg.model_version == 1
     assert agg.store.count_accepted(FLEET, 1) == 3
     assert agg.history[-1].devices_reported == 3
-    agg.close()
 
 
 def test_a_rejection_that_allows_a_retry_does_not_hold_the_round_open(
@@ -160,7 +156,6 @@ def test_a_rejection_that_allows_a_retry_does_not_hold_the_round_open(
     # A virtual round closes when every device has answered; d0's refusal is an answer.
     assert agg.tick() and agg.model_version == 1
     assert agg.history[-1].devices_reported == 2
-    agg.close()
 
 
 def test_a_screened_update_cannot_be_retried_in_its_round(tmp_path: Path, artifacts: Path) -> None:
@@ -175,7 +170,6 @@ def test_a_screened_update_cannot_be_retried_in_its_round(tmp_path: Path, artifa
     d0.send_update(layout=agg.layout, attempt=1)  # a small one: the screen is not a probe
     assert answer(d0) == ("rejected", AckCode.RESOLVED)
     assert agg.current_round is not None and agg.current_round.counted == 0
-    agg.close()
 
 
 def test_corrected_attempts_are_bounded(tmp_path: Path, artifacts: Path) -> None:
@@ -193,7 +187,6 @@ def test_corrected_attempts_are_bounded(tmp_path: Path, artifacts: Path) -> None
     status, code = answer(d0)
     assert (status, code) == ("rejected", AckCode.TOO_MANY_ATTEMPTS) and not may_retry(code)
     assert agg.current_round is not None and agg.current_round.counted == 0
-    agg.close()
 
 
 def test_a_retry_after_a_rejection_survives_an_aggregator_restart(
@@ -219,7 +212,6 @@ def test_a_retry_after_a_rejection_survives_an_aggregator_restart(
     assert answer(fleet["d1"]) == ("rejected", AckCode.CODEC)
     fleet["d1"].send_update(layout=again.layout, attempt=1)
     assert answer(fleet["d1"]) == ("accepted", "")
-    again.close()
 
 
 def test_an_async_task_can_be_corrected_too(tmp_path: Path, artifacts: Path) -> None:
@@ -233,7 +225,6 @@ def test_an_async_task_can_be_corrected_too(tmp_path: Path, artifacts: Path) -> 
     assert answer(dev) == ("rejected", AckCode.CODEC)
     dev.send_update(layout=agg.layout, attempt=1)  # before: unknown_task
     assert answer(dev) == ("accepted", "")
-    agg.close()
 
 
 # -- (d) the same task twice ----------------------------------------------------------------
@@ -248,7 +239,6 @@ def test_a_task_sent_again_is_the_same_task(tmp_path: Path, artifacts: Path) -> 
     first = dev.tasks[-1]
     dev.hello(busy_round=first.round)  # restarted mid-task: the task comes again
     assert len(dev.tasks) == 2 and dev.tasks[-1] == first
-    agg.close()
 
 
 # -- (d) the agent's side: a task is identified by its round and nonce -----------------------

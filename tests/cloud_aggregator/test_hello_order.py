@@ -84,7 +84,6 @@ def test_a_hello_with_a_full_profile_fills_the_profile_column(
     row2 = agg.store.device("phone-2")
     assert row2 is not None and row2.profile == {}
     assert agg.counters.snapshot()["updates"]["malformed:profile"] == 1
-    agg.close()
 
 
 class GatedExecutor(ThreadPoolExecutor):
@@ -219,4 +218,3 @@ def test_a_device_back_from_offline_gets_its_task_again(tmp_path: Path, artifact
                     presence_message(fleet=FLEET, device="d0", status="online"), retain=True)
     d0.hello()  # back, not busy: its task comes again
     assert len(d0.tasks) == 2 and d0.tasks[-1] == d0.tasks[0]
-    agg.close()

@@ -70,7 +70,6 @@ def test_a_norm_9000_update_cannot_break_the_model(tmp_path: Path, artifacts: Pa
     assert sum(a.startswith("accepted") for a in acks.values()) == 3
     assert agg.tick() and agg.model_version == 2
     assert float(np.linalg.norm(agg.params - before)) < 1.0
-    agg.close()
 
 
 def test_when_every_honest_norm_grows_the_screen_adapts(tmp_path: Path, artifacts: Path) -> None:
@@ -101,7 +100,6 @@ def test_when_every_honest_norm_grows_the_screen_adapts(tmp_path: Path, artifact
     acks = play_round(agg, fleet, big)
     assert all(a.startswith("accepted") for a in acks.values()), acks
     assert agg.tick() and agg.history[-1].outcome == "closed"
-    agg.close()
 
 
 def test_an_inflated_sample_count_is_bounded(tmp_path: Path, artifacts: Path) -> None:
@@ -134,7 +132,6 @@ def test_an_inflated_sample_count_is_bounded(tmp_path: Path, artifacts: Path) ->
     share = _share(agg.params - before, scaled("d1", index, agg.layout.size, 0.3))
     assert share == pytest.approx(4 / 7, abs=0.05)
     assert agg.counters.snapshot()["updates"]["bounded:weight"] >= 2
-    agg.close()
 
 
 def _share(moved: np.ndarray, attacker: np.ndarray) -> float:
@@ -169,7 +166,6 @@ def test_a_restamped_copy_of_an_accepted_update_is_refused(
     assert d0.last_ack().reason.startswith("wrong_nonce")
     d0.send_update(layout=agg.layout)  # its real round-2 update still counts
     assert d0.last_ack().status == "accepted"
-    agg.close()
 
 
 def test_requests_and_log_lines_per_device_are_bounded(
@@ -201,7 +197,6 @@ def test_requests_and_log_lines_per_device_are_bounded(
     lines = [r for r in caplog.records if "d0" in r.getMessage()]
     assert 1 <= len(lines) <= 12, len(lines)
     assert agg.counters.snapshot()["updates"]["malformed:hello"] == 500
-    agg.close()
 
 
 def test_status_lines_say_what_the_aggregator_waits_for(
@@ -230,7 +225,6 @@ def test_status_lines_say_what_the_aggregator_waits_for(
     agg.tick()
     assert said[-1].startswith("round 1: 1 of 3 selected devices reported")
     assert "3 needed" not in said[-1] and "1 needed" in said[-1]
-    agg.close()
 
 
 def test_a_device_of_another_protocol_version_is_not_selected(
@@ -247,7 +241,6 @@ def test_a_device_of_another_protocol_version_is_not_selected(
     assert info is not None and not info.eligible and "protocol 1" in info.reasons[0]
     agg.tick()
     assert not old.tasks and all(d.tasks for d in (fleet["d0"], fleet["d1"]))
-    agg.close()
 
 
 def test_a_device_reporting_a_data_error_is_left_out_until_its_next_hello(
@@ -267,7 +260,6 @@ def test_a_device_reporting_a_data_error_is_left_out_until_its_next_hello(
     assert bad.id not in {c.device_id for c in agg.registry.candidates()}
     bad.hello()  # fixed its data and restarted: selectable again
     assert bad.id in {c.device_id for c in agg.registry.candidates()}
-    agg.close()
 
 
 def test_a_bootstrap_round_resumed_after_a_crash_gives_the_same_model(
@@ -306,4 +298,3 @@ def test_a_bootstrap_round_resumed_after_a_crash_gives_the_same_model(
                              values=scaled(d, index, agg2.layout.size, 0.3))
     assert agg2.tick() and agg2.model_version == 1
     np.testing.assert_allclose(agg2.params, reference, atol=1e-7)
-    agg2.close()

@@ -58,7 +58,6 @@ def test_a_round_averages_what_devices_sent(tmp_path: Path, artifacts: Path) -> 
     rows = agg.metrics_log.read()
     assert rows[-1]["round"] == 1 and rows[-1]["devices_reported"] == 3
     assert rows[-1]["bytes_up"] > 3 * 4 * agg.layout.size
-    agg.close()
 
 
 def test_duplicates_count_once_whatever_the_attempt(tmp_path: Path, artifacts: Path) -> None:
@@ -74,7 +73,6 @@ def test_duplicates_count_once_whatever_the_attempt(tmp_path: Path, artifacts: P
     assert d0.last_ack().status == "duplicate"
     assert agg.current_round is not None and agg.current_round.counted == 1
     assert agg.store.count_accepted(FLEET, 1) == 1
-    agg.close()
 
 
 def test_bad_updates_are_rejected_by_rule(tmp_path: Path, artifacts: Path) -> None:
@@ -126,7 +124,6 @@ def test_bad_updates_are_rejected_by_rule(tmp_path: Path, artifacts: Path) -> No
     expected = before + fake_update(replay_dev.id, 1, agg.layout.size)
     np.testing.assert_allclose(agg.params, expected, atol=1e-6)
     assert np.isfinite(agg.params).all()
-    agg.close()
 
 
 def test_deadline_without_quorum_abandons_and_retries(tmp_path: Path, artifacts: Path) -> None:
@@ -147,7 +144,6 @@ def test_deadline_without_quorum_abandons_and_retries(tmp_path: Path, artifacts:
     assert agg.round_index == 2
     chosen = [d for d in fleet.values() if d.tasks and d.tasks[-1].round == 2]
     assert chosen and all(d.tasks[-1].model_version == 0 for d in chosen)
-    agg.close()
 
 
 def test_decliner_is_replaced(tmp_path: Path, artifacts: Path) -> None:
@@ -159,7 +155,6 @@ def test_decliner_is_replaced(tmp_path: Path, artifacts: Path) -> None:
     spare = next(d for d in fleet.values() if not d.tasks)
     first[0].decline()
     assert spare.tasks and spare.tasks[-1].round == 1
-    agg.close()
 
 
 def test_virtual_clock_judges_emulated_time(tmp_path: Path, artifacts: Path) -> None:
@@ -184,7 +179,6 @@ def test_virtual_clock_judges_emulated_time(tmp_path: Path, artifacts: Path) -> 
     agg.tick()
     assert agg.history[-1].emulated_s == pytest.approx(22.0)
     assert agg.emulated_total_s == pytest.approx(122.0)
-    agg.close()
 
 
 def test_offline_device_ends_a_virtual_round(tmp_path: Path, artifacts: Path) -> None:
@@ -198,7 +192,6 @@ def test_offline_device_ends_a_virtual_round(tmp_path: Path, artifacts: Path) ->
     assert agg.tick()
     assert agg.model_version == 1 and agg.history[-1].devices_dropped == 1
     assert agg.registry.get("d2").online is False  # type: ignore[union-attr]
-    agg.close()
 
 
 def test_serves_artifacts_and_models(tmp_path: Path, artifacts: Path) -> None:
@@ -218,7 +211,6 @@ def test_serves_artifacts_and_models(tmp_path: Path, artifacts: Path) -> None:
     weights = decode_model(body, agg.layout)
     np.testing.assert_allclose(weights, agg.params, rtol=1e-3, atol=1e-3)  # fp16 downlink
     assert meta.model_hash == weights_hash(weights)  # the hash of what a device decodes
-    agg.close()
 
 
 def _drive(agg: Aggregator, fleet: dict[str, FakeDevice], rounds: int) -> None:
@@ -270,7 +262,6 @@ def test_resume_after_a_crash_gives_the_same_model(tmp_path: Path, artifacts: Pa
     _drive(agg2, fleet, 3)
     np.testing.assert_array_equal(agg2.params, reference)
     assert agg2.store.count_accepted(FLEET, 2) == 4
-    agg2.close()
 
 
 def test_async_mode_buffers_k_updates_with_staleness(tmp_path: Path, artifacts: Path) -> None:
@@ -298,7 +289,6 @@ def test_async_mode_buffers_k_updates_with_staleness(tmp_path: Path, artifacts: 
     assert agg.model_version == 2
     stale.send_update(layout=agg.layout)
     assert stale.last_ack().status == "duplicate"
-    agg.close()
 
 
 def test_config_from_toml_and_bad_values(tmp_path: Path) -> None:
@@ -334,7 +324,6 @@ def test_prometheus_endpoint(tmp_path: Path, artifacts: Path) -> None:
     assert 'fleetlearn_updates_total{outcome="accepted"} 3' in text
     assert 'fleetlearn_updates_total{outcome="rejected:stale_round"} 1' in text
     assert "fleetlearn_model_version 1" in text and "fleetlearn_bytes_up_total" in text
-    agg.close()
 
 
 def test_norm_screen_remembers_earlier_rounds(tmp_path: Path, artifacts: Path) -> None:
@@ -355,7 +344,6 @@ def test_norm_screen_remembers_earlier_rounds(tmp_path: Path, artifacts: Path) -
     assert "norm_above_median" in attacker.last_ack().reason
     fleet["d1"].send_update(layout=agg.layout)
     assert fleet["d1"].last_ack().status == "accepted"
-    agg.close()
 
 
 def test_a_policy_choosing_too_few_devices_is_topped_up(
@@ -369,4 +357,3 @@ def test_a_policy_choosing_too_few_devices_is_topped_up(
     assert agg.tick()  # opens instead of waiting forever
     rnd = agg.current_round
     assert rnd is not None and len(rnd.selected) >= agg.config.effective_quorum
-    agg.close()

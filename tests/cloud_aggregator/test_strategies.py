@@ -46,7 +46,6 @@ def test_fedbuff_applies_robust_rules_like_numpy(tmp_path: Path, artifacts: Path
     assert agg.model_version == 1
     updates = [fake_update(d, r, agg.layout.size) for d, r in answered]
     np.testing.assert_allclose(agg.params, start + reference(updates), atol=1e-6)  # type: ignore[operator]
-    agg.close()
 
 
 def test_fedbuff_clips_like_sync_rounds(tmp_path: Path, artifacts: Path) -> None:
@@ -62,7 +61,6 @@ def test_fedbuff_clips_like_sync_rounds(tmp_path: Path, artifacts: Path) -> None
         clipped.append(u * min(1.0, 0.05 / np.linalg.norm(u)))
     assert all(np.linalg.norm(fake_update(d, r, agg.layout.size)) > 0.05 for d, r in answered)
     np.testing.assert_allclose(agg.params, start + np.mean(clipped, axis=0), atol=1e-6)
-    agg.close()
 
 
 def test_a_fedbuff_buffer_survives_a_crash_through_its_journal(tmp_path: Path,
@@ -86,7 +84,6 @@ def test_a_fedbuff_buffer_survives_a_crash_through_its_journal(tmp_path: Path,
     assert again.model_version == 1
     mean = np.mean([fake_update(d, r, again.layout.size) for d, r in answered], axis=0)
     np.testing.assert_allclose(again.params, start + mean, atol=1e-6)
-    again.close()
 
 
 def test_sparse_updates_add_up_like_dense_ones(tmp_path: Path, artifacts: Path) -> None:
@@ -107,7 +104,6 @@ def test_sparse_updates_add_up_like_dense_ones(tmp_path: Path, artifacts: Path) 
     assert all(np.count_nonzero(v) < 0.06 * v.size for v in sent)
     assert agg.tick() and agg.model_version == 1
     np.testing.assert_allclose(agg.params, start + np.mean(sent, axis=0), atol=1e-6)
-    agg.close()
 
 
 def test_events_tell_what_happened(tmp_path: Path, artifacts: Path) -> None:
@@ -127,7 +123,6 @@ def test_events_tell_what_happened(tmp_path: Path, artifacts: Path) -> None:
     assert kinds.index(ModelReleased) < kinds.index(RoundEnded)
     ended = next(e for e in seen if isinstance(e, RoundEnded))
     assert ended.metrics.outcome == "closed" and ended.metrics.devices_reported == 3
-    agg.close()
 
 
 def test_a_strategy_of_ones_own(tmp_path: Path, artifacts: Path) -> None:
@@ -148,7 +143,6 @@ def test_a_strategy_of_ones_own(tmp_path: Path, artifacts: Path) -> None:
         d.send_update(layout=agg.layout)
     assert agg.tick() and agg.model_version == 1
     assert np.linalg.norm(agg.params - start) == pytest.approx(0.01, rel=1e-4)
-    agg.close()
 
 
 def test_a_journal_batch_never_overfills_a_robust_fedbuff_buffer(tmp_path: Path,
@@ -181,7 +175,6 @@ def test_a_journal_batch_never_overfills_a_robust_fedbuff_buffer(tmp_path: Path,
             if a.status == "rejected"] == ["buffer_full"] * 2
     # What was acknowledged is what the models were made of.
     assert agg.model_version == 1 and agg.history[-1].devices_reported == 4
-    agg.close()
 
 
 def test_a_round_never_ends_with_an_admitted_update_left_uncounted(
@@ -215,4 +208,3 @@ def test_a_round_never_ends_with_an_admitted_update_left_uncounted(
     assert agg.model_version == 1 and agg.history[-1].devices_reported == 3
     mean = np.mean([fake_update(d, 1, agg.layout.size) for d in fleet], axis=0)
     np.testing.assert_allclose(agg.params, start + mean, atol=1e-6)
-    agg.close()
