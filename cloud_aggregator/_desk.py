@@ -268,7 +268,7 @@ class DeviceDesk:
         entry = JournalEntry(key=key, stream=self.strategy.stream(item), body=message.body,
                              meta=self.strategy.journal_meta(item))
         self.journal.submit(entry, lambda outcome: self._journaled(item, outcome))
-        if not self._running():
+        if not self._running() or self.journal.full:
             self._commit()
 
     def _journaled(self, item: UpdateItem, outcome: Outcome) -> None:

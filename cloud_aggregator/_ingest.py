@@ -278,19 +278,30 @@ class Journal:
     """
 
     def __init__(self, store: Store, *, max_batch: int = 128, max_delay_s: float = 0.02,
+                 max_bytes: int = 64 * 2**20,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if max_batch < 1 or max_delay_s < 0:
-            raise AggregatorError("journal batches need max_batch >= 1 and max_delay_s >= 0")
+        if max_batch < 1 or max_delay_s < 0 or max_bytes < 1:
+            raise AggregatorError("journal batches need max_batch >= 1, max_delay_s >= 0 "
+                                  "and max_bytes >= 1")
         self._store = store
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
+        self.max_bytes = max_bytes
         self._clock = clock
         self._pending: list[_Pending] = []
         self._keys: set[UpdateKey] = set()
+        self._bytes = 0
 
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def full(self) -> bool:
+        """The batch holds ``max_batch`` updates or ``max_bytes`` of bodies: commit it
+        now (whoever queues an update checks, so memory stays bounded however fast
+        updates arrive)."""
+        return len(self._pending) >= self.max_batch or self._bytes >= self.max_bytes
 
     def queued(self, key: UpdateKey) -> bool:
         return key in self._keys
@@ -298,12 +309,13 @@ class Journal:
     def submit(self, entry: JournalEntry, then: Callable[[Outcome], None]) -> None:
         self._pending.append(_Pending(entry, then, self._clock()))
         self._keys.add(entry.key)
+        self._bytes += len(entry.body)
 
     def wait_s(self) -> float | None:
         """Seconds until the queued entries are due (0: now; None: nothing queued)."""
         if not self._pending:
             return None
-        if len(self._pending) >= self.max_batch:
+        if self.full:
             return 0.0
         return max(0.0, self._pending[0].since + self.max_delay_s - self._clock())
 
@@ -313,6 +325,7 @@ class Journal:
             return 0
         batch, self._pending = self._pending, []
         self._keys.clear()
+        self._bytes = 0
         try:
             fresh = self._store.journal([p.entry for p in batch])
             outcomes: list[Outcome] = ["fresh" if f else "duplicate" for f in fresh]

@@ -208,3 +208,29 @@ def test_a_round_never_ends_with_an_admitted_update_left_uncounted(
     assert agg.model_version == 1 and agg.history[-1].devices_reported == 3
     mean = np.mean([fake_update(d, 1, agg.layout.size) for d in fleet], axis=0)
     np.testing.assert_allclose(agg.params, start + mean, atol=1e-6)
+
+
+def test_a_full_journal_batch_commits_at_once(tmp_path: Path, artifacts: Path) -> None:
+    """However fast updates arrive, the batch waiting for its group commit stays bounded
+    (in count and in body bytes): the update that fills it commits it."""
+    import threading
+
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=1, norm_median_multiple=None)
+    assert agg.tick()
+    agg.journal.max_delay_s = 60.0  # the run loop would wait a minute
+    agg.journal.max_batch = 2
+    runner = threading.Thread(target=agg.run, kwargs={"timeout_s": 30.0}, daemon=True)
+    runner.start()
+    first, second, third = fleet.values()
+    first.send_update(layout=agg.layout)
+    assert not first.acks  # waiting for its batch
+    second.send_update(layout=agg.layout)  # fills the batch: both commit now
+    assert [d.acks[0].status for d in (first, second)] == ["accepted", "accepted"]
+    agg.journal.max_batch = 128
+    agg.journal.max_bytes = 1  # now the byte budget fills first: any body fills it
+    third.send_update(layout=agg.layout)
+    assert third.acks and third.last_ack().status == "accepted"
+    agg.stop()
+    runner.join(timeout=20)
