@@ -20,7 +20,8 @@ are the aggregate's (``_aggregate``).
 
 ``Journal`` makes accepted updates durable in groups: an update is acknowledged only
 after the transaction that stores it commits, and one commit carries up to
-``max_batch`` updates or whatever arrived within ``max_delay_s`` (128 and 20 ms: an ack
+``max_batch`` updates (or ``max_bytes`` of bodies, 32 MiB: seven dense ``mlp-xl``
+updates) or whatever arrived within ``max_delay_s`` (128 and 20 ms: an ack
 waits at most that much longer, and at a thousand updates a second a commit, with its
 fsync, carries about twenty of them; bench/aggregator.py measured 5 ms against 20 ms).
 """
@@ -278,7 +279,7 @@ class Journal:
     """
 
     def __init__(self, store: Store, *, max_batch: int = 128, max_delay_s: float = 0.02,
-                 max_bytes: int = 64 * 2**20,
+                 max_bytes: int = 32 * 2**20,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if max_batch < 1 or max_delay_s < 0 or max_bytes < 1:
             raise AggregatorError("journal batches need max_batch >= 1, max_delay_s >= 0 "
