@@ -59,6 +59,9 @@ floor(x/scale + u) with u ~ U[0,1) for ``:sr`` (unbiased). Deterministic ``tern`
 networks). ``q1`` sends sign(x) (x >= 0 is +) with scale = mean|x|, or with ``:sr`` +1
 with probability (1 + x/max|x|)/2 and scale = max|x| (unbiased). These are encoder
 choices: a decoder only computes level * scale.
+
+Why this module is longer than 400 lines: every stage's encoder sits beside its decoder,
+so that the two cannot drift apart (index coding is in ``_codec_pack``).
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ a rejected update belong to the strategy, which receives a ``Verdict`` as data.
 
 Memory: the ``StreamingAccumulator`` holds one float64 sum and one float64 scratch
 vector of the model's size, however many devices report (O(model size)).
+
+Why this module is longer than 400 lines: the update rules, the accumulator and the
+staleness rules are the pure maths every strategy shares, tested together.
 """
 
 from __future__ import annotations

@@ -11,8 +11,11 @@
 - ``AsyncScheduler``: FedBuff-style bookkeeping: tasks in flight (bounded by
   ``concurrency``), their deadlines, and the emulated timeline of aggregations.
 
-Nothing here touches update vectors: the service decodes, validates and accumulates;
+Nothing here touches update vectors: the ingest pipeline decodes, validates and weighs;
 these classes only decide what an arriving update or a silence means.
+
+Why this module is longer than 400 lines: sync rounds and the async scheduler are the
+two halves of one question (who is expected to answer, by when), with the clocks.
 """
 
 from __future__ import annotations

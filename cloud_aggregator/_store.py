@@ -17,6 +17,10 @@ sha256 recorded, so a row always points at a complete file.
 
 A damaged database is a ``StoreError`` saying so, never a raw ``sqlite3`` traceback:
 opening runs SQLite's ``quick_check``, and every later SQLite failure is translated.
+
+Why this module is longer than 400 lines: one ``Store`` owns the one connection and
+lock through which every write is ordered (rounds, the journal, checkpoints, state);
+the device tables are in ``_store_devices``.
 """
 
 from __future__ import annotations

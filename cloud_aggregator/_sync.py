@@ -17,6 +17,10 @@ and added again in acceptance order, so the resumed round reaches the same model
 
 Extension points for subclasses: ``select`` (which devices a round asks) and
 ``combine`` (the new global model from the current one and the round's aggregate).
+
+Why this module is longer than 400 lines: it is one round's whole life (open, admit,
+count, bootstrap, close, resume, the devices' events); split, the order of its steps
+would be spread over several files.
 """
 
 from __future__ import annotations

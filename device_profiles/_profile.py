@@ -10,6 +10,9 @@ per sample takes ``step_overhead_ms / 1000 + b * F / (gflops * 1e9)`` seconds, w
 ``gflops`` is the device's sustained FP32 throughput for small-model training on its
 CPU. A measured step time for a reference model (``measured_step_ms``) overrides the
 estimate in the cost model.
+
+Why this module is longer than 400 lines: a profile's fields, their validation and
+its TOML/dict forms are one record's definition.
 """
 
 from __future__ import annotations
