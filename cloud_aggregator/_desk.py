@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 
 DEVICE_ERRORS_EXCLUDE = ("data", "artifact", "backend")
 """Error codes after which a device is not selected again until its next hello."""
+DEVICE_ERROR_CODES = frozenset({"error", "artifact", "data", "disk_full", "model_version",
+                                "backend", "internal"})
+"""The error codes docs/PROTOCOL.md names (each counted under its own name)."""
 
 
 class DeviceDesk:
@@ -190,13 +193,16 @@ class DeviceDesk:
             elif message.kind == Kind.ACK:
                 ack = Ack.from_message(message)
                 if ack.what == "task":
+                    self._settle_first(device)
                     self.strategy.on_task_ack(device, ack)
             elif message.kind == Kind.CONTROL:
                 self._server().serve(device, Request.from_message(message),
                                      current_version=self.model.version,
                                      params=self.model.params)
             elif message.kind == Kind.ERROR:
-                self._on_error(device, ErrorReport.from_message(message))
+                report = ErrorReport.from_message(message)
+                self._settle_first(device)
+                self._on_error(device, report)
             else:
                 self.note(device, logging.WARNING, "device %s: unexpected %s message on %s",
                           device, message.kind.topic_name, printable(topic))
@@ -206,6 +212,13 @@ class DeviceDesk:
                       device, message.kind.topic_name, printable(exc, 300))
         if not self._running():  # driven by hand (tick): write what a hello changed now
             self.registry.flush()
+
+    def _settle_first(self, device: str) -> None:
+        """An update of ``device`` admitted before this message is still waiting for its
+        commit: commit it first, so the device's messages act in the order they came
+        (a decline after an update does not unmake the update)."""
+        if self.journal.holds(device):
+            self._commit()
 
     def _on_hello(self, device: str, hello: Hello) -> None:
         before = self.registry.get(device)
@@ -227,7 +240,8 @@ class DeviceDesk:
         code = printable(report.code, 32)
         self.note(device, logging.WARNING, "device %s reports error %s (round %s): %s", device,
                   code, report.round, printable(report.message, 300))
-        self.counters.update(f"device_error:{code}")
+        # Counter names are ours: a code a device makes up is counted as "other".
+        self.counters.update(f"device_error:{code if code in DEVICE_ERROR_CODES else 'other'}")
         if report.code in DEVICE_ERRORS_EXCLUDE:
             # It would fail the same way next round: leave it out until its next hello.
             self.registry.exclude(
@@ -245,6 +259,12 @@ class DeviceDesk:
                 self.answer(device, message, gate.answer)
             return
         assert isinstance(gate, Admit)
+        waiting = self.journal.queued_attempt(message.round, device)
+        if waiting is not None:  # this task's answer is being committed: one per task
+            self.answer(device, message, Answer(
+                status="duplicate", code=AckCode.ALREADY_COUNTED,
+                detail=f"attempt {waiting} counts in round {message.round}"))
+            return
         item = UpdateItem(device=device, message=message, task_round=gate.task_round,
                           max_steps=self._planner().sent_steps(gate.task_round, device))
         rejection = self.pipeline.run(item) or self.strategy.check(item)
@@ -260,11 +280,6 @@ class DeviceDesk:
             return
         key = UpdateKey(fleet=self.fleet, round=message.round, device_id=device,
                         attempt=message.attempt)
-        if self.journal.queued(key):  # a copy of an update that is being committed
-            self.answer(device, message, Answer(
-                status="duplicate", code=AckCode.ALREADY_COUNTED,
-                detail=f"attempt {message.attempt} counts in round {message.round}"))
-            return
         entry = JournalEntry(key=key, stream=self.strategy.stream(item), body=message.body,
                              meta=self.strategy.journal_meta(item))
         self.journal.submit(entry, lambda outcome: self._journaled(item, outcome))

@@ -305,7 +305,9 @@ class FedBuff(StrategyBase):
     # -- devices --------------------------------------------------------------------------
 
     def on_task_ack(self, device: str, ack: Ack) -> None:
-        if ack.status == "declined" and self.scheduler.complete(ack.round) is not None:
+        # Only the device a task was given to may give it back.
+        if (ack.status == "declined" and self.scheduler.lookup(ack.round, device) is not None
+                and self.scheduler.complete(ack.round) is not None):
             self.ctx.note(device, logging.INFO, "device %s declined async task %d: %s", device,
                           ack.round, printable(ack.reason))
 
@@ -322,7 +324,7 @@ class FedBuff(StrategyBase):
             self.ctx.send_task(device, task.task_round, task.model_version)
 
     def on_error(self, device: str, report: ErrorReport) -> None:
-        if report.round is not None:
+        if report.round is not None and self.scheduler.lookup(report.round, device) is not None:
             self.scheduler.complete(report.round)
 
     def status(self) -> str:

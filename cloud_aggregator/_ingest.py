@@ -44,7 +44,7 @@ from cloud_aggregator._aggregate import Contribution
 from cloud_aggregator._aggregation import Reason, UpdateRules
 from cloud_aggregator._errors import AggregatorError
 from cloud_aggregator._screen import NormScreen, WeightBound, task_samples_cap
-from cloud_aggregator._store import JournalEntry, Store, StoreError, UpdateKey
+from cloud_aggregator._store import JournalEntry, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -274,8 +274,9 @@ class Journal:
     ``submit`` queues an entry; ``flush`` writes every queued entry in one transaction
     and then calls each entry's ``then`` in submission order with ``fresh`` (stored),
     ``duplicate`` (its key was already accepted) or ``failed`` (the transaction failed:
-    nothing was stored, nothing must be acknowledged). A key already queued counts as
-    accepted for ``queued``.
+    nothing was stored, nothing must be acknowledged). ``queued_attempt`` says whether an
+    update of a device for a round is already waiting (one task has one answer per
+    batch, whatever its attempt number) and ``holds`` whether any of a device's is.
     """
 
     def __init__(self, store: Store, *, max_batch: int = 128, max_delay_s: float = 0.02,
@@ -290,7 +291,8 @@ class Journal:
         self.max_bytes = max_bytes
         self._clock = clock
         self._pending: list[_Pending] = []
-        self._keys: set[UpdateKey] = set()
+        self._tasks: dict[tuple[int, str], int] = {}  # (round, device) -> attempt
+        self._devices: set[str] = set()
         self._bytes = 0
 
     @property
@@ -304,12 +306,18 @@ class Journal:
         updates arrive)."""
         return len(self._pending) >= self.max_batch or self._bytes >= self.max_bytes
 
-    def queued(self, key: UpdateKey) -> bool:
-        return key in self._keys
+    def queued_attempt(self, round_index: int, device: str) -> int | None:
+        """The attempt of ``device``'s update of ``round_index`` waiting here, if any."""
+        return self._tasks.get((round_index, device))
+
+    def holds(self, device: str) -> bool:
+        """Is an update of ``device`` waiting for its commit?"""
+        return device in self._devices
 
     def submit(self, entry: JournalEntry, then: Callable[[Outcome], None]) -> None:
         self._pending.append(_Pending(entry, then, self._clock()))
-        self._keys.add(entry.key)
+        self._tasks[(entry.key.round, entry.key.device_id)] = entry.key.attempt
+        self._devices.add(entry.key.device_id)
         self._bytes += len(entry.body)
 
     def wait_s(self) -> float | None:
@@ -325,7 +333,8 @@ class Journal:
         if not self._pending:
             return 0
         batch, self._pending = self._pending, []
-        self._keys.clear()
+        self._tasks.clear()
+        self._devices.clear()
         self._bytes = 0
         try:
             fresh = self._store.journal([p.entry for p in batch])
