@@ -178,7 +178,9 @@ class DeviceDesk:
             self.events.emit(DeviceOffline(device=device))
         else:
             self.events.emit(DeviceOnline(device=device))
-        self.counters.set("devices_online", len(self.registry.online()))
+        self.counters.set("devices_online", self.registry.online_count)
+        if not self._running():  # driven by hand (tick): write the change now
+            self.registry.flush()
 
     def on_up(self, topic: str, message: Message) -> None:
         device = self.channel.topics.device_of(topic)

@@ -74,6 +74,7 @@ class FleetRegistry:
         self._lock = threading.RLock()
         self._devices: dict[str, DeviceInfo] = {}
         self._dirty: dict[str, tuple[DeviceInfo, bool]] = {}
+        self._online: set[str] = set()
         self._flushed_at = 0.0
         self.history = FleetHistory()
         if store is not None:
@@ -103,6 +104,11 @@ class FleetRegistry:
 
     def online(self) -> list[DeviceInfo]:
         return [d for d in self.all() if d.online]
+
+    @property
+    def online_count(self) -> int:
+        """How many devices are online (kept as presence changes, not counted)."""
+        return len(self._online)
 
     def ready(self) -> list[DeviceInfo]:
         """Online devices that may train, sorted by id: greeted by a hello since they came
@@ -136,13 +142,14 @@ class FleetRegistry:
         with self._lock:
             info = self._devices.get(device_id) or DeviceInfo(device_id=device_id)
             changed = info.online != online
-            self._devices[device_id] = replace(info, online=online, last_seen=when,
-                                               greeted=info.greeted and online)
-        if self._store is not None and not self._write(
-            lambda s: s.mark_seen(device_id, online=online, at=when)
-        ):
-            # Unknown to the store until its hello; keep it in memory meanwhile.
-            pass
+            info = replace(info, online=online, last_seen=when, greeted=info.greeted and online)
+            self._devices[device_id] = info
+            if online:
+                self._online.add(device_id)
+            else:
+                self._online.discard(device_id)
+        if info.hello_seen:  # stored since its hello; until then, in memory only
+            self._persist(info, with_profile=False)
         return changed
 
     def on_hello(self, device_id: str, hello: Hello, *, at: float | None = None) -> DeviceInfo:
@@ -171,6 +178,7 @@ class FleetRegistry:
                 hello_seen=True, greeted=True,
             )
             self._devices[device_id] = info
+            self._online.add(device_id)
         self._persist(info, with_profile=True)
         return info
 

@@ -596,7 +596,7 @@ class Aggregator:
     def _publish_gauges(self) -> None:
         c = self.counters
         c.set("model_version", self.state.version)
-        c.set("devices_online", len(self.registry.online()))
+        c.set("devices_online", self.registry.online_count)
         c.set("emulated_seconds_total", self.state.emulated_total_s)
 
     def _broadcast_model(self) -> None:

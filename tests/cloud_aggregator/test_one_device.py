@@ -109,3 +109,30 @@ def test_error_codes_a_device_makes_up_do_not_grow_the_counters(tmp_path: Path,
     for i in range(200):
         _send_error(fleet["d0"], 1, f"made-up-{i}")
     assert len(agg.counters.snapshot()["updates"]) <= before + 1
+
+
+def test_a_presence_storm_costs_no_commit_per_message(tmp_path: Path, artifacts: Path,
+                                                       running: list[Aggregator]) -> None:
+    """Presence flapping is written in the registry's batches, not a transaction each."""
+    from broker_bridge import presence_message
+
+    broker = MemoryBroker()
+    fleet = devices(broker, 2)
+    agg = make(tmp_path, artifacts, broker, rounds=1, norm_median_multiple=None)
+    _run(agg, running)
+    writes = 0
+    real = agg.store._write
+
+    def counting() -> object:
+        nonlocal writes
+        writes += 1
+        return real()
+
+    agg.store._write = counting  # type: ignore[method-assign]
+    d0 = fleet["d0"]
+    for i in range(200):
+        status = "offline" if i % 2 else "online"
+        d0.channel.send(d0.channel.topics.presence(d0.id),
+                        presence_message(fleet=FLEET, device=d0.id, status=status))
+    assert writes < 20, writes
+    assert agg.counters.snapshot()["gauges"]["devices_online"] == 1  # d0 ended offline
