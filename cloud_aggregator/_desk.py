@@ -300,7 +300,7 @@ class DeviceDesk:
         assert item.meta is not None
         self.strategy.accepted(item)
         self._planner().observe_body(item.body_bytes)
-        self.recorder.note_report(item.meta)
+        self.recorder.note_report(item.meta, weight=item.weight)
         self.counters.update("accepted")
         self.answer(device, message, ACCEPTED)
         self.events.emit(UpdateAccepted(device=device, task_round=item.task_round,

@@ -291,7 +291,7 @@ class FedBuff(StrategyBase):
             ctx.screen.accepted(norm)
             ctx.weights.accepted(weight)
             ctx.planner.observe_body(len(body))
-            ctx.recorder.note_report(meta)
+            ctx.recorder.note_report(meta, weight=weight)
             self.scheduler.complete(stored.key.round)
             self._done[(stored.key.round, device)] = None
             restored += 1

@@ -38,7 +38,7 @@ class _Running:
     bytes_up0: int = 0
     bytes_down0: int = 0
     train_loss_sum: float = 0.0
-    train_samples: int = 0
+    train_samples: float = 0.0
 
 
 class RoundRecorder:
@@ -70,13 +70,17 @@ class RoundRecorder:
     def rejected_count(self) -> int:
         return self._running.rejected
 
-    def note_report(self, meta: UpdateMeta) -> None:
-        """What an accepted update's device reported: training loss, its own evaluation."""
+    def note_report(self, meta: UpdateMeta, *, weight: float) -> None:
+        """What an accepted update's device reported: training loss, its own evaluation.
+
+        Both count with at most ``weight``, the bounded weight its update counts with: a
+        device's claimed sample counts do not dictate the round's figures either."""
         if math.isfinite(meta.train_loss):
-            self._running.train_loss_sum += meta.train_loss * meta.num_samples
-            self._running.train_samples += meta.num_samples
+            self._running.train_loss_sum += meta.train_loss * weight
+            self._running.train_samples += weight
         if meta.eval_samples > 0:
-            self._fed.append((meta.eval_loss, meta.eval_accuracy, meta.eval_samples))
+            self._fed.append((meta.eval_loss, meta.eval_accuracy,
+                              min(meta.eval_samples, max(1, round(weight)))))
 
     def complete(self, metrics: RoundMetrics, *, emulated_total_s: float) -> RoundMetrics:
         """``metrics`` with what the round's devices reported and the bytes it moved."""

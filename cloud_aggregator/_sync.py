@@ -438,7 +438,7 @@ class SyncRounds(StrategyBase):
                 ctx.weights.accepted(weight)
             ctx.planner.observe_body(len(body))
             op.round.count(device, _report(meta))
-            ctx.recorder.note_report(meta)
+            ctx.recorder.note_report(meta, weight=weight)
             restored += 1
         self._restore_refusals(rec.round)
         log.info("resumed round %d with %d stored updates", rec.round, restored)

@@ -88,7 +88,7 @@ class FakeDevice:
         self, *, round_index: int | None = None, model_version: int | None = None,
         values: np.ndarray | None = None, layout: Layout, codec: str = "fp32", attempt: int = 0,
         emulated_s: float | None = None, num_samples: int | None = None,
-        codec_body: bytes | None = None,
+        codec_body: bytes | None = None, train_loss: float = 1.0,
     ) -> None:
         r = self.tasks[-1].round if round_index is None else round_index
         v = self.tasks[-1].model_version if model_version is None else model_version
@@ -97,7 +97,7 @@ class FakeDevice:
             codec_body = encode_update(vec, layout, CodecSpec.parse(codec), rng=0).body
         nonce = next((t.nonce for t in reversed(self.tasks) if t.round == r), "no-task-nonce")
         meta = UpdateMeta(num_samples=self.num_samples if num_samples is None else num_samples,
-                          steps=2, nonce=nonce, train_loss=1.0, duration_s=0.1,
+                          steps=2, nonce=nonce, train_loss=train_loss, duration_s=0.1,
                           emulated_s=emulated_s)
         msg = update_message(fleet=FLEET, device=self.id, round=r, model_version=v,
                              attempt=attempt, codec=codec, meta=meta, codec_body=codec_body)

@@ -136,3 +136,18 @@ def test_a_presence_storm_costs_no_commit_per_message(tmp_path: Path, artifacts:
                         presence_message(fleet=FLEET, device=d0.id, status=status))
     assert writes < 20, writes
     assert agg.counters.snapshot()["gauges"]["devices_online"] == 1  # d0 ended offline
+
+
+def test_claimed_samples_do_not_dictate_the_rounds_training_loss(tmp_path: Path,
+                                                                 artifacts: Path) -> None:
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=1, norm_median_multiple=None)
+    agg.tick()
+    fleet["d0"].send_update(layout=agg.layout, num_samples=10**12, train_loss=100.0)
+    for d in ("d1", "d2"):
+        fleet[d].send_update(layout=agg.layout)
+    assert agg.tick()
+    loss = agg.history[-1].train_loss
+    # Its update counts with a bounded weight (its announced 50 samples), so does its loss.
+    assert loss is not None and loss == pytest.approx((100.0 + 1.0 + 1.0) / 3)
