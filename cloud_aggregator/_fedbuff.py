@@ -239,7 +239,11 @@ class FedBuff(StrategyBase):
             delta = agg.result()
             new_params = ctx.model.stepped(delta)
         except AggregatorError as exc:
-            log.error("async aggregate dropped: %s", exc)
+            # Dropped for good: a restart must not replay what this buffer held.
+            log.error("async aggregate of model version %d dropped: %s", epoch + 1, exc)
+            ctx.store.drop_stream(ctx.config.fleet, epoch)
+            self._started = now
+            ctx.recorder.begin()
             return
         virtual = ctx.config.clock == "virtual"
         ctx.model.emulated_total_s = (self.scheduler.emulated_now if virtual

@@ -625,9 +625,16 @@ class Store(DeviceTables):
         rows = self._read("SELECT body FROM state_blobs WHERE name = ?", (name,))
         return bytes(rows[0][0]) if rows else None
 
-    def delete_state(self, name: str) -> None:
+    def delete_state(self, *names: str) -> None:
+        """Forget the named states (one transaction)."""
         with self._write() as conn:
-            conn.execute("DELETE FROM state_blobs WHERE name = ?", (name,))
+            conn.executemany("DELETE FROM state_blobs WHERE name = ?", [(n,) for n in names])
+
+    def drop_stream(self, fleet: str, stream: int) -> None:
+        """Forget the journaled bodies of ``stream`` (their keys stay: still duplicates)."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM round_updates WHERE fleet = ? AND round = ?",
+                         (fleet, stream))
 
     # -- checkpoints
 

@@ -250,7 +250,7 @@ class SyncRounds(StrategyBase):
         ctx.release(params=new_params, metrics=metrics, close_round=index)
         if new_params is None and self.abandoned_streak >= ctx.config.max_abandoned:
             ctx.fail(f"{self.abandoned_streak} rounds in a row missed their quorum")
-        ctx.store.delete_state(refused_blob(index))
+        ctx.store.delete_state(refused_blob(index), _extra_blob(index))
         for device in pending:
             ctx.cancel(device, index, f"round {decision.value}d: {reason}")
 
@@ -495,7 +495,7 @@ class SyncRounds(StrategyBase):
         record = ctx.store.round(ctx.config.fleet, index)
         initial = record.selected if record is not None else ()
         extras = [d for d in rnd.selected if d not in initial]
-        ctx.store.put_state(f"round:{index}:extra", json.dumps(extras).encode())
+        ctx.store.put_state(_extra_blob(index), json.dumps(extras).encode())
         ctx.registry.record_selected([device], index)
         log.info("round %d: %s replaces a decliner", index, device)
         ctx.send_task(device, index, rnd.spec.model_version)
@@ -561,8 +561,13 @@ def _decode(body: bytes, ctx: StrategyContext, *, what: str = "a journaled updat
             np.asarray(values, dtype=np.float32))
 
 
+def _extra_blob(index: int) -> str:
+    """The state that names a round's replacements for decliners (kept while it is open)."""
+    return f"round:{index}:extra"
+
+
 def _extra_devices(ctx: StrategyContext, index: int) -> list[str]:
-    raw = ctx.store.get_state(f"round:{index}:extra")
+    raw = ctx.store.get_state(_extra_blob(index))
     if raw is None:
         return []
     try:

@@ -234,3 +234,28 @@ def test_a_full_journal_batch_commits_at_once(tmp_path: Path, artifacts: Path) -
     assert third.acks and third.last_ack().status == "accepted"
     agg.stop()
     runner.join(timeout=20)
+
+
+def test_a_dropped_fedbuff_buffer_is_not_replayed_after_a_restart(
+        tmp_path: Path, artifacts: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A buffer whose model cannot be made (here: not finite) is dropped; a restart
+    must not bring its updates back into the next buffer."""
+    from cloud_aggregator import AggregatorError, ModelState
+
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, mode="async", concurrency=3, buffer_size=2,
+               rounds=2, staleness="constant", norm_median_multiple=None)
+
+    def broken(self: ModelState, delta: np.ndarray) -> np.ndarray:
+        raise AggregatorError("the new global model is not finite")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ModelState, "stepped", broken)
+        feed_async(agg, fleet, 2)
+        assert agg.model_version == 0 and agg.strategy.buffered == 0  # type: ignore[attr-defined]
+    agg.channel.transport.kill()  # type: ignore[attr-defined]
+    again = make(tmp_path, artifacts, broker, mode="async", concurrency=3, buffer_size=2,
+                 rounds=2, staleness="constant", norm_median_multiple=None)
+    assert again.model_version == 0  # the dropped updates did not come back as a model
+    assert again.strategy.buffered == 0  # type: ignore[attr-defined]
