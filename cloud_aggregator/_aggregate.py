@@ -70,10 +70,6 @@ class RoundAggregate:
     def count(self) -> int:
         return self._stream.count if self._stream is not None else self._buffer.count  # type: ignore[union-attr]
 
-    @property
-    def robust(self) -> bool:
-        return self._buffer is not None
-
     def has_room(self, waiting: int = 0) -> bool:
         """Room for one more update, with ``waiting`` more to be added later."""
         return self._buffer is None or self._buffer.count + waiting < self._buffer.capacity

@@ -25,6 +25,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from broker_bridge import AckCode
 from cloud_aggregator._errors import AggregatorError, UpdateRejected
 from device_profiles._errors import ConfigError
 
@@ -32,20 +33,21 @@ FloatArray = npt.NDArray[np.floating]
 
 
 class Reason(StrEnum):
-    """Machine-readable tag of a verdict (also ``UpdateRejected.reason``)."""
+    """Machine-readable tag of a verdict (also ``UpdateRejected.reason``): the ack codes
+    of the protocol (``broker_bridge.AckCode``), so a device reads what it is told."""
 
     OK = "ok"
-    WRONG_SHAPE = "wrong_shape"
-    WRONG_SIZE = "wrong_size"
-    WRONG_DTYPE = "wrong_dtype"
-    NON_FINITE = "non_finite"
-    NORM_ABOVE_CAP = "norm_above_cap"
-    NORM_ABOVE_MEDIAN = "norm_above_median"
-    NORM_ABOVE_MODEL = "norm_above_model"
-    BAD_WEIGHT = "bad_weight"
-    TOO_STALE = "too_stale"
-    FROM_FUTURE = "from_future"
-    BUFFER_FULL = "buffer_full"
+    WRONG_SHAPE = AckCode.WRONG_SHAPE
+    WRONG_SIZE = AckCode.WRONG_SIZE
+    WRONG_DTYPE = AckCode.WRONG_DTYPE
+    NON_FINITE = AckCode.NON_FINITE
+    NORM_ABOVE_CAP = AckCode.NORM_ABOVE_CAP
+    NORM_ABOVE_MEDIAN = AckCode.NORM_ABOVE_MEDIAN
+    NORM_ABOVE_MODEL = AckCode.NORM_ABOVE_MODEL
+    BAD_WEIGHT = AckCode.BAD_WEIGHT
+    TOO_STALE = AckCode.TOO_STALE
+    FROM_FUTURE = AckCode.FROM_FUTURE
+    BUFFER_FULL = AckCode.BUFFER_FULL
 
 
 @dataclass(frozen=True, kw_only=True)

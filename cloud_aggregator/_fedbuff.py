@@ -12,7 +12,8 @@ Durability: each accepted update is journaled with its weight and discount under
 model version its buffer builds; a release writes the new model and drops that
 journal in one transaction. A restarted aggregator replays the open buffer's journal,
 so no accepted update is lost or counted twice, and the buffer is never snapshotted
-per update. The tasks in flight are saved when dispatched (small) and re-sent.
+per update. The tasks in flight are saved at each release and at most once a second
+(task numbers are reserved durably before use) and re-sent after a restart.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from cloud_aggregator._aggregate import Contribution, RoundAggregate
 from cloud_aggregator._aggregation import StalenessPolicy, check_staleness, staleness_discount
 from cloud_aggregator._answers import Answer, refused
 from cloud_aggregator._errors import AggregatorError
+from cloud_aggregator._history import finite_or_none
 from cloud_aggregator._ingest import Rejection, UpdateItem
 from cloud_aggregator._metrics import RoundMetrics
 from cloud_aggregator._rounds import AsyncScheduler
@@ -52,7 +54,7 @@ from cloud_aggregator._strategy import (
     StrategyContext,
     record_round,
 )
-from cloud_aggregator._sync import _decode, finite_loss, took
+from cloud_aggregator._sync import _decode, took
 
 log = logging.getLogger(__name__)
 
@@ -214,13 +216,12 @@ class FedBuff(StrategyBase):
         self._agg.add(item.contribution())
         ctx.screen.accepted(item.norm)
         ctx.weights.accepted(item.weight)
-        self.scheduler.complete(item.task_round,
-                                emulated_s=took(item.meta.emulated_s, item.meta.duration_s))
+        duration = took(item.meta.emulated_s, item.meta.duration_s)
+        self.scheduler.complete(item.task_round, emulated_s=duration)
         self._done[(item.task_round, item.device)] = None
         while len(self._done) > DONE_MEMORY:
             self._done.popitem(last=False)
-        duration = took(item.meta.emulated_s, item.meta.duration_s)
-        loss = finite_loss(item.meta.train_loss)
+        loss = finite_or_none(item.meta.train_loss)
         ctx.outcome(item.device, completed=True, duration_s=duration, loss=loss,
                     num_samples=item.meta.num_samples)
 

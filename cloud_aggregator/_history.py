@@ -53,7 +53,8 @@ class DeviceHistory:
 EMPTY = DeviceHistory()
 
 
-def _finite(value: float | None) -> float | None:
+def finite_or_none(value: float | None) -> float | None:
+    """``value`` when it is a finite, non-negative number, else None."""
     return value if value is not None and math.isfinite(value) and value >= 0 else None
 
 
@@ -92,7 +93,7 @@ class FleetHistory:
         are not finite, non-negative numbers are not recorded."""
         with self._lock:
             h = self._records.get(device_id, EMPTY)
-            duration, loss = _finite(duration_s), _finite(loss)
+            duration, loss = finite_or_none(duration_s), finite_or_none(loss)
             h = replace(
                 h,
                 completions=h.completions + int(completed),

@@ -41,7 +41,7 @@ import numpy.typing as npt
 from broker_bridge import CodecError, Layout, Message, UpdateMeta, WireError, unpack_update_body
 from broker_bridge import decode_update_sparse as _decode_sparse
 from cloud_aggregator._aggregate import Contribution
-from cloud_aggregator._aggregation import Reason, UpdateRules
+from cloud_aggregator._aggregation import Reason, UpdateRules, l2_norm
 from cloud_aggregator._errors import AggregatorError
 from cloud_aggregator._screen import NormScreen, WeightBound, task_samples_cap
 from cloud_aggregator._store import JournalEntry, Store, StoreError
@@ -193,7 +193,7 @@ class Validate:
                              f"expected {self.rules.size} values, got {values.size}")
         if not bool(np.isfinite(values).all()):
             return Rejection(str(Reason.NON_FINITE), "update holds NaN or Inf")
-        item.norm = math.sqrt(float(np.einsum("i,i->", values, values, dtype=np.float64)))
+        item.norm = l2_norm(values)
         cap = self.rules.max_norm
         if cap is not None and item.norm > cap:
             return Rejection(str(Reason.NORM_ABOVE_CAP), f"norm {item.norm:.4g} > {cap}")
@@ -211,7 +211,6 @@ class Screen:
     screen: NormScreen
     defers: bool
     model_norm: Callable[[], float]
-    on_refused: Callable[[], None] | None = None
     name: str = "screen"
 
     def process(self, item: UpdateItem) -> Rejection | None:
@@ -227,8 +226,6 @@ class Screen:
         self.screen.observe(item.device, item.norm, refused=not judgement.ok)
         if judgement.ok:
             return None
-        if self.on_refused is not None:
-            self.on_refused()
         reason = (Reason.NORM_ABOVE_MEDIAN if judgement.threshold is not None
                   else Reason.NORM_ABOVE_MODEL)
         return Rejection(str(reason), judgement.detail)

@@ -66,10 +66,6 @@ class RoundRecorder:
     def rejected(self) -> None:
         self._running.rejected += 1
 
-    @property
-    def rejected_count(self) -> int:
-        return self._running.rejected
-
     def note_report(self, meta: UpdateMeta, *, weight: float) -> None:
         """What an accepted update's device reported: training loss, its own evaluation.
 

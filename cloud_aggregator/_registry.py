@@ -202,12 +202,6 @@ class FleetRegistry:
                 self._devices[device_id] = replace(
                     info, eligible=False, hello_seen=True, reasons=(reason,))
 
-    def set_model_versions(self, device_id: str, versions: list[int]) -> None:
-        with self._lock:
-            info = self._devices.get(device_id)
-            if info is not None:
-                self._devices[device_id] = replace(info, model_versions=tuple(versions[-8:]))
-
     # -- persistence
 
     def _persist(self, info: DeviceInfo, *, with_profile: bool) -> None:

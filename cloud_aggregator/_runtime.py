@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import tempfile
 import threading
 import time
@@ -54,7 +53,7 @@ from broker_bridge import (
     Message,
     roll_call,
 )
-from cloud_aggregator._aggregation import UpdateRules
+from cloud_aggregator._aggregation import UpdateRules, l2_norm
 from cloud_aggregator._answers import AttemptLedger
 from cloud_aggregator._artifacts import MODEL_NAME
 from cloud_aggregator._config import AggregatorConfig
@@ -111,8 +110,8 @@ F32 = npt.NDArray[np.float32]
 OPT_BLOB = "server_opt"
 POLL_S = 0.05
 REGISTRY_EVERY_S = 1.0
-"""While ``run`` loops, the registry's device history is written at most this often
-(and with every new model): it is advisory, and hellos bring it back after a crash."""
+"""While ``run`` loops, the registry's devices and their histories are written at most
+this often: they are advisory, and hellos bring the devices back after a crash."""
 MAX_EARLY_MESSAGES = 10_000
 """Messages held while the aggregator rebuilds its round at start-up."""
 
@@ -264,7 +263,7 @@ class Aggregator:
             Decode(layout=self.layout),
             Validate(rules=UpdateRules(size=self.layout.size, max_norm=cfg.max_update_norm)),
             Screen(screen=self.screen, defers=self.strategy.defers_bootstrap,
-                   model_norm=lambda: _norm(self.state.params)),
+                   model_norm=lambda: l2_norm(self.state.params)),
             BoundWeight(weights=self.weights, epochs=cfg.local_epochs,
                         batch_size=cfg.batch_size, announced=self._announced),
         ]
@@ -622,11 +621,5 @@ def _policy_options(config: AggregatorConfig) -> dict[str, Any]:
     return {}
 
 
-def _norm(params: F32) -> float:
-    return math.sqrt(float(np.einsum("i,i->", params, params, dtype=np.float64)))
 
 
-def latest_metrics(path: Path) -> dict[str, Any] | None:
-    """The last JSON line of a metrics log, for tools that poll a running aggregator."""
-    rows = MetricsLog(path).read()
-    return rows[-1] if rows else None

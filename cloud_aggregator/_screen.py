@@ -95,14 +95,6 @@ class NormScreen:
     def _reference(self) -> list[float]:
         return self._history if self._frozen is None else self._frozen
 
-    @property
-    def enabled(self) -> bool:
-        return self.multiple is not None
-
-    @property
-    def bootstrapping(self) -> bool:
-        return self.enabled and len(self._reference()) < self.min_history
-
     def threshold(self) -> float | None:
         reference = self._reference()
         if self.multiple is None or len(reference) < self.min_history:
@@ -131,9 +123,6 @@ class NormScreen:
         self._epoch[device] = (float(norm), refused)
         while len(self._epoch) > MAX_EPOCH_DEVICES:
             self._epoch.popitem(last=False)
-
-    def epoch_refusals(self) -> int:
-        return sum(1 for _, refused in self._epoch.values() if refused)
 
     def end_epoch(self, *, min_refused: int | None = None, clear: bool = True) -> str | None:
         """When the screen refused most of the epoch's senders (and at least
@@ -225,13 +214,12 @@ class WeightBound:
             return None
         return self.multiple * _median(pool)
 
-    def bound(self, claimed: float, *, task_cap: int | None,
-              round_weights: Sequence[float] = ()) -> tuple[float, str]:
+    def bound(self, claimed: float, *, task_cap: int | None) -> tuple[float, str]:
         """(weight to use, why it was cut or "")."""
         weight, why = float(claimed), ""
         if task_cap is not None and weight > task_cap:
             weight, why = float(task_cap), f"claims {claimed} samples; its task allows {task_cap}"
-        fleet = self.fleet_cap(round_weights)
+        fleet = self.fleet_cap()
         if fleet is not None and weight > fleet:
             weight = fleet
             why = (f"claims {claimed} samples; at most {self.multiple:g} x the median weight "

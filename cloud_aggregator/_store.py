@@ -6,10 +6,11 @@ Errors raised here, all ``AggregatorError``::
     ├── SchemaTooNew      written by a newer fleetlearn (never downgraded in place)
     └── CheckpointCorrupt a checkpoint file missing, truncated or not matching its sha256
 
-What survives a SIGKILL mid-round: every update whose ``add_round_update`` returned
-committed its idempotency key *and* its encoded body in one transaction, so a restart
-re-decodes ``round_updates(...)`` into a fresh accumulator and gets the same partial
-sum, with no update lost or counted twice. Bodies are cleared when the round closes.
+What survives a SIGKILL mid-round: every update ``journal`` accepted committed its
+idempotency key *and* its encoded body in one transaction (one per group of updates),
+so a restart re-decodes ``round_updates(...)`` into a fresh aggregate and gets the same
+partial sum, with no update lost or counted twice. Bodies are cleared when their round
+closes or their buffer becomes a model.
 
 Checkpoints are written to a temporary file in the same directory, flushed, fsynced,
 ``os.replace``d into place and the directory fsynced; only then are the path and the
@@ -34,7 +35,6 @@ import os
 import re
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +45,7 @@ import numpy.typing as npt
 
 from broker_bridge import atomic_write
 from cloud_aggregator._errors import CheckpointCorrupt, SchemaTooNew, StoreError
-from cloud_aggregator._store_devices import DeviceTables, migrate_v2
+from cloud_aggregator._store_devices import DeviceTables, _json, _now, migrate_v2
 from device_profiles._errors import ConfigError
 
 SCHEMA_VERSION = 2
@@ -187,17 +187,6 @@ CREATE TABLE checkpoints (
 """
 
 Synchronous = Literal["FULL", "NORMAL"]
-
-
-def _json(value: Any) -> str:
-    try:
-        return json.dumps(value, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise StoreError(f"value is not plain JSON: {exc}") from exc
-
-
-def _now(at: float | None) -> float:
-    return time.time() if at is None else at
 
 
 _SAFE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -365,7 +354,7 @@ class Store(DeviceTables):
         deadline: float | None = None,
         started_at: float | None = None,
     ) -> RoundRecord:
-        """Record a new open round and count the selection for each selected device."""
+        """Record a new open round and the devices selected for it."""
         record = RoundRecord(
             fleet=fleet,
             round=round_index,
@@ -469,8 +458,7 @@ class Store(DeviceTables):
     ) -> bool:
         """Record ``key`` once: False if it was already accepted (a redelivery).
 
-        ``states`` (e.g. an accumulator snapshot) are written in the same transaction,
-        for a strategy that persists partial sums instead of update bodies.
+        ``states`` are written in the same transaction.
         """
         when = _now(at)
         with self._write() as conn:

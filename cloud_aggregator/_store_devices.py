@@ -109,7 +109,7 @@ class DeviceTables:
                 "INSERT INTO devices (device_id, profile, last_seen, online) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (device_id) DO UPDATE SET profile = excluded.profile,"
                 " last_seen = excluded.last_seen, online = excluded.online",
-                (device_id, _plain_json(dict(profile)), _when(seen_at), int(online)),
+                (device_id, _json(dict(profile)), _now(seen_at), int(online)),
             )
 
     def save_devices(self, rows: Sequence[DeviceRow]) -> None:
@@ -142,7 +142,7 @@ class DeviceTables:
         with self._write() as conn:
             cur = conn.execute(
                 "UPDATE devices SET last_seen = ?, online = ? WHERE device_id = ?",
-                (_when(at), int(online), device_id),
+                (_now(at), int(online), device_id),
             )
             return cur.rowcount == 1
 
@@ -214,7 +214,7 @@ def _put_history(conn: sqlite3.Connection, device_id: str, h: DeviceHistory) -> 
 
 
 def _device_params(row: DeviceRow) -> tuple[Any, ...]:
-    return (row.device_id, _plain_json(dict(row.profile or {})), _when(row.seen_at),
+    return (row.device_id, _json(dict(row.profile or {})), _now(row.seen_at),
             int(row.online), int(row.eligible), json.dumps(list(row.reasons)),
             int(row.num_samples), row.artifacts_hash, json.dumps(list(row.model_versions)),
             int(row.hello_seen))
@@ -249,12 +249,13 @@ def _float_or_none(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _plain_json(value: Any) -> str:
+def _json(value: Any) -> str:
+    """Plain JSON, keys sorted; a value JSON cannot hold is a ``StoreError``."""
     try:
         return json.dumps(value, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise StoreError(f"value is not plain JSON: {exc}") from exc
 
 
-def _when(at: float | None) -> float:
+def _now(at: float | None) -> float:
     return time.time() if at is None else at

@@ -114,8 +114,8 @@ class StrategyContext:
     cancel: Callable[[str, int, str], None]
     """``cancel(device, round, reason)``."""
     release: Callable[..., None]
-    """``release(params=..., metrics=..., close_round=..., drop_stream=...,
-    abandoned=...)``: apply (or abandon) and checkpoint, broadcast, record; see
+    """``release(params=..., metrics=..., close_round=..., drop_stream=...)``: apply
+    ``params`` (None: abandon ``close_round``) and checkpoint, broadcast, record; see
     ``Aggregator._release``."""
     emit: Callable[[Event], None]
     note: Callable[..., None]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,9 +45,11 @@ from broker_bridge import (
     unpack_update_body,
 )
 from cloud_aggregator._aggregate import Contribution, RoundAggregate
+from cloud_aggregator._aggregation import l2_norm
 from cloud_aggregator._answers import Answer, refused, refused_blob
 from cloud_aggregator._errors import AggregatorError
 from cloud_aggregator._events import RoundOpened
+from cloud_aggregator._history import finite_or_none
 from cloud_aggregator._ingest import Rejection, UpdateItem
 from cloud_aggregator._metrics import RoundMetrics
 from cloud_aggregator._registry import Candidate
@@ -82,8 +83,6 @@ def took(emulated_s: float | None, duration_s: float) -> float:
     return emulated_s if emulated_s is not None else duration_s
 
 
-def finite_loss(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) and value >= 0 else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -263,7 +262,7 @@ class SyncRounds(StrategyBase):
         if not deferred:
             return
         limit = ctx.screen.bootstrap_limit([d.norm for d in deferred],
-                                           model_norm=_norm(ctx.model.params))
+                                           model_norm=l2_norm(ctx.model.params))
         weight_cap = ctx.weights.fleet_cap([d.weight for d in deferred])
         waiting = {d.device: d for d in deferred}
         for stored in ctx.journal(index):
@@ -297,7 +296,7 @@ class SyncRounds(StrategyBase):
             took_s = (r.emulated_s if (rnd.spec.virtual and r.emulated_s is not None)
                       else r.duration_s)
             results.append({"device": device, "completed": True, "duration_s": took_s,
-                            "loss": finite_loss(r.loss), "num_samples": r.num_samples})
+                            "loss": finite_or_none(r.loss), "num_samples": r.num_samples})
         for device in outcome.missed:
             late = rnd.reports.get(device)
             late_s: float | None = None
@@ -542,11 +541,9 @@ class SyncRounds(StrategyBase):
 
 def _report(meta: Any) -> Report:
     return Report(duration_s=meta.duration_s, emulated_s=meta.emulated_s,
-                  loss=finite_loss(meta.train_loss), num_samples=meta.num_samples)
+                  loss=finite_or_none(meta.train_loss), num_samples=meta.num_samples)
 
 
-def _norm(params: F32) -> float:
-    return math.sqrt(float(np.einsum("i,i->", params, params, dtype=np.float64)))
 
 
 def _decode(body: bytes, ctx: StrategyContext, *, what: str = "a journaled update"
