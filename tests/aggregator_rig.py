@@ -126,7 +126,7 @@ def make(
     settings.update(overrides)
     config = AggregatorConfig(**settings)  # type: ignore[arg-type]
     transport = MemoryTransport(broker=broker, client_id="aggregator")
-    agg = Aggregator(config=config, channel=Channel(transport=transport, fleet=FLEET),
+    agg = Aggregator(config=config, channel=Channel(transport=transport, fleet=config.fleet),
                      clock=manual or ManualClock(), artifacts_dir=artifacts,
                      **parts)  # type: ignore[arg-type]
     OPEN.append(agg)

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from waiting import wait_for
+
 from broker_bridge import BrokerRefused, BrokerUnavailable, MqttTransport, free_port
 from broker_bridge._ports import wait_for_port
 
@@ -227,12 +229,5 @@ class Nats(_Child):
         return [binary, "-c", str(d / "nats.conf")], dict(os.environ)
 
 
-def wait_until(cond: object, timeout: float = 30.0, step: float = 0.05) -> bool:
-    """Poll ``cond()`` until true or ``timeout`` seconds passed; its last value."""
-    assert callable(cond)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step)
-    return bool(cond())
+wait_until = wait_for
+"""The brokers' tests wait with the suite's one ``waiting.wait_for``."""

@@ -1,7 +1,7 @@
 """Fake devices with hand-made profiles, for aggregator tests on an in-memory broker.
 
 They speak the device side of the protocol from its payload classes (as in
-``test_service``) and are started after the aggregator so that it hears their hellos.
+``aggregator_rig``) and are started after the aggregator so that it hears their hellos.
 Shared by the adaptive-work and scheduling tests.
 """
 
@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+from aggregator_rig import make
 
 from broker_bridge import (
     Channel,
@@ -29,8 +30,6 @@ from broker_bridge import (
     update_message,
 )
 from cloud_aggregator import Aggregator
-from cloud_aggregator._config import AggregatorConfig
-from cloud_aggregator._rounds import ManualClock
 from device_profiles import DeviceProfile, get_profile
 
 SAMPLES = 320  # 10 steps of 32 per epoch
@@ -100,17 +99,7 @@ class ProfiledDevice:
 def start_aggregator(tmp: Path, artifacts: Path, broker: MemoryBroker, n: int, *, fleet: str,
                      **overrides: object) -> Aggregator:
     """An mlp aggregator on ``broker`` choosing ``n`` devices per round, on a manual clock."""
-    settings: dict[str, object] = {
-        "fleet": fleet, "model": "mlp", "rounds": 3, "devices_per_round": n,
-        "over_selection": 1.0, "quorum": 1, "deadline_s": 30.0, "state_dir": tmp,
-        "local_epochs": 1, "batch_size": 32, "server_opt": "fedavg",
-        "store_synchronous": "NORMAL",
-    }
+    settings: dict[str, object] = {"fleet": fleet, "devices_per_round": n, "quorum": 1,
+                                   "batch_size": 32}
     settings.update(overrides)
-    config = AggregatorConfig(**settings)  # type: ignore[arg-type]
-    agg = Aggregator(config=config,
-                     channel=Channel(transport=MemoryTransport(broker=broker, client_id="agg"),
-                                     fleet=fleet),
-                     clock=ManualClock(), artifacts_dir=artifacts)
-    agg.start()
-    return agg
+    return make(tmp, artifacts, broker, **settings)

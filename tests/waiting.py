@@ -6,10 +6,12 @@ import time
 from collections.abc import Callable
 
 
-def wait_for(cond: Callable[[], object], timeout: float = 30.0) -> bool:
+def wait_for(cond: Callable[[], object], timeout: float = 30.0, step: float = 0.01) -> bool:
+    """Poll ``cond()`` every ``step`` seconds until true or ``timeout`` seconds passed;
+    whether it became true."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if cond():
             return True
-        time.sleep(0.01)
+        time.sleep(step)
     return bool(cond())

@@ -8,12 +8,13 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from aggregator_rig import fake_update
+from mqtt_rig import transport as mqtt_transport
+from waiting import wait_for
 
 from broker_bridge import (
     Ack,
@@ -24,12 +25,10 @@ from broker_bridge import (
     Layout,
     Message,
     MosquittoProcess,
-    MqttTransport,
     TaskSpec,
     UpdateMeta,
     encode_update,
     presence_message,
-    presence_will,
     update_message,
 )
 from cloud_aggregator import Aggregator
@@ -42,19 +41,6 @@ from cloud_aggregator._store import Store
 REPO = Path(__file__).resolve().parents[2]
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 60.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
-
-
-def _mqtt(url: str, cid: str, fleet: str, device: bool = True) -> MqttTransport:
-    will = presence_will(fleet=fleet, device=cid) if device else None
-    return MqttTransport(url=url, client_id=cid, will=will, clean_session=False,
-                         backoff_min_s=0.1, backoff_max_s=1.0)
 
 
 @pytest.mark.slow
@@ -77,7 +63,7 @@ def test_real_agents_learn_over_mosquitto(mosquitto: MosquittoProcess, tmp_path:
         deadline_s=60.0, state_dir=tmp_path / "agg", eval_data=tmp_path / "test.npz",
         store_synchronous="NORMAL")
     agg = Aggregator(config=config, channel=Channel(
-        transport=_mqtt(mosquitto.url, "aggregator", fleet, device=False), fleet=fleet))
+        transport=mqtt_transport(mosquitto.url, "aggregator", fleet, device=False), fleet=fleet))
     agg.start()
     agents = []
     for i in range(4):
@@ -115,10 +101,6 @@ def test_real_agents_learn_over_mosquitto(mosquitto: MosquittoProcess, tmp_path:
 # -- kill -9 mid-round and restart -----------------------------------------------------
 
 
-def fake_update(device: str, round_index: int, size: int) -> np.ndarray:
-    rng = np.random.default_rng([zlib.crc32(device.encode()), round_index])
-    return (rng.standard_normal(size) * 0.01).astype(np.float32)
-
 
 class ScriptedDevice:
     """A device over MQTT that answers each task with a deterministic update, unless
@@ -126,7 +108,7 @@ class ScriptedDevice:
 
     def __init__(self, url: str, fleet: str, device_id: str, layout: Layout) -> None:
         self.id, self.fleet, self.layout = device_id, fleet, layout
-        self.channel = Channel(transport=_mqtt(url, device_id, fleet), fleet=fleet)
+        self.channel = Channel(transport=mqtt_transport(url, device_id, fleet), fleet=fleet)
         self.tasks: list[TaskSpec] = []
         self.acks: list[Ack] = []
         self.hold: set[int] = set()
