@@ -55,16 +55,8 @@ class AggregatorConnection:
                                    example="client.key", group=_BROKER)
 
     def __post_init__(self) -> None:
-        url = BrokerUrl.parse(self.broker)
-        for name in ("tls_ca", "tls_cert", "tls_key"):
-            value = getattr(self, name)
-            if value is not None and not Path(value).is_file():
-                raise ConfigError(f"{name} file not found: {value}")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError("tls_cert and tls_key go together")
-        if (self.tls_ca or self.tls_cert) and not url.tls:
-            raise ConfigError(f"TLS files given (tls_ca, tls_cert) but the broker URL {url} "
-                              "is not mqtts://")
+        _check_tls(BrokerUrl.parse(self.broker), tls_ca=self.tls_ca, tls_cert=self.tls_cert,
+                   tls_key=self.tls_key)
 
     def settings(self) -> BrokerSettings:
         """The checked connection (reads the password file)."""
@@ -120,15 +112,22 @@ def broker_settings(
         if password is not None:
             log.warning("the broker password is in the --broker URL, where any user of this "
                         "machine can read it (ps); use --password-file or $%s", PASSWORD_ENV)
-    for flag, value in (("--tls-ca", tls_ca), ("--tls-cert", tls_cert), ("--tls-key", tls_key)):
-        if value is not None and not Path(value).is_file():
-            raise ConfigError(f"{flag} file not found: {value}")
-    if (tls_cert is None) != (tls_key is None):
-        raise ConfigError("--tls-cert and --tls-key go together")
+    _check_tls(url, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
     tls = None
     if tls_ca or tls_cert:
-        if not url.tls:
-            raise ConfigError(f"TLS files given but the broker URL {url} is not mqtts://")
         tls = TlsConfig(ca_certs=tls_ca, certfile=tls_cert, keyfile=tls_key)
     return BrokerSettings(url=url, client_id=client_id, username=username, password=password,
                           tls=tls)
+
+
+def _check_tls(url: BrokerUrl, *, tls_ca: str | Path | None, tls_cert: str | Path | None,
+               tls_key: str | Path | None) -> None:
+    """The TLS files exist, come as cert and key together, and go with mqtts://."""
+    for name, value in (("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key)):
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{name} file not found: {value}")
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("tls_cert and tls_key go together")
+    if (tls_ca or tls_cert) and not url.tls:
+        raise ConfigError(f"TLS files given (tls_ca, tls_cert) but the broker URL {url} "
+                          "is not mqtts://")

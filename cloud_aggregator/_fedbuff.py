@@ -176,15 +176,16 @@ class FedBuff(StrategyBase):
         if message.model_version != task.model_version:
             return Reply(refused(AckCode.WRONG_MODEL_VERSION,
                                  f"task was version {task.model_version}"), judged=True)
+        # Too stale is known from the task alone: refused before any decoding.
+        verdict = check_staleness(trained_from=task.model_version,
+                                  current_version=ctx.model.version, policy=self._policy)
+        if not verdict.ok:
+            return Reply(refused(str(verdict.reason), verdict.detail), judged=True)
         return Admit(task.task_round)
 
     def check(self, item: UpdateItem) -> Rejection | None:
         task = self.scheduler.lookup(item.task_round, item.device)
-        assert task is not None
-        verdict = check_staleness(trained_from=task.model_version,
-                                  current_version=self.ctx.model.version, policy=self._policy)
-        if not verdict.ok:
-            return Rejection(str(verdict.reason), verdict.detail)
+        assert task is not None  # admitted under the same lock: staleness is checked
         assert self._agg is not None
         if not self._agg.has_room(self.ctx.queued()):
             return Rejection(AckCode.BUFFER_FULL, "robust buffer is full")
