@@ -61,45 +61,74 @@ class NormJudgement:
     detail: str = ""
 
 
-class NormScreen:
+class _Recent:
+    """The last ``window`` accepted values, frozen for a sync round (judged against the
+    history as it was when the round opened), and the median of what is judged against
+    (computed once per change, not per update judged)."""
+
+    def __init__(self, *, multiple: float | None, window: int, min_history: int) -> None:
+        if window < min_history or min_history < 1:
+            raise ConfigError("the history must hold at least min_history values")
+        self.multiple = multiple
+        self.window = window
+        self.min_history = min_history
+        self._history: list[float] = []
+        self._frozen: list[float] | None = None
+        self._median: float | None = None
+
+    @property
+    def history(self) -> list[float]:
+        return list(self._history)
+
+    def _keep(self, value: float) -> bool:
+        """May a loaded value join the history?"""
+        return math.isfinite(value)
+
+    def load(self, values: Iterable[float]) -> None:
+        self._history = [float(x) for x in values if self._keep(float(x))][-self.window:]
+        self._median = None
+
+    def freeze(self) -> None:
+        """Judge against the history as it is now until ``thaw`` (a sync round)."""
+        self._frozen = list(self._history)
+        self._median = None
+
+    def thaw(self) -> None:
+        self._frozen = None
+        self._median = None
+
+    def accepted(self, value: float) -> None:
+        self._history.append(float(value))
+        del self._history[:-self.window]
+        if self._frozen is None:
+            self._median = None
+
+    def _reference(self) -> list[float]:
+        return self._history if self._frozen is None else self._frozen
+
+    def _limit(self) -> float | None:
+        """``multiple`` x the median of the reference (None: no screen, or too few)."""
+        reference = self._reference()
+        if self.multiple is None or len(reference) < self.min_history:
+            return None
+        if self._median is None:
+            self._median = _median(reference)
+        return self.multiple * self._median
+
+
+class NormScreen(_Recent):
     """Norm screen relative to recently accepted updates (see the module doc)."""
 
     def __init__(self, *, multiple: float | None, window: int = NORM_WINDOW,
                  min_history: int = MIN_HISTORY) -> None:
         if multiple is not None and not (multiple > 1 and math.isfinite(multiple)):
             raise ConfigError(f"norm_median_multiple must be > 1, got {multiple}")
-        if window < min_history or min_history < 1:
-            raise ConfigError("the norm history must hold at least min_history norms")
-        self.multiple = multiple
-        self.window = window
-        self.min_history = min_history
-        self._history: list[float] = []
-        self._frozen: list[float] | None = None
+        super().__init__(multiple=multiple, window=window, min_history=min_history)
         self._epoch: collections.OrderedDict[str, tuple[float, bool]] = (
             collections.OrderedDict())
 
-    @property
-    def history(self) -> list[float]:
-        return list(self._history)
-
-    def load(self, norms: Iterable[float]) -> None:
-        self._history = [float(x) for x in norms if math.isfinite(float(x))][-self.window:]
-
-    def freeze(self) -> None:
-        """Judge against the history as it is now until ``thaw`` (a sync round)."""
-        self._frozen = list(self._history)
-
-    def thaw(self) -> None:
-        self._frozen = None
-
-    def _reference(self) -> list[float]:
-        return self._history if self._frozen is None else self._frozen
-
     def threshold(self) -> float | None:
-        reference = self._reference()
-        if self.multiple is None or len(reference) < self.min_history:
-            return None
-        return self.multiple * _median(reference)
+        return self._limit()
 
     def judge(self, norm: float) -> NormJudgement:
         if self.multiple is None:
@@ -113,9 +142,6 @@ class NormScreen:
                 detail=f"norm {norm:.4g} > {self.multiple:g} x median {limit / self.multiple:.4g}"
                        " of recent accepted updates")
         return NormJudgement(ok=True, threshold=limit)
-
-    def accepted(self, norm: float) -> None:
-        self._history = [*self._history[-(self.window - 1):], float(norm)]
 
     def observe(self, device: str, norm: float, *, refused: bool) -> None:
         """Note a device's decodable update of the current epoch (round or async buffer)."""
@@ -142,6 +168,7 @@ class NormScreen:
         self._history = norms[-self.window:]
         if self._frozen is not None:
             self._frozen = list(self._history)
+        self._median = None
         return (f"the norm screen refused {len(refused)} of the {senders} devices that sent "
                 f"an update (limit {old:.4g}); recent history no longer describes the fleet, "
                 f"so it now starts from their norms (median {_median(norms):.4g})")
@@ -179,37 +206,24 @@ def task_samples_cap(*, epochs: int, batch_size: int, max_steps: int | None,
     return min(caps) if caps else None
 
 
-class WeightBound:
+class WeightBound(_Recent):
     """Bounds the weight an update claims (see the module doc)."""
 
     def __init__(self, *, multiple: float | None, window: int = NORM_WINDOW,
                  min_history: int = MIN_HISTORY) -> None:
         if multiple is not None and not (multiple >= 1 and math.isfinite(multiple)):
             raise ConfigError(f"max_weight_multiple must be >= 1, got {multiple}")
-        self.multiple = multiple
-        self.window = window
-        self.min_history = min_history
-        self._history: list[float] = []
-        self._frozen: list[float] | None = None
+        super().__init__(multiple=multiple, window=window, min_history=min_history)
 
-    @property
-    def history(self) -> list[float]:
-        return list(self._history)
-
-    def load(self, weights: Iterable[float]) -> None:
-        self._history = [float(w) for w in weights if float(w) > 0][-self.window:]
-
-    def freeze(self) -> None:
-        """Bound against the history as it is now until ``thaw`` (a sync round)."""
-        self._frozen = list(self._history)
-
-    def thaw(self) -> None:
-        self._frozen = None
+    def _keep(self, value: float) -> bool:
+        return value > 0
 
     def fleet_cap(self, round_weights: Sequence[float] = ()) -> float | None:
+        if not round_weights:
+            return self._limit()
         if self.multiple is None:
             return None
-        pool = [*(self._history if self._frozen is None else self._frozen), *round_weights]
+        pool = [*self._reference(), *round_weights]
         if len(pool) < self.min_history:
             return None
         return self.multiple * _median(pool)
@@ -225,6 +239,3 @@ class WeightBound:
             why = (f"claims {claimed} samples; at most {self.multiple:g} x the median weight "
                    f"of recent updates ({fleet:.4g}) counts")
         return weight, why
-
-    def accepted(self, weight: float) -> None:
-        self._history = [*self._history[-(self.window - 1):], float(weight)]
