@@ -113,7 +113,10 @@ REGISTRY_EVERY_S = 1.0
 """While ``run`` loops, the registry's devices and their histories are written at most
 this often: they are advisory, and hellos bring the devices back after a crash."""
 MAX_EARLY_MESSAGES = 10_000
-"""Messages held while the aggregator rebuilds its round at start-up."""
+MAX_EARLY_BYTES = 256 * 2**20
+"""Messages (and their bodies' bytes) held while the aggregator rebuilds its round at
+start-up; past either, the rest are dropped (devices send again: an update until it is
+acknowledged, a hello at the next roll call)."""
 
 
 class Aggregator:
@@ -250,6 +253,7 @@ class Aggregator:
             config=config, store=self.store, state_dir=self.state_dir,
             content_hash=self.model.info.content_hash, model=self.state, strategy=self.strategy,
             policy=self.policy, screen=self.screen, weights=self.weights, planner=self._planner)
+        self._early_bytes = 0
         self._early: collections.deque[tuple[Callable[[str, Message], None], str, Message]] = (
             collections.deque())
         self._failed: str | None = None
@@ -367,6 +371,7 @@ class Aggregator:
             self.strategy.resume()
             self._ready = True
             early, self._early = list(self._early), collections.deque()
+            self._early_bytes = 0
             for handler, topic, message in early:
                 handler(topic, message)
             self._publish_gauges()
@@ -378,8 +383,11 @@ class Aggregator:
                 if self._closed:
                     return
                 if not self._ready:
-                    if len(self._early) < MAX_EARLY_MESSAGES:
+                    size = len(message.body)
+                    if (len(self._early) < MAX_EARLY_MESSAGES
+                            and self._early_bytes + size <= MAX_EARLY_BYTES):
                         self._early.append((handler, topic, message))
+                        self._early_bytes += size
                     else:
                         self.counters.update("dropped:starting")
                     return

@@ -151,3 +151,16 @@ def test_claimed_samples_do_not_dictate_the_rounds_training_loss(tmp_path: Path,
     loss = agg.history[-1].train_loss
     # Its update counts with a bounded weight (its announced 50 samples), so does its loss.
     assert loss is not None and loss == pytest.approx((100.0 + 1.0 + 1.0) / 3)
+
+
+def test_what_arrives_while_the_aggregator_starts_is_bounded_in_bytes(
+        tmp_path: Path, artifacts: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages held until the open round is rebuilt count against a byte budget too
+    (full updates are megabytes): past it they are dropped and counted."""
+    import cloud_aggregator._runtime as runtime
+
+    broker = MemoryBroker()
+    devices(broker, 3)  # their retained presence reaches the aggregator as it subscribes
+    monkeypatch.setattr(runtime, "MAX_EARLY_BYTES", 1)
+    agg = make(tmp_path, artifacts, broker, rounds=1)
+    assert agg.counters.snapshot()["updates"].get("dropped:starting", 0) >= 3
