@@ -44,7 +44,7 @@ from cloud_aggregator._errors import AggregatorError
 from cloud_aggregator._history import finite_or_none
 from cloud_aggregator._ingest import Rejection, UpdateItem
 from cloud_aggregator._metrics import RoundMetrics
-from cloud_aggregator._rounds import AsyncScheduler
+from cloud_aggregator._rounds import AsyncScheduler, took
 from cloud_aggregator._status import async_line, fleet_view
 from cloud_aggregator._store import StoreError
 from cloud_aggregator._strategy import (
@@ -54,7 +54,7 @@ from cloud_aggregator._strategy import (
     StrategyContext,
     record_round,
 )
-from cloud_aggregator._sync import _decode, took
+from cloud_aggregator._sync import _decode
 
 log = logging.getLogger(__name__)
 

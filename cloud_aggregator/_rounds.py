@@ -127,6 +127,16 @@ class Report:
     loss: float | None = None
     num_samples: int = 0
 
+    @property
+    def took_s(self) -> float:
+        return took(self.emulated_s, self.duration_s)
+
+
+def took(emulated_s: float | None, duration_s: float) -> float:
+    """How long a task took: the emulated seconds a device reports (a simulated device's
+    hardware and links), else its wall-clock seconds."""
+    return emulated_s if emulated_s is not None else duration_s
+
 
 @dataclass(frozen=True, kw_only=True)
 class RoundOutcome:
@@ -245,10 +255,8 @@ class SyncRound:
             return Admission.ALREADY_COUNTED
         if current not in _MAY_STILL_REPORT:
             return Admission.RESOLVED
-        if self.spec.virtual:
-            took = emulated_s if emulated_s is not None else duration_s
-            if took > self.spec.deadline_s:
-                return Admission.LATE
+        if self.spec.virtual and took(emulated_s, duration_s) > self.spec.deadline_s:
+            return Admission.LATE
         return Admission.OK
 
     def count(self, device_id: str, report: Report) -> None:
@@ -301,7 +309,7 @@ class SyncRound:
         if any(s in (DeviceState.LATE, DeviceState.DROPPED) for s in self.states.values()):
             return self.spec.deadline_s
         times = [
-            (r.emulated_s if r.emulated_s is not None else r.duration_s)
+            r.took_s
             for d, r in self.reports.items()
             if self.states[d] is DeviceState.COUNTED
         ]

@@ -62,6 +62,7 @@ from cloud_aggregator._rounds import (
     RoundSpec,
     SyncRound,
     over_select,
+    took,
 )
 from cloud_aggregator._screen import clip_factor
 from cloud_aggregator._status import fleet_view, round_line, waiting_line
@@ -77,10 +78,6 @@ from cloud_aggregator._strategy import (
 log = logging.getLogger(__name__)
 
 F32 = np.ndarray
-
-
-def took(emulated_s: float | None, duration_s: float) -> float:
-    return emulated_s if emulated_s is not None else duration_s
 
 
 
@@ -301,7 +298,7 @@ class SyncRounds(StrategyBase):
             late = rnd.reports.get(device)
             late_s: float | None = None
             if late is not None and rnd.state(device) is DeviceState.LATE:
-                late_s = late.emulated_s if late.emulated_s is not None else late.duration_s
+                late_s = late.took_s
             results.append({"device": device, "completed": False, "duration_s": late_s})
         return results
 
