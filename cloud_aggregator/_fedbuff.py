@@ -33,11 +33,9 @@ from broker_bridge import (
     ErrorReport,
     Hello,
     Message,
-    WireError,
     printable,
-    unpack_update_body,
 )
-from cloud_aggregator._aggregate import Contribution, RoundAggregate
+from cloud_aggregator._aggregate import RoundAggregate
 from cloud_aggregator._aggregation import StalenessPolicy, check_staleness, staleness_discount
 from cloud_aggregator._answers import Answer, refused
 from cloud_aggregator._errors import AggregatorError
@@ -54,7 +52,7 @@ from cloud_aggregator._strategy import (
     StrategyContext,
     record_round,
 )
-from cloud_aggregator._sync import _decode
+from cloud_aggregator._sync import replay
 
 log = logging.getLogger(__name__)
 
@@ -283,23 +281,11 @@ class FedBuff(StrategyBase):
                              f"{exc}") from exc
         assert self._agg is not None
         restored = 0
-        for stored in ctx.journal(ctx.model.version):
-            device = stored.key.device_id
-            try:
-                meta, body = unpack_update_body(stored.body)
-            except WireError as exc:
-                raise StoreError(f"stored update of {device} does not decode: {exc}") from exc
-            indices, values = _decode(stored.body, ctx, what=device)
-            weight = float(stored.meta.get("weight", meta.num_samples))
-            norm = float(stored.meta.get("norm", 0.0))
-            self._agg.add(Contribution(indices=indices, values=values, weight=weight, norm=norm,
-                                       scale=float(stored.meta.get("scale", 1.0))))
-            ctx.screen.accepted(norm)
-            ctx.weights.accepted(weight)
-            ctx.planner.observe_body(len(body))
-            ctx.recorder.note_report(meta, weight=weight)
-            self.scheduler.complete(stored.key.round)
-            self._done[(stored.key.round, device)] = None
+        for r in replay(ctx, ctx.model.version, where="in the FedBuff buffer"):
+            assert r.contribution is not None  # FedBuff defers nothing
+            self._agg.add(r.contribution)
+            self.scheduler.complete(r.task_round)
+            self._done[(r.task_round, r.device)] = None
             restored += 1
         if restored:
             log.info("resumed a FedBuff buffer with %d stored updates", restored)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -413,28 +413,14 @@ class SyncRounds(StrategyBase):
         assert self._open is not None
         op = self._open
         restored = 0
-        for stored in ctx.journal(rec.round):
-            device = stored.key.device_id
-            try:
-                meta, body = unpack_update_body(stored.body)
-            except WireError as exc:
-                raise StoreError(f"stored update of {device} in round {rec.round} does not "
-                                 f"decode: {exc}") from exc
-            norm = float(stored.meta.get("norm", 0.0))
-            weight = float(stored.meta.get("weight", meta.num_samples))
-            if op.round.state(device) is None:
-                op.round.add_device(device)
-            if stored.meta.get("deferred"):
-                op.deferred.append(_Deferred(device=device, norm=norm, weight=weight))
+        for r in replay(ctx, rec.round, where=f"in round {rec.round}"):
+            if op.round.state(r.device) is None:
+                op.round.add_device(r.device)
+            if r.contribution is None:
+                op.deferred.append(_Deferred(device=r.device, norm=r.norm, weight=r.weight))
             else:
-                indices, values = _decode(stored.body, ctx, what=f"{device} in round {rec.round}")
-                op.aggregate.add(Contribution(indices=indices, values=values, weight=weight,
-                                              norm=norm))
-                ctx.screen.accepted(norm)
-                ctx.weights.accepted(weight)
-            ctx.planner.observe_body(len(body))
-            op.round.count(device, _report(meta))
-            ctx.recorder.note_report(meta, weight=weight)
+                op.aggregate.add(r.contribution)
+            op.round.count(r.device, _report(r.meta))
             restored += 1
         self._restore_refusals(rec.round)
         log.info("resumed round %d with %d stored updates", rec.round, restored)
@@ -548,11 +534,54 @@ def _decode(body: bytes, ctx: StrategyContext, *, what: str = "a journaled updat
     """(indices, values) of a journaled update body (envelope body: meta + codec body)."""
     try:
         _, codec_body = unpack_update_body(body)
-        indices, values = decode_update_sparse(codec_body, ctx.layout)
+        return _decode_codec(codec_body, ctx)
     except WireError as exc:
         raise StoreError(f"stored update of {what} does not decode: {exc}") from exc
+
+
+def _decode_codec(codec_body: bytes, ctx: StrategyContext) -> tuple[Any, Any]:
+    indices, values = decode_update_sparse(codec_body, ctx.layout)
     return (None if indices is None else np.asarray(indices, dtype=np.int64),
             np.asarray(values, dtype=np.float32))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Replayed:
+    """A journaled update, back after a restart."""
+
+    device: str
+    task_round: int
+    meta: Any
+    weight: float
+    norm: float
+    contribution: Contribution | None
+    """None: deferred by a bootstrapping round (decoded when that round closes)."""
+
+
+def replay(ctx: StrategyContext, stream: int, *, where: str) -> Iterator[Replayed]:
+    """The journaled updates of ``stream`` in acceptance order, each decoded once and seen
+    again by the screens, the planner and the recorder as when it was accepted."""
+    for stored in ctx.journal(stream):
+        device = stored.key.device_id
+        try:
+            meta, codec_body = unpack_update_body(stored.body)
+            deferred = bool(stored.meta.get("deferred"))
+            decoded = None if deferred else _decode_codec(codec_body, ctx)
+        except WireError as exc:
+            raise StoreError(f"stored update of {device} {where} does not decode: "
+                             f"{exc}") from exc
+        weight = float(stored.meta.get("weight", meta.num_samples))
+        norm = float(stored.meta.get("norm", 0.0))
+        contribution = None
+        if decoded is not None:
+            contribution = Contribution(indices=decoded[0], values=decoded[1], weight=weight,
+                                        norm=norm, scale=float(stored.meta.get("scale", 1.0)))
+            ctx.screen.accepted(norm)
+            ctx.weights.accepted(weight)
+        ctx.planner.observe_body(len(codec_body))
+        ctx.recorder.note_report(meta, weight=weight)
+        yield Replayed(device=device, task_round=stored.key.round, meta=meta, weight=weight,
+                       norm=norm, contribution=contribution)
 
 
 def _extra_blob(index: int) -> str:
