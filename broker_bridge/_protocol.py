@@ -240,7 +240,8 @@ def unpack_prefixed(body: bytes, cls: type[T]) -> tuple[T, bytes]:
     if n > MAX_META_BYTES or _META.size + n > len(body):
         raise ProtocolError(f"{what} metadata length {n} is out of bounds")
     try:
-        meta_obj = parse_json(body[_META.size:_META.size + n], what=f"{what} metadata")
+        meta_obj = parse_json(body[_META.size:_META.size + n], what=f"{what} metadata",
+                              max_bytes=MAX_META_BYTES)
     except WireError as exc:
         raise ProtocolError(str(exc)) from exc
     return cls.from_dict(meta_obj), body[_META.size + n:]

@@ -242,3 +242,53 @@ def test_fuzz_mutated_payloads_never_escape_typed_errors(data: st.DataObject) ->
     r = Reassembler()
     with contextlib.suppress(EnvelopeError, ChunkError):
         r.feed(Chunk.from_bytes(bytes(buf[:cut])))
+
+
+def test_json_bodies_are_bounded_before_reassembly_and_parsing() -> None:
+    """A JSON control message (hello, request, error, ack, presence) is at most
+    MAX_JSON_BYTES: a longer one is refused from its header, before any chunk of it is
+    held, and ``parse_json`` refuses one however it arrived."""
+    from broker_bridge import MAX_JSON_BYTES, parse_json
+
+    big = b'{"agent": "' + b"x" * MAX_JSON_BYTES + b'"}'
+    hello = Message(kind=Kind.HELLO, fleet="f1", device="d1", codec="json", body=big)
+    parts = split_message(hello, max_payload=16 * 1024)
+    r = Reassembler()
+    for p in parts:  # every chunk: a receiver may see any of them first
+        with pytest.raises(EnvelopeError, match=f"json body of {len(big)} bytes exceeds"):
+            r.feed(Chunk.from_bytes(p))
+    assert r.pending_sets == 0 and r.pending_bytes == 0
+    (single,) = split_message(hello, max_payload=len(big) + 1024)
+    with pytest.raises(EnvelopeError, match="exceeds"):
+        Chunk.from_bytes(single)
+    with pytest.raises(EnvelopeError, match="exceeds"):
+        hello.json()
+    with pytest.raises(EnvelopeError, match="exceeds"):
+        parse_json(big)
+    # at the bound: accepted; the same size with another codec (an update) too
+    at_limit = b'{"agent": "' + b"x" * (MAX_JSON_BYTES - 13) + b'"}'
+    assert len(at_limit) == MAX_JSON_BYTES
+    ok = Message(kind=Kind.HELLO, fleet="f1", device="d1", codec="json", body=at_limit)
+    got = _reassemble(split_message(ok, max_payload=16 * 1024))
+    assert got[0].json()["agent"] == "x" * (MAX_JSON_BYTES - 13)
+    assert _reassemble(split_message(_msg(big), max_payload=16 * 1024))[0].body == big
+    # a sender cannot build one that every receiver would drop
+    with pytest.raises(EnvelopeError, match="exceeds"):
+        json_message(Kind.HELLO, fleet="f1", payload={"agent": "x" * MAX_JSON_BYTES})
+
+
+def test_channel_drops_an_oversized_json_message_and_counts_it() -> None:
+    hub = MemoryBroker()
+    agg = Channel(transport=MemoryTransport(broker=hub, client_id="agg"), fleet="f1")
+    dev = Channel(transport=MemoryTransport(broker=hub, client_id="d1"), fleet="f1")
+    agg.transport.connect()
+    dev.transport.connect()
+    got: list[Message] = []
+    agg.subscribe(agg.topics.all_up, lambda _t, m: got.append(m))
+    topic = dev.topics.up("d1", "hello")
+    n = dev.send(topic, Message(kind=Kind.HELLO, fleet="f1", device="d1", codec="json",
+                                body=b'{"agent": "' + b"x" * 1_000_000 + b'"}'))
+    dev.send(topic, json_message(Kind.HELLO, fleet="f1", device="d1", payload={"agent": "a"}))
+    assert [m.json() for m in got] == [{"agent": "a"}]
+    assert n == 8 and agg.dropped["EnvelopeError"] == n
+    assert agg.reassembler.pending_bytes == 0

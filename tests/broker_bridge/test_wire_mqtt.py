@@ -96,6 +96,27 @@ def test_out_of_order_and_duplicated_chunks(any_broker: tuple[str, str]) -> None
     assert rx.reassembler.pending_sets == 0
 
 
+def test_an_oversized_json_message_is_dropped_before_reassembly(
+        mosquitto: MosquittoProcess) -> None:
+    """One device's 4 MiB hello (JSON) is refused chunk by chunk from its header: the
+    receiver never holds or parses it, and the device's next, real hello still counts."""
+    rx = Channel(transport=_transport(mosquitto.url, "agg-bigjson"), fleet=FLEET)
+    tx = Channel(transport=_transport(mosquitto.url, "dev-bigjson"), fleet=FLEET)
+    inbox = Inbox()
+    topic = tx.topics.up("dev-bigjson", "hello")
+    with rx.transport, tx.transport:
+        rx.subscribe(rx.topics.all_up, inbox)
+        n = tx.send(topic, Message(kind=Kind.HELLO, fleet=FLEET, device="dev-bigjson",
+                                   codec="json",
+                                   body=b'{"agent": "' + b"x" * (4 << 20) + b'"}'))
+        tx.send(topic, json_message(Kind.HELLO, fleet=FLEET, device="dev-bigjson",
+                                    payload={"agent": "real"}))
+        assert _wait(lambda: len(inbox.messages) >= 1, 30)
+    assert [m.json() for m in inbox.messages] == [{"agent": "real"}]
+    assert n == 33 and rx.dropped["EnvelopeError"] == n
+    assert rx.reassembler.pending_bytes == 0 and rx.reassembler.stats.completed == 0
+
+
 def test_broker_restart_loses_no_accepted_qos1_message(mosquitto: MosquittoProcess) -> None:
     rx = Channel(transport=_transport(mosquitto.url, "agg-restart"), fleet=FLEET)
     tx = Channel(transport=_transport(mosquitto.url, "dev-restart"), fleet=FLEET)
