@@ -6,6 +6,7 @@ and client ids there, so persistent sessions of one test never meet another's.""
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 import time
@@ -115,6 +116,26 @@ def test_an_oversized_json_message_is_dropped_before_reassembly(
     assert [m.json() for m in inbox.messages] == [{"agent": "real"}]
     assert n == 33 and rx.dropped["EnvelopeError"] == n
     assert rx.reassembler.pending_bytes == 0 and rx.reassembler.stats.completed == 0
+
+
+def test_acknowledged_publishes_leave_nothing_behind(mosquitto: MosquittoProcess) -> None:
+    """Once the broker acknowledged a QoS 1 publish, the transport keeps nothing of it.
+    The aggregator acks every update and never calls ``flush``: a record kept per
+    publish (about 1.5 KB) grew without bound with the updates a device replays."""
+    from paho.mqtt.client import MQTTMessageInfo
+
+    def held() -> int:  # paho's per-publish records still alive in this process
+        return sum(isinstance(o, MQTTMessageInfo) for o in gc.get_objects())
+
+    n = 3000
+    with _transport(mosquitto.url, "agg-acks") as tx:
+        gc.collect()
+        before = held()
+        for i in range(n):
+            tx.publish(f"fl/{FLEET}/devices/d{i % 50}/down/ack", b"a" * 200)
+        # no flush: every record goes once its acknowledgement comes
+        assert _wait(lambda: held() <= before, 30), f"{held() - before} of {n} held"
+        assert tx.unacknowledged == 0  # type: ignore[attr-defined]
 
 
 def test_broker_restart_loses_no_accepted_qos1_message(mosquitto: MosquittoProcess) -> None:
