@@ -292,3 +292,38 @@ def test_channel_drops_an_oversized_json_message_and_counts_it() -> None:
     assert [m.json() for m in got] == [{"agent": "a"}]
     assert n == 8 and agg.dropped["EnvelopeError"] == n
     assert agg.reassembler.pending_bytes == 0
+
+
+def test_a_full_buffer_evicts_from_the_heaviest_sender_not_a_light_newcomer() -> None:
+    """Two devices holding large incomplete sets fill the global byte budget: a third
+    device's multi-chunk message still goes through, and the set that makes room is the
+    heaviest sender's; a heavy sender that overflows the buffer loses its own set."""
+    lim = ReassemblyLimits(max_pending_bytes=110_000, max_bytes_per_sender=100_000)
+    r = Reassembler(limits=lim)
+
+    def parts(device: str, size: int, tid: int) -> list[Chunk]:
+        payloads = split_message(_msg(bytes([tid]) * size, device=device, transfer_id=tid),
+                                 max_payload=8192)
+        return [Chunk.from_bytes(p) for p in payloads]
+
+    heavy_a, heavy_b = parts("dev-a", 200_000, 1), parts("dev-b", 200_000, 2)
+    for chunk in heavy_a[:6] + heavy_b[:6]:
+        assert r.feed(chunk) is None
+    assert r.pending_bytes > lim.max_pending_bytes - 8192  # no room for one more chunk
+    light = parts("dev-c", 30_000, 3)
+    done = [r.feed(chunk) for chunk in light]
+    assert done[-1] is not None and done[-1].body == bytes([3]) * 30_000
+    assert r.stats.evicted == 1 and r.pending_sets == 1  # one heavy set made room
+    assert r.sender_usage("f1", "dev-c") == (0, 0)
+    # the heavy sender left grows on to fill the buffer, then loses its own set
+    (survivor,) = [d for d in ("dev-a", "dev-b") if r.sender_usage("f1", d)[0]]
+    rest = (heavy_a if survivor == "dev-a" else heavy_b)[6:]
+    small = parts("dev-d", 25_000, 4)[:3]
+    for chunk in small:
+        assert r.feed(chunk) is None
+    with pytest.raises(ChunkError, match="buffer full"):
+        for chunk in rest:
+            r.feed(chunk)
+    assert r.sender_usage("f1", survivor) == (0, 0)
+    assert r.sender_usage("f1", "dev-d")[0] == 1  # the lighter sender keeps its set
+    assert r.stats.evicted == 1 and r.pending_bytes <= lim.max_pending_bytes
