@@ -15,6 +15,7 @@ implementation reads exactly. As in JSON Schema, ``4.0`` is the integer 4.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 import re
@@ -158,13 +159,21 @@ def _schema(cls: type) -> tuple[tuple[str, Any, dict[str, Any], dataclasses.Fiel
                  for f in dataclasses.fields(cls))
 
 
+_RULES_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "fleetlearn_payload_rules_checked", default=False)
+"""True while ``from_dict`` builds the payload whose rules it has just checked."""
+
+
 class _Payload:
     """JSON (de)serialisation with type and rule checks, for frozen dataclasses."""
 
     KIND: typing.ClassVar[Kind]
 
     def __post_init__(self) -> None:
-        """Rules hold for a payload built in code too (a programming error otherwise)."""
+        """Rules hold for a payload built in code too (a programming error otherwise);
+        ``from_dict`` checked them already, field by field, with its own errors."""
+        if _RULES_CHECKED.get():
+            return
         for name, _, keywords, _ in _schema(type(self)):  # type: ignore[arg-type]
             if keywords:
                 try:
@@ -190,10 +199,13 @@ class _Payload:
                 kwargs[name] = value
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ProtocolError(f"{cls.__name__} lacks required field {name!r}")
+        checked = _RULES_CHECKED.set(True)
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"invalid {cls.__name__}: {exc}") from exc
+        finally:
+            _RULES_CHECKED.reset(checked)
 
     @classmethod
     def from_message(cls: type[T], message: Message) -> T:
