@@ -95,15 +95,6 @@ class BrokerUrl:
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
 
 
-_REFUSALS = {
-    1: "unacceptable protocol version",
-    2: "client id rejected",
-    3: "server unavailable",
-    4: "bad user name or password",
-    5: "not authorized",
-}
-
-
 def _check(rc: MQTTErrorCode | int, what: str) -> None:
     """The one place paho's error codes become fleetlearn exceptions."""
     if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:

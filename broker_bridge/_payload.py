@@ -108,12 +108,11 @@ def check_value(name: str, value: Any, tp: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return check_value(name, value, inner[0])
-    if origin in (list, tuple):
+    if origin is list:
         if not isinstance(value, list):
             raise ProtocolError(f"field {name!r} must be a list")
-        (item,) = typing.get_args(tp)[:1]
-        checked = [check_value(f"{name}[]", v, item) for v in value]
-        return tuple(checked) if origin is tuple else checked
+        (item,) = typing.get_args(tp)
+        return [check_value(f"{name}[]", v, item) for v in value]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ProtocolError(f"field {name!r} must be an object")
@@ -133,8 +132,6 @@ def check_value(name: str, value: Any, tp: Any) -> Any:
                 raise ProtocolError(f"field {name!r} must be a finite number")
             return as_float
         return value
-    if tp is Any:
-        return value
     raise TypeError(f"unsupported protocol field type {tp!r}")
 
 
@@ -143,8 +140,6 @@ def _plain(value: Any) -> Any:
         return value.to_dict()
     if isinstance(value, list):
         return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
