@@ -81,6 +81,7 @@ from broker_bridge._codec_spec import CodecSpec, Quantize, Threshold, TopK
 from broker_bridge._credentials import read_password_file
 from broker_bridge._embedded import EMBEDDED_LIMITS, EmbeddedBroker
 from broker_bridge._envelope import (
+    MAX_JSON_BYTES,
     Chunk,
     EnvelopeLimits,
     Kind,
@@ -138,6 +139,7 @@ __all__ = [
     "AGGREGATOR_USER",
     "DEFAULT_MAX_PAYLOAD",
     "EMBEDDED_LIMITS",
+    "MAX_JSON_BYTES",
     "PROTOCOL_VERSION",
     "RETRYABLE",
     "Ack",

@@ -215,11 +215,20 @@ def _child_user() -> str | None:
     return "root" if hasattr(os, "geteuid") and os.geteuid() == 0 else None
 
 
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+"""Listen-on-every-interface addresses, and where this machine reaches such a listener."""
+
+
 class MosquittoProcess:
-    """A ``mosquitto`` child process on 127.0.0.1 that can be stopped and restarted."""
+    """A ``mosquitto`` child process that can be stopped and restarted.
+
+    It listens on ``host`` (127.0.0.1 by default: this machine only; ``0.0.0.0`` for
+    every interface). With ``conf_text``, the configuration says where it listens, and
+    ``host`` and ``port`` say where to reach it.
+    """
 
     def __init__(self, *, conf_text: str | None = None, port: int | None = None,
-                 workdir: Path | None = None) -> None:
+                 workdir: Path | None = None, host: str = "127.0.0.1") -> None:
         binary = find_mosquitto()
         if binary is None:
             raise BrokerUnavailable(
@@ -227,13 +236,14 @@ class MosquittoProcess:
                 "mosquitto; macOS: brew install mosquitto) or use the embedded broker"
             )
         self.binary = binary
-        self.port = port or free_port()
+        self.host = host
+        self.port = port or free_port(host if ":" not in host else "127.0.0.1")
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fleetlearn-mosquitto-"))
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         self.conf = self.workdir / "mosquitto.conf"
         text = conf_text or render_mosquitto_conf(
-            port=self.port, bind_address="127.0.0.1", password_file=None, acl_file=None,
+            port=self.port, bind_address=host, password_file=None, acl_file=None,
             persistence_dir=self.workdir / "data", run_as_user=_child_user(),
         )
         self.conf.write_text(text)
@@ -241,8 +251,14 @@ class MosquittoProcess:
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def _reach(self) -> str:
+        """The address a client on this machine connects to."""
+        return _WILDCARDS.get(self.host, self.host)
+
+    @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        reach = self._reach
+        return f"mqtt://{f'[{reach}]' if ':' in reach else reach}:{self.port}"
 
     def start(self, *, timeout: float = 10.0) -> MosquittoProcess:
         if self._proc is not None and self._proc.poll() is None:
@@ -254,7 +270,7 @@ class MosquittoProcess:
         )
         log_file.close()
         try:
-            wait_for_port("127.0.0.1", self.port, timeout=timeout)
+            wait_for_port(self._reach, self.port, timeout=timeout)
         except BrokerUnavailable as exc:
             self.kill()
             raise BrokerUnavailable(f"mosquitto did not start; log:\n{self.log_text()}") from exc

@@ -9,8 +9,9 @@ received, and each chunk is charged ``chunk_overhead`` bytes on top of its data 
 record that holds it), so many tiny chunks cost what they really cost.
 
 One sender cannot push another one's sets out: past its own limits a sender loses
-its own oldest set, and when the global set limit is reached the set evicted belongs
-to the sender holding the most.
+its own oldest set, and when a global limit is reached the set evicted is the oldest
+of the sender holding the most (sets for the set limit, bytes for the byte limit), so
+devices holding large incomplete sets never block a lighter device's message.
 """
 
 from __future__ import annotations
@@ -137,11 +138,6 @@ class Reassembler:
                 self.stats.duplicates += 1
                 return None
             cost = len(chunk.data) + self._limits.chunk_overhead
-            if self._pending_bytes + cost > self._limits.max_pending_bytes:
-                self._drop(key)
-                raise ChunkError(
-                    f"reassembly buffer full ({self._limits.max_pending_bytes} bytes); set dropped"
-                )
             if self._by_sender[sender][1] + cost > self._limits.max_bytes_per_sender:
                 self._drop(key)
                 self.stats.sender_limited += 1
@@ -150,6 +146,15 @@ class Reassembler:
                     f"{self._limits.max_bytes_per_sender} bytes of incomplete messages; "
                     "set dropped"
                 )
+            while self._pending_bytes + cost > self._limits.max_pending_bytes:
+                # Room comes from the sender holding the most bytes (this chunk counted
+                # with its own sender), oldest set first: never from a lighter newcomer.
+                heaviest = self._heaviest_sender(by_bytes=True, adding=(sender, cost))
+                if self._oldest_of(heaviest) == key:
+                    self._drop(key)
+                    raise ChunkError(f"reassembly buffer full "
+                                     f"({self._limits.max_pending_bytes} bytes); set dropped")
+                self._drop_oldest(heaviest)
             pend.parts[chunk.chunk_index] = chunk
             pend.size += cost
             self._pending_bytes += cost
@@ -180,12 +185,23 @@ class Reassembler:
             dropped += 1
         return dropped
 
-    def _heaviest_sender(self) -> _Sender:
-        return max(self._by_sender.items(), key=lambda kv: (kv[1][0], kv[1][1]))[0]
+    def _heaviest_sender(self, *, by_bytes: bool = False,
+                         adding: tuple[_Sender, int] | None = None) -> _Sender:
+        """The sender holding the most sets (then bytes), or with ``by_bytes`` the most
+        bytes (then sets); ``adding`` counts bytes about to be charged to one sender."""
+        def weight(item: tuple[_Sender, list[int]]) -> tuple[int, int]:
+            sender, (sets, nbytes) = item
+            if adding is not None and sender == adding[0]:
+                nbytes += adding[1]
+            return (nbytes, sets) if by_bytes else (sets, nbytes)
+
+        return max(self._by_sender.items(), key=weight)[0]
+
+    def _oldest_of(self, sender: _Sender) -> _Key:
+        return next(k for k in self._pending if (k[0], k[1]) == sender)
 
     def _drop_oldest(self, sender: _Sender) -> None:
-        key = next(k for k in self._pending if (k[0], k[1]) == sender)
-        self._drop(key)
+        self._drop(self._oldest_of(sender))
         self.stats.evicted += 1
 
     def _drop(self, key: _Key) -> None:

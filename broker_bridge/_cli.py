@@ -15,7 +15,9 @@ def register(sub: Any) -> None:
         description="Without a subcommand: run a broker on this machine until Ctrl-C.",
     )
     p.add_argument("--port", type=int, default=1883)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (embedded broker)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; "
+                        "0.0.0.0: every interface)")
     p.add_argument("--kind", choices=["auto", "embedded", "mosquitto"], default="auto",
                    help="mosquitto: a child process; embedded: a pure-Python broker in this "
                         "process (a trial broker: no passwords, ACL, TLS or persistence); "
@@ -55,7 +57,7 @@ def _run_broker(args: argparse.Namespace) -> int:
     broker: EmbeddedBroker | MosquittoProcess
     kind = local_broker_kind("mosquitto") if args.kind == "auto" else args.kind
     if kind == "mosquitto":
-        broker = MosquittoProcess(port=args.port).start()
+        broker = MosquittoProcess(host=args.host, port=args.port).start()
     else:
         print(f"fleetlearn: warning: {EMBEDDED_LIMITS}", flush=True)
         broker = EmbeddedBroker(host=args.host, port=args.port).start()

@@ -35,7 +35,9 @@ update codec spec such as ``topk:0.01+q8+zstd`` for updates, ``raw`` for opaque 
 The chunk data is covered by ``body_crc32``, checked once the body is whole (a
 single-chunk message is checked at once); a corrupt chunk therefore drops its whole set.
 Decoding never trusts a length: every one is checked against the payload's size and
-against ``EnvelopeLimits`` before anything is sliced or allocated.
+against ``EnvelopeLimits`` before anything is sliced or allocated. A ``json`` body is
+bounded far tighter than others (``MAX_JSON_BYTES``): control messages are small, and a
+receiver parses them whole.
 """
 
 from __future__ import annotations
@@ -80,15 +82,29 @@ class Kind(enum.IntEnum):
         return self.name.lower()
 
 
+JSON_CODEC = "json"
+
+MAX_JSON_BYTES = 64 * 1024
+"""A JSON body (codec ``json``: hello, presence, task, ack, cancel, error, request) is at
+most this many bytes. The largest the reference sends is a hello with its device profile
+(under 2 KB with any catalogue profile; a task is under 1 KB); the JSON metadata of
+update and model bodies has the same bound (``MAX_META_BYTES``). A receiver refuses a
+longer ``json`` message from its header, before it holds any chunk of it, and
+``parse_json`` refuses a longer text: one device cannot make the aggregator reassemble
+and parse megabytes of JSON."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class EnvelopeLimits:
     """Upper bounds a receiver enforces before it allocates anything."""
 
     max_body_bytes: int = 256 * 1024 * 1024
     max_chunks: int = 65536
+    max_json_bytes: int = MAX_JSON_BYTES
+    """The bound on bodies whose codec is ``json`` (control messages)."""
 
     def __post_init__(self) -> None:
-        if self.max_body_bytes <= 0 or self.max_chunks <= 0:
+        if self.max_body_bytes <= 0 or self.max_chunks <= 0 or self.max_json_bytes <= 0:
             raise ConfigError("envelope limits must be positive")
 
 
@@ -131,7 +147,7 @@ class Message:
 
     def json(self) -> Any:
         """The body parsed as JSON (control messages); EnvelopeError if it is not."""
-        if self.codec != "json":
+        if self.codec != JSON_CODEC:
             raise EnvelopeError(f"{self.kind.topic_name} message body is {self.codec!r}, not json")
         return parse_json(self.body, what=f"{self.kind.topic_name} message")
 
@@ -159,10 +175,14 @@ def _json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def parse_json(data: bytes, *, what: str = "message") -> Any:
-    """Parse untrusted JSON: UTF-8, finite numbers, integers of at most 19 digits, and
-    nesting the parser can follow; anything else is an ``EnvelopeError``, never a
-    ``RecursionError`` or a stray ``ValueError``."""
+def parse_json(data: bytes, *, what: str = "message", max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Parse untrusted JSON: at most ``max_bytes`` bytes of UTF-8, finite numbers,
+    integers of at most 19 digits, and nesting the parser can follow; anything else is
+    an ``EnvelopeError``, never a ``RecursionError`` or a stray ``ValueError``."""
+    if len(data) > max_bytes:
+        raise EnvelopeError(
+            f"json body of {len(data)} bytes exceeds the limit of {max_bytes} in {what}"
+        )
     try:
         return json.loads(data.decode("utf-8"), parse_int=_json_int, parse_float=_json_float,
                           parse_constant=_json_constant)
@@ -173,9 +193,13 @@ def parse_json(data: bytes, *, what: str = "message") -> Any:
 
 
 def json_message(kind: Kind, *, fleet: str, payload: Any, **fields: Any) -> Message:
-    """A control message whose body is compact JSON."""
+    """A control message whose body is compact JSON (at most ``MAX_JSON_BYTES``: every
+    receiver would drop a longer one, so it is an ``EnvelopeError`` here)."""
     body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    return Message(kind=kind, fleet=fleet, codec="json", body=body, **fields)
+    if len(body) > MAX_JSON_BYTES:
+        raise EnvelopeError(f"json body of {len(body)} bytes exceeds the limit of "
+                            f"{MAX_JSON_BYTES} for a {kind.topic_name} message")
+    return Message(kind=kind, fleet=fleet, codec=JSON_CODEC, body=body, **fields)
 
 
 def new_transfer_id() -> int:
@@ -269,6 +293,11 @@ class Chunk:
                 check_id(device, what="device id")
         except (UnicodeDecodeError, ConfigError) as exc:
             raise EnvelopeError(f"bad id or codec string in header: {exc}") from exc
+        if codec == JSON_CODEC and total > limits.max_json_bytes:
+            # Refused from any chunk's header: no chunk of it is held or reassembled.
+            raise EnvelopeError(
+                f"json body of {total} bytes exceeds the limit of {limits.max_json_bytes}"
+            )
         return cls(
             kind=kind_e, fleet=fleet, device=device, round=rnd, model_version=model_version,
             attempt=attempt, codec=codec, transfer_id=transfer_id, chunk_index=index,

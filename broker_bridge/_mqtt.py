@@ -95,15 +95,6 @@ class BrokerUrl:
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
 
 
-_REFUSALS = {
-    1: "unacceptable protocol version",
-    2: "client id rejected",
-    3: "server unavailable",
-    4: "bad user name or password",
-    5: "not authorized",
-}
-
-
 def _check(rc: MQTTErrorCode | int, what: str) -> None:
     """The one place paho's error codes become fleetlearn exceptions."""
     if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -252,7 +243,9 @@ class MqttTransport(Transport):
         self._keepalive = keepalive_s
         self._subs: dict[str, tuple[PayloadHandler, int]] = {}
         self._subs_lock = threading.Lock()
-        self._pending: list[paho.MQTTMessageInfo] = []
+        self._unacked: dict[int, paho.MQTTMessageInfo] = {}
+        """QoS 1 publishes the broker has not acknowledged yet, by message id: entered at
+        publish, removed by ``_on_publish``, so it holds only what is in flight."""
         self._subacked: set[int] = set()
         self._suback_timeout = 10.0
         self._cond = threading.Condition()
@@ -399,7 +392,10 @@ class MqttTransport(Transport):
                 self._cond.wait(min(left, 0.2))
         if qos > 0:
             with self._cond:
-                self._pending.append(info)
+                # The acknowledgement may already have come (on the loop thread, between
+                # paho's publish() and here): then there is nothing to wait for.
+                if not info._published:
+                    self._unacked[info.mid] = info
         # Not connected: QoS 1 messages stay queued in paho and go out after reconnect.
         if info.rc != MQTTErrorCode.MQTT_ERR_NO_CONN or qos == 0:
             _check(info.rc, f"publish to {topic}")
@@ -438,8 +434,7 @@ class MqttTransport(Transport):
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                self._pending = [i for i in self._pending if not i._published]
-                if not self._pending:
+                if not self._prune_unacked():
                     return True
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -449,8 +444,15 @@ class MqttTransport(Transport):
     @property
     def unacknowledged(self) -> int:
         with self._cond:
-            self._pending = [i for i in self._pending if not i._published]
-            return len(self._pending)
+            return self._prune_unacked()
+
+    def _prune_unacked(self) -> int:
+        """Forget publishes acknowledged before ``publish`` recorded them (paho calls
+        ``_on_publish`` just before it marks the message published); with ``_cond`` held."""
+        done = [mid for mid, info in self._unacked.items() if info._published]
+        for mid in done:
+            del self._unacked[mid]
+        return len(self._unacked)
 
     # -- driven by the NetworkLoop's thread -------------------------------------------------
     def _on_io(self, sock: Any, mask: int) -> None:
@@ -541,6 +543,7 @@ class MqttTransport(Transport):
 
     def _on_publish(self, _c: paho.Client, _ud: Any, mid: int, _reason: Any, _props: Any) -> None:
         with self._cond:
+            self._unacked.pop(mid, None)
             self._cond.notify_all()
 
     def _on_subscribe(self, _c: paho.Client, _ud: Any, mid: int, _rc: Any, _props: Any) -> None:

@@ -15,6 +15,7 @@ implementation reads exactly. As in JSON Schema, ``4.0`` is the integer 4.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 import re
@@ -107,12 +108,11 @@ def check_value(name: str, value: Any, tp: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return check_value(name, value, inner[0])
-    if origin in (list, tuple):
+    if origin is list:
         if not isinstance(value, list):
             raise ProtocolError(f"field {name!r} must be a list")
-        (item,) = typing.get_args(tp)[:1]
-        checked = [check_value(f"{name}[]", v, item) for v in value]
-        return tuple(checked) if origin is tuple else checked
+        (item,) = typing.get_args(tp)
+        return [check_value(f"{name}[]", v, item) for v in value]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ProtocolError(f"field {name!r} must be an object")
@@ -132,8 +132,6 @@ def check_value(name: str, value: Any, tp: Any) -> Any:
                 raise ProtocolError(f"field {name!r} must be a finite number")
             return as_float
         return value
-    if tp is Any:
-        return value
     raise TypeError(f"unsupported protocol field type {tp!r}")
 
 
@@ -142,8 +140,6 @@ def _plain(value: Any) -> Any:
         return value.to_dict()
     if isinstance(value, list):
         return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
@@ -158,13 +154,21 @@ def _schema(cls: type) -> tuple[tuple[str, Any, dict[str, Any], dataclasses.Fiel
                  for f in dataclasses.fields(cls))
 
 
+_RULES_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "fleetlearn_payload_rules_checked", default=False)
+"""True while ``from_dict`` builds the payload whose rules it has just checked."""
+
+
 class _Payload:
     """JSON (de)serialisation with type and rule checks, for frozen dataclasses."""
 
     KIND: typing.ClassVar[Kind]
 
     def __post_init__(self) -> None:
-        """Rules hold for a payload built in code too (a programming error otherwise)."""
+        """Rules hold for a payload built in code too (a programming error otherwise);
+        ``from_dict`` checked them already, field by field, with its own errors."""
+        if _RULES_CHECKED.get():
+            return
         for name, _, keywords, _ in _schema(type(self)):  # type: ignore[arg-type]
             if keywords:
                 try:
@@ -190,10 +194,13 @@ class _Payload:
                 kwargs[name] = value
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ProtocolError(f"{cls.__name__} lacks required field {name!r}")
+        checked = _RULES_CHECKED.set(True)
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"invalid {cls.__name__}: {exc}") from exc
+        finally:
+            _RULES_CHECKED.reset(checked)
 
     @classmethod
     def from_message(cls: type[T], message: Message) -> T:

@@ -38,6 +38,12 @@ from broker_bridge._payload import (
 PROTOCOL_VERSION = 2
 MAX_META_BYTES = 64 * 1024
 
+
+def schema_id(name: str) -> str:
+    """The ``$id`` of a protocol JSON Schema (docs/schemas/<name>.schema.json)."""
+    return f"urn:fleetlearn:protocol:{PROTOCOL_VERSION}:{name}"
+
+
 _ROUND = {"minimum": 0, "maximum": U32}
 UPDATE_ACK_STATUSES = ("accepted", "duplicate", "rejected")
 TASK_ACK_STATUSES = ("accepted", "declined")
@@ -88,6 +94,15 @@ class Hello(_Payload):
                                      description="global model versions it holds")
     busy_round: int | None = rule(None, **_ROUND, description="the round (or async task) "
                                   "it is working on, if any")
+
+    SCHEMA_EXTRA: typing.ClassVar[dict[str, Any]] = {"properties": {
+        "profile": {"anyOf": [{"type": "object", "maxProperties": 0},
+                              {"$ref": schema_id("device_profile")}]},
+        "eligibility": {"$ref": schema_id("eligibility")},
+    }}
+    """What the profile and eligibility must be. The aggregator checks them apart from the
+    hello: a profile that is not valid is ignored (the cost model guesses), an eligibility
+    that is not valid makes the device ineligible; the hello still counts."""
 
     def eligibility_info(self) -> Eligibility:
         return Eligibility.from_dict(self.eligibility)
@@ -240,7 +255,8 @@ def unpack_prefixed(body: bytes, cls: type[T]) -> tuple[T, bytes]:
     if n > MAX_META_BYTES or _META.size + n > len(body):
         raise ProtocolError(f"{what} metadata length {n} is out of bounds")
     try:
-        meta_obj = parse_json(body[_META.size:_META.size + n], what=f"{what} metadata")
+        meta_obj = parse_json(body[_META.size:_META.size + n], what=f"{what} metadata",
+                              max_bytes=MAX_META_BYTES)
     except WireError as exc:
         raise ProtocolError(str(exc)) from exc
     return cls.from_dict(meta_obj), body[_META.size + n:]

@@ -23,7 +23,6 @@ from typing import Any
 from broker_bridge._model_msg import ModelMeta
 from broker_bridge._payload import MAX_SAFE_INT, _Payload, rules_of
 from broker_bridge._protocol import (
-    PROTOCOL_VERSION,
     Ack,
     Cancel,
     Eligibility,
@@ -33,14 +32,11 @@ from broker_bridge._protocol import (
     Request,
     TaskSpec,
     UpdateMeta,
+    schema_id,
 )
 from device_profiles import profile_schema
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
-
-
-def schema_id(name: str) -> str:
-    return f"urn:fleetlearn:protocol:{PROTOCOL_VERSION}:{name}"
 
 
 MESSAGES: dict[str, type[_Payload]] = {
@@ -137,7 +133,7 @@ def payload_schema(name: str, cls: type[_Payload]) -> dict[str, Any]:
             prop["default"] = f.default_factory()
         else:
             required.append(f.name)
-        properties[f.name] = {k: prop[k] for k in sorted(prop, key=_key_order)}
+        properties[f.name] = _ordered(prop, first=("description", "type", "enum"))
     doc = inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].replace("\n", " ")
     doc = doc.replace("``", "")
     schema: dict[str, Any] = {
@@ -153,31 +149,19 @@ def payload_schema(name: str, cls: type[_Payload]) -> dict[str, Any]:
     return _merge(schema, extra) if extra else schema
 
 
-def _key_order(key: str) -> tuple[int, str]:
-    first = ("description", "type", "enum")
-    return (first.index(key), key) if key in first else (len(first), key)
+def _ordered(obj: dict[str, Any], *, first: tuple[str, ...]) -> dict[str, Any]:
+    """``obj`` with the keys ``first`` in that order, then the others sorted."""
+    def order(key: str) -> tuple[int, str]:
+        return (first.index(key), key) if key in first else (len(first), key)
 
-
-_HELLO_PARTS: dict[str, Any] = {"properties": {
-    "profile": {"anyOf": [{"type": "object", "maxProperties": 0},
-                          {"$ref": schema_id("device_profile")}]},
-    "eligibility": {"$ref": schema_id("eligibility")},
-}}
-"""What a hello's profile and eligibility must be. The aggregator checks them apart from
-the hello: a profile that is not valid is ignored (the cost model guesses), an
-eligibility that is not valid makes the device ineligible; the hello still counts."""
+    return {k: obj[k] for k in sorted(obj, key=order)}
 
 
 def message_schemas() -> dict[str, dict[str, Any]]:
     """Every schema of docs/schemas/, by file stem."""
     out = {name: payload_schema(name, cls) for name, cls in MESSAGES.items()}
-    out["hello"] = _merge(out["hello"], _HELLO_PARTS)
     profile = profile_schema()
     profile.update({"$schema": DIALECT, "$id": schema_id("device_profile")})
-    out["device_profile"] = {k: profile[k] for k in sorted(profile, key=_top_order)}
+    out["device_profile"] = _ordered(profile,
+                                     first=("$schema", "$id", "title", "description", "type"))
     return out
-
-
-def _top_order(key: str) -> tuple[int, str]:
-    first = ("$schema", "$id", "title", "description", "type")
-    return (first.index(key), key) if key in first else (len(first), key)

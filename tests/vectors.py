@@ -13,6 +13,7 @@ Floats are given as little-endian float32 hex (authoritative) and as decimal num
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import zlib
@@ -20,9 +21,12 @@ from typing import Any
 
 import numpy as np
 import zstandard
+from conformance import dump_json
 
 from broker_bridge import (
+    PROTOCOL_VERSION,
     Ack,
+    BodyHeader,
     Cancel,
     Chunk,
     CodecSpec,
@@ -46,11 +50,11 @@ from broker_bridge import (
     model_message,
     pack_bundle,
     presence_message,
-    read_header,
     split_message,
     update_message,
     weights_hash,
 )
+from broker_bridge._envelope import HEADER_SIZE
 from device_profiles import get_profile
 
 FLEET = "demo"
@@ -79,10 +83,6 @@ def f32_hex(values: Any) -> str:
 
 def f32_list(values: Any) -> list[float]:
     return [float(v) for v in np.asarray(values, dtype=np.float32)]
-
-
-def dump(data: Any) -> bytes:
-    return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def update_values() -> np.ndarray:
@@ -134,9 +134,7 @@ def layout_vector() -> dict[str, Any]:
 
 
 def _header_fields(body: bytes) -> dict[str, Any]:
-    h = read_header(body)
-    spec = str(h.spec).encode()
-    start = 7 + len(spec) + 21 + (8 if h.base_version is not None else 0)
+    h, start = BodyHeader.from_prefix(body)
     return {"body_kind": int(h.kind), "spec": str(h.spec), "fingerprint_hex": h.fingerprint.hex(),
             "n": h.size, "k": h.count, "index_coding": h.index_coding,
             "index_bytes": h.index_bytes, "base_version": h.base_version,
@@ -246,11 +244,12 @@ def _messages(artifacts_bundle: bytes, artifacts_hash: str) -> list[tuple[str, s
     d = DEVICE
     return [
         ("presence_online", TOPICS.presence(d), True,
-         Message(**{**_fields(presence_message(fleet=FLEET, device=d, status="online")),
-                    "transfer_id": t}), "retained, on each connect"),
+         dataclasses.replace(presence_message(fleet=FLEET, device=d, status="online"),
+                             transfer_id=t), "retained, on each connect"),
         ("presence_offline_will", TOPICS.presence(d), True,
-         Message(**{**_fields(presence_message(fleet=FLEET, device=d, status="offline")),
-                    "transfer_id": t}), "retained: the device's last will, or sent on leaving"),
+         dataclasses.replace(presence_message(fleet=FLEET, device=d, status="offline"),
+                             transfer_id=t),
+         "retained: the device's last will, or sent on leaving"),
         ("hello", TOPICS.up(d, "hello"), False,
          hello.to_message(fleet=FLEET, device=d, transfer_id=t), "after each connect"),
         ("task", TOPICS.down(d, "task"), False,
@@ -272,20 +271,20 @@ def _messages(artifacts_bundle: bytes, artifacts_hash: str) -> list[tuple[str, s
                  body=artifacts_bundle, model_version=6, transfer_id=t),
          "the bundle of tiny_artifacts.json's files (tiny_artifacts.zip)"),
         ("model_broadcast", TOPICS.broadcast("model"), False,
-         Message(**{**_fields(model_message(fleet=FLEET, meta=model_meta,
-                                            codec=str(model_spec), codec_body=model_body)),
-                    "transfer_id": t}),
+         dataclasses.replace(model_message(fleet=FLEET, meta=model_meta,
+                                           codec=str(model_spec), codec_body=model_body),
+                             transfer_id=t),
          "published once per version; device id empty on broadcast topics"),
         ("model_to_device", TOPICS.down(d, "model"), False,
-         Message(**{**_fields(model_message(fleet=FLEET, meta=model_meta,
-                                            codec=str(model_spec), codec_body=model_body,
-                                            device=d)), "transfer_id": t}),
+         dataclasses.replace(model_message(fleet=FLEET, meta=model_meta,
+                                           codec=str(model_spec), codec_body=model_body,
+                                           device=d), transfer_id=t),
          "the same model, asked for by one device"),
         ("update", TOPICS.up(d, "update"), False,
-         Message(**{**_fields(update_message(
+         dataclasses.replace(update_message(
              fleet=FLEET, device=d, round=7, model_version=6, attempt=0,
              codec=str(update_spec), meta=meta,
-             codec_body=encode_update(x, LAYOUT, update_spec).body)), "transfer_id": t}),
+             codec_body=encode_update(x, LAYOUT, update_spec).body), transfer_id=t),
          "u32 meta_len | UpdateMeta JSON | codec body"),
         ("update_ack_accepted", TOPICS.down(d, "ack"), False,
          Ack(round=7, attempt=0, what="update", status="accepted").to_message(
@@ -314,14 +313,9 @@ def _messages(artifacts_bundle: bytes, artifacts_hash: str) -> list[tuple[str, s
     ]
 
 
-def _fields(m: Message) -> dict[str, Any]:
-    return {k: getattr(m, k) for k in ("kind", "fleet", "device", "round", "model_version",
-                                       "attempt", "codec", "body", "transfer_id")}
-
-
 def _chunk_fields(payload: bytes) -> dict[str, Any]:
     c = Chunk.from_bytes(payload)
-    strings_end = 64 + len(c.codec) + len(c.fleet.encode()) + len(c.device.encode())
+    strings_end = HEADER_SIZE + len(c.codec) + len(c.fleet.encode()) + len(c.device.encode())
     return {
         "magic_hex": payload[:2].hex(), "version": payload[2], "kind": int(c.kind),
         "kind_name": c.kind.topic_name, "flags": payload[4], "codec": c.codec,
@@ -378,8 +372,8 @@ def chunk_vectors() -> tuple[dict[str, Any], dict[str, bytes]]:
     message = update_message(fleet=FLEET, device=DEVICE, round=8, model_version=7, attempt=2,
                              codec="fp32", meta=meta,
                              codec_body=encode_update(x, layout, CodecSpec.parse("fp32")).body)
-    message = Message(**{**_fields(message), "transfer_id": TRANSFER_ID})
-    overhead = 64 + len("fp32") + len(FLEET) + len(DEVICE)
+    message = dataclasses.replace(message, transfer_id=TRANSFER_ID)
+    overhead = HEADER_SIZE + len("fp32") + len(FLEET) + len(DEVICE)
     max_payload = overhead + 1024
     payloads = split_message(message, max_payload=max_payload)
     files = {f"chunk_{i}.bin": p for i, p in enumerate(payloads)}
@@ -475,22 +469,23 @@ def make_vectors() -> dict[str, bytes]:
     envelopes, envelope_files = envelope_vectors(bundle, artifacts_hash)
     chunks, chunk_files = chunk_vectors()
     files: dict[str, bytes] = {
-        "crc32.json": dump(crc_vector()),
-        "layout.json": dump(layout_vector()),
+        "crc32.json": dump_json(crc_vector()),
+        "layout.json": dump_json(layout_vector()),
         "layout.bin": LAYOUT.to_bytes(),
-        "codec.json": dump(codec_vectors()),
-        "envelopes.json": dump(envelopes),
-        "chunks.json": dump(chunks),
-        "artifacts.json": dump(artifacts),
-        "nonce.json": dump(nonce_vector()),
+        "codec.json": dump_json(codec_vectors()),
+        "envelopes.json": dump_json(envelopes),
+        "chunks.json": dump_json(chunks),
+        "artifacts.json": dump_json(artifacts),
+        "nonce.json": dump_json(nonce_vector()),
         **envelope_files, **chunk_files, **artifact_files,
     }
     index = {
         "description": "fleetlearn protocol 2 conformance vectors; docs/PROTOCOL.md section 10 "
                        "says how to use them. Made by tests/vectors.py from the reference "
                        "implementation (python tests/conformance.py --write).",
-        "protocol": 2, "envelope_version": 1, "codec_body_version": 1, "layout_version": 1,
+        "protocol": PROTOCOL_VERSION, "envelope_version": 1, "codec_body_version": 1,
+        "layout_version": 1,
         "files": sorted(files),
     }
-    files["index.json"] = dump(index)
+    files["index.json"] = dump_json(index)
     return files

@@ -242,3 +242,88 @@ def test_fuzz_mutated_payloads_never_escape_typed_errors(data: st.DataObject) ->
     r = Reassembler()
     with contextlib.suppress(EnvelopeError, ChunkError):
         r.feed(Chunk.from_bytes(bytes(buf[:cut])))
+
+
+def test_json_bodies_are_bounded_before_reassembly_and_parsing() -> None:
+    """A JSON control message (hello, request, error, ack, presence) is at most
+    MAX_JSON_BYTES: a longer one is refused from its header, before any chunk of it is
+    held, and ``parse_json`` refuses one however it arrived."""
+    from broker_bridge import MAX_JSON_BYTES, parse_json
+
+    big = b'{"agent": "' + b"x" * MAX_JSON_BYTES + b'"}'
+    hello = Message(kind=Kind.HELLO, fleet="f1", device="d1", codec="json", body=big)
+    parts = split_message(hello, max_payload=16 * 1024)
+    r = Reassembler()
+    for p in parts:  # every chunk: a receiver may see any of them first
+        with pytest.raises(EnvelopeError, match=f"json body of {len(big)} bytes exceeds"):
+            r.feed(Chunk.from_bytes(p))
+    assert r.pending_sets == 0 and r.pending_bytes == 0
+    (single,) = split_message(hello, max_payload=len(big) + 1024)
+    with pytest.raises(EnvelopeError, match="exceeds"):
+        Chunk.from_bytes(single)
+    with pytest.raises(EnvelopeError, match="exceeds"):
+        hello.json()
+    with pytest.raises(EnvelopeError, match="exceeds"):
+        parse_json(big)
+    # at the bound: accepted; the same size with another codec (an update) too
+    at_limit = b'{"agent": "' + b"x" * (MAX_JSON_BYTES - 13) + b'"}'
+    assert len(at_limit) == MAX_JSON_BYTES
+    ok = Message(kind=Kind.HELLO, fleet="f1", device="d1", codec="json", body=at_limit)
+    got = _reassemble(split_message(ok, max_payload=16 * 1024))
+    assert got[0].json()["agent"] == "x" * (MAX_JSON_BYTES - 13)
+    assert _reassemble(split_message(_msg(big), max_payload=16 * 1024))[0].body == big
+    # a sender cannot build one that every receiver would drop
+    with pytest.raises(EnvelopeError, match="exceeds"):
+        json_message(Kind.HELLO, fleet="f1", payload={"agent": "x" * MAX_JSON_BYTES})
+
+
+def test_channel_drops_an_oversized_json_message_and_counts_it() -> None:
+    hub = MemoryBroker()
+    agg = Channel(transport=MemoryTransport(broker=hub, client_id="agg"), fleet="f1")
+    dev = Channel(transport=MemoryTransport(broker=hub, client_id="d1"), fleet="f1")
+    agg.transport.connect()
+    dev.transport.connect()
+    got: list[Message] = []
+    agg.subscribe(agg.topics.all_up, lambda _t, m: got.append(m))
+    topic = dev.topics.up("d1", "hello")
+    n = dev.send(topic, Message(kind=Kind.HELLO, fleet="f1", device="d1", codec="json",
+                                body=b'{"agent": "' + b"x" * 1_000_000 + b'"}'))
+    dev.send(topic, json_message(Kind.HELLO, fleet="f1", device="d1", payload={"agent": "a"}))
+    assert [m.json() for m in got] == [{"agent": "a"}]
+    assert n == 8 and agg.dropped["EnvelopeError"] == n
+    assert agg.reassembler.pending_bytes == 0
+
+
+def test_a_full_buffer_evicts_from_the_heaviest_sender_not_a_light_newcomer() -> None:
+    """Two devices holding large incomplete sets fill the global byte budget: a third
+    device's multi-chunk message still goes through, and the set that makes room is the
+    heaviest sender's; a heavy sender that overflows the buffer loses its own set."""
+    lim = ReassemblyLimits(max_pending_bytes=110_000, max_bytes_per_sender=100_000)
+    r = Reassembler(limits=lim)
+
+    def parts(device: str, size: int, tid: int) -> list[Chunk]:
+        payloads = split_message(_msg(bytes([tid]) * size, device=device, transfer_id=tid),
+                                 max_payload=8192)
+        return [Chunk.from_bytes(p) for p in payloads]
+
+    heavy_a, heavy_b = parts("dev-a", 200_000, 1), parts("dev-b", 200_000, 2)
+    for chunk in heavy_a[:6] + heavy_b[:6]:
+        assert r.feed(chunk) is None
+    assert r.pending_bytes > lim.max_pending_bytes - 8192  # no room for one more chunk
+    light = parts("dev-c", 30_000, 3)
+    done = [r.feed(chunk) for chunk in light]
+    assert done[-1] is not None and done[-1].body == bytes([3]) * 30_000
+    assert r.stats.evicted == 1 and r.pending_sets == 1  # one heavy set made room
+    assert r.sender_usage("f1", "dev-c") == (0, 0)
+    # the heavy sender left grows on to fill the buffer, then loses its own set
+    (survivor,) = [d for d in ("dev-a", "dev-b") if r.sender_usage("f1", d)[0]]
+    rest = (heavy_a if survivor == "dev-a" else heavy_b)[6:]
+    small = parts("dev-d", 25_000, 4)[:3]
+    for chunk in small:
+        assert r.feed(chunk) is None
+    with pytest.raises(ChunkError, match="buffer full"):
+        for chunk in rest:
+            r.feed(chunk)
+    assert r.sender_usage("f1", survivor) == (0, 0)
+    assert r.sender_usage("f1", "dev-d")[0] == 1  # the lighter sender keeps its set
+    assert r.stats.evicted == 1 and r.pending_bytes <= lim.max_pending_bytes

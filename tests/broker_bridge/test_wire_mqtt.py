@@ -6,14 +6,15 @@ and client ids there, so persistent sessions of one test never meet another's.""
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 import time
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 from broker_bridge import (
     BrokerRefused,
@@ -34,15 +35,6 @@ from broker_bridge import (
 from broker_bridge._brokers import _child_user, free_port
 
 FLEET = "wire"
-
-
-def _wait(cond: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 class Inbox:
@@ -71,7 +63,7 @@ def test_20mb_body_crosses_in_128kb_chunks(any_broker: tuple[str, str]) -> None:
         n = tx.send(tx.topics.up("d1", "update"),
                     Message(kind=Kind.UPDATE, fleet=fleet, device="d1", body=body))
         assert n == 161  # 20 MiB / (128 KiB - header)
-        assert _wait(lambda: len(inbox.messages) == 1, 120)
+        assert wait_for(lambda: len(inbox.messages) == 1, 120)
     assert inbox.messages[0].body == body
 
 
@@ -90,10 +82,51 @@ def test_out_of_order_and_duplicated_chunks(any_broker: tuple[str, str]) -> None
         rx.subscribe(rx.topics.all_broadcast, inbox)
         for p in order:
             pub.publish(rx.topics.broadcast("model"), p)
-        assert _wait(lambda: len(inbox.messages) == 1
+        assert wait_for(lambda: len(inbox.messages) == 1
                      and rx.reassembler.stats.duplicates >= 40, 120)
     assert len(inbox.messages) == 1 and inbox.messages[0].body == body
     assert rx.reassembler.pending_sets == 0
+
+
+def test_an_oversized_json_message_is_dropped_before_reassembly(
+        mosquitto: MosquittoProcess) -> None:
+    """One device's 4 MiB hello (JSON) is refused chunk by chunk from its header: the
+    receiver never holds or parses it, and the device's next, real hello still counts."""
+    rx = Channel(transport=_transport(mosquitto.url, "agg-bigjson"), fleet=FLEET)
+    tx = Channel(transport=_transport(mosquitto.url, "dev-bigjson"), fleet=FLEET)
+    inbox = Inbox()
+    topic = tx.topics.up("dev-bigjson", "hello")
+    with rx.transport, tx.transport:
+        rx.subscribe(rx.topics.all_up, inbox)
+        n = tx.send(topic, Message(kind=Kind.HELLO, fleet=FLEET, device="dev-bigjson",
+                                   codec="json",
+                                   body=b'{"agent": "' + b"x" * (4 << 20) + b'"}'))
+        tx.send(topic, json_message(Kind.HELLO, fleet=FLEET, device="dev-bigjson",
+                                    payload={"agent": "real"}))
+        assert wait_for(lambda: len(inbox.messages) >= 1, 30)
+    assert [m.json() for m in inbox.messages] == [{"agent": "real"}]
+    assert n == 33 and rx.dropped["EnvelopeError"] == n
+    assert rx.reassembler.pending_bytes == 0 and rx.reassembler.stats.completed == 0
+
+
+def test_acknowledged_publishes_leave_nothing_behind(mosquitto: MosquittoProcess) -> None:
+    """Once the broker acknowledged a QoS 1 publish, the transport keeps nothing of it.
+    The aggregator acks every update and never calls ``flush``: a record kept per
+    publish (about 1.5 KB) grew without bound with the updates a device replays."""
+    from paho.mqtt.client import MQTTMessageInfo
+
+    def held() -> int:  # paho's per-publish records still alive in this process
+        return sum(isinstance(o, MQTTMessageInfo) for o in gc.get_objects())
+
+    n = 3000
+    with _transport(mosquitto.url, "agg-acks") as tx:
+        gc.collect()
+        before = held()
+        for i in range(n):
+            tx.publish(f"fl/{FLEET}/devices/d{i % 50}/down/ack", b"a" * 200)
+        # no flush: every record goes once its acknowledgement comes
+        assert wait_for(lambda: held() <= before, 30), f"{held() - before} of {n} held"
+        assert tx.unacknowledged == 0  # type: ignore[attr-defined]
 
 
 def test_broker_restart_loses_no_accepted_qos1_message(mosquitto: MosquittoProcess) -> None:
@@ -121,7 +154,7 @@ def test_broker_restart_loses_no_accepted_qos1_message(mosquitto: MosquittoProce
             mosquitto.start()
     try:
         missing = lambda: sorted(set(range(total)) - seen)[:20]  # noqa: E731
-        assert _wait(lambda: len(seen) == total, 60), f"missing {missing()}"
+        assert wait_for(lambda: len(seen) == total, 60), f"missing {missing()}"
         assert tx.transport.flush(timeout=30)
         assert rx.transport.reconnects >= 1 and tx.transport.reconnects >= 1  # type: ignore[attr-defined]
     finally:
@@ -157,7 +190,7 @@ def test_acl_confines_each_device_to_its_own_topics(tmp_path: Path) -> None:
             # the legitimate message, sent after, is the positive control
             a.send(a.topics.up("dev-a", "update"),
                    Message(kind=Kind.UPDATE, fleet=FLEET, device="dev-a", body=b"own"))
-            assert _wait(lambda: len(inbox.messages) >= 1)
+            assert wait_for(lambda: len(inbox.messages) >= 1)
             time.sleep(0.5)
         assert [m.body for m in inbox.messages] == [b"own"]
         assert a_down.messages == []
@@ -182,16 +215,16 @@ def test_unclean_disconnect_marks_device_offline(any_broker: tuple[str, str]) ->
         dev_t.connect()
         dev.send(dev.topics.presence("dev-p"),
                  presence_message(fleet=fleet, device="dev-p", status="online"), retain=True)
-        assert _wait(lambda: statuses == ["online"])
+        assert wait_for(lambda: statuses == ["online"])
         dev_t.abort()  # the socket dies, no DISCONNECT: the broker publishes the will
-        assert _wait(lambda: statuses == ["online", "offline"])
+        assert wait_for(lambda: statuses == ["online", "offline"])
     # a late subscriber to the device's own topic sees the retained status (a wildcard
     # subscriber would not on RabbitMQ, hence the aggregator's roll call)
     late = Channel(transport=_transport(url, f"late-{kind}"), fleet=fleet)
     got: list[str] = []
     with late.transport:
         late.subscribe(late.topics.presence("dev-p"), lambda _t, m: got.append(m.json()["status"]))
-        assert _wait(lambda: got == ["offline"])
+        assert wait_for(lambda: got == ["offline"])
 
 
 def test_embedded_broker_round_trip() -> None:
@@ -209,7 +242,7 @@ def test_embedded_broker_round_trip() -> None:
                     json_message(Kind.HELLO, fleet=FLEET, device="d1", payload={"x": 1}))
             tx.send(tx.topics.up("d1", "update"),
                     Message(kind=Kind.UPDATE, fleet=FLEET, device="d1", body=body))
-            assert _wait(lambda: len(inbox.messages) == 2, 30)
+            assert wait_for(lambda: len(inbox.messages) == 2, 30)
         assert inbox.messages[0].json() == {"x": 1}
         assert inbox.messages[1].body == body
 
@@ -250,9 +283,9 @@ def test_many_clients_share_one_network_loop(any_broker: tuple[str, str]) -> Non
                           lambda _t, m: offline.append(m.device)
                           if m.json()["status"] == "offline" else None)
             agg.transport.publish(agg.topics.broadcast("model"), b"m" * 5000)
-            assert _wait(lambda: got[0] == n)
+            assert wait_for(lambda: got[0] == n)
             devices[7].abort()  # one device crashes; the others stay connected
-            assert _wait(lambda: offline == ["dev-7"])
+            assert wait_for(lambda: offline == ["dev-7"])
             assert sum(d.connected for d in devices) == n - 1
     finally:
         for d in devices:
@@ -284,7 +317,7 @@ def test_one_device_cannot_take_over_another_devices_session(tmp_path: Path) -> 
                 agg.send(agg.topics.down("dev-b", "task"),
                          json_message(Kind.TASK, fleet=FLEET, device="dev-b",
                                       payload={"n": 1}))
-                assert _wait(lambda: len(b_down.messages) == 1, 10)
+                assert wait_for(lambda: len(b_down.messages) == 1, 10)
                 for victim in (b.transport, agg.transport):
                     assert victim.connected
                     assert victim.reconnects == 0  # type: ignore[attr-defined]
