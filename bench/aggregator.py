@@ -157,15 +157,15 @@ class Swarm:
                       num_samples=80)
         channel.send(channel.topics.up(dev, "hello"), hello.to_message(fleet=FLEET, device=dev))
 
-    def send_updates(self, bodies: list[bytes], samples: list[int], codec: str,
-                     profile: bool = False) -> None:
+    def send_updates(self, *, profile: bool = False) -> None:
+        """Publish what ``prepare`` encoded (timed)."""
         import cProfile
         import pstats
 
         prof = cProfile.Profile() if profile else None
         if prof is not None:
             prof.enable()
-        self._send_updates(bodies, samples, codec)
+        self._send_updates()
         if prof is not None:
             prof.disable()
             pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
@@ -186,7 +186,7 @@ class Swarm:
             payloads = split_message(msg, max_payload=channel.max_payload)
             self._ready.append((channel.transport, channel.topics.up(dev, "update"), payloads))
 
-    def _send_updates(self, bodies: list[bytes], samples: list[int], codec: str) -> None:
+    def _send_updates(self) -> None:
         for transport, topic, payloads in self._ready:
             for payload in payloads:
                 transport.publish(topic, payload)
@@ -226,7 +226,7 @@ def run_service(mode: str, codec: str, bodies: list[bytes], samples: list[int], 
         swarm.prepare(bodies, samples, codec)
         rss0 = vm_hwm_mb()
         t0 = time.perf_counter()
-        swarm.send_updates(bodies, samples, codec, profile=profile and phase == "timed")
+        swarm.send_updates(profile=profile and phase == "timed")
         while swarm.acks < acked0 + n and time.perf_counter() - t0 < 600:
             time.sleep(0.001)
         seconds = time.perf_counter() - t0
