@@ -14,6 +14,11 @@ trained: the agent withdraws the task instead of sending an empty update); stop 
 ``budget.should_stop()`` turns true or ``budget.seconds`` have passed. It may raise
 ``DataError`` for data that cannot train this model (reported as code ``data``). It runs
 while it holds the trainer, which is lent to it alone for the call.
+
+``train_locally`` checks the data against the manifest's input shape and label dtype
+(int64 class indices, or float32 targets for regression and BCE). It has no teacher:
+artifacts whose loss distils (``trainer.needs_soft_targets``) fail with ``ArtifactError``
+there; a training callable that passes ``soft_targets`` to ``Trainer.train`` runs them.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from broker_bridge import TaskSpec
-from edge_runtime._data import LocalData, validate_for_model
-from edge_runtime._errors import DataError, HookError
+from edge_runtime._data import LocalData, Task, validate_for_model
+from edge_runtime._errors import ArtifactError, DataError, HookError
 from edge_runtime._training import Trainer
 
 
@@ -96,10 +101,17 @@ def train_locally(
 
 
 def check_data(trainer: Trainer, task: TaskSpec, data: LocalData) -> None:
-    """``DataError`` when the local samples cannot train this model (shapes, labels)."""
+    """``DataError`` when the local samples cannot train this model (shapes, labels);
+    ``ArtifactError`` when the model's loss needs what ``train_locally`` cannot give."""
+    if trainer.needs_soft_targets:
+        raise ArtifactError(
+            "these artifacts' loss distils from a teacher's logits (soft_targets), which "
+            "the default train_locally has no source for: run the agent with a training "
+            "callable (Agent(training=...)) that passes soft_targets to Trainer.train")
     shape = trainer.input_shape
     if shape is not None:
-        validate_for_model(data.x, data.y, shape, num_classes=task.num_classes)
+        kind: Task = "regression" if trainer.label_dtype == "float32" else "classification"
+        validate_for_model(data.x, data.y, shape, num_classes=task.num_classes, task=kind)
     elif len(data.y) == 0:
         raise DataError("no local samples")
     elif task.num_classes is not None and np.issubdtype(data.y.dtype, np.integer):

@@ -171,6 +171,10 @@ class PortableTrainer(TrainerBase):
             pos += size
         return parts
 
+    @property
+    def needs_soft_targets(self) -> bool:
+        return bool(self._train_io.get("soft_targets"))
+
     # -- parameters --------------------------------------------------------------------------
 
     def get_parameters(self) -> np.ndarray:

@@ -103,6 +103,19 @@ class TrainerBase:
             return None
         return tuple(self._manifest["input"]["shape"])
 
+    @property
+    def label_dtype(self) -> str | None:
+        """``int64`` (class indices) or ``float32`` (regression targets, BCE's 0/1 rows),
+        as the manifest says; None without a manifest (or one that does not say)."""
+        label = self._manifest.get("label") if self._manifest is not None else None
+        dtype = label.get("dtype") if isinstance(label, dict) else None
+        return dtype if dtype in ("int64", "float32") else None
+
+    @property
+    def needs_soft_targets(self) -> bool:
+        """The loss distils from a teacher: ``train`` needs ``soft_targets``."""
+        return False
+
 
 class Trainer(Protocol):
     """A training backend: one model's artifacts, trained on local arrays."""
@@ -119,6 +132,12 @@ class Trainer(Protocol):
 
     @property
     def input_shape(self) -> tuple[int | str, ...] | None: ...
+
+    @property
+    def label_dtype(self) -> str | None: ...
+
+    @property
+    def needs_soft_targets(self) -> bool: ...
 
     def get_parameters(self) -> np.ndarray: ...
 
