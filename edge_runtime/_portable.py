@@ -100,13 +100,20 @@ class PortableTrainer(TrainerBase):
         options = session_options(
             intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads
         )
-        self._train = self._session(str(self._train_io["file"]), options)
-        self._eval = self._session(str(self._eval_io["file"]), options)
+        listed = manifest["files"]
+        self._train = self._session(self._listed(listed, "train.file", self._train_io.get("file")),
+                                    options)
+        self._eval = self._session(self._listed(listed, "eval.file", self._eval_io.get("file")),
+                                   options)
         self._check_io()
-        initial = self._read_f32(str(manifest.get("initial", "parameters.f32")), self._size)
+        initial = self._read_f32(
+            self._listed(listed, "initial", manifest.get("initial", "parameters.f32")),
+            self._size)
         frozen_size = sum(math.prod(shape) for _, shape in self._frozen_shapes)
-        frozen_file = manifest.get("frozen_values")
-        frozen = self._read_f32(str(frozen_file), frozen_size) if frozen_size else None
+        frozen = None
+        if frozen_size:
+            frozen = self._read_f32(
+                self._listed(listed, "frozen_values", manifest.get("frozen_values")), frozen_size)
         self._frozen: dict[str, Any] = {}
         if frozen is not None:
             for (name, _), part in zip(
@@ -121,6 +128,16 @@ class PortableTrainer(TrainerBase):
         self.set_parameters(initial)
 
     # -- loading -----------------------------------------------------------------------------
+
+    def _listed(self, files: Mapping[str, str], key: str, value: object) -> str:
+        """``value`` when it names one of the manifest's ``files`` (plain names, each
+        checked against its SHA-256 by ``verify_files``), else ``ArtifactError``: a path
+        elsewhere would load a file nothing verified."""
+        if not isinstance(value, str) or value not in files:
+            raise ArtifactError(
+                f"manifest in {self._dir}: {key} {value!r} is not one of the files it lists "
+                "(and verifies)")
+        return value
 
     def _session(self, name: str, options: Any) -> Any:
         try:
