@@ -97,3 +97,80 @@ def test_frozen_values_outside_the_list_are_refused(tmp_path: Path) -> None:
     broken = _edited(built, tmp_path / "a", _unlisted_frozen)
     with pytest.raises(ArtifactError, match="not one of the files"):
         open_trainer(broken)
+
+
+# -- names and shapes the graphs must agree with ------------------------------------------
+
+
+def _set(path: str, value: Any) -> Edit:
+    """An edit setting ``path`` (keys and list indexes, dotted) to ``value``."""
+
+    def edit(m: dict[str, Any], _d: Path) -> None:
+        *parents, last = path.split(".")
+        node: Any = m
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[int(last) if isinstance(node, list) else last] = value
+
+    return edit
+
+
+def _drop_last_eval_parameter(m: dict[str, Any], _d: Path) -> None:
+    m["eval"]["parameters"].pop()
+
+
+def _swap_eval_biases(m: dict[str, Any], _d: Path) -> None:
+    params = m["eval"]["parameters"]  # fc1.bias and fc2.bias: both [128]
+    params[1], params[3] = params[3], params[1]
+
+
+BROKEN: dict[str, tuple[Edit, str]] = {
+    "train output renamed": (_set("train.loss_sum", "fl::loss_total"), "outputs"),
+    "train parameter output renamed": (_set("train.parameters.0.out", "fl::out/x"), "outputs"),
+    "eval output renamed": (_set("eval.correct", "fl::hits"), "eval graph"),
+    "eval parameter missing": (_drop_last_eval_parameter, "eval"),
+    "eval parameters reordered": (_swap_eval_biases, "eval graph's parameters"),
+    "eval input renamed": (_set("eval.x", "features"), "eval graph"),
+    "negative dim": (_set("parameters.1.shape", [-128]), "shape"),
+    "dim not an integer": (_set("parameters.1.shape", [128.5]), "shape"),
+    "huge state dim": (_set("train.state.0.shape", [1 << 40, 40]), "shape"),
+    "state shape no parameter has": (_set("train.state.1.shape", [40, 128]), "no parameter"),
+    "state shape of another parameter": (_set("train.state.1.shape", [10]), "its graph"),
+    "anchor of no parameter": (_set("train.global.0.parameter", "fc9.weight"), "global"),
+    "label dtype not the graph's": (_set("label.dtype", "float32"), "label"),
+}
+
+
+@pytest.fixture(scope="module")
+def adam_prox_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Artifacts with optimizer state (two tensors per parameter) and FedProx anchors."""
+    out = tmp_path_factory.mktemp("adam-prox")
+    build_artifacts(build_reference_model("mlp", 0), out, optimizer="adamw",
+                    loss="cross_entropy+prox:mu=0.01")
+    return out
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_a_manifest_that_does_not_fit_its_graphs_is_refused_at_load(
+        adam_prox_dir: Path, tmp_path: Path, case: str) -> None:
+    edit, match = BROKEN[case]
+    broken = _edited(adam_prox_dir, tmp_path / "a", edit)
+    with pytest.raises(ArtifactError, match=match):
+        open_trainer(broken)
+
+
+def test_a_parameter_shape_the_graph_does_not_declare_is_refused(mlp_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    # plain SGD: no optimizer state to give the edit away first; the sizes still add up
+    broken = _edited(mlp_dir, tmp_path / "a", _set("parameters.0.shape", [40, 128]))
+    with pytest.raises(ArtifactError, match=r"gives 'fc1.weight' the shape \[40, 128\]"):
+        open_trainer(broken)
+
+
+def test_the_adam_prox_artifacts_train_unedited(adam_prox_dir: Path) -> None:
+    trainer = open_trainer(adam_prox_dir)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 40)).astype(np.float32)
+    y = rng.integers(0, 10, 64).astype(np.int64)
+    assert trainer.train(x, y, lr=1e-3).samples_seen == 64
+    assert np.isfinite(trainer.evaluate(x, y).loss)
