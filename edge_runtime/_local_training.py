@@ -11,9 +11,10 @@ result into an update: ``result.parameters - global params``, weighted by
 A callable must: return parameters of the model's length (``params.size``; else the task
 fails with ``HookError``); report the samples it really trained on (0 means nothing was
 trained: the agent withdraws the task instead of sending an empty update); stop soon after
-``budget.should_stop()`` turns true or ``budget.seconds`` have passed. It may raise
-``DataError`` for data that cannot train this model (reported as code ``data``). It runs
-while it holds the trainer, which is lent to it alone for the call.
+``budget.should_stop()`` turns true or ``budget.seconds`` have passed since it was called
+(whatever it does before training counts). It may raise ``DataError`` for data that
+cannot train this model (reported as code ``data``). It runs while it holds the trainer,
+which is lent to it alone for the call.
 
 ``train_locally`` checks the data against the manifest's input shape and label dtype
 (int64 class indices, or float32 targets for regression and BCE). It has no teacher:
@@ -26,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import monotonic
 
 import numpy as np
 
@@ -72,7 +74,9 @@ def train_locally(
     task: TaskSpec, params: np.ndarray, data: LocalData, trainer: Trainer, budget: TrainingBudget
 ) -> LocalResult:
     """The default: check the data fits the model, evaluate the global model on the
-    held-out split when the task asks, then train as the task says within the budget."""
+    held-out split when the task asks, then train as the task says within what is left
+    of the budget (the checks and the evaluation count against it)."""
+    t0 = monotonic()
     check_data(trainer, task, data)
     trainer.set_parameters(params)
     eval_loss = eval_acc = None
@@ -81,14 +85,15 @@ def train_locally(
         result_eval = trainer.evaluate(data.x_eval, data.y_eval)
         eval_loss, eval_acc = finite(result_eval.loss), finite(result_eval.accuracy)
         eval_samples = len(data.y_eval)
-    if budget.seconds <= 0:
+    left = budget.seconds - (monotonic() - t0)
+    if left <= 0:
         return LocalResult(parameters=params, samples=0, steps=0, loss=math.nan,
                            stopped_early=True, eval_loss=eval_loss, eval_accuracy=eval_acc,
                            eval_samples=eval_samples)
     try:
         result = trainer.train(
             data.x, data.y, epochs=task.epochs, batch_size=task.batch_size, lr=task.lr,
-            seed=task.seed, deadline_s=budget.seconds, should_stop=budget.should_stop,
+            seed=task.seed, deadline_s=left, should_stop=budget.should_stop,
             max_steps=task.max_steps,
         )
     except (ValueError, RuntimeError) as exc:

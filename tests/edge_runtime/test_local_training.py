@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -121,3 +122,64 @@ def test_distillation_artifacts_need_a_callable_that_passes_soft_targets(
     soft = rng.standard_normal((64, 10)).astype(np.float32)
     assert trainer.train(data.x, data.y, soft_targets=soft).samples_seen == 64
     assert not math.isnan(trainer.evaluate(data.x, data.y).loss)
+
+
+# -- the budget ------------------------------------------------------------------------------
+
+
+class _Clock:
+    """A monotonic clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _SlowEvaluation:
+    """A real trainer whose evaluation takes ``eval_s`` seconds of ``clock``; it records
+    the deadline ``train`` is given."""
+
+    def __init__(self, trainer: Any, clock: _Clock, eval_s: float) -> None:
+        self._trainer, self._clock, self._eval_s = trainer, clock, eval_s
+        self.deadlines: list[float | None] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trainer, name)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, **kw: Any) -> Any:
+        self._clock.now += self._eval_s
+        return self._trainer.evaluate(x, y, **kw)
+
+    def train(self, x: np.ndarray, y: np.ndarray, **kw: Any) -> Any:
+        self.deadlines.append(kw.get("deadline_s"))
+        return self._trainer.train(x, y, **kw)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    from edge_runtime import _local_training
+
+    fake = _Clock()
+    monkeypatch.setattr(_local_training, "monotonic", fake, raising=False)
+    return fake
+
+
+def test_training_gets_the_budget_left_after_evaluation(mse_dir: Path, clock: _Clock) -> None:
+    trainer = _SlowEvaluation(open_trainer(mse_dir), clock, eval_s=5.0)
+    start = np.zeros(trainer.num_parameters, np.float32)
+    result = train_locally(_task(evaluate=True), start, _regression_data(), trainer,
+                           _budget(8.0))
+    assert trainer.deadlines == [pytest.approx(3.0)]
+    assert result.samples > 0 and result.eval_samples == 32
+
+
+def test_an_evaluation_that_spends_the_budget_leaves_nothing_to_train(
+        mse_dir: Path, clock: _Clock) -> None:
+    trainer = _SlowEvaluation(open_trainer(mse_dir), clock, eval_s=9.0)
+    start = np.zeros(trainer.num_parameters, np.float32)
+    result = train_locally(_task(evaluate=True), start, _regression_data(), trainer,
+                           _budget(8.0))
+    assert trainer.deadlines == []
+    assert result.samples == 0 and result.stopped_early and result.eval_samples == 32
