@@ -257,11 +257,11 @@ class Agent:
             resend, gave_up = self._outbox.due(now)
             if gave_up:
                 self._phase.move(Phase.IDLE, expect=frozenset({Phase.AWAITING_ACK}))
-        if resend is not None and self.channel.transport.connected:
+        if resend is not None and self.channel.transport.connected \
+                and self._outbox.send(resend):
             self.stats.resends += 1
-            self.log.info("round %d: no ack yet, re-sending attempt %d",
+            self.log.info("round %d: no ack yet, re-sent attempt %d",
                           resend.round, resend.attempt)
-            self._outbox.send(resend)
         if now - self._last_eligibility_check >= self.settings.eligibility_interval_s:
             self._last_eligibility_check = now
             if self._presence.eligibility_changed():

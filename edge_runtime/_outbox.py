@@ -123,8 +123,15 @@ class Outbox:
             self._pending = Pending(submission=submission)
         notify(self._hooks.on_committed, submission, self._log)
 
-    def send(self, submission: Submission) -> None:
-        """Hand ``submission`` to the transport (the first send or a re-send)."""
+    def send(self, submission: Submission) -> bool:
+        """Hand ``submission`` to the transport (the first send or a re-send); False when
+        it is no longer to be sent.
+
+        The outbox takes ``submission`` up again (a task sent again after the re-sends
+        were used up) only while the state record still holds it unacknowledged: the
+        caller decided to send without the lock (``Agent.poll``), and an ack or a newer
+        commit may have come in between.
+        """
         message = Message(
             kind=Kind.UPDATE, fleet=self._fleet, device=self._device, round=submission.round,
             model_version=submission.model_version, attempt=submission.attempt,
@@ -132,12 +139,24 @@ class Outbox:
         )
         with self._lock:
             if self._pending is None or self._pending.submission is not submission:
+                if not self._unacknowledged(submission):
+                    self._log.debug("round %d attempt %d: not sent again (acknowledged or "
+                                    "superseded meanwhile)", submission.round, submission.attempt)
+                    return False
                 self._pending = Pending(submission=submission)
             self._pending.sends += 1
             self._pending.sent_at = time.monotonic()
         self._publish(message)
         self._stats.updates_sent += 1
         notify(self._hooks.on_sent, submission, self._log)
+        return True
+
+    def _unacknowledged(self, submission: Submission) -> bool:
+        """The state record is ``submission``'s round and attempt, still ``encoded``."""
+        record = self._state.record
+        return (record is not None and record.status == TaskStatus.ENCODED
+                and record.task.round == submission.round
+                and record.attempt == submission.attempt)
 
     def send_pending(self) -> None:
         """Send the held update again, if any (after a reconnect)."""

@@ -1,0 +1,56 @@
+"""The agent where its threads meet: an ack between a re-send's decision and the send, a
+hello hook that fails on reconnect. Each interleaving is played step by step, in the
+order the threads could take, over MemoryTransport with the aggregator stand-in."""
+
+from __future__ import annotations
+
+import time
+
+from agent_rig import Rig, idle
+from waiting import wait_for
+
+from broker_bridge import Ack
+from edge_runtime import AgentSettings, Phase, TaskStatus
+
+
+def test_an_ack_between_the_resend_decision_and_the_send_ends_the_resends(rig: Rig) -> None:
+    rig.agg.ack_updates = False
+    agent = rig.agent(settings=AgentSettings(ack_timeout_s=0.2, request_timeout_s=5.0))
+    rig.agg.send_task("dev-1", rig.agg.task(round_=3))
+    assert wait_for(lambda: rig.agg.updates and idle(agent))
+    assert agent.phase == Phase.AWAITING_ACK
+    outbox = agent._outbox
+    # The timer thread (Agent.poll) takes the update to re-send under the lock...
+    resend, gave_up = outbox.due(time.monotonic() + 1.0)
+    assert resend is not None and not gave_up
+    # ...the network thread delivers the ack before the timer thread sends...
+    agent._on_ack(Ack(round=3, attempt=0, what="update", status="accepted"))
+    assert outbox.pending is None and agent.phase == Phase.IDLE
+    record = agent.state.record
+    assert record is not None and record.status == TaskStatus.ACKED
+    # ...and then the timer thread sends what it took.
+    outbox.send(resend)
+    assert outbox.pending is None  # the acknowledged update is not held again
+    assert len(rig.agg.updates) == 1  # nor sent again
+    for later in (10.0, 100.0, 1000.0):
+        agent.poll(time.monotonic() + later)
+    assert len(rig.agg.updates) == 1 and agent.stats.resends == 0
+
+
+def test_a_stale_resend_does_not_displace_a_newer_update(rig: Rig) -> None:
+    rig.agg.ack_updates = False
+    agent = rig.agent(settings=AgentSettings(ack_timeout_s=0.2, request_timeout_s=5.0))
+    rig.agg.send_task("dev-1", rig.agg.task(round_=3))
+    assert wait_for(lambda: rig.agg.updates and idle(agent))
+    outbox = agent._outbox
+    stale, _ = outbox.due(time.monotonic() + 1.0)  # the timer thread's decision
+    assert stale is not None and stale.round == 3
+    agent._on_ack(Ack(round=3, attempt=0, what="update", status="accepted"))
+    rig.agg.send_task("dev-1", rig.agg.task(round_=4))  # a new update is committed
+    assert wait_for(lambda: len(rig.agg.updates) == 2 and idle(agent))
+    assert not outbox.send(stale)
+    pending = outbox.pending
+    assert pending is not None and pending.submission.round == 4
+    assert [m.round for m in rig.agg.updates] == [3, 4]
+    agent.poll(time.monotonic() + 1.0)  # round 4 is the one re-sent
+    assert [m.round for m in rig.agg.updates] == [3, 4, 4]
