@@ -334,9 +334,12 @@ class Agent:
     def _on_connected(self) -> None:
         try:
             self._presence.greet()
-            self._outbox.send_pending()
         except Exception:
             self.log.exception("greeting the aggregator failed")
+        try:  # on its own: a failed hello must not hold back the update awaiting its ack
+            self._outbox.send_pending()
+        except Exception:
+            self.log.exception("re-sending the update after connecting failed")
 
     def _ack_task(self, round_: int, attempt: int, status: str, reason: str = "") -> None:
         ack = Ack(round=round_, attempt=attempt, what="task", status=status, reason=reason)

@@ -4,13 +4,15 @@ order the threads could take, over MemoryTransport with the aggregator stand-in.
 
 from __future__ import annotations
 
+import logging
 import time
 
+import pytest
 from agent_rig import Rig, idle
 from waiting import wait_for
 
-from broker_bridge import Ack
-from edge_runtime import AgentSettings, Phase, TaskStatus
+from broker_bridge import Ack, Hello
+from edge_runtime import AgentHooks, AgentSettings, Phase, TaskStatus
 
 
 def test_an_ack_between_the_resend_decision_and_the_send_ends_the_resends(rig: Rig) -> None:
@@ -54,3 +56,35 @@ def test_a_stale_resend_does_not_displace_a_newer_update(rig: Rig) -> None:
     assert [m.round for m in rig.agg.updates] == [3, 4]
     agent.poll(time.monotonic() + 1.0)  # round 4 is the one re-sent
     assert [m.round for m in rig.agg.updates] == [3, 4, 4]
+
+
+# -- the hello, and what a reconnect sends ---------------------------------------------------
+
+
+def test_a_hello_hook_returning_no_hello_sends_the_hello_as_it_is(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(_hello: Hello) -> Hello:
+        return None  # type: ignore[return-value]
+
+    with caplog.at_level(logging.ERROR):
+        rig.agent(hooks=AgentHooks(transform_hello=broken))
+    (hello,) = rig.agg.hellos
+    assert hello.num_samples == 96
+    assert any("HookError" in r.getMessage() and "transform_hello" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_failed_greeting_on_reconnect_still_resends_the_pending_update(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig.agg.ack_updates = False
+    agent = rig.agent()
+    rig.agg.send_task("dev-1", rig.agg.task(round_=5))
+    assert wait_for(lambda: rig.agg.updates and idle(agent))
+
+    def greet() -> None:
+        raise RuntimeError("the broker went away again")
+
+    monkeypatch.setattr(agent._presence, "greet", greet)
+    agent._on_connected()  # what the transport calls after a reconnect
+    assert [m.round for m in rig.agg.updates] == [5, 5]
+    assert rig.agg.updates[0].body == rig.agg.updates[1].body
