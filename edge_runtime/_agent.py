@@ -66,6 +66,21 @@ log = logging.getLogger(__name__)
 _WORKING = frozenset({Phase.FETCHING, Phase.TRAINING, Phase.ENCODING})
 
 
+def _doing(job: Job, phase: Phase, waiting: str | None, now: float) -> str:
+    """What the work on ``job`` is at, for the status line."""
+    held_until = job.held_until
+    if held_until is not None:
+        return (f"holding the encoded update to its emulated duration "
+                f"({max(0.0, held_until - now):.0f} s left), then sending it")
+    if waiting is not None:
+        return f"waiting for {waiting}"
+    if phase == Phase.FETCHING:
+        return "loading the artifacts and the global model"
+    if phase == Phase.ENCODING:
+        return "encoding and storing the update"
+    return "training"
+
+
 class _DeviceLog(logging.LoggerAdapter):  # type: ignore[type-arg,unused-ignore]
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         return f"[{self.extra['device'] if self.extra else '?'}] {msg}", kwargs
@@ -286,12 +301,10 @@ class Agent:
             return (f"waiting for the broker{f' at {where}' if where else ''}"
                     f"{f': {error}' if error else ''}")
         with self._lock:
-            job, pending = self._job, self._outbox.pending
+            job, pending, phase = self._job, self._outbox.pending, self._phase.phase
         waiting = self._fetcher.waiting_for
         if job is not None:
-            if waiting is not None:
-                return f"round {job.task.round}: waiting for {waiting}"
-            return f"round {job.task.round}: training"
+            return f"round {job.task.round}: {_doing(job, phase, waiting, now)}"
         if pending is not None and pending.sends > 0:
             return (f"round {pending.submission.round}: update sent {pending.sends} times; "
                     "waiting for the aggregator to acknowledge it")

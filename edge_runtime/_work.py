@@ -55,6 +55,8 @@ class Job:
     attempt: int
     received_at: float
     cancel: threading.Event = field(default_factory=threading.Event)
+    held_until: float | None = None
+    """While the encoded update is held to its emulated duration: when that ends."""
 
     def remaining(self) -> float:
         return self.task.deadline_s - (time.monotonic() - self.received_at)
@@ -173,8 +175,13 @@ class Worker:
             residual=self.state.residual(), emulation=self.emulation, log=self.log)
         if self.emulation is not None and self.emulation.time_scale is not None:
             wait = self.emulation.wait_s(emulated, time.monotonic() - job.received_at)
-            if wait > 0 and job.cancel.wait(wait):
-                raise Cancelled
+            if wait > 0:
+                job.held_until = time.monotonic() + wait
+                try:
+                    if job.cancel.wait(wait):
+                        raise Cancelled
+                finally:
+                    job.held_until = None
         if cancelled():
             raise Cancelled
         self.outbox.commit(submission)

@@ -88,3 +88,4 @@ def test_a_failed_greeting_on_reconnect_still_resends_the_pending_update(
     agent._on_connected()  # what the transport calls after a reconnect
     assert [m.round for m in rig.agg.updates] == [5, 5]
     assert rig.agg.updates[0].body == rig.agg.updates[1].body
+
