@@ -32,7 +32,7 @@ from time import monotonic
 import numpy as np
 
 from broker_bridge import TaskSpec
-from edge_runtime._data import LocalData, Task, validate_for_model
+from edge_runtime._data import LocalData, Task, label_range_problem, validate_for_model
 from edge_runtime._errors import ArtifactError, DataError, HookError
 from edge_runtime._training import Trainer
 
@@ -119,22 +119,16 @@ def check_data(trainer: Trainer, task: TaskSpec, data: LocalData) -> None:
         validate_for_model(data.x, data.y, shape, num_classes=task.num_classes, task=kind)
     elif len(data.y) == 0:
         raise DataError("no local samples")
-    elif task.num_classes is not None and np.issubdtype(data.y.dtype, np.integer):
-        low, high = int(data.y.min()), int(data.y.max())
-        if low < 0 or high >= task.num_classes:
-            raise DataError(f"class labels range over [{low}, {high}]; the model has "
-                            f"{task.num_classes} classes")
+    else:
+        problem = labels_problem(data, task.num_classes)
+        if problem is not None:
+            raise DataError(problem)
 
 
 def labels_problem(data: LocalData, num_classes: int | None) -> str | None:
-    """Why integer labels cannot train a model of ``num_classes`` classes, if they cannot."""
-    y = data.y
-    if num_classes is None or not len(y) or not np.issubdtype(y.dtype, np.integer):
-        return None
-    low, high = int(y.min()), int(y.max())
-    if low < 0 or high >= num_classes:
-        return f"class labels range over [{low}, {high}]; the model has {num_classes} classes"
-    return None
+    """Why integer labels cannot train a model of ``num_classes`` classes, if they cannot
+    (nothing is said while the number of classes is unknown)."""
+    return None if num_classes is None else label_range_problem(data.y, num_classes)
 
 
 def checked_result(result: object, size: int) -> LocalResult:
