@@ -40,7 +40,6 @@ from edge_runtime._training import (
     ParameterShapes,
     TrainerBase,
     TrainResult,
-    batch_schedule,
     checked_rate,
 )
 
@@ -74,7 +73,8 @@ class PortableTrainer(TrainerBase):
         self._spec = spec
         self._shapes = spec.shapes
         self._frozen_shapes = spec.frozen_shapes
-        self._label_dtype = np.dtype(spec.label_dtype)
+        self._label_dtype: type[np.generic] = (
+            np.int64 if spec.label_dtype == "int64" else np.float32)
         self._metric = spec.metric
         self._size = spec.size
         self._ort = import_onnxruntime()
@@ -138,14 +138,7 @@ class PortableTrainer(TrainerBase):
 
     def set_parameters(self, flat: np.ndarray) -> None:
         """Load a flat vector (the global model); resets the optimizer state."""
-        values = np.asarray(flat)
-        if values.ndim != 1 or values.size != self._size:
-            raise ArtifactError(
-                f"parameter vector has shape {values.shape}; this model has {self._size} parameters"
-            )
-        if not np.issubdtype(values.dtype, np.floating):
-            raise ArtifactError(f"parameter vector must be floating point, got {values.dtype}")
-        values = np.array(values, dtype=np.float32)  # a private copy the OrtValues point into
+        values = self._checked_flat(flat).copy()  # a private copy the OrtValues point into
         parts = self._split(values, self._shapes)
         self._params = [self._value(p) for p in parts]
         self._holder = values
@@ -164,12 +157,8 @@ class PortableTrainer(TrainerBase):
 
     # -- training ----------------------------------------------------------------------------
 
-    def _check_xy(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        xs = np.ascontiguousarray(x, dtype=np.float32)
-        ys = np.ascontiguousarray(y, dtype=self._label_dtype)
-        if xs.ndim < 1 or len(xs) != len(ys):
-            raise ValueError(f"x has {len(xs)} samples, y has {len(ys)}")
-        return xs, ys
+    def _labels_dtype(self, y: np.ndarray) -> type[np.generic]:
+        return self._label_dtype
 
     def train(
         self,
@@ -193,13 +182,8 @@ class PortableTrainer(TrainerBase):
         sample's loss (default: all 1); ``soft_targets`` are a teacher's logits when the
         loss has a distillation term.
         """
-        xs, ys = self._check_xy(x, y)
-        if lr is not None:
-            self.set_learning_rate(lr)
-        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        plan = batch_schedule(
-            len(xs), epochs=epochs, batch_size=batch_size, rng=rng, max_steps=max_steps
-        )
+        xs, ys, plan = self._plan(x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                                  max_steps=max_steps)
         spec = self._spec
         io = spec.train
         fixed = {

@@ -76,11 +76,54 @@ def batch_schedule(
 
 
 class TrainerBase:
-    """What both backends expose the same way: the layout and the manifest."""
+    """What both backends share: the layout, the manifest, and the checks and set-up every
+    ``set_parameters``, ``train`` and ``evaluate`` starts with."""
 
     _shapes: ParameterShapes
     _size: int
     _manifest: dict[str, Any] | None
+
+    def set_learning_rate(self, lr: float) -> None:
+        raise NotImplementedError
+
+    def _labels_dtype(self, y: np.ndarray) -> type[np.generic]:
+        """The dtype labels ``y`` are given to the graphs as."""
+        raise NotImplementedError
+
+    def _checked_flat(self, flat: np.ndarray) -> np.ndarray:
+        """``flat`` as this model's parameter vector (float32, contiguous; may be ``flat``
+        itself), or ``ArtifactError`` when it is of another length or not floating point."""
+        values = np.asarray(flat)
+        if values.ndim != 1 or values.size != self._size:
+            raise ArtifactError(
+                f"parameter vector has shape {values.shape}; this model has {self._size} "
+                "parameters")
+        if not np.issubdtype(values.dtype, np.floating):
+            raise ArtifactError(f"parameter vector must be floating point, got {values.dtype}")
+        return np.ascontiguousarray(values, dtype=np.float32)
+
+    def _check_xy(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Samples as contiguous float32 features and labels of the graphs' dtype."""
+        xs = np.ascontiguousarray(x, dtype=np.float32)
+        ys = np.ascontiguousarray(y, dtype=self._labels_dtype(y))
+        if xs.ndim < 1 or len(xs) != len(ys):
+            raise ValueError(f"x has {len(xs)} samples, y has {len(ys)}")
+        return xs, ys
+
+    def _plan(
+        self, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int, lr: float | None,
+        seed: int | np.random.Generator | None, max_steps: int | None,
+    ) -> tuple[np.ndarray, np.ndarray, Schedule]:
+        """What ``train`` starts with: the checked samples, the learning rate set (when
+        given), and the batch schedule drawn from ``seed``."""
+        xs, ys = self._check_xy(x, y)
+        if lr is not None:
+            self.set_learning_rate(lr)
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        plan = batch_schedule(
+            len(xs), epochs=epochs, batch_size=batch_size, rng=rng, max_steps=max_steps
+        )
+        return xs, ys, plan
 
     def parameter_shapes(self) -> ParameterShapes:
         """Exchanged tensors as ``(name, shape)`` in flat-vector order."""
