@@ -25,6 +25,8 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import EllipsisType
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +35,6 @@ from edge_runtime._manifest import (
     FORMAT_ORT_TRAINING,
     MANIFEST_NAME,
     ORT_TRAINING_FILES,
-    read_manifest_file,
     verify_files,
 )
 from edge_runtime._ort import load_training_api, session_options
@@ -43,6 +44,7 @@ from edge_runtime._training import (
     TrainerBase,
     TrainResult,
     checked_rate,
+    given_or_read,
 )
 
 
@@ -58,12 +60,15 @@ class OrtTrainingTrainer(TrainerBase):
         intra_op_threads: int = 1,
         inter_op_threads: int = 1,
         expected_hash: str | None = None,
+        manifest: dict[str, Any] | EllipsisType | None = ...,
     ) -> None:
+        """``manifest``: the folder's, already read and checked (``open_trainer`` passes
+        it; None when there is none); by default it is read here."""
         self._dir = Path(artifacts_dir)
         missing = [name for name in ORT_TRAINING_FILES if not (self._dir / name).is_file()]
         if missing:
             raise ArtifactError(f"training artifacts missing in {self._dir}: {', '.join(missing)}")
-        self._manifest = read_manifest_file(self._dir)
+        self._manifest = given_or_read(manifest, self._dir)
         if self._manifest is not None and self._manifest["format"] != FORMAT_ORT_TRAINING:
             raise ArtifactError(f"artifacts in {self._dir} are not onnxruntime-training artifacts")
         verify_files(self._dir, self._manifest, expected_hash)

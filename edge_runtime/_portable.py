@@ -27,12 +27,13 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 
 import numpy as np
 
 from edge_runtime._errors import ArtifactError
-from edge_runtime._manifest import FORMAT_PORTABLE, read_manifest_file, verify_files
+from edge_runtime._manifest import FORMAT_PORTABLE, verify_files
 from edge_runtime._ort import import_onnxruntime, session_options
 from edge_runtime._portable_manifest import check_graphs, read_f32, read_portable
 from edge_runtime._training import (
@@ -41,6 +42,7 @@ from edge_runtime._training import (
     TrainerBase,
     TrainResult,
     checked_rate,
+    given_or_read,
 )
 
 CHUNK_S = 0.25
@@ -53,6 +55,12 @@ class PortableTrainer(TrainerBase):
 
     backend = "portable"
 
+    # What set_parameters (re)sets: the tensors a training run feeds and gets back.
+    _params: list[Any]
+    _state: list[Any]
+    _step: Any
+    _anchor_values: dict[str, Any]
+
     def __init__(
         self,
         *,
@@ -60,9 +68,12 @@ class PortableTrainer(TrainerBase):
         intra_op_threads: int = 1,
         inter_op_threads: int = 1,
         expected_hash: str | None = None,
+        manifest: dict[str, Any] | EllipsisType | None = ...,
     ) -> None:
+        """``manifest``: the folder's, already read and checked (``open_trainer`` passes
+        it); by default it is read here. Its files are verified here either way."""
         self._dir = Path(artifacts_dir)
-        manifest = read_manifest_file(self._dir)
+        manifest = given_or_read(manifest, self._dir)
         if manifest is None:
             raise ArtifactError(f"no artifacts.json in {self._dir}")
         if manifest["format"] != FORMAT_PORTABLE:
@@ -95,10 +106,6 @@ class PortableTrainer(TrainerBase):
             ):
                 self._frozen[name] = self._value(part)
         self._lr = 0.01
-        self._params: list[Any] = []
-        self._state: list[Any] = []
-        self._anchor_values: dict[str, Any] = {}
-        self._step = self._value(np.zeros((), np.float32))
         self.set_parameters(initial)
 
     # -- loading -----------------------------------------------------------------------------
@@ -140,8 +147,7 @@ class PortableTrainer(TrainerBase):
         """Load a flat vector (the global model); resets the optimizer state."""
         values = self._checked_flat(flat).copy()  # a private copy the OrtValues point into
         parts = self._split(values, self._shapes)
-        self._params = [self._value(p) for p in parts]
-        self._holder = values
+        self._params = [self._value(p) for p in parts]  # each keeps its view of values alive
         self._state = [self._value(np.zeros(shape, np.float32))
                        for _, _, shape in self._spec.state_io]
         self._step = self._value(np.zeros((), np.float32))

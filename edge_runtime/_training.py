@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import EllipsisType
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -227,6 +228,7 @@ def open_trainer(
             intra_op_threads=intra_op_threads,
             inter_op_threads=inter_op_threads,
             expected_hash=expected_hash,
+            manifest=manifest,
         )
     if manifest is None and (directory / "train.onnx").exists():
         raise ArtifactError(f"{directory} has portable artifacts but no artifacts.json")
@@ -237,7 +239,15 @@ def open_trainer(
         intra_op_threads=intra_op_threads,
         inter_op_threads=inter_op_threads,
         expected_hash=expected_hash,
+        manifest=manifest,
     )
+
+
+def given_or_read(manifest: dict[str, Any] | EllipsisType | None,
+                  directory: Path) -> dict[str, Any] | None:
+    """A trainer's manifest: the one ``open_trainer`` read and checked (None: the folder
+    has none), or, when the trainer is built directly (``...``), the folder's."""
+    return read_manifest_file(directory) if manifest is ... else manifest
 
 
 def checked_rate(lr: float) -> float:
