@@ -63,7 +63,7 @@ from edge_runtime._work import Control, Job, Worker
 
 log = logging.getLogger(__name__)
 
-_WORKING = frozenset({Phase.FETCHING, Phase.TRAINING, Phase.ENCODING})
+_WORKING = frozenset(phase for phase in Phase if phase.working)
 
 
 def _doing(job: Job, phase: Phase, waiting: str | None, now: float) -> str:
@@ -148,7 +148,6 @@ class Agent:
         self._last_eligibility_check = 0.0
         self._started = False
         self._idle_since = self._last_status = time.monotonic()
-        self.last_status: str | None = None
         self._presence = Presence(
             channel=channel, device_id=device_id, profile=profile, data=data, rules=self.rules,
             probe=status_probe or SystemProbe(), artifacts=self.artifacts, models=self.models,
@@ -285,7 +284,6 @@ class Agent:
         if interval is not None and now - self._last_status >= interval:
             self._last_status = now
             line = self.status_line(now)
-            self.last_status = line
             if self._on_status is not None:
                 self._on_status(line)
             else:
