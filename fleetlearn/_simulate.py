@@ -56,9 +56,9 @@ TARGETS = (0.6, 0.8, 0.9)
 
 
 def _ort_version() -> str:
-    import onnxruntime
+    from edge_runtime._ort import import_onnxruntime
 
-    return str(onnxruntime.__version__)
+    return str(import_onnxruntime().__version__)
 
 
 def _backend_line(backend: str) -> str:
