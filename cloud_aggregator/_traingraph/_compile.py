@@ -1,6 +1,6 @@
 """Compile an inference ONNX model into a portable training graph and an eval graph.
 
-This module is longer than most (~460 lines) because it is the one place that
+This module is longer than most (~430 lines) because it is the one place that
 assembles the pieces into the two graphs and their input/output contract; splitting
 the assembly would scatter that contract over several files.
 
