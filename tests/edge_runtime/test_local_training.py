@@ -9,8 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from agent_rig import Rig
-from onnx import TensorProto, helper, numpy_helper
+from agent_rig import Rig, linear_regression_artifacts
 from waiting import wait_for
 
 from broker_bridge import TaskSpec, decode_update, unpack_update_body
@@ -20,23 +19,6 @@ from edge_runtime import ArtifactError, LocalData, TaskStatus, TrainingBudget, t
 from edge_runtime._training import open_trainer
 
 TRUE_W = np.array([[1.0], [-2.0], [0.5], [0.0], [3.0]], np.float32)
-
-
-def _linear_regression(out: Path) -> Path:
-    """A 5 -> 1 linear model trained with MSE (float32 targets)."""
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", ["input", "w", "b"], ["out"], transB=1)],
-        "linreg",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 5])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 1])],
-        initializer=[
-            numpy_helper.from_array(np.zeros((1, 5), np.float32), "w"),
-            numpy_helper.from_array(np.zeros(1, np.float32), "b"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    build_artifacts(model, out, loss="mse")
-    return out
 
 
 def _regression_data(n: int = 128, seed: int = 0) -> LocalData:
@@ -60,7 +42,7 @@ def _budget(seconds: float = 60.0) -> TrainingBudget:
 
 @pytest.fixture(scope="module")
 def mse_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _linear_regression(tmp_path_factory.mktemp("mse"))
+    return linear_regression_artifacts(tmp_path_factory.mktemp("mse"))
 
 
 def test_train_locally_trains_a_regression_model(mse_dir: Path) -> None:
