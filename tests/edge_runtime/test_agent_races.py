@@ -89,3 +89,19 @@ def test_a_failed_greeting_on_reconnect_still_resends_the_pending_update(
     assert [m.round for m in rig.agg.updates] == [5, 5]
     assert rig.agg.updates[0].body == rig.agg.updates[1].body
 
+
+
+def test_a_cancel_between_the_resend_decision_and_the_send_ends_the_resends(rig: Rig) -> None:
+    rig.agg.ack_updates = False
+    agent = rig.agent(settings=AgentSettings(ack_timeout_s=0.2, request_timeout_s=5.0))
+    rig.agg.send_task("dev-1", rig.agg.task(round_=7))
+    assert wait_for(lambda: rig.agg.updates and idle(agent))
+    outbox = agent._outbox
+    resend, _ = outbox.due(time.monotonic() + 1.0)  # the timer thread's decision
+    assert resend is not None
+    rig.agg.cancel("dev-1", 7)  # the round closes: re-sending is pointless
+    assert wait_for(lambda: outbox.pending is None and agent.phase == Phase.IDLE)
+    assert not outbox.send(resend)
+    assert outbox.pending is None and len(rig.agg.updates) == 1
+    agent.poll(time.monotonic() + 100.0)
+    assert len(rig.agg.updates) == 1 and agent.stats.resends == 0
