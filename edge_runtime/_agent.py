@@ -66,21 +66,6 @@ log = logging.getLogger(__name__)
 _WORKING = frozenset(phase for phase in Phase if phase.working)
 
 
-def _doing(job: Job, phase: Phase, waiting: str | None, now: float) -> str:
-    """What the work on ``job`` is at, for the status line."""
-    held_until = job.held_until
-    if held_until is not None:
-        return (f"holding the encoded update to its emulated duration "
-                f"({max(0.0, held_until - now):.0f} s left), then sending it")
-    if waiting is not None:
-        return f"waiting for {waiting}"
-    if phase == Phase.FETCHING:
-        return "loading the artifacts and the global model"
-    if phase == Phase.ENCODING:
-        return "encoding and storing the update"
-    return "training"
-
-
 class _DeviceLog(logging.LoggerAdapter):  # type: ignore[type-arg,unused-ignore]
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         return f"[{self.extra['device'] if self.extra else '?'}] {msg}", kwargs
@@ -302,7 +287,7 @@ class Agent:
             job, pending, phase = self._job, self._outbox.pending, self._phase.phase
         waiting = self._fetcher.waiting_for
         if job is not None:
-            return f"round {job.task.round}: {_doing(job, phase, waiting, now)}"
+            return f"round {job.task.round}: {job.doing(phase, waiting, now)}"
         if pending is not None and pending.sends > 0:
             return (f"round {pending.submission.round}: update sent {pending.sends} times; "
                     "waiting for the aggregator to acknowledge it")

@@ -61,6 +61,21 @@ class Job:
     def remaining(self) -> float:
         return self.task.deadline_s - (time.monotonic() - self.received_at)
 
+    def doing(self, phase: Phase, waiting: str | None, now: float) -> str:
+        """What the work is at, for the agent's status line (``waiting``: what the
+        fetcher waits for, if anything)."""
+        held_until = self.held_until
+        if held_until is not None:
+            return (f"holding the encoded update to its emulated duration "
+                    f"({max(0.0, held_until - now):.0f} s left), then sending it")
+        if waiting is not None:
+            return f"waiting for {waiting}"
+        if phase == Phase.FETCHING:
+            return "loading the artifacts and the global model"
+        if phase == Phase.ENCODING:
+            return "encoding and storing the update"
+        return "training"
+
 
 @dataclass(frozen=True, kw_only=True)
 class Control:
