@@ -70,6 +70,7 @@ def child_agent(args: argparse.Namespace) -> dict[str, Any]:
 
     from broker_bridge import (
         Channel,
+        ErrorReport,
         Kind,
         Layout,
         MemoryBroker,
@@ -110,8 +111,15 @@ def child_agent(args: argparse.Namespace) -> dict[str, Any]:
     agg = Channel(transport=MemoryTransport(broker=broker, client_id="agg"), fleet=fleet)
     agg.transport.connect()
     updates: list[Message] = []
-    agg.subscribe(agg.topics.all_up, lambda _t, m: updates.append(m)
-                  if m.kind == Kind.UPDATE else None)
+    errors: list[ErrorReport] = []
+
+    def on_up(_topic: str, m: Message) -> None:
+        if m.kind == Kind.UPDATE:
+            updates.append(m)
+        elif m.kind == Kind.ERROR:
+            errors.append(ErrorReport.from_message(m))
+
+    agg.subscribe(agg.topics.all_up, on_up)
     agent = Agent(
         device_id="bench-dev",
         channel=Channel(transport=MemoryTransport(broker=broker, client_id="bench-dev"),
@@ -126,10 +134,16 @@ def child_agent(args: argparse.Namespace) -> dict[str, Any]:
                     epochs=epochs, batch_size=BATCH, lr=LR, seed=0)
     agg.send(agg.topics.down("bench-dev", "task"),
              task.to_message(fleet=fleet, device="bench-dev", round=1))
-    deadline = time.monotonic() + 600
-    while not updates and time.monotonic() < deadline:
+    wait_s = 600
+    print(f"{args.model}: waiting for the agent's update ({samples} samples x {epochs} "
+          f"epoch(s); at most {wait_s} s)", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + wait_s
+    while not updates and not errors and time.monotonic() < deadline:
         time.sleep(0.01)
     agent.stop()
+    if not updates:
+        why = "; ".join(f"{e.code}: {e.message}" for e in errors) or f"nothing in {wait_s} s"
+        raise SystemExit(f"the agent sent no update for {args.model}: {why}")
     meta, _ = unpack_update_body(updates[0].body)
     return {
         "peak_rss_mb": round(_vm_hwm_mb(), 1),

@@ -53,7 +53,6 @@ MODEL_NAME = "model.onnx"
 ORT_TRAINING_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx",
                       "checkpoint")
 BACKENDS = ("portable", "ort-training")
-_ORT_LOSSES = {"cross_entropy": "labels", "mse": "target"}
 
 Backend = Literal["portable", "ort-training"]
 Dim = int | str

@@ -9,6 +9,7 @@ this one stays for comparison and for fleets that already run it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import tempfile
@@ -44,11 +45,21 @@ _LABEL_NAMES = {"cross_entropy": "labels", "mse": "target"}
 
 
 def load_artifacts_module() -> types.ModuleType:
-    """Import ``onnxruntime.training.artifacts`` without torch.
+    """Import ``onnxruntime.training.artifacts`` without running ``onnxruntime.training``'s
+    ``__init__`` (which imports its ``optim`` and ``amp`` subpackages, and torch).
 
-    Same stub as ``edge_runtime/_ort.py`` (see there why): ``onnxruntime.training``'s
-    ``__init__`` imports torch, its ``artifacts`` submodule does not.
+    The same stub as ``edge_runtime/_ort.py`` (see there why; the two packages never
+    import each other), installed the same way: before ``import onnxruntime``, whose
+    start-up validation would otherwise run that ``__init__`` through
+    ``onnxruntime.training.ortmodule``. Where torch is installed, ``artifacts`` still
+    imports it through ``onnxruntime.tools``; the cloud side may have it, a device never
+    runs this.
     """
+    if "onnxruntime" not in sys.modules:
+        spec = importlib.util.find_spec("onnxruntime")
+        if spec is not None and spec.submodule_search_locations:
+            _install_training_stub(os.path.join(spec.submodule_search_locations[0], "training"))
+            sys.modules.setdefault("onnxruntime.training.ortmodule", None)  # type: ignore[arg-type]
     try:
         import onnxruntime
     except ImportError as exc:
@@ -57,10 +68,7 @@ def load_artifacts_module() -> types.ModuleType:
             "default portable backend does not"
         ) from exc
     onnxruntime.set_default_logger_severity(3)
-    if "onnxruntime.training" not in sys.modules:
-        stub = types.ModuleType("onnxruntime.training")
-        stub.__path__ = [os.path.join(onnxruntime.__path__[0], "training")]
-        sys.modules["onnxruntime.training"] = stub
+    _install_training_stub(os.path.join(onnxruntime.__path__[0], "training"))
     try:
         from onnxruntime.training import artifacts
     except ImportError as exc:
@@ -70,6 +78,16 @@ def load_artifacts_module() -> types.ModuleType:
             "portable backend does not"
         ) from exc
     return artifacts
+
+
+def _install_training_stub(training_dir: str) -> None:
+    """Register ``onnxruntime.training`` as a bare package (no ``__init__`` code)."""
+    if "onnxruntime.training" in sys.modules:
+        return
+    stub = types.ModuleType("onnxruntime.training")
+    stub.__path__ = [training_dir]
+    stub.__package__ = "onnxruntime.training"
+    sys.modules["onnxruntime.training"] = stub
 
 
 @contextmanager

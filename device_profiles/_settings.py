@@ -55,7 +55,6 @@ SECTION_NAMES = ("aggregator", "agent", "simulate")
 OTHER_ENV: dict[str, str] = {
     CONFIG_ENV: "the configuration file of every command (like --config)",
     "FLEETLEARN_CACHE_DIR": "datasets and reference artifacts cache",
-    "FLEETLEARN_TEST_CRASH_AT": "test hook: the agent kills itself at that point",
     "FLEETLEARN_ARM64_TOOL": "tests: the aarch64 emulation script",
     "FLEETLEARN_ARM64_VENV": "tests: where the emulated aarch64 venv is kept",
     "FLEETLEARN_REQUIRE_ARM64": "tests: fail instead of skipping the aarch64 tests",
@@ -101,7 +100,7 @@ class Meta:
     """Another setting giving the same thing (``password`` / ``password_file``): when both
     are set the stronger source wins; from the same source it is an error."""
     internal: bool = False
-    """Not a setting (derived, or a test hook with its own variable)."""
+    """Not a setting (a derived value)."""
     fields: Mapping[str, Meta] = dataclasses.field(default_factory=dict)
     """For a group: the metadata of the group dataclass's fields, when that class does not
     carry its own (it belongs to another module)."""
@@ -123,7 +122,7 @@ def setting(default: Any = dataclasses.MISSING, *,
 
 def internal(default: Any = dataclasses.MISSING, *,
              default_factory: Any = dataclasses.MISSING, repr: bool = True) -> Any:
-    """A dataclass field that no source sets (derived values, test hooks)."""
+    """A dataclass field that no source sets (derived values)."""
     return field(default=default, default_factory=default_factory, repr=repr,
                  metadata={SETTING: Meta(internal=True)})
 

@@ -7,7 +7,8 @@ Where things live:
 - ``_ort``: ``import_onnxruntime``, ``load_training_api`` (ORT's training API without torch).
 - ``_training``: ``Trainer`` (the backend protocol), ``open_trainer``, ``TrainResult``,
   ``EvalResult``, ``batch_schedule``.
-- ``_portable``: ``PortableTrainer`` (compiled standard-op graphs on plain onnxruntime).
+- ``_portable``: ``PortableTrainer`` (compiled standard-op graphs on plain onnxruntime);
+  ``_portable_manifest`` checks its manifest against its graphs at load.
 - ``_ort_training``: ``OrtTrainingTrainer`` (the onnxruntime-training backend).
 - ``_manifest``: reading and checking ``artifacts.json`` (both formats).
 - ``_data``: ``LocalData``, ``DataSource``, ``load_data``, ``load_npz``, ``load_csv``,

@@ -63,7 +63,7 @@ from edge_runtime._work import Control, Job, Worker
 
 log = logging.getLogger(__name__)
 
-_WORKING = frozenset({Phase.FETCHING, Phase.TRAINING, Phase.ENCODING})
+_WORKING = frozenset(phase for phase in Phase if phase.working)
 
 
 class _DeviceLog(logging.LoggerAdapter):  # type: ignore[type-arg,unused-ignore]
@@ -133,7 +133,6 @@ class Agent:
         self._last_eligibility_check = 0.0
         self._started = False
         self._idle_since = self._last_status = time.monotonic()
-        self.last_status: str | None = None
         self._presence = Presence(
             channel=channel, device_id=device_id, profile=profile, data=data, rules=self.rules,
             probe=status_probe or SystemProbe(), artifacts=self.artifacts, models=self.models,
@@ -257,11 +256,11 @@ class Agent:
             resend, gave_up = self._outbox.due(now)
             if gave_up:
                 self._phase.move(Phase.IDLE, expect=frozenset({Phase.AWAITING_ACK}))
-        if resend is not None and self.channel.transport.connected:
+        if resend is not None and self.channel.transport.connected \
+                and self._outbox.send(resend):
             self.stats.resends += 1
-            self.log.info("round %d: no ack yet, re-sending attempt %d",
+            self.log.info("round %d: no ack yet, re-sent attempt %d",
                           resend.round, resend.attempt)
-            self._outbox.send(resend)
         if now - self._last_eligibility_check >= self.settings.eligibility_interval_s:
             self._last_eligibility_check = now
             if self._presence.eligibility_changed():
@@ -270,7 +269,6 @@ class Agent:
         if interval is not None and now - self._last_status >= interval:
             self._last_status = now
             line = self.status_line(now)
-            self.last_status = line
             if self._on_status is not None:
                 self._on_status(line)
             else:
@@ -286,12 +284,10 @@ class Agent:
             return (f"waiting for the broker{f' at {where}' if where else ''}"
                     f"{f': {error}' if error else ''}")
         with self._lock:
-            job, pending = self._job, self._outbox.pending
+            job, pending, phase = self._job, self._outbox.pending, self._phase.phase
         waiting = self._fetcher.waiting_for
         if job is not None:
-            if waiting is not None:
-                return f"round {job.task.round}: waiting for {waiting}"
-            return f"round {job.task.round}: training"
+            return f"round {job.task.round}: {job.doing(phase, waiting, now)}"
         if pending is not None and pending.sends > 0:
             return (f"round {pending.submission.round}: update sent {pending.sends} times; "
                     "waiting for the aggregator to acknowledge it")
@@ -334,9 +330,12 @@ class Agent:
     def _on_connected(self) -> None:
         try:
             self._presence.greet()
-            self._outbox.send_pending()
         except Exception:
             self.log.exception("greeting the aggregator failed")
+        try:  # on its own: a failed hello must not hold back the update awaiting its ack
+            self._outbox.send_pending()
+        except Exception:
+            self.log.exception("re-sending the update after connecting failed")
 
     def _ack_task(self, round_: int, attempt: int, status: str, reason: str = "") -> None:
         ack = Ack(round=round_, attempt=attempt, what="task", status=status, reason=reason)

@@ -48,11 +48,8 @@ from edge_runtime._manifest import MANIFEST_NAME, check_manifest, device_files
 
 log = logging.getLogger(__name__)
 
-_HEX = frozenset("0123456789abcdef")
-
-
 def _check_hash(value: str) -> str:
-    if len(value) != 64 or not set(value) <= _HEX:
+    if not is_sha256_hex(value):
         raise ArtifactError(f"artifacts hash {value!r} is not a sha256 hex digest")
     return value
 

@@ -59,7 +59,6 @@ from edge_runtime._data import DataSource
 from edge_runtime._eligibility import EligibilityRules
 
 ENV_PREFIX = "FLEETLEARN_"
-CONFIG_ENV = "FLEETLEARN_CONFIG"
 
 _RULES = EligibilityRules()
 _PROTOCOL = AgentSettings()
@@ -261,9 +260,8 @@ class AgentOptions:
                                 for f in dataclasses.fields(AgentSettings)
                                 if hasattr(self, f.name)})
 
-    def config(self, *, env: Mapping[str, str] | None = None) -> AgentConfig:
+    def config(self) -> AgentConfig:
         """The ``AgentConfig`` the agent runs with (reads the password file)."""
-        env = os.environ if env is None else env
         password = self.password
         if password is None and self.password_file is not None:
             # a bare password, or the credentials.toml of `fleetlearn broker config`
@@ -302,6 +300,6 @@ def load_config(
                              flag_names=flag_names)
     options: AgentOptions = resolved.build(AgentOptions)
     try:
-        return options.config(env=env)
+        return options.config()
     except ConfigError as exc:
         raise resolved.explain(exc) from exc

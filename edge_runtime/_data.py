@@ -282,12 +282,24 @@ def validate_for_model(
             raise DataError(
                 f"class labels must be int64 of shape [n], got {y.dtype} {list(y.shape)}"
             )
-        low, high = int(y.min()), int(y.max())
-        if low < 0 or (num_classes is not None and high >= num_classes):
-            bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
-            raise DataError(f"class labels range over [{low}, {high}]; the model needs {bound}")
+        problem = label_range_problem(y, num_classes)
+        if problem is not None:
+            raise DataError(problem)
     else:
         if y.dtype != np.float32:
             raise DataError(f"regression targets must be float32, got {y.dtype}")
         if not np.all(np.isfinite(y)):
             raise DataError("regression targets contain NaN or infinity")
+
+
+def label_range_problem(y: np.ndarray, num_classes: int | None) -> str | None:
+    """Why integer class labels ``y`` cannot train a model of ``num_classes`` classes (a
+    label below 0, or at or past ``num_classes`` when it is known), if they cannot."""
+    if not len(y) or not np.issubdtype(y.dtype, np.integer):
+        return None
+    low, high = int(y.min()), int(y.max())
+    if low >= 0 and (num_classes is None or high < num_classes):
+        return None
+    if num_classes is None:
+        return f"class labels range over [{low}, {high}]; they must be >= 0"
+    return f"class labels range over [{low}, {high}]; the model has {num_classes} classes"

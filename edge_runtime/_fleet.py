@@ -25,7 +25,7 @@ is a ``transform_update`` hook that calls ``Agent.abort()``, a Byzantine device'
 tampering is its ``transform_update`` and ``transform_hello`` hooks, a slow device an
 ``Emulation`` subclass.
 
-Fleet changes happen only between rounds (``advance``), and ``advance`` waits until
+Fleet changes happen only between rounds (``advance``); the simulator then waits until
 the aggregator's view of who is online matches, so the same seed gives the same run.
 """
 
@@ -127,7 +127,6 @@ class DeviceRecord:
     crashed_at_round: int | None = None
     tasks: int = 0
     completed: int = 0
-    dropped: int = 0
     crashes: int = 0
     _seen_tasks: int = 0
     _seen_acked: int = 0
@@ -181,7 +180,6 @@ class Fleet:
                 byzantine=(draw(config.seed, "byzantine", device_id)
                            < config.faults.byzantine_fraction),
             ))
-        self._by_id = {d.device_id: d for d in self.devices}
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -195,7 +193,7 @@ class Fleet:
 
     def stop(self) -> None:
         for d in self.devices:
-            self._shutdown(d, clean=True)
+            self._shutdown(d)
         self._executor.shutdown(wait=True, cancel_futures=True)
         for loop in self._loops:
             loop.close()
@@ -222,7 +220,7 @@ class Fleet:
                 self._boot(d)
                 came.append(d.device_id)
             elif not should and d.online:
-                self._shutdown(d, clean=True)
+                self._shutdown(d)
                 went.append(d.device_id)
         return came, went
 
@@ -307,23 +305,27 @@ class Fleet:
             if draw(self.config.seed, "crash", d.device_id, round_) >= fraction:
                 return draft
             log.info("%s crashes in round %d (injected)", d.device_id, round_)
-            with self._lock:
-                d.crashes += 1
-                d.crashed_at_round = round_
-                self._collect(d)
-                agent, d.agent = d.agent, None
-            if agent is not None:
-                agent.abort()  # the agent writes and sends nothing more
+            self._shutdown(d, crashed_in=round_)  # the agent writes and sends nothing more
             return draft
 
         return maybe_crash
 
-    def _shutdown(self, d: DeviceRecord, *, clean: bool) -> None:
+    def _shutdown(self, d: DeviceRecord, *, crashed_in: int | None = None) -> None:
+        """Take the device offline: its agent stops (and says ``offline``), or, when it
+        crashed in round ``crashed_in``, is aborted as in a power cut (the broker
+        publishes its will) and the crash is counted with it."""
         with self._lock:
+            if crashed_in is not None:
+                d.crashes += 1
+                d.crashed_at_round = crashed_in
             self._collect(d)
             agent, d.agent = d.agent, None
-        if agent is not None:
+        if agent is None:
+            return
+        if crashed_in is None:
             agent.stop(timeout=5.0)
+        else:
+            agent.abort()
 
     def _collect(self, d: DeviceRecord) -> None:
         """Fold the running agent's counters into the device record."""

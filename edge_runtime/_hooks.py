@@ -42,7 +42,8 @@ nothing: their return value is ignored.
 
 Errors: an exception from ``on_task`` declines the task (reason ``hook failed``); from
 ``transform_update``, fails the task like any other error (reported to the aggregator as
-``internal``); from ``transform_hello``, sends the hello untransformed; from a
+``internal``); from ``transform_hello`` (or a return value that is not a ``Hello``: a
+``HookError``, logged), sends the hello untransformed; from a
 notification hook, is logged and ignored (the update is committed either way). A hook
 that must end the device's work, as a power cut would (the simulator's crashes), calls
 ``Agent.abort()`` and returns: the agent then writes and sends nothing more, except

@@ -11,9 +11,15 @@ result into an update: ``result.parameters - global params``, weighted by
 A callable must: return parameters of the model's length (``params.size``; else the task
 fails with ``HookError``); report the samples it really trained on (0 means nothing was
 trained: the agent withdraws the task instead of sending an empty update); stop soon after
-``budget.should_stop()`` turns true or ``budget.seconds`` have passed. It may raise
-``DataError`` for data that cannot train this model (reported as code ``data``). It runs
-while it holds the trainer, which is lent to it alone for the call.
+``budget.should_stop()`` turns true or ``budget.seconds`` have passed since it was called
+(whatever it does before training counts). It may raise ``DataError`` for data that
+cannot train this model (reported as code ``data``). It runs while it holds the trainer,
+which is lent to it alone for the call.
+
+``train_locally`` checks the data against the manifest's input shape and label dtype
+(int64 class indices, or float32 targets for regression and BCE). It has no teacher:
+artifacts whose loss distils (``trainer.needs_soft_targets``) fail with ``ArtifactError``
+there; a training callable that passes ``soft_targets`` to ``Trainer.train`` runs them.
 """
 
 from __future__ import annotations
@@ -21,12 +27,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import monotonic
 
 import numpy as np
 
 from broker_bridge import TaskSpec
-from edge_runtime._data import LocalData, validate_for_model
-from edge_runtime._errors import DataError, HookError
+from edge_runtime._data import LocalData, Task, label_range_problem, validate_for_model
+from edge_runtime._errors import ArtifactError, DataError, HookError
 from edge_runtime._training import Trainer
 
 
@@ -67,7 +74,9 @@ def train_locally(
     task: TaskSpec, params: np.ndarray, data: LocalData, trainer: Trainer, budget: TrainingBudget
 ) -> LocalResult:
     """The default: check the data fits the model, evaluate the global model on the
-    held-out split when the task asks, then train as the task says within the budget."""
+    held-out split when the task asks, then train as the task says within what is left
+    of the budget (the checks and the evaluation count against it)."""
+    t0 = monotonic()
     check_data(trainer, task, data)
     trainer.set_parameters(params)
     eval_loss = eval_acc = None
@@ -76,14 +85,15 @@ def train_locally(
         result_eval = trainer.evaluate(data.x_eval, data.y_eval)
         eval_loss, eval_acc = finite(result_eval.loss), finite(result_eval.accuracy)
         eval_samples = len(data.y_eval)
-    if budget.seconds <= 0:
+    left = budget.seconds - (monotonic() - t0)
+    if left <= 0:
         return LocalResult(parameters=params, samples=0, steps=0, loss=math.nan,
                            stopped_early=True, eval_loss=eval_loss, eval_accuracy=eval_acc,
                            eval_samples=eval_samples)
     try:
         result = trainer.train(
             data.x, data.y, epochs=task.epochs, batch_size=task.batch_size, lr=task.lr,
-            seed=task.seed, deadline_s=budget.seconds, should_stop=budget.should_stop,
+            seed=task.seed, deadline_s=left, should_stop=budget.should_stop,
             max_steps=task.max_steps,
         )
     except (ValueError, RuntimeError) as exc:
@@ -96,28 +106,29 @@ def train_locally(
 
 
 def check_data(trainer: Trainer, task: TaskSpec, data: LocalData) -> None:
-    """``DataError`` when the local samples cannot train this model (shapes, labels)."""
+    """``DataError`` when the local samples cannot train this model (shapes, labels);
+    ``ArtifactError`` when the model's loss needs what ``train_locally`` cannot give."""
+    if trainer.needs_soft_targets:
+        raise ArtifactError(
+            "these artifacts' loss distils from a teacher's logits (soft_targets), which "
+            "the default train_locally has no source for: run the agent with a training "
+            "callable (Agent(training=...)) that passes soft_targets to Trainer.train")
     shape = trainer.input_shape
     if shape is not None:
-        validate_for_model(data.x, data.y, shape, num_classes=task.num_classes)
+        kind: Task = "regression" if trainer.label_dtype == "float32" else "classification"
+        validate_for_model(data.x, data.y, shape, num_classes=task.num_classes, task=kind)
     elif len(data.y) == 0:
         raise DataError("no local samples")
-    elif task.num_classes is not None and np.issubdtype(data.y.dtype, np.integer):
-        low, high = int(data.y.min()), int(data.y.max())
-        if low < 0 or high >= task.num_classes:
-            raise DataError(f"class labels range over [{low}, {high}]; the model has "
-                            f"{task.num_classes} classes")
+    else:
+        problem = labels_problem(data, task.num_classes)
+        if problem is not None:
+            raise DataError(problem)
 
 
 def labels_problem(data: LocalData, num_classes: int | None) -> str | None:
-    """Why integer labels cannot train a model of ``num_classes`` classes, if they cannot."""
-    y = data.y
-    if num_classes is None or not len(y) or not np.issubdtype(y.dtype, np.integer):
-        return None
-    low, high = int(y.min()), int(y.max())
-    if low < 0 or high >= num_classes:
-        return f"class labels range over [{low}, {high}]; the model has {num_classes} classes"
-    return None
+    """Why integer labels cannot train a model of ``num_classes`` classes, if they cannot
+    (nothing is said while the number of classes is unknown)."""
+    return None if num_classes is None else label_range_problem(data.y, num_classes)
 
 
 def checked_result(result: object, size: int) -> LocalResult:

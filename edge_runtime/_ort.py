@@ -10,8 +10,8 @@ does not need it. The one workaround, kept here and nowhere else on the device s
 register a bare stub package for ``onnxruntime.training`` (same ``__path__``, no
 ``__init__`` code) so that its submodules import on their own, before onnxruntime
 itself is imported (its start-up validation would otherwise import torch).
-``cloud_aggregator._artifacts`` holds the same few lines for the artifact builder
-(the two packages never import each other).
+``cloud_aggregator._ort_artifacts.load_artifacts_module`` holds the same few lines for
+the artifact builder (the two packages never import each other).
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import EllipsisType
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +35,6 @@ from edge_runtime._manifest import (
     FORMAT_ORT_TRAINING,
     MANIFEST_NAME,
     ORT_TRAINING_FILES,
-    read_manifest_file,
     verify_files,
 )
 from edge_runtime._ort import load_training_api, session_options
@@ -42,8 +43,8 @@ from edge_runtime._training import (
     ParameterShapes,
     TrainerBase,
     TrainResult,
-    batch_schedule,
     checked_rate,
+    given_or_read,
 )
 
 
@@ -59,12 +60,15 @@ class OrtTrainingTrainer(TrainerBase):
         intra_op_threads: int = 1,
         inter_op_threads: int = 1,
         expected_hash: str | None = None,
+        manifest: dict[str, Any] | EllipsisType | None = ...,
     ) -> None:
+        """``manifest``: the folder's, already read and checked (``open_trainer`` passes
+        it; None when there is none); by default it is read here."""
         self._dir = Path(artifacts_dir)
         missing = [name for name in ORT_TRAINING_FILES if not (self._dir / name).is_file()]
         if missing:
             raise ArtifactError(f"training artifacts missing in {self._dir}: {', '.join(missing)}")
-        self._manifest = read_manifest_file(self._dir)
+        self._manifest = given_or_read(manifest, self._dir)
         if self._manifest is not None and self._manifest["format"] != FORMAT_ORT_TRAINING:
             raise ArtifactError(f"artifacts in {self._dir} are not onnxruntime-training artifacts")
         verify_files(self._dir, self._manifest, expected_hash)
@@ -155,15 +159,7 @@ class OrtTrainingTrainer(TrainerBase):
         """Load a flat vector (e.g. the global model) into the trainable parameters."""
         from onnxruntime import OrtValue
 
-        values = np.asarray(flat)
-        if values.ndim != 1 or values.size != self._size:
-            raise ArtifactError(
-                f"parameter vector has shape {values.shape}; this model has {self._size} "
-                "trainable parameters"
-            )
-        if not np.issubdtype(values.dtype, np.floating):
-            raise ArtifactError(f"parameter vector must be floating point, got {values.dtype}")
-        values = np.ascontiguousarray(values, dtype=np.float32)
+        values = self._checked_flat(flat)
         self._module.copy_buffer_to_parameters(
             OrtValue.ortvalue_from_numpy(values)._ortvalue, trainable_only=True
         )
@@ -179,18 +175,11 @@ class OrtTrainingTrainer(TrainerBase):
 
     # -- training ----------------------------------------------------------------------------
 
-    def _labels(self, y: np.ndarray) -> np.ndarray:
+    def _labels_dtype(self, y: np.ndarray) -> type[np.generic]:
         classification = self._classification
         if classification is None:
             classification = bool(np.issubdtype(np.asarray(y).dtype, np.integer))
-        return np.asarray(y, dtype=np.int64 if classification else np.float32)
-
-    def _check_xy(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        xs = np.asarray(x, dtype=np.float32)
-        ys = self._labels(y)
-        if xs.ndim < 1 or len(xs) != len(ys):
-            raise ValueError(f"x has {len(xs)} samples, y has {len(ys)}")
-        return xs, ys
+        return np.int64 if classification else np.float32
 
     def train(
         self,
@@ -211,12 +200,8 @@ class OrtTrainingTrainer(TrainerBase):
         checked before every batch, so a cancelled round stops within one step and
         ``samples_seen`` is the number really trained on. ``max_steps`` caps the steps.
         """
-        xs, ys = self._check_xy(x, y)
-        if lr is not None:
-            self.set_learning_rate(lr)
-        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        plan = batch_schedule(len(xs), epochs=epochs, batch_size=batch_size, rng=rng,
-                              max_steps=max_steps)
+        xs, ys, plan = self._plan(x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                                  max_steps=max_steps)
         start = time.monotonic()
         deadline = None if deadline_s is None else start + deadline_s
         samples = steps = 0

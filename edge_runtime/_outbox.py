@@ -101,6 +101,8 @@ class Outbox:
         self._lock = lock
         self._log = log
         self._pending: Pending | None = None
+        self._dropped: Submission | None = None
+        """The update last dropped (acknowledged, or its round closed)."""
 
     @property
     def pending(self) -> Pending | None:
@@ -123,8 +125,15 @@ class Outbox:
             self._pending = Pending(submission=submission)
         notify(self._hooks.on_committed, submission, self._log)
 
-    def send(self, submission: Submission) -> None:
-        """Hand ``submission`` to the transport (the first send or a re-send)."""
+    def send(self, submission: Submission) -> bool:
+        """Hand ``submission`` to the transport (the first send or a re-send); False when
+        it is no longer to be sent.
+
+        The outbox takes ``submission`` up again (a task sent again after the re-sends
+        were used up) only while the state record still holds it unacknowledged and its
+        round was not closed: the caller decided to send without the lock
+        (``Agent.poll``), and an ack, a cancel or a newer commit may have come in between.
+        """
         message = Message(
             kind=Kind.UPDATE, fleet=self._fleet, device=self._device, round=submission.round,
             model_version=submission.model_version, attempt=submission.attempt,
@@ -132,12 +141,30 @@ class Outbox:
         )
         with self._lock:
             if self._pending is None or self._pending.submission is not submission:
+                if not self._unacknowledged(submission):
+                    self._log.debug("round %d attempt %d: not sent again (acknowledged, its "
+                                    "round closed, or superseded meanwhile)", submission.round,
+                                    submission.attempt)
+                    return False
                 self._pending = Pending(submission=submission)
             self._pending.sends += 1
             self._pending.sent_at = time.monotonic()
         self._publish(message)
         self._stats.updates_sent += 1
         notify(self._hooks.on_sent, submission, self._log)
+        return True
+
+    def _unacknowledged(self, submission: Submission) -> bool:
+        """The state record is ``submission``'s round and attempt, still ``encoded``, and
+        the outbox did not drop it since."""
+        record = self._state.record
+        dropped = self._dropped
+        if dropped is not None and (dropped.round, dropped.attempt, dropped.body) == (
+                submission.round, submission.attempt, submission.body):
+            return False
+        return (record is not None and record.status == TaskStatus.ENCODED
+                and record.task.round == submission.round
+                and record.attempt == submission.attempt)
 
     def send_pending(self) -> None:
         """Send the held update again, if any (after a reconnect)."""
@@ -190,6 +217,6 @@ class Outbox:
         """Forget the held update of ``round_`` (acknowledged, or its round closed)."""
         with self._lock:
             if self._pending is not None and self._pending.submission.round == round_:
-                self._pending = None
+                self._dropped, self._pending = self._pending.submission, None
                 return True
             return False

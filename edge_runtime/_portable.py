@@ -15,6 +15,9 @@ samples really trained on is exact.
 The optimizer state (momentum, Adam's moments) starts at zero whenever a new global
 model is loaded with ``set_parameters``, and carries across ``train`` calls in between.
 With FedProx the weights given to ``set_parameters`` are the proximal anchor.
+
+The manifest is checked whole, against the graphs, before anything is allocated or run
+(``_portable_manifest``): a broken one is an ``ArtifactError`` at load.
 """
 
 from __future__ import annotations
@@ -24,20 +27,22 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 
 import numpy as np
 
 from edge_runtime._errors import ArtifactError
-from edge_runtime._manifest import FORMAT_PORTABLE, read_manifest_file, verify_files
+from edge_runtime._manifest import FORMAT_PORTABLE, verify_files
 from edge_runtime._ort import import_onnxruntime, session_options
+from edge_runtime._portable_manifest import check_graphs, read_f32, read_portable
 from edge_runtime._training import (
     EvalResult,
     ParameterShapes,
     TrainerBase,
     TrainResult,
-    batch_schedule,
     checked_rate,
+    given_or_read,
 )
 
 CHUNK_S = 0.25
@@ -45,14 +50,16 @@ CHUNK_S = 0.25
 MAX_CHUNK_STEPS = 1 << 16
 
 
-def _tensor_list(items: Any) -> ParameterShapes:
-    return tuple((str(p["name"]), tuple(int(d) for d in p["shape"])) for p in items)
-
-
 class PortableTrainer(TrainerBase):
     """Trains format-2 (portable) artifacts with an ONNX Runtime inference session."""
 
     backend = "portable"
+
+    # What set_parameters (re)sets: the tensors a training run feeds and gets back.
+    _params: list[Any]
+    _state: list[Any]
+    _step: Any
+    _anchor_values: dict[str, Any]
 
     def __init__(
         self,
@@ -61,52 +68,37 @@ class PortableTrainer(TrainerBase):
         intra_op_threads: int = 1,
         inter_op_threads: int = 1,
         expected_hash: str | None = None,
+        manifest: dict[str, Any] | EllipsisType | None = ...,
     ) -> None:
+        """``manifest``: the folder's, already read and checked (``open_trainer`` passes
+        it); by default it is read here. Its files are verified here either way."""
         self._dir = Path(artifacts_dir)
-        manifest = read_manifest_file(self._dir)
+        manifest = given_or_read(manifest, self._dir)
         if manifest is None:
             raise ArtifactError(f"no artifacts.json in {self._dir}")
         if manifest["format"] != FORMAT_PORTABLE:
             raise ArtifactError(f"artifacts in {self._dir} are not portable artifacts")
         verify_files(self._dir, manifest, expected_hash)
         self._manifest = manifest
-        try:
-            self._shapes = _tensor_list(manifest["parameters"])
-            self._frozen_shapes = _tensor_list(manifest.get("frozen", []))
-            self._train_io: dict[str, Any] = dict(manifest["train"])
-            self._eval_io: dict[str, Any] = dict(manifest["eval"])
-            label_dtype = str(manifest["label"]["dtype"])
-            if label_dtype not in ("int64", "float32"):
-                raise ValueError(f"label dtype {label_dtype!r} is neither int64 nor float32")
-            self._label_dtype = np.dtype(label_dtype)
-            self._metric = manifest["loss"].get("metric")
-            state = [
-                (str(s["in"]), str(s["out"]), tuple(int(d) for d in s["shape"]))
-                for s in self._train_io["state"]
-            ]
-            param_io = [(str(p["in"]), str(p["out"])) for p in self._train_io["parameters"]]
-            anchors = [(str(g["input"]), str(g["parameter"])) for g in self._train_io["global"]]
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ArtifactError(f"malformed portable manifest in {self._dir}: {exc!r}") from exc
-        if len(param_io) != len(self._shapes):
-            raise ArtifactError(f"manifest in {self._dir}: parameter inputs do not match the list")
-        if not self._shapes:
-            raise ArtifactError(f"artifacts in {self._dir} have no trainable parameters")
-        self._size = sum(math.prod(shape) for _, shape in self._shapes)
-        self._state_io = state
-        self._param_io = param_io
-        self._anchors = anchors
+        spec = read_portable(manifest, self._dir)
+        self._spec = spec
+        self._shapes = spec.shapes
+        self._frozen_shapes = spec.frozen_shapes
+        self._label_dtype: type[np.generic] = (
+            np.int64 if spec.label_dtype == "int64" else np.float32)
+        self._metric = spec.metric
+        self._size = spec.size
         self._ort = import_onnxruntime()
         options = session_options(
             intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads
         )
-        self._train = self._session(str(self._train_io["file"]), options)
-        self._eval = self._session(str(self._eval_io["file"]), options)
-        self._check_io()
-        initial = self._read_f32(str(manifest.get("initial", "parameters.f32")), self._size)
-        frozen_size = sum(math.prod(shape) for _, shape in self._frozen_shapes)
-        frozen_file = manifest.get("frozen_values")
-        frozen = self._read_f32(str(frozen_file), frozen_size) if frozen_size else None
+        self._train = self._session(spec.train_file, options)
+        self._eval = self._session(spec.eval_file, options)
+        check_graphs(spec, self._train, self._eval, self._dir)
+        initial = read_f32(self._dir / spec.initial_file, self._size)
+        frozen = None
+        if spec.frozen_file is not None:
+            frozen = read_f32(self._dir / spec.frozen_file, spec.frozen_size)
         self._frozen: dict[str, Any] = {}
         if frozen is not None:
             for (name, _), part in zip(
@@ -114,10 +106,6 @@ class PortableTrainer(TrainerBase):
             ):
                 self._frozen[name] = self._value(part)
         self._lr = 0.01
-        self._params: list[Any] = []
-        self._state: list[Any] = []
-        self._anchor_values: dict[str, Any] = {}
-        self._step = self._value(np.zeros((), np.float32))
         self.set_parameters(initial)
 
     # -- loading -----------------------------------------------------------------------------
@@ -132,32 +120,6 @@ class PortableTrainer(TrainerBase):
                 f"ONNX Runtime {self._ort.__version__} cannot load {self._dir / name}: {exc}"
             ) from exc
 
-    def _check_io(self) -> None:
-        have = {i.name for i in self._train.get_inputs()}
-        want = {i for i, _ in self._param_io} | {i for i, _, _ in self._state_io}
-        want |= {
-            str(self._train_io[k])
-            for k in ("x", "y", "sample_weight", "order", "starts", "ends", "lr", "step")
-        }
-        want |= {a for a, _ in self._anchors} | {n for n, _ in self._frozen_shapes}
-        if self._train_io.get("soft_targets"):
-            want.add(str(self._train_io["soft_targets"]))
-        if have != want:
-            raise ArtifactError(
-                f"training graph in {self._dir} does not match its manifest: inputs "
-                f"{sorted(have ^ want)[:5]} differ"
-            )
-
-    def _read_f32(self, name: str, size: int) -> np.ndarray:
-        path = self._dir / name
-        try:
-            data = np.fromfile(path, dtype="<f4")
-        except (OSError, ValueError) as exc:
-            raise ArtifactError(f"cannot read {path}: {exc}") from exc
-        if data.size != size:
-            raise ArtifactError(f"{path} holds {data.size} floats, the manifest needs {size}")
-        return data.astype(np.float32)
-
     def _value(self, array: np.ndarray) -> Any:
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
 
@@ -171,6 +133,10 @@ class PortableTrainer(TrainerBase):
             pos += size
         return parts
 
+    @property
+    def needs_soft_targets(self) -> bool:
+        return self._spec.soft_targets is not None
+
     # -- parameters --------------------------------------------------------------------------
 
     def get_parameters(self) -> np.ndarray:
@@ -179,21 +145,14 @@ class PortableTrainer(TrainerBase):
 
     def set_parameters(self, flat: np.ndarray) -> None:
         """Load a flat vector (the global model); resets the optimizer state."""
-        values = np.asarray(flat)
-        if values.ndim != 1 or values.size != self._size:
-            raise ArtifactError(
-                f"parameter vector has shape {values.shape}; this model has {self._size} parameters"
-            )
-        if not np.issubdtype(values.dtype, np.floating):
-            raise ArtifactError(f"parameter vector must be floating point, got {values.dtype}")
-        values = np.array(values, dtype=np.float32)  # a private copy the OrtValues point into
+        values = self._checked_flat(flat).copy()  # a private copy the OrtValues point into
         parts = self._split(values, self._shapes)
-        self._params = [self._value(p) for p in parts]
-        self._holder = values
-        self._state = [self._value(np.zeros(shape, np.float32)) for _, _, shape in self._state_io]
+        self._params = [self._value(p) for p in parts]  # each keeps its view of values alive
+        self._state = [self._value(np.zeros(shape, np.float32))
+                       for _, _, shape in self._spec.state_io]
         self._step = self._value(np.zeros((), np.float32))
         by_name = {name: part for (name, _), part in zip(self._shapes, parts, strict=True)}
-        self._anchor_values = {a: self._value(by_name[p]) for a, p in self._anchors}
+        self._anchor_values = {a: self._value(by_name[p]) for a, p in self._spec.anchors}
 
     @property
     def learning_rate(self) -> float:
@@ -204,12 +163,8 @@ class PortableTrainer(TrainerBase):
 
     # -- training ----------------------------------------------------------------------------
 
-    def _check_xy(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        xs = np.ascontiguousarray(x, dtype=np.float32)
-        ys = np.ascontiguousarray(y, dtype=self._label_dtype)
-        if xs.ndim < 1 or len(xs) != len(ys):
-            raise ValueError(f"x has {len(xs)} samples, y has {len(ys)}")
-        return xs, ys
+    def _labels_dtype(self, y: np.ndarray) -> type[np.generic]:
+        return self._label_dtype
 
     def train(
         self,
@@ -233,32 +188,24 @@ class PortableTrainer(TrainerBase):
         sample's loss (default: all 1); ``soft_targets`` are a teacher's logits when the
         loss has a distillation term.
         """
-        xs, ys = self._check_xy(x, y)
-        if lr is not None:
-            self.set_learning_rate(lr)
-        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        plan = batch_schedule(
-            len(xs), epochs=epochs, batch_size=batch_size, rng=rng, max_steps=max_steps
-        )
-        io = self._train_io
+        xs, ys, plan = self._plan(x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                                  max_steps=max_steps)
+        spec = self._spec
+        io = spec.train
         fixed = {
-            str(io["x"]): self._value(xs),
-            str(io["y"]): self._value(ys),
-            str(io["sample_weight"]): self._value(self._weights(sample_weight, len(xs))),
-            str(io["order"]): self._value(plan.order),
-            str(io["lr"]): self._value(np.array(self._lr, np.float32)),
+            io["x"]: self._value(xs),
+            io["y"]: self._value(ys),
+            io["sample_weight"]: self._value(self._weights(sample_weight, len(xs))),
+            io["order"]: self._value(plan.order),
+            io["lr"]: self._value(np.array(self._lr, np.float32)),
             **self._frozen,
             **self._anchor_values,
         }
-        if io.get("soft_targets"):
+        if spec.soft_targets is not None:
             if soft_targets is None or len(soft_targets) != len(xs):
                 raise ValueError("this loss distils: pass soft_targets (one row per sample)")
-            fixed[str(io["soft_targets"])] = self._value(np.asarray(soft_targets, np.float32))
-        outputs = (
-            [o for _, o in self._param_io]
-            + [o for _, o, _ in self._state_io]
-            + [str(io["step_out"]), str(io["loss_sum"]), str(io["correct_sum"]), str(io["seen"])]
-        )
+            fixed[spec.soft_targets] = self._value(np.asarray(soft_targets, np.float32))
+        outputs = spec.train_outputs()
         start = time.monotonic()
         deadline = None if deadline_s is None else start + deadline_s
         total = len(plan.starts)
@@ -282,11 +229,11 @@ class PortableTrainer(TrainerBase):
                 chunk = max(1, min(chunk, MAX_CHUNK_STEPS))
             chunk = min(chunk, total - done)
             feeds = dict(fixed)
-            feeds[str(io["starts"])] = self._value(plan.starts[done : done + chunk])
-            feeds[str(io["ends"])] = self._value(plan.ends[done : done + chunk])
-            feeds[str(io["step"])] = self._step
-            feeds.update({i: v for (i, _), v in zip(self._param_io, self._params, strict=True)})
-            feeds.update({i: v for (i, _, _), v in zip(self._state_io, self._state, strict=True)})
+            feeds[io["starts"]] = self._value(plan.starts[done : done + chunk])
+            feeds[io["ends"]] = self._value(plan.ends[done : done + chunk])
+            feeds[io["step"]] = self._step
+            feeds.update({i: v for (i, _), v in zip(spec.param_io, self._params, strict=True)})
+            feeds.update({i: v for (i, _, _), v in zip(spec.state_io, self._state, strict=True)})
             began = time.monotonic()
             try:
                 result = self._train.run_with_ort_values(outputs, feeds)
@@ -324,17 +271,17 @@ class PortableTrainer(TrainerBase):
         xs, ys = self._check_xy(x, y)
         if len(xs) == 0:
             return EvalResult(math.nan, math.nan)
-        io = self._eval_io
+        io = self._spec.eval
         params: Mapping[str, Any] = {
-            name: value for name, value in zip(io["parameters"], self._params, strict=True)
+            name: value for name, value in zip(self._spec.eval_params, self._params, strict=True)
         }
-        names = [str(io["loss"]), str(io["correct"])]
+        names = [io["loss"], io["correct"]]
         loss_sum = correct = 0.0
         for first in range(0, len(xs), batch_size):
             bx, by = xs[first : first + batch_size], ys[first : first + batch_size]
             feeds = {
-                str(io["x"]): self._value(bx),
-                str(io["y"]): self._value(by),
+                io["x"]: self._value(bx),
+                io["y"]: self._value(by),
                 **params,
                 **self._frozen,
             }

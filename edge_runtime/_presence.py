@@ -24,6 +24,7 @@ from device_profiles import DeviceProfile
 from edge_runtime._artifact_cache import ArtifactCache, ModelCache
 from edge_runtime._data import LocalData
 from edge_runtime._eligibility import DeviceStatus, EligibilityRules, StatusProbe, check_eligibility
+from edge_runtime._errors import HookError
 from edge_runtime._hooks import AgentHooks
 from edge_runtime._state import AgentState
 
@@ -91,10 +92,16 @@ class Presence:
         if transform is None:
             return hello
         try:
-            return transform(hello)
+            changed = transform(hello)
         except Exception:
             self._log.exception("transform_hello hook failed; sending the hello as it is")
             return hello
+        if not isinstance(changed, Hello):
+            error = HookError(f"transform_hello returned {type(changed).__name__}, not a "
+                              "Hello; sending the hello as it is")
+            self._log.error("%s: %s", type(error).__name__, error)
+            return hello
+        return changed
 
     def send_presence(self, status: str) -> None:
         """The retained ``online``/``offline`` presence (the last will says ``offline``)."""

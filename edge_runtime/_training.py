@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import EllipsisType
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -76,11 +77,54 @@ def batch_schedule(
 
 
 class TrainerBase:
-    """What both backends expose the same way: the layout and the manifest."""
+    """What both backends share: the layout, the manifest, and the checks and set-up every
+    ``set_parameters``, ``train`` and ``evaluate`` starts with."""
 
     _shapes: ParameterShapes
     _size: int
     _manifest: dict[str, Any] | None
+
+    def set_learning_rate(self, lr: float) -> None:
+        raise NotImplementedError
+
+    def _labels_dtype(self, y: np.ndarray) -> type[np.generic]:
+        """The dtype labels ``y`` are given to the graphs as."""
+        raise NotImplementedError
+
+    def _checked_flat(self, flat: np.ndarray) -> np.ndarray:
+        """``flat`` as this model's parameter vector (float32, contiguous; may be ``flat``
+        itself), or ``ArtifactError`` when it is of another length or not floating point."""
+        values = np.asarray(flat)
+        if values.ndim != 1 or values.size != self._size:
+            raise ArtifactError(
+                f"parameter vector has shape {values.shape}; this model has {self._size} "
+                "parameters")
+        if not np.issubdtype(values.dtype, np.floating):
+            raise ArtifactError(f"parameter vector must be floating point, got {values.dtype}")
+        return np.ascontiguousarray(values, dtype=np.float32)
+
+    def _check_xy(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Samples as contiguous float32 features and labels of the graphs' dtype."""
+        xs = np.ascontiguousarray(x, dtype=np.float32)
+        ys = np.ascontiguousarray(y, dtype=self._labels_dtype(y))
+        if xs.ndim < 1 or len(xs) != len(ys):
+            raise ValueError(f"x has {len(xs)} samples, y has {len(ys)}")
+        return xs, ys
+
+    def _plan(
+        self, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int, lr: float | None,
+        seed: int | np.random.Generator | None, max_steps: int | None,
+    ) -> tuple[np.ndarray, np.ndarray, Schedule]:
+        """What ``train`` starts with: the checked samples, the learning rate set (when
+        given), and the batch schedule drawn from ``seed``."""
+        xs, ys = self._check_xy(x, y)
+        if lr is not None:
+            self.set_learning_rate(lr)
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        plan = batch_schedule(
+            len(xs), epochs=epochs, batch_size=batch_size, rng=rng, max_steps=max_steps
+        )
+        return xs, ys, plan
 
     def parameter_shapes(self) -> ParameterShapes:
         """Exchanged tensors as ``(name, shape)`` in flat-vector order."""
@@ -103,6 +147,19 @@ class TrainerBase:
             return None
         return tuple(self._manifest["input"]["shape"])
 
+    @property
+    def label_dtype(self) -> str | None:
+        """``int64`` (class indices) or ``float32`` (regression targets, BCE's 0/1 rows),
+        as the manifest says; None without a manifest (or one that does not say)."""
+        label = self._manifest.get("label") if self._manifest is not None else None
+        dtype = label.get("dtype") if isinstance(label, dict) else None
+        return dtype if dtype in ("int64", "float32") else None
+
+    @property
+    def needs_soft_targets(self) -> bool:
+        """The loss distils from a teacher: ``train`` needs ``soft_targets``."""
+        return False
+
 
 class Trainer(Protocol):
     """A training backend: one model's artifacts, trained on local arrays."""
@@ -119,6 +176,12 @@ class Trainer(Protocol):
 
     @property
     def input_shape(self) -> tuple[int | str, ...] | None: ...
+
+    @property
+    def label_dtype(self) -> str | None: ...
+
+    @property
+    def needs_soft_targets(self) -> bool: ...
 
     def get_parameters(self) -> np.ndarray: ...
 
@@ -165,6 +228,7 @@ def open_trainer(
             intra_op_threads=intra_op_threads,
             inter_op_threads=inter_op_threads,
             expected_hash=expected_hash,
+            manifest=manifest,
         )
     if manifest is None and (directory / "train.onnx").exists():
         raise ArtifactError(f"{directory} has portable artifacts but no artifacts.json")
@@ -175,7 +239,15 @@ def open_trainer(
         intra_op_threads=intra_op_threads,
         inter_op_threads=inter_op_threads,
         expected_hash=expected_hash,
+        manifest=manifest,
     )
+
+
+def given_or_read(manifest: dict[str, Any] | EllipsisType | None,
+                  directory: Path) -> dict[str, Any] | None:
+    """A trainer's manifest: the one ``open_trainer`` read and checked (None: the folder
+    has none), or, when the trainer is built directly (``...``), the folder's."""
+    return read_manifest_file(directory) if manifest is ... else manifest
 
 
 def checked_rate(lr: float) -> float:

@@ -55,9 +55,26 @@ class Job:
     attempt: int
     received_at: float
     cancel: threading.Event = field(default_factory=threading.Event)
+    held_until: float | None = None
+    """While the encoded update is held to its emulated duration: when that ends."""
 
     def remaining(self) -> float:
         return self.task.deadline_s - (time.monotonic() - self.received_at)
+
+    def doing(self, phase: Phase, waiting: str | None, now: float) -> str:
+        """What the work is at, for the agent's status line (``waiting``: what the
+        fetcher waits for, if anything)."""
+        held_until = self.held_until
+        if held_until is not None:
+            return (f"holding the encoded update to its emulated duration "
+                    f"({max(0.0, held_until - now):.0f} s left), then sending it")
+        if waiting is not None:
+            return f"waiting for {waiting}"
+        if phase == Phase.FETCHING:
+            return "loading the artifacts and the global model"
+        if phase == Phase.ENCODING:
+            return "encoding and storing the update"
+        return "training"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,8 +190,13 @@ class Worker:
             residual=self.state.residual(), emulation=self.emulation, log=self.log)
         if self.emulation is not None and self.emulation.time_scale is not None:
             wait = self.emulation.wait_s(emulated, time.monotonic() - job.received_at)
-            if wait > 0 and job.cancel.wait(wait):
-                raise Cancelled
+            if wait > 0:
+                job.held_until = time.monotonic() + wait
+                try:
+                    if job.cancel.wait(wait):
+                        raise Cancelled
+                finally:
+                    job.held_until = None
         if cancelled():
             raise Cancelled
         self.outbox.commit(submission)

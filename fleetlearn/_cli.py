@@ -91,9 +91,9 @@ def _register_config(sub: Any) -> None:
 
 
 def _show_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
-    default = argparse.SUPPRESS if suppress else None
-    parser.add_argument("--config", dest="config_file", metavar="FILE", default=default,
-                        help="configuration file (TOML; default $FLEETLEARN_CONFIG)")
+    from device_profiles._settings_cli import add_config_flag
+
+    add_config_flag(parser, suppress=suppress)
     parser.add_argument("--format", choices=("text", "toml"),
                         default=argparse.SUPPRESS if suppress else "text",
                         help="text: values and their sources; toml: a file giving the same "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -72,7 +71,7 @@ def ensure_reference_artifacts(
     is built with seed 0, as the aggregator builds it, and written atomically.
     """
     root = reference_root() if root is None else root
-    cached = tuple(m for m in models if _portable(root / m / "artifacts.json"))
+    cached = tuple(m for m in models if _portable(root / m))
     todo = [m for m in models if m not in cached]
     if not todo:
         return ReferenceArtifacts(root=root, cached=cached, built=(), missing=())
@@ -101,13 +100,17 @@ def ensure_reference_artifacts(
                               missing=tuple(failed), reason="; ".join(errors))
 
 
-def _portable(manifest: Path) -> bool:
-    """A cached manifest of the portable backend (older versions cached the
+def _portable(directory: Path) -> bool:
+    """A cached, well-formed manifest of the portable backend (older versions cached the
     onnxruntime-training artifacts, which plain onnxruntime cannot run: rebuilt)."""
+    from edge_runtime._errors import ArtifactError
+    from edge_runtime._manifest import backend_of, read_manifest_file
+
     try:
-        return bool(json.loads(manifest.read_text()).get("format") == "fleetlearn-artifacts/2")
-    except (OSError, ValueError, AttributeError):
+        manifest = read_manifest_file(directory)
+    except ArtifactError:
         return False
+    return manifest is not None and backend_of(manifest) == "portable"
 
 
 def describe(refs: ReferenceArtifacts) -> list[str]:

@@ -78,8 +78,8 @@ class SimConfig:
         "restart_after_rounds": "rounds until a crashed device reboots",
         "slow_fraction": "share of devices slower than their profile",
         "slow_factor": "how many times slower those devices are",
-        "byzantine_fraction": "share of devices sending sign-flipped, scaled updates "
-                              "(attackers)",
+        "byzantine_fraction": "share of devices that attack, as byzantine_kind says (flip, "
+                              "norm or samples)",
         "byzantine_scale": "flip: the scale of the flipped update; norm: its L2 norm",
         "byzantine_kind": Meta(
             help="flip: -scale x the true update; norm: an update of L2 norm SCALE; "

@@ -1,4 +1,5 @@
-"""Agents against a stand-in aggregator, and local data, for the agent's tests."""
+"""Agents against a stand-in aggregator, local data and small models, for the agent's
+tests."""
 
 from __future__ import annotations
 
@@ -175,6 +176,27 @@ def expected_delta(
     trainer.train(x, y, epochs=task.epochs, batch_size=task.batch_size, lr=task.lr,
                   seed=task.seed, max_steps=task.max_steps)
     return trainer.get_parameters() - weights
+
+
+def linear_regression_artifacts(out: Path, *, features: int = 5) -> Path:
+    """Artifacts of a ``features`` -> 1 linear model trained with MSE (float32 targets)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cloud_aggregator._artifacts import build_artifacts
+
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["input", "w", "b"], ["out"], transB=1)],
+        "linreg",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[
+            numpy_helper.from_array(np.zeros((1, features), np.float32), "w"),
+            numpy_helper.from_array(np.zeros(1, np.float32), "b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    build_artifacts(model, out, loss="mse")
+    return out
 
 
 def make_data(n: int = 96, seed: int = 0, features: int = 40) -> LocalData:

@@ -1,10 +1,13 @@
 """A device agent that SIGKILLs itself at one named point of its work
 (tests/edge_runtime/test_agent_mqtt.py).
 
-The production agent has no crash switch: this script builds the same agent as
-``fleetlearn agent`` from the same settings (``load_config``: flags, then ``FLEETLEARN_*``
-environment; run it with the repository on ``PYTHONPATH``) and installs the crash
-through the public extension points, ``AgentHooks`` and the local training callable::
+The production agent has no crash switch: this script reads its settings as
+``fleetlearn agent`` does (``load_config``: flags, then ``FLEETLEARN_*`` environment;
+run it with the repository on ``PYTHONPATH``) and builds an ``Agent`` with the public
+constructor, the crash installed through the public extension points, ``AgentHooks``
+and the local training callable. It is not ``run_agent``'s agent: all local samples
+train (no held-out split), the profile is a catalogue one (default ``pi4``), the device
+is always eligible, and training uses the default trainer pool::
 
     python tests/crash_agent.py --crash-at POINT --broker URL --device-id ID --fleet F \\
         --data FILE.npz --state-dir DIR --profile pi4

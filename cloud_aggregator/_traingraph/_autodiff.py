@@ -3,7 +3,7 @@
 The forward pass is a list of ``FwdOp``: a node as a rule sees it (inputs, outputs,
 attributes) and what the forward pass saved for the rule (MaxPool's argmax indices,
 a normalisation's inverse standard deviation). Most ops are their own ONNX node; a
-few are rewritten for training (``_rules_nn.TRAIN_FORWARD``), and then ``node`` is a
+few are rewritten for training (``_train_forward.TRAIN_FORWARD``), and then ``node`` is a
 pseudo node in the ``fleetlearn`` domain that is never emitted.
 
 ``differentiate`` walks the forward pass backwards from the scalar loss and, for every

@@ -1,6 +1,6 @@
 """Compile an inference ONNX model into a portable training graph and an eval graph.
 
-This module is longer than most (~460 lines) because it is the one place that
+This module is longer than most (~430 lines) because it is the one place that
 assembles the pieces into the two graphs and their input/output contract; splitting
 the assembly would scatter that contract over several files.
 
@@ -28,8 +28,8 @@ inference model plus the primary loss and a correct-prediction count.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -100,7 +100,6 @@ class CompiledModel:
     output_shape: tuple[int | str, ...]
     label_key: str
     label_dtype: str
-    io: dict[str, Any] = field(default_factory=dict)
 
 
 # -- assembly --------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Gradient rules: elementwise arithmetic, activations, MatMul/Gemm, softmax, reductions.
+"""Gradient rules: elementwise arithmetic, MatMul/Gemm, reductions (activations and
+softmax are in ``_rules_act``).
 
 Each rule is a small function of the output gradients that emits standard ONNX nodes
 (formulas as in the operators' definitions; ``y`` is the op's output, ``gy`` its

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,9 +25,6 @@ from cloud_aggregator._traingraph._autodiff import GradContext, rule
 from cloud_aggregator._traingraph._builder import GraphBuilder
 from cloud_aggregator._traingraph._rules_math import unbroadcast
 from cloud_aggregator._traingraph._rules_shape import scatter_add
-
-if TYPE_CHECKING:
-    pass
 
 Grads = Sequence[str | None]
 

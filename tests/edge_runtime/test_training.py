@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from agent_rig import linear_regression_artifacts
+from onnx import numpy_helper
 
 from cloud_aggregator._artifacts import build_artifacts, initial_parameters, read_manifest
 from cloud_aggregator._models import build_reference_model
@@ -295,19 +296,7 @@ def test_frozen_parameters_are_not_exchanged(tmp_path: Path) -> None:
 
 def test_regression_with_mse(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", ["input", "w", "b"], ["out"], transB=1)],
-        "linreg",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 5])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 1])],
-        initializer=[
-            numpy_helper.from_array(np.zeros((1, 5), np.float32), "w"),
-            numpy_helper.from_array(np.zeros(1, np.float32), "b"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    build_artifacts(model, tmp_path, loss="mse")
-    trainer = _trainer(tmp_path)
+    trainer = _trainer(linear_regression_artifacts(tmp_path))
     x = rng.standard_normal((256, 5)).astype(np.float32)
     y = (x @ np.array([[1.0], [-2.0], [0.5], [0.0], [3.0]], np.float32)).astype(np.float32)
     before = trainer.evaluate(x, y)
