@@ -17,6 +17,7 @@ from broker_bridge import (
     Hello,
     MqttTransport,
     TlsConfig,
+    WireError,
     presence_message,
     presence_will,
 )
@@ -99,6 +100,13 @@ class Presence:
         if not isinstance(changed, Hello):
             error = HookError(f"transform_hello returned {type(changed).__name__}, not a "
                               "Hello; sending the hello as it is")
+            self._log.error("%s: %s", type(error).__name__, error)
+            return hello
+        try:  # a hello the wire refuses (e.g. over MAX_JSON_BYTES) would never go out
+            changed.to_message(fleet=self._channel.fleet, device=self._device_id)
+        except WireError as exc:
+            error = HookError(f"transform_hello made a hello that cannot be sent ({exc}); "
+                              "sending the hello as it is")
             self._log.error("%s: %s", type(error).__name__, error)
             return hello
         return changed

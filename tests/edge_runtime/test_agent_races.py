@@ -74,6 +74,20 @@ def test_a_hello_hook_returning_no_hello_sends_the_hello_as_it_is(
                for r in caplog.records)
 
 
+def test_a_hello_hook_making_a_hello_too_large_to_send_sends_the_hello_as_it_is(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    import dataclasses
+
+    def bloated(hello: Hello) -> Hello:  # a JSON body past the wire's MAX_JSON_BYTES
+        return dataclasses.replace(hello, agent="x" * 100_000)
+
+    with caplog.at_level(logging.ERROR):
+        rig.agent(hooks=AgentHooks(transform_hello=bloated))
+    (hello,) = rig.agg.hellos
+    assert hello.num_samples == 96 and len(hello.agent) < 1000
+    assert any("cannot be sent" in r.getMessage() for r in caplog.records)
+
+
 def test_a_failed_greeting_on_reconnect_still_resends_the_pending_update(
         rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     rig.agg.ack_updates = False
