@@ -634,14 +634,16 @@ class Store(DeviceTables):
         params: npt.NDArray[np.float32],
         states: Mapping[str, bytes] | None = None,
         close_round: int | None = None,
-        drop_stream: int | None = None,
+        drop_streams: range | None = None,
         at: float | None = None,
     ) -> CheckpointRecord:
         """Write the global model durably, then record it in one transaction.
 
         The same transaction stores ``states`` (e.g. the server optimizer's bytes) and,
         with ``close_round``, closes that round: after a crash the store either shows
-        the round open with the previous model, or closed with this one.
+        the round open with the previous model, or closed with this one. ``drop_streams``:
+        the journal streams (FedBuff buffers) this model was derived from, dropped in the
+        same transaction.
         """
         vec = np.ascontiguousarray(params, dtype=np.float32)
         if vec.ndim != 1:
@@ -672,9 +674,9 @@ class Store(DeviceTables):
                 _put_state(conn, key, body, record.created_at)
             if close_round is not None:
                 self._close_round_tx(conn, fleet, close_round, "closed", record.created_at)
-            if drop_stream is not None:  # a FedBuff buffer released into this model
-                conn.execute("DELETE FROM round_updates WHERE fleet = ? AND round = ?",
-                             (fleet, drop_stream))
+            if drop_streams:  # FedBuff buffers released into this model
+                conn.execute("DELETE FROM round_updates WHERE fleet = ? AND round >= ?"
+                             " AND round < ?", (fleet, drop_streams.start, drop_streams.stop))
         return record
 
     def checkpoint(

@@ -115,8 +115,10 @@ class StrategyContext:
     """``cancel(device, round, reason)``."""
     release: Callable[..., None]
     """``release(params=..., metrics=..., close_round=..., drop_stream=...)``: apply
-    ``params`` (None: abandon ``close_round``) and checkpoint, broadcast, record; see
-    ``Aggregator._release``."""
+    ``params`` (None: abandon ``close_round``) and checkpoint, broadcast, record; a release
+    from the journal stream ``drop_stream`` is checkpointed at most every
+    ``checkpoint_every_s`` and re-derived from the journal after a crash (the strategy's
+    ``resume`` must release each full stream again); see ``Aggregator._release``."""
     emit: Callable[[Event], None]
     note: Callable[..., None]
     """``note(device, level, msg, *args)``: a log line rate-limited per device."""
