@@ -34,6 +34,7 @@ from broker_bridge._payload import (
     _Payload,
     rule,
 )
+from broker_bridge._signing import update_body
 
 PROTOCOL_VERSION = 2
 MAX_META_BYTES = 64 * 1024
@@ -267,8 +268,9 @@ def pack_update_body(meta: UpdateMeta, codec_body: bytes) -> bytes:
 
 
 def unpack_update_body(body: bytes) -> tuple[UpdateMeta, bytes]:
-    """Split an update body; ProtocolError when the prefix is malformed."""
-    return unpack_prefixed(body, UpdateMeta)
+    """Split an update body (signed or not: a signature block is skipped, not checked;
+    ``_signing``); ProtocolError when the prefix is malformed."""
+    return unpack_prefixed(update_body(body), UpdateMeta)
 
 
 def update_message(

@@ -1,7 +1,8 @@
 """Fake devices and an aggregator on an in-memory broker, for the aggregator's tests.
 
 Fake devices speak the device side of the protocol from its payload classes and send
-real encoded updates whose values depend only on (device, round).
+real encoded updates whose values depend only on (device, round), signed with their own
+key (``keys.device_key``), which the aggregators ``make`` builds know.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from keys import ENROLMENT, device_key
 
 from broker_bridge import (
     Ack,
@@ -47,6 +49,7 @@ class FakeDevice:
     def __init__(self, broker: MemoryBroker, device_id: str, *, num_samples: int = 50) -> None:
         self.id = device_id
         self.num_samples = num_samples
+        self.key = device_key(device_id)
         self.transport = MemoryTransport(broker=broker, client_id=device_id,
                                          will=presence_will(fleet=FLEET, device=device_id))
         self.channel = Channel(transport=self.transport, fleet=FLEET)
@@ -88,7 +91,7 @@ class FakeDevice:
         self, *, round_index: int | None = None, model_version: int | None = None,
         values: np.ndarray | None = None, layout: Layout, codec: str = "fp32", attempt: int = 0,
         emulated_s: float | None = None, num_samples: int | None = None,
-        codec_body: bytes | None = None, train_loss: float = 1.0,
+        codec_body: bytes | None = None, train_loss: float = 1.0, signed: bool = True,
     ) -> None:
         r = self.tasks[-1].round if round_index is None else round_index
         v = self.tasks[-1].model_version if model_version is None else model_version
@@ -101,7 +104,8 @@ class FakeDevice:
                           emulated_s=emulated_s)
         msg = update_message(fleet=FLEET, device=self.id, round=r, model_version=v,
                              attempt=attempt, codec=codec, meta=meta, codec_body=codec_body)
-        self.channel.send(self.channel.topics.up(self.id, "update"), msg)
+        self.channel.send(self.channel.topics.up(self.id, "update"),
+                          self.key.sign_update(msg) if signed else msg)
 
     def decline(self) -> None:
         ack = Ack(round=self.tasks[-1].round, what="task", status="declined", reason="battery")
@@ -121,8 +125,10 @@ def make(
         "over_selection": 1.0, "deadline_s": 30.0, "state_dir": tmp, "local_epochs": 1,
         "server_opt": "fedavg", "store_synchronous": "NORMAL",
     }
-    parts = {k: overrides.pop(k) for k in ("strategy", "policy", "optimizer", "evaluator")
-             if k in overrides}  # objects of one's own go to the runtime, not the config
+    parts = {k: overrides.pop(k) for k in ("strategy", "policy", "optimizer", "evaluator",
+                                           "enrolment") if k in overrides}
+    if "enrolment" not in parts and "enrolment" not in overrides:
+        parts["enrolment"] = ENROLMENT  # every fake device's key
     settings.update(overrides)
     config = AggregatorConfig(**settings)  # type: ignore[arg-type]
     transport = MemoryTransport(broker=broker, client_id="aggregator")
