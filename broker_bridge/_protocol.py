@@ -34,7 +34,7 @@ from broker_bridge._payload import (
     _Payload,
     rule,
 )
-from broker_bridge._signing import update_body
+from broker_bridge._signing import SignatureError, update_body
 
 PROTOCOL_VERSION = 2
 MAX_META_BYTES = 64 * 1024
@@ -269,8 +269,12 @@ def pack_update_body(meta: UpdateMeta, codec_body: bytes) -> bytes:
 
 def unpack_update_body(body: bytes) -> tuple[UpdateMeta, bytes]:
     """Split an update body (signed or not: a signature block is skipped, not checked;
-    ``_signing``); ProtocolError when the prefix is malformed."""
-    return unpack_prefixed(update_body(body), UpdateMeta)
+    ``_signing``); ProtocolError when the prefix (or the signature block) is malformed."""
+    try:
+        inner = update_body(body)
+    except SignatureError as exc:
+        raise ProtocolError(str(exc)) from exc
+    return unpack_prefixed(inner, UpdateMeta)
 
 
 def update_message(

@@ -36,6 +36,7 @@ cryptography.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import struct
 from collections.abc import Callable
@@ -157,9 +158,7 @@ def sign_update(message: Message, *, public_key: bytes, sign: Signer) -> Message
     if len(signature) != SIGNATURE_BYTES:
         raise SignatureError(f"an Ed25519 signature is 64 bytes, got {len(signature)}")
     signed = SignedBody(public_key=public_key, signature=signature, body=message.body)
-    return Message(kind=message.kind, fleet=message.fleet, device=message.device,
-                   round=message.round, model_version=message.model_version,
-                   attempt=message.attempt, codec=message.codec, body=signed.to_bytes())
+    return dataclasses.replace(message, body=signed.to_bytes())
 
 
 def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> bool:

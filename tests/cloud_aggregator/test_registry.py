@@ -91,4 +91,4 @@ def test_a_version_1_store_moves_its_device_blobs_into_typed_tables(tmp_path: Pa
     assert (h.selections, h.completions, h.misses, h.last_round) == (5, 3, 2, 9)
     assert h.durations == (2.0, 3.0) and h.last_loss == 0.5
     store.close()
-    assert Store(path).schema_version() == 2  # migrated once
+    assert Store(path).schema_version() == SCHEMA_VERSION  # migrated once
