@@ -199,6 +199,8 @@ class Agent:
         if self._started:
             return
         self._started = True
+        self.log.info("signs its updates with %s (the aggregator must have it enrolled)",
+                      self.key.public_text)
         self.channel.subscribe(self.topics.device_down(self.device_id), self._inbox.handle)
         self.channel.subscribe(self.topics.all_broadcast, self._inbox.handle)
         if timer:
