@@ -136,6 +136,16 @@ class IngestPipeline:
         if len(set(self.names)) != len(self.names):
             raise AggregatorError(f"two ingest stages share a name: {self.names}")
 
+    def run_stage(self, name: str, item: UpdateItem) -> Rejection | None:
+        """Run the one stage named ``name`` on ``item`` (None: it passed, or there is no
+        such stage). The desk runs ``verify`` alone before a refusal that the strategy's
+        gate would remember, so only an update proven to be the device's settles anything
+        of its round."""
+        for stage in self._stages:
+            if stage.name == name:
+                return stage.process(item)
+        return None
+
     def run(self, item: UpdateItem) -> Rejection | None:
         for stage in self._stages:
             rejection = stage.process(item)

@@ -17,6 +17,7 @@ from broker_bridge import (
     Ack,
     Channel,
     CodecSpec,
+    Enrolment,
     Hello,
     Kind,
     Layout,
@@ -34,6 +35,7 @@ from cloud_aggregator import Aggregator
 from cloud_aggregator._config import AggregatorConfig
 from cloud_aggregator._rounds import ManualClock
 from device_profiles import get_profile
+from edge_runtime import DeviceKey
 
 FLEET = "test"
 
@@ -92,7 +94,10 @@ class FakeDevice:
         values: np.ndarray | None = None, layout: Layout, codec: str = "fp32", attempt: int = 0,
         emulated_s: float | None = None, num_samples: int | None = None,
         codec_body: bytes | None = None, train_loss: float = 1.0, signed: bool = True,
-    ) -> None:
+        key: DeviceKey | None = None,
+    ) -> Message:
+        """Send an update (signed with this device's key, or ``key``; ``signed=False``: not
+        at all); returns the message sent."""
         r = self.tasks[-1].round if round_index is None else round_index
         v = self.tasks[-1].model_version if model_version is None else model_version
         if codec_body is None:
@@ -104,8 +109,10 @@ class FakeDevice:
                           emulated_s=emulated_s)
         msg = update_message(fleet=FLEET, device=self.id, round=r, model_version=v,
                              attempt=attempt, codec=codec, meta=meta, codec_body=codec_body)
-        self.channel.send(self.channel.topics.up(self.id, "update"),
-                          self.key.sign_update(msg) if signed else msg)
+        if signed:
+            msg = (key or self.key).sign_update(msg)
+        self.channel.send(self.channel.topics.up(self.id, "update"), msg)
+        return msg
 
     def decline(self) -> None:
         ack = Ack(round=self.tasks[-1].round, what="task", status="declined", reason="battery")
@@ -125,10 +132,15 @@ def make(
         "over_selection": 1.0, "deadline_s": 30.0, "state_dir": tmp, "local_epochs": 1,
         "server_opt": "fedavg", "store_synchronous": "NORMAL",
     }
-    parts = {k: overrides.pop(k) for k in ("strategy", "policy", "optimizer", "evaluator",
-                                           "enrolment") if k in overrides}
-    if "enrolment" not in parts and "enrolment" not in overrides:
-        parts["enrolment"] = ENROLMENT  # every fake device's key
+    parts = {k: overrides.pop(k) for k in ("strategy", "policy", "optimizer", "evaluator")
+             if k in overrides}  # objects of one's own go to the runtime, not the config
+    # enrolment: an Enrolment object (default: every fake device's key), a file (the
+    # setting), or None (neither: the defaults)
+    enrolment = overrides.pop("enrolment", ENROLMENT)
+    if isinstance(enrolment, Enrolment):
+        parts["enrolment"] = enrolment
+    elif enrolment is not None:
+        settings["enrolment"] = enrolment
     settings.update(overrides)
     config = AggregatorConfig(**settings)  # type: ignore[arg-type]
     transport = MemoryTransport(broker=broker, client_id="aggregator")
