@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -14,12 +15,21 @@ from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_pri
 from waiting import wait_for
 
 from broker_bridge import (
+    Ack,
     SignedBody,
     message_statement,
     unpack_update_body,
     verify_signature,
 )
-from edge_runtime import KEY_FILE, DeviceKey, DeviceKeyError, StateError, state_key_path
+from edge_runtime import (
+    KEY_FILE,
+    AgentSettings,
+    DeviceKey,
+    DeviceKeyError,
+    StateError,
+    TaskStatus,
+    state_key_path,
+)
 
 
 def test_the_key_is_made_once_with_mode_0600(tmp_path: Path) -> None:
@@ -92,3 +102,31 @@ def test_the_agent_signs_what_it_sends_with_its_state_folders_key(rig: Rig) -> N
                             message_statement(sent, hashlib.sha256(block.body).digest()))
     meta, _ = unpack_update_body(sent.body)
     assert meta.num_samples > 0
+
+
+def test_an_identity_refusal_is_no_answer_the_update_is_sent_again(rig: Rig) -> None:
+    """A ``bad_signature`` (say, the answer to a forged copy) or ``unknown_device`` (not
+    enrolled yet) settles nothing: the agent keeps its update and re-sends it; any other
+    refusal is final."""
+    rig.agg.ack_updates = False
+    agent = rig.agent(settings=AgentSettings(ack_timeout_s=0.2, request_timeout_s=5))
+    rig.agg.send_task("dev-1", rig.agg.task(round_=3))
+    assert wait_for(lambda: rig.agg.updates, 30)
+    first = rig.agg.updates[0]
+    down = rig.agg.topics.down("dev-1", "ack")
+    for code in ("bad_signature", "unknown_device"):
+        rig.agg.channel.send(down, Ack(round=3, attempt=first.attempt, what="update",
+                                       status="rejected", reason=f"{code}: x").to_message(
+            fleet=rig.agg.channel.fleet, device="dev-1", round=3))
+        time.sleep(0.1)
+        assert agent.state.record is not None
+        assert agent.state.record.status == TaskStatus.ENCODED, code
+    agent.poll(time.monotonic() + 1)
+    assert len(rig.agg.updates) == 2 and rig.agg.updates[1].body == first.body
+    rig.agg.channel.send(down, Ack(round=3, attempt=first.attempt, what="update",
+                                   status="rejected", reason="norm_above_median: x").to_message(
+        fleet=rig.agg.channel.fleet, device="dev-1", round=3))
+    assert wait_for(lambda: agent.state.record is not None
+                    and agent.state.record.status == TaskStatus.REJECTED, 5)
+    agent.poll(time.monotonic() + 100)
+    assert len(rig.agg.updates) == 2
