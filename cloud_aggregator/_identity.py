@@ -4,8 +4,8 @@
 (``--enrolment FILE``, or an ``Enrolment`` object given to the ``Aggregator``), then, only
 with ``trust_on_first_use``, the key the store recorded from the device's first verified
 update (``_store_keys``). An enrolment file is read again when it changed on disk (looked
-at, at most once a second, when a device has no key), so a device enrolled while the
-aggregator runs is heard without a restart.
+at, at most once a second, when a device has no key or signs with another), so a device
+enrolled or re-keyed while the aggregator runs is heard without a restart.
 
 ``VerifySignature`` is the first ingest stage (``verify``, before ``unpack`` and
 ``decode``): an update that is not signed, whose device has no key, that is signed by
@@ -79,10 +79,13 @@ class KeyBook:
         """No device can be verified now: no key enrolled and no trust on first use."""
         return self.enrolment.enrolled == 0 and not self.trust_on_first_use
 
-    def key_of(self, device: str) -> bytes | None:
-        """The key ``device`` must sign with: enrolled, else first seen; None: none yet."""
+    def key_of(self, device: str, *, presented: bytes | None = None) -> bytes | None:
+        """The key ``device`` must sign with: enrolled, else first seen; None: none yet.
+        An enrolment file is read again (if it changed) when it has no key for the device
+        or another key than the one ``presented`` (a device re-keyed on purpose)."""
         key = self.enrolment.key_of(device)
-        if key is None and self._path is not None and self._reload():
+        if (key is None or (presented is not None and key != presented)) and \
+                self._path is not None and self._reload():
             key = self.enrolment.key_of(device)
         if key is None and self.trust_on_first_use:
             key = self._store.device_key(device)
@@ -151,7 +154,7 @@ class VerifySignature:
         digest = signed.body_sha256
         good = verify_signature(signed.public_key, signed.signature,
                                 message_statement(message, digest))
-        key = self.keys.key_of(item.device)
+        key = self.keys.key_of(item.device, presented=signed.public_key)
         if key is None:
             if not self.keys.trust_on_first_use:
                 return Rejection(AckCode.UNKNOWN_DEVICE, f"no key is enrolled for device "

@@ -214,6 +214,15 @@ def test_the_enrolment_file_is_read_again_when_it_changes(tmp_path: Path,
     d0.send_update(layout=agg.layout)
     assert d0.last_ack().status == "accepted"
     assert key_text(d0.key.public_key) in path.read_text()
+    # d1 is re-keyed on purpose (--replace): its new key counts once the file says so.
+    d1 = fleet["d1"]
+    d1.send_update(layout=agg.layout, key=THIEF)
+    assert reason(d1) == "wrong_key"
+    book.enrol("d1", THIEF.public_key, replace=True)
+    time.sleep(1.1)
+    book.write(path)
+    d1.send_update(layout=agg.layout, key=THIEF)
+    assert d1.last_ack().status == "accepted"
 
 
 def test_an_enrolment_file_others_may_write_stops_the_start(tmp_path: Path,
