@@ -4,6 +4,9 @@ Where things live:
 
 - ``_errors``: ``WireError`` and its kinds, ``TransportError``, ``BrokerUnavailable``,
   ``BrokerRefused``.
+- ``_secagg``: secure aggregation's primitives (PRG, key agreement, Shamir, the
+  neighbourhood graph, fixed point, the shared coordinate subset); ``_secagg_msg``: its
+  messages; ``_secagg_device``: ``SecAggDevice`` (a device's side of a secure round).
 - ``_layout``: ``Layout`` (named float32 tensors <-> one flat vector, fingerprint).
 - ``_codec``: ``encode_update``/``decode_update``, ``encode_model``/``decode_model``,
   ``ErrorFeedback``, ``ModelVersion``, ``BodyHeader`` (the update codec and its body
@@ -97,6 +100,7 @@ from broker_bridge._errors import (
     ChunkError,
     CodecError,
     EnvelopeError,
+    SecAggRejected,
     TransportError,
     WireError,
 )
@@ -185,6 +189,7 @@ __all__ = [
     "Reassembler",
     "ReassemblyLimits",
     "Request",
+    "SecAggRejected",
     "TaskSpec",
     "Threshold",
     "TlsConfig",

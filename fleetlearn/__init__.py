@@ -37,7 +37,8 @@ _SOURCES: dict[str, tuple[str, ...]] = {
         "Event", "DeviceOnline", "DeviceOffline", "UpdateAccepted", "UpdateRefused",
         "RoundOpened", "RoundEnded", "ModelReleased", "Status",
         "build_artifacts", "build_reference_model",
-        "AggregatorError", "ModelBuildError", "UpdateRejected", "StoreError", "SchemaTooNew",
+        "AggregatorError", "ModelBuildError", "UpdateRejected", "SecAggAbandoned",
+        "StoreError", "SchemaTooNew",
         "CheckpointCorrupt",
     ),
     "edge_runtime": (
@@ -51,6 +52,7 @@ _SOURCES: dict[str, tuple[str, ...]] = {
         "Channel", "MqttTransport", "MemoryBroker", "MemoryTransport",
         "WireError", "EnvelopeError", "ChunkError", "CodecError", "ProtocolError",
         "BundleError", "TransportError", "BrokerUnavailable", "BrokerRefused",
+        "SecAggRejected",
     ),
     "device_profiles": (
         "DeviceProfile", "get_profile", "FleetlearnError", "ConfigError", "ProfileError",
@@ -114,6 +116,8 @@ __all__ = [
     "RoundMetrics",
     "RoundOpened",
     "SchemaTooNew",
+    "SecAggAbandoned",
+    "SecAggRejected",
     "SelectionPolicy",
     "SimConfig",
     "SimResult",
@@ -169,6 +173,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
         MemoryTransport,
         MqttTransport,
         ProtocolError,
+        SecAggRejected,
         TransportError,
         WireError,
     )
@@ -200,6 +205,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
         RoundMetrics,
         RoundOpened,
         SchemaTooNew,
+        SecAggAbandoned,
         SelectionPolicy,
         Status,
         StoreError,
