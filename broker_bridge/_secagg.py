@@ -26,6 +26,8 @@ so docs/vectors/secagg.json can pin it byte for byte:
   (n devices x the largest level must fit in a signed 32-bit sum).
 - ``shared_subset``: the round's random coordinate subset (sparsification that survives
   masking: every device sends the same coordinates, chosen from a shared seed).
+- ``check_codec``: which update codecs work with secure aggregation (only ``fp32``: the
+  masked upload is its own format, see the function).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from broker_bridge._codec_spec import CodecSpec
 from broker_bridge._errors import SecAggRejected
 from device_profiles._errors import ConfigError
 
@@ -179,6 +182,33 @@ def shared_subset(seed: bytes, size: int, fraction: float) -> npt.NDArray[np.int
     if count == size:
         return np.arange(size, dtype=np.int64)
     return np.sort(np.asarray(permutation(seed, size, count), dtype=np.int64))
+
+
+def check_codec(spec: CodecSpec) -> None:
+    """Refuse (``ConfigError``) an uplink codec that cannot be summed under masks.
+
+    Only ``fp32`` works: the masked upload replaces the codec (fixed point with the
+    round's common scale, the round's shared coordinate subset, u32 words). Each other
+    stage is refused for its own reason: ``topk``/``thresh`` choose coordinates from the
+    device's own values (devices would send different coordinates, and the positions
+    alone leak); ``q8``/``q4``/``tern``/``q1`` carry a scale per device, and levels of
+    different scales do not add up; ``fp16`` is a float coding, replaced by fixed point;
+    ``zstd`` cannot compress masked words (they are uniformly random); ``ef`` needs one of
+    those lossy stages."""
+    problems = []
+    if spec.sparsify is not None:
+        problems.append(f"{spec.sparsify} picks coordinates from each device's own values "
+                        f"(use the round's shared random subset instead)")
+    if spec.values.quantized:
+        problems.append(f"{spec.values.kind} scales each device's values differently, so "
+                        f"their levels do not add up")
+    elif spec.values.kind == "fp16":
+        problems.append("fp16 is replaced by the round's fixed point")
+    if spec.zstd_level is not None:
+        problems.append("zstd cannot compress masked (uniformly random) words")
+    if problems:
+        raise ConfigError(f"codec {str(spec)!r} does not work with secure aggregation: "
+                          + "; ".join(problems) + " (use 'fp32')")
 
 
 # ---------------------------------------------------------------- Shamir

@@ -22,6 +22,7 @@ from typing import ClassVar, TypeVar
 
 import numpy as np
 
+from broker_bridge._envelope import Kind, Message
 from broker_bridge._secagg import SHARE_BYTES, U32, Words, rejected
 
 MAGIC = b"FLSA"
@@ -331,3 +332,26 @@ def parse(data: bytes) -> _Body:
     """Any secure-aggregation body, by its step."""
     step, _, _ = read_head(data)
     return BODIES[step].from_bytes(data)
+
+
+CODEC = "secagg"
+"""The envelope codec of every secure-aggregation message (kind 12)."""
+
+
+def secagg_message(body: _Body, *, fleet: str, device: str) -> Message:
+    """The envelope of a secure-aggregation body: kind ``secagg``, on the device's
+    ``up/secagg`` or ``down/secagg`` topic, with the body's round."""
+    return Message(kind=Kind.SECAGG, fleet=fleet, device=device, codec=CODEC,
+                   round=body.round, body=body.to_bytes())
+
+
+def read_secagg(message: Message) -> _Body:
+    """The body of a ``secagg`` message; its envelope round must be the body's."""
+    if message.kind != Kind.SECAGG or message.codec != CODEC:
+        raise rejected("malformed", f"a {message.kind.topic_name} message with codec "
+                                    f"{message.codec!r} is not a secagg message")
+    body = parse(message.body)
+    if body.round != message.round:
+        raise rejected("wrong_round", f"envelope round {message.round}, body round "
+                                      f"{body.round}")
+    return body

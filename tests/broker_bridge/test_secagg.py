@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 from secagg_fleet import plain_sum, random_levels, run_round
 
+from broker_bridge import CodecSpec
 from broker_bridge._secagg import (
     PRIME,
     FixedPoint,
     SecAggRejected,
+    check_codec,
     degree,
     neighbours,
     permutation,
@@ -166,6 +168,17 @@ def test_fixed_point_round_trips_and_refuses_overflow() -> None:
         FixedPoint(clip=0.0, scale=1.0, max_devices=1)
 
 
+def test_only_fp32_is_accepted_as_the_codec_of_a_secure_round() -> None:
+    check_codec(CodecSpec.parse("fp32"))
+    refused = {"topk:0.1+q8+zstd:3": ("topk", "q8", "zstd"), "q8": ("q8",),
+               "fp16": ("fp16",), "ef+topk:0.01+fp32": ("topk",), "thresh:0.1": ("thresh",),
+               "fp32+zstd:1": ("zstd",), "ef+q1:sr": ("q1",)}
+    for text, stages in refused.items():
+        with pytest.raises(ConfigError, match="secure aggregation") as err:
+            check_codec(CodecSpec.parse(text))
+        assert all(stage in str(err.value) for stage in stages), str(err.value)
+
+
 # ---------------------------------------------------------------- whole rounds
 
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 1 / 3])
@@ -182,6 +195,20 @@ def test_the_sum_is_exact_with_devices_dropped_after_upload(fraction: float) -> 
         assert result.uploaded == devices
         assert result.total is not None
         assert np.array_equal(result.total, plain_sum(levels, devices))
+
+
+def test_a_third_dropped_at_any_step_after_advertising_still_sums_exactly() -> None:
+    rng = np.random.default_rng(11)
+    for fleet_seed in range(6):
+        n = int(rng.integers(9, 28))
+        devices = ids(n)
+        levels = random_levels(devices, 16, 10_000, rng)
+        gone = list(rng.permutation(devices))[:n // 3]
+        drop = {d: str(rng.choice(["share", "upload", "reveal"])) for d in gone}
+        result = run_round(levels, drop=drop, seed=fleet_seed)
+        expected = sorted(d for d in devices if drop.get(d) in (None, "reveal"))
+        assert result.uploaded == expected
+        assert np.array_equal(result.total, plain_sum(levels, expected))  # type: ignore[arg-type]
 
 
 def test_the_sum_is_exact_with_drops_at_every_step_on_a_sparse_graph() -> None:
