@@ -349,6 +349,11 @@ def _ring(seed: bytes, n: int) -> tuple[list[int], list[int]]:
 
 # ---------------------------------------------------------------- fixed point
 
+def secure_level_bound(devices: int) -> int:
+    """The largest level each of ``devices`` may send so that their sum fits."""
+    return ((1 << (MODULUS_BITS - 1)) - 1) // devices
+
+
 @dataclass(frozen=True, kw_only=True)
 class FixedPoint:
     """Values clipped to [-clip, clip], times ``scale``, stochastically rounded to
