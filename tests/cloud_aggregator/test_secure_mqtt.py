@@ -33,6 +33,8 @@ class Seen:
     sums: list[tuple[int, np.ndarray, list[str]]] = field(default_factory=list)
     journaled: list[bytes] = field(default_factory=list)
     silent: set[str] = field(default_factory=set)  # devices gone after their upload
+    agents: dict[str, Any] = field(default_factory=dict)
+    aborted: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -41,6 +43,16 @@ def seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[Seen]:
     s = Seen()
     masked, unmask = SecAggDevice.masked, SecAggDevice.on_unmask
     finish, journal = SecAggRound.finish, Store.journal
+    close_upload = SecAggRound.close_upload
+
+    def power_cut(self: SecAggRound) -> Any:
+        # From round 2 on, the silent devices really go: their agents lose power after
+        # uploading, before the unmask requests (round 1: they only never answer them).
+        if self.setup.round >= 2:
+            for name in sorted(s.silent):
+                s.agents[name].abort()
+                s.aborted.append(name)
+        return close_upload(self)
 
     def record_masked(self: SecAggDevice, levels: np.ndarray) -> Masked:
         assert self.keys is not None
@@ -70,6 +82,7 @@ def seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[Seen]:
     monkeypatch.setattr(SecAggDevice, "on_unmask", maybe_silent)
     monkeypatch.setattr(SecAggRound, "finish", record_finish)
     monkeypatch.setattr(Store, "journal", record_journal)
+    monkeypatch.setattr(SecAggRound, "close_upload", power_cut)
     yield s
 
 
@@ -112,6 +125,7 @@ def run_fleet(mosquitto: MosquittoProcess, tmp_path: Path, *, devices: int, roun
                           status_probe=lambda: DeviceStatus(), training=fixed_training(i))
             agent.start()
             agents.append(agent)
+            seen.agents[did] = agent
         runner = threading.Thread(target=agg.run, kwargs={"timeout_s": 120.0}, daemon=True)
         runner.start()
         runner.join(timeout=130.0)
@@ -134,6 +148,7 @@ def test_a_secure_round_sums_exactly_what_devices_quantized(
     assert len(closed) == 2 and all(m.devices_reported == 9 for m in closed), \
         [m.to_json() for m in agg.history]
     assert len(seen.sums) == 2
+    assert sorted(seen.aborted) == sorted(f"dev-{i:02d}" for i in range(gone))
     for round_index, total, counted in seen.sums:
         assert len(counted) == 9
         plain = np.zeros_like(total)
