@@ -77,6 +77,7 @@ class SecureSyncRounds(SyncRounds):
         self.secure: SecAggRound | None = None
         self._phase_at = 0.0
         self._closing: tuple[Decision, str] | None = None
+        self._delta: np.ndarray | None = None
 
     # -- the round's secure part -------------------------------------------------------
 
@@ -179,9 +180,9 @@ class SecureSyncRounds(SyncRounds):
         """The round decided: unmask first (the unmask step closes it), or abandon."""
         sa = self.secure
         if decision is Decision.ABANDON or sa is None or sa.phase != "upload":
-            self._end_secure(Decision.ABANDON if decision is Decision.ABANDON or sa is None
-                             else decision, reason if sa is None or sa.phase == "upload"
-                             else f"{reason} (secure round at {sa.phase})")
+            # No sum can be checked before the uploads (or after a failed step).
+            at = "" if sa is None or sa.phase == "upload" else f" (secure round at {sa.phase})"
+            self._end_secure(Decision.ABANDON, reason + at)
             return
         try:
             for device, request in sa.close_upload().items():
@@ -193,7 +194,7 @@ class SecureSyncRounds(SyncRounds):
         self._phase_at = self.ctx.clock.now()
 
     def _end_secure(self, decision: Decision, reason: str) -> None:
-        self._delta: np.ndarray | None = None
+        self._delta = None
         sa = self.secure
         if decision is Decision.CLOSE and sa is not None:
             try:
