@@ -10,11 +10,12 @@ own steps), bytes up and down (whole MQTT payloads: envelope headers included) a
 messages; per round the aggregator's CPU ms and bytes. The baseline is a plain round of
 the same devices: each device's update encoded with ``ef+topk:0.1+q8+zstd:3`` (the
 compressed default) and with ``fp32``, plus the task, model download and ack every round
-has either way. Updates are Gaussian (sd 0.01); their compressed size is about what a
-trained update gives (bench/codec.py has genuine ones). Prints a line per size, then one
-JSON object. Never fails on a figure.
+has either way. Updates are Gaussian (sd 0.01), not trained ones (bench/codec.py has
+genuine ones). Prints a line per size, then one JSON object. Never fails on a figure.
 
     python bench/secagg.py [--sizes 10,100,1000] [--fraction 0.1]
+
+The 1,000-device round takes about 4 CPU minutes (3 of them its 1,000 devices).
 """
 
 from __future__ import annotations
