@@ -100,6 +100,16 @@ class SecureSyncRounds(SyncRounds):
         assert send is not None, "the runtime lends send_secagg to secure strategies"
         send(device, body)
 
+    def _replace(self, rnd: Any) -> None:
+        """A replacement for a decliner joins the secure round while keys are still
+        being gathered (later, it could not be keyed: it declines for want of shares)."""
+        before = set(rnd.selected)
+        super()._replace(rnd)
+        sa = self.secure
+        for device in rnd.selected:
+            if device not in before and sa is not None and sa.phase == "advertise":
+                self._send(device, sa.setup)
+
     def resume(self) -> None:
         """An open secure round cannot go on after a restart (its secrets lived in this
         process, and its journal holds masked vectors only): it is abandoned."""
@@ -139,8 +149,8 @@ class SecureSyncRounds(SyncRounds):
         sa = self.secure
         assert sa is not None and self._open is not None
         members = sa.members
-        if sa.phase == "advertise":
-            return len(members) < len(self._open.round.selected)
+        if sa.phase == "advertise":  # devices that declined or dropped are not awaited
+            return any(d not in members for d in self._open.round.pending())
         if sa.phase == "share":
             return any(m.shares is None for m in members.values() if m.index)
         if sa.phase == "unmask":

@@ -107,3 +107,22 @@ def test_an_open_secure_round_is_abandoned_at_a_restart(tmp_path: Path,
     rounds = Store(tmp_path / "aggregator.sqlite").rounds("test")
     assert [r.state for r in rounds] == ["abandoned"]
     assert again.strategy.next_round == 2  # type: ignore[attr-defined]
+
+
+def test_a_replacement_for_a_decliner_joins_the_secure_round(tmp_path: Path,
+                                                            artifacts: Path) -> None:
+    broker, clock = MemoryBroker(), ManualClock()
+    agg = make(tmp_path, artifacts, broker, manual=clock, devices_per_round=3, rounds=1,
+               secure_aggregation=True, secure_phase_s=1.0, quorum=3, min_devices=3)
+    fleet = devices(broker, 4)
+    fakes = {d.id: SecureFake(d) for d in fleet.values()}
+    agg.tick()
+    chosen = [d for d in fleet.values() if d.tasks]
+    assert len(chosen) == 3
+    chosen[0].decline()  # before it answers the setup
+    agg.tick()
+    spare = next(d for d in fleet.values() if d not in chosen)
+    assert spare.tasks and any(parse(m.body).STEP == 1 for m in spare.other)  # its setup
+    drive(agg, clock, [fakes[d.id] for d in fleet.values() if d is not chosen[0]])
+    assert agg.model_version == 1, [m.to_json() for m in agg.history]
+    assert agg.history[0].devices_reported == 3
