@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from aggregator_rig import FakeDevice, devices, make
+from aggregator_rig import FakeDevice, devices, feed_async, make
 
 from broker_bridge import MemoryBroker, MemoryTransport
 from cloud_aggregator._aggregate import Contribution, RoundAggregate
@@ -315,3 +315,49 @@ def test_a_version_2_store_gains_the_contribution_columns(tmp_path: Path) -> Non
         assert got["a"].standing == h.standing and got["b"].marginal_total == -0.01
         assert got["a"].selections == 0  # the release's record is the whole record
         assert math.isclose(got["b"].reputation, h.reputation)
+
+
+def test_a_fedbuff_release_records_its_buffer(tmp_path: Path, artifacts: Path) -> None:
+    broker = MemoryBroker()
+    fleet = devices(broker, 4)
+    agg = make(tmp_path, artifacts, broker, mode="async", concurrency=4, buffer_size=3,
+               rounds=1, staleness="constant", norm_median_multiple=None)
+    answered = feed_async(agg, fleet, 3)
+    (m,) = agg.history
+    assert m.outcome == "aggregated"
+    assert {r.device for r in m.contributions} == {d for d, _ in answered}
+    assert all(r.round == 1 and r.cosine is not None for r in m.contributions)
+    assert sum(r.weight for r in m.contributions) == pytest.approx(1.0)
+    with Store(tmp_path / "aggregator.sqlite") as store:
+        stored = {r.device_id: r.history for r in store.devices()}
+    assert all(stored[d].contributions == 1 for d, _ in answered)
+
+
+def test_marginals_are_measured_on_the_evaluation_set_when_asked(tmp_path: Path,
+                                                                 artifacts: Path) -> None:
+    rng = np.random.default_rng(0)
+    eval_path = tmp_path / "eval.npz"
+    np.savez(eval_path, x=rng.standard_normal((200, 40)).astype(np.float32),
+             y=rng.integers(0, 10, 200))
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path / "state", artifacts, broker, rounds=1, norm_median_multiple=None,
+               eval_data=eval_path, contribution_marginal=True)
+    agg.tick()
+    start = agg.params.copy()
+    sent = {}
+    for d in fleet.values():
+        sent[d.id] = _aligned(d.id, 1, agg.layout.size, 1.0) * 50
+        d.send_update(layout=agg.layout, values=sent[d.id])
+    assert agg.tick()
+    (m,) = agg.history
+    evaluator = agg.recorder.evaluator
+    assert evaluator is not None
+    mean = np.mean(list(sent.values()), axis=0)
+    base = evaluator.evaluate(start + mean).accuracy
+    for r in m.contributions:
+        without = np.mean([v for d, v in sent.items() if d != r.device], axis=0)
+        want = base - evaluator.evaluate((start + without).astype(np.float32)).accuracy
+        assert r.marginal == pytest.approx(want, abs=1e-6)
+    assert agg.registry.history.get("d0").marginal_total == pytest.approx(
+        next(r.marginal for r in m.contributions if r.device == "d0"))
