@@ -36,9 +36,9 @@ observations, each starting from one pseudo-observation (the prior):
 
 ``DECAY = 0.8``: the latest observation weighs a fifth of the mean once there is
 history; a new device starts at 1. Honest devices' consensus cosines are well above
-``GOOD_ALIGNMENT``; a device sending sign-flipped updates is at or below
-``BAD_ALIGNMENT`` from its first counted update, and one refused twice in a row is
-below a floor of 0.3 (``R = 0.74``).
+``GOOD_ALIGNMENT``; a device sending sign-flipped updates falls to 0 after one or two
+counted updates, and one refused twice in a row is below a floor of 0.3 (``R = 0.74``;
+once: ``R = 0.56``, reputation 0.44).
 """
 
 from __future__ import annotations
@@ -58,8 +58,11 @@ SKETCH_DIM = 4096
 """Buckets of the count sketch an update's direction is kept in (float64: 32 KB)."""
 DECAY = 0.8
 """Weight of the past in the reputation's decayed means, per observation."""
-PRIOR_ALIGNMENT = 0.5
-"""The alignment a device starts with (one pseudo-observation): as good as honest."""
+PRIOR_ALIGNMENT = 0.2
+"""The alignment a device starts with (one pseudo-observation): a new device counts
+fully, and one update whose consensus cosine is below about -0.2 takes it under a floor
+of 0.3 (honest devices' cosines were above 0.015 in 95% of rounds on the reference task,
+sign-flipped updates' between -0.16 and -0.9)."""
 GOOD_ALIGNMENT = 0.05
 """A decayed alignment at or above this counts fully."""
 BAD_ALIGNMENT = -0.05

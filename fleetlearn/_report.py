@@ -150,7 +150,10 @@ def write_reputation_plot(out_dir: Path, rounds: Sequence[Mapping[str, Any]],
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     ranked = sorted(reputation.items(), key=lambda kv: kv[1]["reputation"])
     colors = ["tab:red" if r["byzantine"] else "tab:blue" for _, r in ranked]
-    axes[0].bar(range(len(ranked)), [r["reputation"] for _, r in ranked], color=colors)
+    xs_rank = list(range(len(ranked)))
+    axes[0].bar(xs_rank, [r["reputation"] for _, r in ranked], color=colors, alpha=0.5)
+    axes[0].scatter(xs_rank, [r["reputation"] for _, r in ranked], color=colors, s=12,
+                    zorder=3)  # a reputation of 0 has no bar: the dot shows it
     if floor is not None:
         axes[0].axhline(floor, color="black", linestyle="--", linewidth=1,
                         label=f"floor {floor:g}")
