@@ -321,7 +321,8 @@ def test_a_fedbuff_release_records_its_buffer(tmp_path: Path, artifacts: Path) -
     broker = MemoryBroker()
     fleet = devices(broker, 4)
     agg = make(tmp_path, artifacts, broker, mode="async", concurrency=4, buffer_size=3,
-               rounds=1, staleness="constant", norm_median_multiple=None)
+               rounds=1, staleness="constant", norm_median_multiple=None,
+               checkpoint_every_s=0.0)
     answered = feed_async(agg, fleet, 3)
     (m,) = agg.history
     assert m.outcome == "aggregated"
@@ -361,3 +362,35 @@ def test_marginals_are_measured_on_the_evaluation_set_when_asked(tmp_path: Path,
         assert r.marginal == pytest.approx(want, abs=1e-6)
     assert agg.registry.history.get("d0").marginal_total == pytest.approx(
         next(r.marginal for r in m.contributions if r.device == "d0"))
+
+
+def test_fedbuff_standing_released_without_a_checkpoint_is_derived_again_after_a_crash(
+        tmp_path: Path, artifacts: Path) -> None:
+    """A FedBuff release is durable through its journal, not a checkpoint: the standing
+    it changed is saved with the next checkpoint, never by the registry's batches, and a
+    restart that releases the journaled buffers again reaches the same standing."""
+    broker = MemoryBroker()
+    fleet = devices(broker, 4)
+    settings = dict(mode="async", concurrency=4, buffer_size=2, rounds=10,
+                    staleness="constant", checkpoint_every_s=3600.0,
+                    norm_median_multiple=None)
+    agg = make(tmp_path, artifacts, broker, **settings)  # type: ignore[arg-type]
+    feed_async(agg, fleet, 5)  # two releases, one update in the open buffer
+    assert agg.model_version == 2
+    before = {d: agg.registry.history.get(d) for d in fleet}
+    assert sum(h.contributions for h in before.values()) == 4
+    agg.registry.flush()  # the advisory batch: devices, counters, never the standing
+    with Store(tmp_path / "aggregator.sqlite") as store:
+        assert all(r.history.contributions == 0 for r in store.devices())
+    assert isinstance(agg.channel.transport, MemoryTransport)
+    agg.channel.transport.kill()
+    again = make(tmp_path, artifacts, broker, **settings)  # type: ignore[arg-type]
+    assert again.model_version == 2
+    for d, h in before.items():
+        got = again.registry.history.get(d)
+        assert (got.contributions, got.weight_total, got.standing) == (
+            h.contributions, pytest.approx(h.weight_total), h.standing)
+    again.close()  # a stop checkpoints the last release, and its standing with it
+    with Store(tmp_path / "aggregator.sqlite") as store:
+        stored = {r.device_id: r.history for r in store.devices()}
+    assert all(stored[d].standing == h.standing for d, h in before.items())
