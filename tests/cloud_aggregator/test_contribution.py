@@ -16,6 +16,7 @@ from aggregator_rig import FakeDevice, devices, feed_async, make
 
 from broker_bridge import MemoryBroker, MemoryTransport
 from cloud_aggregator._aggregate import Contribution, RoundAggregate
+from cloud_aggregator._config import AggregatorConfig
 from cloud_aggregator._contribution import (
     SKETCH_DIM,
     ContributionLog,
@@ -32,6 +33,7 @@ from cloud_aggregator._robust import RobustConfig
 from cloud_aggregator._selection import Candidate, RandomPolicy
 from cloud_aggregator._store import _SCHEMA, SCHEMA_VERSION, Store
 from cloud_aggregator._store_devices import migrate_v2, put_histories
+from device_profiles import ConfigError
 
 
 def _loo_unit_cosines(updates: list[np.ndarray]) -> list[float]:
@@ -394,3 +396,10 @@ def test_fedbuff_standing_released_without_a_checkpoint_is_derived_again_after_a
     with Store(tmp_path / "aggregator.sqlite") as store:
         stored = {r.device_id: r.history for r in store.devices()}
     assert all(stored[d].standing == h.standing for d, h in before.items())
+
+
+@pytest.mark.parametrize("floor", [0.0, 1.0, 1.5, -0.1])
+def test_a_reputation_floor_outside_0_1_is_refused(floor: float) -> None:
+    with pytest.raises(ConfigError, match="reputation_floor must be within"):
+        AggregatorConfig(reputation_floor=floor)
+    assert AggregatorConfig(reputation_floor=None).reputation_floor is None
