@@ -619,9 +619,9 @@ class Aggregator:
         """
         history = self.registry.history
         histories = history.contributed(metrics.contributions, metrics.screened)
-        metrics = replace(metrics, devices_distrusted=self._distrusted(histories))
         history.apply(histories)  # the registry's batches never write the standing
         self._unsaved_histories.update(histories)
+        metrics = replace(metrics, devices_distrusted=self._distrusted())
         if params is not None:
             self.state.params = params
             self.state.version += 1
@@ -685,14 +685,12 @@ class Aggregator:
         history = self.registry.history
         return {d: history.get(d) for d in taken}
 
-    def _distrusted(self, changed: dict[str, DeviceHistory]) -> int:
-        """Devices below the reputation floor once ``changed`` is applied."""
+    def _distrusted(self) -> int:
+        """Devices whose reputation is below the floor."""
         floor = self.config.reputation_floor
-        if floor is None:
-            return 0
         history = self.registry.history
-        return sum(1 for d in history if d not in changed and history.get(d).reputation < floor
-                   ) + sum(1 for h in changed.values() if h.reputation < floor)
+        return 0 if floor is None else sum(1 for d in history
+                                           if history.get(d).reputation < floor)
 
     # ------------------------------------------------------------------ status
 
