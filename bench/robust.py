@@ -18,7 +18,8 @@ Two parts, on the same fleet, seed and rounds:
 
 Prints human lines, then one JSON object with final and best test accuracy per run
 (``defaults`` holds the first part's comparison). ``BENCH_ROBUST_RUNS=a,b`` runs only
-those runs; ``BENCH_ROBUST_ROUNDS`` sets the rounds (40).
+those runs; ``BENCH_ROBUST_ROUNDS`` sets the rounds (40), ``BENCH_ROBUST_SEED`` the seed
+(0: the fleet, its data, the attackers and the selections).
 
 Run from the repo root: ``python bench/robust.py`` (about twenty minutes on 2 cores;
 ``BENCH_ROBUST_RUNS=clean_defaults,attacked_mean,attacked_defaults_without_reputation,
@@ -40,6 +41,7 @@ from edge_runtime._fleet import FaultSpec
 from fleetlearn._simulate import SimConfig, run_simulation
 
 ROUNDS = int(os.environ.get("BENCH_ROBUST_ROUNDS", "40"))
+SEED = int(os.environ.get("BENCH_ROBUST_SEED", "0"))
 ATTACK = FaultSpec(byzantine_fraction=0.2, byzantine_scale=10.0)
 HUGE_NORM = FaultSpec(byzantine_fraction=0.1, byzantine_kind="norm", byzantine_scale=9000.0)
 INFLATED = FaultSpec(byzantine_fraction=0.1, byzantine_kind="samples")
@@ -86,7 +88,7 @@ def main() -> None:
         own = {k: v for k, v in agg.items() if k == "codec"}
         rest = {k: v for k, v in agg.items() if k != "codec"}
         with tempfile.TemporaryDirectory(prefix="fleetlearn-robust-") as tmp:
-            r = run_simulation(SimConfig(rounds=ROUNDS, seed=0, faults=faults, aggregator=rest,
+            r = run_simulation(SimConfig(rounds=ROUNDS, seed=SEED, faults=faults, aggregator=rest,
                                          availability=False, out_dir=Path(tmp), **own),
                                quiet=True).report
         results[name] = {
@@ -119,7 +121,8 @@ def main() -> None:
                   "points vs clean)", file=sys.stderr)
     reputation = _reputation_table(results)
     print(json.dumps({
-        "task": f"MNIST-1D, 100 devices, Dirichlet(0.5), 10 per round, cnn, {ROUNDS} rounds",
+        "task": f"MNIST-1D, 100 devices, Dirichlet(0.5), 10 per round, cnn, {ROUNDS} rounds, "
+                f"seed {SEED}",
         "attack": "defaults: 10% of devices send norm-9,000 updates or claim 10^12 samples; "
                   "robust options: 20% of devices send -10 x their update",
         "defaults": {**{f"{k}_accuracy": v for k, v in defaults.items()},
