@@ -21,7 +21,7 @@ Prints human lines, then one JSON object with final and best test accuracy per r
 those runs; ``BENCH_ROBUST_ROUNDS`` sets the rounds (40), ``BENCH_ROBUST_SEED`` the seed
 (0: the fleet, its data, the attackers and the selections).
 
-Run from the repo root: ``python bench/robust.py`` (about twenty minutes on 2 cores;
+Run from the repo root: ``python bench/robust.py`` (about fifteen minutes on 2 idle cores;
 ``BENCH_ROBUST_RUNS=clean_defaults,attacked_mean,attacked_defaults_without_reputation,
 attacked_defaults`` runs the reputation comparison alone).
 """
@@ -56,6 +56,8 @@ RUNS: tuple[tuple[str, FaultSpec, dict[str, Any]], ...] = (
     ("clean_defaults", FaultSpec(), {}),
     ("defaults_norm_9000", HUGE_NORM, {}),
     ("defaults_inflated_samples", INFLATED, {}),
+    ("defaults_norm_9000_without_reputation", HUGE_NORM, NO_REPUTATION),
+    ("defaults_inflated_samples_without_reputation", INFLATED, NO_REPUTATION),
     ("old_defaults_norm_9000", HUGE_NORM, OLD_DEFAULTS),
     ("old_defaults_inflated_samples", INFLATED, OLD_DEFAULTS),
     ("attacked_defaults_without_reputation", ATTACK, NO_REPUTATION),
