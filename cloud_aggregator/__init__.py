@@ -24,7 +24,8 @@ Where things live:
   state learned from the fleet, saved with each model; ``_answers``: the ack state
   machine's memory (``AttemptLedger``, ``Answer``).
 - ``_strategy``: ``Strategy`` (interface), ``StrategyContext``, ``Admit``/``Reply``,
-  ``ModelState``; ``_sync``: ``SyncRounds``; ``_fedbuff``: ``FedBuff``.
+  ``ModelState``; ``_sync``: ``SyncRounds``; ``_fedbuff``: ``FedBuff``; ``_edge_rounds``:
+  ``EdgeRounds``, ``ParentJob`` (an edge tier's rounds, opened for its parent's task).
 - ``_ingest``: ``IngestPipeline``, ``IngestStage``, ``UpdateItem``, ``Rejection``, the
   default stages, ``Journal`` (group commit); ``_aggregate``: ``RoundAggregate``,
   ``Contribution``.
@@ -48,6 +49,7 @@ from cloud_aggregator._artifacts import (
     read_manifest,
 )
 from cloud_aggregator._config import AggregatorConfig, load_config
+from cloud_aggregator._edge_rounds import EdgeRounds, ParentJob
 from cloud_aggregator._errors import AggregatorError, ModelBuildError, UpdateRejected
 from cloud_aggregator._evaluate import ServerEvaluator
 from cloud_aggregator._events import (
@@ -108,6 +110,8 @@ __all__ = [
     "StrategyContext",
     "StrategyBase",
     "SyncRounds",
+    "EdgeRounds",
+    "ParentJob",
     "FedBuff",
     "Admit",
     "Reply",

@@ -623,6 +623,33 @@ class Aggregator:
         self._unsaved = None
         self._saved_at = time.monotonic()
 
+    def adopt(self, params: F32, *, before_save: Callable[[], None] | None = None) -> int:
+        """Make ``params`` (a model from outside: an edge tier's parent) the next model
+        version, checkpointed and broadcast like any release; returns the new version.
+        ``before_save`` runs under the lock just before the checkpoint, so what it
+        changes in the strategy is saved in the same transaction. Refused while a round
+        is open or updates wait for their commit (they train the current version)."""
+        values = np.asarray(params, dtype=np.float32).reshape(-1)
+        if values.size != self.layout.size or not np.isfinite(values).all():
+            raise AggregatorError(f"adopted parameters must be {self.layout.size} finite "
+                                  f"values, got {values.size}")
+        with self._wake:
+            if not self._started:
+                raise AggregatorError("the aggregator is not started")
+            if self.current_round is not None or self.journal.pending:
+                raise AggregatorError("a model cannot be adopted while a round is open")
+            self._save_unsaved()
+            self.state.params = values.copy()
+            self.state.version += 1
+            if before_save is not None:
+                before_save()
+            self._save_model()
+            self._broadcast_model()
+            self.events.emit(ModelReleased(model_version=self.state.version))
+            self._publish_gauges()
+            self._wake.notify_all()
+            return self.state.version
+
     def _save_unsaved(self) -> None:
         """Checkpoint a model released without one (see ``_release``), if any, with what
         was learned as of its release."""

@@ -23,6 +23,8 @@ Where things live:
 - ``_inbox`` (receiving, task dedupe), ``_fetch`` (artifacts and models), ``_outbox``
   (durable commit, re-sends until acked), ``_work`` (one task's steps): internal.
 - ``_presence``: presence, hello and eligibility; ``make_agent_transport``.
+- ``_failover``: ``FailoverAgent``, ``ParentLink`` (candidate parents; moving to another
+  when the parent vanishes, with the residual kept and an unacknowledged update parked).
 - ``_trainer_pool``: ``TrainerPool``, ``TrainerProvider``.
 - ``_emulation``: ``Emulation``.
 - ``_settings``: ``AgentSettings``, ``AgentStats``.
@@ -65,6 +67,7 @@ from edge_runtime._errors import (
     ModelVersionError,
     TrainingBackendMissing,
 )
+from edge_runtime._failover import FailoverAgent, ParentLink
 from edge_runtime._hooks import AgentHooks, UpdateDraft
 from edge_runtime._local_training import LocalResult, LocalTraining, TrainingBudget, train_locally
 from edge_runtime._ort import load_training_api
@@ -103,6 +106,7 @@ __all__ = [
     "EligibilityRules",
     "Emulation",
     "EvalResult",
+    "FailoverAgent",
     "HookError",
     "IllegalTransition",
     "LocalData",
@@ -112,6 +116,7 @@ __all__ = [
     "ModelCache",
     "ModelVersionError",
     "OrtTrainingTrainer",
+    "ParentLink",
     "Phase",
     "PortableTrainer",
     "StateError",
