@@ -130,11 +130,15 @@ class LocalTree:
             store_synchronous="NORMAL")
 
     def edge_config(self, index: int) -> AggregatorConfig:
+        """An edge's rounds: they start once ``edge_devices_per_round`` children (default:
+        the site's devices) are there, and train every child there is, up to the whole
+        fleet (devices that failed over from another site included)."""
         s = self.spec
-        per_round = s.edge_devices_per_round or s.devices_per_edge
+        needed = s.edge_devices_per_round or s.devices_per_edge
         return AggregatorConfig(
-            fleet=site_fleet(index), model=s.model, devices_per_round=per_round,
-            over_selection=1.0, quorum=max(1, per_round // 2), min_devices=per_round,
+            fleet=site_fleet(index), model=s.model,
+            devices_per_round=s.edge_devices_per_round or s.devices_per_edge * s.edges,
+            over_selection=1.0, quorum=max(1, needed // 2), min_devices=needed,
             deadline_s=s.edge_deadline_s, codec=s.codec, server_opt="fedavg",
             local_epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr,
             seed=s.seed + index + 1, store_synchronous="NORMAL")
@@ -149,7 +153,7 @@ class LocalTree:
             artifacts_dir=self.artifacts_dir)
         self.cloud.start()
         if not self.flat:
-            for i in range(s.edges):
+            for _i in range(s.edges):
                 broker = MosquittoProcess()
                 broker.start()
                 self.site_brokers.append(broker)
