@@ -42,6 +42,7 @@ import numpy as np
 
 from broker_bridge import Channel, Hello, MqttTransport, TaskSpec
 from cloud_aggregator import Aggregator, AggregatorConfig, EdgeRounds, ParentJob
+from device_profiles import ConfigError
 from edge_runtime import (
     AgentHooks,
     DeviceStatus,
@@ -52,6 +53,7 @@ from edge_runtime import (
     Trainer,
     TrainingBudget,
 )
+from edge_runtime._failover import TransportFactory
 
 log = logging.getLogger(__name__)
 
@@ -67,28 +69,31 @@ class EdgeAggregator:
     ``config`` is the child side's aggregator configuration (its ``fleet`` is the site's
     fleet; ``rounds`` is ignored: an edge runs while its parent gives it tasks);
     ``broker`` is the site's broker; ``device_id`` is the edge's id at its parents,
-    ``parents`` its candidate parents (the first is tried first)."""
+    ``parents`` its candidate parents (the first is tried first). ``broker`` may be a
+    transport (credentials, TLS); ``parent_transport`` builds the parent side's."""
 
-    def __init__(self, *, config: AggregatorConfig, broker: str, device_id: str,
-                 parents: Sequence[ParentLink], state_dir: str | Path,
+    def __init__(self, *, config: AggregatorConfig, broker: str | MqttTransport,
+                 device_id: str, parents: Sequence[ParentLink], state_dir: str | Path,
                  rounds_per_task: int = 1, failover_after_s: float = 5.0,
                  artifacts_dir: str | Path | None = None, client_id: str = "aggregator",
+                 parent_transport: TransportFactory | None = None,
                  **aggregator_parts: Any) -> None:
         if rounds_per_task < 1:
-            raise ValueError(f"rounds_per_task must be >= 1, got {rounds_per_task}")
+            raise ConfigError(f"rounds_per_task must be >= 1, got {rounds_per_task}")
         self.state_dir = Path(state_dir)
         self.rounds_per_task = rounds_per_task
         self.strategy = EdgeRounds()
         config = dataclasses.replace(config, rounds=EDGE_ROUNDS_CAP,
                                      state_dir=self.state_dir / "aggregator")
-        transport = MqttTransport(url=broker, client_id=client_id, clean_session=False,
-                                  backoff_min_s=0.1, backoff_max_s=1.0)
+        transport = broker if isinstance(broker, MqttTransport) else MqttTransport(
+            url=broker, client_id=client_id, clean_session=False, backoff_min_s=0.1,
+            backoff_max_s=1.0)
         self.aggregator = Aggregator(
             config=config, channel=Channel(transport=transport, fleet=config.fleet),
             artifacts_dir=artifacts_dir, strategy=self.strategy, **aggregator_parts)
         self.device = FailoverAgent(
             device_id=device_id, parents=parents, state_dir=self.state_dir / "device",
-            failover_after_s=failover_after_s,
+            failover_after_s=failover_after_s, transport=parent_transport,
             data=LocalData(x=np.zeros((0, 1), np.float32), y=np.zeros(0, np.int64)),
             training=self.train, hooks=AgentHooks(transform_hello=self._hello),
             status_probe=DeviceStatus)
