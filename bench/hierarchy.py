@@ -37,7 +37,7 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fleetlearn._tree import LocalTree, TreeSpec  # noqa: E402
+from fleetlearn._tree import LocalTree, TreeSpec
 
 
 def say(line: str) -> None:

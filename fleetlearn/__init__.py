@@ -5,6 +5,8 @@ private modules are not an API. The names load their package on first use, so
 ``from fleetlearn import Agent`` on a device never imports the cloud side (and needs
 no ``onnx``), and ``import fleetlearn`` alone costs nothing.
 
+- Edge tiers: ``EdgeAggregator`` (an aggregator to its children, a device to its
+  parent), ``FailoverAgent`` and ``ParentLink`` (candidate parents), ``EdgeRounds``.
 - Running: ``Aggregator`` (``Aggregator.connect(config, broker=...)``, ``start``,
   ``run``, ``subscribe``), ``AggregatorConfig``; ``Agent``, ``AgentSettings``,
   ``AgentConfig``; ``simulate`` with ``SimConfig`` → ``SimResult``.
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 _SOURCES: dict[str, tuple[str, ...]] = {
     "cloud_aggregator": (
         "Aggregator", "AggregatorConfig", "Strategy", "StrategyBase", "StrategyContext",
-        "SyncRounds",
+        "SyncRounds", "EdgeRounds", "ParentJob",
         "FedBuff", "Admit", "Reply", "Answer", "ModelState", "RoundAggregate",
         "Contribution", "IngestPipeline", "IngestStage", "UpdateItem", "Rejection",
         "SelectionPolicy", "BasePolicy", "Candidate", "DeviceHistory", "FleetHistory",
@@ -44,8 +46,9 @@ _SOURCES: dict[str, tuple[str, ...]] = {
         "Agent", "AgentSettings", "AgentConfig", "Trainer", "TrainResult", "open_trainer",
         "AgentError", "TrainingBackendMissing", "ArtifactError", "DataError",
         "ModelVersionError", "StateError", "DiskFull", "HookError", "IllegalTransition",
-        "AgentHooks", "LocalTraining", "train_locally",
+        "AgentHooks", "LocalTraining", "train_locally", "FailoverAgent", "ParentLink",
     ),
+    "fleetlearn._edge": ("EdgeAggregator",),
     "fleetlearn._simulate": ("simulate", "SimConfig", "SimResult"),
     "broker_bridge": (
         "Channel", "MqttTransport", "MemoryBroker", "MemoryTransport",
@@ -63,6 +66,7 @@ __all__ = [
     "Agent",
     "AgentConfig",
     "AgentError",
+    "AgentHooks",
     "AgentSettings",
     "Aggregator",
     "AggregatorConfig",
@@ -81,23 +85,24 @@ __all__ = [
     "ConfigError",
     "Contribution",
     "DataError",
+    "DeviceHistory",
     "DeviceOffline",
     "DeviceOnline",
     "DeviceProfile",
-    "DeviceHistory",
     "DiskFull",
+    "EdgeAggregator",
+    "EdgeRounds",
     "EnvelopeError",
     "Event",
+    "FailoverAgent",
     "FedBuff",
     "FleetHistory",
     "FleetlearnError",
     "HookError",
     "IllegalTransition",
-    "AgentHooks",
-    "LocalTraining",
-    "train_locally",
     "IngestPipeline",
     "IngestStage",
+    "LocalTraining",
     "MemoryBroker",
     "MemoryTransport",
     "ModelBuildError",
@@ -105,6 +110,8 @@ __all__ = [
     "ModelState",
     "ModelVersionError",
     "MqttTransport",
+    "ParentJob",
+    "ParentLink",
     "ProfileError",
     "ProtocolError",
     "Rejection",
@@ -138,6 +145,7 @@ __all__ = [
     "get_profile",
     "open_trainer",
     "simulate",
+    "train_locally",
 ]
 """Every name of the API; ``_SOURCES`` says which package defines it (a test checks
 that the two agree and that each name resolves)."""
@@ -185,6 +193,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
         DeviceHistory,
         DeviceOffline,
         DeviceOnline,
+        EdgeRounds,
         Event,
         FedBuff,
         FleetHistory,
@@ -193,6 +202,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
         ModelBuildError,
         ModelReleased,
         ModelState,
+        ParentJob,
         Rejection,
         Reply,
         RoundAggregate,
@@ -230,10 +240,12 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
         ArtifactError,
         DataError,
         DiskFull,
+        FailoverAgent,
         HookError,
         IllegalTransition,
         LocalTraining,
         ModelVersionError,
+        ParentLink,
         StateError,
         Trainer,
         TrainingBackendMissing,
@@ -241,4 +253,5 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
         open_trainer,
         train_locally,
     )
+    from fleetlearn._edge import EdgeAggregator
     from fleetlearn._simulate import SimConfig, SimResult, simulate
