@@ -75,6 +75,8 @@ class TreeSpec:
     seed: int = 0
     partition_seed: int = 0
     alpha: float = 0.5
+    num_samples: int = 10_000
+    """MNIST-1D samples generated (80% train over the devices, 20% held out)."""
 
 
 class LocalTree:
@@ -89,7 +91,7 @@ class LocalTree:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fleetlearn-tree-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.artifacts_dir = Path(artifacts_dir or self.workdir / "artifacts")
-        data = load_mnist1d(cache_dir=cache_dir)
+        data = load_mnist1d(cache_dir=cache_dir, num_samples=spec.num_samples)
         n = spec.edges * spec.devices_per_edge
         self.parts = partition_dirichlet(data.y_train, n, alpha=spec.alpha,
                                          seed=spec.partition_seed)

@@ -240,3 +240,43 @@ def test_tree_of_thirty_devices_trains(tmp_path: Path) -> None:
         assert closed[-1].accuracy is not None and closed[-1].accuracy > before + 0.15
     finally:
         tree.close()
+
+
+def test_simulate_a_topology_with_a_site_failure(tmp_path: Path) -> None:
+    from fleetlearn import simulate
+
+    result = simulate(topology="cloud:1,edge:3,device:6", rounds=4, model="mlp",
+                      edge_crash_fraction=0.34, out_dir=tmp_path / "run", quiet=True,
+                      seed=1, aggregator={"local_epochs": 1})
+    report = result.report
+    assert result.report_path == tmp_path / "run" / "report.json"
+    assert report["topology"] == "cloud:1,edge:3,device:6"
+    crashed = [e for e in report["edges"] if e["crashed_at_round"] is not None]
+    alive = [e for e in report["edges"] if e["crashed_at_round"] is None]
+    assert len(crashed) == 1 and crashed[0]["crashed_at_round"] == 3
+    assert report["cloud"]["rounds_closed"] == 4
+    assert [r["devices_reported"] for r in report["rounds"]][:2] == [3, 3]
+    assert report["rounds"][-1]["devices_reported"] == 2
+    # Only the failed site's devices move (the run may end before they do: moving
+    # waits out failover_after_s; test_site_failure_... checks that they train there).
+    home = int(crashed[0]["id"].split("-")[1])
+    assert set(report["devices"]["moved"]) <= {f"dev-{2 * home:03d}",
+                                               f"dev-{2 * home + 1:03d}"}
+    trained = sum(e["children_trained"] for e in alive)
+    assert 4 <= trained <= 4 + len(report["devices"]["moved"])
+    assert report["final_accuracy"] is not None
+
+
+def test_topology_settings_are_checked() -> None:
+    from device_profiles import ConfigError
+    from fleetlearn import SimConfig
+
+    assert SimConfig(topology="cloud:1,edge:2,device:8").tiers() == (2, 8)
+    for bad in ("edge:3,device:10", "cloud:2,edge:1,device:4", "cloud:1,edge:0,device:4",
+                "cloud:1,edge:2,device:x", "cloud:1,router:2,device:4"):
+        with pytest.raises(ConfigError):
+            SimConfig(topology=bad)
+    with pytest.raises(ConfigError):
+        SimConfig(topology="cloud:1,edge:2,device:8", partition="iid")
+    with pytest.raises(ConfigError):
+        SimConfig(edge_crash_fraction=1.0)
