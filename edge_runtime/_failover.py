@@ -103,6 +103,10 @@ class FailoverAgent:
                  **agent_options: Any) -> None:
         if not parents:
             raise ConfigError("a failover agent needs at least one candidate parent")
+        fleets = [p.fleet for p in parents]
+        if len(set(fleets)) != len(fleets):
+            raise ConfigError("candidate parents need distinct fleet names (a parked update "
+                              "is kept per parent fleet)")
         if not failover_after_s > 0:
             raise ConfigError(f"failover_after_s must be > 0, got {failover_after_s}")
         self.device_id = check_id(device_id, what="device id")
@@ -182,8 +186,8 @@ class FailoverAgent:
         ``failover_after_s``; True when it moved."""
         with self._lock:
             agent = self._agent
-            if agent is None or self._stop.is_set():
-                return False
+            if agent is None or self._stop.is_set() or len(self.parents) == 1:
+                return False  # with one parent, the agent's own reconnects are all there is
             if agent.channel.transport.connected:
                 self._down_since = None
                 return False
