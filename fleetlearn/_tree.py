@@ -11,7 +11,8 @@ straight to the cloud instead: the baseline a tree is measured against.
 Every part speaks MQTT to the others; nothing is shared in memory but the process
 (and, for speed, one ONNX Runtime session pool for the devices). ``kill_edge`` is a site
 failure: the edge aggregator dies as in a crash and its broker is killed;
-``restart_edge`` brings the edge back from its stores.
+``restart_edge`` brings the edge back from its stores. ``edge_class`` may be a subclass
+of ``EdgeAggregator`` (edges of your own).
 """
 
 from __future__ import annotations
@@ -84,8 +85,10 @@ class LocalTree:
 
     def __init__(self, spec: TreeSpec, *, workdir: str | Path | None = None,
                  flat: bool = False, cache_dir: str | Path | None = None,
-                 artifacts_dir: str | Path | None = None) -> None:
+                 artifacts_dir: str | Path | None = None,
+                 edge_class: type[EdgeAggregator] = EdgeAggregator) -> None:
         self.spec = spec
+        self.edge_class = edge_class
         self.flat = flat
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fleetlearn-tree-"))
@@ -169,7 +172,7 @@ class LocalTree:
             self.devices[-1].start()
 
     def _make_edge(self, i: int) -> EdgeAggregator:
-        return EdgeAggregator(
+        return self.edge_class(
             config=self.edge_config(i), broker=self.site_brokers[i].url,
             device_id=f"edge-{i}", parents=[ParentLink(broker=self.cloud_broker.url,
                                                        fleet=CLOUD_FLEET, name="cloud")],

@@ -12,6 +12,7 @@ started by the test on a free port; real agents training MNIST-1D with ONNX Runt
 from __future__ import annotations
 
 import collections
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,10 @@ import numpy as np
 import pytest
 from waiting import wait_for
 
+from broker_bridge import TaskSpec
 from cloud_aggregator import Aggregator, RoundEnded, Store, UpdateAccepted
+from cloud_aggregator._rounds import DeviceState
+from edge_runtime import LocalData, LocalResult, Trainer, TrainingBudget
 from fleetlearn._edge import EdgeAggregator
 from fleetlearn._tree import LocalTree, TreeSpec
 
@@ -170,11 +174,26 @@ def test_site_failure_moves_devices_and_training_goes_on(tmp_path: Path) -> None
         tree.close()
 
 
+class HeldEdge(EdgeAggregator):
+    """An edge whose first parent task waits for ``release`` (edge 1 of the resume test:
+    the cloud's round stays open while edge 0 is down, as a slower site would keep it)."""
+
+    release = threading.Event()
+
+    def train(self, task: TaskSpec, params: np.ndarray, data: LocalData, trainer: Trainer,
+              budget: TrainingBudget) -> LocalResult:
+        if self.aggregator.fleet == "site-1" and task.round == 1:
+            self.release.wait(timeout=budget.seconds / 2)
+        return super().train(task, params, data, trainer, budget)
+
+
 def test_killed_edge_resumes_its_job_from_its_store(tmp_path: Path) -> None:
     spec = TreeSpec(edges=2, devices_per_edge=2, cloud_rounds=2, rounds_per_task=4,
-                    cloud_deadline_s=120.0, edge_deadline_s=30.0, failover_after_s=300.0,
+                    cloud_deadline_s=240.0, edge_deadline_s=30.0, failover_after_s=300.0,
                     cloud_quorum=2)
-    tree = LocalTree(spec, workdir=tmp_path / "tree", cache_dir=_cache(tmp_path))
+    HeldEdge.release.clear()
+    tree = LocalTree(spec, workdir=tmp_path / "tree", cache_dir=_cache(tmp_path),
+                     edge_class=HeldEdge)
     try:
         tree.start()
         assert tree.wait_ready(timeout_s=60)
@@ -199,6 +218,15 @@ def test_killed_edge_resumes_its_job_from_its_store(tmp_path: Path) -> None:
         job = edge.strategy.job
         assert job is not None and job.rounds_done >= 1  # resumed, not started over
         key, base = job.key, job.base_version
+
+        def edge_back() -> bool:  # the cloud re-sent the task edge 0 was busy with
+            with cloud._lock:
+                rnd = cloud.current_round
+                return (rnd is not None and rnd.spec.index == 1
+                        and rnd.state("edge-0") is not DeviceState.DROPPED)
+
+        assert wait_for(edge_back, timeout=120)
+        HeldEdge.release.set()
         assert wait_for(lambda: cloud.done, timeout=300), cloud.status_line()
         assert cloud.model_version == 2
         assert sorted(_updates(cloud, 1)) == ["edge-0", "edge-1"]
@@ -216,6 +244,7 @@ def test_killed_edge_resumes_its_job_from_its_store(tmp_path: Path) -> None:
         assert base in versions  # the killed job's first round trained the adopted model
         assert np.isfinite(cloud.params).all()
     finally:
+        HeldEdge.release.set()
         tree.close()
 
 
