@@ -1,7 +1,8 @@
 """Edge tiers over real brokers: one Mosquitto for the cloud and one per edge site, each
 started by the test on a free port; real agents training MNIST-1D with ONNX Runtime.
 
-- a tree of cloud + 3 edges trains (fast: 2 devices per edge; slow: 10, 30 devices);
+- a tree of cloud + 3 edges trains (fast: 2 devices per edge; slow: 10, 30 devices), and
+  a tree three tiers deep (an edge whose parent is an edge);
 - a site killed mid-round: its devices move to another edge, training goes on, and no
   device update reaches a cloud round twice;
 - an edge killed mid-job and restarted resumes the job from its store (the parent's
@@ -309,3 +310,69 @@ def test_topology_settings_are_checked() -> None:
         SimConfig(topology="cloud:1,edge:2,device:8", partition="iid")
     with pytest.raises(ConfigError):
         SimConfig(edge_crash_fraction=1.0)
+
+
+def test_a_tree_three_tiers_deep_trains(tmp_path: Path, artifacts: Path) -> None:
+    """cloud <- mid edge <- leaf edge <- 2 devices: an edge's parent may be an edge."""
+    from broker_bridge import Channel, MosquittoProcess, MqttTransport
+    from cloud_aggregator import AggregatorConfig
+    from edge_runtime import DeviceStatus, FailoverAgent, ParentLink, load_mnist1d
+
+    brokers = [MosquittoProcess().start() for _ in range(3)]
+    cloud_url, mid_url, leaf_url = (b.url for b in brokers)
+
+    def config(fleet: str, **kw: object) -> AggregatorConfig:
+        settings: dict[str, object] = {
+            "fleet": fleet, "model": "mlp", "devices_per_round": 1, "over_selection": 1.0,
+            "quorum": 1, "min_devices": 1, "local_epochs": 1, "server_opt": "fedavg",
+            "store_synchronous": "NORMAL"}
+        settings.update(kw)
+        return AggregatorConfig(**settings)  # type: ignore[arg-type]
+
+    cloud = Aggregator(
+        config=config("cloud", rounds=2, deadline_s=120.0, state_dir=tmp_path / "cloud"),
+        channel=Channel(transport=MqttTransport(url=cloud_url, client_id="aggregator",
+                                                clean_session=False, backoff_min_s=0.1,
+                                                backoff_max_s=1.0), fleet="cloud"),
+        artifacts_dir=artifacts)
+    mid = EdgeAggregator(config=config("mid", deadline_s=60.0), broker=mid_url,
+                         device_id="edge-mid", state_dir=tmp_path / "mid",
+                         parents=[ParentLink(broker=cloud_url, fleet="cloud")],
+                         artifacts_dir=artifacts)
+    leaf = EdgeAggregator(config=config("leaf", deadline_s=30.0, devices_per_round=2,
+                                        quorum=2, min_devices=2),
+                          broker=leaf_url, device_id="edge-leaf", state_dir=tmp_path / "leaf",
+                          parents=[ParentLink(broker=mid_url, fleet="mid")],
+                          artifacts_dir=artifacts)
+    data = load_mnist1d(cache_dir=_cache(tmp_path))
+    devices = [FailoverAgent(device_id=f"dev-{i}", state_dir=tmp_path / f"dev-{i}",
+                             parents=[ParentLink(broker=leaf_url, fleet="leaf")],
+                             data=LocalData(x=data.x_train[i * 300:(i + 1) * 300],
+                                            y=data.y_train[i * 300:(i + 1) * 300]),
+                             status_probe=DeviceStatus) for i in range(2)]
+    try:
+        cloud.start()
+        for part in (mid, leaf, *devices):
+            part.start()
+        history = cloud.run(timeout_s=180)
+        assert cloud.model_version == 2, [m.to_json() for m in history]
+        assert [k.device_id for k in cloud.store.accepted_keys("cloud")] == ["edge-mid"] * 2
+        mid_rounds = [m for m in mid.aggregator.history if m.outcome == "closed"]
+        assert len(mid_rounds) == 2
+        assert all(_updates(mid.aggregator, m.round) == ["edge-leaf"] for m in mid_rounds)
+        leaf_rounds = [m for m in leaf.aggregator.history if m.outcome == "closed"]
+        assert len(leaf_rounds) == 2
+        assert all(sorted(_updates(leaf.aggregator, m.round)) == ["dev-0", "dev-1"]
+                   for m in leaf_rounds)
+        # The cloud's model moved by what the devices trained, through two edges.
+        assert not np.allclose(cloud.params, mid.aggregator.model.initial)
+    finally:
+        for device in devices:
+            device.stop()
+        leaf.stop()
+        mid.stop()
+        cloud.stop()
+        cloud.close()
+        cloud.channel.transport.close()
+        for broker in brokers:
+            broker.close()
