@@ -438,6 +438,33 @@ class Aggregator:
         if self._owns_transport:
             self.channel.transport.close()
 
+    def abort(self) -> None:
+        """Stop as a crash would (a simulated site failure): the connection drops without
+        a DISCONNECT, ``run`` returns, nothing more is committed or checkpointed; what the
+        store holds is what the next start finds (``close`` is not needed after it)."""
+        self._stop.set()
+        try:
+            self.channel.transport.abort()
+        except Exception:  # already gone
+            log.debug("aborting the transport failed", exc_info=True)
+        with self._wake:
+            if not self._closed:
+                self._closed = True
+                if self._metrics_server is not None:
+                    self._metrics_server.close()
+                    self._metrics_server = None
+                self.store.close()
+                if self._tmp is not None:
+                    self._tmp.cleanup()
+            self._wake.notify_all()
+
+    @property
+    def condition(self) -> threading.Condition:
+        """The aggregator's lock, as a condition: hold it to read or act on the strategy
+        and the model between two steps (handlers and ticks wait); ``wait`` on it wakes
+        at each step of ``run``. Hold it briefly: every message waits for it."""
+        return self._wake
+
     def run(self, *, timeout_s: float | None = None) -> list[RoundMetrics]:
         """Tick until ``config.rounds`` model versions exist, ``stop()``, or the timeout.
 
@@ -458,8 +485,9 @@ class Aggregator:
         finally:
             with self._lock:
                 self._running = False
-                self._commit()
-                self._save_unsaved()
+                if not self._closed:  # abort() writes nothing more
+                    self._commit()
+                    self._save_unsaved()
         return list(self.history)
 
     def wake(self) -> None:
@@ -472,7 +500,7 @@ class Aggregator:
         if not self._started:
             self.start()  # not under the lock: start() subscribes
         with self._lock:
-            if self.done:
+            if self.done or self._closed:
                 return False
             if self._running:
                 self._commit_due()  # the run loop groups commits

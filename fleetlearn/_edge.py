@@ -130,14 +130,9 @@ class EdgeAggregator:
         fire), nothing more written; what the stores hold is what a restart finds."""
         self._stop.set()
         self.device.abort()
-        agg = self.aggregator
-        agg.channel.transport.abort()
-        agg.stop()
+        self.aggregator.abort()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        with agg._lock:  # no commit, no checkpoint: drop what was not durable
-            agg._closed = True
-            agg.store.close()
 
     # -- the parent side's training -----------------------------------------------------
 
@@ -152,7 +147,7 @@ class EdgeAggregator:
         def over() -> bool:
             return budget.should_stop() or time.monotonic() >= end
 
-        with agg._wake:
+        with agg.condition:
             job = strategy.job
             if job is not None and job.key != key and not job.finished:
                 # The parent moved on: the old job opens no more rounds.
@@ -168,14 +163,14 @@ class EdgeAggregator:
             log.info("edge %s: resuming parent task round %d (%d of %d rounds done)",
                      agg.fleet, task.round, job.rounds_done, job.rounds)
         while not over():
-            with agg._wake:
+            with agg.condition:
                 job = strategy.job
                 if job is None or job.key != key:
                     return _nothing(params)
                 if job.finished:
                     break
-                agg._wake.wait(WAIT_STEP_S)
-        with agg._wake:
+                agg.condition.wait(WAIT_STEP_S)
+        with agg.condition:
             job = strategy.job
             if job is None or job.key != key or job.rounds_done == 0:
                 return _nothing(params)
@@ -186,7 +181,7 @@ class EdgeAggregator:
 
     def _adopt(self, key: str, params: np.ndarray) -> bool:
         agg, strategy = self.aggregator, self.strategy
-        with agg._wake:
+        with agg.condition:
             if agg.current_round is not None or agg.journal.pending:
                 return False  # the old job's round is still open: wait for its end
 
