@@ -10,6 +10,7 @@ and A counts the parked update once, byte for byte the one committed before.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,8 @@ def test_parent_links_are_checked() -> None:
 
 
 def test_unacknowledged_update_is_parked_and_counted_once_at_its_parent(
-        tmp_path: Path, artifacts: Path) -> None:
-    broker_a, broker_b = MosquittoProcess().start(), MosquittoProcess().start()
+        tmp_path: Path, artifacts: Path, mosquittos: Callable[..., MosquittoProcess]) -> None:
+    broker_a, broker_b = mosquittos(), mosquittos()
     settings = {"devices_per_round": 1, "quorum": 1, "min_devices": 1, "rounds": 1,
                 "deadline_s": 300.0, "codec": "ef+topk:0.1+q8+zstd"}
     agg_a = aggregator(broker_a.url, "site-a", tmp_path / "agg-a", artifacts, **settings)
@@ -117,5 +118,3 @@ def test_unacknowledged_update_is_parked_and_counted_once_at_its_parent(
         for a in (agg_a, agg_b):
             a.close()
             a.channel.transport.close()
-        broker_a.close()
-        broker_b.close()

@@ -5,6 +5,7 @@ broker (two real Mosquittos started here on free ports), real agents train."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,14 +35,14 @@ def test_bridge_configuration_is_checked() -> None:
 
 
 def test_an_edge_behind_a_bridge_trains_and_only_its_topics_cross(
-        tmp_path: Path, artifacts: Path) -> None:
-    cloud_broker = MosquittoProcess().start()
+        tmp_path: Path, artifacts: Path, mosquittos: Callable[..., MosquittoProcess]) -> None:
+    cloud_broker = mosquittos()
     port = free_port()
     site_conf = render_mosquitto_conf(
         port=port, bind_address="127.0.0.1", password_file=None, acl_file=None,
         persistence_dir=None, run_as_user=_child_user()) + render_edge_bridge(
         parent=cloud_broker.url, parent_fleet="cloud", edge_id="edge-1")
-    site_broker = MosquittoProcess(conf_text=site_conf, port=port).start()
+    site_broker = mosquittos(conf_text=site_conf, port=port)
     seen: list[str] = []
     lock = threading.Lock()
 
@@ -96,5 +97,3 @@ def test_an_edge_behind_a_bridge_trains_and_only_its_topics_cross(
         cloud.close()
         cloud.channel.transport.close()
         sniffer.close()
-        site_broker.close()
-        cloud_broker.close()

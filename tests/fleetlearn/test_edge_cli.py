@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +86,9 @@ def _edge_rounds(state: Path) -> list[dict[str, object]]:
 
 
 @pytest.mark.slow
-def test_edge_killed_mid_job_resumes_it_from_its_store(tmp_path: Path) -> None:
-    cloud_broker, site_broker = MosquittoProcess().start(), MosquittoProcess().start()
+def test_edge_killed_mid_job_resumes_it_from_its_store(
+        tmp_path: Path, mosquittos: Callable[..., MosquittoProcess]) -> None:
+    cloud_broker, site_broker = mosquittos(), mosquittos()
     data = load_mnist1d(cache_dir=tmp_path.parent.parent / "fleetlearn-cache")
     parts = partition_dirichlet(data.y_train, 20, alpha=0.5, seed=0)
     cloud = Aggregator(
@@ -171,5 +173,3 @@ def test_edge_killed_mid_job_resumes_it_from_its_store(tmp_path: Path) -> None:
             runner.join(timeout=30)
         cloud.close()
         cloud.channel.transport.close()
-        cloud_broker.close()
-        site_broker.close()

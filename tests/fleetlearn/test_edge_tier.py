@@ -15,13 +15,14 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from waiting import wait_for
 
-from broker_bridge import TaskSpec
+from broker_bridge import MosquittoProcess, TaskSpec
 from cloud_aggregator import Aggregator, RoundEnded, Store, UpdateAccepted
 from cloud_aggregator._rounds import DeviceState
 from edge_runtime import LocalData, LocalResult, Trainer, TrainingBudget
@@ -312,13 +313,14 @@ def test_topology_settings_are_checked() -> None:
         SimConfig(edge_crash_fraction=1.0)
 
 
-def test_a_tree_three_tiers_deep_trains(tmp_path: Path, artifacts: Path) -> None:
+def test_a_tree_three_tiers_deep_trains(tmp_path: Path, artifacts: Path,
+                                        mosquittos: Callable[..., MosquittoProcess]) -> None:
     """cloud <- mid edge <- leaf edge <- 2 devices: an edge's parent may be an edge."""
-    from broker_bridge import Channel, MosquittoProcess, MqttTransport
+    from broker_bridge import Channel, MqttTransport
     from cloud_aggregator import AggregatorConfig
     from edge_runtime import DeviceStatus, FailoverAgent, ParentLink, load_mnist1d
 
-    brokers = [MosquittoProcess().start() for _ in range(3)]
+    brokers = [mosquittos() for _ in range(3)]
     cloud_url, mid_url, leaf_url = (b.url for b in brokers)
 
     def config(fleet: str, **kw: object) -> AggregatorConfig:
@@ -374,5 +376,3 @@ def test_a_tree_three_tiers_deep_trains(tmp_path: Path, artifacts: Path) -> None
         cloud.stop()
         cloud.close()
         cloud.channel.transport.close()
-        for broker in brokers:
-            broker.close()
