@@ -6,14 +6,18 @@ building); everything else is private to the package, listed here by module.
 
 Where things live:
 
-- ``_errors``: ``AggregatorError``, ``ModelBuildError``, ``UpdateRejected``.
+- ``_errors``: ``AggregatorError``, ``ModelBuildError``, ``UpdateRejected``,
+  ``SecAggAbandoned``.
+- ``_secagg``: ``SecAggRound`` (the aggregator's side of a secure-aggregation round:
+  it learns only the sum; not wired into the runtime yet).
 - ``_models``: ``build_reference_model``, ``REFERENCE_MODELS`` (mlp, cnn, mlp-xl; onnx.helper).
 - ``_artifacts``: ``build_artifacts``, ``ArtifactInfo``, ``read_manifest``, ``initial_parameters``.
 - ``_selection``: ``Candidate``, ``SelectionPolicy``, the policies, ``make_policy``.
 - ``_aggregation``: ``StreamingAccumulator``, ``validate_update``, ``fedavg``, ``FedBuffBuffer``.
 - ``_server_opt``: ``make_server_optimizer`` (fedavg, fedavgm, fedadagrad, fedadam, fedyogi).
 - ``_robust``: ``RobustBuffer``/``RobustConfig``, clipping, median, trimmed mean, (multi-)Krum.
-- ``_store``: ``Store`` (SQLite: rounds, devices, update keys, checkpoints), ``StoreError``.
+- ``_store``: ``Store`` (SQLite: rounds, devices, update keys, checkpoints), ``StoreError``;
+  ``_store_keys``: the keys devices were first seen with (trust on first use).
 - ``_config``: ``AggregatorConfig`` (frozen, parsed once), ``load_config`` (flags >
   environment > TOML > defaults), ``AGGREGATOR`` (the ``[aggregator]`` settings section);
   ``_connect``: ``AggregatorConnection`` (the broker settings of ``fleetlearn aggregator``).
@@ -28,7 +32,8 @@ Where things live:
   ``EdgeRounds``, ``ParentJob`` (an edge tier's rounds, opened for its parent's task).
 - ``_ingest``: ``IngestPipeline``, ``IngestStage``, ``UpdateItem``, ``Rejection``, the
   default stages, ``Journal`` (group commit); ``_aggregate``: ``RoundAggregate``,
-  ``Contribution``.
+  ``Contribution``; ``_identity``: ``KeyBook`` (each device's key: the enrolment, then
+  trust on first use) and ``VerifySignature``, the first ingest stage (``verify``).
 - ``_planner``: ``WorkPlanner`` (cost model, adaptive local work, tasks);
   ``_recorder``: ``RoundRecorder`` (metrics, evaluation); ``_events``: the event types.
 - ``_startup``: ``prepare_artifacts``, ``ModelArtifacts``, the run record and the checks
@@ -50,7 +55,12 @@ from cloud_aggregator._artifacts import (
 )
 from cloud_aggregator._config import AggregatorConfig, load_config
 from cloud_aggregator._edge_rounds import EdgeRounds, ParentJob
-from cloud_aggregator._errors import AggregatorError, ModelBuildError, UpdateRejected
+from cloud_aggregator._errors import (
+    AggregatorError,
+    ModelBuildError,
+    SecAggAbandoned,
+    UpdateRejected,
+)
 from cloud_aggregator._evaluate import ServerEvaluator
 from cloud_aggregator._events import (
     DeviceOffline,
@@ -166,6 +176,7 @@ __all__ = [
     "UpdateRejected",
     "StoreError",
     "SchemaTooNew",
+    "SecAggAbandoned",
     "CheckpointCorrupt",
 ]
 

@@ -3,6 +3,7 @@
     AggregatorError
     ├── ModelBuildError   an ONNX model that cannot be turned into training artifacts
     ├── UpdateRejected    an update that broke a rule (layout, NaN, norm, staleness)
+    ├── SecAggAbandoned   a secure round that cannot produce a checked sum
     └── StoreError        the database cannot be opened or used as asked
         ├── SchemaTooNew      written by a newer fleetlearn (never downgraded in place)
         └── CheckpointCorrupt a checkpoint file missing, truncated or not its sha256
@@ -28,6 +29,11 @@ class UpdateRejected(AggregatorError, ValueError):
         super().__init__(message)
         self.reason = reason
         self.device_id = device_id
+
+
+class SecAggAbandoned(AggregatorError):
+    """A secure round that cannot produce a checked sum (too few devices uploaded or
+    answered, or their shares do not reconstruct); nothing of it may be applied."""
 
 
 class StoreError(AggregatorError):

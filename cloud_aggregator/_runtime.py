@@ -5,7 +5,9 @@ message to the part that owns it:
 
 - a ``Strategy`` (``SyncRounds`` or ``FedBuff``, or one of yours) decides when devices
   get tasks and when the aggregate becomes a new model;
-- the ingest pipeline (``_ingest``) decodes, validates, screens and weighs each update,
+- the ingest pipeline (``_ingest``) verifies each update's signature against its
+  device's key (``_identity``: the ``KeyBook``), then decodes, validates, screens and
+  weighs it,
   and the ``Journal`` makes accepted ones durable, a group per transaction;
 - the ``WorkPlanner`` sizes and writes tasks, the ``ModelServer`` names and serves model
   versions and the artifact bundle, the ``RoundRecorder`` writes metrics, the
@@ -50,6 +52,7 @@ import numpy.typing as npt
 from broker_bridge import (
     Channel,
     CodecSpec,
+    Enrolment,
     Message,
     roll_call,
 )
@@ -69,6 +72,7 @@ from cloud_aggregator._events import (
     Subscriber,
 )
 from cloud_aggregator._fedbuff import FedBuff
+from cloud_aggregator._identity import KeyBook, VerifySignature
 from cloud_aggregator._ingest import (
     BoundWeight,
     Decode,
@@ -86,6 +90,8 @@ from cloud_aggregator._recorder import PENDING_METRICS, RoundRecorder
 from cloud_aggregator._registry import FleetRegistry
 from cloud_aggregator._rounds import Clock, SyncRound, WallClock
 from cloud_aggregator._screen import NormScreen, WeightBound
+from cloud_aggregator._secure_sync import CODEC as SECURE_CODEC
+from cloud_aggregator._secure_sync import SecureSyncRounds, SecureUpload
 from cloud_aggregator._selection import SelectionPolicy, make_policy
 from cloud_aggregator._serving import ModelServer
 from cloud_aggregator._startup import (
@@ -128,7 +134,10 @@ class Aggregator:
     ``strategy`` (default: ``SyncRounds`` or ``FedBuff`` by ``config.mode``), ``policy``
     (a ``SelectionPolicy``; default from ``config.selection``), ``optimizer`` (a server
     optimizer with ``step``/``to_bytes``/``load_bytes``), ``evaluator`` (with
-    ``evaluate(params)``). ``subscribe`` delivers the fleet's events.
+    ``evaluate(params)``). ``subscribe`` delivers the fleet's events. ``enrolment`` (an
+    ``Enrolment``, consulted live) gives the devices' public keys instead of
+    ``config.enrolment``'s file: every update must be signed by its device's key
+    (``_identity``).
     """
 
     def __init__(
@@ -144,6 +153,7 @@ class Aggregator:
         policy: SelectionPolicy | None = None,
         optimizer: Any = None,
         evaluator: Any = None,
+        enrolment: Enrolment | None = None,
     ) -> None:
         if channel.fleet != config.fleet:
             raise ConfigError(f"channel is for fleet {channel.fleet!r}, config {config.fleet!r}")
@@ -168,6 +178,9 @@ class Aggregator:
         self.store = Store(self.state_dir / "aggregator.sqlite",
                            synchronous=config.store_synchronous)
         try:
+            self.keys = KeyBook(store=self.store, fleet=config.fleet, enrolment=enrolment,
+                                path=config.enrolment,
+                                trust_on_first_use=config.trust_on_first_use)
             self._init_parts(artifacts_dir, on_round, strategy, policy, optimizer, evaluator)
         except BaseException:
             self.store.close()
@@ -233,8 +246,9 @@ class Aggregator:
                                       evaluator=evaluator, on_round=on_round)
         self.state = ModelState(params=self.model.initial.copy(),
                                 optimizer=optimizer or config.make_server_optimizer())
-        self.strategy: Strategy = strategy or (FedBuff() if config.mode == "async"
-                                               else SyncRounds())
+        self.strategy: Strategy = strategy or (
+            FedBuff() if config.mode == "async"
+            else SecureSyncRounds() if config.secure_aggregation else SyncRounds())
         self.journal = Journal(self.store)
         self.pipeline = self._default_pipeline()
         self.planner: WorkPlanner | None = None  # needs the run record: set in start()
@@ -247,7 +261,8 @@ class Aggregator:
             registry=self.registry, counters=self.counters, events=self.events,
             recorder=self.recorder, ledger=self.ledger, journal=self.journal,
             pipeline=self.pipeline, model=self.state, strategy=self.strategy,
-            uplink=self._uplink, planner=self._planner, server=self._model_server,
+            uplink=SECURE_CODEC if config.secure_aggregation else self._uplink,
+            planner=self._planner, server=self._model_server,
             running=lambda: self._running, commit=self._commit)
         self.learned = LearnedState(
             config=config, store=self.store, state_dir=self.state_dir,
@@ -268,7 +283,13 @@ class Aggregator:
 
     def _default_pipeline(self) -> IngestPipeline:
         cfg = self.config
+        if isinstance(self.strategy, SecureSyncRounds):
+            # The aggregator never sees a secure round's updates: nothing to decode,
+            # validate, screen or weigh (docs/PROTOCOL.md section 11).
+            return IngestPipeline([Unpack(nonce_of=lambda r, d: self._planner().nonce(r, d)),
+                                   SecureUpload(strategy=self.strategy)])
         stages: Sequence[IngestStage] = [
+            VerifySignature(keys=self.keys),
             Unpack(nonce_of=lambda r, d: self._planner().nonce(r, d)),
             Decode(layout=self.layout),
             Validate(rules=UpdateRules(size=self.layout.size, max_norm=cfg.max_update_norm)),
@@ -361,6 +382,11 @@ class Aggregator:
                 return
             self._started = True
             self._restore()
+            if self.keys.empty:
+                log.warning(
+                    "no device key is enrolled and trust_on_first_use is off: every update "
+                    "will be refused (unknown_device). Enrol devices (fleetlearn devices "
+                    "enroll) and give the file with --enrolment")
             if self.config.metrics_port is not None:
                 self._metrics_server = MetricsServer(self.counters, port=self.config.metrics_port,
                                                      host=self.config.metrics_bind)
@@ -587,7 +613,8 @@ class Aggregator:
             layout=self.layout, model=self.state, screen=self.screen, weights=self.weights,
             send_task=self.desk.send_task, cancel=self.desk.cancel, release=self._release,
             emit=self.events.emit, note=self.desk.note, fail=self._fail, ledger=self.ledger,
-            queued=lambda: self.journal.pending, commit=self._commit)
+            queued=lambda: self.journal.pending, commit=self._commit,
+            send_secagg=self.desk.send_secagg)
 
     def _fail(self, reason: str) -> None:
         self._failed = reason

@@ -21,7 +21,7 @@ opening runs SQLite's ``quick_check``, and every later SQLite failure is transla
 
 Why this module is longer than 400 lines: one ``Store`` owns the one connection and
 lock through which every write is ordered (rounds, the journal, checkpoints, state);
-the device tables are in ``_store_devices``.
+the device tables are in ``_store_devices``, the keys first seen in ``_store_keys``.
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ import numpy.typing as npt
 from broker_bridge import atomic_write
 from cloud_aggregator._errors import CheckpointCorrupt, SchemaTooNew, StoreError
 from cloud_aggregator._store_devices import DeviceTables, _json, _now, migrate_v2
+from cloud_aggregator._store_keys import KeyTables, migrate_v3
 from device_profiles._errors import ConfigError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 # --------------------------------------------------------------------------- records
@@ -203,7 +204,7 @@ def _safe_name(fleet: str) -> str:
 # --------------------------------------------------------------------------- store
 
 
-class Store(DeviceTables):
+class Store(DeviceTables, KeyTables):
     """The aggregator's durable state: rounds, devices, accepted keys, metrics, blobs.
 
     One connection guarded by a lock; write transactions are ``BEGIN IMMEDIATE`` so a
@@ -323,6 +324,7 @@ class Store(DeviceTables):
                     if statement.strip():
                         conn.execute(statement)
                 migrate_v2(conn)  # a new store is a version-1 store brought up to date
+                migrate_v3(conn)
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
                 return
             (version,) = conn.execute("SELECT max(version) FROM schema_version").fetchone()
@@ -337,6 +339,10 @@ class Store(DeviceTables):
             with self._write() as conn:
                 migrate_v2(conn)
                 conn.execute("INSERT INTO schema_version (version) VALUES (2)")
+        if version < 3:
+            with self._write() as conn:
+                migrate_v3(conn)
+                conn.execute("INSERT INTO schema_version (version) VALUES (3)")
 
     def schema_version(self) -> int:
         return int(self._read("SELECT max(version) FROM schema_version")[0][0])
