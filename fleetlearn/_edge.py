@@ -45,6 +45,7 @@ from cloud_aggregator import Aggregator, AggregatorConfig, EdgeRounds, ParentJob
 from device_profiles import ConfigError
 from edge_runtime import (
     AgentHooks,
+    DeviceKey,
     DeviceStatus,
     FailoverAgent,
     LocalData,
@@ -70,13 +71,17 @@ class EdgeAggregator:
     fleet; ``rounds`` is ignored: an edge runs while its parent gives it tasks);
     ``broker`` is the site's broker; ``device_id`` is the edge's id at its parents,
     ``parents`` its candidate parents (the first is tried first). ``broker`` may be a
-    transport (credentials, TLS); ``parent_transport`` builds the parent side's."""
+    transport (credentials, TLS); ``parent_transport`` builds the parent side's. ``key``
+    signs the edge's updates to its parents (default: the key in its device state folder,
+    made at the first start, as an agent's); the parents must have it enrolled, and the
+    edge must have its children's keys (``enrolment=`` or ``config.enrolment``)."""
 
     def __init__(self, *, config: AggregatorConfig, broker: str | MqttTransport,
                  device_id: str, parents: Sequence[ParentLink], state_dir: str | Path,
                  rounds_per_task: int = 1, failover_after_s: float = 5.0,
                  artifacts_dir: str | Path | None = None, client_id: str = "aggregator",
                  parent_transport: TransportFactory | None = None,
+                 key: DeviceKey | None = None,
                  **aggregator_parts: Any) -> None:
         if rounds_per_task < 1:
             raise ConfigError(f"rounds_per_task must be >= 1, got {rounds_per_task}")
@@ -96,7 +101,7 @@ class EdgeAggregator:
             failover_after_s=failover_after_s, transport=parent_transport,
             data=LocalData(x=np.zeros((0, 1), np.float32), y=np.zeros(0, np.int64)),
             training=self.train, hooks=AgentHooks(transform_hello=self._hello),
-            status_probe=DeviceStatus)
+            status_probe=DeviceStatus, **_key_option(key))
         self._thread: threading.Thread | None = None
         self._watch: threading.Thread | None = None
         self._stop = threading.Event()
@@ -212,6 +217,10 @@ class EdgeAggregator:
             except Exception:
                 log.exception("edge %s: announcing the children's samples failed",
                               self.aggregator.fleet)
+
+
+def _key_option(key: DeviceKey | None) -> dict[str, Any]:
+    return {} if key is None else {"key": key}
 
 
 def _nothing(params: np.ndarray) -> LocalResult:

@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from broker_bridge import Channel, MosquittoProcess, MqttTransport
+from broker_bridge import Channel, Enrolment, MosquittoProcess, MqttTransport
 from cloud_aggregator import Aggregator, AggregatorConfig, RoundMetrics
 from edge_runtime import (
+    DeviceKey,
     DeviceStatus,
     FailoverAgent,
     LocalData,
@@ -38,6 +39,7 @@ from edge_runtime import (
     TrainerPool,
     load_mnist1d,
     partition_dirichlet,
+    state_key_path,
 )
 from fleetlearn._edge import EdgeAggregator
 
@@ -107,6 +109,21 @@ class LocalTree:
         self.cloud: Aggregator | None = None
         self._cloud_thread: threading.Thread | None = None
         self._trainers = TrainerPool(sessions_per_model=2)
+        # Every update is signed: each device and each edge has its key (in its state
+        # folder, as an agent keeps it); the cloud enrols the edges' keys (the devices'
+        # when flat) and every edge all the devices' keys, since devices may move.
+        n = spec.edges * spec.devices_per_edge
+        self.device_keys = [DeviceKey.load_or_create(state_key_path(self._device_dir(d)))
+                            for d in range(n)]
+        self.edge_keys = [DeviceKey.load_or_create(state_key_path(
+            self.workdir / f"edge-{i}" / "device")) for i in range(spec.edges)]
+        self.cloud_enrolment = Enrolment(fleet=CLOUD_FLEET)
+        for i, key in enumerate(self.device_keys if flat else self.edge_keys):
+            self.cloud_enrolment.enrol(f"dev-{i:03d}" if flat else f"edge-{i}", key.public_key)
+        self.edge_enrolments = [Enrolment(fleet=site_fleet(i)) for i in range(spec.edges)]
+        for enrolment in self.edge_enrolments:
+            for d, key in enumerate(self.device_keys):
+                enrolment.enrol(f"dev-{d:03d}", key.public_key)
 
     # -- building -----------------------------------------------------------------------
 
@@ -155,7 +172,7 @@ class LocalTree:
             config=self.cloud_config(),
             channel=Channel(transport=_transport(self.cloud_broker.url, "aggregator"),
                             fleet=CLOUD_FLEET),
-            artifacts_dir=self.artifacts_dir)
+            artifacts_dir=self.artifacts_dir, enrolment=self.cloud_enrolment)
         self.cloud.start()
         if not self.flat:
             for _i in range(s.edges):
@@ -177,7 +194,8 @@ class LocalTree:
             device_id=f"edge-{i}", parents=[ParentLink(broker=self.cloud_broker.url,
                                                        fleet=CLOUD_FLEET, name="cloud")],
             state_dir=self.workdir / f"edge-{i}", rounds_per_task=self.spec.rounds_per_task,
-            failover_after_s=self.spec.failover_after_s, artifacts_dir=self.artifacts_dir)
+            failover_after_s=self.spec.failover_after_s, artifacts_dir=self.artifacts_dir,
+            key=self.edge_keys[i], enrolment=self.edge_enrolments[i])
 
     def parents_of(self, device: int) -> list[ParentLink]:
         if self.flat:
@@ -191,10 +209,12 @@ class LocalTree:
         idx = self.parts[d]
         return FailoverAgent(
             device_id=f"dev-{d:03d}", parents=self.parents_of(d),
-            state_dir=self.workdir / "devices" / f"dev-{d:03d}",
-            failover_after_s=self.spec.failover_after_s,
+            state_dir=self._device_dir(d), failover_after_s=self.spec.failover_after_s,
             data=LocalData(x=self.data.x_train[idx], y=self.data.y_train[idx]),
-            status_probe=DeviceStatus, trainers=self._trainers)
+            status_probe=DeviceStatus, trainers=self._trainers, key=self.device_keys[d])
+
+    def _device_dir(self, d: int) -> Path:
+        return self.workdir / "devices" / f"dev-{d:03d}"
 
     # -- running ------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from keys import device_key
 from mqtt_rig import aggregator
 from waiting import wait_for
 
@@ -66,7 +67,8 @@ def test_unacknowledged_update_is_parked_and_counted_once_at_its_parent(
         parents=[ParentLink(broker=broker_a.url, fleet="site-a", name="a"),
                  ParentLink(broker=broker_b.url, fleet="site-b", name="b")],
         data=LocalData(x=data.x_train[:200], y=data.y_train[:200]),
-        status_probe=DeviceStatus, hooks=AgentHooks(on_commit_step=on_step))
+        status_probe=DeviceStatus, hooks=AgentHooks(on_commit_step=on_step),
+        key=device_key("dev-1"))
     try:
         agg_a.start()
         agg_b.start()

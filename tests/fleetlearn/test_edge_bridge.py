@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from keys import ENROLMENT, device_key
 
 from broker_bridge import Channel, MosquittoProcess, MqttTransport, render_edge_bridge
 from broker_bridge._brokers import _child_user, render_mosquitto_conf
@@ -61,7 +62,7 @@ def test_an_edge_behind_a_bridge_trains_and_only_its_topics_cross(
         channel=Channel(transport=MqttTransport(url=cloud_broker.url, client_id="aggregator",
                                                 clean_session=False, backoff_min_s=0.1,
                                                 backoff_max_s=1.0), fleet="cloud"),
-        artifacts_dir=artifacts)
+        artifacts_dir=artifacts, enrolment=ENROLMENT)
     edge = EdgeAggregator(
         config=AggregatorConfig(fleet="site-1", model="mlp", devices_per_round=2,
                                 over_selection=1.0, quorum=2, min_devices=2, deadline_s=60.0,
@@ -69,13 +70,14 @@ def test_an_edge_behind_a_bridge_trains_and_only_its_topics_cross(
                                 store_synchronous="NORMAL"),
         broker=site_broker.url, device_id="edge-1", state_dir=tmp_path / "edge",
         parents=[ParentLink(broker=site_broker.url, fleet="cloud")],  # via the bridge
-        artifacts_dir=artifacts)
+        artifacts_dir=artifacts, key=device_key("edge-1"), enrolment=ENROLMENT)
     data = load_mnist1d(cache_dir=tmp_path.parent.parent / "fleetlearn-cache")
     devices = [FailoverAgent(device_id=f"dev-{i}", state_dir=tmp_path / f"dev-{i}",
                              parents=[ParentLink(broker=site_broker.url, fleet="site-1")],
                              data=LocalData(x=data.x_train[i * 300:(i + 1) * 300],
                                             y=data.y_train[i * 300:(i + 1) * 300]),
-                             status_probe=DeviceStatus) for i in range(2)]
+                             status_probe=DeviceStatus, key=device_key(f"dev-{i}"))
+               for i in range(2)]
     try:
         cloud.start()
         edge.start()

@@ -19,14 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from keys import ENROLMENT, device_key
 from waiting import wait_for
 
-from broker_bridge import Channel, MosquittoProcess, MqttTransport, TaskSpec
+from broker_bridge import Channel, Enrolment, MosquittoProcess, MqttTransport, TaskSpec
 from cloud_aggregator import Aggregator, AggregatorConfig
 from cloud_aggregator._rounds import DeviceState
 from device_profiles import ConfigError
 from edge_runtime import (
     Agent,
+    DeviceKey,
     DeviceStatus,
     LocalData,
     LocalResult,
@@ -35,6 +37,7 @@ from edge_runtime import (
     load_mnist1d,
     make_agent_transport,
     partition_dirichlet,
+    state_key_path,
     train_locally,
 )
 from fleetlearn._edge_cli import EDGE, EdgeOptions
@@ -66,14 +69,15 @@ def test_edge_options_are_checked_at_start_up() -> None:
         EdgeOptions(device_id="edge-1", parents="cloud@mqtt://x", rounds_per_task=0)
 
 
-def _launch(site: str, cloud: str, state: Path) -> subprocess.Popen[bytes]:
+def _launch(site: str, cloud: str, state: Path, enrolment: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return subprocess.Popen(
         [sys.executable, "-m", "fleetlearn", "-v", "edge", "--broker", site, "--fleet", "site-1",
          "--model", "mlp", "--devices-per-round", "2", "--over-selection", "1",
          "--quorum", "2", "--min-devices", "2", "--deadline-s", "60", "--local-epochs", "3",
          "--server-opt", "fedavg", "--state-dir", str(state), "--device-id", "edge-1",
-         "--parents", f"cloud@{cloud}", "--rounds-per-task", "4", "--quiet"],
+         "--parents", f"cloud@{cloud}", "--rounds-per-task", "4", "--quiet",
+         "--enrolment", str(enrolment)],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL,
         stderr=(state.parent / "edge.log").open("ab"))
 
@@ -96,12 +100,22 @@ def test_edge_killed_mid_job_resumes_it_from_its_store(
             fleet="cloud", model="mlp", rounds=2, devices_per_round=2, over_selection=1.0,
             quorum=2, min_devices=2, deadline_s=300.0, server_opt="fedavg", local_epochs=12,
             state_dir=tmp_path / "cloud", store_synchronous="NORMAL"),
+        enrolment=ENROLMENT,
         channel=Channel(transport=MqttTransport(url=cloud_broker.url, client_id="aggregator",
                                                 clean_session=False, backoff_min_s=0.1,
                                                 backoff_max_s=1.0), fleet="cloud"))
     agents = []
     state = tmp_path / "edge"
-    edge = _launch(site_broker.url, cloud_broker.url, state)
+    # The cloud knows the edge's key (made where the edge keeps it); the edge knows its
+    # children's from its enrolment file.
+    ENROLMENT.enrol("edge-1", DeviceKey.load_or_create(
+        state_key_path(state / "device")).public_key, replace=True)
+    site_enrolment = Enrolment(fleet="site-1")
+    for did in ("dev-0", "dev-1"):
+        site_enrolment.enrol(did, device_key(did).public_key)
+    enrolment_file = tmp_path / "site-enrolment.toml"
+    site_enrolment.write(enrolment_file)
+    edge = _launch(site_broker.url, cloud_broker.url, state, enrolment_file)
     runner = threading.Thread(target=cloud.run, kwargs={"timeout_s": 300.0}, daemon=True)
     try:
         cloud.start()
@@ -112,7 +126,8 @@ def test_edge_killed_mid_job_resumes_it_from_its_store(
                 site_broker.url, fleet="site-1", device_id=did, backoff_min_s=0.1,
                 backoff_max_s=1.0), fleet="site-1"),
                 data=LocalData(x=data.x_train[idx], y=data.y_train[idx]),
-                state_dir=tmp_path / did, owns_transport=True, status_probe=DeviceStatus)
+                state_dir=tmp_path / did, owns_transport=True, status_probe=DeviceStatus,
+                key=device_key(did))
             agent.start()
             agents.append(agent)
         restarted = threading.Event()
@@ -127,7 +142,7 @@ def test_edge_killed_mid_job_resumes_it_from_its_store(
             backoff_max_s=1.0), fleet="cloud"),
             data=LocalData(x=data.x_train[parts[10]], y=data.y_train[parts[10]]),
             state_dir=tmp_path / "dev-c", owns_transport=True, status_probe=DeviceStatus,
-            training=after_restart)
+            training=after_restart, key=device_key("dev-c"))
         direct.start()
         agents.append(direct)
         runner.start()
@@ -137,7 +152,7 @@ def test_edge_killed_mid_job_resumes_it_from_its_store(
         edge.wait(timeout=30)
         killed_after = len(_edge_rounds(state))
         assert killed_after < 4, "the job finished before the kill: nothing to resume"
-        edge = _launch(site_broker.url, cloud_broker.url, state)
+        edge = _launch(site_broker.url, cloud_broker.url, state, enrolment_file)
 
         def edge_back() -> bool:  # the cloud re-sent the task the edge was busy with
             with cloud._lock:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from keys import ENROLMENT, device_key
 from waiting import wait_for
 
 from broker_bridge import MosquittoProcess, TaskSpec
@@ -336,22 +337,25 @@ def test_a_tree_three_tiers_deep_trains(tmp_path: Path, artifacts: Path,
         channel=Channel(transport=MqttTransport(url=cloud_url, client_id="aggregator",
                                                 clean_session=False, backoff_min_s=0.1,
                                                 backoff_max_s=1.0), fleet="cloud"),
-        artifacts_dir=artifacts)
+        artifacts_dir=artifacts, enrolment=ENROLMENT)
     mid = EdgeAggregator(config=config("mid", deadline_s=60.0), broker=mid_url,
                          device_id="edge-mid", state_dir=tmp_path / "mid",
                          parents=[ParentLink(broker=cloud_url, fleet="cloud")],
-                         artifacts_dir=artifacts)
+                         artifacts_dir=artifacts, key=device_key("edge-mid"),
+                         enrolment=ENROLMENT)
     leaf = EdgeAggregator(config=config("leaf", deadline_s=30.0, devices_per_round=2,
                                         quorum=2, min_devices=2),
                           broker=leaf_url, device_id="edge-leaf", state_dir=tmp_path / "leaf",
                           parents=[ParentLink(broker=mid_url, fleet="mid")],
-                          artifacts_dir=artifacts)
+                          artifacts_dir=artifacts, key=device_key("edge-leaf"),
+                          enrolment=ENROLMENT)
     data = load_mnist1d(cache_dir=_cache(tmp_path))
     devices = [FailoverAgent(device_id=f"dev-{i}", state_dir=tmp_path / f"dev-{i}",
                              parents=[ParentLink(broker=leaf_url, fleet="leaf")],
                              data=LocalData(x=data.x_train[i * 300:(i + 1) * 300],
                                             y=data.y_train[i * 300:(i + 1) * 300]),
-                             status_probe=DeviceStatus) for i in range(2)]
+                             status_probe=DeviceStatus, key=device_key(f"dev-{i}"))
+               for i in range(2)]
     try:
         cloud.start()
         for part in (mid, leaf, *devices):
