@@ -31,6 +31,7 @@ Where things live:
   may cost a receiver in requests and log lines).
 - ``_bundle``: ``pack_bundle``/``unpack_bundle`` (artifact bundles, bounded), ``BundleError``,
   ``file_sha256``/``content_hash`` (the artifact manifest's hashes).
+- ``_bridge_conf``: ``render_edge_bridge`` (an edge site's Mosquitto bridge to its parent).
 - ``_brokers``: ``write_broker_config``, ``MosquittoProcess``, ``local_broker``;
   ``_broker_files``: ``TlsFiles``, the generated files made readable by Mosquitto's user;
   ``_embedded``: ``EmbeddedBroker``, ``EMBEDDED_LIMITS`` (and ``_amqtt_fixes``, its
@@ -45,6 +46,7 @@ Where things live:
 """
 
 from broker_bridge._acks import IDENTITY, RETRYABLE, AckCode, ack_code, may_retry, reason_text
+from broker_bridge._bridge_conf import render_edge_bridge
 from broker_bridge._broker_files import TlsFiles
 from broker_bridge._brokers import (
     AGGREGATOR_USER,
@@ -264,6 +266,7 @@ __all__ = [
     "read_header",
     "read_model_message",
     "render_acl",
+    "render_edge_bridge",
     "render_mosquitto_conf",
     "roll_call",
     "schema_id",

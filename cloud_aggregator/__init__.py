@@ -28,7 +28,8 @@ Where things live:
   state learned from the fleet, saved with each model; ``_answers``: the ack state
   machine's memory (``AttemptLedger``, ``Answer``).
 - ``_strategy``: ``Strategy`` (interface), ``StrategyContext``, ``Admit``/``Reply``,
-  ``ModelState``; ``_sync``: ``SyncRounds``; ``_fedbuff``: ``FedBuff``.
+  ``ModelState``; ``_sync``: ``SyncRounds``; ``_fedbuff``: ``FedBuff``; ``_edge_rounds``:
+  ``EdgeRounds``, ``ParentJob`` (an edge tier's rounds, opened for its parent's task).
 - ``_ingest``: ``IngestPipeline``, ``IngestStage``, ``UpdateItem``, ``Rejection``, the
   default stages, ``Journal`` (group commit); ``_aggregate``: ``RoundAggregate``,
   ``Contribution``; ``_identity``: ``KeyBook`` (each device's key: the enrolment, then
@@ -56,6 +57,7 @@ from cloud_aggregator._artifacts import (
 )
 from cloud_aggregator._config import AggregatorConfig, load_config
 from cloud_aggregator._contribution import ContributionRecord
+from cloud_aggregator._edge_rounds import EdgeRounds, ParentJob
 from cloud_aggregator._errors import (
     AggregatorError,
     ModelBuildError,
@@ -121,6 +123,8 @@ __all__ = [
     "StrategyContext",
     "StrategyBase",
     "SyncRounds",
+    "EdgeRounds",
+    "ParentJob",
     "FedBuff",
     "Admit",
     "Reply",

@@ -474,6 +474,33 @@ class Aggregator:
         if self._owns_transport:
             self.channel.transport.close()
 
+    def abort(self) -> None:
+        """Stop as a crash would (a simulated site failure): the connection drops without
+        a DISCONNECT, ``run`` returns, nothing more is committed or checkpointed; what the
+        store holds is what the next start finds (``close`` is not needed after it)."""
+        self._stop.set()
+        try:
+            self.channel.transport.abort()
+        except Exception:  # already gone
+            log.debug("aborting the transport failed", exc_info=True)
+        with self._wake:
+            if not self._closed:
+                self._closed = True
+                if self._metrics_server is not None:
+                    self._metrics_server.close()
+                    self._metrics_server = None
+                self.store.close()
+                if self._tmp is not None:
+                    self._tmp.cleanup()
+            self._wake.notify_all()
+
+    @property
+    def condition(self) -> threading.Condition:
+        """The aggregator's lock, as a condition: hold it to read or act on the strategy
+        and the model between two steps (handlers and ticks wait); ``wait`` on it wakes
+        at each step of ``run``. Hold it briefly: every message waits for it."""
+        return self._wake
+
     def run(self, *, timeout_s: float | None = None) -> list[RoundMetrics]:
         """Tick until ``config.rounds`` model versions exist, ``stop()``, or the timeout.
 
@@ -494,8 +521,9 @@ class Aggregator:
         finally:
             with self._lock:
                 self._running = False
-                self._commit()
-                self._save_unsaved()
+                if not self._closed:  # abort() writes nothing more
+                    self._commit()
+                    self._save_unsaved()
         return list(self.history)
 
     def wake(self) -> None:
@@ -508,7 +536,7 @@ class Aggregator:
         if not self._started:
             self.start()  # not under the lock: start() subscribes
         with self._lock:
-            if self.done:
+            if self.done or self._closed:
                 return False
             if self._running:
                 self._commit_due()  # the run loop groups commits
@@ -669,6 +697,33 @@ class Aggregator:
         self._unsaved_from = None
         self._unsaved = None
         self._saved_at = time.monotonic()
+
+    def adopt(self, params: F32, *, before_save: Callable[[], None] | None = None) -> int:
+        """Make ``params`` (a model from outside: an edge tier's parent) the next model
+        version, checkpointed and broadcast like any release; returns the new version.
+        ``before_save`` runs under the lock just before the checkpoint, so what it
+        changes in the strategy is saved in the same transaction. Refused while a round
+        is open or updates wait for their commit (they train the current version)."""
+        values = np.asarray(params, dtype=np.float32).reshape(-1)
+        if values.size != self.layout.size or not np.isfinite(values).all():
+            raise AggregatorError(f"adopted parameters must be {self.layout.size} finite "
+                                  f"values, got {values.size}")
+        with self._wake:
+            if not self._started:
+                raise AggregatorError("the aggregator is not started")
+            if self.current_round is not None or self.journal.pending:
+                raise AggregatorError("a model cannot be adopted while a round is open")
+            self._save_unsaved()
+            self.state.params = values.copy()
+            self.state.version += 1
+            if before_save is not None:
+                before_save()
+            self._save_model()
+            self._broadcast_model()
+            self.events.emit(ModelReleased(model_version=self.state.version))
+            self._publish_gauges()
+            self._wake.notify_all()
+            return self.state.version
 
     def _save_unsaved(self) -> None:
         """Checkpoint a model released without one (see ``_release``), if any, with what

@@ -50,7 +50,7 @@ from device_profiles._errors import ConfigError
 log = logging.getLogger(__name__)
 
 CONFIG_ENV = "FLEETLEARN_CONFIG"
-SECTION_NAMES = ("aggregator", "agent", "simulate")
+SECTION_NAMES = ("aggregator", "agent", "simulate", "edge")
 """The tables of a fleetlearn configuration file, one per command."""
 OTHER_ENV: dict[str, str] = {
     CONFIG_ENV: "the configuration file of every command (like --config)",

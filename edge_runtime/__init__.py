@@ -25,6 +25,8 @@ Where things live:
 - ``_inbox`` (receiving, task dedupe), ``_fetch`` (artifacts and models), ``_outbox``
   (durable commit, re-sends until acked), ``_work`` (one task's steps): internal.
 - ``_presence``: presence, hello and eligibility; ``make_agent_transport``.
+- ``_failover``: ``FailoverAgent``, ``ParentLink`` (candidate parents; moving to another
+  when the parent vanishes, with the residual kept and an unacknowledged update parked).
 - ``_trainer_pool``: ``TrainerPool``, ``TrainerProvider``.
 - ``_emulation``: ``Emulation``.
 - ``_settings``: ``AgentSettings``, ``AgentStats``.
@@ -67,6 +69,7 @@ from edge_runtime._errors import (
     ModelVersionError,
     TrainingBackendMissing,
 )
+from edge_runtime._failover import FailoverAgent, ParentLink
 from edge_runtime._hooks import AgentHooks, UpdateDraft
 from edge_runtime._identity import KEY_FILE, DeviceKey, DeviceKeyError, state_key_path
 from edge_runtime._local_training import LocalResult, LocalTraining, TrainingBudget, train_locally
@@ -108,6 +111,7 @@ __all__ = [
     "EligibilityRules",
     "Emulation",
     "EvalResult",
+    "FailoverAgent",
     "HookError",
     "IllegalTransition",
     "KEY_FILE",
@@ -118,6 +122,7 @@ __all__ = [
     "ModelCache",
     "ModelVersionError",
     "OrtTrainingTrainer",
+    "ParentLink",
     "Phase",
     "PortableTrainer",
     "StateError",

@@ -331,6 +331,13 @@ class Agent:
         """What this device says about itself after each connect."""
         return self._presence.hello()
 
+    def announce(self) -> None:
+        """Send the hello again now (what the device or its ``transform_hello`` hook says
+        about itself changed); nothing while the broker is unreachable."""
+        if self.channel.transport.connected:
+            with contextlib.suppress(FleetlearnError):
+                self._presence.send_hello()
+
     # -- wire helpers ------------------------------------------------------------------
 
     def _send(self, kind: str, message: Message) -> None:

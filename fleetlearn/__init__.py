@@ -5,6 +5,8 @@ private modules are not an API. The names load their package on first use, so
 ``from fleetlearn import Agent`` on a device never imports the cloud side (and needs
 no ``onnx``), and ``import fleetlearn`` alone costs nothing.
 
+- Edge tiers: ``EdgeAggregator`` (an aggregator to its children, a device to its
+  parent), ``FailoverAgent`` and ``ParentLink`` (candidate parents), ``EdgeRounds``.
 - Running: ``Aggregator`` (``Aggregator.connect(config, broker=...)``, ``start``,
   ``run``, ``subscribe``), ``AggregatorConfig``; ``Agent``, ``AgentSettings``,
   ``AgentConfig``; ``simulate`` with ``SimConfig`` → ``SimResult``.
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 _SOURCES: dict[str, tuple[str, ...]] = {
     "cloud_aggregator": (
         "Aggregator", "AggregatorConfig", "Strategy", "StrategyBase", "StrategyContext",
-        "SyncRounds",
+        "SyncRounds", "EdgeRounds", "ParentJob",
         "FedBuff", "Admit", "Reply", "Answer", "ModelState", "RoundAggregate",
         "Contribution", "IngestPipeline", "IngestStage", "UpdateItem", "Rejection",
         "SelectionPolicy", "BasePolicy", "Candidate", "DeviceHistory", "FleetHistory",
@@ -48,7 +50,9 @@ _SOURCES: dict[str, tuple[str, ...]] = {
         "AgentError", "TrainingBackendMissing", "ArtifactError", "DataError",
         "ModelVersionError", "StateError", "DiskFull", "HookError", "IllegalTransition",
         "AgentHooks", "LocalTraining", "train_locally", "DeviceKey", "DeviceKeyError",
+        "FailoverAgent", "ParentLink",
     ),
+    "fleetlearn._edge": ("EdgeAggregator",),
     "fleetlearn._simulate": ("simulate", "SimConfig", "SimResult"),
     "broker_bridge": (
         "Channel", "MqttTransport", "MemoryBroker", "MemoryTransport",
@@ -67,6 +71,7 @@ __all__ = [
     "Agent",
     "AgentConfig",
     "AgentError",
+    "AgentHooks",
     "AgentSettings",
     "Aggregator",
     "AggregatorConfig",
@@ -86,27 +91,28 @@ __all__ = [
     "Contribution",
     "ContributionRecord",
     "DataError",
-    "DeviceOffline",
-    "DeviceOnline",
-    "DeviceProfile",
     "DeviceHistory",
     "DeviceKey",
     "DeviceKeyError",
+    "DeviceOffline",
+    "DeviceOnline",
+    "DeviceProfile",
     "DiskFull",
+    "EdgeAggregator",
+    "EdgeRounds",
     "Enrolment",
     "EnrolmentError",
     "EnvelopeError",
     "Event",
+    "FailoverAgent",
     "FedBuff",
     "FleetHistory",
     "FleetlearnError",
     "HookError",
     "IllegalTransition",
-    "AgentHooks",
-    "LocalTraining",
-    "train_locally",
     "IngestPipeline",
     "IngestStage",
+    "LocalTraining",
     "MemoryBroker",
     "MemoryTransport",
     "ModelBuildError",
@@ -114,6 +120,8 @@ __all__ = [
     "ModelState",
     "ModelVersionError",
     "MqttTransport",
+    "ParentJob",
+    "ParentLink",
     "ProfileError",
     "ProtocolError",
     "Rejection",
@@ -150,6 +158,7 @@ __all__ = [
     "get_profile",
     "open_trainer",
     "simulate",
+    "train_locally",
 ]
 """Every name of the API; ``_SOURCES`` says which package defines it (a test checks
 that the two agree and that each name resolves)."""
@@ -202,6 +211,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
         DeviceHistory,
         DeviceOffline,
         DeviceOnline,
+        EdgeRounds,
         Event,
         FedBuff,
         FleetHistory,
@@ -210,6 +220,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
         ModelBuildError,
         ModelReleased,
         ModelState,
+        ParentJob,
         Rejection,
         Reply,
         RoundAggregate,
@@ -250,10 +261,12 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
         DeviceKey,
         DeviceKeyError,
         DiskFull,
+        FailoverAgent,
         HookError,
         IllegalTransition,
         LocalTraining,
         ModelVersionError,
+        ParentLink,
         StateError,
         Trainer,
         TrainingBackendMissing,
@@ -261,4 +274,5 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
         open_trainer,
         train_locally,
     )
+    from fleetlearn._edge import EdgeAggregator
     from fleetlearn._simulate import SimConfig, SimResult, simulate

@@ -38,6 +38,9 @@ def register(sub: Any) -> None:
     g.add_argument("--json", action="store_true", help="print the report as JSON at the end")
     g.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(handler=_simulate)
+    from fleetlearn import _edge_cli
+
+    _edge_cli.register(sub)
     _register_config(sub)
 
 
@@ -63,9 +66,10 @@ def _simulate(args: argparse.Namespace) -> int:
 def _sections() -> dict[str, Any]:
     from cloud_aggregator._config import AGGREGATOR
     from edge_runtime._config import AGENT
+    from fleetlearn._edge_cli import EDGE
     from fleetlearn._sim_config import SIMULATE
 
-    return {s.name: s for s in (AGGREGATOR, AGENT, SIMULATE)}
+    return {s.name: s for s in (AGGREGATOR, AGENT, SIMULATE, EDGE)}
 
 
 def _register_config(sub: Any) -> None:

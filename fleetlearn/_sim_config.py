@@ -29,6 +29,7 @@ _FLEET = "fleet"
 _TRAINING = "training"
 _FAILURES = "failures"
 _INFRA = "time and infrastructure"
+_TIERS = "edge tiers"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +95,19 @@ class SimConfig:
         "byzantine_samples": "byzantine_kind = samples: the sample count the attackers claim",
     })
 
+    topology: str | None = setting(
+        None, group=_TIERS, example="cloud:1,edge:3,device:30",
+        help="simulate a tree instead of a flat fleet: cloud:1,edge:E,device:N (N devices "
+        "split evenly over E edges, one Mosquitto per edge site and one for the cloud; "
+        "real clock; the fleet's size is N, --devices is not used)")
+    edge_rounds_per_task: int = setting(
+        1, example=2, group=_TIERS, help="topology: child rounds an edge runs for each task "
+        "of the cloud")
+    edge_crash_fraction: float = setting(
+        0.0, example=0.34, group=_TIERS,
+        help="topology: share of edge sites that fail (edge and broker killed) halfway "
+        "through the run; their devices move to the other edges (one edge always stays)")
+
     clock: str = setting("virtual", choices=("virtual", "real"), group=_INFRA,
                          help="virtual: account emulated durations; real: sleep them "
                          "(scaled)")
@@ -140,6 +154,29 @@ class SimConfig:
             raise ConfigError(f"aggregator.{owned[0]}: the simulation sets {owned[0]} itself "
                               f"(use the simulate setting {owned[0]})")
         self.aggregator_config()  # the aggregator's own checks, now rather than at start
+        if self.topology is not None:
+            self.tiers()
+        if self.edge_rounds_per_task < 1 or not 0 <= self.edge_crash_fraction < 1:
+            raise ConfigError("edge_rounds_per_task must be >= 1 and edge_crash_fraction "
+                              "within [0, 1)")
+
+    def tiers(self) -> tuple[int, int]:
+        """``topology`` as (edges, devices), checked."""
+        counts: dict[str, int] = {}
+        for part in (self.topology or "").split(","):
+            name, _, number = part.strip().partition(":")
+            if name not in ("cloud", "edge", "device") or not number.isdigit() \
+                    or name in counts:
+                raise ConfigError(f"topology {self.topology!r}: write cloud:1,edge:E,device:N")
+            counts[name] = int(number)
+        edges, devices = counts.get("edge", 0), counts.get("device", 0)
+        if counts.get("cloud", 1) != 1 or edges < 1 or devices < edges \
+                or devices % edges:
+            raise ConfigError(f"topology {self.topology!r}: one cloud, at least one edge, "
+                              "and a number of devices that the edges divide evenly")
+        if not self.partition.startswith("dirichlet:"):
+            raise ConfigError("topology: only dirichlet:ALPHA partitions are supported")
+        return edges, devices
 
     def aggregator_config(self) -> AggregatorConfig:
         fields: dict[str, Any] = dict(

@@ -161,6 +161,10 @@ def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False,
 
     ``parts`` go to the ``Aggregator`` (``strategy``, ``policy``, ``optimizer``,
     ``evaluator``): a simulation runs your own parts exactly as a deployment would."""
+    if cfg.topology is not None:
+        from fleetlearn._sim_tree import run_tree_simulation
+
+        return run_tree_simulation(cfg, out=out, quiet=quiet)
     say = _Printer(out or sys.stdout, quiet)
     started = time.monotonic()
     out_dir = cfg.out_dir

@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,26 @@ def mosquitto() -> Iterator[MosquittoProcess]:
         yield broker
     finally:
         broker.close()
+
+
+@pytest.fixture
+def mosquittos() -> Iterator[Callable[..., MosquittoProcess]]:
+    """Start private mosquittos (``mosquittos(conf_text=..., port=...)`` passes on its
+    arguments); every one started is stopped at teardown, passed or failed."""
+    if find_mosquitto() is None:
+        pytest.fail("mosquitto is not installed; scripts/test.sh installs it (apt-get)")
+    started: list[MosquittoProcess] = []
+
+    def start(**kwargs: Any) -> MosquittoProcess:
+        broker = MosquittoProcess(**kwargs)
+        started.append(broker)
+        return broker.start()
+
+    try:
+        yield start
+    finally:
+        for broker in started:
+            broker.close()
 
 
 def _private(kind: type[RabbitMq] | type[Nats]) -> Iterator[RabbitMq | Nats]:

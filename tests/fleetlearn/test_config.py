@@ -29,16 +29,21 @@ from edge_runtime._config import AGENT, AgentOptions
 from edge_runtime._config import load_config as load_agent_config
 from edge_runtime._eligibility import EligibilityRules
 from edge_runtime._fleet import FaultSpec
+from fleetlearn._edge_cli import EDGE
 from fleetlearn._sim_config import SIM_OWNED, SIMULATE, SimConfig
 from fleetlearn.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[2]
-COMMAND = {"aggregator": "aggregator", "agent": "agent", "simulate": "simulate"}
-SECTIONS: dict[str, Section] = {"aggregator": AGGREGATOR, "agent": AGENT, "simulate": SIMULATE}
+COMMAND = {"aggregator": "aggregator", "agent": "agent", "simulate": "simulate",
+           "edge": "edge"}
+SECTIONS: dict[str, Section] = {"aggregator": AGGREGATOR, "agent": AGENT, "simulate": SIMULATE,
+                                "edge": EDGE}
 BASE: dict[str, dict[str, Any]] = {
     "aggregator": {"broker": "mqtts://broker.example:8883"},
     "agent": {"broker": "mqtt://broker:1883", "device_id": "pi-1", "data": "d.npz"},
     "simulate": {},
+    "edge": {"broker": "mqtts://site.example:8883", "device_id": "edge-1",
+             "parents": "cloud@mqtts://cloud.example:8883"},
 }
 """Required settings, given in the file unless the setting under test is one of them."""
 COMPANIONS: dict[tuple[str, str], dict[str, Any]] = {
@@ -49,6 +54,9 @@ COMPANIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("agent", "tls_key"): {"tls_cert": "device.pem"},
     ("agent", "time_scale"): {"emulate": True},
     ("simulate", "aggregator.max_selected"): {"selection": "deadline"},
+    ("edge", "max_selected"): {"selection": "deadline"},
+    ("edge", "tls_cert"): {"tls_key": "client.key"},
+    ("edge", "tls_key"): {"tls_cert": "client.pem"},
 }
 """Settings another one needs beside it (each pair is refused apart: see the refusals)."""
 FILES = ("ca.pem", "client.pem", "client.key", "device.pem", "device.key")
@@ -541,7 +549,9 @@ def test_config_show_toml_reproduces_the_configuration(
         '[agent]\nbroker = "mqtt://b:1883"\ndevice_id = "pi-1"\n'
         '[agent.data]\nkind = "callable"\nlocation = "mymod:load"\nkwargs = {n = 3, s = "x"}\n'
         '[agent.tls]\nca = "ca.pem"\n'
-        '[simulate]\ndevices = 20\nper_round = 5\n[simulate.faults]\ncrash_fraction = 0.2\n')
+        '[simulate]\ndevices = 20\nper_round = 5\n[simulate.faults]\ncrash_fraction = 0.2\n'
+        '[edge]\nbroker = "mqtt://site:1883"\ndevice_id = "edge-1"\n'
+        'parents = "cloud@mqtt://broker:1883"\nrounds_per_task = 2\n')
     monkeypatch.setenv("FLEETLEARN_SIMULATE_AGGREGATOR_TRIM_FRACTION", "0.2")
     argv = ["config", "show", "--config", str(file), "--format", "toml"]
     assert main(argv) == 0
@@ -597,7 +607,7 @@ def test_every_fleetlearn_variable_the_project_reads_is_known() -> None:
 # --------------------------------------------------------------------------- commands
 
 
-@pytest.mark.parametrize("command", ["aggregator", "agent", "simulate"])
+@pytest.mark.parametrize("command", ["aggregator", "agent", "simulate", "edge"])
 def test_help_lists_every_flag_and_how_other_sources_name_it(
         command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):

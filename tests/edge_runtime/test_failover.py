@@ -1,0 +1,122 @@
+"""Parent failover over real brokers: two parents, each a real aggregator on its own
+Mosquitto (started here on free ports), and one real agent that knows both.
+
+The device commits an update for parent A, and A's broker dies before the update gets
+there: the device moves to B with its residual, trains there, and the update for A
+waits parked. When B's broker dies in turn and A's is back, the device returns to A,
+and A counts the parked update once, byte for byte the one committed before.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from keys import device_key
+from mqtt_rig import aggregator
+from waiting import wait_for
+
+from broker_bridge import MosquittoProcess
+from device_profiles import ConfigError
+from edge_runtime import (
+    AgentHooks,
+    CommitStep,
+    DeviceStatus,
+    FailoverAgent,
+    LocalData,
+    ParentLink,
+    TaskStatus,
+    load_mnist1d,
+)
+from edge_runtime._failover import PARKED_DIR
+from edge_runtime._state import RESIDUAL_FILE, SUBMISSION_FILE, Submission
+
+
+def test_parent_links_are_checked() -> None:
+    with pytest.raises(ConfigError):
+        ParentLink(broker="tcp://127.0.0.1:1883", fleet="site-a")
+    with pytest.raises(ConfigError):
+        ParentLink(broker="mqtt://127.0.0.1:1883", fleet="site.a")
+    with pytest.raises(ConfigError):
+        FailoverAgent(device_id="dev-1", parents=[], state_dir="/nonexistent")
+
+
+def test_unacknowledged_update_is_parked_and_counted_once_at_its_parent(
+        tmp_path: Path, artifacts: Path, mosquittos: Callable[..., MosquittoProcess]) -> None:
+    broker_a, broker_b = mosquittos(), mosquittos()
+    settings = {"devices_per_round": 1, "quorum": 1, "min_devices": 1, "rounds": 1,
+                "deadline_s": 300.0, "codec": "ef+topk:0.1+q8+zstd"}
+    agg_a = aggregator(broker_a.url, "site-a", tmp_path / "agg-a", artifacts, **settings)
+    agg_b = aggregator(broker_b.url, "site-b", tmp_path / "agg-b", artifacts, **settings)
+    runners = [threading.Thread(target=a.run, kwargs={"timeout_s": 240.0}, daemon=True)
+               for a in (agg_a, agg_b)]
+    data = load_mnist1d(cache_dir=tmp_path.parent.parent / "fleetlearn-cache")
+    committed: list[bytes] = []
+
+    def on_step(step: CommitStep) -> None:
+        # The first update (for A) is committed: A's broker dies before it is sent.
+        if step == CommitStep.RECORD_COMMITTED and not committed:
+            committed.append((device.state_dir / SUBMISSION_FILE).read_bytes())
+            broker_a.kill()
+
+    device = FailoverAgent(
+        device_id="dev-1", state_dir=tmp_path / "dev-1", failover_after_s=0.5,
+        parents=[ParentLink(broker=broker_a.url, fleet="site-a", name="a"),
+                 ParentLink(broker=broker_b.url, fleet="site-b", name="b")],
+        data=LocalData(x=data.x_train[:200], y=data.y_train[:200]),
+        status_probe=DeviceStatus, hooks=AgentHooks(on_commit_step=on_step),
+        key=device_key("dev-1"))
+    try:
+        agg_a.start()
+        agg_b.start()
+        device.start()
+        for r in runners:
+            r.start()
+        # Moved to B with the update for A parked, its residual kept.
+        assert wait_for(lambda: device.parent.fleet == "site-b", timeout=60)
+        parked = tmp_path / "dev-1" / PARKED_DIR / "site-a"
+        assert (parked / SUBMISSION_FILE).exists()
+        first = Submission.from_bytes(committed[0])
+        assert first.residual is not None
+        # B trains the device and counts its own update.
+        assert wait_for(lambda: agg_b.done, timeout=120), agg_b.status_line()
+        assert [k.device_id for k in agg_b.store.accepted_keys("site-b", 1)] == ["dev-1"]
+        residual_after_b = (tmp_path / "dev-1" / RESIDUAL_FILE).read_bytes()
+        assert residual_after_b != first.residual  # B's update moved it on
+        assert agg_a.round_index == 1 and agg_a.store.accepted_keys("site-a") == []
+        # B's site goes down, A's comes back: the device returns to A with the update.
+        broker_a.start()
+        broker_b.kill()
+        assert wait_for(lambda: agg_a.done, timeout=120), agg_a.status_line()
+        assert device.parent.fleet == "site-a"
+        assert [k.device_id for k in agg_a.store.accepted_keys("site-a")] == ["dev-1"]
+        assert not parked.exists()
+        agent = device.agent
+        assert agent is not None
+
+        def acked() -> bool:
+            record = agent.state.record
+            return record is not None and record.status == TaskStatus.ACKED
+
+        assert wait_for(acked, timeout=30)
+        sent = agent.state.submission
+        assert sent is not None and sent.body == first.body  # the very bytes committed
+        assert sent.attempt == first.attempt and sent.round == first.round
+        # Restoring never rolled the device's residual back to A's.
+        assert (tmp_path / "dev-1" / RESIDUAL_FILE).read_bytes() == residual_after_b
+        assert [m.to_parent for m in device.moves] == ["a", "b", "a"]
+        assert [m.parked for m in device.moves] == [False, True, False]
+        assert [m.restored for m in device.moves] == [False, False, True]
+        assert np.isfinite(agg_a.params).all()
+    finally:
+        device.stop()
+        for a in (agg_a, agg_b):
+            a.stop()
+        for r in runners:
+            r.join(timeout=30)
+        for a in (agg_a, agg_b):
+            a.close()
+            a.channel.transport.close()
