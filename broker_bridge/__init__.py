@@ -34,6 +34,9 @@ Where things live:
   corrections to amqtt); ``_ports``: ``free_port``.
 - ``_credentials``: ``read_password_file`` (credentials.toml or a bare password).
 - ``_files``: ``atomic_write``, ``fsync_dir`` (crash-safe writes, used by every package).
+- ``_merkle``: RFC 6962 / 9162 Merkle trees (``leaf_hash``, ``root_hash``,
+  ``inclusion_path``, ``verify_inclusion``); ``_ledger_msg``: the training ledger on the
+  wire (``TreeHead``, ``InclusionProof``, ``check_inclusion``, ``tree_head_bytes``).
 """
 
 from broker_bridge._acks import RETRYABLE, AckCode, ack_code, may_retry, reason_text
@@ -102,6 +105,15 @@ from broker_bridge._errors import (
 )
 from broker_bridge._files import atomic_write, fsync_dir
 from broker_bridge._layout import Layout
+from broker_bridge._ledger_msg import (
+    InclusionOutcome,
+    InclusionProof,
+    TreeHead,
+    check_inclusion,
+    ed25519_verify,
+    tree_head_bytes,
+)
+from broker_bridge._merkle import inclusion_path, leaf_hash, root_hash, verify_inclusion
 from broker_bridge._model_msg import (
     ModelMeta,
     model_message,
@@ -136,6 +148,16 @@ from broker_bridge._transport import MemoryBroker, MemoryTransport, Transport, W
 from device_profiles import ConfigError, FleetlearnError
 
 __all__ = [
+    "InclusionOutcome",
+    "InclusionProof",
+    "TreeHead",
+    "check_inclusion",
+    "ed25519_verify",
+    "tree_head_bytes",
+    "inclusion_path",
+    "leaf_hash",
+    "root_hash",
+    "verify_inclusion",
     "AGGREGATOR_USER",
     "DEFAULT_MAX_PAYLOAD",
     "EMBEDDED_LIMITS",

@@ -14,6 +14,10 @@ Where things live:
 - ``_server_opt``: ``make_server_optimizer`` (fedavg, fedavgm, fedadagrad, fedadam, fedyogi).
 - ``_robust``: ``RobustBuffer``/``RobustConfig``, clipping, median, trimmed mean, (multi-)Krum.
 - ``_store``: ``Store`` (SQLite: rounds, devices, update keys, checkpoints), ``StoreError``.
+- ``_ledger``: the verifiable training ledger (entries, the aggregator's signing key);
+  ``_store_ledger``: its tables; ``_ledger_writer``: what the runtime appends and
+  publishes; ``_ledger_verify``: ``verify_ledger``, ``LedgerReport`` (``fleetlearn
+  ledger verify``).
 - ``_config``: ``AggregatorConfig`` (frozen, parsed once), ``load_config`` (flags >
   environment > TOML > defaults), ``AGGREGATOR`` (the ``[aggregator]`` settings section);
   ``_connect``: ``AggregatorConnection`` (the broker settings of ``fleetlearn aggregator``).
@@ -48,7 +52,13 @@ from cloud_aggregator._artifacts import (
     read_manifest,
 )
 from cloud_aggregator._config import AggregatorConfig, load_config
-from cloud_aggregator._errors import AggregatorError, ModelBuildError, UpdateRejected
+from cloud_aggregator._errors import (
+    AggregatorError,
+    LedgerError,
+    LedgerMismatch,
+    ModelBuildError,
+    UpdateRejected,
+)
 from cloud_aggregator._evaluate import ServerEvaluator
 from cloud_aggregator._events import (
     DeviceOffline,
@@ -64,6 +74,7 @@ from cloud_aggregator._events import (
 from cloud_aggregator._fedbuff import FedBuff
 from cloud_aggregator._history import DeviceHistory, FleetHistory
 from cloud_aggregator._ingest import IngestPipeline, IngestStage, Rejection, UpdateItem
+from cloud_aggregator._ledger_verify import LedgerReport, verify_ledger
 from cloud_aggregator._metrics import RoundMetrics
 from cloud_aggregator._models import REFERENCE_MODELS, build_reference_model
 from cloud_aggregator._robust import RobustConfig
@@ -163,6 +174,11 @@ __all__ = [
     "StoreError",
     "SchemaTooNew",
     "CheckpointCorrupt",
+    "LedgerError",
+    "LedgerMismatch",
+    # the training ledger
+    "verify_ledger",
+    "LedgerReport",
 ]
 
 # The [aggregator] settings section (issue 13, one configuration system).

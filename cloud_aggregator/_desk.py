@@ -141,7 +141,8 @@ class DeviceDesk:
                       "device %s: update for round %d (attempt %d) rejected (%s): %s", device,
                       message.round, message.attempt, answer.code, answer.detail)
             self.counters.update(f"rejected:{answer.code}")
-            self.recorder.rejected()
+            self.recorder.rejected(device=device, round=message.round,
+                                   attempt=message.attempt, reason=answer.code)
             self.events.emit(UpdateRefused(device=device, task_round=message.round,
                                            reason=answer.code, detail=answer.detail))
         elif answer.status == "duplicate":
@@ -282,8 +283,13 @@ class DeviceDesk:
             return
         key = UpdateKey(fleet=self.fleet, round=message.round, device_id=device,
                         attempt=message.attempt)
+        meta = self.strategy.journal_meta(item)
+        if item.signature is not None:  # kept for the training ledger (after a restart)
+            meta["signature"] = item.signature.hex()
+        if item.body_sha256 is not None:
+            meta["body_sha256"] = item.body_sha256.hex()
         entry = JournalEntry(key=key, stream=self.strategy.stream(item), body=message.body,
-                             meta=self.strategy.journal_meta(item))
+                             meta=meta)
         self.journal.submit(entry, lambda outcome: self._journaled(item, outcome))
         if not self._running() or self.journal.full:
             self._commit()

@@ -3,6 +3,8 @@
     AggregatorError
     ├── ModelBuildError   an ONNX model that cannot be turned into training artifacts
     ├── UpdateRejected    an update that broke a rule (layout, NaN, norm, staleness)
+    ├── LedgerError       the training ledger cannot be written or read as asked
+    │   └── LedgerMismatch    ``ledger verify`` found an entry that does not hold
     └── StoreError        the database cannot be opened or used as asked
         ├── SchemaTooNew      written by a newer fleetlearn (never downgraded in place)
         └── CheckpointCorrupt a checkpoint file missing, truncated or not its sha256
@@ -28,6 +30,19 @@ class UpdateRejected(AggregatorError, ValueError):
         super().__init__(message)
         self.reason = reason
         self.device_id = device_id
+
+
+class LedgerError(AggregatorError):
+    """The training ledger (its key, entries or kept bodies) cannot be used as asked."""
+
+
+class LedgerMismatch(LedgerError):
+    """An entry of the training ledger does not verify; ``index`` names it."""
+
+    def __init__(self, message: str, *, index: int, fleet: str = "") -> None:
+        super().__init__(message)
+        self.index = index
+        self.fleet = fleet
 
 
 class StoreError(AggregatorError):

@@ -258,7 +258,7 @@ class FedBuff(StrategyBase):
             emulated_s=emulated if virtual else now - self._started,
             wall_s=now - self._started, update_norm=float(np.linalg.norm(delta)),
         ))
-        ctx.release(params=new_params, metrics=metrics, drop_stream=epoch)
+        ctx.release(params=new_params, metrics=metrics, drop_stream=epoch, aggregate=agg)
         self._save_tasks(full=True)
         self._started = now
         ctx.recorder.begin()

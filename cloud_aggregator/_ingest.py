@@ -28,6 +28,7 @@ fsync, carries about twenty of them; bench/aggregator.py measured 5 ms against 2
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -43,6 +44,7 @@ from broker_bridge import decode_update_sparse as _decode_sparse
 from cloud_aggregator._aggregate import Contribution
 from cloud_aggregator._aggregation import Reason, UpdateRules, l2_norm
 from cloud_aggregator._errors import AggregatorError
+from cloud_aggregator._ledger import UpdateSource
 from cloud_aggregator._screen import NormScreen, WeightBound, task_samples_cap
 from cloud_aggregator._store import JournalEntry, Store, StoreError
 
@@ -71,11 +73,21 @@ class UpdateItem:
     """No norm history yet (sync): journaled now, judged when the round closes."""
     notes: list[tuple[str, str]] = field(default_factory=list)
     """(counter, text) the stages want counted and logged, e.g. a bounded weight."""
+    signature: bytes | None = None
+    body_sha256: bytes | None = None
+
+    def source(self) -> UpdateSource:
+        """The update as the training ledger names it."""
+        return UpdateSource(
+            device=self.device, round=self.message.round, attempt=self.message.attempt,
+            digest=hashlib.sha256(self.message.body).hexdigest(),
+            signature=self.signature.hex() if self.signature is not None else None,
+            body_sha256=self.body_sha256.hex() if self.body_sha256 is not None else None)
 
     def contribution(self) -> Contribution:
         assert self.values is not None
         return Contribution(indices=self.indices, values=self.values, weight=self.weight,
-                            norm=self.norm, scale=self.scale)
+                            norm=self.norm, scale=self.scale, source=self.source())
 
     @property
     def body_bytes(self) -> int:

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ import numpy as np
 from broker_bridge import UpdateMeta
 from cloud_aggregator._errors import AggregatorError
 from cloud_aggregator._evaluate import EvalResult, ServerEvaluator, federated_eval
+from cloud_aggregator._ledger import MAX_REJECTED, Rejected
 from cloud_aggregator._metrics import Counters, MetricsLog, RoundMetrics
 from cloud_aggregator._store import Store, StoreError
 
@@ -35,6 +36,7 @@ PENDING_METRICS = "pending_metrics"
 @dataclass(kw_only=True)
 class _Running:
     rejected: int = 0
+    refusals: list[Rejected] = field(default_factory=list)
     bytes_up0: int = 0
     bytes_down0: int = 0
     train_loss_sum: float = 0.0
@@ -63,8 +65,20 @@ class RoundRecorder:
         self._running = _Running(bytes_up0=snap["bytes_up"], bytes_down0=snap["bytes_down"])
         self._fed = []
 
-    def rejected(self) -> None:
+    def rejected(self, *, device: str = "", round: int = 0, attempt: int = 0,
+                 reason: str = "") -> None:
+        """An update was refused: counted, and the first ``MAX_REJECTED`` of the round
+        listed for its training-ledger entry (kept in memory: a restart forgets those of
+        the open round)."""
         self._running.rejected += 1
+        if len(self._running.refusals) < MAX_REJECTED:
+            self._running.refusals.append(Rejected(device=device, round=round,
+                                                   attempt=attempt, reason=reason))
+
+    def refusals(self) -> tuple[list[Rejected], int]:
+        """The refusals listed since ``begin``, and how many more were only counted."""
+        run = self._running
+        return list(run.refusals), run.rejected - len(run.refusals)
 
     def note_report(self, meta: UpdateMeta, *, weight: float) -> None:
         """What an accepted update's device reported: training loss, its own evaluation.

@@ -53,6 +53,7 @@ from broker_bridge import (
     Message,
     roll_call,
 )
+from cloud_aggregator._aggregate import RoundAggregate
 from cloud_aggregator._aggregation import UpdateRules, l2_norm
 from cloud_aggregator._answers import AttemptLedger
 from cloud_aggregator._artifacts import MODEL_NAME
@@ -80,6 +81,8 @@ from cloud_aggregator._ingest import (
     Validate,
 )
 from cloud_aggregator._learned import STATE_BLOB, LearnedState, read_json_blob
+from cloud_aggregator._ledger import AggregatorKey, PendingEntry
+from cloud_aggregator._ledger_writer import LedgerWriter
 from cloud_aggregator._metrics import Counters, MetricsLog, MetricsServer, RoundMetrics
 from cloud_aggregator._planner import WorkPlanner
 from cloud_aggregator._recorder import PENDING_METRICS, RoundRecorder
@@ -236,6 +239,12 @@ class Aggregator:
         self.strategy: Strategy = strategy or (FedBuff() if config.mode == "async"
                                                else SyncRounds())
         self.journal = Journal(self.store)
+        self.trail = LedgerWriter(config=config, store=self.store,
+                                  key=AggregatorKey.load_or_create(self.state_dir),
+                                  layout=self.layout, channel=self.channel,
+                                  recorder=self.recorder)
+        """The training ledger's writer (``trail.contributions``: the contributions hook)."""
+        log.info("training ledger key (Ed25519, public): %s", self.trail.key.public_hex)
         self.pipeline = self._default_pipeline()
         self.planner: WorkPlanner | None = None  # needs the run record: set in start()
         self._server: ModelServer | None = None
@@ -552,11 +561,23 @@ class Aggregator:
 
     def _release(self, *, params: F32 | None, metrics: RoundMetrics,
                  close_round: int | None = None,
-                 drop_stream: int | None = None) -> None:
+                 drop_stream: int | None = None,
+                 aggregate: RoundAggregate | None = None,
+                 selected: Sequence[str] | None = None) -> None:
         """Apply ``params`` as the next model version (None: the round is abandoned) and
-        make it durable with everything learned and the round's metrics, in one
-        transaction; then broadcast it and record the metrics."""
+        make it durable with everything learned, the round's metrics and its training
+        ledger entry (from ``aggregate``), in one transaction; then broadcast it, publish
+        the ledger's signed head and proofs, and record the metrics."""
         states = {PENDING_METRICS: RoundRecorder.pending_blob(metrics)}
+        entry: PendingEntry | None = None
+        if aggregate is not None:
+            stream = close_round if close_round is not None else drop_stream
+            assert stream is not None
+            entry = self.trail.pending(
+                round_index=metrics.round, outcome=metrics.outcome,
+                model_version=self.state.version + (1 if params is not None else 0),
+                prev_version=self.state.version, aggregate=aggregate, stream=stream,
+                selected=selected, optimizer=self.state.optimizer, strategy=self.strategy.name)
         if params is not None:
             self.state.params = params
             self.state.version += 1
@@ -564,12 +585,14 @@ class Aggregator:
             states[OPT_BLOB] = self.state.optimizer.to_bytes()
             self.store.save_checkpoint(
                 fleet=self.fleet, model_version=self.state.version, params=params,
-                states=states, close_round=close_round, drop_stream=drop_stream)
+                states=states, close_round=close_round, drop_stream=drop_stream, ledger=entry)
         else:
             states[STATE_BLOB] = self.learned.to_bytes()
             assert close_round is not None
             self.store.close_round(fleet=self.fleet, round_index=close_round, state="abandoned",
-                                   states=states)
+                                   states=states, ledger=entry)
+        if entry is not None and entry.appended is not None:
+            self.trail.publish(entry.appended)
         self.registry.flush(every_s=REGISTRY_EVERY_S)  # advisory: not at every release
         if params is not None:
             self._broadcast_model()

@@ -10,7 +10,8 @@ What survives a SIGKILL mid-round: every update ``journal`` accepted committed i
 idempotency key *and* its encoded body in one transaction (one per group of updates),
 so a restart re-decodes ``round_updates(...)`` into a fresh aggregate and gets the same
 partial sum, with no update lost or counted twice. Bodies are cleared when their round
-closes or their buffer becomes a model.
+closes or their buffer becomes a model; the bodies a training-ledger entry cites are
+kept (``_store_ledger``), written in the same transaction as that entry.
 
 Checkpoints are written to a temporary file in the same directory, flushed, fsynced,
 ``os.replace``d into place and the directory fsynced; only then are the path and the
@@ -21,7 +22,7 @@ opening runs SQLite's ``quick_check``, and every later SQLite failure is transla
 
 Why this module is longer than 400 lines: one ``Store`` owns the one connection and
 lock through which every write is ordered (rounds, the journal, checkpoints, state);
-the device tables are in ``_store_devices``.
+the device tables are in ``_store_devices``, the ledger's in ``_store_ledger``.
 """
 
 from __future__ import annotations
@@ -45,10 +46,12 @@ import numpy.typing as npt
 
 from broker_bridge import atomic_write
 from cloud_aggregator._errors import CheckpointCorrupt, SchemaTooNew, StoreError
+from cloud_aggregator._ledger import PendingEntry
 from cloud_aggregator._store_devices import DeviceTables, _json, _now, migrate_v2
+from cloud_aggregator._store_ledger import LedgerTables, append_tx, migrate_v3
 from device_profiles._errors import ConfigError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 # --------------------------------------------------------------------------- records
@@ -203,7 +206,7 @@ def _safe_name(fleet: str) -> str:
 # --------------------------------------------------------------------------- store
 
 
-class Store(DeviceTables):
+class Store(DeviceTables, LedgerTables):
     """The aggregator's durable state: rounds, devices, accepted keys, metrics, blobs.
 
     One connection guarded by a lock; write transactions are ``BEGIN IMMEDIATE`` so a
@@ -323,6 +326,7 @@ class Store(DeviceTables):
                     if statement.strip():
                         conn.execute(statement)
                 migrate_v2(conn)  # a new store is a version-1 store brought up to date
+                migrate_v3(conn)
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
                 return
             (version,) = conn.execute("SELECT max(version) FROM schema_version").fetchone()
@@ -337,6 +341,10 @@ class Store(DeviceTables):
             with self._write() as conn:
                 migrate_v2(conn)
                 conn.execute("INSERT INTO schema_version (version) VALUES (2)")
+        if version < 3:
+            with self._write() as conn:
+                migrate_v3(conn)
+                conn.execute("INSERT INTO schema_version (version) VALUES (3)")
 
     def schema_version(self) -> int:
         return int(self._read("SELECT max(version) FROM schema_version")[0][0])
@@ -393,14 +401,17 @@ class Store(DeviceTables):
         state: Literal["closed", "abandoned"] = "closed",
         ended_at: float | None = None,
         states: Mapping[str, bytes] | None = None,
+        ledger: PendingEntry | None = None,
     ) -> None:
         """Close (or abandon) an open round and drop its bodies;
-        ``states`` are written in the same transaction."""
+        ``states`` and the ``ledger`` entry are written in the same transaction."""
         when = _now(ended_at)
         with self._write() as conn:
             self._close_round_tx(conn, fleet, round_index, state, when)
             for name, body in (states or {}).items():
                 _put_state(conn, name, body, when)
+            if ledger is not None:
+                append_tx(conn, ledger)
 
     @staticmethod
     def _close_round_tx(
@@ -635,13 +646,15 @@ class Store(DeviceTables):
         states: Mapping[str, bytes] | None = None,
         close_round: int | None = None,
         drop_stream: int | None = None,
+        ledger: PendingEntry | None = None,
         at: float | None = None,
     ) -> CheckpointRecord:
         """Write the global model durably, then record it in one transaction.
 
         The same transaction stores ``states`` (e.g. the server optimizer's bytes) and,
         with ``close_round``, closes that round: after a crash the store either shows
-        the round open with the previous model, or closed with this one.
+        the round open with the previous model, or closed with this one. The ``ledger``
+        entry of the round (or release) commits in it too.
         """
         vec = np.ascontiguousarray(params, dtype=np.float32)
         if vec.ndim != 1:
@@ -675,6 +688,8 @@ class Store(DeviceTables):
             if drop_stream is not None:  # a FedBuff buffer released into this model
                 conn.execute("DELETE FROM round_updates WHERE fleet = ? AND round = ?",
                              (fleet, drop_stream))
+            if ledger is not None:
+                append_tx(conn, ledger)
         return record
 
     def checkpoint(

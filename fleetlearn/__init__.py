@@ -38,7 +38,7 @@ _SOURCES: dict[str, tuple[str, ...]] = {
         "RoundOpened", "RoundEnded", "ModelReleased", "Status",
         "build_artifacts", "build_reference_model",
         "AggregatorError", "ModelBuildError", "UpdateRejected", "StoreError", "SchemaTooNew",
-        "CheckpointCorrupt",
+        "CheckpointCorrupt", "LedgerError", "LedgerMismatch", "verify_ledger",
     ),
     "edge_runtime": (
         "Agent", "AgentSettings", "AgentConfig", "Trainer", "TrainResult", "open_trainer",
@@ -120,6 +120,9 @@ __all__ = [
     "StateError",
     "Status",
     "StoreError",
+    "LedgerError",
+    "LedgerMismatch",
+    "verify_ledger",
     "Strategy",
     "StrategyBase",
     "StrategyContext",
@@ -190,6 +193,8 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
         FleetHistory,
         IngestPipeline,
         IngestStage,
+        LedgerError,
+        LedgerMismatch,
         ModelBuildError,
         ModelReleased,
         ModelState,
@@ -213,6 +218,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
         UpdateRejected,
         build_artifacts,
         build_reference_model,
+        verify_ledger,
     )
     from device_profiles import (
         ConfigError,

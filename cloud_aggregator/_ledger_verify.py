@@ -1,0 +1,324 @@
+"""``fleetlearn ledger verify``: check a state dir's training ledger from scratch.
+
+It needs the ledger's entries, the update bodies they cite (both in the store) and the
+initial model (the version-0 checkpoint file, or ``initial_model``); it trusts nothing
+else the store holds (not the checkpoints table's hashes, not the leaf, root or size
+columns). For every fleet, entry by entry, it checks:
+
+1. the header is canonical JSON naming this fleet and index, and ``prev_entry`` is the
+   previous entry's leaf hash (the hash chain);
+2. the accepted records hash to ``accepted_root`` and the details to ``details_sha256``;
+3. the tree head after the entry (RFC 6962 root of the leaves so far, the size, the
+   timestamp) is signed by the aggregator's key (``public_key``, else the key file in the
+   state dir, which then proves only that the dir is self-consistent);
+4. every device signature present, with ``device_signature(device, body, signature)``
+   when given (else counted as present, not checked);
+5. each cited body is kept and hashes to its digest, decodes with the recorded layout,
+   and has the recorded norm;
+6. ``prev_model`` is the model re-derived so far (the initial model's SHA-256 first),
+   and ``model`` is what the recorded rule gives: a fresh ``RoundAggregate`` of the
+   recorded robust rule adds the bodies in the recorded order with the recorded weight,
+   scale and cut, and a server optimizer rebuilt from the recorded name and
+   hyper-parameters (its state carried from entry to entry, as the aggregator's is)
+   steps the model; the SHA-256 of the result, saved as the checkpoint saves it, must
+   match, and so must any checkpoint file of that version.
+
+The first entry that fails ends that fleet's check: ``LedgerReport.first_bad`` names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from broker_bridge import (
+    CodecError,
+    Layout,
+    WireError,
+    decode_update_sparse,
+    ed25519_verify,
+    leaf_hash,
+    root_hash,
+    tree_head_bytes,
+    unpack_update_body,
+)
+from cloud_aggregator._aggregate import Contribution, RoundAggregate
+from cloud_aggregator._aggregation import l2_norm
+from cloud_aggregator._errors import AggregatorError, LedgerError, LedgerMismatch
+from cloud_aggregator._ledger import ZERO_HASH, AppendedEntry, canonical, read_public_key
+from cloud_aggregator._robust import RobustConfig, robust_memory_bytes
+from cloud_aggregator._server_opt import make_server_optimizer
+from cloud_aggregator._store import Store
+
+F32 = npt.NDArray[np.float32]
+DeviceSignatureCheck = Callable[[str, bytes, bytes], bool]
+
+
+@dataclass(kw_only=True)
+class LedgerReport:
+    """What ``verify_ledger`` found for one fleet."""
+
+    fleet: str
+    entries: int = 0
+    verified: int = 0
+    models_rederived: int = 0
+    device_signatures: int = 0
+    device_signatures_checked: int = 0
+    first_bad: int | None = None
+    problem: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.first_bad is None
+
+    def check(self) -> None:
+        """Raise ``LedgerMismatch`` naming the first entry that failed, if any."""
+        if self.first_bad is not None:
+            raise LedgerMismatch(f"fleet {self.fleet!r}: ledger entry {self.first_bad}: "
+                                 f"{self.problem}", index=self.first_bad, fleet=self.fleet)
+
+
+def model_sha256(params: F32) -> str:
+    """The SHA-256 of ``params`` saved as a checkpoint file is (``Store.save_checkpoint``)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(params, dtype=np.float32), allow_pickle=False)
+    return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+def _load_vector(data: bytes, what: str) -> F32:
+    try:
+        params = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise LedgerError(f"{what} is not a saved vector") from exc
+    if params.ndim != 1 or params.dtype != np.float32:
+        raise LedgerError(f"{what} is not a flat float32 vector")
+    return params
+
+
+class _Bad(Exception):
+    """One entry does not hold (internal: becomes the report's problem)."""
+
+
+def _json(data: bytes, what: str) -> Any:
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise _Bad(f"the {what} is not JSON") from exc
+    if canonical(value) != data:
+        raise _Bad(f"the {what} is not in canonical form")
+    return value
+
+
+class _Replayer:
+    """Re-derives the model entry by entry (the optimizer's state carried along)."""
+
+    def __init__(self, params: F32) -> None:
+        self.params = params
+        self.sha = model_sha256(params)
+        self._opt: Any = None
+        self._opt_rule: Any = None
+
+    def step(self, rule: dict[str, Any], layout: Layout, adds: list[Contribution]) -> None:
+        robust = RobustConfig(**rule["robust"])
+        opt_rule = dict(rule["optimizer"])
+        name = str(opt_rule.pop("name"))
+        if name.startswith("custom:"):
+            raise _Bad(f"the server optimizer {name} is not re-derivable")
+        if self._opt is None or self._opt_rule != rule["optimizer"]:
+            self._opt = make_server_optimizer(name, **opt_rule)
+            self._opt_rule = rule["optimizer"]
+        n = max(1, len(adds))
+        agg = RoundAggregate(size=layout.size, robust=robust, capacity=n,
+                             max_bytes=robust_memory_bytes(size=layout.size, max_updates=n,
+                                                           krum=True))
+        try:
+            for c in adds:
+                agg.add(c)
+            delta = agg.result()
+            new = np.asarray(self._opt.step(self.params, delta), dtype=np.float32)
+        except AggregatorError as exc:
+            raise _Bad(f"the recorded rule does not apply to the recorded updates: {exc}") \
+                from exc
+        if not np.isfinite(new).all():
+            raise _Bad("the re-derived model is not finite")
+        self.params = new
+        self.sha = model_sha256(new)
+
+
+def _contribution(record: dict[str, Any], body: bytes, layout: Layout) -> Contribution:
+    try:
+        _, codec_body = unpack_update_body(body)
+        indices, values = decode_update_sparse(codec_body, layout)
+    except (WireError, CodecError) as exc:
+        raise _Bad(f"the body of {record.get('device')!r}'s update does not decode: {exc}") \
+            from exc
+    idx = None if indices is None else np.asarray(indices, dtype=np.int64)
+    vals = np.asarray(values, dtype=np.float32)
+    cut = float(record["cut"])
+    norm = l2_norm(vals)
+    if cut < 1.0:  # as a bootstrapping round cut it before adding
+        vals = vals * np.float32(cut)
+        norm = norm * cut
+    if not math.isclose(norm, float(record["norm"]), rel_tol=0.0, abs_tol=0.0):
+        raise _Bad(f"{record.get('device')!r}'s update has norm {norm!r}, the entry says "
+                   f"{record['norm']!r}")
+    return Contribution(indices=idx, values=vals, weight=float(record["weight"]),
+                        norm=float(record["norm"]), scale=float(record["scale"]))
+
+
+def _verify_entry(store: Store, entry: AppendedEntry, *, index: int, prev_leaf: str,
+                  leaves: list[bytes], public_key: bytes, replay: _Replayer,
+                  device_signature: DeviceSignatureCheck | None,
+                  report: LedgerReport) -> bytes:
+    header = _json(entry.header, "header")
+    if not isinstance(header, dict):
+        raise _Bad("the header is not an object")
+    if header.get("fleet") != report.fleet or header.get("index") != index:
+        raise _Bad(f"the header names fleet {header.get('fleet')!r} entry "
+                   f"{header.get('index')!r}")
+    if header.get("prev_entry") != prev_leaf:
+        raise _Bad("prev_entry is not the previous entry's hash (the chain is broken)")
+    leaf = leaf_hash(entry.header)
+    leaves.append(leaf)
+    records = [_json(line, f"accepted record {j}") for j, line in enumerate(entry.accepted)]
+    if root_hash([leaf_hash(line) for line in entry.accepted]).hex() != header.get(
+            "accepted_root") or len(records) != header.get("accepted_count"):
+        raise _Bad("the accepted updates do not hash to accepted_root")
+    if hashlib.sha256(entry.details).hexdigest() != header.get("details_sha256"):
+        raise _Bad("the details do not hash to details_sha256")
+    details = _json(entry.details, "details")
+    root = root_hash(leaves)
+    head = tree_head_bytes(fleet=report.fleet, size=len(leaves),
+                           timestamp_ms=entry.timestamp_ms, root=root)
+    if not ed25519_verify(public_key, entry.signature, head):
+        raise _Bad("the signed tree head does not verify with the aggregator's key")
+    layout = Layout(tensors=tuple((str(n), tuple(s)) for n, s in details["layout"]))
+    adds: list[Contribution] = []
+    for j, record in enumerate(records):
+        if record.get("position") != j:
+            raise _Bad(f"accepted record {j} is out of order")
+        body = store.ledger_body(str(record["digest"]))
+        if body is None:
+            raise _Bad(f"the body of {record['device']!r}'s update ({record['digest']}) "
+                       "is not kept")
+        if hashlib.sha256(body).hexdigest() != record["digest"]:
+            raise _Bad(f"the kept body of {record['device']!r}'s update does not match "
+                       "its digest")
+        if record.get("signature") is not None:
+            report.device_signatures += 1
+            if device_signature is not None:
+                if not device_signature(str(record["device"]), body,
+                                        bytes.fromhex(str(record["signature"]))):
+                    raise _Bad(f"{record['device']!r}'s signature does not verify")
+                report.device_signatures_checked += 1
+        adds.append(_contribution(record, body, layout))
+    if header.get("prev_model") != replay.sha:
+        raise _Bad("prev_model is not the model re-derived so far (or the initial model)")
+    if header.get("outcome") in ("closed", "aggregated"):
+        replay.step(header["rule"], layout, adds)
+        report.models_rederived += 1
+    if header.get("model") != replay.sha:
+        raise _Bad("the model the recorded rule gives is not the recorded model")
+    record_ck = store.checkpoint(report.fleet, model_version=int(header["model_version"]))
+    if (record_ck is not None and record_ck.path.is_file()
+            and hashlib.sha256(record_ck.path.read_bytes()).hexdigest() != header["model"]):
+        raise _Bad(f"the checkpoint file {record_ck.path.name} is not the recorded model")
+    return leaf
+
+
+def verify_ledger(state_dir: str | Path, *, public_key: bytes | None = None,
+                  initial_model: str | Path | None = None,
+                  device_signature: DeviceSignatureCheck | None = None,
+                  ) -> list[LedgerReport]:
+    """Verify every fleet's ledger in ``state_dir`` (see the module doc); one report each."""
+    state = Path(state_dir)
+    db = state / "aggregator.sqlite"
+    if not db.is_file():
+        raise LedgerError(f"{state} holds no aggregator store (aggregator.sqlite)")
+    own_key = public_key is None
+    key = read_public_key(state) if public_key is None else public_key
+    reports: list[LedgerReport] = []
+    with Store(db) as store:
+        for fleet in store.ledger_fleets():
+            report = LedgerReport(fleet=fleet)
+            if own_key:
+                report.notes.append("tree heads checked against the key file in the state "
+                                    "dir (pass the public key to check against a pinned one)")
+            reports.append(report)
+            if initial_model is not None:
+                data = Path(initial_model).read_bytes()
+            else:
+                ck = store.checkpoint(fleet, model_version=0)
+                if ck is None or not ck.path.is_file():
+                    raise LedgerError(f"no initial model (version 0) for fleet {fleet!r}")
+                data = ck.path.read_bytes()
+            replay = _Replayer(_load_vector(data, "the initial model"))
+            entries = store.ledger_entries(fleet)
+            report.entries = len(entries)
+            leaves: list[bytes] = []
+            prev = ZERO_HASH
+            for i, entry in enumerate(entries):
+                try:
+                    if entry.index != i:
+                        raise _Bad(f"entry {i} is missing (next is {entry.index})")
+                    prev = _verify_entry(store, entry, index=i, prev_leaf=prev, leaves=leaves,
+                                         public_key=key, replay=replay,
+                                         device_signature=device_signature,
+                                         report=report).hex()
+                except (_Bad, KeyError, TypeError, ValueError, LedgerError) as exc:
+                    report.first_bad, report.problem = i, str(exc) or type(exc).__name__
+                    break
+                report.verified += 1
+            if report.device_signatures and device_signature is None:
+                report.notes.append(f"{report.device_signatures} device signatures present, "
+                                    "not checked (no device keys given)")
+    return reports
+
+
+def show_entry(store: Store, fleet: str, *, round_index: int | None = None) -> str:
+    """A ledger entry, readably (the last one, or the one of ``round_index``)."""
+    entries = store.ledger_entries(fleet)
+    if round_index is not None:
+        entries = [e for e in entries if e.round == round_index]
+    if not entries:
+        raise LedgerError(f"no ledger entry for fleet {fleet!r}"
+                          + (f" round {round_index}" if round_index is not None else ""))
+    e = entries[-1]
+    header = json.loads(e.header)
+    details = json.loads(e.details)
+    lines = [
+        f"fleet {fleet}  entry {e.index}  round {e.round}  outcome {header['outcome']}  "
+        f"model version {header['model_version']}",
+        f"  previous entry  {header['prev_entry']}",
+        f"  entry hash      {e.leaf.hex()}",
+        f"  previous model  {header['prev_model']}",
+        f"  model           {header['model']}",
+        f"  rule            {json.dumps(header['rule'], sort_keys=True)}",
+        f"  tree head       size {e.tree_size}  root {e.root.hex()}  at {e.timestamp_ms} ms",
+        f"  signature       {e.signature.hex()}",
+        f"  selected        {', '.join(details['selected']) or '-'}",
+        f"  accepted ({header['accepted_count']}, in accumulation order):",
+    ]
+    for line in e.accepted:
+        r = json.loads(line)
+        signed = "signed" if r.get("signature") else "unsigned"
+        lines.append(f"    {r['position']:>3} {r['device']:<20} round {r['round']} attempt "
+                     f"{r['attempt']}  weight {r['weight']:.6g}  scale {r['scale']:.4g}  cut "
+                     f"{r['cut']:.4g}  norm {r['norm']:.6g}  {signed}  {r['digest']}")
+    lines.append(f"  rejected ({len(details['rejected']) + details['rejected_more']}):")
+    for r in details["rejected"]:
+        lines.append(f"    {r['device']:<20} round {r['round']} attempt {r['attempt']}  "
+                     f"{r['reason']}")
+    if details.get("contributions") is not None:
+        lines.append(f"  contributions   {json.dumps(details['contributions'])}")
+    return "\n".join(lines)

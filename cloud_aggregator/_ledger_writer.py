@@ -1,0 +1,136 @@
+"""What the runtime appends to the training ledger at each release, and what it tells.
+
+``LedgerWriter.pending`` builds the entry of a round (or FedBuff release) from the
+aggregate's ``added`` list (the canonical accumulation order), the journal's bodies, the
+recorder's refusals and the configured rule; the runtime hands it to the store, which
+appends it in the transaction that writes the checkpoint or closes the round. Once that
+committed, ``publish`` puts the signed tree head, retained, on ``broadcast/ledger`` and
+sends each device whose update the entry counts its ``InclusionProof`` on ``down/proof``
+(docs/PROTOCOL.md). Publishing is best effort: the ledger in the store is the record; a
+device that missed its proof can still be shown the entry by ``fleetlearn ledger show``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from broker_bridge import (
+    Channel,
+    InclusionProof,
+    Layout,
+    TreeHead,
+    inclusion_path,
+    leaf_hash,
+)
+from cloud_aggregator._aggregate import RoundAggregate
+from cloud_aggregator._config import AggregatorConfig
+from cloud_aggregator._ledger import (
+    AggregatorKey,
+    AppendedEntry,
+    ContributionsHook,
+    PendingEntry,
+)
+from cloud_aggregator._recorder import RoundRecorder
+from cloud_aggregator._server_opt import ServerOptimizer, optimizer_options
+from cloud_aggregator._store import Store
+
+log = logging.getLogger(__name__)
+
+LEDGER_TOPIC = "ledger"
+PROOF_TOPIC = "proof"
+
+
+def rule_of(config: AggregatorConfig, optimizer: Any, strategy: str) -> dict[str, Any]:
+    """The aggregation rule an entry records: enough to re-derive the model."""
+    if isinstance(optimizer, ServerOptimizer):
+        opt: dict[str, Any] = {"name": optimizer.name, **optimizer_options(optimizer)}
+    else:  # a server optimizer of the user's: recorded by name, not re-derivable
+        opt = {"name": f"custom:{type(optimizer).__name__}"}
+    return {"strategy": strategy, "robust": asdict(config.robust_config()), "optimizer": opt}
+
+
+class LedgerWriter:
+    """Builds entries, then publishes heads and proofs (see the module doc)."""
+
+    def __init__(self, *, config: AggregatorConfig, store: Store, key: AggregatorKey,
+                 layout: Layout, channel: Channel, recorder: RoundRecorder) -> None:
+        self._config = config
+        self._store = store
+        self.key = key
+        self._layout = layout
+        self._channel = channel
+        self._recorder = recorder
+        self.contributions: ContributionsHook | None = None
+        """Per-device contribution records for each entry (see ``ContributionsHook``)."""
+
+    def pending(self, *, round_index: int, outcome: str, model_version: int,
+                prev_version: int, aggregate: RoundAggregate, stream: int,
+                selected: Sequence[str] | None, optimizer: Any, strategy: str
+                ) -> PendingEntry:
+        fleet = self._config.fleet
+        added = list(aggregate.added)
+        wanted = {a.source.digest for a in added}
+        bodies: dict[str, bytes] = {}
+        for stored in self._store.round_updates(fleet, stream):
+            digest = hashlib.sha256(stored.body).hexdigest()
+            if digest in wanted:
+                bodies[digest] = stored.body
+        refusals, more = self._recorder.refusals()
+        records = [a.record(i) for i, a in enumerate(added)]
+        contributions: list[Any] | None = None
+        if self.contributions is not None:
+            try:
+                made = self.contributions(round_index, records)
+                contributions = None if made is None else [
+                    c.to_json() if hasattr(c, "to_json") else dict(c) for c in made]
+            except Exception:
+                log.exception("the ledger's contributions hook failed (entry without them)")
+        details = {
+            "selected": list(selected) if selected is not None
+            else sorted({a.source.device for a in added}),
+            "rejected": [r.to_json() for r in refusals], "rejected_more": more,
+            "layout": [[name, list(shape)] for name, shape in self._layout.tensors],
+            "contributions": contributions,
+        }
+        return PendingEntry(fleet=fleet, round=round_index, outcome=outcome,
+                            model_version=model_version, prev_version=prev_version,
+                            rule=rule_of(self._config, optimizer, strategy), accepted=added,
+                            bodies=bodies, details=details, signer=self.key, at=time.time())
+
+    def publish(self, entry: AppendedEntry) -> None:
+        """The signed head, retained on ``broadcast/ledger``; each counted device's proof."""
+        head = TreeHead(size=entry.tree_size, timestamp_ms=entry.timestamp_ms,
+                        root=entry.root.hex(), signature=entry.signature.hex(),
+                        key=self.key.public_hex)
+        topics = self._channel.topics
+        try:
+            self._channel.send(topics.broadcast(LEDGER_TOPIC),
+                               head.to_message(fleet=self._config.fleet), retain=True)
+        except Exception as exc:  # a dead link is data here: the store has the entry
+            log.warning("cannot publish the ledger's tree head: %s", exc)
+        if not entry.accepted:
+            return
+        leaves = self._store.ledger_leaves(self._config.fleet)
+        entry_path = [h.hex() for h in inclusion_path(entry.index, leaves[:entry.tree_size])]
+        record_leaves = [leaf_hash(line) for line in entry.accepted]
+        header = entry.header.decode("ascii")
+        for j, line in enumerate(entry.accepted):
+            record = json.loads(line)
+            proof = InclusionProof(
+                round=int(record["round"]), index=entry.index, entry=header,
+                entry_path=entry_path, update=line.decode("ascii"), update_index=j,
+                update_path=[h.hex() for h in inclusion_path(j, record_leaves)],
+                size=entry.tree_size, timestamp_ms=entry.timestamp_ms, root=head.root,
+                signature=head.signature)
+            device = str(record["device"])
+            try:
+                self._channel.send(topics.down(device, PROOF_TOPIC), proof.to_message(
+                    fleet=self._config.fleet, device=device, round=proof.round))
+            except Exception as exc:
+                log.warning("cannot send device %s its inclusion proof: %s", device, exc)

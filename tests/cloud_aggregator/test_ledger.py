@@ -1,0 +1,266 @@
+"""The verifiable training ledger on the in-memory rig: entries, re-derivation, tampering."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+from aggregator_rig import FLEET, FakeDevice, devices, feed_async, make
+
+from broker_bridge import (
+    InclusionProof,
+    Kind,
+    MemoryBroker,
+    TreeHead,
+    check_inclusion,
+)
+from cloud_aggregator import Aggregator, LedgerMismatch, verify_ledger
+from cloud_aggregator._ledger import KEY_FILE, read_public_key
+from cloud_aggregator._ledger_verify import model_sha256
+from cloud_aggregator._rounds import ManualClock
+from fleetlearn.cli import main as cli
+
+
+def _sync_rounds(agg: Aggregator, fleet: dict[str, FakeDevice], rounds: int, *,
+                 bad: str | None = None) -> None:
+    for _ in range(rounds):
+        assert agg.tick()  # a round opens
+        for d in fleet.values():
+            if d.tasks and d.tasks[-1].round == agg.round_index:
+                if d.id == bad:  # a body that does not decode: refused, listed
+                    d.send_update(layout=agg.layout, codec_body=b"\x00" * 40)
+                d.send_update(layout=agg.layout, attempt=1 if d.id == bad else 0)
+        assert agg.tick()  # ... and closes
+
+
+def _proofs(d: FakeDevice) -> list[InclusionProof]:
+    return [InclusionProof.from_message(m) for m in d.other if m.kind == Kind.PROOF]
+
+
+def _ok(state: Path) -> None:
+    reports = verify_ledger(state)
+    assert reports and all(r.ok for r in reports), [(r.first_bad, r.problem) for r in reports]
+
+
+@pytest.mark.parametrize("opts", [
+    {"server_opt": "fedavg", "robust": "mean"},
+    {"server_opt": "fedadam", "robust": "mean", "clip_norm": 0.05},
+    {"server_opt": "fedavgm", "robust": "trimmed_mean", "trim_fraction": 0.2},
+    {"server_opt": "fedyogi", "robust": "multi_krum", "byzantine": 0},
+])
+def test_sync_rounds_verify_and_rederive_byte_for_byte(tmp_path: Path, artifacts: Path,
+                                                         opts: dict[str, object]) -> None:
+    broker = MemoryBroker()
+    fleet = devices(broker, 4)
+    agg = make(tmp_path, artifacts, broker, rounds=3, devices_per_round=4, **opts)
+    _sync_rounds(agg, fleet, 3, bad="d2")
+    assert agg.model_version == 3
+    final = agg.params.copy()
+    entries = agg.store.ledger_entries(FLEET)
+    assert [e.index for e in entries] == [0, 1, 2] and [e.round for e in entries] == [1, 2, 3]
+    header = entries[-1].header_json()
+    assert header["model"] == model_sha256(final)
+    assert header["rule"]["optimizer"]["name"] == opts["server_opt"]
+    assert header["rule"]["robust"]["method"] == opts["robust"]
+    records = [json.loads(line) for line in entries[0].accepted]
+    assert sorted(r["device"] for r in records) == ["d0", "d1", "d2", "d3"]
+    assert all(r["signature"] is None for r in records)  # unsigned updates: None
+    details = json.loads(entries[0].details)
+    assert sorted(details["selected"]) == ["d0", "d1", "d2", "d3"]
+    assert {(r["device"], r["reason"]) for r in details["rejected"]} == {("d2", "codec")}
+    agg.close()
+    _ok(tmp_path)
+    assert cli(["ledger", "verify", str(tmp_path)]) == 0
+    assert cli(["ledger", "verify", str(tmp_path), "--public-key",
+                read_public_key(tmp_path).hex()]) == 0
+
+
+def test_fedbuff_releases_verify(tmp_path: Path, artifacts: Path) -> None:
+    broker = MemoryBroker()
+    fleet = devices(broker, 5)
+    agg = make(tmp_path, artifacts, broker, mode="async", concurrency=5, buffer_size=3,
+               rounds=3, staleness="sqrt", robust="mean", server_opt="fedadam",
+               norm_median_multiple=None)
+    feed_async(agg, fleet, 9)
+    assert agg.model_version == 3
+    entries = agg.store.ledger_entries(FLEET)
+    assert [e.header_json()["outcome"] for e in entries] == ["aggregated"] * 3
+    scales = [json.loads(line)["scale"] for e in entries for line in e.accepted]
+    assert any(s < 1.0 for s in scales)  # stale updates were discounted, and recorded
+    agg.close()
+    _ok(tmp_path)
+
+
+def test_an_abandoned_round_is_an_entry_that_keeps_the_model(tmp_path: Path,
+                                                                artifacts: Path) -> None:
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    clock = ManualClock()
+    agg = make(tmp_path, artifacts, broker, manual=clock, quorum=2, rounds=2)
+    agg.tick()
+    fleet["d0"].send_update(layout=agg.layout)
+    clock.advance(31)
+    assert agg.tick() and agg.history[-1].outcome == "abandoned"
+    _sync_rounds(agg, fleet, 1)
+    entries = agg.store.ledger_entries(FLEET)
+    first = entries[0].header_json()
+    assert first["outcome"] == "abandoned" and first["model"] == first["prev_model"]
+    assert first["accepted_count"] == 1
+    agg.close()
+    _ok(tmp_path)
+
+
+def test_inclusion_proofs_verify_and_a_forged_head_fails(tmp_path: Path,
+                                                          artifacts: Path) -> None:
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=2)
+    _sync_rounds(agg, fleet, 2)
+    key = agg.trail.key.public_bytes
+    heads = [TreeHead.from_message(m) for m in fleet["d0"].other if m.kind == Kind.LEDGER]
+    assert heads and heads[-1].size == 2 and heads[-1].verify(FLEET, key)
+    for d in fleet.values():
+        proofs = _proofs(d)
+        assert [p.round for p in proofs] == [1, 2]
+        for p in proofs:
+            out = check_inclusion(p, fleet=FLEET, device=d.id, public_key=key)
+            assert out.status == "verified", out
+            assert check_inclusion(p, fleet=FLEET, device=d.id,
+                                   public_key=None).status == "unpinned"
+            # Someone else's proof, a forged root, a wrong key, a forged body: failed.
+            assert check_inclusion(p, fleet=FLEET, device="other",
+                                   public_key=key).status == "failed"
+            assert check_inclusion(p, fleet=FLEET, device=d.id, public_key=key,
+                                   digest="0" * 64).status == "failed"
+            forged = InclusionProof(**{**p.to_dict(), "root": "ab" * 32})
+            assert check_inclusion(forged, fleet=FLEET, device=d.id,
+                                   public_key=key).status == "failed"
+            resigned = InclusionProof(**{**p.to_dict(), "timestamp_ms": p.timestamp_ms + 1})
+            assert check_inclusion(resigned, fleet=FLEET, device=d.id,
+                                   public_key=key).status == "failed"
+            other_key = bytes(32 - len(b"k")) + b"k"
+            assert check_inclusion(p, fleet=FLEET, device=d.id,
+                                   public_key=other_key).status == "failed"
+    agg.close()
+
+
+def test_the_key_is_private_and_printable(tmp_path: Path, artifacts: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    broker = MemoryBroker()
+    agg = make(tmp_path, artifacts, broker)
+    public = agg.trail.key.public_hex
+    agg.close()
+    mode = stat.S_IMODE(os.stat(tmp_path / KEY_FILE).st_mode)
+    assert mode == 0o600
+    assert cli(["ledger", "key", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == public
+    again = make(tmp_path, artifacts, broker)  # the same key at the next start
+    assert again.trail.key.public_hex == public
+
+
+# -- tampering ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ledger_dir(tmp_path_factory: pytest.TempPathFactory, artifacts: Path) -> Path:
+    state = tmp_path_factory.mktemp("ledger")
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(state, artifacts, broker, rounds=3, server_opt="fedadam")
+    _sync_rounds(agg, fleet, 3, bad="d1")
+    agg.close()
+    _ok(state)
+    return state
+
+
+def _db(state: Path) -> sqlite3.Connection:
+    return sqlite3.connect(state / "aggregator.sqlite", isolation_level=None)
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+
+
+def _first_bad(state: Path) -> int | None:
+    (report,) = verify_ledger(state)
+    return report.first_bad
+
+
+@pytest.mark.parametrize("column", ["header", "accepted", "details", "signature"])
+def test_any_flipped_byte_of_an_entry_fails_naming_it(ledger_dir: Path, column: str) -> None:
+    with _db(ledger_dir) as conn:
+        (data,) = conn.execute(f"SELECT {column} FROM ledger_entries WHERE idx = 1").fetchone()
+    data = bytes(data)
+    positions = sorted({0, 1, len(data) // 3, len(data) // 2, len(data) - 1})
+    for at in positions:
+        with _db(ledger_dir) as conn:
+            conn.execute(f"UPDATE ledger_entries SET {column} = ? WHERE idx = 1",
+                         (_flip(data, at),))
+        assert _first_bad(ledger_dir) == 1, (column, at)
+        with _db(ledger_dir) as conn:
+            conn.execute(f"UPDATE ledger_entries SET {column} = ? WHERE idx = 1", (data,))
+    _ok(ledger_dir)
+
+
+def test_every_byte_of_a_header_is_covered(ledger_dir: Path) -> None:
+    with _db(ledger_dir) as conn:
+        (data,) = conn.execute("SELECT header FROM ledger_entries WHERE idx = 2").fetchone()
+    data = bytes(data)
+    for at in range(0, len(data), 7):
+        with _db(ledger_dir) as conn:
+            conn.execute("UPDATE ledger_entries SET header = ? WHERE idx = 2",
+                         (_flip(data, at),))
+        assert _first_bad(ledger_dir) == 2, at
+    with _db(ledger_dir) as conn:
+        conn.execute("UPDATE ledger_entries SET header = ? WHERE idx = 2", (data,))
+    _ok(ledger_dir)
+
+
+def test_a_flipped_byte_of_a_kept_body_fails_naming_its_entry(ledger_dir: Path) -> None:
+    with _db(ledger_dir) as conn:
+        (accepted,) = conn.execute("SELECT accepted FROM ledger_entries WHERE idx = 2"
+                                   ).fetchone()
+        digest = json.loads(bytes(accepted).split(b"\n")[0])["digest"]
+        (body,) = conn.execute("SELECT body FROM ledger_bodies WHERE sha256 = ?",
+                               (digest,)).fetchone()
+    body = bytes(body)
+    for at in (0, len(body) // 2, len(body) - 1):
+        with _db(ledger_dir) as conn:
+            conn.execute("UPDATE ledger_bodies SET body = ? WHERE sha256 = ?",
+                         (_flip(body, at), digest))
+        assert _first_bad(ledger_dir) == 2
+    with _db(ledger_dir) as conn:
+        conn.execute("DELETE FROM ledger_bodies WHERE sha256 = ?", (digest,))
+    assert _first_bad(ledger_dir) == 2
+
+
+def test_a_changed_model_file_fails_naming_the_entry(ledger_dir: Path) -> None:
+    ckpts = sorted((ledger_dir / "aggregator.sqlite.checkpoints").glob("*.npy"))
+    assert len(ckpts) == 4  # versions 0..3
+    second = ckpts[2].read_bytes()
+    ckpts[2].write_bytes(_flip(second, len(second) - 2))  # a weight of version 2
+    assert _first_bad(ledger_dir) == 1  # the entry that made version 2
+    assert cli(["ledger", "verify", str(ledger_dir)]) == 1
+    ckpts[2].write_bytes(second)
+    initial = ckpts[0].read_bytes()
+    ckpts[0].write_bytes(_flip(initial, len(initial) - 1))  # the initial model
+    assert _first_bad(ledger_dir) == 0
+    with pytest.raises(LedgerMismatch) as info:
+        verify_ledger(ledger_dir)[0].check()
+    assert info.value.index == 0
+
+
+def test_another_key_fails_and_show_prints_an_entry(ledger_dir: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["ledger", "verify", str(ledger_dir), "--public-key", "11" * 32]) == 1
+    assert "entry 0 FAILS" in capsys.readouterr().out
+    assert cli(["ledger", "show", str(ledger_dir), "--round", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "entry 1  round 2" in out and "codec" not in out.split("rejected")[0]
+    with _db(ledger_dir) as conn:
+        conn.execute("DELETE FROM ledger_entries WHERE idx = 1")  # a hole in the chain
+    assert _first_bad(ledger_dir) == 1
