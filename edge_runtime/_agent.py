@@ -51,6 +51,7 @@ from edge_runtime._emulation import Emulation
 from edge_runtime._fetch import Fetcher
 from edge_runtime._hooks import AgentHooks, ask_on_task, notify
 from edge_runtime._inbox import Inbox, InboxHandlers, admit, read_task
+from edge_runtime._ledger_check import LedgerCheck
 from edge_runtime._local_training import LocalTraining, labels_problem, train_locally
 from edge_runtime._outbox import Outbox
 from edge_runtime._phase import Phase, PhaseMachine
@@ -137,9 +138,13 @@ class Agent:
             channel=channel, device_id=device_id, profile=profile, data=data, rules=self.rules,
             probe=status_probe or SystemProbe(), artifacts=self.artifacts, models=self.models,
             state=self.state, hooks=self._hooks, busy_round=self.busy_round, log=self.log)
+        self.ledger = LedgerCheck(fleet=self.fleet, device_id=device_id,
+                                  public_key=self.settings.ledger_public_key, hooks=self._hooks,
+                                  log=self.log)
         self._inbox = Inbox(models=self.models, log=self.log, handlers=InboxHandlers(
             task=self._on_task, cancel=self._on_cancel, ack=self._on_ack,
-            roll_call=self._presence.greet, malformed=self._count_malformed))
+            roll_call=self._presence.greet, malformed=self._count_malformed,
+            proof=self.ledger.on_proof))
         self._fetcher = Fetcher(inbox=self._inbox, artifacts=self.artifacts, models=self.models,
                                 request=self._send_request)
         self._outbox = Outbox(
@@ -321,6 +326,8 @@ class Agent:
 
     def _send(self, kind: str, message: Message) -> None:
         self.channel.send(self.topics.up(self.device_id, kind), message)
+        if kind == "update":
+            self.ledger.sent(message)
 
     def _send_request(self, request: Request, task: TaskSpec) -> None:
         version = task.model_version if request.want == "model" else 0

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import stat
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -264,3 +268,75 @@ def test_another_key_fails_and_show_prints_an_entry(ledger_dir: Path,
     with _db(ledger_dir) as conn:
         conn.execute("DELETE FROM ledger_entries WHERE idx = 1")  # a hole in the chain
     assert _first_bad(ledger_dir) == 1
+
+
+# -- a real crash mid-append -------------------------------------------------------------
+
+_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[3])
+    from aggregator_rig import devices, make
+    from broker_bridge import MemoryBroker
+    import cloud_aggregator._store as store_module
+    from cloud_aggregator._store_ledger import append_tx
+
+    kill_at = int(sys.argv[4])
+
+    def append_then_die(conn, pending):
+        appended = append_tx(conn, pending)
+        if appended.index == kill_at:  # the row is written, the transaction not committed
+            print(f"KILLING in entry {appended.index}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return appended
+
+    store_module.append_tx = append_then_die
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(__import__("pathlib").Path(sys.argv[1]), __import__("pathlib").Path(sys.argv[2]),
+               broker, rounds=10, server_opt="fedadam")
+    while True:
+        assert agg.tick()
+        for d in fleet.values():
+            d.send_update(layout=agg.layout)
+        assert agg.tick()
+        print(f"RELEASED {agg.model_version}", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("kill_at", [0, 2])
+def test_a_sigkill_mid_append_leaves_a_consistent_ledger(tmp_path: Path, artifacts: Path,
+                                                         kill_at: int) -> None:
+    tests_dir = Path(__file__).resolve().parents[1]
+    repo = tests_dir.parent
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(tmp_path), str(artifacts), str(tests_dir),
+         str(kill_at)], capture_output=True, text=True, env=env, cwd=repo, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert f"KILLING in entry {kill_at}" in proc.stdout
+    assert proc.stdout.count("RELEASED") == kill_at
+    # The killed transaction is gone whole: no entry, no checkpoint, the round still open.
+    with sqlite3.connect(tmp_path / "aggregator.sqlite") as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        idx = [r[0] for r in conn.execute("SELECT idx FROM ledger_entries ORDER BY idx")]
+        versions = [r[0] for r in conn.execute(
+            "SELECT model_version FROM checkpoints ORDER BY model_version")]
+        states = dict(conn.execute("SELECT round, state FROM rounds").fetchall())
+    assert idx == list(range(kill_at))
+    assert versions == list(range(kill_at + 1))
+    assert states[kill_at + 1] == "open"
+    if kill_at:
+        _ok(tmp_path)
+    # A restart resumes the round and appends its entry at the same index: no fork.
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=kill_at + 2, server_opt="fedadam")
+    assert agg.tick()  # the resumed round (its updates came back from the journal) closes
+    _sync_rounds(agg, fleet, 1)
+    entries = agg.store.ledger_entries(FLEET)
+    assert [e.index for e in entries] == list(range(kill_at + 2))
+    assert [e.round for e in entries] == list(range(1, kill_at + 3))
+    agg.close()
+    _ok(tmp_path)
