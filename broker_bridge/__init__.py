@@ -113,7 +113,14 @@ from broker_bridge._ledger_msg import (
     ed25519_verify,
     tree_head_bytes,
 )
-from broker_bridge._merkle import inclusion_path, leaf_hash, root_hash, verify_inclusion
+from broker_bridge._merkle import (
+    CompactTree,
+    inclusion_path,
+    inclusion_paths,
+    leaf_hash,
+    root_hash,
+    verify_inclusion,
+)
 from broker_bridge._model_msg import (
     ModelMeta,
     model_message,
@@ -154,7 +161,9 @@ __all__ = [
     "check_inclusion",
     "ed25519_verify",
     "tree_head_bytes",
+    "CompactTree",
     "inclusion_path",
+    "inclusion_paths",
     "leaf_hash",
     "root_hash",
     "verify_inclusion",

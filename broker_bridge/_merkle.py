@@ -38,41 +38,74 @@ def _split(n: int) -> int:
     return 1 << ((n - 1).bit_length() - 1)
 
 
-def root_hash(leaves: Sequence[bytes]) -> bytes:
-    """MTH of the leaves (given as leaf hashes); SHA-256("") for none.
-
-    Computed bottom-up (pairs, an odd last node carried up), which gives RFC 6962's
-    left-balanced tree: O(n) hashes, O(log n) extra memory per level.
-    """
-    if not leaves:
-        return hashlib.sha256(b"").digest()
-    level = list(leaves)
-    while len(level) > 1:
+def _levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
+    """The tree level by level, leaves first: pairs hashed, an odd last node carried up
+    unchanged, which builds exactly RFC 6962's left-balanced tree."""
+    levels = [list(leaves)]
+    while len(levels[-1]) > 1:
+        level = levels[-1]
         nxt = [node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
         if len(level) % 2:
             nxt.append(level[-1])
-        level = nxt
-    return level[0]
+        levels.append(nxt)
+    return levels
+
+
+def root_hash(leaves: Sequence[bytes]) -> bytes:
+    """MTH of the leaves (given as leaf hashes); SHA-256("") for none. O(n) hashes."""
+    if not leaves:
+        return hashlib.sha256(b"").digest()
+    return _levels(leaves)[-1][0]
+
+
+def _path(index: int, levels: list[list[bytes]]) -> list[bytes]:
+    # A node's sibling at each level where it has one; a carried-up node has none there
+    # (RFC 9162's PATH skips exactly those levels), nearest sibling first.
+    path: list[bytes] = []
+    for level in levels[:-1]:
+        sibling = index ^ 1
+        if sibling < len(level):
+            path.append(level[sibling])
+        index >>= 1
+    return path
 
 
 def inclusion_path(index: int, leaves: Sequence[bytes]) -> list[bytes]:
     """RFC 9162 ``PATH(index, D[n])`` over the leaf hashes, nearest sibling first."""
-    n = len(leaves)
-    if not 0 <= index < n:
-        raise ValueError(f"leaf {index} is not in a tree of {n}")
-    path: list[bytes] = []
-    lo, hi, m = 0, n, index
-    stack: list[bytes] = []
-    while hi - lo > 1:
-        k = _split(hi - lo)
-        if m < k:
-            stack.append(root_hash(leaves[lo + k:hi]))
-            hi = lo + k
-        else:
-            stack.append(root_hash(leaves[lo:lo + k]))
-            lo, m = lo + k, m - k
-    path.extend(reversed(stack))  # PATH lists the deepest sibling first
-    return path
+    if not 0 <= index < len(leaves):
+        raise ValueError(f"leaf {index} is not in a tree of {len(leaves)}")
+    return _path(index, _levels(leaves))
+
+
+def inclusion_paths(leaves: Sequence[bytes]) -> list[list[bytes]]:
+    """Every leaf's ``inclusion_path``, building the tree once (O(n log n))."""
+    levels = _levels(leaves)
+    return [_path(i, levels) for i in range(len(leaves))]
+
+
+class CompactTree:
+    """A growing tree kept as its perfect subtrees' roots (O(log n) hashes): ``root()``
+    after each ``append`` without the leaves (a verifier walking a long ledger)."""
+
+    def __init__(self) -> None:
+        self._stack: list[tuple[int, bytes]] = []  # (height, root), tallest first
+        self.size = 0
+
+    def append(self, leaf: bytes) -> None:
+        node, height = leaf, 0
+        while self._stack and self._stack[-1][0] == height:
+            _, left = self._stack.pop()
+            node, height = node_hash(left, node), height + 1
+        self._stack.append((height, node))
+        self.size += 1
+
+    def root(self) -> bytes:
+        if not self._stack:
+            return hashlib.sha256(b"").digest()
+        node = self._stack[-1][1]
+        for _, left in reversed(self._stack[:-1]):
+            node = node_hash(left, node)
+        return node
 
 
 def verify_inclusion(*, leaf: bytes, index: int, size: int, path: Sequence[bytes],

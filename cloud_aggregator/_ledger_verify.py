@@ -42,6 +42,7 @@ import numpy.typing as npt
 
 from broker_bridge import (
     CodecError,
+    CompactTree,
     Layout,
     WireError,
     decode_update_sparse,
@@ -177,7 +178,7 @@ def _contribution(record: dict[str, Any], body: bytes, layout: Layout) -> Contri
 
 
 def _verify_entry(store: Store, entry: AppendedEntry, *, index: int, prev_leaf: str,
-                  leaves: list[bytes], public_key: bytes, replay: _Replayer,
+                  leaves: CompactTree, public_key: bytes, replay: _Replayer,
                   device_signature: DeviceSignatureCheck | None,
                   report: LedgerReport) -> bytes:
     header = _json(entry.header, "header")
@@ -197,8 +198,8 @@ def _verify_entry(store: Store, entry: AppendedEntry, *, index: int, prev_leaf: 
     if hashlib.sha256(entry.details).hexdigest() != header.get("details_sha256"):
         raise _Bad("the details do not hash to details_sha256")
     details = _json(entry.details, "details")
-    root = root_hash(leaves)
-    head = tree_head_bytes(fleet=report.fleet, size=len(leaves),
+    root = leaves.root()
+    head = tree_head_bytes(fleet=report.fleet, size=leaves.size,
                            timestamp_ms=entry.timestamp_ms, root=root)
     if not ed25519_verify(public_key, entry.signature, head):
         raise _Bad("the signed tree head does not verify with the aggregator's key")
@@ -265,7 +266,7 @@ def verify_ledger(state_dir: str | Path, *, public_key: bytes | None = None,
             replay = _Replayer(_load_vector(data, "the initial model"))
             entries = store.ledger_entries(fleet)
             report.entries = len(entries)
-            leaves: list[bytes] = []
+            leaves = CompactTree()
             prev = ZERO_HASH
             for i, entry in enumerate(entries):
                 try:

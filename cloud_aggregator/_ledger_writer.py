@@ -26,6 +26,7 @@ from broker_bridge import (
     Layout,
     TreeHead,
     inclusion_path,
+    inclusion_paths,
     leaf_hash,
 )
 from cloud_aggregator._aggregate import RoundAggregate
@@ -118,14 +119,14 @@ class LedgerWriter:
             return
         leaves = self._store.ledger_leaves(self._config.fleet)
         entry_path = [h.hex() for h in inclusion_path(entry.index, leaves[:entry.tree_size])]
-        record_leaves = [leaf_hash(line) for line in entry.accepted]
+        update_paths = inclusion_paths([leaf_hash(line) for line in entry.accepted])
         header = entry.header.decode("ascii")
         for j, line in enumerate(entry.accepted):
             record = json.loads(line)
             proof = InclusionProof(
                 round=int(record["round"]), index=entry.index, entry=header,
                 entry_path=entry_path, update=line.decode("ascii"), update_index=j,
-                update_path=[h.hex() for h in inclusion_path(j, record_leaves)],
+                update_path=[h.hex() for h in update_paths[j]],
                 size=entry.tree_size, timestamp_ms=entry.timestamp_ms, root=head.root,
                 signature=head.signature)
             device = str(record["device"])

@@ -7,7 +7,9 @@ import hashlib
 import pytest
 
 from broker_bridge._merkle import (
+    CompactTree,
     inclusion_path,
+    inclusion_paths,
     leaf_hash,
     node_hash,
     root_hash,
@@ -89,6 +91,7 @@ def test_every_size_up_to_64_matches_the_rfc_definitions(n: int) -> None:
     hashes = [leaf_hash(d) for d in data]
     root = root_hash(hashes)
     assert root == _reference_mth(data)
+    assert inclusion_paths(hashes) == [_reference_path(m, data) for m in range(n)]
     for m in range(n):
         path = inclusion_path(m, hashes)
         assert path == _reference_path(m, data)
@@ -113,6 +116,15 @@ def test_every_size_up_to_64_matches_the_rfc_definitions(n: int) -> None:
                                     root=root)
         assert not verify_inclusion(leaf=hashes[m], index=m, size=n, path=path,
                                     root=leaf_hash(b"forged"))
+
+
+def test_a_compact_tree_has_the_root_of_every_size() -> None:
+    tree = CompactTree()
+    assert tree.root() == root_hash([])
+    hashes = [leaf_hash(d) for d in _data(64)]
+    for n, h in enumerate(hashes, start=1):
+        tree.append(h)
+        assert tree.size == n and tree.root() == root_hash(hashes[:n]), n
 
 
 def test_out_of_range_and_malformed_inputs() -> None:
