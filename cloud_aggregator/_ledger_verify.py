@@ -135,8 +135,16 @@ class _Replayer:
         name = str(opt_rule.pop("name"))
         if name.startswith("custom:"):
             raise _Bad(f"the server optimizer {name} is not re-derivable")
+        if rule.get("combine") is not None:
+            raise _Bad(f"the strategy combines models its own way ({rule['combine']}): "
+                       "not re-derivable")
         if self._opt is None or self._opt_rule != rule["optimizer"]:
+            # Restarted with other hyper-parameters: the aggregator carried the state of
+            # an optimizer of the same name over (``ServerOptimizer.load_bytes``).
+            before = self._opt
             self._opt = make_server_optimizer(name, **opt_rule)
+            if before is not None and before.name == self._opt.name:
+                self._opt.load_state_dict(before.state_dict())
             self._opt_rule = rule["optimizer"]
         n = max(1, len(adds))
         agg = RoundAggregate(size=layout.size, robust=robust, capacity=n,

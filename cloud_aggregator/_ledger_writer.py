@@ -40,6 +40,7 @@ from cloud_aggregator._ledger import (
 from cloud_aggregator._recorder import RoundRecorder
 from cloud_aggregator._server_opt import ServerOptimizer, optimizer_options
 from cloud_aggregator._store import Store
+from cloud_aggregator._sync import SyncRounds
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,19 @@ LEDGER_TOPIC = "ledger"
 PROOF_TOPIC = "proof"
 
 
-def rule_of(config: AggregatorConfig, optimizer: Any, strategy: str) -> dict[str, Any]:
-    """The aggregation rule an entry records: enough to re-derive the model."""
+def rule_of(config: AggregatorConfig, optimizer: Any, strategy: Any) -> dict[str, Any]:
+    """The aggregation rule an entry records: enough to re-derive the model. A server
+    optimizer or a ``combine`` of the user's is named, and not re-derivable."""
     if isinstance(optimizer, ServerOptimizer):
         opt: dict[str, Any] = {"name": optimizer.name, **optimizer_options(optimizer)}
-    else:  # a server optimizer of the user's: recorded by name, not re-derivable
+    else:
         opt = {"name": f"custom:{type(optimizer).__name__}"}
-    return {"strategy": strategy, "robust": asdict(config.robust_config()), "optimizer": opt}
+    rule: dict[str, Any] = {"strategy": strategy.name, "robust": asdict(config.robust_config()),
+                            "optimizer": opt}
+    combine = getattr(type(strategy), "combine", None)
+    if combine is not None and combine is not SyncRounds.combine:
+        rule["combine"] = f"custom:{type(strategy).__name__}"
+    return rule
 
 
 class LedgerWriter:
@@ -72,7 +79,7 @@ class LedgerWriter:
 
     def pending(self, *, round_index: int, outcome: str, model_version: int,
                 prev_version: int, aggregate: RoundAggregate, stream: int,
-                selected: Sequence[str] | None, optimizer: Any, strategy: str
+                selected: Sequence[str] | None, optimizer: Any, strategy: Any
                 ) -> PendingEntry:
         fleet = self._config.fleet
         added = list(aggregate.added)

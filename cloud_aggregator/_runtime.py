@@ -577,7 +577,7 @@ class Aggregator:
                 round_index=metrics.round, outcome=metrics.outcome,
                 model_version=self.state.version + (1 if params is not None else 0),
                 prev_version=self.state.version, aggregate=aggregate, stream=stream,
-                selected=selected, optimizer=self.state.optimizer, strategy=self.strategy.name)
+                selected=selected, optimizer=self.state.optimizer, strategy=self.strategy)
         if params is not None:
             self.state.params = params
             self.state.version += 1

@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from aggregator_rig import FLEET, FakeDevice, devices, feed_async, make
 
@@ -340,3 +341,46 @@ def test_a_sigkill_mid_append_leaves_a_consistent_ledger(tmp_path: Path, artifac
     assert [e.round for e in entries] == list(range(1, kill_at + 3))
     agg.close()
     _ok(tmp_path)
+
+
+def test_contribution_records_from_the_hook_are_kept(tmp_path: Path, artifacts: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=2)
+    seen: list[tuple[int, int]] = []
+
+    def contributions(round_index: int, records: object) -> list[dict[str, object]]:
+        rows = list(records)  # type: ignore[call-overload]
+        seen.append((round_index, len(rows)))
+        return [{"device": r["device"], "round": round_index, "weight": r["weight"],
+                 "cosine": 0.5, "marginal": None} for r in rows]
+
+    agg.trail.contributions = contributions
+    _sync_rounds(agg, fleet, 2)
+    assert seen == [(1, 3), (2, 3)]
+    details = json.loads(agg.store.ledger_entries(FLEET)[1].details)
+    assert sorted(c["device"] for c in details["contributions"]) == ["d0", "d1", "d2"]
+    agg.close()
+    _ok(tmp_path)
+    assert cli(["ledger", "show", str(tmp_path)]) == 0
+    assert '"cosine": 0.5' in capsys.readouterr().out
+
+
+def test_a_strategy_that_combines_its_own_way_is_named_not_rederived(
+        tmp_path: Path, artifacts: Path) -> None:
+    from cloud_aggregator import SyncRounds
+
+    class Halved(SyncRounds):
+        def combine(self, params: np.ndarray, delta: np.ndarray) -> np.ndarray:
+            return self.ctx.model.stepped(delta * np.float32(0.5))
+
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=1, strategy=Halved())
+    _sync_rounds(agg, fleet, 1)
+    assert agg.store.ledger_entries(FLEET)[0].header_json()["rule"]["combine"] == \
+        "custom:Halved"
+    agg.close()
+    (report,) = verify_ledger(tmp_path)
+    assert report.first_bad == 0 and "combines models its own way" in report.problem
