@@ -12,7 +12,6 @@ device that missed its proof can still be shown the entry by ``fleetlearn ledger
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -83,11 +82,12 @@ class LedgerWriter:
                 ) -> PendingEntry:
         fleet = self._config.fleet
         added = list(aggregate.added)
-        wanted = {a.source.digest for a in added}
-        bodies: dict[str, bytes] = {}
+        wanted = {(a.source.device, a.source.round, a.source.attempt): a.source.digest
+                  for a in added}
+        bodies: dict[str, bytes] = {}  # the store checks each against its digest
         for stored in self._store.round_updates(fleet, stream):
-            digest = hashlib.sha256(stored.body).hexdigest()
-            if digest in wanted:
+            digest = wanted.get((stored.key.device_id, stored.key.round, stored.key.attempt))
+            if digest is not None:
                 bodies[digest] = stored.body
         refusals, more = self._recorder.refusals()
         records = [a.record(i) for i, a in enumerate(added)]

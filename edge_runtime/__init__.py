@@ -23,6 +23,8 @@ Where things live:
 - ``_inbox`` (receiving, task dedupe), ``_fetch`` (artifacts and models), ``_outbox``
   (durable commit, re-sends until acked), ``_work`` (one task's steps): internal.
 - ``_presence``: presence, hello and eligibility; ``make_agent_transport``.
+- ``_ledger_check``: ``LedgerCheck`` (the training ledger's inclusion proofs, checked
+  against the pinned aggregator key; outcomes to ``AgentHooks.on_inclusion``).
 - ``_trainer_pool``: ``TrainerPool``, ``TrainerProvider``.
 - ``_emulation``: ``Emulation``.
 - ``_settings``: ``AgentSettings``, ``AgentStats``.
