@@ -102,6 +102,10 @@ class AggregatorConfig:
     max_staleness: int | None = setting(
         20, help="async: refuse updates staler than this many versions (none: no limit)",
         group=_ASYNC)
+    checkpoint_every_s: float = setting(
+        1.0, help="async: write the model to disk at most this often (0: at every release); "
+        "versions released in between are re-derived from the journal after a crash",
+        group=_ASYNC)
 
     # -- local training (sent in each task)
     local_epochs: int = setting(5, help="local epochs per task", group=_LOCAL)
@@ -206,6 +210,9 @@ class AggregatorConfig:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
         for name in ("max_abandoned", "concurrency", "buffer_size", "local_epochs", "batch_size"):
             _positive_int(name, getattr(self, name))
+        if not (math.isfinite(self.checkpoint_every_s) and self.checkpoint_every_s >= 0):
+            raise ConfigError("checkpoint_every_s must be a number >= 0 (0: checkpoint every "
+                              f"release), got {self.checkpoint_every_s!r}")
         if self.max_staleness is not None and self.max_staleness < 0:
             raise ConfigError("max_staleness must be >= 0")
         _choice("staleness", self.staleness, ("constant", "sqrt", "polynomial"))

@@ -9,11 +9,14 @@ version. Clipping, robust rules and the screens are the same as in sync rounds (
 ``RoundAggregate``).
 
 Durability: each accepted update is journaled with its weight and discount under the
-model version its buffer builds; a release writes the new model and drops that
-journal in one transaction. A restarted aggregator replays the open buffer's journal,
-so no accepted update is lost or counted twice, and the buffer is never snapshotted
-per update. The tasks in flight are saved at each release and at most once a second
-(task numbers are reserved durably before use) and re-sent after a restart.
+model version its buffer builds, and the buffer is never snapshotted per update. A
+release needs nothing more to be durable: the model is checkpointed (dropping the
+journals it came from, in one transaction) at most every ``checkpoint_every_s``, and a
+restarted aggregator replays the journals after its last checkpoint in order, releasing
+each full one again (the same updates added in the same order give the same model), then
+rebuilds the open buffer; no accepted update is lost or counted twice. The tasks in
+flight are saved at each release and at most once a second (task numbers are reserved
+durably before use) and re-sent after a restart.
 """
 
 from __future__ import annotations
@@ -279,18 +282,24 @@ class FedBuff(StrategyBase):
         except (ValueError, TypeError, KeyError, AggregatorError) as exc:
             raise StoreError(f"the tasks in flight in {ctx.store.path} are unreadable: "
                              f"{exc}") from exc
-        assert self._agg is not None
-        restored = 0
-        for r in replay(ctx, ctx.model.version, where="in the FedBuff buffer"):
-            assert r.contribution is not None  # FedBuff defers nothing
-            self._agg.add(r.contribution)
-            self.scheduler.complete(r.task_round)
-            self._done[(r.task_round, r.device)] = None
-            restored += 1
-        if restored:
-            log.info("resumed a FedBuff buffer with %d stored updates", restored)
-        if self.buffered >= ctx.config.buffer_size:
-            self._release()  # stopped between the K-th update and its release
+        # The open buffer's stream, and before it the streams of versions released but
+        # not checkpointed yet: each is replayed in acceptance order and released again,
+        # which re-derives the same model (the same updates, added in the same order).
+        while True:
+            assert self._agg is not None
+            restored = 0
+            for r in replay(ctx, ctx.model.version, where="in the FedBuff buffer"):
+                assert r.contribution is not None  # FedBuff defers nothing
+                self._agg.add(r.contribution)
+                self.scheduler.complete(r.task_round)
+                self._done[(r.task_round, r.device)] = None
+                restored += 1
+            if restored:
+                log.info("resumed a FedBuff buffer of model version %d with %d stored updates",
+                         ctx.model.version + 1, restored)
+            if self.buffered < ctx.config.buffer_size:
+                break
+            self._release()  # released before the stop, or stopped just before its release
         for task in list(self.scheduler.inflight.values()):
             ctx.send_task(task.device_id, task.task_round, task.model_version)
 

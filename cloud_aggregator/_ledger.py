@@ -2,7 +2,10 @@
 
 One entry per sync round (closed or abandoned) or FedBuff model release, appended in
 the same SQLite transaction as the checkpoint or the round's close (``_store_ledger``),
-so a crash leaves either the whole entry with its model or neither. An entry is three
+so a crash leaves either the whole entry with its model or neither. FedBuff releases
+are checkpointed at most every ``checkpoint_every_s``: their entries wait in memory for
+that checkpoint, and a crash before it re-derives the releases, and so the entries, from
+the journal. An entry is three
 canonical JSON texts (sorted keys, no spaces, ASCII):
 
 - the *header* (the Merkle leaf): fleet, index, round, outcome, model version, the
@@ -25,6 +28,7 @@ The entries' leaf hashes form the ledger's Merkle tree; after each entry the tre
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -33,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -170,7 +176,7 @@ alignment, marginal contribution or None), or None."""
 
 @dataclass(kw_only=True)
 class PendingEntry:
-    """An entry to append, before the store gives it its index, hashes and signature.
+    """An entry to append, before the store gives it its index, chain and signature.
 
     ``appended`` is filled in inside the store's transaction (valid once it committed).
     """
@@ -179,10 +185,13 @@ class PendingEntry:
     round: int
     outcome: str
     model_version: int
-    prev_version: int
+    prev_model: str
+    model: str
+    """SHA-256 (hex) of the previous and the resulting model, saved as a checkpoint."""
     rule: Mapping[str, Any]
     accepted: Sequence[AddedUpdate]
-    bodies: Mapping[str, bytes] = field(repr=False)
+    stream: int
+    """The journal stream holding the accepted bodies (copied when the entry commits)."""
     details: Mapping[str, Any]
     signer: AggregatorKey = field(repr=False)
     at: float
@@ -213,6 +222,13 @@ class AppendedEntry:
         if not isinstance(value, dict):
             raise LedgerError(f"ledger entry {self.index} has no header object")
         return value
+
+
+def model_sha256(params: npt.NDArray[np.float32]) -> str:
+    """The SHA-256 of ``params`` saved as ``Store.save_checkpoint`` saves a checkpoint."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(params, dtype=np.float32), allow_pickle=False)
+    return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
 def split_lines(blob: bytes) -> tuple[bytes, ...]:

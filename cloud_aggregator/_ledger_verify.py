@@ -55,7 +55,13 @@ from broker_bridge import (
 from cloud_aggregator._aggregate import Contribution, RoundAggregate
 from cloud_aggregator._aggregation import l2_norm
 from cloud_aggregator._errors import AggregatorError, LedgerError, LedgerMismatch
-from cloud_aggregator._ledger import ZERO_HASH, AppendedEntry, canonical, read_public_key
+from cloud_aggregator._ledger import (
+    ZERO_HASH,
+    AppendedEntry,
+    canonical,
+    model_sha256,
+    read_public_key,
+)
 from cloud_aggregator._robust import RobustConfig, robust_memory_bytes
 from cloud_aggregator._server_opt import make_server_optimizer
 from cloud_aggregator._store import Store
@@ -87,13 +93,6 @@ class LedgerReport:
         if self.first_bad is not None:
             raise LedgerMismatch(f"fleet {self.fleet!r}: ledger entry {self.first_bad}: "
                                  f"{self.problem}", index=self.first_bad, fleet=self.fleet)
-
-
-def model_sha256(params: F32) -> str:
-    """The SHA-256 of ``params`` saved as a checkpoint file is (``Store.save_checkpoint``)."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(params, dtype=np.float32), allow_pickle=False)
-    return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
 def _load_vector(data: bytes, what: str) -> F32:

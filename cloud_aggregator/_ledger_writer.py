@@ -1,9 +1,10 @@
 """What the runtime appends to the training ledger at each release, and what it tells.
 
 ``LedgerWriter.pending`` builds the entry of a round (or FedBuff release) from the
-aggregate's ``added`` list (the canonical accumulation order), the journal's bodies, the
-recorder's refusals and the configured rule; the runtime hands it to the store, which
-appends it in the transaction that writes the checkpoint or closes the round. Once that
+aggregate's ``added`` list (the canonical accumulation order), the recorder's refusals,
+the model hashes and the configured rule; the runtime hands it to the store, which
+appends it, with the bodies it cites copied from the journal, in the transaction that
+writes the checkpoint or closes the round. Once that
 committed, ``publish`` puts the signed tree head, retained, on ``broadcast/ledger`` and
 sends each device whose update the entry counts its ``InclusionProof`` on ``down/proof``
 (docs/PROTOCOL.md). Publishing is best effort: the ledger in the store is the record; a
@@ -77,18 +78,11 @@ class LedgerWriter:
         """Per-device contribution records for each entry (see ``ContributionsHook``)."""
 
     def pending(self, *, round_index: int, outcome: str, model_version: int,
-                prev_version: int, aggregate: RoundAggregate, stream: int,
+                prev_model: str, model: str, aggregate: RoundAggregate, stream: int,
                 selected: Sequence[str] | None, optimizer: Any, strategy: Any
                 ) -> PendingEntry:
         fleet = self._config.fleet
         added = list(aggregate.added)
-        wanted = {(a.source.device, a.source.round, a.source.attempt): a.source.digest
-                  for a in added}
-        bodies: dict[str, bytes] = {}  # the store checks each against its digest
-        for stored in self._store.round_updates(fleet, stream):
-            digest = wanted.get((stored.key.device_id, stored.key.round, stored.key.attempt))
-            if digest is not None:
-                bodies[digest] = stored.body
         refusals, more = self._recorder.refusals()
         records = [a.record(i) for i, a in enumerate(added)]
         contributions: list[Any] | None = None
@@ -107,9 +101,9 @@ class LedgerWriter:
             "contributions": contributions,
         }
         return PendingEntry(fleet=fleet, round=round_index, outcome=outcome,
-                            model_version=model_version, prev_version=prev_version,
+                            model_version=model_version, prev_model=prev_model, model=model,
                             rule=rule_of(self._config, optimizer, strategy), accepted=added,
-                            bodies=bodies, details=details, signer=self.key, at=time.time())
+                            stream=stream, details=details, signer=self.key, at=time.time())
 
     def publish(self, entry: AppendedEntry) -> None:
         """The signed head, retained on ``broadcast/ledger``; each counted device's proof."""

@@ -29,6 +29,8 @@ from cloud_aggregator._store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
+RECENT_LINES = 1000
+"""How far back ``written`` looks: more than the releases between two FedBuff checkpoints."""
 PENDING_METRICS = "pending_metrics"
 """State name: a closed round's metrics, saved with its checkpoint until its line is written."""
 
@@ -155,6 +157,11 @@ class RoundRecorder:
         c.set("federated_accuracy", metrics.fed_accuracy)
         c.set("round_devices_reported", metrics.devices_reported)
 
+    def written(self, metrics: RoundMetrics) -> bool:
+        """Whether the metrics line of that round and outcome is among the last ones."""
+        return (metrics.round, metrics.outcome) in {
+            (r.get("round"), r.get("outcome")) for r in self.log_file.read()[-RECENT_LINES:]}
+
     def recover(self, pending: Any, *, model_version: int, params: np.ndarray) -> None:
         """Write the metrics line of a round whose checkpoint was saved but whose line
         was not (the process stopped in between)."""
@@ -162,8 +169,7 @@ class RoundRecorder:
             metrics = RoundMetrics(**pending)
         except TypeError as exc:
             raise StoreError(f"pending metrics in {self._store.path} are malformed: {exc}") from exc
-        written = {(r.get("round"), r.get("outcome")) for r in self.log_file.read()[-5:]}
-        if (metrics.round, metrics.outcome) not in written:
+        if not self.written(metrics):
             log.info("writing the metrics of round %d, interrupted by a stop", metrics.round)
             evaluate = metrics.model_version == model_version and metrics.outcome != "abandoned"
             self.record(metrics, params=params if evaluate else None, recovered=True)

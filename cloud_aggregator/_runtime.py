@@ -81,7 +81,7 @@ from cloud_aggregator._ingest import (
     Validate,
 )
 from cloud_aggregator._learned import STATE_BLOB, LearnedState, read_json_blob
-from cloud_aggregator._ledger import AggregatorKey, PendingEntry
+from cloud_aggregator._ledger import AggregatorKey, PendingEntry, model_sha256
 from cloud_aggregator._ledger_writer import LedgerWriter
 from cloud_aggregator._metrics import Counters, MetricsLog, MetricsServer, RoundMetrics
 from cloud_aggregator._planner import WorkPlanner
@@ -267,6 +267,16 @@ class Aggregator:
             collections.deque())
         self._failed: str | None = None
         self._last_status = time.monotonic()
+        self._unsaved_from: int | None = None
+        """The first journal stream released into a model not checkpointed yet."""
+        self._unsaved: tuple[RoundMetrics, bytes] | None = None
+        """The metrics and learned state of the last release not checkpointed yet."""
+        self._unsaved_entries: list[PendingEntry] = []
+        """Training-ledger entries of releases not checkpointed yet (appended with it)."""
+        self._model_sha = ""
+        """SHA-256 of the current model as a checkpoint file (the ledger's model hash)."""
+        self._saved_at = time.monotonic()
+        self._resuming = False
         self.last_status: str | None = None
 
     def _default_pipeline(self) -> IngestPipeline:
@@ -377,7 +387,11 @@ class Aggregator:
         roll_call(self.channel)
         with self._wake:
             self._broadcast_model()
-            self.strategy.resume()
+            self._resuming = True
+            try:
+                self.strategy.resume()
+            finally:
+                self._resuming = False
             self._ready = True
             early, self._early = list(self._early), collections.deque()
             self._early_bytes = 0
@@ -419,6 +433,7 @@ class Aggregator:
         with self._lock:
             if not self._closed:
                 self._commit()
+                self._save_unsaved()
                 self.registry.flush()
             self._closed = True
             topics = self.channel.topics
@@ -457,6 +472,7 @@ class Aggregator:
             with self._lock:
                 self._running = False
                 self._commit()
+                self._save_unsaved()
         return list(self.history)
 
     def wake(self) -> None:
@@ -476,6 +492,9 @@ class Aggregator:
             else:
                 self._commit()
             progressed = self.strategy.tick(self.clock.now())
+            if (self._unsaved is not None
+                    and time.monotonic() - self._saved_at >= self.config.checkpoint_every_s):
+                self._save_unsaved()
             self.registry.flush(every_s=0.0 if not self._running else REGISTRY_EVERY_S)
             self._maybe_status(progressed)
             return progressed
@@ -533,6 +552,7 @@ class Aggregator:
         if params.size != self.layout.size:
             raise AggregatorError("checkpoint does not match the model's layout")
         self.state.params, self.state.version = params, record.model_version
+        self._model_sha = record.sha256
         opt_state = self.store.get_state(OPT_BLOB)
         if opt_state is not None:
             self.state.optimizer.load_bytes(opt_state)
@@ -567,40 +587,91 @@ class Aggregator:
         """Apply ``params`` as the next model version (None: the round is abandoned) and
         make it durable with everything learned, the round's metrics and its training
         ledger entry (from ``aggregate``), in one transaction; then broadcast it, publish
-        the ledger's signed head and proofs, and record the metrics."""
-        states = {PENDING_METRICS: RoundRecorder.pending_blob(metrics)}
+        the ledger's signed head and proofs, and record the metrics.
+
+        A release from a journal stream (``drop_stream``: a FedBuff buffer) is durable
+        without its checkpoint: every input it was derived from is journaled, and a restart
+        re-derives it (``FedBuff.resume``). Its model is checkpointed at most every
+        ``checkpoint_every_s`` (``_save_model``), which drops the streams it came from and
+        appends the ledger entries of the releases since the last checkpoint.
+        """
         entry: PendingEntry | None = None
+        new_sha = model_sha256(params) if params is not None else self._model_sha
         if aggregate is not None:
             stream = close_round if close_round is not None else drop_stream
             assert stream is not None
             entry = self.trail.pending(
                 round_index=metrics.round, outcome=metrics.outcome,
                 model_version=self.state.version + (1 if params is not None else 0),
-                prev_version=self.state.version, aggregate=aggregate, stream=stream,
-                selected=selected, optimizer=self.state.optimizer, strategy=self.strategy)
+                prev_model=self._model_sha, model=new_sha, aggregate=aggregate,
+                stream=stream, selected=selected, optimizer=self.state.optimizer,
+                strategy=self.strategy)
         if params is not None:
             self.state.params = params
             self.state.version += 1
-            states[STATE_BLOB] = self.learned.to_bytes()
-            states[OPT_BLOB] = self.state.optimizer.to_bytes()
-            self.store.save_checkpoint(
-                fleet=self.fleet, model_version=self.state.version, params=params,
-                states=states, close_round=close_round, drop_stream=drop_stream, ledger=entry)
+            self._model_sha = new_sha
+            if entry is not None:
+                self._unsaved_entries.append(entry)
+            if drop_stream is None:
+                self._save_model(metrics, close_round=close_round)
+            else:
+                if self._unsaved_from is None:
+                    self._unsaved_from = drop_stream
+                # What was learned is taken now: the open buffer's updates, replayed
+                # after a restart, must find it as it was when the buffer opened.
+                self._unsaved = (metrics, self.learned.to_bytes())
+                if time.monotonic() - self._saved_at >= self.config.checkpoint_every_s:
+                    self._save_unsaved()
         else:
-            states[STATE_BLOB] = self.learned.to_bytes()
             assert close_round is not None
             self.store.close_round(fleet=self.fleet, round_index=close_round, state="abandoned",
-                                   states=states, ledger=entry)
-        if entry is not None and entry.appended is not None:
-            self.trail.publish(entry.appended)
+                                   states={STATE_BLOB: self.learned.to_bytes(),
+                                           PENDING_METRICS: RoundRecorder.pending_blob(metrics)},
+                                   ledger=[entry] if entry is not None else [])
+            if entry is not None and entry.appended is not None:
+                self.trail.publish(entry.appended)
         self.registry.flush(every_s=REGISTRY_EVERY_S)  # advisory: not at every release
         if params is not None:
             self._broadcast_model()
             self.events.emit(ModelReleased(model_version=self.state.version))
+        if self._resuming and self.recorder.written(metrics):
+            return  # re-derived after a restart: its line was written before the stop
         recorded = self.recorder.record(metrics, params=self.state.params
                                         if params is not None else None)
         self._publish_gauges()
         self.events.emit(RoundEnded(metrics=recorded))
+
+    def _save_model(self, metrics: RoundMetrics | None = None, *, close_round: int | None = None,
+                    learned: bytes | None = None) -> None:
+        """Checkpoint the current model with what was learned (and ``metrics``, until
+        their line is written), dropping the journal streams it was derived from."""
+        states = {STATE_BLOB: self.learned.to_bytes() if learned is None else learned,
+                  OPT_BLOB: self.state.optimizer.to_bytes()}
+        if metrics is not None:
+            states[PENDING_METRICS] = RoundRecorder.pending_blob(metrics)
+        drop = (None if self._unsaved_from is None
+                else range(self._unsaved_from, self.state.version))
+        entries, self._unsaved_entries = self._unsaved_entries, []
+        try:
+            self.store.save_checkpoint(
+                fleet=self.fleet, model_version=self.state.version, params=self.state.params,
+                states=states, close_round=close_round, drop_streams=drop, ledger=entries)
+        except BaseException:
+            self._unsaved_entries = entries + self._unsaved_entries
+            raise
+        self._unsaved_from = None
+        self._unsaved = None
+        self._saved_at = time.monotonic()
+        for entry in entries:
+            if entry.appended is not None:
+                self.trail.publish(entry.appended)
+
+    def _save_unsaved(self) -> None:
+        """Checkpoint a model released without one (see ``_release``), if any, with what
+        was learned as of its release."""
+        if self._unsaved is not None:
+            metrics, learned = self._unsaved
+            self._save_model(metrics, learned=learned)
 
     # ------------------------------------------------------------------ status
 

@@ -401,17 +401,17 @@ class Store(DeviceTables, LedgerTables):
         state: Literal["closed", "abandoned"] = "closed",
         ended_at: float | None = None,
         states: Mapping[str, bytes] | None = None,
-        ledger: PendingEntry | None = None,
+        ledger: Sequence[PendingEntry] = (),
     ) -> None:
         """Close (or abandon) an open round and drop its bodies;
-        ``states`` and the ``ledger`` entry are written in the same transaction."""
+        ``states`` and the ``ledger`` entries are written in the same transaction."""
         when = _now(ended_at)
         with self._write() as conn:
+            for entry in ledger:  # before the journal rows it keeps go
+                append_tx(conn, entry)
             self._close_round_tx(conn, fleet, round_index, state, when)
             for name, body in (states or {}).items():
                 _put_state(conn, name, body, when)
-            if ledger is not None:
-                append_tx(conn, ledger)
 
     @staticmethod
     def _close_round_tx(
@@ -645,16 +645,19 @@ class Store(DeviceTables, LedgerTables):
         params: npt.NDArray[np.float32],
         states: Mapping[str, bytes] | None = None,
         close_round: int | None = None,
-        drop_stream: int | None = None,
-        ledger: PendingEntry | None = None,
+        drop_streams: range | None = None,
+        ledger: Sequence[PendingEntry] = (),
         at: float | None = None,
     ) -> CheckpointRecord:
         """Write the global model durably, then record it in one transaction.
 
         The same transaction stores ``states`` (e.g. the server optimizer's bytes) and,
         with ``close_round``, closes that round: after a crash the store either shows
-        the round open with the previous model, or closed with this one. The ``ledger``
-        entry of the round (or release) commits in it too.
+        the round open with the previous model, or closed with this one. ``drop_streams``:
+        the journal streams (FedBuff buffers) this model was derived from, dropped in the
+        same transaction. The training ``ledger`` entries of the round (or of the releases
+        since the last checkpoint) commit in it too, with the bodies they cite, taken from
+        the journal before it is dropped.
         """
         vec = np.ascontiguousarray(params, dtype=np.float32)
         if vec.ndim != 1:
@@ -683,13 +686,13 @@ class Store(DeviceTables, LedgerTables):
             )
             for key, body in (states or {}).items():
                 _put_state(conn, key, body, record.created_at)
+            for entry in ledger:  # before the journal rows it keeps go
+                append_tx(conn, entry)
             if close_round is not None:
                 self._close_round_tx(conn, fleet, close_round, "closed", record.created_at)
-            if drop_stream is not None:  # a FedBuff buffer released into this model
-                conn.execute("DELETE FROM round_updates WHERE fleet = ? AND round = ?",
-                             (fleet, drop_stream))
-            if ledger is not None:
-                append_tx(conn, ledger)
+            if drop_streams:  # FedBuff buffers released into this model
+                conn.execute("DELETE FROM round_updates WHERE fleet = ? AND round >= ?"
+                             " AND round < ?", (fleet, drop_streams.start, drop_streams.stop))
         return record
 
     def checkpoint(

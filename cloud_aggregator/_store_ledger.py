@@ -13,13 +13,14 @@ Schema version 3 introduced both tables (``migrate_v3``, self-contained).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from broker_bridge import leaf_hash, root_hash, tree_head_bytes
-from cloud_aggregator._errors import LedgerError, StoreError
+from cloud_aggregator._errors import LedgerError
 from cloud_aggregator._ledger import (
     LEDGER_VERSION,
     ZERO_HASH,
@@ -45,6 +46,7 @@ CREATE TABLE ledger_entries (
     signature    BLOB    NOT NULL,          -- Ed25519 over the tree head bytes
     PRIMARY KEY (fleet, idx)
 );
+CREATE INDEX ledger_entries_by_round ON ledger_entries (fleet, round);
 CREATE TABLE ledger_bodies (
     sha256 TEXT PRIMARY KEY,
     body   BLOB NOT NULL
@@ -59,17 +61,29 @@ def migrate_v3(conn: sqlite3.Connection) -> None:
             conn.execute(statement)
 
 
-def _checkpoint_sha(conn: sqlite3.Connection, fleet: str, version: int) -> str:
-    row = conn.execute("SELECT sha256 FROM checkpoints WHERE fleet = ? AND model_version = ?",
-                       (fleet, version)).fetchone()
-    if row is None:
-        raise StoreError(f"no checkpoint of version {version} for the ledger of {fleet!r}")
-    return str(row[0])
+def _kept_body(conn: sqlite3.Connection, pending: PendingEntry, device: str, task: int,
+               attempt: int) -> bytes | None:
+    row = conn.execute(
+        "SELECT r.body FROM round_updates r JOIN accepted_updates a ON a.seq = r.seq"
+        " WHERE r.fleet = ? AND r.round = ? AND a.device_id = ? AND a.round = ?"
+        " AND a.attempt = ?", (pending.fleet, pending.stream, device, task, attempt)).fetchone()
+    return None if row is None else bytes(row[0])
 
 
-def append_tx(conn: sqlite3.Connection, pending: PendingEntry) -> AppendedEntry:
-    """Append ``pending`` inside the caller's transaction (see the module doc)."""
+def append_tx(conn: sqlite3.Connection, pending: PendingEntry) -> AppendedEntry | None:
+    """Append ``pending`` inside the caller's transaction (see the module doc).
+
+    A round (or FedBuff release) already in the ledger (the same round and resulting
+    model version) is not appended again (None): a
+    release is re-derived only when its entry was not committed, so this is another
+    aggregator object writing what one on the same store already wrote.
+    """
     fleet = pending.fleet
+    for (header,) in conn.execute("SELECT header FROM ledger_entries WHERE fleet = ? AND"
+                                  " round = ?", (fleet, pending.round)).fetchall():
+        if json.loads(header).get("model_version") == pending.model_version:
+            pending.appended = None
+            return None
     last = conn.execute("SELECT idx, leaf FROM ledger_entries WHERE fleet = ?"
                         " ORDER BY idx DESC LIMIT 1", (fleet,)).fetchone()
     index = 0 if last is None else int(last[0]) + 1
@@ -80,8 +94,7 @@ def append_tx(conn: sqlite3.Connection, pending: PendingEntry) -> AppendedEntry:
         "v": LEDGER_VERSION, "fleet": fleet, "index": index, "round": pending.round,
         "outcome": pending.outcome, "model_version": pending.model_version,
         "prev_entry": prev_entry,
-        "prev_model": _checkpoint_sha(conn, fleet, pending.prev_version),
-        "model": _checkpoint_sha(conn, fleet, pending.model_version),
+        "prev_model": pending.prev_model, "model": pending.model,
         "rule": dict(pending.rule),
         "accepted_root": root_hash([leaf_hash(line) for line in lines]).hex(),
         "accepted_count": len(lines),
@@ -97,14 +110,19 @@ def append_tx(conn: sqlite3.Connection, pending: PendingEntry) -> AppendedEntry:
     stamp = int(time.time() * 1000)
     signature = pending.signer.sign(
         tree_head_bytes(fleet=fleet, size=len(leaves), timestamp_ms=stamp, root=root))
-    for added in pending.accepted:
-        digest = added.source.digest
-        body = pending.bodies.get(digest)
-        if body is None or sha256_hex(body) != digest:
-            raise LedgerError(f"the body of {added.source.device}'s update ({digest}) is "
-                              "missing for the ledger")
+    saved = conn.execute("SELECT sha256 FROM checkpoints WHERE fleet = ? AND model_version = ?",
+                         (fleet, pending.model_version)).fetchone()
+    if saved is not None and str(saved[0]) != pending.model:
+        raise LedgerError(f"ledger entry {index}: the checkpoint of version "
+                          f"{pending.model_version} is not the entry's model")
+    for added in pending.accepted:  # one body in memory at a time
+        s = added.source
+        body = _kept_body(conn, pending, s.device, s.round, s.attempt)
+        if body is None or sha256_hex(body) != s.digest:
+            raise LedgerError(f"the body of {s.device}'s update ({s.digest}) is not in the "
+                              "journal for the ledger")
         conn.execute("INSERT INTO ledger_bodies (sha256, body) VALUES (?, ?)"
-                     " ON CONFLICT DO NOTHING", (digest, body))
+                     " ON CONFLICT DO NOTHING", (s.digest, body))
     conn.execute(
         "INSERT INTO ledger_entries (fleet, idx, round, header, accepted, details, leaf,"
         " tree_size, root, timestamp_ms, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

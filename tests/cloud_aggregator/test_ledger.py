@@ -27,6 +27,7 @@ from cloud_aggregator import Aggregator, LedgerMismatch, verify_ledger
 from cloud_aggregator._ledger import KEY_FILE, read_public_key
 from cloud_aggregator._ledger_verify import model_sha256
 from cloud_aggregator._rounds import ManualClock
+from cloud_aggregator._store import Store
 from fleetlearn.cli import main as cli
 
 
@@ -84,20 +85,29 @@ def test_sync_rounds_verify_and_rederive_byte_for_byte(tmp_path: Path, artifacts
                 read_public_key(tmp_path).hex()]) == 0
 
 
-def test_fedbuff_releases_verify(tmp_path: Path, artifacts: Path) -> None:
+@pytest.mark.parametrize("every_s", [0.0, 3600.0])
+def test_fedbuff_releases_verify(tmp_path: Path, artifacts: Path, every_s: float) -> None:
     broker = MemoryBroker()
     fleet = devices(broker, 5)
     agg = make(tmp_path, artifacts, broker, mode="async", concurrency=5, buffer_size=3,
                rounds=3, staleness="sqrt", robust="mean", server_opt="fedadam",
-               norm_median_multiple=None)
+               norm_median_multiple=None, checkpoint_every_s=every_s)
     feed_async(agg, fleet, 9)
     assert agg.model_version == 3
-    entries = agg.store.ledger_entries(FLEET)
+    # Entries commit with the checkpoint: at every release, or (every_s) at the next one.
+    assert len(agg.store.ledger_entries(FLEET)) == (3 if every_s == 0 else 0)
+    agg.close()  # checkpoints the last release, with the entries of all three
+    (report,) = verify_ledger(tmp_path)
+    assert report.ok and report.entries == report.models_rederived == 3, report
+    with Store(tmp_path / "aggregator.sqlite") as store:
+        entries = store.ledger_entries(FLEET)
+        versions = [c.model_version for c in (store.checkpoint(FLEET, model_version=v)
+                                              for v in range(4)) if c is not None]
+    assert versions == ([0, 1, 2, 3] if every_s == 0 else [0, 3])
     assert [e.header_json()["outcome"] for e in entries] == ["aggregated"] * 3
+    assert [e.header_json()["model_version"] for e in entries] == [1, 2, 3]
     scales = [json.loads(line)["scale"] for e in entries for line in e.accepted]
     assert any(s < 1.0 for s in scales)  # stale updates were discounted, and recorded
-    agg.close()
-    _ok(tmp_path)
 
 
 def test_an_abandoned_round_is_an_entry_that_keeps_the_model(tmp_path: Path,
@@ -286,7 +296,8 @@ _CHILD = textwrap.dedent(
 
     def append_then_die(conn, pending):
         appended = append_tx(conn, pending)
-        if appended.index == kill_at:  # the row is written, the transaction not committed
+        # the row is written, the transaction not committed:
+        if appended is not None and appended.index == kill_at:
             print(f"KILLING in entry {appended.index}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         return appended
@@ -384,3 +395,57 @@ def test_a_strategy_that_combines_its_own_way_is_named_not_rederived(
     agg.close()
     (report,) = verify_ledger(tmp_path)
     assert report.first_bad == 0 and "combines models its own way" in report.problem
+
+
+_ASYNC_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[3])
+    from aggregator_rig import devices, feed_async, make
+    from broker_bridge import MemoryBroker
+    import cloud_aggregator._store as store_module
+    from cloud_aggregator._store_ledger import append_tx
+
+    def append_then_die(conn, pending):
+        appended = append_tx(conn, pending)
+        if appended is not None and appended.index == 1:  # written, not committed
+            print(f"KILLING in entry {appended.index}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return appended
+
+    store_module.append_tx = append_then_die
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(Path(sys.argv[1]), Path(sys.argv[2]), broker, mode="async", concurrency=3,
+               buffer_size=2, rounds=3, staleness="constant", checkpoint_every_s=3600.0)
+    feed_async(agg, fleet, 6)
+    print(f"RELEASED {agg.model_version} unsaved", flush=True)
+    agg.close()  # the checkpoint of version 3, with the three entries, dies mid-append
+    """
+)
+
+
+def test_a_sigkill_mid_append_of_fedbuff_entries_re_derives_them(tmp_path: Path,
+                                                                  artifacts: Path) -> None:
+    tests_dir = Path(__file__).resolve().parents[1]
+    repo = tests_dir.parent
+    proc = subprocess.run(
+        [sys.executable, "-c", _ASYNC_CHILD, str(tmp_path), str(artifacts), str(tests_dir)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(repo)},
+        cwd=repo, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert "RELEASED 3 unsaved" in proc.stdout and "KILLING in entry 1" in proc.stdout
+    with sqlite3.connect(tmp_path / "aggregator.sqlite") as conn:
+        assert conn.execute("SELECT count(*) FROM ledger_entries").fetchone() == (0,)
+        assert conn.execute("SELECT max(model_version) FROM checkpoints").fetchone() == (0,)
+    # The restart re-derives the three releases from the journal, and their entries with
+    # them; its stop checkpoints version 3 with all three.
+    broker = MemoryBroker()
+    devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, mode="async", concurrency=3, buffer_size=2,
+               rounds=3, staleness="constant", checkpoint_every_s=3600.0)
+    assert agg.model_version == 3
+    agg.close()
+    (report,) = verify_ledger(tmp_path)
+    assert report.ok and report.entries == report.models_rederived == 3, report

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from aggregator_rig import devices, fake_update, feed_async, make
+from aggregator_rig import FLEET, devices, fake_update, feed_async, make
 
 from broker_bridge import (
     CodecSpec,
@@ -28,6 +28,7 @@ from cloud_aggregator import (
     UpdateRefused,
 )
 from cloud_aggregator._robust import coordinate_median, multi_krum
+from cloud_aggregator._store import Store
 
 
 @pytest.mark.parametrize(("robust", "reference"), [
@@ -259,3 +260,47 @@ def test_a_dropped_fedbuff_buffer_is_not_replayed_after_a_restart(
                  rounds=2, staleness="constant", norm_median_multiple=None)
     assert again.model_version == 0  # the dropped updates did not come back as a model
     assert again.strategy.buffered == 0  # type: ignore[attr-defined]
+
+
+def test_fedbuff_releases_between_checkpoints_are_re_derived_after_a_crash(
+        tmp_path: Path, artifacts: Path) -> None:
+    """Releases need no checkpoint to be durable: after a crash the journals since the
+    last checkpoint give the very same model again (bit for bit), each metrics line is
+    written once, and the next checkpoint drops those journals."""
+    broker = MemoryBroker()
+    fleet = devices(broker, 4)
+    settings = dict(mode="async", concurrency=4, buffer_size=2, rounds=10,
+                    staleness="constant", checkpoint_every_s=3600.0)
+    agg = make(tmp_path, artifacts, broker, **settings)
+    feed_async(agg, fleet, 7)  # three releases and one update in the open buffer
+    assert agg.model_version == 3
+    released = agg.params.copy()
+    saved = agg.store.checkpoint(FLEET)
+    assert saved is not None and saved.model_version == 0  # released, not checkpointed
+    agg.channel.transport.kill()  # type: ignore[attr-defined]
+    again = make(tmp_path, artifacts, broker, **settings)
+    assert again.model_version == 3
+    assert again.params.tobytes() == released.tobytes()
+    assert again.strategy.buffered == 1  # type: ignore[attr-defined]
+    rounds = [row["round"] for row in again.metrics_log.read()]
+    assert rounds == [1, 2, 3]
+    again.close()  # a stop checkpoints the last release and drops its journals
+    store = Store(tmp_path / "aggregator.sqlite")
+    try:
+        record = store.checkpoint(FLEET)
+        assert record is not None and record.model_version == 3
+        assert len(list(store.round_updates(FLEET, 3))) == 1  # the open buffer stays
+        assert all(not list(store.round_updates(FLEET, s)) for s in range(3))
+    finally:
+        store.close()
+
+
+def test_checkpoint_every_s_zero_checkpoints_every_fedbuff_release(
+        tmp_path: Path, artifacts: Path) -> None:
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, mode="async", concurrency=3, buffer_size=2,
+               rounds=5, staleness="constant", checkpoint_every_s=0.0)
+    feed_async(agg, fleet, 4)
+    record = agg.store.checkpoint(FLEET)
+    assert agg.model_version == 2 and record is not None and record.model_version == 2

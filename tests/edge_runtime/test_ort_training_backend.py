@@ -73,6 +73,7 @@ def test_old_format_artifacts_still_train_on_onnxruntime_training(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two whole demos (each capped at 900 s): slower on a busy machine
 def test_the_demo_reaches_the_same_accuracy_on_both_backends(tmp_path: Path) -> None:
     """``scripts/demo.sh``'s simulation (defaults: 100 devices, cnn, 100 rounds, seed 0)
     on each backend: where each ends (the mean test accuracy of its last 10 rounds, which
