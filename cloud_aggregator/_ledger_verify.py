@@ -1,7 +1,8 @@
 """``fleetlearn ledger verify``: check a state dir's training ledger from scratch.
 
 It needs the ledger's entries, the update bodies they cite (both in the store) and the
-initial model (the version-0 checkpoint file, or ``initial_model``); it trusts nothing
+initial model (the version-0 checkpoint file, or ``initial_model``; for a store older
+than its ledger, the checkpoint its first entry started from); it trusts nothing
 else the store holds (not the checkpoints table's hashes, not the leaf, root or size
 columns). For every fleet, entry by entry, it checks:
 
@@ -244,6 +245,18 @@ def _verify_entry(store: Store, entry: AppendedEntry, *, index: int, prev_leaf: 
     return leaf
 
 
+def _start_version(entry: AppendedEntry) -> int:
+    """The model version the first entry started from (0 unless the store is older than
+    its ledger); a header that does not say is checked (and refused) later."""
+    try:
+        header = json.loads(entry.header)
+        version = int(header["model_version"])
+        applied = header["outcome"] in ("closed", "aggregated")
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return 0
+    return max(0, version - 1 if applied else version)
+
+
 def verify_ledger(state_dir: str | Path, *, public_key: bytes | None = None,
                   initial_model: str | Path | None = None,
                   device_signature: DeviceSignatureCheck | None = None,
@@ -263,15 +276,21 @@ def verify_ledger(state_dir: str | Path, *, public_key: bytes | None = None,
                 report.notes.append("tree heads checked against the key file in the state "
                                     "dir (pass the public key to check against a pinned one)")
             reports.append(report)
+            entries = store.ledger_entries(fleet)
             if initial_model is not None:
                 data = Path(initial_model).read_bytes()
             else:
-                ck = store.checkpoint(fleet, model_version=0)
+                start = _start_version(entries[0]) if entries else 0
+                if start:
+                    report.notes.append(
+                        f"the ledger starts at model version {start} (a store from before "
+                        "the ledger): models are re-derived from that checkpoint, with a "
+                        "fresh server optimizer state")
+                ck = store.checkpoint(fleet, model_version=start)
                 if ck is None or not ck.path.is_file():
-                    raise LedgerError(f"no initial model (version 0) for fleet {fleet!r}")
+                    raise LedgerError(f"no initial model (version {start}) for fleet {fleet!r}")
                 data = ck.path.read_bytes()
             replay = _Replayer(_load_vector(data, "the initial model"))
-            entries = store.ledger_entries(fleet)
             report.entries = len(entries)
             leaves = CompactTree()
             prev = ZERO_HASH

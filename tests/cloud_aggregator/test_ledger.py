@@ -449,3 +449,27 @@ def test_a_sigkill_mid_append_of_fedbuff_entries_re_derives_them(tmp_path: Path,
     agg.close()
     (report,) = verify_ledger(tmp_path)
     assert report.ok and report.entries == report.models_rederived == 3, report
+
+
+def test_a_store_from_before_the_ledger_migrates_and_its_ledger_starts_there(
+        tmp_path: Path, artifacts: Path) -> None:
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=1)
+    _sync_rounds(agg, fleet, 1)
+    agg.close()
+    with _db(tmp_path) as conn:  # as a version-2 store (before the ledger) leaves it
+        conn.execute("DROP TABLE ledger_entries")
+        conn.execute("DROP TABLE ledger_bodies")
+        conn.execute("UPDATE schema_version SET version = 2")
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=3)
+    assert agg.store.schema_version() == 3 and agg.store.ledger_entries(FLEET) == []
+    _sync_rounds(agg, fleet, 2)
+    entries = agg.store.ledger_entries(FLEET)
+    assert [(e.index, e.round) for e in entries] == [(0, 2), (1, 3)]
+    agg.close()
+    (report,) = verify_ledger(tmp_path)
+    assert report.ok and report.models_rederived == 2, report
+    assert any("starts at model version 1" in n for n in report.notes)

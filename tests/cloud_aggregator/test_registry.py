@@ -82,7 +82,7 @@ def test_a_version_1_store_moves_its_device_blobs_into_typed_tables(tmp_path: Pa
     conn.commit()
     conn.close()
     store = Store(path)
-    assert store.schema_version() == 2
+    assert store.schema_version() == 3  # through version 2 (this test) to 3 (the ledger)
     assert store.get_state("device:a") is None  # moved, not copied
     record = store.device("a")
     assert record is not None and record.eligible and record.num_samples == 40
@@ -91,4 +91,4 @@ def test_a_version_1_store_moves_its_device_blobs_into_typed_tables(tmp_path: Pa
     assert (h.selections, h.completions, h.misses, h.last_round) == (5, 3, 2, 9)
     assert h.durations == (2.0, 3.0) and h.last_loss == 0.5
     store.close()
-    assert Store(path).schema_version() == 2  # migrated once
+    assert Store(path).schema_version() == 3  # migrated once
