@@ -473,3 +473,64 @@ def test_a_store_from_before_the_ledger_migrates_and_its_ledger_starts_there(
     (report,) = verify_ledger(tmp_path)
     assert report.ok and report.models_rederived == 2, report
     assert any("starts at model version 1" in n for n in report.notes)
+
+
+def test_device_signatures_are_recorded_and_checked_by_the_given_keys(
+        tmp_path: Path, artifacts: Path) -> None:
+    """A stage that attaches what a signing device sent (its Ed25519 signature of the
+    body, and the body's hash): the entry records both, also across a restart, and
+    ``verify_ledger`` checks them with the device keys it is given."""
+    import hashlib
+    from dataclasses import dataclass
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from broker_bridge import ed25519_verify
+    from cloud_aggregator import UpdateItem
+
+    keys = {f"d{i}": Ed25519PrivateKey.generate() for i in range(3)}
+
+    @dataclass
+    class Signed:
+        name: str = "signed"
+
+        def process(self, item: UpdateItem) -> None:
+            item.signature = keys[item.device].sign(item.message.body)
+            item.body_sha256 = hashlib.sha256(item.message.body).digest()
+
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=2)
+    agg.pipeline.insert(Signed(), after="unpack")
+    _sync_rounds(agg, fleet, 1)
+    assert agg.tick()  # round 2 opens; two updates, then a restart
+    for d in ("d0", "d1"):
+        fleet[d].send_update(layout=agg.layout)
+    agg.channel.transport.kill()  # type: ignore[attr-defined]
+    again = make(tmp_path, artifacts, broker, rounds=2)
+    again.pipeline.insert(Signed(), after="unpack")
+    fleet["d2"].send_update(layout=again.layout)
+    assert again.tick() and again.model_version == 2
+    records = [json.loads(line) for e in again.store.ledger_entries(FLEET)
+               for line in e.accepted]
+    assert len(records) == 6
+    for r in records:
+        assert r["body_sha256"] == r["digest"] and r["signature"] is not None
+    again.close()
+
+    def public(device: str) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
+        return keys[device].public_key().public_bytes(serialization.Encoding.Raw,
+                                                      serialization.PublicFormat.Raw)
+
+    (report,) = verify_ledger(tmp_path, device_signature=lambda d, body, sig: ed25519_verify(
+        public(d), sig, body))
+    assert report.ok and report.device_signatures == report.device_signatures_checked == 6
+    keys["d1"] = Ed25519PrivateKey.generate()  # another key for d1: its signatures fail
+    (report,) = verify_ledger(tmp_path, device_signature=lambda d, body, sig: ed25519_verify(
+        public(d), sig, body))
+    assert report.first_bad == 0 and "'d1'" in report.problem
+    (report,) = verify_ledger(tmp_path)  # no keys given: counted, not checked
+    assert report.ok and report.device_signatures_checked == 0
+    assert any("6 device signatures present, not checked" in n for n in report.notes)
