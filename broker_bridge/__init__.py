@@ -33,13 +33,18 @@ Where things live:
   ``_embedded``: ``EmbeddedBroker``, ``EMBEDDED_LIMITS`` (and ``_amqtt_fixes``, its
   corrections to amqtt); ``_ports``: ``free_port``.
 - ``_credentials``: ``read_password_file`` (credentials.toml or a bare password).
+- ``_signing``: ``sign_update``, ``SignedBody``, ``statement`` (the canonical bytes a
+  device signs for an update), ``verify_signature``, ``key_text``/``parse_key_text``,
+  ``SignatureError`` (signed updates, docs/PROTOCOL.md section 5.2).
+- ``_enrolment``: ``Enrolment``, ``EnrolmentError``, ``ENROLMENT_FILE`` (each device's
+  public key, as the operator enrolled it).
 - ``_files``: ``atomic_write``, ``fsync_dir`` (crash-safe writes, used by every package).
 - ``_merkle``: RFC 6962 / 9162 Merkle trees (``leaf_hash``, ``root_hash``,
   ``inclusion_path``, ``verify_inclusion``); ``_ledger_msg``: the training ledger on the
   wire (``TreeHead``, ``InclusionProof``, ``check_inclusion``, ``tree_head_bytes``).
 """
 
-from broker_bridge._acks import RETRYABLE, AckCode, ack_code, may_retry, reason_text
+from broker_bridge._acks import IDENTITY, RETRYABLE, AckCode, ack_code, may_retry, reason_text
 from broker_bridge._broker_files import TlsFiles
 from broker_bridge._brokers import (
     AGGREGATOR_USER,
@@ -83,6 +88,7 @@ from broker_bridge._codec import (
 from broker_bridge._codec_spec import CodecSpec, Quantize, Threshold, TopK
 from broker_bridge._credentials import read_password_file
 from broker_bridge._embedded import EMBEDDED_LIMITS, EmbeddedBroker
+from broker_bridge._enrolment import ENROLMENT_FILE, Enrolment, EnrolmentError
 from broker_bridge._envelope import (
     MAX_JSON_BYTES,
     Chunk,
@@ -150,6 +156,19 @@ from broker_bridge._protocol import (
 )
 from broker_bridge._ratelimit import KeyedRateLimit, LogLimiter, printable
 from broker_bridge._schema import message_schemas, schema_id
+from broker_bridge._signing import (
+    SignatureError,
+    SignedBody,
+    Signer,
+    is_signed,
+    key_text,
+    message_statement,
+    parse_key_text,
+    sign_update,
+    statement,
+    update_body,
+    verify_signature,
+)
 from broker_bridge._topics import Topics, check_id, topic_matches
 from broker_bridge._transport import MemoryBroker, MemoryTransport, Transport, Will
 from device_profiles import ConfigError, FleetlearnError
@@ -170,8 +189,10 @@ __all__ = [
     "AGGREGATOR_USER",
     "DEFAULT_MAX_PAYLOAD",
     "EMBEDDED_LIMITS",
+    "ENROLMENT_FILE",
     "MAX_JSON_BYTES",
     "PROTOCOL_VERSION",
+    "IDENTITY",
     "RETRYABLE",
     "Ack",
     "AckCode",
@@ -192,6 +213,8 @@ __all__ = [
     "Eligibility",
     "EmbeddedBroker",
     "EncodedUpdate",
+    "Enrolment",
+    "EnrolmentError",
     "EnvelopeError",
     "EnvelopeLimits",
     "ErrorFeedback",
@@ -215,6 +238,9 @@ __all__ = [
     "Quantize",
     "Reassembler",
     "ReassemblyLimits",
+    "SignatureError",
+    "SignedBody",
+    "Signer",
     "Request",
     "TaskSpec",
     "Threshold",
@@ -241,14 +267,18 @@ __all__ = [
     "free_port",
     "hash_password",
     "is_sha256_hex",
+    "is_signed",
+    "key_text",
     "json_message",
     "local_broker",
     "local_broker_kind",
     "message_schemas",
+    "message_statement",
     "may_retry",
     "model_message",
     "new_transfer_id",
     "parse_json",
+    "parse_key_text",
     "pack_bundle",
     "pack_model_body",
     "pack_update_body",
@@ -263,12 +293,16 @@ __all__ = [
     "render_mosquitto_conf",
     "roll_call",
     "schema_id",
+    "sign_update",
     "split_message",
+    "statement",
     "topic_matches",
     "unpack_bundle",
     "unpack_model_body",
     "unpack_update_body",
+    "update_body",
     "update_message",
+    "verify_signature",
     "weights_hash",
     "write_broker_config",
 ]

@@ -10,7 +10,10 @@ whose ``status`` is ``accepted``, ``duplicate`` or ``rejected`` and whose ``reas
 - ``duplicate`` (code ``already_counted``): an update of this device is already counted
   for this round or task (this attempt or another one; the detail says which), whether
   the round is still open or closed since. The device stops sending for that round.
-- ``rejected``: not counted. When ``may_retry(code)`` the fault is in the update itself
+- ``rejected`` with a code in ``IDENTITY`` (``unsigned``, ``unknown_device``,
+  ``wrong_key``, ``bad_signature``): the update does not prove it is the device's; it
+  is not judged, and nothing of the device's round changes.
+- ``rejected`` otherwise: not counted. When ``may_retry(code)`` the fault is in the update itself
   (it does not decode, its weight or values are unusable, it answers another model
   version) and a corrected update with a *new* attempt number is judged while the
   round is open; otherwise nothing more from this device counts in that round.
@@ -53,6 +56,21 @@ class AckCode(StrEnum):
     """the metadata's ``nonce`` is not the task's: not an answer to this device's task
     (a copy of another update); it changes nothing, the device's own answer may count."""
 
+    # rejected, not judged: the device's identity is not proven (docs/PROTOCOL.md 5.2).
+    # Nothing of the device's round changes (a forger cannot use up its attempts); the
+    # same update, once its key is enrolled, is judged when sent again.
+    UNSIGNED = "unsigned"
+    """the update carries no signature (an agent older than signed updates)."""
+    UNKNOWN_DEVICE = "unknown_device"
+    """no public key is enrolled (or, with trust on first use, first seen) for the device."""
+    WRONG_KEY = "wrong_key"
+    """the update is signed with a key that is not the device's enrolled (or first-seen)
+    one: another device's update presented under this device's name."""
+    BAD_SIGNATURE = "bad_signature"
+    """the signature does not verify over the update's statement (fleet, device, round,
+    model version, attempt, codec, body hash): altered, or made for another round,
+    attempt or fleet; or its signature block is malformed."""
+
     # rejected, and nothing more from this device counts in that round or task
     STALE_ROUND = "stale_round"
     """the update's round is not open, and the aggregator holds nothing of this device
@@ -84,6 +102,14 @@ RETRYABLE: frozenset[str] = frozenset({
 """Rejections after which a corrected update, with a new attempt number, is judged.
 None of them reaches the norm screen (they are refused before it), so a retry cannot
 be used to probe the screen's threshold."""
+
+IDENTITY: frozenset[str] = frozenset({
+    AckCode.UNSIGNED, AckCode.UNKNOWN_DEVICE, AckCode.WRONG_KEY, AckCode.BAD_SIGNATURE,
+})
+"""Rejections of an update whose signature does not prove its device: nothing of the
+device's round is settled by them (whoever sent it may not be the device). The reference
+agent keeps such an update and sends it again after its ack timeout (bounded), so a
+device enrolled late is heard, and a forged copy's answer cannot end its own update."""
 
 _CODE = re.compile(r"^[a-z][a-z0-9_]*")
 

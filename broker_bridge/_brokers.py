@@ -30,6 +30,7 @@ from pathlib import Path
 
 from broker_bridge._broker_files import TlsFiles, hand_over, install_tls
 from broker_bridge._embedded import EMBEDDED_LIMITS, EmbeddedBroker
+from broker_bridge._enrolment import ENROLMENT_FILE, Enrolment
 from broker_bridge._errors import BrokerUnavailable
 from broker_bridge._files import atomic_write
 from broker_bridge._ports import free_port, wait_for_port
@@ -54,6 +55,8 @@ class BrokerConfigFiles:
     passwd: Path
     acl: Path
     credentials: Path
+    enrolment: Path | None = None
+    """The enrolment file: every device listed, with the public keys enrolled so far."""
     notes: tuple[str, ...] = ()
     """What the operator must still do (files Mosquitto's user cannot reach, ...)."""
 
@@ -148,15 +151,20 @@ def write_broker_config(
     existing_credentials: dict[str, str] | None = None,
     run_as_user: str | None = None,
 ) -> BrokerConfigFiles:
-    """Write mosquitto.conf, passwd, acl and credentials.toml (mode 0600) to ``out_dir``.
+    """Write mosquitto.conf, passwd, acl, credentials.toml (mode 0600) and the enrolment
+    file (``enrolment.toml``: every device listed; ``fleetlearn devices enroll`` adds
+    their public keys) to ``out_dir``.
 
-    Passwords already in ``out_dir/credentials.toml`` are kept (devices keep working
+    Passwords already in ``out_dir/credentials.toml`` and keys already in
+    ``enrolment.toml`` are kept (devices keep working
     when the configuration is written again); TLS files are copied into
     ``out_dir/tls``; with ``run_as_user`` (the user a root-started Mosquitto becomes)
     and when run as root, the files Mosquitto reads or writes are given to that user.
     """
     out_dir = Path(out_dir).resolve()
     credentials = out_dir / "credentials.toml"
+    enrolment_path = out_dir / ENROLMENT_FILE
+    enrolment = Enrolment.load_or_new(enrolment_path, fleet=fleet)  # another fleet's: refused
     if existing_credentials is None and credentials.is_file():
         existing_credentials = _read_credentials(credentials)
     creds = dict(existing_credentials or {})
@@ -182,12 +190,14 @@ def write_broker_config(
     body = "# fleetlearn device credentials: keep secret, hand each device its own line\n"
     body += "".join(f'"{u}" = "{p}"\n' for u, p in creds.items())
     atomic_write(credentials, body.encode(), mode=0o600)
+    enrolment.list_devices(ids)
+    enrolment.write(enrolment_path)
     readable = [passwd, acl, data_dir]
     if tls is not None:
         readable += [Path(p) for p in (tls.certfile, tls.keyfile, tls.cafile) if p]
     notes = hand_over(readable, run_as_user)
     return BrokerConfigFiles(conf=conf, passwd=passwd, acl=acl, credentials=credentials,
-                             notes=tuple(notes))
+                             enrolment=enrolment_path, notes=tuple(notes))
 
 
 def _read_credentials(path: Path) -> dict[str, str]:

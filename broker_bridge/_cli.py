@@ -26,7 +26,8 @@ def register(sub: Any) -> None:
     bsub = p.add_subparsers(dest="broker_command", metavar="SUBCOMMAND")
     c = bsub.add_parser(
         "config",
-        help="write mosquitto.conf, a password file, an ACL and device credentials",
+        help="write mosquitto.conf, a password file, an ACL, device credentials and the "
+             "enrolment file",
         description=(
             "Writes a production Mosquitto configuration for one fleet: a listener (TLS "
             "optional), one credential per device, an ACL confining each device to its own "
@@ -101,6 +102,8 @@ def _write_config(args: argparse.Namespace) -> int:
     print(f"wrote {files.conf}\n      {files.passwd}\n      {files.acl}\n"
           f"      {files.credentials} (secret: one password per device and the aggregator;"
           " existing ones are kept)")
+    print(f"      {files.enrolment} (each device's public key: fleetlearn devices enroll; "
+          "give it to the aggregator with --enrolment)")
     if tls is not None:
         print(f"      {files.conf.parent / 'tls'}/ (copies of the certificate and key)")
     for note in files.notes:

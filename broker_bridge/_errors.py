@@ -3,11 +3,13 @@
     WireError            untrusted bytes that do not decode; the message is dropped
     ├── EnvelopeError    header: magic, version, truncation, lying lengths, checksum
     ├── ChunkError       chunk reassembly: limits, inconsistent chunk sets
-    └── CodecError       update bodies: spec, sizes, indices, NaN/Inf, layout
+    ├── CodecError       update bodies: spec, sizes, indices, NaN/Inf, layout
+    └── SignatureError   a signed update's signature block (``_signing``)
     TransportError       the broker or network failed (outside us; retry may help)
     └── BrokerUnavailable
     BrokerRefused        (a ConfigError) the broker refused this client for good:
                          credentials, authorisation, client id or topic, certificate
+    EnrolmentError       (a ConfigError) an enrolment file that cannot be used (``_enrolment``)
 """
 
 from __future__ import annotations

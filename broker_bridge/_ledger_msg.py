@@ -18,12 +18,10 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from broker_bridge._envelope import Kind
 from broker_bridge._merkle import leaf_hash, verify_inclusion
 from broker_bridge._payload import SHA256_HEX, U32, _Payload, rule
+from broker_bridge._signing import verify_signature
 
 TREE_HEAD_CONTEXT = b"fleetlearn tree head v1\x00"
 """The first 24 bytes of what a tree head signature covers (domain separation)."""
@@ -45,11 +43,7 @@ def tree_head_bytes(*, fleet: str, size: int, timestamp_ms: int, root: bytes) ->
 
 def ed25519_verify(public_key: bytes, signature: bytes, data: bytes) -> bool:
     """Does ``signature`` sign ``data`` under the raw 32-byte Ed25519 ``public_key``?"""
-    try:
-        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)
-    except (InvalidSignature, ValueError):
-        return False
-    return True
+    return verify_signature(public_key, signature, data)
 
 
 _HASHES = {"items": {"type": "string", "pattern": SHA256_HEX}}

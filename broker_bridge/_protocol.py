@@ -34,6 +34,7 @@ from broker_bridge._payload import (
     _Payload,
     rule,
 )
+from broker_bridge._signing import SignatureError, update_body
 
 PROTOCOL_VERSION = 2
 MAX_META_BYTES = 64 * 1024
@@ -267,8 +268,13 @@ def pack_update_body(meta: UpdateMeta, codec_body: bytes) -> bytes:
 
 
 def unpack_update_body(body: bytes) -> tuple[UpdateMeta, bytes]:
-    """Split an update body; ProtocolError when the prefix is malformed."""
-    return unpack_prefixed(body, UpdateMeta)
+    """Split an update body (signed or not: a signature block is skipped, not checked;
+    ``_signing``); ProtocolError when the prefix (or the signature block) is malformed."""
+    try:
+        inner = update_body(body)
+    except SignatureError as exc:
+        raise ProtocolError(str(exc)) from exc
+    return unpack_prefixed(inner, UpdateMeta)
 
 
 def update_message(

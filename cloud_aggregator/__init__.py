@@ -13,7 +13,8 @@ Where things live:
 - ``_aggregation``: ``StreamingAccumulator``, ``validate_update``, ``fedavg``, ``FedBuffBuffer``.
 - ``_server_opt``: ``make_server_optimizer`` (fedavg, fedavgm, fedadagrad, fedadam, fedyogi).
 - ``_robust``: ``RobustBuffer``/``RobustConfig``, clipping, median, trimmed mean, (multi-)Krum.
-- ``_store``: ``Store`` (SQLite: rounds, devices, update keys, checkpoints), ``StoreError``.
+- ``_store``: ``Store`` (SQLite: rounds, devices, update keys, checkpoints), ``StoreError``;
+  ``_store_keys``: the keys devices were first seen with (trust on first use).
 - ``_ledger``: the verifiable training ledger (entries, the aggregator's signing key);
   ``_store_ledger``: its tables; ``_ledger_writer``: what the runtime appends and
   publishes; ``_ledger_verify``: ``verify_ledger``, ``LedgerReport`` (``fleetlearn
@@ -31,7 +32,8 @@ Where things live:
   ``ModelState``; ``_sync``: ``SyncRounds``; ``_fedbuff``: ``FedBuff``.
 - ``_ingest``: ``IngestPipeline``, ``IngestStage``, ``UpdateItem``, ``Rejection``, the
   default stages, ``Journal`` (group commit); ``_aggregate``: ``RoundAggregate``,
-  ``Contribution``.
+  ``Contribution``; ``_identity``: ``KeyBook`` (each device's key: the enrolment, then
+  trust on first use) and ``VerifySignature``, the first ingest stage (``verify``).
 - ``_planner``: ``WorkPlanner`` (cost model, adaptive local work, tasks);
   ``_recorder``: ``RoundRecorder`` (metrics, evaluation); ``_events``: the event types.
 - ``_startup``: ``prepare_artifacts``, ``ModelArtifacts``, the run record and the checks

@@ -38,6 +38,7 @@ _ASYNC = "async rounds (FedBuff)"
 _LOCAL = "local training (sent in each task)"
 _SERVER = "server side: optimizer, robust aggregation, screens"
 _STATE = "persistence, evaluation, metrics"
+_IDENTITY = "device identity (signed updates)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,6 +179,17 @@ class AggregatorConfig:
     seed: int = setting(0, help="selection and model seed", group=_STATE)
     progress: bool = setting(True, help="print a line per round", group=_STATE,
                              const_flags=(("--quiet", False),))
+
+    # -- device identity (docs/PROTOCOL.md section 5.2)
+    enrolment: Path | None = setting(
+        None, help="the enrolment file: each device's Ed25519 public key (fleetlearn broker "
+        "config writes it, fleetlearn devices enroll adds keys; read again when it "
+        "changes). Every update must be signed by its device's key: a device with none is "
+        "refused (unknown_device)", example="enrolment.toml", group=_IDENTITY)
+    trust_on_first_use: bool = setting(
+        False, help="trust a device that has no enrolled key with the key of its first "
+        "verified update, recorded in the store for good (a later key is refused); off: "
+        "only enrolled keys count", group=_IDENTITY)
 
     extra: Mapping[str, Any] = internal(default_factory=dict, repr=False)
     """Unused keys are refused; this stays empty (kept for forward-compatible tooling)."""

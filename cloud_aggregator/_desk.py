@@ -7,7 +7,9 @@ handlers with the aggregator's lock held, and owns when things happen; the desk 
 what is said.
 
 An update's way (docs/PROTOCOL.md section 5.1): the strategy's ``admit`` (is it an
-answer to a task of ours, was this attempt judged before), the ingest pipeline, the
+answer to a task of ours, was this attempt judged before; a refusal it would remember
+waits until the ``verify`` stage proved the update is the device's), the ingest
+pipeline (``verify`` first), the
 strategy's ``check``, then the journal; it is acknowledged ``accepted`` only once its
 journal transaction committed. A refusal of a judged attempt is remembered in the
 ``AttemptLedger`` (the same attempt gets the same answer) and the strategy settles
@@ -257,6 +259,14 @@ class DeviceDesk:
         gate = self.strategy.admit(device, message)
         if isinstance(gate, Reply):
             if gate.judged:
+                # A judged refusal is remembered and may settle the device's round: only
+                # for an update that proves it is the device's (a forger must not use up
+                # its attempts with, say, a wrong model version).
+                unproven = self.pipeline.run_stage("verify", UpdateItem(
+                    device=device, message=message, task_round=message.round))
+                if unproven is not None:
+                    self.answer(device, message, refused(unproven.reason, unproven.detail))
+                    return
                 self.refuse(device, message, gate.answer)
             else:
                 self.answer(device, message, gate.answer)
@@ -284,6 +294,8 @@ class DeviceDesk:
         key = UpdateKey(fleet=self.fleet, round=message.round, device_id=device,
                         attempt=message.attempt)
         meta = self.strategy.journal_meta(item)
+        meta["model_version"] = message.model_version  # for the training ledger
+        meta["codec"] = message.codec
         if item.signature is not None:  # kept for the training ledger (after a restart)
             meta["signature"] = item.signature.hex()
         if item.body_sha256 is not None:

@@ -4,6 +4,8 @@ An ``UpdateItem`` enters with its envelope and leaves either rejected (a ``Rejec
 a reason code the device is told, see docs/PROTOCOL.md) or ready to journal and add.
 The pipeline is a list of stages, each one job:
 
+    verify      the update is signed by its device's key over its own statement
+                (``_identity``; refusals there are copies: the device's round is untouched)
     unpack      body -> metadata + codec body; the task's nonce must be echoed
     decode      codec body -> nonzero indices and values (no dense vector for top-k)
     validate    sample count, finite values, size, the absolute norm cap (optional)
@@ -14,7 +16,8 @@ Stages are objects with a ``name`` and ``process(item) -> Rejection | None``; a 
 may fill in the item (``meta``, ``indices``/``values``, ``norm``, ``weight``,
 ``deferred``). Later stages slot in by name (``IngestPipeline.insert``): a signature
 check after ``unpack``, secure-aggregation unmasking in place of ``decode``, without
-touching the runtime. Strategy-specific gates (is the round open, is the device
+touching the runtime. (``verify`` is the first: nothing of an update whose device is not
+proven is parsed, let alone decoded.) Strategy-specific gates (is the round open, is the device
 selected, is it too stale) run before the pipeline; clipping and the combining rule
 are the aggregate's (``_aggregate``).
 
@@ -74,7 +77,9 @@ class UpdateItem:
     notes: list[tuple[str, str]] = field(default_factory=list)
     """(counter, text) the stages want counted and logged, e.g. a bounded weight."""
     signature: bytes | None = None
+    """The device's Ed25519 signature of the update (set by the ``verify`` stage)."""
     body_sha256: bytes | None = None
+    """SHA-256 of the update body the signature covers (set by the ``verify`` stage)."""
 
     def source(self) -> UpdateSource:
         """The update as the training ledger names it."""
@@ -82,7 +87,8 @@ class UpdateItem:
             device=self.device, round=self.message.round, attempt=self.message.attempt,
             digest=hashlib.sha256(self.message.body).hexdigest(),
             signature=self.signature.hex() if self.signature is not None else None,
-            body_sha256=self.body_sha256.hex() if self.body_sha256 is not None else None)
+            body_sha256=self.body_sha256.hex() if self.body_sha256 is not None else None,
+            model_version=self.message.model_version, codec=self.message.codec)
 
     def contribution(self) -> Contribution:
         assert self.values is not None
@@ -140,6 +146,16 @@ class IngestPipeline:
             self._stages.insert(at if before is not None else at + 1, stage)
         if len(set(self.names)) != len(self.names):
             raise AggregatorError(f"two ingest stages share a name: {self.names}")
+
+    def run_stage(self, name: str, item: UpdateItem) -> Rejection | None:
+        """Run the one stage named ``name`` on ``item`` (None: it passed, or there is no
+        such stage). The desk runs ``verify`` alone before a refusal that the strategy's
+        gate would remember, so only an update proven to be the device's settles anything
+        of its round."""
+        for stage in self._stages:
+            if stage.name == name:
+                return stage.process(item)
+        return None
 
     def run(self, item: UpdateItem) -> Rejection | None:
         for stage in self._stages:

@@ -14,9 +14,10 @@ canonical JSON texts (sorted keys, no spaces, ASCII):
   server optimizer and its hyper-parameters), ``accepted_root`` and ``accepted_count``
   (an RFC 6962 tree over the accepted-update records) and ``details_sha256``;
 - the *accepted* records, one line each, in the order the aggregate added them (the
-  canonical accumulation order): device, round, attempt, the SHA-256 of the update body,
-  the device's signature and body hash when it sent them, and the weight, staleness
-  scale, bootstrap cut and norm the update counted with;
+  canonical accumulation order): device, round, attempt, model version and codec, the
+  SHA-256 of the update message body as kept (with its signature block), the device's
+  signature and the hash of the update body it signed, and the weight, staleness scale,
+  bootstrap cut and norm the update counted with;
 - the *details*: devices selected, updates rejected with their reasons (at most
   ``MAX_REJECTED``), the model's layout, and contribution records when a hook gives them.
 
@@ -135,6 +136,10 @@ class UpdateSource:
     """SHA-256 (hex) of the update's message body, as journaled and kept."""
     signature: str | None = None
     body_sha256: str | None = None
+    model_version: int | None = None
+    codec: str | None = None
+    """The envelope's model version and codec: with the key, round, attempt and body hash,
+    the statement a device signs (docs/PROTOCOL.md section 5.2)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,6 +156,7 @@ class AddedUpdate:
         s = self.source
         return {"device": s.device, "round": s.round, "attempt": s.attempt,
                 "digest": s.digest, "signature": s.signature, "body_sha256": s.body_sha256,
+                "model_version": s.model_version, "codec": s.codec,
                 "weight": self.weight, "scale": self.scale, "cut": self.cut,
                 "norm": self.norm, "position": position}
 

@@ -23,6 +23,10 @@ def register_ledger(sub: Any) -> None:
     verify.add_argument("--public-key", metavar="HEX", default=None,
                         help="the aggregator's Ed25519 public key (64 hex digits) to check "
                         "the tree heads against (default: the key file in STATE_DIR)")
+    verify.add_argument("--enrolment", metavar="FILE", default=None,
+                        help="the aggregator's enrolment file: every device signature must "
+                        "be by the device's enrolled key (default: signatures are checked "
+                        "under the keys the updates carry)")
     verify.add_argument("--initial-model", metavar="FILE", default=None,
                         help="the initial model (.npy; default: STATE_DIR's version 0)")
     verify.set_defaults(handler=_verify)
@@ -50,7 +54,7 @@ def _verify(args: argparse.Namespace) -> int:
         if len(public_key) != 32:
             raise LedgerError("--public-key must be 32 bytes (64 hex digits)")
     reports = verify_ledger(args.state_dir, public_key=public_key,
-                            initial_model=args.initial_model)
+                            initial_model=args.initial_model, enrolment=args.enrolment)
     if not reports:
         print(f"{args.state_dir}: no ledger entries")
         return 1
@@ -59,7 +63,8 @@ def _verify(args: argparse.Namespace) -> int:
         if r.ok:
             print(f"fleet {r.fleet}: {r.entries} entries verified, {r.models_rederived} models "
                   f"re-derived byte for byte, {r.device_signatures_checked}/"
-                  f"{r.device_signatures} device signatures checked")
+                  f"{r.device_signatures} device signatures verified"
+                  + (f", {r.device_keys_enrolled} by enrolled keys" if args.enrolment else ""))
         else:
             bad += 1
             print(f"fleet {r.fleet}: entry {r.first_bad} FAILS: {r.problem} "

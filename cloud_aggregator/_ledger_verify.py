@@ -12,8 +12,12 @@ columns). For every fleet, entry by entry, it checks:
 3. the tree head after the entry (RFC 6962 root of the leaves so far, the size, the
    timestamp) is signed by the aggregator's key (``public_key``, else the key file in the
    state dir, which then proves only that the dir is self-consistent);
-4. every device signature present, with ``device_signature(device, body, signature)``
-   when given (else counted as present, not checked);
+4. every device signature present: it is the one in the kept body's signature block and
+   verifies over the update's statement (fleet, device, round, model version, attempt,
+   codec, body hash) under the key in that block; with ``enrolment`` (the aggregator's
+   enrolment file, or an ``Enrolment``) that key must be the device's enrolled one
+   (``device_signature(device, body, signature)`` replaces the check, for a scheme of
+   one's own);
 5. each cited body is kept and hashes to its digest, decodes with the recorded layout,
    and has the recorded norm;
 6. ``prev_model`` is the model re-derived so far (the initial model's SHA-256 first),
@@ -44,14 +48,20 @@ import numpy.typing as npt
 from broker_bridge import (
     CodecError,
     CompactTree,
+    Enrolment,
     Layout,
+    SignatureError,
+    SignedBody,
     WireError,
     decode_update_sparse,
     ed25519_verify,
+    key_text,
     leaf_hash,
     root_hash,
+    statement,
     tree_head_bytes,
     unpack_update_body,
+    verify_signature,
 )
 from cloud_aggregator._aggregate import Contribution, RoundAggregate
 from cloud_aggregator._aggregation import l2_norm
@@ -81,6 +91,8 @@ class LedgerReport:
     models_rederived: int = 0
     device_signatures: int = 0
     device_signatures_checked: int = 0
+    device_keys_enrolled: int = 0
+    """Signatures whose key is the device's enrolled one (with an enrolment given)."""
     first_bad: int | None = None
     problem: str = ""
     notes: list[str] = field(default_factory=list)
@@ -185,10 +197,50 @@ def _contribution(record: dict[str, Any], body: bytes, layout: Layout) -> Contri
                         norm=float(record["norm"]), scale=float(record["scale"]))
 
 
+def _check_signature(record: dict[str, Any], body: bytes, report: LedgerReport, *,
+                     device_signature: DeviceSignatureCheck | None,
+                     enrolment: Enrolment | None) -> None:
+    """A recorded device signature: it is the one in the kept body's signature block, it
+    verifies over the update's statement (docs/PROTOCOL.md section 5.2) under the key in
+    that block, and, with ``enrolment``, that key is the device's enrolled one."""
+    device = str(record["device"])
+    signature = bytes.fromhex(str(record["signature"]))
+    if device_signature is not None:  # a scheme of the caller's
+        if not device_signature(device, body, signature):
+            raise _Bad(f"{device!r}'s signature does not verify")
+        report.device_signatures_checked += 1
+        return
+    try:
+        signed = SignedBody.from_bytes(body)
+    except SignatureError as exc:
+        raise _Bad(f"{device!r}'s kept body has a broken signature block: {exc}") from exc
+    if signed is None or signed.signature != signature:
+        raise _Bad(f"{device!r}'s kept body does not carry the recorded signature")
+    if signed.body_sha256.hex() != record.get("body_sha256"):
+        raise _Bad(f"{device!r}'s signed update body is not the recorded one")
+    if record.get("model_version") is None or record.get("codec") is None:
+        raise _Bad(f"{device!r}'s record lacks the model version or codec it signed")
+    try:
+        signed_statement = statement(
+            fleet=report.fleet, device=device, round=int(record["round"]),
+            model_version=int(record["model_version"]), attempt=int(record["attempt"]),
+            codec=str(record["codec"]), body_sha256=signed.body_sha256)
+    except SignatureError as exc:
+        raise _Bad(f"{device!r}'s record does not make a statement: {exc}") from exc
+    if not verify_signature(signed.public_key, signature, signed_statement):
+        raise _Bad(f"{device!r}'s signature does not verify over its update")
+    report.device_signatures_checked += 1
+    if enrolment is not None:
+        if enrolment.key_of(device) != signed.public_key:
+            raise _Bad(f"{device!r}'s update is signed by {key_text(signed.public_key)}, "
+                       "not by its enrolled key")
+        report.device_keys_enrolled += 1
+
+
 def _verify_entry(store: Store, entry: AppendedEntry, *, index: int, prev_leaf: str,
                   leaves: CompactTree, public_key: bytes, replay: _Replayer,
                   device_signature: DeviceSignatureCheck | None,
-                  report: LedgerReport) -> bytes:
+                  enrolment: Enrolment | None, report: LedgerReport) -> bytes:
     header = _json(entry.header, "header")
     if not isinstance(header, dict):
         raise _Bad("the header is not an object")
@@ -225,11 +277,8 @@ def _verify_entry(store: Store, entry: AppendedEntry, *, index: int, prev_leaf: 
                        "its digest")
         if record.get("signature") is not None:
             report.device_signatures += 1
-            if device_signature is not None:
-                if not device_signature(str(record["device"]), body,
-                                        bytes.fromhex(str(record["signature"]))):
-                    raise _Bad(f"{record['device']!r}'s signature does not verify")
-                report.device_signatures_checked += 1
+            _check_signature(record, body, report, device_signature=device_signature,
+                             enrolment=enrolment)
         adds.append(_contribution(record, body, layout))
     if header.get("prev_model") != replay.sha:
         raise _Bad("prev_model is not the model re-derived so far (or the initial model)")
@@ -260,12 +309,15 @@ def _start_version(entry: AppendedEntry) -> int:
 def verify_ledger(state_dir: str | Path, *, public_key: bytes | None = None,
                   initial_model: str | Path | None = None,
                   device_signature: DeviceSignatureCheck | None = None,
+                  enrolment: Enrolment | str | Path | None = None,
                   ) -> list[LedgerReport]:
     """Verify every fleet's ledger in ``state_dir`` (see the module doc); one report each."""
     state = Path(state_dir)
     db = state / "aggregator.sqlite"
     if not db.is_file():
         raise LedgerError(f"{state} holds no aggregator store (aggregator.sqlite)")
+    if enrolment is not None and not isinstance(enrolment, Enrolment):
+        enrolment = Enrolment.load(enrolment, check_mode=False)
     own_key = public_key is None
     key = read_public_key(state) if public_key is None else public_key
     reports: list[LedgerReport] = []
@@ -301,14 +353,16 @@ def verify_ledger(state_dir: str | Path, *, public_key: bytes | None = None,
                     prev = _verify_entry(store, entry, index=i, prev_leaf=prev, leaves=leaves,
                                          public_key=key, replay=replay,
                                          device_signature=device_signature,
-                                         report=report).hex()
+                                         enrolment=enrolment, report=report).hex()
                 except (_Bad, KeyError, TypeError, ValueError, LedgerError) as exc:
                     report.first_bad, report.problem = i, str(exc) or type(exc).__name__
                     break
                 report.verified += 1
-            if report.device_signatures and device_signature is None:
-                report.notes.append(f"{report.device_signatures} device signatures present, "
-                                    "not checked (no device keys given)")
+            if report.device_signatures and enrolment is None and device_signature is None:
+                report.notes.append(
+                    f"{report.device_signatures_checked} device signatures verified under the "
+                    "keys the updates carry; not checked against enrolled keys (give the "
+                    "enrolment file)")
     return reports
 
 

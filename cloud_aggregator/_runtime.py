@@ -5,7 +5,9 @@ message to the part that owns it:
 
 - a ``Strategy`` (``SyncRounds`` or ``FedBuff``, or one of yours) decides when devices
   get tasks and when the aggregate becomes a new model;
-- the ingest pipeline (``_ingest``) decodes, validates, screens and weighs each update,
+- the ingest pipeline (``_ingest``) verifies each update's signature against its
+  device's key (``_identity``: the ``KeyBook``), then decodes, validates, screens and
+  weighs it,
   and the ``Journal`` makes accepted ones durable, a group per transaction;
 - the ``WorkPlanner`` sizes and writes tasks, the ``ModelServer`` names and serves model
   versions and the artifact bundle, the ``RoundRecorder`` writes metrics, the
@@ -50,6 +52,7 @@ import numpy.typing as npt
 from broker_bridge import (
     Channel,
     CodecSpec,
+    Enrolment,
     Message,
     roll_call,
 )
@@ -70,6 +73,7 @@ from cloud_aggregator._events import (
     Subscriber,
 )
 from cloud_aggregator._fedbuff import FedBuff
+from cloud_aggregator._identity import KeyBook, VerifySignature
 from cloud_aggregator._ingest import (
     BoundWeight,
     Decode,
@@ -131,7 +135,10 @@ class Aggregator:
     ``strategy`` (default: ``SyncRounds`` or ``FedBuff`` by ``config.mode``), ``policy``
     (a ``SelectionPolicy``; default from ``config.selection``), ``optimizer`` (a server
     optimizer with ``step``/``to_bytes``/``load_bytes``), ``evaluator`` (with
-    ``evaluate(params)``). ``subscribe`` delivers the fleet's events.
+    ``evaluate(params)``). ``subscribe`` delivers the fleet's events. ``enrolment`` (an
+    ``Enrolment``, consulted live) gives the devices' public keys instead of
+    ``config.enrolment``'s file: every update must be signed by its device's key
+    (``_identity``).
     """
 
     def __init__(
@@ -147,6 +154,7 @@ class Aggregator:
         policy: SelectionPolicy | None = None,
         optimizer: Any = None,
         evaluator: Any = None,
+        enrolment: Enrolment | None = None,
     ) -> None:
         if channel.fleet != config.fleet:
             raise ConfigError(f"channel is for fleet {channel.fleet!r}, config {config.fleet!r}")
@@ -171,6 +179,9 @@ class Aggregator:
         self.store = Store(self.state_dir / "aggregator.sqlite",
                            synchronous=config.store_synchronous)
         try:
+            self.keys = KeyBook(store=self.store, fleet=config.fleet, enrolment=enrolment,
+                                path=config.enrolment,
+                                trust_on_first_use=config.trust_on_first_use)
             self._init_parts(artifacts_dir, on_round, strategy, policy, optimizer, evaluator)
         except BaseException:
             self.store.close()
@@ -282,6 +293,7 @@ class Aggregator:
     def _default_pipeline(self) -> IngestPipeline:
         cfg = self.config
         stages: Sequence[IngestStage] = [
+            VerifySignature(keys=self.keys),
             Unpack(nonce_of=lambda r, d: self._planner().nonce(r, d)),
             Decode(layout=self.layout),
             Validate(rules=UpdateRules(size=self.layout.size, max_norm=cfg.max_update_norm)),
@@ -374,6 +386,11 @@ class Aggregator:
                 return
             self._started = True
             self._restore()
+            if self.keys.empty:
+                log.warning(
+                    "no device key is enrolled and trust_on_first_use is off: every update "
+                    "will be refused (unknown_device). Enrol devices (fleetlearn devices "
+                    "enroll) and give the file with --enrolment")
             if self.config.metrics_port is not None:
                 self._metrics_server = MetricsServer(self.counters, port=self.config.metrics_port,
                                                      host=self.config.metrics_bind)

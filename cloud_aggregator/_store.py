@@ -22,7 +22,8 @@ opening runs SQLite's ``quick_check``, and every later SQLite failure is transla
 
 Why this module is longer than 400 lines: one ``Store`` owns the one connection and
 lock through which every write is ordered (rounds, the journal, checkpoints, state);
-the device tables are in ``_store_devices``, the ledger's in ``_store_ledger``.
+the device tables are in ``_store_devices``, the keys first seen in ``_store_keys``,
+the ledger's in ``_store_ledger``.
 """
 
 from __future__ import annotations
@@ -48,10 +49,11 @@ from broker_bridge import atomic_write
 from cloud_aggregator._errors import CheckpointCorrupt, SchemaTooNew, StoreError
 from cloud_aggregator._ledger import PendingEntry
 from cloud_aggregator._store_devices import DeviceTables, _json, _now, migrate_v2
-from cloud_aggregator._store_ledger import LedgerTables, append_tx, migrate_v3
+from cloud_aggregator._store_keys import KeyTables, migrate_v3
+from cloud_aggregator._store_ledger import LedgerTables, append_tx, migrate_v4
 from device_profiles._errors import ConfigError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 # --------------------------------------------------------------------------- records
@@ -206,7 +208,7 @@ def _safe_name(fleet: str) -> str:
 # --------------------------------------------------------------------------- store
 
 
-class Store(DeviceTables, LedgerTables):
+class Store(DeviceTables, KeyTables, LedgerTables):
     """The aggregator's durable state: rounds, devices, accepted keys, metrics, blobs.
 
     One connection guarded by a lock; write transactions are ``BEGIN IMMEDIATE`` so a
@@ -327,6 +329,7 @@ class Store(DeviceTables, LedgerTables):
                         conn.execute(statement)
                 migrate_v2(conn)  # a new store is a version-1 store brought up to date
                 migrate_v3(conn)
+                migrate_v4(conn)
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
                 return
             (version,) = conn.execute("SELECT max(version) FROM schema_version").fetchone()
@@ -345,6 +348,10 @@ class Store(DeviceTables, LedgerTables):
             with self._write() as conn:
                 migrate_v3(conn)
                 conn.execute("INSERT INTO schema_version (version) VALUES (3)")
+        if version < 4:
+            with self._write() as conn:
+                migrate_v4(conn)
+                conn.execute("INSERT INTO schema_version (version) VALUES (4)")
 
     def schema_version(self) -> int:
         return int(self._read("SELECT max(version) FROM schema_version")[0][0])

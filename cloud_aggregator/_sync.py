@@ -609,11 +609,15 @@ def stored_source(stored: StoredUpdate) -> UpdateSource:
     """A journaled update as the training ledger names it."""
     signature = stored.meta.get("signature")
     claimed = stored.meta.get("body_sha256")
+    version = stored.meta.get("model_version")
+    codec = stored.meta.get("codec")
     return UpdateSource(device=stored.key.device_id, round=stored.key.round,
                         attempt=stored.key.attempt,
                         digest=hashlib.sha256(stored.body).hexdigest(),
                         signature=str(signature) if signature is not None else None,
-                        body_sha256=str(claimed) if claimed is not None else None)
+                        body_sha256=str(claimed) if claimed is not None else None,
+                        model_version=int(version) if version is not None else None,
+                        codec=str(codec) if codec is not None else None)
 
 
 def _extra_blob(index: int) -> str:

@@ -5,13 +5,15 @@ that every package can derive from it. The whole tree, by package::
 
     FleetlearnError                      device_profiles
     ├── ConfigError                      device_profiles  (bad configuration, from any source)
-    │   └── BrokerRefused                broker_bridge    (the broker refuses us for good)
+    │   ├── BrokerRefused                broker_bridge    (the broker refuses us for good)
+    │   └── EnrolmentError               broker_bridge    (an enrolment file that cannot be used)
     ├── ProfileError                     device_profiles  (bad or missing device profile)
     ├── WireError                        broker_bridge    (untrusted bytes that do not decode)
     │   ├── EnvelopeError                broker_bridge    (header: magic, version, lengths)
     │   ├── ChunkError                   broker_bridge    (reassembly limits, inconsistent chunks)
     │   ├── CodecError                   broker_bridge    (update body: spec, sizes, indices, NaN)
     │   ├── ProtocolError                broker_bridge    (a JSON body that breaks the protocol)
+    │   ├── SignatureError               broker_bridge    (a malformed signature block)
     │   └── BundleError                  broker_bridge    (an artifact bundle that does not unpack)
     ├── TransportError                   broker_bridge    (the broker and the network: outside us)
     │   └── BrokerUnavailable            broker_bridge
@@ -23,7 +25,8 @@ that every package can derive from it. The whole tree, by package::
     │   ├── HookError                    edge_runtime     (a hook returned something unusable)
     │   ├── IllegalTransition            edge_runtime     (the agent's state machine refused)
     │   └── StateError                   edge_runtime     (the agent's state dir cannot be used)
-    │       └── DiskFull                 edge_runtime
+    │       ├── DiskFull                 edge_runtime
+    │       └── DeviceKeyError           edge_runtime     (unreadable, corrupt or exposed key)
     └── AggregatorError                  cloud_aggregator
         ├── ModelBuildError              cloud_aggregator (unsupported ONNX graph)
         ├── UpdateRejected               cloud_aggregator (an update broke a rule)

@@ -18,6 +18,8 @@ Where things live:
 - ``_agent``: ``Agent`` (the protocol state machine wiring the parts below).
 - ``_phase``: ``Phase`` (the agent's states and their legal moves).
 - ``_hooks``: ``AgentHooks``, ``UpdateDraft`` (the hooks' order and contract).
+- ``_identity``: ``DeviceKey``, ``DeviceKeyError``, ``state_key_path`` (the device's
+  Ed25519 key in its state folder; every update is signed with it).
 - ``_local_training``: ``LocalTraining`` (the replaceable training callable's type),
   ``TrainingBudget``, ``LocalResult``, ``train_locally`` (the default).
 - ``_inbox`` (receiving, task dedupe), ``_fetch`` (artifacts and models), ``_outbox``
@@ -68,6 +70,7 @@ from edge_runtime._errors import (
     TrainingBackendMissing,
 )
 from edge_runtime._hooks import AgentHooks, UpdateDraft
+from edge_runtime._identity import KEY_FILE, DeviceKey, DeviceKeyError, state_key_path
 from edge_runtime._local_training import LocalResult, LocalTraining, TrainingBudget, train_locally
 from edge_runtime._ort import load_training_api
 from edge_runtime._ort_training import OrtTrainingTrainer
@@ -100,6 +103,8 @@ __all__ = [
     "CommitStep",
     "DataError",
     "DataSource",
+    "DeviceKey",
+    "DeviceKeyError",
     "DeviceStatus",
     "DiskFull",
     "EligibilityRules",
@@ -107,6 +112,7 @@ __all__ = [
     "EvalResult",
     "HookError",
     "IllegalTransition",
+    "KEY_FILE",
     "LocalData",
     "LocalResult",
     "LocalTraining",
@@ -141,6 +147,7 @@ __all__ = [
     "partition_dirichlet",
     "partition_iid",
     "partition_shards",
+    "state_key_path",
     "train_locally",
     "validate_for_model",
 ]

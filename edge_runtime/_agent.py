@@ -50,6 +50,7 @@ from edge_runtime._eligibility import EligibilityRules, StatusProbe, SystemProbe
 from edge_runtime._emulation import Emulation
 from edge_runtime._fetch import Fetcher
 from edge_runtime._hooks import AgentHooks, ask_on_task, notify
+from edge_runtime._identity import DeviceKey, state_key_path
 from edge_runtime._inbox import Inbox, InboxHandlers, admit, read_task
 from edge_runtime._ledger_check import LedgerCheck
 from edge_runtime._local_training import LocalTraining, labels_problem, train_locally
@@ -77,7 +78,8 @@ class Agent:
 
     ``hooks`` (``AgentHooks``) and ``training`` (a ``LocalTraining`` callable, default
     ``train_locally``) are how a library user changes what the device does without
-    touching the protocol.
+    touching the protocol. ``key`` is the device's signing key (``DeviceKey``); by
+    default the one in the state folder, made there at the first start.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class Agent:
         settings: AgentSettings | None = None,
         owns_transport: bool = False,
         on_status: Callable[[str], None] | None = None,
+        key: DeviceKey | None = None,
     ) -> None:
         self.device_id = device_id
         self.channel = channel
@@ -119,6 +122,9 @@ class Agent:
         )
         self._trainers: TrainerProvider = trainers or TrainerPool()
         state_path = Path(state_dir)
+        self.key = key or DeviceKey.load_or_create(state_key_path(state_path))
+        """The device's Ed25519 key (``_identity``): made at the first start in the state
+        folder; every update is signed with it."""
         self.artifacts = artifacts or ArtifactCache(root=state_path / "artifacts")
         self.models = models or ModelCache()
         self._on_status = on_status
@@ -150,7 +156,7 @@ class Agent:
         self._outbox = Outbox(
             state=self.state, publish=lambda m: self._send("update", m), fleet=self.fleet,
             device=device_id, settings=self.settings, stats=self.stats, hooks=self._hooks,
-            lock=self._lock, log=self.log)
+            lock=self._lock, log=self.log, sign=self.key.sign_update)
         self._worker = Worker(
             control=Control(enter=self._enter, end=self._end_job, aborted=lambda: self._aborted,
                             stopping=self._stop.is_set, ack_task=self._ack_task,
@@ -198,6 +204,8 @@ class Agent:
         if self._started:
             return
         self._started = True
+        self.log.info("signs its updates with %s (the aggregator must have it enrolled)",
+                      self.key.public_text)
         self.channel.subscribe(self.topics.device_down(self.device_id), self._inbox.handle)
         self.channel.subscribe(self.topics.all_broadcast, self._inbox.handle)
         if timer:

@@ -8,7 +8,8 @@
     ├── HookError                a hook or the training callable returned something unusable
     ├── IllegalTransition        the agent's state machine refused a move (a bug, not input)
     └── StateError               the state folder cannot be read or written (``_state``)
-        └── DiskFull             no space left there
+        ├── DiskFull             no space left there
+        └── DeviceKeyError       the device's key file cannot be used (``_identity``)
 """
 
 from __future__ import annotations

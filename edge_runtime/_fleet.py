@@ -25,6 +25,12 @@ is a ``transform_update`` hook that calls ``Agent.abort()``, a Byzantine device'
 tampering is its ``transform_update`` and ``transform_hello`` hooks, a slow device an
 ``Emulation`` subclass.
 
+Each virtual device has its own Ed25519 key (kept in memory for the run: a rebooted
+device signs with the key it had); ``Fleet.enrolment`` holds their public keys, which the
+simulator hands to its aggregator, so a simulated fleet runs with signatures checked, as
+a real one does. A Byzantine device signs its tampered update with its own key: that is
+its legitimate identity, and the screens and robust rules deal with what it says.
+
 Fleet changes happen only between rounds (``advance``); the simulator then waits until
 the aggregator's view of who is online matches, so the same seed gives the same run.
 """
@@ -45,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from broker_bridge import Channel, NetworkLoop
+from broker_bridge import Channel, Enrolment, NetworkLoop
 from device_profiles import DEFAULT_MIX, ConfigError, DeviceProfile, profile_mix
 from edge_runtime._agent import Agent, make_agent_transport
 from edge_runtime._artifact_cache import ArtifactCache, ModelCache
@@ -54,6 +60,7 @@ from edge_runtime._datasets import partition_dirichlet, partition_iid, partition
 from edge_runtime._eligibility import DeviceStatus
 from edge_runtime._faults import Byzantine, FaultSpec, SlowEmulation, chain, draw
 from edge_runtime._hooks import AgentHooks, UpdateDraft
+from edge_runtime._identity import DeviceKey
 from edge_runtime._settings import AgentSettings
 from edge_runtime._trainer_pool import TrainerPool
 
@@ -181,6 +188,12 @@ class Fleet:
                 byzantine=(draw(config.seed, "byzantine", device_id)
                            < config.faults.byzantine_fraction),
             ))
+        self._keys = {d.device_id: DeviceKey.generate() for d in self.devices}
+        self.enrolment = Enrolment(fleet=config.fleet)
+        """Every virtual device's public key, for the aggregator (``Aggregator(enrolment=)``):
+        the simulator enrols its own devices, as an operator would."""
+        for device_id, key in self._keys.items():
+            self.enrolment.enrol(device_id, key.public_key)
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -295,6 +308,7 @@ class Fleet:
             status_probe=_plugged_in, executor=self._executor, trainers=self._trainers,
             artifacts=self._artifacts, models=self._models, emulation=emulation,
             settings=self._settings, owns_transport=True, hooks=hooks,
+            key=self._keys[d.device_id],  # its key survives its crashes, as on its disk
         )
         d.agent = agent
         d._seen_tasks = d._seen_acked = 0

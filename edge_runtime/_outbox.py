@@ -6,8 +6,10 @@ again). It is sent at once, again when no ack came within ``ack_timeout_s`` (at 
 ``max_resends`` times), after each reconnect, and when its task is sent again; a
 restarted agent finds it in its state folder (:meth:`Outbox.resume`). It leaves the outbox
 when the aggregator acknowledges it (``accepted`` or ``duplicate``: status ``acked``;
-``rejected``: status ``rejected``, docs/PROTOCOL.md section 5.1), when its round is
-cancelled, or when the re-sends are used up.
+``rejected``: status ``rejected``, docs/PROTOCOL.md section 5.1; a rejection that says
+the update's signature did not prove this device, ``IDENTITY``, is no answer: it is
+sent again), when its round is cancelled, or when the re-sends are used up. Each send
+is signed with the device's key (``_identity``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from broker_bridge import (
+    IDENTITY,
     Ack,
     CodecError,
     CodecSpec,
@@ -89,7 +92,7 @@ class Outbox:
     def __init__(
         self, *, state: AgentState, publish: Callable[[Message], None], fleet: str, device: str,
         settings: AgentSettings, stats: AgentStats, hooks: AgentHooks, lock: threading.RLock,
-        log: Log,
+        log: Log, sign: Callable[[Message], Message],
     ) -> None:
         self._state = state
         self._publish = publish
@@ -100,6 +103,8 @@ class Outbox:
         self._hooks = hooks
         self._lock = lock
         self._log = log
+        self._sign = sign
+        """Signs an update message with the device's key (``DeviceKey.sign_update``)."""
         self._pending: Pending | None = None
         self._dropped: Submission | None = None
         """The update last dropped (acknowledged, or its round closed)."""
@@ -134,11 +139,13 @@ class Outbox:
         round was not closed: the caller decided to send without the lock
         (``Agent.poll``), and an ack, a cancel or a newer commit may have come in between.
         """
-        message = Message(
+        # Signed as it is sent (Ed25519 is deterministic: every send is the same bytes),
+        # so an update committed by an agent older than signing is signed too.
+        message = self._sign(Message(
             kind=Kind.UPDATE, fleet=self._fleet, device=self._device, round=submission.round,
             model_version=submission.model_version, attempt=submission.attempt,
             codec=submission.codec, body=submission.body,
-        )
+        ))
         with self._lock:
             if self._pending is None or self._pending.submission is not submission:
                 if not self._unacknowledged(submission):
@@ -200,6 +207,14 @@ class Outbox:
             if ack.status in ("accepted", "duplicate"):
                 self._state.set_status(TaskStatus.ACKED)
                 self._stats.acked += 1
+            elif ack.status == "rejected" and ack_code(ack) in IDENTITY:
+                # The aggregator could not tell this update was ours (no key enrolled for
+                # us yet, or a forged copy's answer): nothing was judged, so keep it and
+                # send it again after the ack timeout, like an update with no answer.
+                self._log.error("round %d update not verified (%s): enrol this device's "
+                                "public key (fleetlearn devices key) with the aggregator",
+                                ack.round, ack.reason)
+                return False
             elif ack.status == "rejected":
                 # Not counted. The reference encoder is deterministic (a corrected attempt
                 # would be the same bytes), so this agent does not retry on its own; it

@@ -15,6 +15,8 @@ no ``onnx``), and ``import fleetlearn`` alone costs nothing.
 - Events (``Aggregator.subscribe``): ``DeviceOnline``, ``DeviceOffline``,
   ``UpdateAccepted``, ``UpdateRefused``, ``RoundOpened``, ``RoundEnded``,
   ``ModelReleased``, ``Status``.
+- Device identity: ``DeviceKey`` (a device's Ed25519 key), ``Enrolment`` (each device's
+  public key, for the aggregator).
 - Errors: ``FleetlearnError`` and its tree (``device_profiles._errors`` documents it).
 
 The ``fleetlearn`` command lives in ``fleetlearn.cli``; each package registers its
@@ -44,13 +46,14 @@ _SOURCES: dict[str, tuple[str, ...]] = {
         "Agent", "AgentSettings", "AgentConfig", "Trainer", "TrainResult", "open_trainer",
         "AgentError", "TrainingBackendMissing", "ArtifactError", "DataError",
         "ModelVersionError", "StateError", "DiskFull", "HookError", "IllegalTransition",
-        "AgentHooks", "LocalTraining", "train_locally",
+        "AgentHooks", "LocalTraining", "train_locally", "DeviceKey", "DeviceKeyError",
     ),
     "fleetlearn._simulate": ("simulate", "SimConfig", "SimResult"),
     "broker_bridge": (
         "Channel", "MqttTransport", "MemoryBroker", "MemoryTransport",
         "WireError", "EnvelopeError", "ChunkError", "CodecError", "ProtocolError",
         "BundleError", "TransportError", "BrokerUnavailable", "BrokerRefused",
+        "SignatureError", "Enrolment", "EnrolmentError",
     ),
     "device_profiles": (
         "DeviceProfile", "get_profile", "FleetlearnError", "ConfigError", "ProfileError",
@@ -85,7 +88,11 @@ __all__ = [
     "DeviceOnline",
     "DeviceProfile",
     "DeviceHistory",
+    "DeviceKey",
+    "DeviceKeyError",
     "DiskFull",
+    "Enrolment",
+    "EnrolmentError",
     "EnvelopeError",
     "Event",
     "FedBuff",
@@ -115,6 +122,7 @@ __all__ = [
     "RoundOpened",
     "SchemaTooNew",
     "SelectionPolicy",
+    "SignatureError",
     "SimConfig",
     "SimResult",
     "StateError",
@@ -167,11 +175,14 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
         Channel,
         ChunkError,
         CodecError,
+        Enrolment,
+        EnrolmentError,
         EnvelopeError,
         MemoryBroker,
         MemoryTransport,
         MqttTransport,
         ProtocolError,
+        SignatureError,
         TransportError,
         WireError,
     )
@@ -235,6 +246,8 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
         AgentSettings,
         ArtifactError,
         DataError,
+        DeviceKey,
+        DeviceKeyError,
         DiskFull,
         HookError,
         IllegalTransition,

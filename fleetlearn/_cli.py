@@ -12,6 +12,9 @@ def register(sub: Any) -> None:
     from fleetlearn import _trial_data
 
     _trial_data.register(sub)
+    from fleetlearn import _devices_cli
+
+    _devices_cli.register(sub)
     from fleetlearn._sim_config import SIMULATE
 
     p = sub.add_parser(

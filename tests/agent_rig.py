@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from keys import enrol_agent
 
 from broker_bridge import (
     Ack,
@@ -228,6 +229,7 @@ class Rig:
             status_probe=status_probe or (lambda: DeviceStatus(free_memory_mb=1000.0)),
             settings=settings or AgentSettings(request_timeout_s=5.0), **kw,  # type: ignore[arg-type]
         )
+        enrol_agent(agent)
         agent.start(timer=False)
         self.agents.append(agent)
         return agent

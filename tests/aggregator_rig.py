@@ -1,7 +1,8 @@
 """Fake devices and an aggregator on an in-memory broker, for the aggregator's tests.
 
 Fake devices speak the device side of the protocol from its payload classes and send
-real encoded updates whose values depend only on (device, round).
+real encoded updates whose values depend only on (device, round), signed with their own
+key (``keys.device_key``), which the aggregators ``make`` builds know.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from keys import ENROLMENT, device_key
 
 from broker_bridge import (
     Ack,
     Channel,
     CodecSpec,
+    Enrolment,
     Hello,
     Kind,
     Layout,
@@ -32,6 +35,7 @@ from cloud_aggregator import Aggregator
 from cloud_aggregator._config import AggregatorConfig
 from cloud_aggregator._rounds import ManualClock
 from device_profiles import get_profile
+from edge_runtime import DeviceKey
 
 FLEET = "test"
 
@@ -47,6 +51,7 @@ class FakeDevice:
     def __init__(self, broker: MemoryBroker, device_id: str, *, num_samples: int = 50) -> None:
         self.id = device_id
         self.num_samples = num_samples
+        self.key = device_key(device_id)
         self.transport = MemoryTransport(broker=broker, client_id=device_id,
                                          will=presence_will(fleet=FLEET, device=device_id))
         self.channel = Channel(transport=self.transport, fleet=FLEET)
@@ -88,8 +93,11 @@ class FakeDevice:
         self, *, round_index: int | None = None, model_version: int | None = None,
         values: np.ndarray | None = None, layout: Layout, codec: str = "fp32", attempt: int = 0,
         emulated_s: float | None = None, num_samples: int | None = None,
-        codec_body: bytes | None = None, train_loss: float = 1.0,
-    ) -> None:
+        codec_body: bytes | None = None, train_loss: float = 1.0, signed: bool = True,
+        key: DeviceKey | None = None,
+    ) -> Message:
+        """Send an update (signed with this device's key, or ``key``; ``signed=False``: not
+        at all); returns the message sent."""
         r = self.tasks[-1].round if round_index is None else round_index
         v = self.tasks[-1].model_version if model_version is None else model_version
         if codec_body is None:
@@ -101,7 +109,10 @@ class FakeDevice:
                           emulated_s=emulated_s)
         msg = update_message(fleet=FLEET, device=self.id, round=r, model_version=v,
                              attempt=attempt, codec=codec, meta=meta, codec_body=codec_body)
+        if signed:
+            msg = (key or self.key).sign_update(msg)
         self.channel.send(self.channel.topics.up(self.id, "update"), msg)
+        return msg
 
     def decline(self) -> None:
         ack = Ack(round=self.tasks[-1].round, what="task", status="declined", reason="battery")
@@ -123,6 +134,13 @@ def make(
     }
     parts = {k: overrides.pop(k) for k in ("strategy", "policy", "optimizer", "evaluator")
              if k in overrides}  # objects of one's own go to the runtime, not the config
+    # enrolment: an Enrolment object (default: every fake device's key), a file (the
+    # setting), or None (neither: the defaults)
+    enrolment = overrides.pop("enrolment", ENROLMENT)
+    if isinstance(enrolment, Enrolment):
+        parts["enrolment"] = enrolment
+    elif enrolment is not None:
+        settings["enrolment"] = enrolment
     settings.update(overrides)
     config = AggregatorConfig(**settings)  # type: ignore[arg-type]
     transport = MemoryTransport(broker=broker, client_id="aggregator")

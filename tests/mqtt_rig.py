@@ -1,4 +1,7 @@
-"""Real aggregators and protocol-speaking devices over a real broker, for wire tests."""
+"""Real aggregators and protocol-speaking devices over a real broker, for wire tests.
+
+Devices sign their updates with their own key (``keys.device_key``); the aggregators
+made here know every test device's key (``keys.ENROLMENT``)."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+from keys import ENROLMENT, device_key
 
 from broker_bridge import (
     Ack,
@@ -18,6 +22,7 @@ from broker_bridge import (
     TaskSpec,
     UpdateMeta,
     encode_update,
+    is_signed,
     presence_message,
     presence_will,
     update_message,
@@ -38,11 +43,12 @@ def aggregator(url: str, fleet: str, state: Path, artifacts: Path, **kw: object)
         "fleet": fleet, "model": "mlp", "rounds": 5, "devices_per_round": 2,
         "over_selection": 1.0, "deadline_s": 60.0, "state_dir": state, "local_epochs": 1,
         "server_opt": "fedavg", "store_synchronous": "NORMAL"}
+    enrolment = kw.pop("enrolment", ENROLMENT)  # None: the config's (file or nothing)
     settings.update(kw)
     return Aggregator(config=AggregatorConfig(**settings),  # type: ignore[arg-type]
                       channel=Channel(transport=transport(url, "aggregator", fleet,
                                                           device=False), fleet=fleet),
-                      artifacts_dir=artifacts)
+                      artifacts_dir=artifacts, enrolment=enrolment)  # type: ignore[arg-type]
 
 
 class Device:
@@ -50,6 +56,7 @@ class Device:
 
     def __init__(self, url: str, fleet: str, device_id: str, **kw: object) -> None:
         self.id, self.fleet = device_id, fleet
+        self.key = device_key(device_id)
         self.channel = Channel(transport=transport(url, device_id, fleet), fleet=fleet, **kw)  # type: ignore[arg-type]
         self.tasks: list[TaskSpec] = []
         self.acks: list[Ack] = []
@@ -76,6 +83,7 @@ class Device:
                 self.acks.append(Ack.from_message(m))
 
     def update(self, size: int, *, layout: object, norm: float = 0.3) -> Message:
+        """An update for the last task, not signed yet (``send`` signs it)."""
         task = self.tasks[-1]
         v = np.random.default_rng([task.round, len(self.id)]).standard_normal(size)
         body = encode_update((v / np.linalg.norm(v) * norm).astype(np.float32), layout,  # type: ignore[arg-type]
@@ -86,7 +94,11 @@ class Device:
                               model_version=task.model_version, attempt=0, codec="fp32",
                               meta=meta, codec_body=body)
 
-    def send(self, message: Message) -> None:
+    def send(self, message: Message, *, sign: bool = True) -> None:
+        """Send an update, signed with this device's key unless ``sign`` is False (or it
+        is signed already: a copy of another update)."""
+        if sign and not is_signed(message.body):
+            message = self.key.sign_update(message)
         self.sent.append(message)
         self.channel.send(self.channel.topics.up(self.id, "update"), message)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from aggregator_rig import make
+from keys import device_key
 
 from broker_bridge import (
     Channel,
@@ -48,6 +49,7 @@ class ProfiledDevice:
                  *, fleet: str) -> None:
         self.id = device_id
         self.fleet = fleet
+        self.key = device_key(device_id)
         self.transport = MemoryTransport(broker=broker, client_id=device_id,
                                          will=presence_will(fleet=fleet, device=device_id))
         self.channel = Channel(transport=self.transport, fleet=fleet)
@@ -92,7 +94,7 @@ class ProfiledDevice:
         msg = update_message(fleet=self.fleet, device=self.id, round=task.round,
                              model_version=task.model_version, attempt=0, codec=codec,
                              meta=meta, codec_body=body)
-        self.channel.send(self.channel.topics.up(self.id, "update"), msg)
+        self.channel.send(self.channel.topics.up(self.id, "update"), self.key.sign_update(msg))
         return body
 
 

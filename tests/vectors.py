@@ -40,6 +40,7 @@ from broker_bridge import (
     ModelMeta,
     ModelVersion,
     Request,
+    SignedBody,
     TaskSpec,
     Topics,
     TreeHead,
@@ -51,16 +52,19 @@ from broker_bridge import (
     encode_update,
     inclusion_path,
     leaf_hash,
+    message_statement,
     model_message,
     pack_bundle,
     presence_message,
     root_hash,
+    sign_update,
     split_message,
     tree_head_bytes,
     update_message,
     weights_hash,
 )
 from broker_bridge._envelope import HEADER_SIZE
+from broker_bridge._signing import CONTEXT
 from device_profiles import get_profile
 
 FLEET = "demo"
@@ -473,6 +477,89 @@ def nonce_vector() -> dict[str, Any]:
     }
 
 
+# -- signed updates ------------------------------------------------------------------------------
+
+SIGNING_SEED = bytes(range(32, 64))
+"""The RFC 8032 private seed of the vectors' device key (a test key: never use it)."""
+
+
+def _statement_fields(message: Message, digest: bytes) -> list[dict[str, Any]]:
+    """The statement of ``message``, field by field: offset, size, value, bytes."""
+    out: list[dict[str, Any]] = []
+    at = 0
+
+    def add(name: str, raw: bytes, value: Any) -> None:
+        nonlocal at
+        out.append({"field": name, "offset": at, "size": len(raw), "value": value,
+                    "hex": raw.hex()})
+        at += len(raw)
+
+    for name, text in (("context", CONTEXT.decode()), ("fleet", message.fleet),
+                       ("device", message.device)):
+        raw = text.encode()
+        add(f"{name}_len", bytes([len(raw)]), len(raw))
+        add(name, raw, text)
+    add("round", message.round.to_bytes(4, "little"), message.round)
+    add("model_version", message.model_version.to_bytes(4, "little"), message.model_version)
+    add("attempt", message.attempt.to_bytes(2, "little"), message.attempt)
+    codec = message.codec.encode()
+    add("codec_len", bytes([len(codec)]), len(codec))
+    add("codec", codec, message.codec)
+    add("body_sha256", digest, digest.hex())
+    return out
+
+
+def signature_vector() -> dict[str, Any]:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    key = Ed25519PrivateKey.from_private_bytes(SIGNING_SEED)
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    spec = CodecSpec.parse("topk:0.25+q8")
+    meta = UpdateMeta(num_samples=40, steps=2, nonce=_nonce(7), train_loss=0.5,
+                      duration_s=0.25)
+    unsigned = dataclasses.replace(update_message(
+        fleet=FLEET, device=DEVICE, round=7, model_version=6, attempt=1, codec=str(spec),
+        meta=meta, codec_body=encode_update(update_values(), LAYOUT, spec).body),
+        transfer_id=TRANSFER_ID)
+    digest = hashlib.sha256(unsigned.body).digest()
+    signed = sign_update(unsigned, public_key=public, sign=key.sign)
+    state = message_statement(unsigned, digest)
+    signed_body = SignedBody.from_bytes(signed.body)
+    assert signed_body is not None
+    others = [("round + 1", {"round": 8}), ("attempt + 1", {"attempt": 2}),
+              ("model_version + 1", {"model_version": 7}), ("another device", {"device": "pi-02"}),
+              ("another fleet", {"fleet": "demo2"}), ("another codec", {"codec": "fp32"})]
+    (payload,) = split_message(signed, max_payload=1 << 17)
+    return {
+        "description": "A signed update (PROTOCOL.md section 5.2). The device's Ed25519 key "
+                       "is made from private_seed_hex (RFC 8032); the statement is the "
+                       "canonical bytes it signs (field by field below: u8 length before each "
+                       "string, little-endian integers, then the SHA-256 of the update body "
+                       "u32 meta_len | meta | codec body). The signed body is 'FLSG' | u8 "
+                       "scheme 1 | public key | signature | update body; payload_hex is the "
+                       "whole MQTT payload. Ed25519 signatures are deterministic: yours must "
+                       "equal signature_hex. Each of must_not_verify is the statement with one "
+                       "field changed: signature_hex must not verify over it.",
+        "private_seed_hex": SIGNING_SEED.hex(),
+        "public_key_hex": public.hex(),
+        "public_key_text": "ed25519:" + public.hex(),
+        "envelope": {"fleet": FLEET, "device": DEVICE, "round": 7, "model_version": 6,
+                     "attempt": 1, "codec": str(spec)},
+        "update_body_hex": unsigned.body.hex(),
+        "body_sha256_hex": digest.hex(),
+        "statement_fields": _statement_fields(unsigned, digest),
+        "statement_hex": state.hex(),
+        "signature_hex": signed_body.signature.hex(),
+        "signed_body_hex": signed.body.hex(),
+        "payload_hex": payload.hex(),
+        "must_not_verify": [
+            {"changed": why, "statement_hex": message_statement(
+                dataclasses.replace(unsigned, **change), digest).hex()}
+            for why, change in others],
+    }
+
+
 # -- the training ledger -------------------------------------------------------------------------
 
 
@@ -563,6 +650,7 @@ def make_vectors() -> dict[str, bytes]:
         "artifacts.json": dump_json(artifacts),
         "nonce.json": dump_json(nonce_vector()),
         "ledger.json": dump_json(_LEDGER["vector"]),
+        "signature.json": dump_json(signature_vector()),
         **envelope_files, **chunk_files, **artifact_files,
     }
     index = {

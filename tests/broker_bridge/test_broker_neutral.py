@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from brokers import Nats, RabbitMq, password_for, wait_until
+from keys import ENROLMENT, enrol_agent
 
 from broker_bridge import (
     BrokerRefused,
@@ -146,6 +147,7 @@ def _start_agents(url: str, fleet: str, ids: list[str], tmp_path: Path) -> list[
                                      y=rng.integers(0, 10, 64).astype(np.int64)),
                       state_dir=tmp_path / did, owns_transport=True,
                       status_probe=lambda: DeviceStatus())
+        enrol_agent(agent)
         agent.start(connect_timeout=30)
         agents.append(agent)
     return agents
@@ -163,7 +165,7 @@ def _aggregator(url: str, fleet: str, kind: str, tmp_path: Path, artifacts: Path
     transport = MqttTransport(url=url, client_id=f"aggregator-{kind}", clean_session=False,
                               backoff_min_s=0.1, backoff_max_s=1.0)
     return Aggregator(config=config, channel=Channel(transport=transport, fleet=fleet),
-                      artifacts_dir=artifacts)
+                      artifacts_dir=artifacts, enrolment=ENROLMENT)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from broker_bridge import AckCode, may_retry, message_schemas
+from broker_bridge import IDENTITY, AckCode, may_retry, message_schemas
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "PROTOCOL.md").read_text()
@@ -98,6 +98,9 @@ def test_the_ack_code_table_is_the_code() -> None:
     for code, row in codes.items():
         if code == AckCode.ALREADY_COUNTED:
             assert row[1:3] == ["duplicate", "-"]
+        elif code in IDENTITY:  # not judged: nothing of the device's round changes
+            assert row[1:3] == ["rejected", "not judged"], code
+            assert not may_retry(code)
         else:
             assert row[1:3] == ["rejected", "yes" if may_retry(code) else "no"], code
 

@@ -24,6 +24,7 @@ from aggregator_rig import FLEET, devices, make
 from conformance import SCHEMA_DIR, differences, schema_files
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from keys import enrol_agent
 from schema_validator import SchemaError, Validator, check_keywords
 from waiting import wait_for
 
@@ -43,6 +44,7 @@ from broker_bridge import (
     message_schemas,
     presence_will,
     schema_id,
+    update_body,
 )
 from broker_bridge._schema import MESSAGES
 from cloud_aggregator._rounds import ManualClock
@@ -287,7 +289,8 @@ def test_every_json_body_on_the_wire_of_a_round_is_valid(tmp_path: Path, artifac
     def check(topic: str, m: Message) -> None:
         if m.kind in (Kind.UPDATE, Kind.MODEL):  # u32 meta_len | meta JSON | codec body
             name = "update_meta" if m.kind == Kind.UPDATE else "model_meta"
-            body = json.loads(m.body[4:4 + int.from_bytes(m.body[:4], "little")])
+            raw = update_body(m.body)  # behind an update's signature block
+            body = json.loads(raw[4:4 + int.from_bytes(raw[:4], "little")])
         elif m.kind in _SCHEMA_OF_KIND:
             name, body = _SCHEMA_OF_KIND[m.kind], m.json()
         else:
@@ -306,6 +309,7 @@ def test_every_json_body_on_the_wire_of_a_round_is_valid(tmp_path: Path, artifac
                   data=make_data(), state_dir=tmp_path / "dev-real", profile=get_profile("pi4"),
                   status_probe=lambda: DeviceStatus(free_memory_mb=1000.0, battery_percent=80.0),
                   settings=AgentSettings(request_timeout_s=30.0, status_interval_s=None))
+    enrol_agent(agent)
     agent.start(timer=False)
     agg = make(tmp_path / "agg", artifacts, broker, manual=clock, devices_per_round=3,
                min_devices=3, quorum=2, rounds=1)

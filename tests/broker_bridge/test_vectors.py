@@ -358,3 +358,51 @@ def test_a_corrupt_vector_is_refused(name: str) -> None:
     payload[10] ^= 0x01  # in the header: the header CRC no longer matches
     with pytest.raises(EnvelopeError, match="checksum"):
         Chunk.from_bytes(bytes(payload))
+
+
+def test_signed_update_statement_and_signature() -> None:
+    """signature.json, rebuilt by hand from its fields as another agent would (section 5.2)."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    v = load("signature.json")
+    env = v["envelope"]
+    body = bytes.fromhex(v["update_body_hex"])
+    digest = hashlib.sha256(body).digest()
+    assert digest.hex() == v["body_sha256_hex"]
+
+    def s8(text: str) -> bytes:
+        return bytes([len(text.encode())]) + text.encode()
+
+    by_hand = (s8("fleetlearn/update-signature/1") + s8(env["fleet"]) + s8(env["device"])
+               + env["round"].to_bytes(4, "little") + env["model_version"].to_bytes(4, "little")
+               + env["attempt"].to_bytes(2, "little") + s8(env["codec"]) + digest)
+    assert by_hand.hex() == v["statement_hex"]
+    assert b"".join(bytes.fromhex(f["hex"]) for f in v["statement_fields"]) == by_hand
+    assert all(f["offset"] == sum(g["size"] for g in v["statement_fields"][:i])
+               for i, f in enumerate(v["statement_fields"]))
+    key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(v["private_seed_hex"]))
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    assert public.hex() == v["public_key_hex"] and v["public_key_text"] == "ed25519:" + public.hex()
+    signature = bytes.fromhex(v["signature_hex"])
+    assert key.sign(by_hand) == signature  # deterministic
+    Ed25519PublicKey.from_public_bytes(public).verify(signature, by_hand)
+    assert len(v["must_not_verify"]) >= 6
+    for case in v["must_not_verify"]:
+        with pytest.raises(InvalidSignature):
+            Ed25519PublicKey.from_public_bytes(public).verify(
+                signature, bytes.fromhex(case["statement_hex"]))
+    signed = bytes.fromhex(v["signed_body_hex"])
+    assert signed == b"FLSG" + bytes([1]) + public + signature + body
+    assert int.from_bytes(signed[:4], "little") > 65536  # never read as a meta_len
+    chunk = Chunk.from_bytes(bytes.fromhex(v["payload_hex"]))
+    assert chunk.data == signed and chunk.kind == Kind.UPDATE
+    assert (chunk.fleet, chunk.device, chunk.round, chunk.model_version, chunk.attempt,
+            chunk.codec) == (env["fleet"], env["device"], env["round"], env["model_version"],
+                             env["attempt"], env["codec"])
+    meta, _ = unpack_update_body(signed)  # the signature block is skipped
+    assert meta.nonce and meta.num_samples == 40

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from aggregator_rig import fake_update
+from keys import ENROLMENT, device_key, enrol_agent
 from mqtt_rig import transport as mqtt_transport
 from waiting import wait_for
 
@@ -20,6 +21,7 @@ from broker_bridge import (
     Ack,
     Channel,
     CodecSpec,
+    Enrolment,
     Hello,
     Kind,
     Layout,
@@ -63,7 +65,8 @@ def test_real_agents_learn_over_mosquitto(mosquitto: MosquittoProcess, tmp_path:
         deadline_s=60.0, state_dir=tmp_path / "agg", eval_data=tmp_path / "test.npz",
         store_synchronous="NORMAL")
     agg = Aggregator(config=config, channel=Channel(
-        transport=mqtt_transport(mosquitto.url, "aggregator", fleet, device=False), fleet=fleet))
+        transport=mqtt_transport(mosquitto.url, "aggregator", fleet, device=False), fleet=fleet),
+        enrolment=ENROLMENT)
     agg.start()
     agents = []
     for i in range(4):
@@ -75,6 +78,7 @@ def test_real_agents_learn_over_mosquitto(mosquitto: MosquittoProcess, tmp_path:
                       data=LocalData(x=data.x_train[idx], y=data.y_train[idx]),
                       state_dir=tmp_path / did, owns_transport=True,
                       status_probe=lambda: DeviceStatus())
+        enrol_agent(agent)
         agent.start()
         agents.append(agent)
     assert agg.recorder.evaluator is not None
@@ -108,6 +112,7 @@ class ScriptedDevice:
 
     def __init__(self, url: str, fleet: str, device_id: str, layout: Layout) -> None:
         self.id, self.fleet, self.layout = device_id, fleet, layout
+        self.key = device_key(device_id)
         self.channel = Channel(transport=mqtt_transport(url, device_id, fleet), fleet=fleet)
         self.tasks: list[TaskSpec] = []
         self.acks: list[Ack] = []
@@ -147,9 +152,10 @@ class ScriptedDevice:
                              CodecSpec.parse("fp32")).body
         meta = UpdateMeta(num_samples=40, steps=2, nonce=task.nonce, train_loss=1.0,
                           duration_s=0.01)
-        self.channel.send(self.channel.topics.up(self.id, "update"), update_message(
-            fleet=self.fleet, device=self.id, round=task.round, model_version=task.model_version,
-            attempt=0, codec="fp32", meta=meta, codec_body=body))
+        self.channel.send(self.channel.topics.up(self.id, "update"), self.key.sign_update(
+            update_message(fleet=self.fleet, device=self.id, round=task.round,
+                           model_version=task.model_version, attempt=0, codec="fp32",
+                           meta=meta, codec_body=body)))
 
     def accepted(self, round_index: int) -> bool:
         with self._lock:
@@ -158,11 +164,16 @@ class ScriptedDevice:
 
 def _launch(url: str, fleet: str, state: Path, artifacts: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    enrolment = artifacts / "enrolment.toml"  # the scripted devices' keys, as an operator would
+    book = Enrolment(fleet=fleet)
+    for device in ("d0", "d1"):
+        book.enrol(device, device_key(device).public_key)
+    book.write(enrolment)
     return subprocess.Popen(
         [sys.executable, "-m", "fleetlearn", "aggregator", "--broker", url, "--fleet", fleet,
          "--model", "mlp", "--rounds", "3", "--devices-per-round", "2", "--over-selection", "1",
          "--quorum", "2", "--min-devices", "2", "--deadline-s", "120", "--state-dir",
-         str(state), "--server-opt", "fedavgm", "--quiet"],
+         str(state), "--server-opt", "fedavgm", "--quiet", "--enrolment", str(enrolment)],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from agent_rig import expected_delta, make_data
+from keys import enrol_agent
 from mqtt_rig import Device, aggregator, transport
 from waiting import wait_for
 
@@ -21,6 +22,7 @@ from broker_bridge import (
     MqttTransport,
     presence_message,
     split_message,
+    update_body,
 )
 from cloud_aggregator import Aggregator
 
@@ -91,7 +93,15 @@ def test_a_restamped_copy_is_refused_over_mosquitto(
         assert wait_for(lambda: all(d.tasks[-1].round == 2 for d in devs))
         d0 = devs[0]
         copy = replace(d0.sent[0], round=2, model_version=1, transfer_id=0)
-        d0.send(copy)
+        d0.send(copy)  # its signature names round 1
+        assert wait_for(lambda: d0.ack(2) is not None)
+        ack = d0.ack(2)
+        assert ack is not None and ack.status == "rejected" and "bad_signature" in ack.reason
+        with d0.lock:
+            d0.acks.clear()
+        # Signed again by the device's own key: the body still answers round 1's task.
+        resigned = replace(copy, body=update_body(copy.body))
+        d0.send(resigned)
         assert wait_for(lambda: d0.ack(2) is not None)
         ack = d0.ack(2)
         assert ack is not None and ack.status == "rejected" and "wrong_nonce" in ack.reason
@@ -116,7 +126,7 @@ def test_one_device_cannot_evict_anothers_update_or_grow_the_aggregator(
     runner.start()
     try:
         assert wait_for(lambda: honest.tasks and noisy.tasks)
-        update = honest.update(agg.layout.size, layout=agg.layout)
+        update = honest.key.sign_update(honest.update(agg.layout.size, layout=agg.layout))
         parts = split_message(update, max_payload=8192)
         assert len(parts) >= 12
         topic = honest.channel.topics.up("dev-0", "update")
@@ -179,6 +189,7 @@ def test_agents_follow_a_fresh_aggregator_by_content_not_by_number(
         agent = Agent(device_id=device, channel=Channel(transport=t, fleet=fleet), data=local,
                       state_dir=tmp_path / device, status_probe=lambda: DeviceStatus(),
                       settings=AgentSettings(request_timeout_s=10.0), owns_transport=True)
+        enrol_agent(agent)
         agent.start()
         agents.append(agent)
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 from agent_rig import make_data
 from aggregator_rig import make
+from keys import enrol_agent
 from mqtt_rig import aggregator, transport
 from waiting import wait_for
 
@@ -132,7 +133,7 @@ def test_a_task_before_the_hello_and_the_same_task_twice_over_mosquitto(
                   status_probe=lambda: DeviceStatus(free_memory_mb=1000.0),
                   settings=AgentSettings(request_timeout_s=60.0, status_interval_s=None),
                   owns_transport=True)
-        agents.append(a)
+        agents.append(enrol_agent(a))
         a.start()
         return a
 

@@ -74,7 +74,9 @@ def test_sync_rounds_verify_and_rederive_byte_for_byte(tmp_path: Path, artifacts
     assert header["rule"]["robust"]["method"] == opts["robust"]
     records = [json.loads(line) for line in entries[0].accepted]
     assert sorted(r["device"] for r in records) == ["d0", "d1", "d2", "d3"]
-    assert all(r["signature"] is None for r in records)  # unsigned updates: None
+    for r in records:  # what each device signed, as the verify stage checked it
+        assert r["signature"] and r["body_sha256"] and r["codec"] == "fp32"
+        assert r["model_version"] == 0
     details = json.loads(entries[0].details)
     assert sorted(details["selected"]) == ["d0", "d1", "d2", "d3"]
     assert {(r["device"], r["reason"]) for r in details["rejected"]} == {("d2", "codec")}
@@ -458,14 +460,14 @@ def test_a_store_from_before_the_ledger_migrates_and_its_ledger_starts_there(
     agg = make(tmp_path, artifacts, broker, rounds=1)
     _sync_rounds(agg, fleet, 1)
     agg.close()
-    with _db(tmp_path) as conn:  # as a version-2 store (before the ledger) leaves it
+    with _db(tmp_path) as conn:  # as a version-3 store (before the ledger) leaves it
         conn.execute("DROP TABLE ledger_entries")
         conn.execute("DROP TABLE ledger_bodies")
-        conn.execute("UPDATE schema_version SET version = 2")
+        conn.execute("UPDATE schema_version SET version = 3")
     broker = MemoryBroker()
     fleet = devices(broker, 3)
     agg = make(tmp_path, artifacts, broker, rounds=3)
-    assert agg.store.schema_version() == 3 and agg.store.ledger_entries(FLEET) == []
+    assert agg.store.schema_version() == 4 and agg.store.ledger_entries(FLEET) == []
     _sync_rounds(agg, fleet, 2)
     entries = agg.store.ledger_entries(FLEET)
     assert [(e.index, e.round) for e in entries] == [(0, 2), (1, 3)]
@@ -475,62 +477,46 @@ def test_a_store_from_before_the_ledger_migrates_and_its_ledger_starts_there(
     assert any("starts at model version 1" in n for n in report.notes)
 
 
-def test_device_signatures_are_recorded_and_checked_by_the_given_keys(
-        tmp_path: Path, artifacts: Path) -> None:
-    """A stage that attaches what a signing device sent (its Ed25519 signature of the
-    body, and the body's hash): the entry records both, also across a restart, and
-    ``verify_ledger`` checks them with the device keys it is given."""
-    import hashlib
-    from dataclasses import dataclass
+def test_device_signatures_are_checked_and_bound_to_enrolled_keys(
+        tmp_path: Path, artifacts: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every update is signed (the rig's devices sign, the verify stage checks): the entry
+    records the signature, also across a restart, and ``verify`` checks it over the
+    update's statement, and against the enrolment file when given."""
+    from keys import ENROLMENT
 
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from broker_bridge import ed25519_verify
-    from cloud_aggregator import UpdateItem
-
-    keys = {f"d{i}": Ed25519PrivateKey.generate() for i in range(3)}
-
-    @dataclass
-    class Signed:
-        name: str = "signed"
-
-        def process(self, item: UpdateItem) -> None:
-            item.signature = keys[item.device].sign(item.message.body)
-            item.body_sha256 = hashlib.sha256(item.message.body).digest()
+    from broker_bridge import Enrolment
 
     broker = MemoryBroker()
     fleet = devices(broker, 3)
     agg = make(tmp_path, artifacts, broker, rounds=2)
-    agg.pipeline.insert(Signed(), after="unpack")
     _sync_rounds(agg, fleet, 1)
     assert agg.tick()  # round 2 opens; two updates, then a restart
     for d in ("d0", "d1"):
         fleet[d].send_update(layout=agg.layout)
     agg.channel.transport.kill()  # type: ignore[attr-defined]
     again = make(tmp_path, artifacts, broker, rounds=2)
-    again.pipeline.insert(Signed(), after="unpack")
     fleet["d2"].send_update(layout=again.layout)
     assert again.tick() and again.model_version == 2
     records = [json.loads(line) for e in again.store.ledger_entries(FLEET)
                for line in e.accepted]
-    assert len(records) == 6
-    for r in records:
-        assert r["body_sha256"] == r["digest"] and r["signature"] is not None
+    assert len(records) == 6 and all(r["signature"] and r["codec"] for r in records)
     again.close()
-
-    def public(device: str) -> bytes:
-        from cryptography.hazmat.primitives import serialization
-
-        return keys[device].public_key().public_bytes(serialization.Encoding.Raw,
-                                                      serialization.PublicFormat.Raw)
-
-    (report,) = verify_ledger(tmp_path, device_signature=lambda d, body, sig: ed25519_verify(
-        public(d), sig, body))
+    (report,) = verify_ledger(tmp_path, enrolment=ENROLMENT)
     assert report.ok and report.device_signatures == report.device_signatures_checked == 6
-    keys["d1"] = Ed25519PrivateKey.generate()  # another key for d1: its signatures fail
-    (report,) = verify_ledger(tmp_path, device_signature=lambda d, body, sig: ed25519_verify(
-        public(d), sig, body))
-    assert report.first_bad == 0 and "'d1'" in report.problem
-    (report,) = verify_ledger(tmp_path)  # no keys given: counted, not checked
-    assert report.ok and report.device_signatures_checked == 0
-    assert any("6 device signatures present, not checked" in n for n in report.notes)
+    assert report.device_keys_enrolled == 6
+    (report,) = verify_ledger(tmp_path)  # no enrolment: verified under the carried keys
+    assert report.ok and report.device_keys_enrolled == 0
+    assert any("not checked against enrolled keys" in n for n in report.notes)
+    # d1 enrolled with another key: its first entry fails.
+    other = Enrolment(keys={**ENROLMENT.keys, "d1": bytes(31) + b"\x01"})
+    (report,) = verify_ledger(tmp_path, enrolment=other)
+    assert report.first_bad == 0 and "'d1'" in report.problem and "enrolled" in report.problem
+    path = tmp_path / "enrolment.toml"
+    other.write(path)
+    assert cli(["ledger", "verify", str(tmp_path), "--enrolment", str(path)]) == 1
+    ENROLMENT.write(path)
+    assert cli(["ledger", "verify", str(tmp_path), "--enrolment", str(path)]) == 0
+    assert "6/6 device signatures verified, 6 by enrolled keys" in capsys.readouterr().out
+    # A check of one's own replaces the built-in one.
+    (report,) = verify_ledger(tmp_path, device_signature=lambda d, body, sig: d != "d2")
+    assert report.first_bad == 0 and "'d2'" in report.problem

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from broker_bridge import Hello
 from cloud_aggregator._registry import FleetRegistry
-from cloud_aggregator._store import Store
+from cloud_aggregator._store import SCHEMA_VERSION, Store
 from device_profiles import get_profile
 
 
@@ -82,7 +82,7 @@ def test_a_version_1_store_moves_its_device_blobs_into_typed_tables(tmp_path: Pa
     conn.commit()
     conn.close()
     store = Store(path)
-    assert store.schema_version() == 3  # through version 2 (this test) to 3 (the ledger)
+    assert store.schema_version() == SCHEMA_VERSION
     assert store.get_state("device:a") is None  # moved, not copied
     record = store.device("a")
     assert record is not None and record.eligible and record.num_samples == 40
@@ -91,4 +91,4 @@ def test_a_version_1_store_moves_its_device_blobs_into_typed_tables(tmp_path: Pa
     assert (h.selections, h.completions, h.misses, h.last_round) == (5, 3, 2, 9)
     assert h.durations == (2.0, 3.0) and h.last_loss == 0.5
     store.close()
-    assert Store(path).schema_version() == 3  # migrated once
+    assert Store(path).schema_version() == SCHEMA_VERSION  # migrated once

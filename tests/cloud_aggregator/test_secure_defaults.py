@@ -15,7 +15,7 @@ import pytest
 from aggregator_rig import FakeDevice, devices, fake_update, make
 
 import cloud_aggregator._runtime as service_module
-from broker_bridge import ErrorReport, Hello, Kind, MemoryBroker, Message, Request
+from broker_bridge import ErrorReport, Hello, Kind, MemoryBroker, Message, Request, update_body
 from cloud_aggregator import Status
 from cloud_aggregator._config import AggregatorConfig
 from cloud_aggregator._rounds import ManualClock
@@ -163,6 +163,11 @@ def test_a_restamped_copy_of_an_accepted_update_is_refused(
     copy = replace(sent[0], round=2, model_version=1, transfer_id=0)
     d0.channel.send(d0.channel.topics.up("d0", "update"), copy)
     assert d0.last_ack().status == "rejected"  # the old defaults: accepted
+    assert d0.last_ack().reason.startswith("bad_signature")  # it signed round 1
+    # Signed again with the device's own key, the copy still answers round 1's task.
+    d0.channel.send(d0.channel.topics.up("d0", "update"),
+                    d0.key.sign_update(replace(copy, body=update_body(copy.body))))
+    assert d0.last_ack().status == "rejected"
     assert d0.last_ack().reason.startswith("wrong_nonce")
     d0.send_update(layout=agg.layout)  # its real round-2 update still counts
     assert d0.last_ack().status == "accepted"

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from agent_rig import Rig, expected_delta, idle, make_data
+from keys import enrol_agent
 from waiting import wait_for
 
 from broker_bridge import (
@@ -324,6 +325,7 @@ def test_a_transform_hook_changes_what_a_real_aggregator_applies_over_mosquitto(
                       state_dir=tmp_path / device, status_probe=lambda: DeviceStatus(),
                       settings=AgentSettings(request_timeout_s=10.0), owns_transport=True,
                       hooks=tamper(device, scales[device]))
+        enrol_agent(agent)
         agent.start()
         agents.append(agent)
     agg = aggregator(mosquitto.url, fleet, tmp_path / "agg", artifacts, rounds=1,
