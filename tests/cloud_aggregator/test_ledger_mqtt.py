@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from keys import ENROLMENT, enrol_agent
 from mqtt_rig import transport as mqtt_transport
 from waiting import wait_for
 
@@ -48,7 +49,8 @@ def test_real_agents_get_verified_proofs_and_the_ledger_verifies(
                               state_dir=tmp_path / "agg", store_synchronous="NORMAL",
                               **opts)  # type: ignore[arg-type]
     agg = Aggregator(config=config, channel=Channel(
-        transport=mqtt_transport(mosquitto.url, "aggregator", fleet, device=False), fleet=fleet))
+        transport=mqtt_transport(mosquitto.url, "aggregator", fleet, device=False), fleet=fleet),
+        enrolment=ENROLMENT)
     key = agg.trail.key.public_hex
     agg.start()
     outcomes: dict[str, list[InclusionOutcome]] = {}
@@ -67,7 +69,7 @@ def test_real_agents_get_verified_proofs_and_the_ledger_verifies(
                       status_probe=lambda: DeviceStatus(),
                       settings=AgentSettings(ledger_public_key=pinned),
                       hooks=AgentHooks(on_inclusion=got.append))
-        agent.start()
+        enrol_agent(agent).start()
         agents.append(agent)
     runner = threading.Thread(target=agg.run, kwargs={"timeout_s": 240.0}, daemon=True)
     runner.start()
@@ -88,9 +90,11 @@ def test_real_agents_get_verified_proofs_and_the_ledger_verifies(
         assert got and all(o.status == want for o in got), (did, got)
         assert all(o.digest for o in got)
     state = tmp_path / "agg"
-    (report,) = verify_ledger(state)
+    (report,) = verify_ledger(state, enrolment=ENROLMENT)
     # (FedBuff may release once more while closing: what it committed is what counts)
     assert report.ok and report.models_rederived == report.entries >= 3, report
+    # every update was signed by its agent's own key, the one enrolled
+    assert report.device_signatures == report.device_keys_enrolled >= counted
     assert cli(["ledger", "verify", str(state), "--public-key", key]) == 0
     # One byte of one kept body of the second entry changed: that entry fails.
     digest = entries[1].header_json()  # (the header names the root; the record the digest)
