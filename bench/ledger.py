@@ -2,7 +2,7 @@
 
 A real ``Aggregator`` (its own SQLite store, synchronous FULL) over an in-memory broker
 runs sync rounds of N fake devices (``bench/aggregator.py``'s ``Swarm``), each answering
-with an ``mlp`` update (random values, ``topk:0.1+q8+zstd:3``); the clock runs over the
+with a signed ``mlp`` update (random values, ``topk:0.1+q8+zstd:3``); the clock runs over the
 ``tick`` that closes each round: aggregate, checkpoint and, with the ledger, the entry,
 its kept bodies, its signed tree head and N inclusion proofs. The baseline is the same
 run in the same process with the ledger's entry switched off (the round closes as it did
@@ -44,7 +44,8 @@ def run(*, ledger: bool, devices: int, rounds: int, state: Path) -> dict[str, An
                            over_selection=1.0, deadline_s=3600.0, codec=CODEC, state_dir=state,
                            progress=False, seed=0, server_opt="fedadam")
     agg = Aggregator(config=cfg, clock=ManualClock(), channel=Channel(
-        transport=MemoryTransport(broker=broker, client_id="aggregator"), fleet=FLEET))
+        transport=MemoryTransport(broker=broker, client_id="aggregator"), fleet=FLEET),
+        enrolment=swarm.enrolment)  # the swarm signs every update, as devices do
     if not ledger:
         agg.trail.pending = lambda **_: None  # type: ignore[method-assign,assignment,return-value]
     agg.start()
