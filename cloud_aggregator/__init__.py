@@ -18,7 +18,7 @@ Where things live:
 - ``_ledger``: the verifiable training ledger (entries, the aggregator's signing key);
   ``_store_ledger``: its tables; ``_ledger_writer``: what the runtime appends and
   publishes; ``_ledger_verify``: ``verify_ledger``, ``LedgerReport`` (``fleetlearn
-  ledger verify``).
+  ledger verify``); ``_ledger_cli``: ``fleetlearn ledger verify|show|key``.
 - ``_config``: ``AggregatorConfig`` (frozen, parsed once), ``load_config`` (flags >
   environment > TOML > defaults), ``AGGREGATOR`` (the ``[aggregator]`` settings section);
   ``_connect``: ``AggregatorConnection`` (the broker settings of ``fleetlearn aggregator``).

@@ -1,11 +1,16 @@
-"""``fleetlearn ledger verify|show|key``: the training ledger of a state dir."""
+"""``fleetlearn ledger verify|show|key``: the training ledger of a state dir (the checks
+are ``_ledger_verify``'s; ``show_entry`` prints one entry)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cloud_aggregator._store import Store
 
 
 def register_ledger(sub: Any) -> None:
@@ -76,7 +81,6 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     from cloud_aggregator._errors import LedgerError
-    from cloud_aggregator._ledger_verify import show_entry
     from cloud_aggregator._store import Store
 
     db = Path(args.state_dir) / "aggregator.sqlite"
@@ -98,3 +102,44 @@ def _key(args: argparse.Namespace) -> int:
 
     sys.stdout.write(read_public_key(Path(args.state_dir)).hex() + "\n")
     return 0
+
+
+def show_entry(store: Store, fleet: str, *, round_index: int | None = None) -> str:
+    """A ledger entry, readably (the last one, or the one of ``round_index``)."""
+    from cloud_aggregator._errors import LedgerError
+
+    entries = store.ledger_entries(fleet)
+    if round_index is not None:
+        entries = [e for e in entries if e.round == round_index]
+    if not entries:
+        raise LedgerError(f"no ledger entry for fleet {fleet!r}"
+                          + (f" round {round_index}" if round_index is not None else ""))
+    e = entries[-1]
+    header = json.loads(e.header)
+    details = json.loads(e.details)
+    lines = [
+        f"fleet {fleet}  entry {e.index}  round {e.round}  outcome {header['outcome']}  "
+        f"model version {header['model_version']}",
+        f"  previous entry  {header['prev_entry']}",
+        f"  entry hash      {e.leaf.hex()}",
+        f"  previous model  {header['prev_model']}",
+        f"  model           {header['model']}",
+        f"  rule            {json.dumps(header['rule'], sort_keys=True)}",
+        f"  tree head       size {e.tree_size}  root {e.root.hex()}  at {e.timestamp_ms} ms",
+        f"  signature       {e.signature.hex()}",
+        f"  selected        {', '.join(details['selected']) or '-'}",
+        f"  accepted ({header['accepted_count']}, in accumulation order):",
+    ]
+    for line in e.accepted:
+        r = json.loads(line)
+        signed = "signed" if r.get("signature") else "unsigned"
+        lines.append(f"    {r['position']:>3} {r['device']:<20} round {r['round']} attempt "
+                     f"{r['attempt']}  weight {r['weight']:.6g}  scale {r['scale']:.4g}  cut "
+                     f"{r['cut']:.4g}  norm {r['norm']:.6g}  {signed}  {r['digest']}")
+    lines.append(f"  rejected ({len(details['rejected']) + details['rejected_more']}):")
+    for r in details["rejected"]:
+        lines.append(f"    {r['device']:<20} round {r['round']} attempt {r['attempt']}  "
+                     f"{r['reason']}")
+    if details.get("contributions") is not None:
+        lines.append(f"  contributions   {json.dumps(details['contributions'])}")
+    return "\n".join(lines)
