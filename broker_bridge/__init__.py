@@ -4,6 +4,9 @@ Where things live:
 
 - ``_errors``: ``WireError`` and its kinds, ``TransportError``, ``BrokerUnavailable``,
   ``BrokerRefused``.
+- ``_secagg``: secure aggregation's primitives (PRG, key agreement, Shamir, the
+  neighbourhood graph, fixed point, the shared coordinate subset); ``_secagg_msg``: its
+  messages; ``_secagg_device``: ``SecAggDevice`` (a device's side of a secure round).
 - ``_layout``: ``Layout`` (named float32 tensors <-> one flat vector, fingerprint).
 - ``_codec``: ``encode_update``/``decode_update``, ``encode_model``/``decode_model``,
   ``ErrorFeedback``, ``ModelVersion``, ``BodyHeader`` (the update codec and its body
@@ -106,6 +109,7 @@ from broker_bridge._errors import (
     ChunkError,
     CodecError,
     EnvelopeError,
+    SecAggRejected,
     TransportError,
     WireError,
 )
@@ -242,6 +246,7 @@ __all__ = [
     "SignedBody",
     "Signer",
     "Request",
+    "SecAggRejected",
     "TaskSpec",
     "Threshold",
     "TlsConfig",

@@ -4,7 +4,8 @@
     ├── EnvelopeError    header: magic, version, truncation, lying lengths, checksum
     ├── ChunkError       chunk reassembly: limits, inconsistent chunk sets
     ├── CodecError       update bodies: spec, sizes, indices, NaN/Inf, layout
-    └── SignatureError   a signed update's signature block (``_signing``)
+    ├── SignatureError   a signed update's signature block (``_signing``)
+    └── SecAggRejected   a secure-aggregation message or share (``code`` says why)
     TransportError       the broker or network failed (outside us; retry may help)
     └── BrokerUnavailable
     BrokerRefused        (a ConfigError) the broker refused this client for good:
@@ -31,6 +32,18 @@ class ChunkError(WireError):
 
 class CodecError(WireError):
     """An update body cannot be decoded safely against its spec and layout."""
+
+
+class SecAggRejected(WireError):
+    """A secure-aggregation message or share that is refused. ``code`` says why:
+    ``malformed`` (does not parse or breaks a bound), ``wrong_round`` (another round or
+    session), ``replayed`` (a second, different message for a step already taken),
+    ``unexpected`` (not the step the round is at, or from a device not in it),
+    ``bad_share`` (a share that decrypts wrongly or does not reconstruct its commitment)."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
 
 
 class TransportError(FleetlearnError):

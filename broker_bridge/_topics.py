@@ -3,8 +3,10 @@
 ::
 
     fl/<fleet>/devices/<device>/presence      device -> all     retained status, last will
-    fl/<fleet>/devices/<device>/up/<kind>     device -> cloud   hello, update, ack, error, eval
-    fl/<fleet>/devices/<device>/down/<kind>   cloud -> device   task, cancel, ack, artifacts
+    fl/<fleet>/devices/<device>/up/<kind>     device -> cloud   hello, update, ack, error, eval,
+                                                                secagg
+    fl/<fleet>/devices/<device>/down/<kind>   cloud -> device   task, cancel, ack, artifacts,
+                                                                secagg
     fl/<fleet>/broadcast/<kind>               cloud -> fleet    model, artifacts, control
 
 A device writes only under its own ``devices/<device>/`` subtree and reads only its

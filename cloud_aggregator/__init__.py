@@ -6,7 +6,10 @@ building); everything else is private to the package, listed here by module.
 
 Where things live:
 
-- ``_errors``: ``AggregatorError``, ``ModelBuildError``, ``UpdateRejected``.
+- ``_errors``: ``AggregatorError``, ``ModelBuildError``, ``UpdateRejected``,
+  ``SecAggAbandoned``.
+- ``_secagg``: ``SecAggRound`` (the aggregator's side of a secure-aggregation round:
+  it learns only the sum; not wired into the runtime yet).
 - ``_models``: ``build_reference_model``, ``REFERENCE_MODELS`` (mlp, cnn, mlp-xl; onnx.helper).
 - ``_artifacts``: ``build_artifacts``, ``ArtifactInfo``, ``read_manifest``, ``initial_parameters``.
 - ``_selection``: ``Candidate``, ``SelectionPolicy``, the policies, ``make_policy``.
@@ -59,6 +62,7 @@ from cloud_aggregator._errors import (
     LedgerError,
     LedgerMismatch,
     ModelBuildError,
+    SecAggAbandoned,
     UpdateRejected,
 )
 from cloud_aggregator._evaluate import ServerEvaluator
@@ -175,6 +179,7 @@ __all__ = [
     "UpdateRejected",
     "StoreError",
     "SchemaTooNew",
+    "SecAggAbandoned",
     "CheckpointCorrupt",
     "LedgerError",
     "LedgerMismatch",

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from broker_bridge import CodecSpec, WireError, check_id
+from broker_bridge._secagg import FixedPoint, check_codec, secure_level_bound
 from cloud_aggregator._connect import AggregatorConnection
 from cloud_aggregator._robust import RobustConfig, krum_min_updates
 from cloud_aggregator._selection import POLICIES
@@ -39,6 +40,7 @@ _LOCAL = "local training (sent in each task)"
 _SERVER = "server side: optimizer, robust aggregation, screens"
 _STATE = "persistence, evaluation, metrics"
 _IDENTITY = "device identity (signed updates)"
+_SECURE = "secure aggregation (sync rounds)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,6 +162,23 @@ class AggregatorConfig:
         1 << 30, help="memory the robust rules may hold a round's updates in (bytes)",
         group=_SERVER)
 
+    # -- secure aggregation
+    secure_aggregation: bool = setting(
+        False, help="sync rounds learn only the sum of their updates (masked with "
+        "pairwise and self masks, unmasked from Shamir shares; docs/PROTOCOL.md section "
+        "11); needs codec = fp32 and robust = mean", group=_SECURE)
+    secure_clip: float = setting(
+        1.0, help="secure aggregation: every coordinate of an update is clipped to "
+        "[-clip, clip] before fixed point (the most one device can move the sum)",
+        group=_SECURE)
+    secure_fraction: float = setting(
+        1.0, help="secure aggregation: share of coordinates every device sends, chosen at "
+        "random each round from a seed the round's devices share (scaled by 1/fraction)",
+        example=0.1, group=_SECURE)
+    secure_phase_s: float | None = setting(
+        None, help="secure aggregation: how long each key, share and unmask step waits "
+        "for devices (default: deadline_s / 6)", example=5.0, group=_SECURE)
+
     # -- persistence, evaluation, metrics
     state_dir: Path | None = setting(
         None, help="where the store, checkpoints and metrics live (default: a temporary "
@@ -261,6 +280,8 @@ class AggregatorConfig:
 
     def _check_combinations(self) -> None:
         """Settings that contradict each other: each refusal says why."""
+        if self.secure_aggregation:
+            self._check_secure()
         if self.max_selected is not None and self.selection != "deadline":
             raise ConfigError(
                 f"max_selected applies to selection = deadline (FedCS) only; with selection "
@@ -281,6 +302,43 @@ class AggregatorConfig:
                 raise ConfigError(
                     f"quorum ({self.quorum}) is below what {why}: a round closing with its "
                     "quorum could not be aggregated (raise quorum or lower byzantine)")
+
+    def _check_secure(self) -> None:
+        """Secure aggregation: the aggregator never sees an update, so nothing that needs
+        one may be asked of it."""
+        if self.mode != "sync":
+            raise ConfigError("secure_aggregation runs in sync rounds only (mode = sync)")
+        check_codec(CodecSpec.parse(self.codec))
+        if self.robust != "mean" or self.clip_norm is not None or self.max_update_norm is not None:
+            raise ConfigError(
+                "secure_aggregation hides each update from the aggregator: robust rules, "
+                "clip_norm and max_update_norm need to see them (use robust = mean; "
+                "secure_clip bounds each coordinate instead)")
+        if not (math.isfinite(self.secure_clip) and self.secure_clip > 0):
+            raise ConfigError(f"secure_clip must be > 0, got {self.secure_clip}")
+        if not 0 < self.secure_fraction <= 1:
+            raise ConfigError(f"secure_fraction must be in (0, 1], got {self.secure_fraction}")
+        if self.secure_phase_s is not None and not self.secure_phase_s > 0:
+            raise ConfigError(f"secure_phase_s must be > 0, got {self.secure_phase_s}")
+        self.secure_fixed_point()  # the overflow check
+
+    def secure_fixed_point(self) -> FixedPoint:
+        """The fixed point of a secure round: the finest power-of-two scale at which
+        twice the devices a round selects (replacements for decliners join it) sum
+        clipped updates without overflow; refused when that leaves under 1,024 levels."""
+        devices = max(3, 2 * self.selected_per_round)  # room for replacements
+        bound = secure_level_bound(devices)
+        if bound < 1 << 10:
+            raise ConfigError(
+                f"secure_aggregation: {devices} devices per round leave each fewer than 1,024 "
+                f"fixed-point levels in a 32-bit sum; select fewer devices per round")
+        scale = 2.0 ** math.floor(math.log2(bound / (self.secure_clip / self.secure_fraction)))
+        return FixedPoint(clip=self.secure_clip / self.secure_fraction, scale=scale,
+                          max_devices=devices)
+
+    @property
+    def secure_phase(self) -> float:
+        return self.secure_phase_s if self.secure_phase_s is not None else self.deadline_s / 6
 
     # -- derived values
 

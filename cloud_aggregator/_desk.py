@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from broker_bridge import (
     PROTOCOL_VERSION,
@@ -37,9 +38,11 @@ from broker_bridge import (
     Message,
     Presence,
     Request,
+    SecAggRejected,
     WireError,
     printable,
 )
+from broker_bridge._secagg_msg import secagg_message
 from cloud_aggregator._answers import ACCEPTED, Answer, AttemptLedger, after_round, refused
 from cloud_aggregator._events import (
     DeviceOffline,
@@ -74,7 +77,7 @@ class DeviceDesk:
                  registry: FleetRegistry, counters: Counters, events: EventBus,
                  recorder: RoundRecorder, ledger: AttemptLedger, journal: Journal,
                  pipeline: IngestPipeline, model: ModelState, strategy: Strategy,
-                 uplink: CodecSpec, planner: Callable[[], WorkPlanner],
+                 uplink: CodecSpec | str, planner: Callable[[], WorkPlanner],
                  server: Callable[[], ModelServer], running: Callable[[], bool],
                  commit: Callable[[], None]) -> None:
         self.fleet = fleet
@@ -126,6 +129,11 @@ class DeviceDesk:
         self.send(self.channel.topics.down(device, "task"),
                   task.to_message(fleet=self.fleet, round=task_round, model_version=model_version))
         return True
+
+    def send_secagg(self, device: str, body: Any) -> None:
+        """A secure-aggregation body to ``device`` (docs/PROTOCOL.md section 11)."""
+        self.send(self.channel.topics.down(device, "secagg"),
+                  secagg_message(body, fleet=self.fleet, device=device))
 
     def cancel(self, device: str, round_index: int, reason: str) -> None:
         self.send(self.channel.topics.down(device, "cancel"),
@@ -204,6 +212,11 @@ class DeviceDesk:
                 self._server().serve(device, Request.from_message(message),
                                      current_version=self.model.version,
                                      params=self.model.params)
+            elif message.kind == Kind.SECAGG:
+                on_secagg = getattr(self.strategy, "on_secagg", None)
+                if on_secagg is None:
+                    raise SecAggRejected("unexpected", "no secure round runs here")
+                on_secagg(device, message)
             elif message.kind == Kind.ERROR:
                 report = ErrorReport.from_message(message)
                 self._settle_first(device)

@@ -3,6 +3,7 @@
     AggregatorError
     ├── ModelBuildError   an ONNX model that cannot be turned into training artifacts
     ├── UpdateRejected    an update that broke a rule (layout, NaN, norm, staleness)
+    ├── SecAggAbandoned   a secure round that cannot produce a checked sum
     ├── LedgerError       the training ledger cannot be written or read as asked
     │   └── LedgerMismatch    ``ledger verify`` found an entry that does not hold
     └── StoreError        the database cannot be opened or used as asked
@@ -30,6 +31,11 @@ class UpdateRejected(AggregatorError, ValueError):
         super().__init__(message)
         self.reason = reason
         self.device_id = device_id
+
+
+class SecAggAbandoned(AggregatorError):
+    """A secure round that cannot produce a checked sum (too few devices uploaded or
+    answered, or their shares do not reconstruct); nothing of it may be applied."""
 
 
 class LedgerError(AggregatorError):

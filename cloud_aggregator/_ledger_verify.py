@@ -91,6 +91,9 @@ class LedgerReport:
     models_rederived: int = 0
     device_signatures: int = 0
     device_signatures_checked: int = 0
+    secure_taken: int = 0
+    """Secure rounds' models taken as recorded (checked against their checkpoint file,
+    not re-derived: their sums came from the devices' reveals)."""
     device_keys_enrolled: int = 0
     """Signatures whose key is the device's enrolled one (with an enrolment given)."""
     first_bad: int | None = None
@@ -141,6 +144,22 @@ class _Replayer:
         self._opt: Any = None
         self._opt_rule: Any = None
 
+    def take_recorded(self, store: Store, report: LedgerReport, version: int,
+                      sha: str) -> None:
+        """A secure round's model, taken from its checkpoint file: its sum came from the
+        devices' reveals, which the ledger does not hold (nor the optimizer state after)."""
+        record = store.checkpoint(report.fleet, model_version=version)
+        if record is None or not record.path.is_file():
+            raise _Bad(f"secure round: no checkpoint file of version {version} to go on from")
+        data = record.path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise _Bad(f"the checkpoint file {record.path.name} is not the recorded model")
+        self.params = _load_vector(data, record.path.name)
+        self.sha = sha
+        self._opt = None  # its state after a secure round is not re-derivable
+        self._opt_rule = "unknown"
+        report.secure_taken += 1
+
     def step(self, rule: dict[str, Any], layout: Layout, adds: list[Contribution]) -> None:
         robust = RobustConfig(**rule["robust"])
         opt_rule = dict(rule["optimizer"])
@@ -150,6 +169,9 @@ class _Replayer:
         if rule.get("combine") is not None:
             raise _Bad(f"the strategy combines models its own way ({rule['combine']}): "
                        "not re-derivable")
+        if self._opt_rule == "unknown" and name != "fedavg":
+            raise _Bad(f"the {name} server optimizer's state after a secure round is not "
+                       "recorded: not re-derivable")
         if self._opt is None or self._opt_rule != rule["optimizer"]:
             # Restarted with other hyper-parameters: the aggregator carried the state of
             # an optimizer of the same name over (``ServerOptimizer.load_bytes``).
@@ -264,6 +286,7 @@ def _verify_entry(store: Store, entry: AppendedEntry, *, index: int, prev_leaf: 
     if not ed25519_verify(public_key, entry.signature, head):
         raise _Bad("the signed tree head does not verify with the aggregator's key")
     layout = Layout(tensors=tuple((str(n), tuple(s)) for n, s in details["layout"]))
+    secure = bool(header["rule"].get("secure_aggregation"))
     adds: list[Contribution] = []
     for j, record in enumerate(records):
         if record.get("position") != j:
@@ -279,10 +302,13 @@ def _verify_entry(store: Store, entry: AppendedEntry, *, index: int, prev_leaf: 
             report.device_signatures += 1
             _check_signature(record, body, report, device_signature=device_signature,
                              enrolment=enrolment)
-        adds.append(_contribution(record, body, layout))
+        if not secure:  # a masked upload says nothing checkable on its own
+            adds.append(_contribution(record, body, layout))
     if header.get("prev_model") != replay.sha:
         raise _Bad("prev_model is not the model re-derived so far (or the initial model)")
-    if header.get("outcome") in ("closed", "aggregated"):
+    if header.get("outcome") in ("closed", "aggregated") and secure:
+        replay.take_recorded(store, report, int(header["model_version"]), str(header["model"]))
+    elif header.get("outcome") in ("closed", "aggregated"):
         replay.step(header["rule"], layout, adds)
         report.models_rederived += 1
     if header.get("model") != replay.sha:
@@ -358,6 +384,10 @@ def verify_ledger(state_dir: str | Path, *, public_key: bytes | None = None,
                     report.first_bad, report.problem = i, str(exc) or type(exc).__name__
                     break
                 report.verified += 1
+            if report.secure_taken:
+                report.notes.append(
+                    f"{report.secure_taken} secure rounds: their models are checked against "
+                    "their checkpoint files, not re-derived (the unmasking is not recorded)")
             if report.device_signatures and enrolment is None and device_signature is None:
                 report.notes.append(
                     f"{report.device_signatures_checked} device signatures verified under the "

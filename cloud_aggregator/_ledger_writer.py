@@ -32,6 +32,7 @@ from broker_bridge import (
 from cloud_aggregator._aggregate import RoundAggregate
 from cloud_aggregator._config import AggregatorConfig
 from cloud_aggregator._ledger import (
+    AddedUpdate,
     AggregatorKey,
     AppendedEntry,
     ContributionsHook,
@@ -40,7 +41,7 @@ from cloud_aggregator._ledger import (
 from cloud_aggregator._recorder import RoundRecorder
 from cloud_aggregator._server_opt import ServerOptimizer, optimizer_options
 from cloud_aggregator._store import Store
-from cloud_aggregator._sync import SyncRounds
+from cloud_aggregator._sync import SyncRounds, stored_source
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ def rule_of(config: AggregatorConfig, optimizer: Any, strategy: Any) -> dict[str
     combine = getattr(type(strategy), "combine", None)
     if combine is not None and combine is not SyncRounds.combine:
         rule["combine"] = f"custom:{type(strategy).__name__}"
+    if config.secure_aggregation:  # the sum comes from the devices' reveals: not recorded
+        rule["secure_aggregation"] = True
     return rule
 
 
@@ -83,6 +86,12 @@ class LedgerWriter:
                 ) -> PendingEntry:
         fleet = self._config.fleet
         added = list(aggregate.added)
+        if self._config.secure_aggregation and not added:
+            # A secure round adds nothing to the aggregate (its sum is unmasked apart):
+            # its masked uploads are listed as journaled, counting equally.
+            added = [AddedUpdate(source=stored_source(s), weight=1.0, scale=1.0, cut=1.0,
+                                 norm=0.0) for s in self._store.round_updates(fleet, stream)
+                     if s.meta.get("secure")]
         refusals, more = self._recorder.refusals()
         records = [a.record(i) for i, a in enumerate(added)]
         contributions: list[Any] | None = None

@@ -93,6 +93,8 @@ from cloud_aggregator._recorder import PENDING_METRICS, RoundRecorder
 from cloud_aggregator._registry import FleetRegistry
 from cloud_aggregator._rounds import Clock, SyncRound, WallClock
 from cloud_aggregator._screen import NormScreen, WeightBound
+from cloud_aggregator._secure_sync import CODEC as SECURE_CODEC
+from cloud_aggregator._secure_sync import SecureSyncRounds, SecureUpload
 from cloud_aggregator._selection import SelectionPolicy, make_policy
 from cloud_aggregator._serving import ModelServer
 from cloud_aggregator._startup import (
@@ -247,8 +249,9 @@ class Aggregator:
                                       evaluator=evaluator, on_round=on_round)
         self.state = ModelState(params=self.model.initial.copy(),
                                 optimizer=optimizer or config.make_server_optimizer())
-        self.strategy: Strategy = strategy or (FedBuff() if config.mode == "async"
-                                               else SyncRounds())
+        self.strategy: Strategy = strategy or (
+            FedBuff() if config.mode == "async"
+            else SecureSyncRounds() if config.secure_aggregation else SyncRounds())
         self.journal = Journal(self.store)
         self.trail = LedgerWriter(config=config, store=self.store,
                                   key=AggregatorKey.load_or_create(self.state_dir),
@@ -267,7 +270,8 @@ class Aggregator:
             registry=self.registry, counters=self.counters, events=self.events,
             recorder=self.recorder, ledger=self.ledger, journal=self.journal,
             pipeline=self.pipeline, model=self.state, strategy=self.strategy,
-            uplink=self._uplink, planner=self._planner, server=self._model_server,
+            uplink=SECURE_CODEC if config.secure_aggregation else self._uplink,
+            planner=self._planner, server=self._model_server,
             running=lambda: self._running, commit=self._commit)
         self.learned = LearnedState(
             config=config, store=self.store, state_dir=self.state_dir,
@@ -292,6 +296,11 @@ class Aggregator:
 
     def _default_pipeline(self) -> IngestPipeline:
         cfg = self.config
+        if isinstance(self.strategy, SecureSyncRounds):
+            # The aggregator never sees a secure round's updates: nothing to decode,
+            # validate, screen or weigh (docs/PROTOCOL.md section 11).
+            return IngestPipeline([Unpack(nonce_of=lambda r, d: self._planner().nonce(r, d)),
+                                   SecureUpload(strategy=self.strategy)])
         stages: Sequence[IngestStage] = [
             VerifySignature(keys=self.keys),
             Unpack(nonce_of=lambda r, d: self._planner().nonce(r, d)),
@@ -590,7 +599,8 @@ class Aggregator:
             layout=self.layout, model=self.state, screen=self.screen, weights=self.weights,
             send_task=self.desk.send_task, cancel=self.desk.cancel, release=self._release,
             emit=self.events.emit, note=self.desk.note, fail=self._fail, ledger=self.ledger,
-            queued=lambda: self.journal.pending, commit=self._commit)
+            queued=lambda: self.journal.pending, commit=self._commit,
+            send_secagg=self.desk.send_secagg)
 
     def _fail(self, reason: str) -> None:
         self._failed = reason

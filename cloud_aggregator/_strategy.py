@@ -134,6 +134,9 @@ class StrategyContext:
     commit: Callable[[], None]
     """Commit the waiting updates now (``accepted`` hears of each): a round about to end
     takes what it admitted first."""
+    send_secagg: Callable[[str, Any], None] | None = None
+    """``send_secagg(device, body)``: a secure-aggregation body to the device's
+    ``down/secagg`` (docs/PROTOCOL.md section 11)."""
 
     def after_round(self, task_round: int, device: str, attempt: int, *,
                     unknown: str = AckCode.STALE_ROUND, why: str = "") -> Answer:

@@ -124,6 +124,10 @@ class SyncRounds(StrategyBase):
         """The next global model (default: one server-optimizer step)."""
         return self.ctx.model.stepped(delta)
 
+    def _round_delta(self, agg: RoundAggregate) -> F32:
+        """The closing round's delta (secure rounds: the unmasked mean)."""
+        return agg.result()
+
     # -- plumbing -----------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
@@ -218,7 +222,7 @@ class SyncRounds(StrategyBase):
         if decision is Decision.CLOSE:
             try:
                 self._judge_deferred(index, agg)
-                delta = agg.result()
+                delta = self._round_delta(agg)
                 new_params = self.combine(ctx.model.params, delta)
             except AggregatorError as exc:
                 log.error("round %d cannot be applied (%s): abandoning it", index, exc)

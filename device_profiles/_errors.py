@@ -14,7 +14,8 @@ that every package can derive from it. The whole tree, by package::
     │   ├── CodecError                   broker_bridge    (update body: spec, sizes, indices, NaN)
     │   ├── ProtocolError                broker_bridge    (a JSON body that breaks the protocol)
     │   ├── SignatureError               broker_bridge    (a malformed signature block)
-    │   └── BundleError                  broker_bridge    (an artifact bundle that does not unpack)
+    │   ├── BundleError                  broker_bridge    (an artifact bundle that does not unpack)
+    │   └── SecAggRejected               broker_bridge    (a secure-aggregation message or share)
     ├── TransportError                   broker_bridge    (the broker and the network: outside us)
     │   └── BrokerUnavailable            broker_bridge
     ├── AgentError                       edge_runtime
@@ -30,6 +31,7 @@ that every package can derive from it. The whole tree, by package::
     └── AggregatorError                  cloud_aggregator
         ├── ModelBuildError              cloud_aggregator (unsupported ONNX graph)
         ├── UpdateRejected               cloud_aggregator (an update broke a rule)
+        ├── SecAggAbandoned              cloud_aggregator (a secure round without a checked sum)
         ├── LedgerError                  cloud_aggregator (the training ledger cannot be used)
         │   └── LedgerMismatch           cloud_aggregator (an entry that does not verify)
         └── StoreError                   cloud_aggregator (the SQLite state cannot be used)

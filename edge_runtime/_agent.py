@@ -58,6 +58,7 @@ from edge_runtime._outbox import Outbox
 from edge_runtime._phase import Phase, PhaseMachine
 from edge_runtime._presence import Presence
 from edge_runtime._presence import make_agent_transport as make_agent_transport
+from edge_runtime._secure import SecureSession
 from edge_runtime._settings import AgentSettings, AgentStats
 from edge_runtime._state import AgentState, CommitStep, TaskStatus
 from edge_runtime._trainer_pool import TrainerPool, TrainerProvider
@@ -144,13 +145,16 @@ class Agent:
             channel=channel, device_id=device_id, profile=profile, data=data, rules=self.rules,
             probe=status_probe or SystemProbe(), artifacts=self.artifacts, models=self.models,
             state=self.state, hooks=self._hooks, busy_round=self.busy_round, log=self.log)
+        self._secure = SecureSession(fleet=self.fleet, device=device_id,
+                                     publish=lambda m: self._send("secagg", m),
+                                     notify=lambda: self._inbox.notify(), log=self.log)
         self.ledger = LedgerCheck(fleet=self.fleet, device_id=device_id,
                                   public_key=self.settings.ledger_public_key, hooks=self._hooks,
                                   log=self.log)
         self._inbox = Inbox(models=self.models, log=self.log, handlers=InboxHandlers(
             task=self._on_task, cancel=self._on_cancel, ack=self._on_ack,
             roll_call=self._presence.greet, malformed=self._count_malformed,
-            proof=self.ledger.on_proof))
+            secagg=self._secure.handle, proof=self.ledger.on_proof))
         self._fetcher = Fetcher(inbox=self._inbox, artifacts=self.artifacts, models=self.models,
                                 request=self._send_request)
         self._outbox = Outbox(
@@ -163,7 +167,8 @@ class Agent:
                             report=self._report),
             state=self.state, fetcher=self._fetcher, trainers=self._trainers,
             outbox=self._outbox, data=data, training=self._training, hooks=self._hooks,
-            emulation=emulation, settings=self.settings, stats=self.stats, log=self.log)
+            emulation=emulation, settings=self.settings, stats=self.stats, log=self.log,
+            secure=self._secure, inbox=self._inbox)
         self._phase = PhaseMachine(Phase.IDLE)
         self._resume()
 

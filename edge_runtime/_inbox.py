@@ -36,6 +36,7 @@ from broker_bridge import (
 )
 from device_profiles import ConfigError
 from edge_runtime._artifact_cache import ModelCache
+from edge_runtime._secure import SECURE_CODEC
 from edge_runtime._state import TaskRecord, TaskStatus
 
 T = TypeVar("T")
@@ -105,6 +106,8 @@ def read_task(message: Message) -> tuple[TaskSpec, str | None]:
     task = TaskSpec.from_message(message)
     if message.round != task.round or message.model_version != task.model_version:
         raise WireError("task envelope round/model_version differ from its body")
+    if task.codec == SECURE_CODEC:
+        return task, None
     try:
         CodecSpec.parse(task.codec)
     except ConfigError as exc:
@@ -124,6 +127,7 @@ class InboxHandlers:
     ack: Callable[[Ack], None]
     roll_call: Callable[[], None]
     malformed: Callable[[], None]
+    secagg: Callable[[Message], None] | None = None
     proof: Callable[[InclusionProof], object] | None = None
 
 
@@ -159,6 +163,8 @@ class Inbox:
                 with self._cond:
                     self._bundles.append(message.body)
                 self.notify()
+            elif kind == Kind.SECAGG and self._handlers.secagg is not None:
+                self._handlers.secagg(message)
             elif kind == Kind.CONTROL and Request.from_message(message).want == "hello":
                 self._handlers.roll_call()
             elif kind == Kind.PROOF and self._handlers.proof is not None:

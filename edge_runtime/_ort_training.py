@@ -208,13 +208,13 @@ class OrtTrainingTrainer(TrainerBase):
         loss_sum = 0.0
         stopped = False
         self._module.train()
-        for first, last in zip(plan.starts.tolist(), plan.ends.tolist(), strict=True):
+        for step in range(plan.total):
             if (deadline is not None and time.monotonic() >= deadline) or (
                 should_stop is not None and should_stop()
             ):
                 stopped = True
                 break
-            index = plan.order[first:last]
+            index = plan.batch(step)
             bx = np.ascontiguousarray(xs[index])
             by = np.ascontiguousarray(ys[index])
             self._module.lazy_reset_grad()

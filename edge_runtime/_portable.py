@@ -196,7 +196,6 @@ class PortableTrainer(TrainerBase):
             io["x"]: self._value(xs),
             io["y"]: self._value(ys),
             io["sample_weight"]: self._value(self._weights(sample_weight, len(xs))),
-            io["order"]: self._value(plan.order),
             io["lr"]: self._value(np.array(self._lr, np.float32)),
             **self._frozen,
             **self._anchor_values,
@@ -208,7 +207,7 @@ class PortableTrainer(TrainerBase):
         outputs = spec.train_outputs()
         start = time.monotonic()
         deadline = None if deadline_s is None else start + deadline_s
-        total = len(plan.starts)
+        total = plan.total
         done = samples = 0
         loss_sum = 0.0
         stopped = False
@@ -229,8 +228,10 @@ class PortableTrainer(TrainerBase):
                 chunk = max(1, min(chunk, MAX_CHUNK_STEPS))
             chunk = min(chunk, total - done)
             feeds = dict(fixed)
-            feeds[io["starts"]] = self._value(plan.starts[done : done + chunk])
-            feeds[io["ends"]] = self._value(plan.ends[done : done + chunk])
+            order, starts, ends = plan.chunk(done, done + chunk)
+            feeds[io["order"]] = self._value(order)
+            feeds[io["starts"]] = self._value(starts)
+            feeds[io["ends"]] = self._value(ends)
             feeds[io["step"]] = self._step
             feeds.update({i: v for (i, _), v in zip(spec.param_io, self._params, strict=True)})
             feeds.update({i: v for (i, _, _), v in zip(spec.state_io, self._state, strict=True)})

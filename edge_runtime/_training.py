@@ -45,35 +45,84 @@ class EvalResult(NamedTuple):
     accuracy: float
 
 
-class Schedule(NamedTuple):
-    """Which samples each step trains on: step ``s`` uses ``order[starts[s]:ends[s]]``."""
+class Schedule:
+    """Which samples each step trains on: ``epochs`` shuffled passes in mini-batches (each
+    epoch's last batch may be short), up to ``total`` steps.
 
-    order: np.ndarray
-    starts: np.ndarray
-    ends: np.ndarray
+    Epochs are drawn from ``rng`` one after the other as training reaches them, so a task
+    of many epochs costs nothing up front: its deadline holds and its memory is a chunk's
+    (drawn all at once, 100,000 epochs of 320 samples were 256 MB and many seconds before
+    the first step). The steps are the same as drawing every epoch first.
+    """
+
+    def __init__(self, n: int, *, batch_size: int, total: int,
+                 rng: np.random.Generator) -> None:
+        self.n, self.batch_size, self.total = n, batch_size, total
+        self.per_epoch = math.ceil(n / batch_size) if n else 0
+        self._rng = rng
+        self._epochs: dict[int, np.ndarray] = {}
+        self._drawn = 0
+
+    def _epoch(self, e: int) -> np.ndarray:
+        while self._drawn <= e:
+            self._epochs[self._drawn] = self._rng.permutation(self.n).astype(np.int64)
+            self._drawn += 1
+        if e not in self._epochs:
+            raise ValueError(f"epoch {e} was passed already: chunks are asked for in order")
+        return self._epochs[e]
+
+    def chunk(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Steps ``first`` to ``last`` (exclusive) as ``(order, starts, ends)``: step ``s``
+        trains on ``order[starts[s - first]:ends[s - first]]``. Chunks are asked for in
+        order; epochs before ``first``'s are forgotten."""
+        if not 0 <= first < last <= self.total:
+            raise ValueError(f"steps {first}..{last} are outside 0..{self.total}")
+        e0, e1 = first // self.per_epoch, (last - 1) // self.per_epoch
+        for old in [e for e in self._epochs if e < e0]:
+            del self._epochs[old]
+        order = np.concatenate([self._epoch(e) for e in range(e0, e1 + 1)])
+        steps = np.arange(first, last, dtype=np.int64)
+        base = (steps // self.per_epoch - e0) * self.n
+        pos = (steps % self.per_epoch) * self.batch_size
+        return order, base + pos, base + np.minimum(pos + self.batch_size, self.n)
+
+    def batch(self, step: int) -> np.ndarray:
+        """The sample indices of one step."""
+        order, starts, ends = self.chunk(step, step + 1)
+        return order[int(starts[0]):int(ends[0])]
+
+    def _whole(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every step at once (for inspection: it draws every epoch)."""
+        if self.total == 0:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, empty
+        return self.chunk(0, self.total)
+
+    @property
+    def order(self) -> np.ndarray:
+        return self._whole()[0]
+
+    @property
+    def starts(self) -> np.ndarray:
+        return self._whole()[1]
+
+    @property
+    def ends(self) -> np.ndarray:
+        return self._whole()[2]
 
 
 def batch_schedule(
     n: int, *, epochs: int, batch_size: int, rng: np.random.Generator, max_steps: int | None
 ) -> Schedule:
-    """``epochs`` shuffled passes in mini-batches (each epoch's last batch may be short)."""
+    """``epochs`` shuffled passes in mini-batches (each epoch's last batch may be short),
+    at most ``max_steps`` steps; drawn lazily (see ``Schedule``)."""
     if epochs < 0 or batch_size < 1:
         raise ValueError("epochs must be >= 0 and batch_size >= 1")
     per_epoch = math.ceil(n / batch_size) if n else 0
     total = per_epoch * epochs
     if max_steps is not None:
         total = min(total, max(0, int(max_steps)))
-    needed = math.ceil(total / per_epoch) if per_epoch else 0
-    orders = [rng.permutation(n) for _ in range(needed)]
-    order = np.concatenate(orders).astype(np.int64) if orders else np.zeros(0, np.int64)
-    firsts = np.arange(0, n, batch_size, dtype=np.int64)
-    starts = np.concatenate([firsts + e * n for e in range(needed)]) if needed else firsts[:0]
-    ends = (
-        np.concatenate([np.minimum(firsts + batch_size, n) + e * n for e in range(needed)])
-        if needed
-        else firsts[:0]
-    )
-    return Schedule(order, starts[:total].astype(np.int64), ends[:total].astype(np.int64))
+    return Schedule(n, batch_size=batch_size, total=total, rng=rng)
 
 
 class TrainerBase:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from broker_bridge import Layout, TaskSpec, UpdateMeta
+from broker_bridge import Layout, TaskSpec, UpdateMeta, pack_update_body
 from device_profiles import FleetlearnError
 from edge_runtime._data import LocalData
 from edge_runtime._emulation import Emulation
@@ -30,12 +30,13 @@ from edge_runtime._errors import (
 )
 from edge_runtime._fetch import Fetcher
 from edge_runtime._hooks import AgentHooks, UpdateDraft
-from edge_runtime._inbox import Cancelled
+from edge_runtime._inbox import Cancelled, Inbox
 from edge_runtime._local_training import LocalTraining, TrainingBudget, checked_result, finite
 from edge_runtime._outbox import Outbox, encode_submission
 from edge_runtime._phase import Phase
+from edge_runtime._secure import SECURE_CODEC, SecureSession
 from edge_runtime._settings import AgentSettings, AgentStats
-from edge_runtime._state import AgentState, DiskFull, StateError, TaskStatus
+from edge_runtime._state import AgentState, DiskFull, StateError, Submission, TaskStatus
 from edge_runtime._trainer_pool import TrainerProvider
 
 ERROR_CODES: tuple[tuple[type[BaseException], str], ...] = (
@@ -107,6 +108,8 @@ class Worker:
     settings: AgentSettings
     stats: AgentStats
     log: logging.LoggerAdapter[logging.Logger]
+    secure: SecureSession | None = None
+    inbox: Inbox | None = None
 
     def run(self, job: Job) -> None:
         round_ = job.task.round
@@ -128,6 +131,10 @@ class Worker:
             self.control.report(round_, code, f"{type(exc).__name__}: {exc}")
         finally:
             self.control.end(job)
+
+    def _secure_submission(self, job: Job, draft: UpdateDraft, cancelled: Callable[[], bool]
+                           ) -> tuple[Submission, float] | None:
+        return _secure_submission_impl(self, job, draft, cancelled)
 
     def _set_status_quietly(self, status: TaskStatus) -> None:
         try:
@@ -185,9 +192,15 @@ class Worker:
             )))
         if cancelled():
             raise Cancelled
-        submission, emulated = encode_submission(
-            task=task, attempt=job.attempt, layout=layout, draft=draft,
-            residual=self.state.residual(), emulation=self.emulation, log=self.log)
+        if task.codec == SECURE_CODEC:
+            secured = self._secure_submission(job, draft, cancelled)
+            if secured is None:
+                return
+            submission, emulated = secured
+        else:
+            submission, emulated = encode_submission(
+                task=task, attempt=job.attempt, layout=layout, draft=draft,
+                residual=self.state.residual(), emulation=self.emulation, log=self.log)
         if self.emulation is not None and self.emulation.time_scale is not None:
             wait = self.emulation.wait_s(emulated, time.monotonic() - job.received_at)
             if wait > 0:
@@ -205,6 +218,29 @@ class Worker:
         self.outbox.send(submission)
         self.log.info("round %d: sent update (%d samples, %d steps, %d bytes)", task.round,
                       result.samples, result.steps, len(submission.body))
+
+
+def _secure_submission_impl(worker: Worker, job: Job, draft: UpdateDraft,
+                            cancelled: Callable[[], bool]) -> tuple[Submission, float] | None:
+    """A secure round's update: wait for the round's shares, then mask (the agent's
+    ``SecureSession``); None when they never came (the task is declined)."""
+    task = job.task
+    if worker.secure is None or worker.inbox is None:
+        raise HookError("a secure task reached an agent without a secure session")
+    secure = worker.secure
+    device = worker.inbox.wait(lambda: secure.ready(task), seconds=job.remaining(),
+                               cancelled=cancelled)
+    if device is None:
+        worker.stats.withdrawn += 1
+        worker._set_status_quietly(TaskStatus.DECLINED)
+        worker.control.ack_task(task.round, job.attempt, "declined",
+                                "secure round: its shares never arrived")
+        return None
+    body = secure.masked_body(device, np.asarray(draft.delta, np.float32), task.seed)
+    submission = Submission(round=task.round, attempt=job.attempt,
+                            model_version=task.model_version, codec=SECURE_CODEC,
+                            body=pack_update_body(draft.meta, body), residual=None)
+    return submission, 0.0
 
 
 def transform(hook: Callable[[UpdateDraft], UpdateDraft] | None, layout: Layout,

@@ -21,7 +21,8 @@ from edge_runtime._fleet import FaultSpec
 DEFAULT_CODEC = "ef+topk:0.1+q8+zstd:3"
 """The default compressed uplink codec of simulations (see bench/simulate.py)."""
 SIM_OWNED = ("fleet", "model", "rounds", "mode", "clock", "devices_per_round", "deadline_s",
-             "selection", "codec", "seed", "state_dir", "eval_data", "progress")
+             "selection", "codec", "seed", "state_dir", "eval_data", "progress",
+             "secure_aggregation")
 """Aggregator settings a simulation derives from its own (``SimConfig.aggregator_config``)."""
 
 _FLEET = "fleet"
@@ -55,8 +56,13 @@ class SimConfig:
     target_accuracy: float | None = setting(
         None, help="stop once test accuracy reaches this fraction, e.g. 0.8", example=0.8,
         group=_TRAINING)
-    codec: str = setting(DEFAULT_CODEC, help="uplink codec spec", example="fp32",
+    codec: str = setting(DEFAULT_CODEC, help="uplink codec spec (with secure_aggregation "
+                         "the default becomes fp32, the only codec it takes)", example="fp32",
                          group=_TRAINING)
+    secure_aggregation: bool = setting(
+        False, help="sync rounds whose aggregator learns only each round's sum (README: "
+        "Secure aggregation; tune it with --aggregator secure_clip=..., secure_fraction=...)",
+        group=_TRAINING)
     selection: str = setting("random", help="device selection: random, deadline, tiered or "
                              "oort", example="oort", group=_TRAINING)
     mode: str = setting("sync", choices=("sync", "async"), group=_TRAINING,
@@ -139,7 +145,9 @@ class SimConfig:
         fields: dict[str, Any] = dict(
             fleet="sim", model=self.model, rounds=self.rounds, mode=self.mode,
             clock=self.clock, devices_per_round=self.per_round, deadline_s=self.deadline_s,
-            selection=self.selection, codec=self.codec, seed=self.seed,
+            selection=self.selection, seed=self.seed,
+            codec="fp32" if self.secure_aggregation and self.codec == DEFAULT_CODEC
+            else self.codec, secure_aggregation=self.secure_aggregation,
             state_dir=self.out_dir / "aggregator", eval_data=self.out_dir / "test.npz",
             store_synchronous="NORMAL", progress=False,
             safety_timeout_s=max(60.0, self.deadline_s * (self.time_scale if

@@ -168,8 +168,9 @@ def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False,
         if path.exists():
             shutil.rmtree(path)
 
+    codec = "secagg (secure aggregation)" if cfg.secure_aggregation else cfg.codec
     say(f"fleetlearn simulate: {cfg.devices} devices, {cfg.per_round} per round, model "
-        f"{cfg.model}, codec {cfg.codec}, {cfg.selection} selection, {cfg.mode} rounds, "
+        f"{cfg.model}, codec {codec}, {cfg.selection} selection, {cfg.mode} rounds, "
         f"seed {cfg.seed}")
     data = load_mnist1d(num_samples=cfg.num_samples)
     buf = io.BytesIO()
@@ -221,7 +222,9 @@ def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False,
     final = next((r["accuracy"] for r in reversed(records) if r["accuracy"] is not None), None)
     report: dict[str, Any] = {
         "model": cfg.model, "devices": cfg.devices, "per_round": cfg.per_round,
-        "selection": cfg.selection, "mode": cfg.mode, "codec": cfg.codec,
+        "selection": cfg.selection, "mode": cfg.mode,
+        "codec": codec,
+        "secure_aggregation": cfg.secure_aggregation,
         "partition": cfg.partition, "seed": cfg.seed, "clock": cfg.clock,
         "faults": asdict(cfg.faults), "availability": cfg.availability,
         "aggregator": {k: (str(v) if isinstance(v, Path) else v)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import zstandard
 from conformance import dump_json
+from secagg_vectors import secagg_vectors
 
 from broker_bridge import (
     PROTOCOL_VERSION,
@@ -64,6 +65,7 @@ from broker_bridge import (
     weights_hash,
 )
 from broker_bridge._envelope import HEADER_SIZE
+from broker_bridge._secagg_msg import Advertise, secagg_message
 from broker_bridge._signing import CONTEXT
 from device_profiles import get_profile
 
@@ -317,6 +319,10 @@ def _messages(artifacts_bundle: bytes, artifacts_hash: str) -> list[tuple[str, s
          ErrorReport(round=7, code="data", message="class labels range over [0, 11]; "
                      "the model has 2 classes").to_message(
              fleet=FLEET, device=d, round=7, transfer_id=t), "a typed device failure"),
+        ("secagg_advertise", TOPICS.up(d, "secagg"), False,
+         dataclasses.replace(secagg_message(secagg_advertise(), fleet=FLEET, device=d),
+                             transfer_id=t),
+         "a secure-aggregation body (section 11): a device's keys for round 7"),
         ("roll_call", TOPICS.broadcast("control"), False,
          Request(want="hello").to_message(fleet=FLEET, transfer_id=t),
          "the aggregator asks who is there"),
@@ -327,6 +333,12 @@ def _messages(artifacts_bundle: bytes, artifacts_hash: str) -> list[tuple[str, s
          _LEDGER["proof"].to_message(fleet=FLEET, device=d, round=7, transfer_id=t),
          "the device's update of round 7 is in ledger entry 1 (ledger.json)"),
     ]
+
+
+def secagg_advertise() -> Advertise:
+    """A key advertisement with fixed keys (secagg.json has a whole round)."""
+    return Advertise(round=7, session=bytes(range(16)), share_public=bytes(range(32)),
+                     mask_public=bytes(range(32, 64)), seed_commitment=bytes(range(64, 96)))
 
 
 def _chunk_fields(payload: bytes) -> dict[str, Any]:
@@ -358,6 +370,8 @@ def envelope_vectors(bundle: bytes, artifacts_hash: str) -> tuple[dict[str, Any]
         }
         if message.codec == "json":
             entry["body_json"] = json.loads(body)
+            entry["body_hex"] = body.hex()
+        elif message.kind == Kind.SECAGG:
             entry["body_hex"] = body.hex()
         elif message.kind in (Kind.UPDATE, Kind.MODEL):
             (n,) = np.frombuffer(body[:4], dtype="<u4")
@@ -651,6 +665,7 @@ def make_vectors() -> dict[str, bytes]:
         "nonce.json": dump_json(nonce_vector()),
         "ledger.json": dump_json(_LEDGER["vector"]),
         "signature.json": dump_json(signature_vector()),
+        "secagg.json": dump_json(secagg_vectors()),
         **envelope_files, **chunk_files, **artifact_files,
     }
     index = {

@@ -49,6 +49,7 @@ from broker_bridge import (
     weights_hash,
 )
 from broker_bridge._schema import MESSAGES
+from broker_bridge._secagg_msg import read_secagg
 from cloud_aggregator._startup import task_nonce
 from edge_runtime._manifest import check_manifest
 
@@ -174,6 +175,11 @@ def test_envelopes_decode_to_what_they_document() -> None:
             meta, codec_body = read_model_message(message)
             assert meta.to_dict() == m["meta_json"]
             assert weights_hash(decode_model(codec_body, layout)) == meta.model_hash
+        elif c.kind == Kind.SECAGG:
+            assert c.codec == "secagg" and body.hex() == m["body_hex"]
+            parsed = read_secagg(Message(kind=c.kind, fleet=c.fleet, device=c.device,
+                                         round=c.round, codec=c.codec, body=body))
+            assert parsed.to_bytes() == body and parsed.round == c.round
         else:
             assert c.kind == Kind.ARTIFACTS and c.codec == "zip"
             assert hashlib.sha256(body).hexdigest() == m["body_sha256"]

@@ -520,3 +520,32 @@ def test_device_signatures_are_checked_and_bound_to_enrolled_keys(
     # A check of one's own replaces the built-in one.
     (report,) = verify_ledger(tmp_path, device_signature=lambda d, body, sig: d != "d2")
     assert report.first_bad == 0 and "'d2'" in report.problem
+
+
+def test_a_secure_round_keeps_its_masked_uploads_and_its_model_is_checked_as_recorded(
+        tmp_path: Path, artifacts: Path) -> None:
+    """A secure round's sum comes from the devices' reveals, which the ledger does not
+    hold: its entry lists the masked uploads (kept) and its model is checked
+    against its checkpoint file, not re-derived; the rest of the ledger holds as ever."""
+    from test_secure_rounds import SecureFake, drive
+
+    broker, clock = MemoryBroker(), ManualClock()
+    agg = make(tmp_path, artifacts, broker, manual=clock, devices_per_round=4, rounds=1,
+               secure_aggregation=True, secure_fraction=0.5, secure_phase_s=1.0,
+               deadline_s=30.0, quorum=4)
+    fakes = [SecureFake(d) for d in devices(broker, 4).values()]
+    drive(agg, clock, fakes, silent=frozenset())
+    assert agg.model_version == 1
+    (entry,) = agg.store.ledger_entries(FLEET)
+    assert entry.header_json()["rule"]["secure_aggregation"] is True
+    records = [json.loads(line) for line in entry.accepted]
+    assert sorted(r["device"] for r in records) == ["d0", "d1", "d2", "d3"]
+    assert all(r["codec"] == "secagg" for r in records)
+    agg.close()
+    (report,) = verify_ledger(tmp_path)
+    assert report.ok and report.secure_taken == 1 and report.models_rederived == 0, report
+    assert report.device_signatures_checked == sum(bool(r["signature"]) for r in records)
+    ckpt = sorted((tmp_path / "aggregator.sqlite.checkpoints").glob("*.npy"))[-1]
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(_flip(data, len(data) - 1))  # the secure round's model changed
+    assert _first_bad(tmp_path) == 0

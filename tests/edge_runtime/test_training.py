@@ -224,6 +224,40 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def test_the_schedule_is_drawn_as_training_reaches_it() -> None:
+    """Chunks of the lazy schedule are the steps of drawing every epoch first, and a task
+    of a billion epochs costs nothing until it trains (its deadline holds)."""
+    import tracemalloc
+
+    n, bs, epochs = 70, 16, 5
+    rng = np.random.default_rng(7)
+    eager = np.concatenate([rng.permutation(n) for _ in range(epochs)])
+    plan = batch_schedule(n, epochs=epochs, batch_size=bs, rng=np.random.default_rng(7),
+                          max_steps=None)
+    assert plan.total == math.ceil(n / bs) * epochs
+    batches = []
+    for first, last in ((0, 1), (1, 4), (4, 13), (13, plan.total)):
+        order, starts, ends = plan.chunk(first, last)
+        batches += [order[s:e] for s, e in zip(starts, ends, strict=True)]
+    expected = [eager[e * n + b * bs:e * n + min((b + 1) * bs, n)]
+                for e in range(epochs) for b in range(math.ceil(n / bs))]
+    assert len(batches) == len(expected)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, expected, strict=True))
+    with pytest.raises(ValueError, match="in order"):
+        plan.chunk(0, 1)  # epoch 0 was forgotten once chunk 13.. was drawn
+
+    tracemalloc.start()
+    try:
+        huge = batch_schedule(320, epochs=10**9, batch_size=32, rng=np.random.default_rng(0),
+                              max_steps=None)
+        order, starts, ends = huge.chunk(0, 25)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert huge.total == 10**10 and len(starts) == 25 and len(order) == 3 * 320
+    assert peak < 1_000_000  # three epochs' order, not a billion
+
+
 def test_missing_artifact_file(mlp_dir: Path, tmp_path: Path) -> None:
     broken = _copy(mlp_dir, tmp_path / "a")
     (broken / "train.onnx").unlink()
