@@ -36,7 +36,9 @@ Where things live:
 - ``_ingest``: ``IngestPipeline``, ``IngestStage``, ``UpdateItem``, ``Rejection``, the
   default stages, ``Journal`` (group commit); ``_aggregate``: ``RoundAggregate``,
   ``Contribution``; ``_identity``: ``KeyBook`` (each device's key: the enrolment, then
-  trust on first use) and ``VerifySignature``, the first ingest stage (``verify``).
+  trust on first use) and ``VerifySignature``, the first ingest stage (``verify``);
+  ``_contribution``: ``ContributionRecord`` (each device's weight share, consensus
+  cosine and marginal in an aggregate), the sketches and the reputation score.
 - ``_planner``: ``WorkPlanner`` (cost model, adaptive local work, tasks);
   ``_recorder``: ``RoundRecorder`` (metrics, evaluation); ``_events``: the event types.
 - ``_startup``: ``prepare_artifacts``, ``ModelArtifacts``, the run record and the checks
@@ -57,6 +59,7 @@ from cloud_aggregator._artifacts import (
     read_manifest,
 )
 from cloud_aggregator._config import AggregatorConfig, load_config
+from cloud_aggregator._contribution import ContributionRecord
 from cloud_aggregator._errors import (
     AggregatorError,
     LedgerError,
@@ -145,6 +148,7 @@ __all__ = [
     "SelectionPolicy",
     "BasePolicy",
     "Candidate",
+    "ContributionRecord",
     "DeviceHistory",
     "FleetHistory",
     "RandomPolicy",

@@ -12,6 +12,10 @@ every contribution, whatever the strategy:
 - a robust rule (median, trimmed mean, Krum, multi-Krum): the updates are kept densely
   in a bounded ``RobustBuffer`` and combined at the end.
 
+Beside the sum, a ``ContributionLog`` keeps each update's direction as a small sketch
+(``_contribution``), from which ``records`` gives every device's weight share and its
+alignment with the round's consensus when the aggregate is taken.
+
 The aggregate holds no durable state: the journal of accepted updates does, and a
 restarted aggregator replays it into a fresh aggregate (sync: the open round's
 updates; FedBuff: the open buffer's).
@@ -33,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cloud_aggregator._aggregation import StreamingAccumulator
+from cloud_aggregator._contribution import ContributionLog, ContributionRecord
 from cloud_aggregator._errors import AggregatorError
 from cloud_aggregator._ledger import AddedUpdate, UpdateSource
 from cloud_aggregator._robust import RobustBuffer, RobustConfig
@@ -49,6 +54,8 @@ class Contribution:
     weight: float
     norm: float
     scale: float = 1.0
+    device: str = ""
+    """Who sent it (for its ``ContributionRecord``)."""
     source: UpdateSource | None = None
     """Which update this is (for the training ledger); None: not recorded."""
     cut: float = 1.0
@@ -68,11 +75,12 @@ class RoundAggregate:
     """The running aggregate of one round or buffer (see the module doc)."""
 
     def __init__(self, *, size: int, robust: RobustConfig, capacity: int,
-                 max_bytes: int) -> None:
+                 max_bytes: int, keep_exact: bool = False) -> None:
         self.size = size
         self.added: list[AddedUpdate] = []
         """What ``add`` took, in order (see the module doc)."""
         self._clip = robust.clip_norm
+        self.log = ContributionLog(size=size, keep_exact=keep_exact and robust.method == "mean")
         if robust.method == "mean":
             self._stream: StreamingAccumulator | None = StreamingAccumulator(size=size)
             self._buffer: RobustBuffer | None = None
@@ -97,10 +105,12 @@ class RoundAggregate:
                                           cut=c.cut, norm=c.norm))
 
     def _add(self, c: Contribution) -> None:
+        factor = 1.0
+        if self._clip is not None and c.norm > self._clip and c.norm > 0:
+            factor = self._clip / c.norm
+        self.log.note(device=c.device, indices=c.indices, values=c.values, norm=c.norm,
+                      weight=c.weight, scale=c.scale, factor=factor)
         if self._stream is not None:
-            factor = 1.0
-            if self._clip is not None and c.norm > self._clip and c.norm > 0:
-                factor = self._clip / c.norm
             if c.indices is None:
                 update = c.values if factor == 1.0 else c.values * np.float32(factor)
                 self._stream.add(update, c.weight, scale=c.scale)
@@ -124,3 +134,8 @@ class RoundAggregate:
         if not math.isfinite(float(np.abs(out).max(initial=0.0))):
             raise AggregatorError("the robust aggregate is not finite")
         return out
+
+    def records(self, round_index: int, *, marginals: dict[int, float] | None = None
+                ) -> tuple[ContributionRecord, ...]:
+        """Each device's part in this aggregate (``_contribution``)."""
+        return self.log.records(round_index, marginals=marginals)

@@ -158,6 +158,16 @@ class AggregatorConfig:
         4.0, help="an update weighs the samples it claims, cut to what its task allowed and "
         "to this multiple of the recent median weight (none: only the task's bound)",
         group=_SERVER)
+    reputation_floor: float | None = setting(
+        0.3, help="devices whose reputation (decayed consensus alignment of their updates "
+        "and share refused by the screens, in [0, 1]) is below this are not selected while "
+        "enough others are, and their updates weigh their reputation times their samples "
+        "(none: reputation is recorded, never used)", example=0.5, group=_SERVER)
+    contribution_marginal: bool = setting(
+        False, help="measure each update's leave-one-out contribution to the accuracy on "
+        "the server's evaluation set (eval_data; one evaluation per update per round; mean "
+        "aggregation only)",
+        group=_SERVER)
     robust_max_bytes: int = setting(
         1 << 30, help="memory the robust rules may hold a round's updates in (bytes)",
         group=_SERVER)
@@ -267,6 +277,9 @@ class AggregatorConfig:
         if self.max_weight_multiple is not None and not self.max_weight_multiple >= 1:
             raise ConfigError(
                 f"max_weight_multiple must be at least 1, got {self.max_weight_multiple}")
+        if self.reputation_floor is not None and not 0 < self.reputation_floor < 1:
+            raise ConfigError(
+                f"reputation_floor must be within (0, 1), got {self.reputation_floor}")
         if self.mode == "sync" and self.effective_min_devices < self.effective_quorum:
             raise ConfigError(
                 f"min_devices ({self.effective_min_devices}) is below the quorum "

@@ -151,8 +151,8 @@ class DeviceDesk:
                       "device %s: update for round %d (attempt %d) rejected (%s): %s", device,
                       message.round, message.attempt, answer.code, answer.detail)
             self.counters.update(f"rejected:{answer.code}")
-            self.recorder.rejected(device=device, round=message.round,
-                                   attempt=message.attempt, reason=answer.code)
+            self.recorder.rejected(device, str(answer.code), round=message.round,
+                                   attempt=message.attempt)
             self.events.emit(UpdateRefused(device=device, task_round=message.round,
                                            reason=answer.code, detail=answer.detail))
         elif answer.status == "duplicate":

@@ -240,6 +240,7 @@ class FedBuff(StrategyBase):
         emulated = self.scheduler.aggregated()
         try:
             delta = agg.result()
+            parts = ctx.contributions(agg, epoch + 1, delta)
             new_params = ctx.model.stepped(delta)
         except AggregatorError as exc:
             # Dropped for good: a restart must not replay what this buffer held.
@@ -260,6 +261,7 @@ class FedBuff(StrategyBase):
             devices_selected=agg.count,
             emulated_s=emulated if virtual else now - self._started,
             wall_s=now - self._started, update_norm=float(np.linalg.norm(delta)),
+            **parts,
         ))
         ctx.release(params=new_params, metrics=metrics, drop_stream=epoch, aggregate=agg)
         self._save_tasks(full=True)

@@ -4,7 +4,11 @@
 the fleet's (it records selections when a strategy hands out tasks and outcomes when
 a device's update counts or its task is missed) and persists it in the store's
 ``device_history`` table; selection policies read it (``BasePolicy.history``) and keep
-only what they learn themselves (duration corrections, exploration, credits). A policy
+only what they learn themselves (duration corrections, exploration, credits). What a
+device contributed to the aggregates it counted in (its weight shares, marginal
+contributions) and its ``reputation`` (``_contribution``) are in the same record,
+updated once per round or release (``contributed``) and saved in that release's
+transaction. A policy
 used on its own, without an aggregator, owns a history and records into it from
 ``select`` and ``feedback``, so the same policy code runs in both places.
 """
@@ -13,8 +17,16 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+
+from cloud_aggregator._contribution import (
+    ContributionRecord,
+    Standing,
+    decayed_alignment,
+    refusal_rate,
+    reputation,
+)
 
 MAX_DURATIONS = 16
 """Observed task durations kept per device (newest last)."""
@@ -40,6 +52,31 @@ class DeviceHistory:
     its task was cut to fit a deadline)."""
     durations: tuple[float, ...] = ()
     """Observed task durations in seconds (emulated time in a simulation), newest last."""
+    contributions: int = 0
+    """Aggregates its updates counted in (rounds, FedBuff releases)."""
+    weight_total: float = 0.0
+    """Its weight shares in those aggregates, added up."""
+    marginal_total: float | None = None
+    """Its leave-one-out marginal contributions to validation accuracy, added up (None:
+    never measured; ``contribution_marginal``)."""
+    standing: Standing = field(default_factory=Standing)
+    """The decayed sums its ``reputation`` is computed from."""
+
+    @property
+    def alignment(self) -> float:
+        """Decayed mean consensus cosine of its updates (``PRIOR_ALIGNMENT`` at first)."""
+        return decayed_alignment(self.standing)
+
+    @property
+    def refusal_rate(self) -> float:
+        """Decayed share of its screened tasks a screen refused (0 at first)."""
+        return refusal_rate(self.standing)
+
+    @property
+    def reputation(self) -> float:
+        """In [0, 1]: 1 for a new device, near 0 for one whose updates are persistently
+        anti-aligned with the others' or refused by the screens (``_contribution``)."""
+        return reputation(self.standing)
 
     @property
     def last_duration_s(self) -> float | None:
@@ -107,6 +144,38 @@ class FleetHistory:
             self._records[device_id] = h
             self._changed.add(device_id)
             return h
+
+    def contributed(self, records: Iterable[ContributionRecord],
+                    screened: Iterable[str] = ()) -> dict[str, DeviceHistory]:
+        """The records after one aggregate (``records``: the devices that counted in it;
+        ``screened``: devices a screen refused in it), not yet applied: apply them with
+        ``apply`` once they are durable."""
+        with self._lock:
+            out: dict[str, DeviceHistory] = {}
+            for r in records:
+                h = out.get(r.device) or self._records.get(r.device, EMPTY)
+                marginal = h.marginal_total
+                if r.marginal is not None:
+                    marginal = (marginal or 0.0) + r.marginal
+                out[r.device] = replace(
+                    h, contributions=h.contributions + 1, weight_total=h.weight_total + r.weight,
+                    marginal_total=marginal,
+                    standing=h.standing.observed(cosine=r.cosine, refused=False))
+            for device in screened:
+                h = out.get(device) or self._records.get(device, EMPTY)
+                out[device] = replace(h, standing=h.standing.observed(refused=True))
+            return out
+
+    def apply(self, records: Mapping[str, DeviceHistory]) -> None:
+        """Take these devices' contributions and standing (``contributed``'s, once
+        saved); what else changed in their records meanwhile stays."""
+        with self._lock:
+            for device, new in records.items():
+                h = self._records.get(device, EMPTY)
+                self._records[device] = replace(
+                    h, contributions=new.contributions, weight_total=new.weight_total,
+                    marginal_total=new.marginal_total, standing=new.standing)
+                self._changed.add(device)
 
     def take_changed(self) -> dict[str, DeviceHistory]:
         """The records changed since the last call (and forget that they changed)."""

@@ -11,6 +11,7 @@ The pipeline is a list of stages, each one job:
     validate    sample count, finite values, size, the absolute norm cap (optional)
     screen      norm relative to recent accepted updates (bootstrap: deferred)
     weight      the weight the update counts with, bounded by its task and the fleet
+    reputation  a device below the reputation floor weighs its reputation times that
 
 Stages are objects with a ``name`` and ``process(item) -> Rejection | None``; a stage
 may fill in the item (``meta``, ``indices``/``values``, ``norm``, ``weight``,
@@ -46,6 +47,7 @@ from broker_bridge import CodecError, Layout, Message, UpdateMeta, WireError, un
 from broker_bridge import decode_update_sparse as _decode_sparse
 from cloud_aggregator._aggregate import Contribution
 from cloud_aggregator._aggregation import Reason, UpdateRules, l2_norm
+from cloud_aggregator._contribution import weight_factor
 from cloud_aggregator._errors import AggregatorError
 from cloud_aggregator._ledger import UpdateSource
 from cloud_aggregator._screen import NormScreen, WeightBound, task_samples_cap
@@ -93,7 +95,8 @@ class UpdateItem:
     def contribution(self) -> Contribution:
         assert self.values is not None
         return Contribution(indices=self.indices, values=self.values, weight=self.weight,
-                            norm=self.norm, scale=self.scale, source=self.source())
+                            norm=self.norm, scale=self.scale, device=self.device,
+                            source=self.source())
 
     @property
     def body_bytes(self) -> int:
@@ -278,6 +281,29 @@ class BoundWeight:
         item.weight, why = self.weights.bound(item.meta.num_samples, task_cap=cap)
         if why:
             item.notes.append(("bounded:weight", f"weight bounded to {item.weight:.4g} ({why})"))
+        return None
+
+
+@dataclass
+class ReputationWeight:
+    """A device whose reputation (``DeviceHistory.reputation``) is below ``floor``
+    counts with that reputation times its weight (``_contribution.weight_factor``);
+    at or above it, unchanged. ``floor`` None: the stage does nothing."""
+
+    reputation: Callable[[str], float]
+    floor: float | None
+    name: str = "reputation"
+
+    def process(self, item: UpdateItem) -> Rejection | None:
+        if self.floor is None:
+            return None
+        score = self.reputation(item.device)
+        factor = weight_factor(score, self.floor)
+        if factor < 1.0:
+            item.weight *= factor
+            item.notes.append(("bounded:reputation",
+                               f"weight x {factor:.3g} (reputation {score:.3g} below "
+                               f"{self.floor})"))
         return None
 
 

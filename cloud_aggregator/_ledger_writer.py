@@ -82,8 +82,11 @@ class LedgerWriter:
 
     def pending(self, *, round_index: int, outcome: str, model_version: int,
                 prev_model: str, model: str, aggregate: RoundAggregate, stream: int,
-                selected: Sequence[str] | None, optimizer: Any, strategy: Any
-                ) -> PendingEntry:
+                selected: Sequence[str] | None, optimizer: Any, strategy: Any,
+                contribution_records: Sequence[Any] = ()) -> PendingEntry:
+        """The entry of a release; ``contribution_records``: the round's
+        ``ContributionRecord``s (the
+        ``contributions`` hook, when set, gives them instead)."""
         fleet = self._config.fleet
         added = list(aggregate.added)
         if self._config.secure_aggregation and not added:
@@ -94,7 +97,9 @@ class LedgerWriter:
                      if s.meta.get("secure")]
         refusals, more = self._recorder.refusals()
         records = [a.record(i) for i, a in enumerate(added)]
-        contributions: list[Any] | None = None
+        contributions: list[Any] | None = [
+            r.to_json() if hasattr(r, "to_json") else dict(r)
+            for r in contribution_records] or None
         if self.contributions is not None:
             try:
                 made = self.contributions(round_index, records)

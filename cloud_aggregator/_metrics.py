@@ -15,10 +15,13 @@ import logging
 import math
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from cloud_aggregator._contribution import ContributionRecord, parse_records
+from cloud_aggregator._errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +50,38 @@ class RoundMetrics:
     emulated_total_s: float = 0.0
     wall_s: float = 0.0
     update_norm: float | None = None
+    alignment_mean: float | None = None
+    """Mean consensus cosine of the round's updates (``_contribution``)."""
+    alignment_min: float | None = None
+    devices_distrusted: int = 0
+    """Devices whose reputation is below ``reputation_floor`` after this round."""
+    contributions: tuple[ContributionRecord, ...] = ()
+    """Each counted device's weight share, cosine and marginal in this aggregate."""
+    screened: tuple[str, ...] = ()
+    """Devices a screen refused an update of in this round (``SCREEN_CODES``)."""
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         for key, value in out.items():
             if isinstance(value, float) and not math.isfinite(value):
                 out[key] = None
+        out["contributions"] = [r.to_json() for r in self.contributions]
+        out["screened"] = list(self.screened)
         return out
+
+    @classmethod
+    def from_json(cls, data: Any) -> RoundMetrics:
+        """``to_json``'s output back (keys this version does not know are ignored)."""
+        if not isinstance(data, dict):
+            raise StoreError(f"round metrics are an object, not {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["contributions"] = parse_records(values.get("contributions") or ())
+        values["screened"] = tuple(str(d) for d in values.get("screened") or ())
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise StoreError(f"round metrics are malformed: {exc}") from exc
 
 
 class MetricsLog:

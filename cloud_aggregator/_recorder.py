@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from broker_bridge import UpdateMeta
+from cloud_aggregator._contribution import SCREEN_CODES
 from cloud_aggregator._errors import AggregatorError
 from cloud_aggregator._evaluate import EvalResult, ServerEvaluator, federated_eval
 from cloud_aggregator._ledger import MAX_REJECTED, Rejected
@@ -43,6 +44,7 @@ class _Running:
     bytes_down0: int = 0
     train_loss_sum: float = 0.0
     train_samples: float = 0.0
+    screened: dict[str, None] = field(default_factory=dict)
 
 
 class RoundRecorder:
@@ -67,15 +69,18 @@ class RoundRecorder:
         self._running = _Running(bytes_up0=snap["bytes_up"], bytes_down0=snap["bytes_down"])
         self._fed = []
 
-    def rejected(self, *, device: str = "", round: int = 0, attempt: int = 0,
-                 reason: str = "") -> None:
-        """An update was refused: counted, and the first ``MAX_REJECTED`` of the round
-        listed for its training-ledger entry (kept in memory: a restart forgets those of
-        the open round)."""
+    def rejected(self, device: str | None = None, code: str = "", *, round: int = 0,
+                 attempt: int = 0) -> None:
+        """An update was refused; a screen's refusal (``SCREEN_CODES``) also names the
+        device in the round's ``screened`` (its reputation hears of it). The first
+        ``MAX_REJECTED`` of the round are listed for its training-ledger entry (kept in
+        memory: a restart forgets those of the open round)."""
         self._running.rejected += 1
+        if device is not None and code in SCREEN_CODES:
+            self._running.screened[device] = None
         if len(self._running.refusals) < MAX_REJECTED:
-            self._running.refusals.append(Rejected(device=device, round=round,
-                                                   attempt=attempt, reason=reason))
+            self._running.refusals.append(Rejected(device=device or "", round=round,
+                                                   attempt=attempt, reason=code))
 
     def refusals(self) -> tuple[list[Rejected], int]:
         """The refusals listed since ``begin``, and how many more were only counted."""
@@ -103,7 +108,7 @@ class RoundRecorder:
         return replace(
             metrics, updates_rejected=run.rejected,
             fed_accuracy=fed.accuracy if fed else None, fed_loss=fed.loss if fed else None,
-            train_loss=train_loss,
+            train_loss=train_loss, screened=(*metrics.screened, *run.screened),
             bytes_up=snap["bytes_up"] - run.bytes_up0,
             bytes_down=snap["bytes_down"] - run.bytes_down0,
             emulated_total_s=emulated_total_s,
@@ -156,6 +161,8 @@ class RoundRecorder:
         c.set("loss", metrics.loss)
         c.set("federated_accuracy", metrics.fed_accuracy)
         c.set("round_devices_reported", metrics.devices_reported)
+        c.set("round_alignment_mean", metrics.alignment_mean)
+        c.set("devices_distrusted", metrics.devices_distrusted)
 
     def written(self, metrics: RoundMetrics) -> bool:
         """Whether the metrics line of that round and outcome is among the last ones."""
@@ -166,8 +173,8 @@ class RoundRecorder:
         """Write the metrics line of a round whose checkpoint was saved but whose line
         was not (the process stopped in between)."""
         try:
-            metrics = RoundMetrics(**pending)
-        except TypeError as exc:
+            metrics = RoundMetrics.from_json(pending)
+        except StoreError as exc:
             raise StoreError(f"pending metrics in {self._store.path} are malformed: {exc}") from exc
         if not self.written(metrics):
             log.info("writing the metrics of round %d, interrupted by a stop", metrics.round)

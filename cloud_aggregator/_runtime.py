@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,7 @@ from cloud_aggregator._events import (
     Subscriber,
 )
 from cloud_aggregator._fedbuff import FedBuff
+from cloud_aggregator._history import DeviceHistory
 from cloud_aggregator._identity import KeyBook, VerifySignature
 from cloud_aggregator._ingest import (
     BoundWeight,
@@ -80,6 +82,7 @@ from cloud_aggregator._ingest import (
     IngestPipeline,
     IngestStage,
     Journal,
+    ReputationWeight,
     Screen,
     Unpack,
     Validate,
@@ -235,6 +238,9 @@ class Aggregator:
         use_history = getattr(self.policy, "use_history", None)
         if use_history is not None:  # the registry's record of each device, not a copy
             use_history(self.registry.history)
+        if getattr(self.policy, "min_reputation", None) is None and hasattr(
+                self.policy, "min_reputation"):
+            self.policy.min_reputation = config.reputation_floor
         self.num_classes = output_classes(self.model.directory / MODEL_NAME,
                                           loss=self.model.info.loss)
         if evaluator is None and config.eval_data is not None:
@@ -282,6 +288,8 @@ class Aggregator:
             collections.deque())
         self._failed: str | None = None
         self._last_status = time.monotonic()
+        self._unsaved_histories: dict[str, DeviceHistory] = {}
+        """Device records changed by releases not yet saved (``_take_histories``)."""
         self._unsaved_from: int | None = None
         """The first journal stream released into a model not checkpointed yet."""
         self._unsaved: tuple[RoundMetrics, bytes] | None = None
@@ -310,6 +318,8 @@ class Aggregator:
                    model_norm=lambda: l2_norm(self.state.params)),
             BoundWeight(weights=self.weights, epochs=cfg.local_epochs,
                         batch_size=cfg.batch_size, announced=self._announced),
+            ReputationWeight(reputation=lambda d: self.registry.history.get(d).reputation,
+                             floor=cfg.reputation_floor),
         ]
         return IngestPipeline(stages)
 
@@ -621,7 +631,15 @@ class Aggregator:
         re-derives it (``FedBuff.resume``). Its model is checkpointed at most every
         ``checkpoint_every_s`` (``_save_model``), which drops the streams it came from and
         appends the ledger entries of the releases since the last checkpoint.
+        The devices' contributions and standing (``DeviceHistory``) change here and are
+        saved with the next checkpoint or abandoned round, in its transaction: a release
+        re-derived after a restart changes them again from what was saved.
         """
+        history = self.registry.history
+        histories = history.contributed(metrics.contributions, metrics.screened)
+        history.apply(histories)  # the registry's batches never write the standing
+        self._unsaved_histories.update(histories)
+        metrics = replace(metrics, devices_distrusted=self._distrusted())
         entry: PendingEntry | None = None
         new_sha = model_sha256(params) if params is not None else self._model_sha
         if aggregate is not None:
@@ -632,7 +650,7 @@ class Aggregator:
                 model_version=self.state.version + (1 if params is not None else 0),
                 prev_model=self._model_sha, model=new_sha, aggregate=aggregate,
                 stream=stream, selected=selected, optimizer=self.state.optimizer,
-                strategy=self.strategy)
+                strategy=self.strategy, contribution_records=metrics.contributions)
         if params is not None:
             self.state.params = params
             self.state.version += 1
@@ -654,6 +672,7 @@ class Aggregator:
             self.store.close_round(fleet=self.fleet, round_index=close_round, state="abandoned",
                                    states={STATE_BLOB: self.learned.to_bytes(),
                                            PENDING_METRICS: RoundRecorder.pending_blob(metrics)},
+                                   histories=self._take_histories(),
                                    ledger=[entry] if entry is not None else [])
             if entry is not None and entry.appended is not None:
                 self.trail.publish(entry.appended)
@@ -682,7 +701,8 @@ class Aggregator:
         try:
             self.store.save_checkpoint(
                 fleet=self.fleet, model_version=self.state.version, params=self.state.params,
-                states=states, close_round=close_round, drop_streams=drop, ledger=entries)
+                states=states, close_round=close_round, drop_streams=drop,
+                histories=self._take_histories(), ledger=entries)
         except BaseException:
             self._unsaved_entries = entries + self._unsaved_entries
             raise
@@ -699,6 +719,21 @@ class Aggregator:
         if self._unsaved is not None:
             metrics, learned = self._unsaved
             self._save_model(metrics, learned=learned)
+
+    def _take_histories(self) -> dict[str, DeviceHistory]:
+        """The records of the devices releases changed since the last save, as they are
+        now (their standing changes only at releases: it is the last release's), and
+        forget them."""
+        taken, self._unsaved_histories = self._unsaved_histories, {}
+        history = self.registry.history
+        return {d: history.get(d) for d in taken}
+
+    def _distrusted(self) -> int:
+        """Devices whose reputation is below the floor."""
+        floor = self.config.reputation_floor
+        history = self.registry.history
+        return 0 if floor is None else sum(1 for d in history
+                                           if history.get(d).reputation < floor)
 
     # ------------------------------------------------------------------ status
 

@@ -109,9 +109,15 @@ class BasePolicy:
     device has taught us), ``participations``, ``loss``, ``samples`` and
     ``last_round``, react in ``on_feedback``, and persist its own learning through
     ``extra_state``/``load_extra`` (JSON-able values).
+
+    ``min_reputation`` (the aggregator sets it from ``reputation_floor``): candidates
+    whose history's ``reputation`` is below it are left out of ``choose`` while at least
+    ``k`` others remain; when fewer do, the best-reputed of them fill up to ``k``
+    (an excluded device is asked again only when the fleet is short of trusted ones).
     """
 
     name = "base"
+    min_reputation: float | None = None
 
     def __init__(self, *, corrections: CorrectionEstimator | None = None,
                  history: FleetHistory | None = None) -> None:
@@ -149,8 +155,8 @@ class BasePolicy:
             return []
         generator = rng if rng is not None else np.random.default_rng(round_index)
         chosen = self.choose(
-            list(candidates), k, round_index=round_index, deadline_s=deadline_s, rng=generator
-        )
+            self.trusted(candidates, k), k, round_index=round_index, deadline_s=deadline_s,
+            rng=generator)
         by_id = {c.device_id: c for c in candidates}
         for device_id in chosen:
             self._pending[device_id] = (by_id[device_id].predicted_duration_s, deadline_s)
@@ -211,6 +217,21 @@ class BasePolicy:
             self.load_extra(state)
         except (TypeError, ValueError, IndexError, KeyError) as exc:
             raise ConfigError(f"saved selection state is malformed: {exc}") from exc
+
+    def trusted(self, candidates: Sequence[Candidate], k: int) -> list[Candidate]:
+        """``candidates`` without those below ``min_reputation`` while ``k`` remain
+        (see the class doc); order kept."""
+        floor = self.min_reputation
+        if floor is None:
+            return list(candidates)
+        score = {c.device_id: self.history.get(c.device_id).reputation for c in candidates}
+        kept = [c for c in candidates if score[c.device_id] >= floor]
+        if len(kept) >= k or len(kept) == len(candidates):
+            return kept
+        others = sorted((c for c in candidates if score[c.device_id] < floor),
+                        key=lambda c: -score[c.device_id])
+        back = {c.device_id for c in others[:k - len(kept)]}
+        return [c for c in candidates if c.device_id in back or score[c.device_id] >= floor]
 
     # -- helpers for subclasses ----------------------------------------------------
 

@@ -37,7 +37,7 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,13 +47,28 @@ import numpy.typing as npt
 
 from broker_bridge import atomic_write
 from cloud_aggregator._errors import CheckpointCorrupt, SchemaTooNew, StoreError
+from cloud_aggregator._history import DeviceHistory
 from cloud_aggregator._ledger import PendingEntry
-from cloud_aggregator._store_devices import DeviceTables, _json, _now, migrate_v2
+from cloud_aggregator._store_devices import (
+    DeviceTables,
+    _json,
+    _now,
+    migrate_v2,
+    migrate_v4,
+    put_histories,
+)
 from cloud_aggregator._store_keys import KeyTables, migrate_v3
-from cloud_aggregator._store_ledger import LedgerTables, append_tx, migrate_v4
+from cloud_aggregator._store_ledger import LedgerTables, append_tx, migrate_v5
 from device_profiles._errors import ConfigError
 
-SCHEMA_VERSION = 4
+MIGRATIONS: tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...] = (
+    (2, migrate_v2),
+    (3, migrate_v3),
+    (4, migrate_v4),
+    (5, migrate_v5),
+)
+"""Each step brings a store to its version inside one transaction, in order."""
+SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 # --------------------------------------------------------------------------- records
@@ -327,9 +342,8 @@ class Store(DeviceTables, KeyTables, LedgerTables):
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
-                migrate_v2(conn)  # a new store is a version-1 store brought up to date
-                migrate_v3(conn)
-                migrate_v4(conn)
+                for _, step in MIGRATIONS:  # a new store is a version-1 store brought up
+                    step(conn)
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
                 return
             (version,) = conn.execute("SELECT max(version) FROM schema_version").fetchone()
@@ -340,18 +354,11 @@ class Store(DeviceTables, KeyTables, LedgerTables):
                 f"{self._path} has schema version {version}; this fleetlearn reads up to "
                 f"{SCHEMA_VERSION}. Upgrade fleetlearn (the store is never downgraded)."
             )
-        if version < 2:  # each migration commits with its version, or not at all
-            with self._write() as conn:
-                migrate_v2(conn)
-                conn.execute("INSERT INTO schema_version (version) VALUES (2)")
-        if version < 3:
-            with self._write() as conn:
-                migrate_v3(conn)
-                conn.execute("INSERT INTO schema_version (version) VALUES (3)")
-        if version < 4:
-            with self._write() as conn:
-                migrate_v4(conn)
-                conn.execute("INSERT INTO schema_version (version) VALUES (4)")
+        for target, step in MIGRATIONS:  # each commits with its version, or not at all
+            if version < target:
+                with self._write() as conn:
+                    step(conn)
+                    conn.execute("INSERT INTO schema_version (version) VALUES (?)", (target,))
 
     def schema_version(self) -> int:
         return int(self._read("SELECT max(version) FROM schema_version")[0][0])
@@ -408,10 +415,12 @@ class Store(DeviceTables, KeyTables, LedgerTables):
         state: Literal["closed", "abandoned"] = "closed",
         ended_at: float | None = None,
         states: Mapping[str, bytes] | None = None,
+        histories: Mapping[str, DeviceHistory] | None = None,
         ledger: Sequence[PendingEntry] = (),
     ) -> None:
-        """Close (or abandon) an open round and drop its bodies;
-        ``states`` and the ``ledger`` entries are written in the same transaction."""
+        """Close (or abandon) an open round and drop its bodies; ``states``, the
+        devices' ``histories`` and the ``ledger`` entries are written in the same
+        transaction."""
         when = _now(ended_at)
         with self._write() as conn:
             for entry in ledger:  # before the journal rows it keeps go
@@ -419,6 +428,7 @@ class Store(DeviceTables, KeyTables, LedgerTables):
             self._close_round_tx(conn, fleet, round_index, state, when)
             for name, body in (states or {}).items():
                 _put_state(conn, name, body, when)
+            put_histories(conn, histories or {})
 
     @staticmethod
     def _close_round_tx(
@@ -653,12 +663,14 @@ class Store(DeviceTables, KeyTables, LedgerTables):
         states: Mapping[str, bytes] | None = None,
         close_round: int | None = None,
         drop_streams: range | None = None,
+        histories: Mapping[str, DeviceHistory] | None = None,
         ledger: Sequence[PendingEntry] = (),
         at: float | None = None,
     ) -> CheckpointRecord:
         """Write the global model durably, then record it in one transaction.
 
-        The same transaction stores ``states`` (e.g. the server optimizer's bytes) and,
+        The same transaction stores ``states`` (e.g. the server optimizer's bytes), the
+        devices' ``histories`` the round changed (their contributions and standing) and,
         with ``close_round``, closes that round: after a crash the store either shows
         the round open with the previous model, or closed with this one. ``drop_streams``:
         the journal streams (FedBuff buffers) this model was derived from, dropped in the
@@ -700,6 +712,7 @@ class Store(DeviceTables, KeyTables, LedgerTables):
             if drop_streams:  # FedBuff buffers released into this model
                 conn.execute("DELETE FROM round_updates WHERE fleet = ? AND round >= ?"
                              " AND round < ?", (fleet, drop_streams.start, drop_streams.stop))
+            put_histories(conn, histories or {})
         return record
 
     def checkpoint(

@@ -10,7 +10,10 @@ keeps and the selection policies read. Both are written in the registry's batche
 
 Schema version 2 introduced ``device_history`` and the hello columns; ``migrate_v2``
 moves a version-1 store's per-device JSON blobs and its per-device counters (kept by
-the round transactions then) into them.
+the round transactions then) into them. Version 4 (``migrate_v4``) adds what a device
+contributed and its standing (``_contribution``) to ``device_history``; those columns
+are written in the transaction of the release that changed them (``put_histories``),
+not in the registry's advisory batches only.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from cloud_aggregator._contribution import Standing
 from cloud_aggregator._errors import StoreError
 from cloud_aggregator._history import MAX_DURATIONS, DeviceHistory
 
@@ -46,6 +50,27 @@ CREATE TABLE device_history (
 """
 """Statements from schema version 1 to 2 (the legacy counters ``rounds_selected``,
 ``updates_accepted`` and ``missed_deadlines`` of ``devices`` stay, unused)."""
+
+MIGRATION_V4 = """
+ALTER TABLE device_history ADD COLUMN contributions INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE device_history ADD COLUMN weight_total REAL NOT NULL DEFAULT 0;
+ALTER TABLE device_history ADD COLUMN marginal_total REAL;
+ALTER TABLE device_history ADD COLUMN alignment_sum REAL NOT NULL DEFAULT 0;
+ALTER TABLE device_history ADD COLUMN alignment_weight REAL NOT NULL DEFAULT 0;
+ALTER TABLE device_history ADD COLUMN refusal_sum REAL NOT NULL DEFAULT 0;
+ALTER TABLE device_history ADD COLUMN refusal_weight REAL NOT NULL DEFAULT 0
+"""
+"""Statements from schema version 3 to 4: contributions and standing (a device starts
+with none, so nothing is carried over)."""
+
+
+def migrate_v4(conn: sqlite3.Connection) -> None:
+    """Schema 3 -> 4 inside the caller's transaction (a self-contained step: it needs
+    only ``device_history`` as version 2 made it)."""
+    for statement in MIGRATION_V4.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
 
 _OLD_BLOB = "device:"
 
@@ -88,7 +113,9 @@ class DeviceRow:
 _SELECT = (
     "SELECT d.device_id, d.profile, d.last_seen, d.online, d.eligible, d.reasons,"
     " d.num_samples, d.artifacts_hash, d.model_versions, d.hello_seen, h.selections,"
-    " h.completions, h.misses, h.last_round, h.last_loss, h.reported_samples, h.durations"
+    " h.completions, h.misses, h.last_round, h.last_loss, h.reported_samples, h.durations,"
+    " h.contributions, h.weight_total, h.marginal_total, h.alignment_sum, h.alignment_weight,"
+    " h.refusal_sum, h.refusal_weight"
     " FROM devices d LEFT JOIN device_history h ON h.device_id = d.device_id"
 )
 
@@ -127,7 +154,9 @@ class DeviceTables:
                    " hello_seen = excluded.hello_seen")
         with_profile = [_device_params(r) for r in rows if r.profile is not None]
         without = [_device_params(r) for r in rows if r.profile is None]
-        histories = [_history_params(r.device_id, r.history) for r in rows
+        # The registry's batches are advisory: they never write what a device contributed
+        # or its standing, which only a release's transaction does (``put_histories``).
+        histories = [_history_params(r.device_id, r.history)[:8] for r in rows
                      if r.history is not None]
         with self._write() as conn:
             if with_profile:
@@ -135,7 +164,7 @@ class DeviceTables:
             if without:
                 conn.executemany(columns, without)
             if histories:
-                conn.executemany(_HISTORY_UPSERT, histories)
+                conn.executemany(_HISTORY_V2_UPSERT, histories)
 
     def mark_seen(self, device_id: str, *, online: bool, at: float | None = None) -> bool:
         """Record presence (status message or last will); False for an unknown device."""
@@ -153,6 +182,16 @@ class DeviceTables:
     def devices(self, *, online_only: bool = False) -> list[DeviceRecord]:
         where = " WHERE d.online = 1" if online_only else ""
         return [_record(r) for r in self._read(_SELECT + where + " ORDER BY d.device_id")]
+
+
+def put_histories(conn: sqlite3.Connection, histories: Mapping[str, DeviceHistory]) -> None:
+    """Upsert ``histories`` (and an empty device row where none exists yet) in ``conn``'s
+    open transaction."""
+    if not histories:
+        return
+    conn.executemany("INSERT INTO devices (device_id, profile) VALUES (?, '{}')"
+                     " ON CONFLICT (device_id) DO NOTHING", [(d,) for d in histories])
+    conn.executemany(_HISTORY_UPSERT, [_history_params(d, h) for d, h in histories.items()])
 
 
 def migrate_v2(conn: sqlite3.Connection) -> None:
@@ -197,20 +236,38 @@ def migrate_v2(conn: sqlite3.Connection) -> None:
 
 _HISTORY_UPSERT = (
     "INSERT INTO device_history (device_id, selections, completions, misses, last_round,"
+    " last_loss, reported_samples, durations, contributions, weight_total, marginal_total,"
+    " alignment_sum, alignment_weight, refusal_sum, refusal_weight)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (device_id) DO UPDATE SET selections = excluded.selections,"
+    " completions = excluded.completions, misses = excluded.misses,"
+    " last_round = excluded.last_round, last_loss = excluded.last_loss,"
+    " reported_samples = excluded.reported_samples, durations = excluded.durations,"
+    " contributions = excluded.contributions, weight_total = excluded.weight_total,"
+    " marginal_total = excluded.marginal_total, alignment_sum = excluded.alignment_sum,"
+    " alignment_weight = excluded.alignment_weight, refusal_sum = excluded.refusal_sum,"
+    " refusal_weight = excluded.refusal_weight")
+_HISTORY_V2_UPSERT = (
+    "INSERT INTO device_history (device_id, selections, completions, misses, last_round,"
     " last_loss, reported_samples, durations) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (device_id) DO UPDATE SET selections = excluded.selections,"
     " completions = excluded.completions, misses = excluded.misses,"
     " last_round = excluded.last_round, last_loss = excluded.last_loss,"
     " reported_samples = excluded.reported_samples, durations = excluded.durations")
+"""The version-2 columns: what ``migrate_v2`` (which runs before ``migrate_v4``) and the
+registry's advisory batches write."""
 
 
 def _history_params(device_id: str, h: DeviceHistory) -> tuple[Any, ...]:
+    s = h.standing
     return (device_id, h.selections, h.completions, h.misses, h.last_round, h.last_loss,
-            h.reported_samples, json.dumps(list(h.durations)))
+            h.reported_samples, json.dumps(list(h.durations)), h.contributions,
+            h.weight_total, h.marginal_total, s.alignment_sum, s.alignment_weight,
+            s.refusal_sum, s.refusal_weight)
 
 
 def _put_history(conn: sqlite3.Connection, device_id: str, h: DeviceHistory) -> None:
-    conn.execute(_HISTORY_UPSERT, _history_params(device_id, h))
+    conn.execute(_HISTORY_V2_UPSERT, _history_params(device_id, h)[:8])
 
 
 def _device_params(row: DeviceRow) -> tuple[Any, ...]:
@@ -223,12 +280,17 @@ def _device_params(row: DeviceRow) -> tuple[Any, ...]:
 def _record(row: tuple[Any, ...]) -> DeviceRecord:
     (device_id, profile, last_seen, online, eligible, reasons, num_samples, artifacts_hash,
      versions, hello_seen, selections, completions, misses, last_round, last_loss, reported,
-     durations) = row
+     durations, contributions, weight_total, marginal_total, a_sum, a_weight, r_sum,
+     r_weight) = row
     try:
         history = DeviceHistory() if selections is None else DeviceHistory(
             selections=int(selections), completions=int(completions), misses=int(misses),
             last_round=last_round, last_loss=last_loss, reported_samples=reported,
-            durations=tuple(float(x) for x in json.loads(durations))[-MAX_DURATIONS:])
+            durations=tuple(float(x) for x in json.loads(durations))[-MAX_DURATIONS:],
+            contributions=int(contributions), weight_total=float(weight_total),
+            marginal_total=_float_or_none(marginal_total),
+            standing=Standing(alignment_sum=float(a_sum), alignment_weight=float(a_weight),
+                              refusal_sum=float(r_sum), refusal_weight=float(r_weight)))
         return DeviceRecord(
             device_id=device_id, profile=json.loads(profile), last_seen=last_seen,
             online=bool(online), eligible=bool(eligible),

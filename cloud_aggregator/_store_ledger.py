@@ -8,7 +8,7 @@ README). ``append_tx`` runs inside the transaction that writes the checkpoint or
 the round (``Store.save_checkpoint`` / ``close_round``), so an entry commits with its
 model or not at all.
 
-Schema version 4 introduced both tables (``migrate_v4``, self-contained).
+Schema version 5 introduced both tables (``migrate_v5``, self-contained).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from cloud_aggregator._ledger import (
     split_lines,
 )
 
-MIGRATION_V4 = """
+MIGRATION_V5 = """
 CREATE TABLE ledger_entries (
     fleet        TEXT    NOT NULL,
     idx          INTEGER NOT NULL,
@@ -54,9 +54,9 @@ CREATE TABLE ledger_bodies (
 """
 
 
-def migrate_v4(conn: sqlite3.Connection) -> None:
-    """Schema version 3 -> 4: the ledger tables (nothing to move)."""
-    for statement in MIGRATION_V4.split(";"):
+def migrate_v5(conn: sqlite3.Connection) -> None:
+    """Schema version 4 -> 5: the ledger tables (nothing to move)."""
+    for statement in MIGRATION_V5.split(";"):
         if statement.strip():
             conn.execute(statement)
 

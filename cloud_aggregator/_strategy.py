@@ -30,6 +30,7 @@ Strategies use the runtime only through ``StrategyContext``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -41,6 +42,7 @@ from broker_bridge import Ack, AckCode, ErrorReport, Hello, Layout, Message
 from cloud_aggregator._aggregate import RoundAggregate
 from cloud_aggregator._answers import Answer, AttemptLedger, after_round
 from cloud_aggregator._config import AggregatorConfig
+from cloud_aggregator._contribution import summary
 from cloud_aggregator._errors import AggregatorError
 from cloud_aggregator._events import Event
 from cloud_aggregator._ingest import Rejection, UpdateItem
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
     from cloud_aggregator._selection import SelectionPolicy
 
 F32 = npt.NDArray[np.float32]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,28 @@ class StrategyContext:
 
     def new_aggregate(self, capacity: int) -> RoundAggregate:
         return RoundAggregate(size=self.layout.size, robust=self.config.robust_config(),
-                              capacity=capacity, max_bytes=self.config.robust_max_bytes)
+                              capacity=capacity, max_bytes=self.config.robust_max_bytes,
+                              keep_exact=self.config.contribution_marginal)
+
+    def contributions(self, aggregate: RoundAggregate, round_index: int,
+                      delta: F32) -> dict[str, Any]:
+        """``RoundMetrics`` fields for what each device contributed to ``aggregate``
+        (its result ``delta``): the records, with marginals when configured and an
+        evaluator is at hand, and the round's mean and lowest cosine."""
+        marginals = None
+        evaluator = self.recorder.evaluator
+        if self.config.contribution_marginal and evaluator is not None:
+            try:
+                marginals = aggregate.log.marginals(
+                    aggregate=delta, params=self.model.params,
+                    accuracy=lambda p: evaluator.evaluate(p).accuracy)
+            except AggregatorError as exc:
+                log.error("round %d: marginal contributions not measured: %s", round_index,
+                          exc)
+        records = aggregate.records(round_index, marginals=marginals)
+        stats = summary(records)
+        return {"contributions": records, "alignment_mean": stats["mean"],
+                "alignment_min": stats["min"]}
 
     def journal(self, stream: int) -> Iterator[StoredUpdate]:
         """The journaled updates of ``stream``, in acceptance order (for ``resume``)."""

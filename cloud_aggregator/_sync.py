@@ -219,15 +219,17 @@ class SyncRounds(StrategyBase):
         pending = rnd.pending()
         delta: F32 | None = None
         new_params: F32 | None = None
+        parts: dict[str, Any] = {}
         if decision is Decision.CLOSE:
             try:
                 self._judge_deferred(index, agg)
                 delta = self._round_delta(agg)
+                parts = ctx.contributions(agg, index, delta)
                 new_params = self.combine(ctx.model.params, delta)
             except AggregatorError as exc:
                 log.error("round %d cannot be applied (%s): abandoning it", index, exc)
                 decision, reason = Decision.ABANDON, f"not applicable: {exc}"
-                new_params = None
+                new_params, parts = None, {}
         if new_params is None:
             self._list_deferred(index, agg)
         ctx.screen.thaw()
@@ -249,6 +251,7 @@ class SyncRounds(StrategyBase):
             devices_dropped=len(outcome.missed), devices_declined=len(outcome.declined),
             emulated_s=outcome.emulated_s, wall_s=outcome.wall_s,
             update_norm=float(np.linalg.norm(delta)) if delta is not None else None,
+            **parts,
         ))
         self._open = None
         ctx.release(params=new_params, metrics=metrics, close_round=index, aggregate=agg,
@@ -287,8 +290,8 @@ class SyncRounds(StrategyBase):
                          d.device, index, d.norm, d.norm * scale)
                 values = values * np.float32(scale)
             agg.add(Contribution(indices=indices, values=values, weight=weight,
-                                 norm=d.norm * scale, source=stored_source(stored),
-                                 cut=scale))
+                                 norm=d.norm * scale, device=d.device,
+                                 source=stored_source(stored), cut=scale))
             ctx.screen.accepted(d.norm * scale)
             ctx.weights.accepted(weight)
         self._open.deferred = []
@@ -600,7 +603,7 @@ def replay(ctx: StrategyContext, stream: int, *, where: str) -> Iterator[Replaye
         if decoded is not None:
             contribution = Contribution(indices=decoded[0], values=decoded[1], weight=weight,
                                         norm=norm, scale=float(stored.meta.get("scale", 1.0)),
-                                        source=stored_source(stored))
+                                        device=device, source=stored_source(stored))
             ctx.screen.accepted(norm)
             ctx.weights.accepted(weight)
         ctx.planner.observe_body(len(codec_body))

@@ -2,8 +2,10 @@
 
 Input is the list of per-round records the simulation collected (plain dicts with
 ``round``, ``accuracy``, ``emulated_time_s`` (cumulative), ``bytes_up``,
-``bytes_up_dense``, ``selected``, ``reported``, ``dropped``) and per-profile
-participation counts. Plots use matplotlib's Agg backend (no display needed).
+``bytes_up_dense``, ``selected``, ``reported``, ``dropped``, and each device's
+``contributions`` to the round: weight share, consensus cosine, marginal), per-profile
+participation counts and each device's final reputation (with whether the simulation
+made it Byzantine). Plots use matplotlib's Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -110,6 +112,88 @@ def write_plots(
     return paths
 
 
+def reputation_summary(reputation: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Per group (``byzantine``, ``honest``): devices, mean and lowest reputation, how
+    many ended below the floor, and the group's share of all the weight the aggregates
+    gave (its devices' weight shares added up, over every device's)."""
+    total = sum(float(r.get("weight_total", 0.0)) for r in reputation.values())
+    out: dict[str, Any] = {}
+    for group, byz in (("byzantine", True), ("honest", False)):
+        rows = [r for r in reputation.values() if bool(r.get("byzantine")) is byz]
+        if not rows:
+            continue
+        scores = [float(r["reputation"]) for r in rows]
+        out[group] = {
+            "devices": len(rows),
+            "mean_reputation": round(sum(scores) / len(scores), 4),
+            "min_reputation": round(min(scores), 4),
+            "distrusted": sum(1 for r in rows if r.get("distrusted")),
+            "weight_share": (round(sum(float(r.get("weight_total", 0.0)) for r in rows)
+                                   / total, 4) if total > 0 else None),
+        }
+    return out
+
+
+def write_reputation_plot(out_dir: Path, rounds: Sequence[Mapping[str, Any]],
+                          reputation: Mapping[str, Mapping[str, Any]], *,
+                          floor: float | None) -> list[Path]:
+    """``reputation.png``: each device's final reputation (Byzantine ones in red), and
+    per round the weight share the aggregate gave Byzantine devices and the mean
+    consensus cosine of honest and Byzantine updates."""
+    if not reputation:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    ranked = sorted(reputation.items(), key=lambda kv: kv[1]["reputation"])
+    colors = ["tab:red" if r["byzantine"] else "tab:blue" for _, r in ranked]
+    xs_rank = list(range(len(ranked)))
+    axes[0].bar(xs_rank, [r["reputation"] for _, r in ranked], color=colors, alpha=0.5)
+    axes[0].scatter(xs_rank, [r["reputation"] for _, r in ranked], color=colors, s=12,
+                    zorder=3)  # a reputation of 0 has no bar: the dot shows it
+    if floor is not None:
+        axes[0].axhline(floor, color="black", linestyle="--", linewidth=1,
+                        label=f"floor {floor:g}")
+        axes[0].legend(loc="lower right")
+    axes[0].set_xlabel("devices, by reputation (red: Byzantine)")
+    axes[0].set_ylabel("reputation")
+    axes[0].set_ylim(0, 1.05)
+    axes[0].set_title("final reputation per device")
+
+    byzantine = {d for d, r in reputation.items() if r["byzantine"]}
+    xs, share, cos_honest, cos_byz = [], [], [], []
+    for r in rounds:
+        records = r.get("contributions") or []
+        if not records:
+            continue
+        xs.append(r["round"])
+        share.append(100 * sum(c["weight"] for c in records if c["device"] in byzantine))
+        honest = [c["cosine"] for c in records
+                  if c["device"] not in byzantine and c["cosine"] is not None]
+        byz = [c["cosine"] for c in records if c["device"] in byzantine and c["cosine"] is not None]
+        cos_honest.append(sum(honest) / len(honest) if honest else float("nan"))
+        cos_byz.append(sum(byz) / len(byz) if byz else float("nan"))
+    ax = axes[1]
+    ax.plot(xs, cos_honest, marker=".", color="tab:blue", label="cosine, honest")
+    if byzantine:
+        ax.plot(xs, cos_byz, marker="x", linestyle="none", color="tab:red",
+                label="cosine, Byzantine")
+        twin = ax.twinx()
+        twin.bar(xs, share, color="tab:red", alpha=0.25, label="Byzantine weight share")
+        twin.set_ylabel("Byzantine weight share (%)")
+        twin.set_ylim(0, 100)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean consensus cosine")
+    ax.set_ylim(-1, 1)
+    ax.axhline(0, color="gray", linewidth=0.5)
+    ax.legend(loc="lower left")
+    ax.set_title("contributions per round")
+    return [_save(fig, out_dir / "reputation.png")]
+
+
 def write_report(out_dir: Path, report: Mapping[str, Any]) -> Path:
     path = out_dir / "report.json"
     atomic_write(path, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
@@ -141,6 +225,14 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     if dense:
         lines.append(f"  uploaded {_human_bytes(up)} (dense float32 would be "
                      f"{_human_bytes(dense)}: {dense / max(up, 1):.1f}x less)")
+    groups = report.get("reputation_summary") or {}
+    for group in ("honest", "byzantine"):
+        g = groups.get(group) if "byzantine" in groups else None
+        if g:
+            share = g["weight_share"]
+            lines.append(f"  {group} devices ({g['devices']}): mean reputation "
+                         f"{g['mean_reputation']:.2f}, {g['distrusted']} below the floor, "
+                         + ("no weight" if share is None else f"{100 * share:.1f}% of the weight"))
     lines.append(f"  emulated fleet time {human_time(report.get('emulated_time_s', 0.0))}, "
                  f"wall time {human_time(report.get('wall_time_s', 0.0))}")
     return lines

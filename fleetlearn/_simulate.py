@@ -41,10 +41,12 @@ from edge_runtime._datasets import load_mnist1d
 from edge_runtime._fleet import Fleet, FleetConfig, summarise_ids, wait_until
 from fleetlearn._report import (
     human_time,
+    reputation_summary,
     summary_lines,
     time_to_accuracy,
     write_plots,
     write_report,
+    write_reputation_plot,
 )
 from fleetlearn._sim_config import DEFAULT_CODEC, SimConfig
 
@@ -205,6 +207,7 @@ def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False,
                                 enrolment=fleet.enrolment, **parts)
         fleet.pin_ledger_key(aggregator.trail.key.public_hex)  # proofs verify end to end
         dense_bytes = 4 * aggregator.layout.size
+        reputation: dict[str, dict[str, Any]] = {}
         try:
             aggregator.start()
             say(f"model: {cfg.model}, {aggregator.layout.size} parameters "
@@ -214,6 +217,7 @@ def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False,
             records = _drive(cfg, aggregator, fleet, say, dense_bytes, started)
         finally:
             participation = fleet.participation()
+            reputation = _reputation(aggregator, fleet, agg_cfg.reputation_floor)
             fleet.stop()
             aggregator.close()
             agg_transport.close()
@@ -243,12 +247,16 @@ def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False,
         "wall_time_s": wall,
         "abandoned_rounds": sum(1 for r in records if r["outcome"] == "abandoned"),
         "participation": participation,
+        "reputation": reputation,
+        "reputation_summary": reputation_summary(reputation),
         "rounds": records,
     }
     report_path = write_report(out_dir, report)
     plots = write_plots(out_dir, [r for r in records if r["outcome"] != "abandoned"],
                         {k: {"completed": v["completed"], "dropped": v["dropped"]}
                          for k, v in participation.items()})
+    plots += write_reputation_plot(out_dir, records, reputation,
+                                   floor=agg_cfg.reputation_floor)
     for line in summary_lines(report):
         say(line)
     say(f"  report: {report_path}")
@@ -332,6 +340,24 @@ def _between_rounds(aggregator: Aggregator, fleet: Fleet, say: _Printer) -> None
                     len(online - expected), len(expected - online))
 
 
+def _reputation(aggregator: Aggregator, fleet: Fleet,
+                floor: float | None) -> dict[str, dict[str, Any]]:
+    """Each device's contributions and reputation as the aggregator ends, and whether
+    the simulation made it Byzantine."""
+    history = aggregator.registry.history
+    out: dict[str, dict[str, Any]] = {}
+    for d in fleet.devices:
+        h = history.get(d.device_id)
+        out[d.device_id] = {
+            "byzantine": d.byzantine, "contributions": h.contributions,
+            "weight_total": round(h.weight_total, 6),
+            "marginal_total": _num(h.marginal_total), "alignment": round(h.alignment, 6),
+            "refusal_rate": round(h.refusal_rate, 6), "reputation": round(h.reputation, 6),
+            "distrusted": floor is not None and h.reputation < floor,
+        }
+    return out
+
+
 def _record(m: RoundMetrics, dense_bytes: int) -> dict[str, Any]:
     return {
         "round": m.round, "model_version": m.model_version, "outcome": m.outcome,
@@ -342,6 +368,8 @@ def _record(m: RoundMetrics, dense_bytes: int) -> dict[str, Any]:
         "bytes_up": m.bytes_up, "bytes_up_dense": m.devices_reported * dense_bytes,
         "bytes_down": m.bytes_down, "emulated_round_s": m.emulated_s,
         "emulated_time_s": m.emulated_total_s, "wall_s": m.wall_s,
+        "alignment_mean": _num(m.alignment_mean), "devices_distrusted": m.devices_distrusted,
+        "screened": list(m.screened), "contributions": [r.to_json() for r in m.contributions],
     }
 
 

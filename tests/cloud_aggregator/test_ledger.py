@@ -460,14 +460,14 @@ def test_a_store_from_before_the_ledger_migrates_and_its_ledger_starts_there(
     agg = make(tmp_path, artifacts, broker, rounds=1)
     _sync_rounds(agg, fleet, 1)
     agg.close()
-    with _db(tmp_path) as conn:  # as a version-3 store (before the ledger) leaves it
+    with _db(tmp_path) as conn:  # as a version-4 store (before the ledger) leaves it
         conn.execute("DROP TABLE ledger_entries")
         conn.execute("DROP TABLE ledger_bodies")
-        conn.execute("UPDATE schema_version SET version = 3")
+        conn.execute("UPDATE schema_version SET version = 4")
     broker = MemoryBroker()
     fleet = devices(broker, 3)
     agg = make(tmp_path, artifacts, broker, rounds=3)
-    assert agg.store.schema_version() == 4 and agg.store.ledger_entries(FLEET) == []
+    assert agg.store.schema_version() == 5 and agg.store.ledger_entries(FLEET) == []
     _sync_rounds(agg, fleet, 2)
     entries = agg.store.ledger_entries(FLEET)
     assert [(e.index, e.round) for e in entries] == [(0, 2), (1, 3)]
@@ -549,3 +549,18 @@ def test_a_secure_round_keeps_its_masked_uploads_and_its_model_is_checked_as_rec
     data = ckpt.read_bytes()
     ckpt.write_bytes(_flip(data, len(data) - 1))  # the secure round's model changed
     assert _first_bad(tmp_path) == 0
+
+
+def test_the_rounds_contribution_records_are_in_its_entry(tmp_path: Path,
+                                                          artifacts: Path) -> None:
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=2)
+    _sync_rounds(agg, fleet, 2)
+    entries = agg.store.ledger_entries(FLEET)
+    for entry, metrics in zip(entries, agg.history, strict=True):
+        details = json.loads(entry.details)
+        assert details["contributions"] == [r.to_json() for r in metrics.contributions]
+        assert sorted(c["device"] for c in details["contributions"]) == ["d0", "d1", "d2"]
+    agg.close()
+    _ok(tmp_path)

@@ -39,7 +39,8 @@ def test_small_simulation_learns_and_same_seed_gives_same_curve(
     assert _curve(first) == _curve(second)
     assert report["bytes_up"] * 5 < report["bytes_up_dense"]  # the codec compresses
     assert first.report_path.exists()
-    assert {p.name for p in first.plots} == {"accuracy.png", "bytes.png", "participation.png"}
+    assert {p.name for p in first.plots} == {"accuracy.png", "bytes.png", "participation.png",
+                                            "reputation.png"}
     assert all(p.stat().st_size > 1000 for p in first.plots)
 
 
