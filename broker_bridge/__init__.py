@@ -43,6 +43,9 @@ Where things live:
 - ``_enrolment``: ``Enrolment``, ``EnrolmentError``, ``ENROLMENT_FILE`` (each device's
   public key, as the operator enrolled it).
 - ``_files``: ``atomic_write``, ``fsync_dir`` (crash-safe writes, used by every package).
+- ``_merkle``: RFC 6962 / 9162 Merkle trees (``leaf_hash``, ``root_hash``,
+  ``inclusion_path``, ``verify_inclusion``); ``_ledger_msg``: the training ledger on the
+  wire (``TreeHead``, ``InclusionProof``, ``check_inclusion``, ``tree_head_bytes``).
 """
 
 from broker_bridge._acks import IDENTITY, RETRYABLE, AckCode, ack_code, may_retry, reason_text
@@ -114,6 +117,22 @@ from broker_bridge._errors import (
 )
 from broker_bridge._files import atomic_write, fsync_dir
 from broker_bridge._layout import Layout
+from broker_bridge._ledger_msg import (
+    InclusionOutcome,
+    InclusionProof,
+    TreeHead,
+    check_inclusion,
+    ed25519_verify,
+    tree_head_bytes,
+)
+from broker_bridge._merkle import (
+    CompactTree,
+    inclusion_path,
+    inclusion_paths,
+    leaf_hash,
+    root_hash,
+    verify_inclusion,
+)
 from broker_bridge._model_msg import (
     ModelMeta,
     model_message,
@@ -161,6 +180,18 @@ from broker_bridge._transport import MemoryBroker, MemoryTransport, Transport, W
 from device_profiles import ConfigError, FleetlearnError
 
 __all__ = [
+    "InclusionOutcome",
+    "InclusionProof",
+    "TreeHead",
+    "check_inclusion",
+    "ed25519_verify",
+    "tree_head_bytes",
+    "CompactTree",
+    "inclusion_path",
+    "inclusion_paths",
+    "leaf_hash",
+    "root_hash",
+    "verify_inclusion",
     "AGGREGATOR_USER",
     "DEFAULT_MAX_PAYLOAD",
     "EMBEDDED_LIMITS",

@@ -10,7 +10,7 @@ Fixed header (64 bytes)::
       2   1  version        1
       3   1  kind           Kind (1 hello, 2 presence, 3 task, 4 update, 5 model,
                             6 artifacts, 7 ack, 8 cancel, 9 error, 10 eval, 11 control,
-                            12 secagg)
+                            12 secagg, 13 ledger, 14 proof)
       4   1  flags          0 (reserved; receivers ignore unknown bits)
       5   1  codec_len      length of the codec string (0-255)
       6   1  fleet_len      length of the fleet id (1-64)
@@ -78,6 +78,8 @@ class Kind(enum.IntEnum):
     EVAL = 10
     CONTROL = 11
     SECAGG = 12
+    LEDGER = 13
+    PROOF = 14
 
     @property
     def topic_name(self) -> str:

@@ -20,6 +20,7 @@ import types
 import typing
 from typing import Any
 
+from broker_bridge._ledger_msg import InclusionProof, TreeHead
 from broker_bridge._model_msg import ModelMeta
 from broker_bridge._payload import MAX_SAFE_INT, _Payload, rules_of
 from broker_bridge._protocol import (
@@ -50,6 +51,8 @@ MESSAGES: dict[str, type[_Payload]] = {
     "cancel": Cancel,
     "error": ErrorReport,
     "request": Request,
+    "tree_head": TreeHead,
+    "inclusion_proof": InclusionProof,
 }
 """Schema name -> payload class (``ModelMeta`` and ``UpdateMeta`` are the JSON prefixes
 of model and update bodies; ``Eligibility`` sits inside a hello)."""
@@ -67,6 +70,10 @@ WHERE = {
     "error": "body of an error report (kind 9, on .../up/error)",
     "request": "body of a control message (kind 11): a device's request on .../up/request, "
                "or the aggregator's roll call on broadcast/control",
+    "tree_head": "body of a ledger message (kind 12, retained, on broadcast/ledger): the "
+                 "training ledger's signed tree head",
+    "inclusion_proof": "body of a proof (kind 13, on .../down/proof): a counted update is in "
+                       "the training ledger",
 }
 
 

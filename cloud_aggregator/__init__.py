@@ -18,6 +18,10 @@ Where things live:
 - ``_robust``: ``RobustBuffer``/``RobustConfig``, clipping, median, trimmed mean, (multi-)Krum.
 - ``_store``: ``Store`` (SQLite: rounds, devices, update keys, checkpoints), ``StoreError``;
   ``_store_keys``: the keys devices were first seen with (trust on first use).
+- ``_ledger``: the verifiable training ledger (entries, the aggregator's signing key);
+  ``_store_ledger``: its tables; ``_ledger_writer``: what the runtime appends and
+  publishes; ``_ledger_verify``: ``verify_ledger``, ``LedgerReport`` (``fleetlearn
+  ledger verify``); ``_ledger_cli``: ``fleetlearn ledger verify|show|key``.
 - ``_config``: ``AggregatorConfig`` (frozen, parsed once), ``load_config`` (flags >
   environment > TOML > defaults), ``AGGREGATOR`` (the ``[aggregator]`` settings section);
   ``_connect``: ``AggregatorConnection`` (the broker settings of ``fleetlearn aggregator``).
@@ -60,6 +64,8 @@ from cloud_aggregator._contribution import ContributionRecord
 from cloud_aggregator._edge_rounds import EdgeRounds, ParentJob
 from cloud_aggregator._errors import (
     AggregatorError,
+    LedgerError,
+    LedgerMismatch,
     ModelBuildError,
     SecAggAbandoned,
     UpdateRejected,
@@ -79,6 +85,7 @@ from cloud_aggregator._events import (
 from cloud_aggregator._fedbuff import FedBuff
 from cloud_aggregator._history import DeviceHistory, FleetHistory
 from cloud_aggregator._ingest import IngestPipeline, IngestStage, Rejection, UpdateItem
+from cloud_aggregator._ledger_verify import LedgerReport, verify_ledger
 from cloud_aggregator._metrics import RoundMetrics
 from cloud_aggregator._models import REFERENCE_MODELS, build_reference_model
 from cloud_aggregator._robust import RobustConfig
@@ -182,6 +189,11 @@ __all__ = [
     "SchemaTooNew",
     "SecAggAbandoned",
     "CheckpointCorrupt",
+    "LedgerError",
+    "LedgerMismatch",
+    # the training ledger
+    "verify_ledger",
+    "LedgerReport",
 ]
 
 # The [aggregator] settings section (issue 13, one configuration system).

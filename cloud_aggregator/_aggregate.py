@@ -19,6 +19,13 @@ alignment with the round's consensus when the aggregate is taken.
 The aggregate holds no durable state: the journal of accepted updates does, and a
 restarted aggregator replays it into a fresh aggregate (sync: the open round's
 updates; FedBuff: the open buffer's).
+
+Determinism: the float64 sum, the robust buffer's rows (trimmed mean's partition,
+Krum's ties, multi-Krum's mean) and so the result depend on the order updates are
+added. The aggregate therefore lists what it added, in order, with the weight, scale,
+cut and norm each counted with (``added``); the training ledger records that list as
+the entry's canonical accumulation order, and ``ledger verify`` adds the kept bodies in
+that order to a fresh ``RoundAggregate`` of the recorded rule: the same bits.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import numpy.typing as npt
 from cloud_aggregator._aggregation import StreamingAccumulator
 from cloud_aggregator._contribution import ContributionLog, ContributionRecord
 from cloud_aggregator._errors import AggregatorError
+from cloud_aggregator._ledger import AddedUpdate, UpdateSource
 from cloud_aggregator._robust import RobustBuffer, RobustConfig
 
 F32 = npt.NDArray[np.float32]
@@ -48,6 +56,11 @@ class Contribution:
     scale: float = 1.0
     device: str = ""
     """Who sent it (for its ``ContributionRecord``)."""
+    source: UpdateSource | None = None
+    """Which update this is (for the training ledger); None: not recorded."""
+    cut: float = 1.0
+    """The factor ``values`` were already multiplied by (float32) before this, e.g. a
+    bootstrapping round's cut to the median norm; recorded, not applied again."""
 
     def dense(self, size: int) -> F32:
         """The update as a full vector."""
@@ -64,6 +77,8 @@ class RoundAggregate:
     def __init__(self, *, size: int, robust: RobustConfig, capacity: int,
                  max_bytes: int, keep_exact: bool = False) -> None:
         self.size = size
+        self.added: list[AddedUpdate] = []
+        """What ``add`` took, in order (see the module doc)."""
         self._clip = robust.clip_norm
         self.log = ContributionLog(size=size, keep_exact=keep_exact and robust.method == "mean")
         if robust.method == "mean":
@@ -84,6 +99,12 @@ class RoundAggregate:
 
     def add(self, c: Contribution) -> None:
         """Add one accepted update (clipped when configured)."""
+        self._add(c)
+        if c.source is not None:
+            self.added.append(AddedUpdate(source=c.source, weight=c.weight, scale=c.scale,
+                                          cut=c.cut, norm=c.norm))
+
+    def _add(self, c: Contribution) -> None:
         factor = 1.0
         if self._clip is not None and c.norm > self._clip and c.norm > 0:
             factor = self._clip / c.norm

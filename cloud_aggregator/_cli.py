@@ -15,6 +15,9 @@ from typing import Any
 def register(sub: Any) -> None:
     """Add ``fleetlearn artifacts build|reference`` and ``fleetlearn aggregator``."""
     _register_aggregator(sub)
+    from cloud_aggregator._ledger_cli import register_ledger
+
+    register_ledger(sub)
     artifacts = sub.add_parser(
         "artifacts", help="build training artifacts (portable training graphs) for a fleet"
     )

@@ -151,7 +151,8 @@ class DeviceDesk:
                       "device %s: update for round %d (attempt %d) rejected (%s): %s", device,
                       message.round, message.attempt, answer.code, answer.detail)
             self.counters.update(f"rejected:{answer.code}")
-            self.recorder.rejected(device, str(answer.code))
+            self.recorder.rejected(device, str(answer.code), round=message.round,
+                                   attempt=message.attempt)
             self.events.emit(UpdateRefused(device=device, task_round=message.round,
                                            reason=answer.code, detail=answer.detail))
         elif answer.status == "duplicate":
@@ -305,8 +306,15 @@ class DeviceDesk:
             return
         key = UpdateKey(fleet=self.fleet, round=message.round, device_id=device,
                         attempt=message.attempt)
+        meta = self.strategy.journal_meta(item)
+        meta["model_version"] = message.model_version  # for the training ledger
+        meta["codec"] = message.codec
+        if item.signature is not None:  # kept for the training ledger (after a restart)
+            meta["signature"] = item.signature.hex()
+        if item.body_sha256 is not None:
+            meta["body_sha256"] = item.body_sha256.hex()
         entry = JournalEntry(key=key, stream=self.strategy.stream(item), body=message.body,
-                             meta=self.strategy.journal_meta(item))
+                             meta=meta)
         self.journal.submit(entry, lambda outcome: self._journaled(item, outcome))
         if not self._running() or self.journal.full:
             self._commit()

@@ -4,6 +4,8 @@
     ├── ModelBuildError   an ONNX model that cannot be turned into training artifacts
     ├── UpdateRejected    an update that broke a rule (layout, NaN, norm, staleness)
     ├── SecAggAbandoned   a secure round that cannot produce a checked sum
+    ├── LedgerError       the training ledger cannot be written or read as asked
+    │   └── LedgerMismatch    ``ledger verify`` found an entry that does not hold
     └── StoreError        the database cannot be opened or used as asked
         ├── SchemaTooNew      written by a newer fleetlearn (never downgraded in place)
         └── CheckpointCorrupt a checkpoint file missing, truncated or not its sha256
@@ -34,6 +36,19 @@ class UpdateRejected(AggregatorError, ValueError):
 class SecAggAbandoned(AggregatorError):
     """A secure round that cannot produce a checked sum (too few devices uploaded or
     answered, or their shares do not reconstruct); nothing of it may be applied."""
+
+
+class LedgerError(AggregatorError):
+    """The training ledger (its key, entries or kept bodies) cannot be used as asked."""
+
+
+class LedgerMismatch(LedgerError):
+    """An entry of the training ledger does not verify; ``index`` names it."""
+
+    def __init__(self, message: str, *, index: int, fleet: str = "") -> None:
+        super().__init__(message)
+        self.index = index
+        self.fleet = fleet
 
 
 class StoreError(AggregatorError):

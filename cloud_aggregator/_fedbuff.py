@@ -263,7 +263,7 @@ class FedBuff(StrategyBase):
             wall_s=now - self._started, update_norm=float(np.linalg.norm(delta)),
             **parts,
         ))
-        ctx.release(params=new_params, metrics=metrics, drop_stream=epoch)
+        ctx.release(params=new_params, metrics=metrics, drop_stream=epoch, aggregate=agg)
         self._save_tasks(full=True)
         self._started = now
         ctx.recorder.begin()

@@ -32,6 +32,7 @@ fsync, carries about twenty of them; bench/aggregator.py measured 5 ms against 2
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -48,6 +49,7 @@ from cloud_aggregator._aggregate import Contribution
 from cloud_aggregator._aggregation import Reason, UpdateRules, l2_norm
 from cloud_aggregator._contribution import weight_factor
 from cloud_aggregator._errors import AggregatorError
+from cloud_aggregator._ledger import UpdateSource
 from cloud_aggregator._screen import NormScreen, WeightBound, task_samples_cap
 from cloud_aggregator._store import JournalEntry, Store, StoreError
 
@@ -81,10 +83,20 @@ class UpdateItem:
     body_sha256: bytes | None = None
     """SHA-256 of the update body the signature covers (set by the ``verify`` stage)."""
 
+    def source(self) -> UpdateSource:
+        """The update as the training ledger names it."""
+        return UpdateSource(
+            device=self.device, round=self.message.round, attempt=self.message.attempt,
+            digest=hashlib.sha256(self.message.body).hexdigest(),
+            signature=self.signature.hex() if self.signature is not None else None,
+            body_sha256=self.body_sha256.hex() if self.body_sha256 is not None else None,
+            model_version=self.message.model_version, codec=self.message.codec)
+
     def contribution(self) -> Contribution:
         assert self.values is not None
         return Contribution(indices=self.indices, values=self.values, weight=self.weight,
-                            norm=self.norm, scale=self.scale, device=self.device)
+                            norm=self.norm, scale=self.scale, device=self.device,
+                            source=self.source())
 
     @property
     def body_bytes(self) -> int:

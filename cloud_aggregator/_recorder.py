@@ -24,6 +24,7 @@ from broker_bridge import UpdateMeta
 from cloud_aggregator._contribution import SCREEN_CODES
 from cloud_aggregator._errors import AggregatorError
 from cloud_aggregator._evaluate import EvalResult, ServerEvaluator, federated_eval
+from cloud_aggregator._ledger import MAX_REJECTED, Rejected
 from cloud_aggregator._metrics import Counters, MetricsLog, RoundMetrics
 from cloud_aggregator._store import Store, StoreError
 
@@ -38,6 +39,7 @@ PENDING_METRICS = "pending_metrics"
 @dataclass(kw_only=True)
 class _Running:
     rejected: int = 0
+    refusals: list[Rejected] = field(default_factory=list)
     bytes_up0: int = 0
     bytes_down0: int = 0
     train_loss_sum: float = 0.0
@@ -67,12 +69,23 @@ class RoundRecorder:
         self._running = _Running(bytes_up0=snap["bytes_up"], bytes_down0=snap["bytes_down"])
         self._fed = []
 
-    def rejected(self, device: str | None = None, code: str = "") -> None:
+    def rejected(self, device: str | None = None, code: str = "", *, round: int = 0,
+                 attempt: int = 0) -> None:
         """An update was refused; a screen's refusal (``SCREEN_CODES``) also names the
-        device in the round's ``screened`` (its reputation hears of it)."""
+        device in the round's ``screened`` (its reputation hears of it). The first
+        ``MAX_REJECTED`` of the round are listed for its training-ledger entry (kept in
+        memory: a restart forgets those of the open round)."""
         self._running.rejected += 1
         if device is not None and code in SCREEN_CODES:
             self._running.screened[device] = None
+        if len(self._running.refusals) < MAX_REJECTED:
+            self._running.refusals.append(Rejected(device=device or "", round=round,
+                                                   attempt=attempt, reason=code))
+
+    def refusals(self) -> tuple[list[Rejected], int]:
+        """The refusals listed since ``begin``, and how many more were only counted."""
+        run = self._running
+        return list(run.refusals), run.rejected - len(run.refusals)
 
     def note_report(self, meta: UpdateMeta, *, weight: float) -> None:
         """What an accepted update's device reported: training loss, its own evaluation.

@@ -57,6 +57,7 @@ from broker_bridge import (
     Message,
     roll_call,
 )
+from cloud_aggregator._aggregate import RoundAggregate
 from cloud_aggregator._aggregation import UpdateRules, l2_norm
 from cloud_aggregator._answers import AttemptLedger
 from cloud_aggregator._artifacts import MODEL_NAME
@@ -87,6 +88,8 @@ from cloud_aggregator._ingest import (
     Validate,
 )
 from cloud_aggregator._learned import STATE_BLOB, LearnedState, read_json_blob
+from cloud_aggregator._ledger import AggregatorKey, PendingEntry, model_sha256
+from cloud_aggregator._ledger_writer import LedgerWriter
 from cloud_aggregator._metrics import Counters, MetricsLog, MetricsServer, RoundMetrics
 from cloud_aggregator._planner import WorkPlanner
 from cloud_aggregator._recorder import PENDING_METRICS, RoundRecorder
@@ -256,6 +259,12 @@ class Aggregator:
             FedBuff() if config.mode == "async"
             else SecureSyncRounds() if config.secure_aggregation else SyncRounds())
         self.journal = Journal(self.store)
+        self.trail = LedgerWriter(config=config, store=self.store,
+                                  key=AggregatorKey.load_or_create(self.state_dir),
+                                  layout=self.layout, channel=self.channel,
+                                  recorder=self.recorder)
+        """The training ledger's writer (``trail.contributions``: the contributions hook)."""
+        log.info("training ledger key (Ed25519, public): %s", self.trail.key.public_hex)
         self.pipeline = self._default_pipeline()
         self.planner: WorkPlanner | None = None  # needs the run record: set in start()
         self._server: ModelServer | None = None
@@ -285,6 +294,10 @@ class Aggregator:
         """The first journal stream released into a model not checkpointed yet."""
         self._unsaved: tuple[RoundMetrics, bytes] | None = None
         """The metrics and learned state of the last release not checkpointed yet."""
+        self._unsaved_entries: list[PendingEntry] = []
+        """Training-ledger entries of releases not checkpointed yet (appended with it)."""
+        self._model_sha = ""
+        """SHA-256 of the current model as a checkpoint file (the ledger's model hash)."""
         self._saved_at = time.monotonic()
         self._resuming = False
         self.last_status: str | None = None
@@ -603,6 +616,7 @@ class Aggregator:
         if params.size != self.layout.size:
             raise AggregatorError("checkpoint does not match the model's layout")
         self.state.params, self.state.version = params, record.model_version
+        self._model_sha = record.sha256
         opt_state = self.store.get_state(OPT_BLOB)
         if opt_state is not None:
             self.state.optimizer.load_bytes(opt_state)
@@ -632,15 +646,19 @@ class Aggregator:
 
     def _release(self, *, params: F32 | None, metrics: RoundMetrics,
                  close_round: int | None = None,
-                 drop_stream: int | None = None) -> None:
+                 drop_stream: int | None = None,
+                 aggregate: RoundAggregate | None = None,
+                 selected: Sequence[str] | None = None) -> None:
         """Apply ``params`` as the next model version (None: the round is abandoned) and
-        make it durable with everything learned and the round's metrics, in one
-        transaction; then broadcast it and record the metrics.
+        make it durable with everything learned, the round's metrics and its training
+        ledger entry (from ``aggregate``), in one transaction; then broadcast it, publish
+        the ledger's signed head and proofs, and record the metrics.
 
         A release from a journal stream (``drop_stream``: a FedBuff buffer) is durable
         without its checkpoint: every input it was derived from is journaled, and a restart
         re-derives it (``FedBuff.resume``). Its model is checkpointed at most every
-        ``checkpoint_every_s`` (``_save_model``), which drops the streams it came from.
+        ``checkpoint_every_s`` (``_save_model``), which drops the streams it came from and
+        appends the ledger entries of the releases since the last checkpoint.
         The devices' contributions and standing (``DeviceHistory``) change here and are
         saved with the next checkpoint or abandoned round, in its transaction: a release
         re-derived after a restart changes them again from what was saved.
@@ -650,9 +668,23 @@ class Aggregator:
         history.apply(histories)  # the registry's batches never write the standing
         self._unsaved_histories.update(histories)
         metrics = replace(metrics, devices_distrusted=self._distrusted())
+        entry: PendingEntry | None = None
+        new_sha = model_sha256(params) if params is not None else self._model_sha
+        if aggregate is not None:
+            stream = close_round if close_round is not None else drop_stream
+            assert stream is not None
+            entry = self.trail.pending(
+                round_index=metrics.round, outcome=metrics.outcome,
+                model_version=self.state.version + (1 if params is not None else 0),
+                prev_model=self._model_sha, model=new_sha, aggregate=aggregate,
+                stream=stream, selected=selected, optimizer=self.state.optimizer,
+                strategy=self.strategy, contribution_records=metrics.contributions)
         if params is not None:
             self.state.params = params
             self.state.version += 1
+            self._model_sha = new_sha
+            if entry is not None:
+                self._unsaved_entries.append(entry)
             if drop_stream is None:
                 self._save_model(metrics, close_round=close_round)
             else:
@@ -668,7 +700,10 @@ class Aggregator:
             self.store.close_round(fleet=self.fleet, round_index=close_round, state="abandoned",
                                    states={STATE_BLOB: self.learned.to_bytes(),
                                            PENDING_METRICS: RoundRecorder.pending_blob(metrics)},
-                                   histories=self._take_histories())
+                                   histories=self._take_histories(),
+                                   ledger=[entry] if entry is not None else [])
+            if entry is not None and entry.appended is not None:
+                self.trail.publish(entry.appended)
         self.registry.flush(every_s=REGISTRY_EVERY_S)  # advisory: not at every release
         if params is not None:
             self._broadcast_model()
@@ -690,13 +725,21 @@ class Aggregator:
             states[PENDING_METRICS] = RoundRecorder.pending_blob(metrics)
         drop = (None if self._unsaved_from is None
                 else range(self._unsaved_from, self.state.version))
-        self.store.save_checkpoint(
-            fleet=self.fleet, model_version=self.state.version, params=self.state.params,
-            states=states, close_round=close_round, drop_streams=drop,
-            histories=self._take_histories())
+        entries, self._unsaved_entries = self._unsaved_entries, []
+        try:
+            self.store.save_checkpoint(
+                fleet=self.fleet, model_version=self.state.version, params=self.state.params,
+                states=states, close_round=close_round, drop_streams=drop,
+                histories=self._take_histories(), ledger=entries)
+        except BaseException:
+            self._unsaved_entries = entries + self._unsaved_entries
+            raise
         self._unsaved_from = None
         self._unsaved = None
         self._saved_at = time.monotonic()
+        for entry in entries:
+            if entry.appended is not None:
+                self.trail.publish(entry.appended)
 
     def adopt(self, params: F32, *, before_save: Callable[[], None] | None = None) -> int:
         """Make ``params`` (a model from outside: an edge tier's parent) the next model

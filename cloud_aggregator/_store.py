@@ -10,7 +10,8 @@ What survives a SIGKILL mid-round: every update ``journal`` accepted committed i
 idempotency key *and* its encoded body in one transaction (one per group of updates),
 so a restart re-decodes ``round_updates(...)`` into a fresh aggregate and gets the same
 partial sum, with no update lost or counted twice. Bodies are cleared when their round
-closes or their buffer becomes a model.
+closes or their buffer becomes a model; the bodies a training-ledger entry cites are
+kept (``_store_ledger``), written in the same transaction as that entry.
 
 Checkpoints are written to a temporary file in the same directory, flushed, fsynced,
 ``os.replace``d into place and the directory fsynced; only then are the path and the
@@ -21,7 +22,8 @@ opening runs SQLite's ``quick_check``, and every later SQLite failure is transla
 
 Why this module is longer than 400 lines: one ``Store`` owns the one connection and
 lock through which every write is ordered (rounds, the journal, checkpoints, state);
-the device tables are in ``_store_devices``, the keys first seen in ``_store_keys``.
+the device tables are in ``_store_devices``, the keys first seen in ``_store_keys``,
+the ledger's in ``_store_ledger``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import numpy.typing as npt
 from broker_bridge import atomic_write
 from cloud_aggregator._errors import CheckpointCorrupt, SchemaTooNew, StoreError
 from cloud_aggregator._history import DeviceHistory
+from cloud_aggregator._ledger import PendingEntry
 from cloud_aggregator._store_devices import (
     DeviceTables,
     _json,
@@ -55,12 +58,14 @@ from cloud_aggregator._store_devices import (
     put_histories,
 )
 from cloud_aggregator._store_keys import KeyTables, migrate_v3
+from cloud_aggregator._store_ledger import LedgerTables, append_tx, migrate_v5
 from device_profiles._errors import ConfigError
 
 MIGRATIONS: tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...] = (
     (2, migrate_v2),
     (3, migrate_v3),
     (4, migrate_v4),
+    (5, migrate_v5),
 )
 """Each step brings a store to its version inside one transaction, in order."""
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -218,7 +223,7 @@ def _safe_name(fleet: str) -> str:
 # --------------------------------------------------------------------------- store
 
 
-class Store(DeviceTables, KeyTables):
+class Store(DeviceTables, KeyTables, LedgerTables):
     """The aggregator's durable state: rounds, devices, accepted keys, metrics, blobs.
 
     One connection guarded by a lock; write transactions are ``BEGIN IMMEDIATE`` so a
@@ -411,11 +416,15 @@ class Store(DeviceTables, KeyTables):
         ended_at: float | None = None,
         states: Mapping[str, bytes] | None = None,
         histories: Mapping[str, DeviceHistory] | None = None,
+        ledger: Sequence[PendingEntry] = (),
     ) -> None:
-        """Close (or abandon) an open round and drop its bodies; ``states`` and the
-        devices' ``histories`` are written in the same transaction."""
+        """Close (or abandon) an open round and drop its bodies; ``states``, the
+        devices' ``histories`` and the ``ledger`` entries are written in the same
+        transaction."""
         when = _now(ended_at)
         with self._write() as conn:
+            for entry in ledger:  # before the journal rows it keeps go
+                append_tx(conn, entry)
             self._close_round_tx(conn, fleet, round_index, state, when)
             for name, body in (states or {}).items():
                 _put_state(conn, name, body, when)
@@ -655,6 +664,7 @@ class Store(DeviceTables, KeyTables):
         close_round: int | None = None,
         drop_streams: range | None = None,
         histories: Mapping[str, DeviceHistory] | None = None,
+        ledger: Sequence[PendingEntry] = (),
         at: float | None = None,
     ) -> CheckpointRecord:
         """Write the global model durably, then record it in one transaction.
@@ -664,7 +674,9 @@ class Store(DeviceTables, KeyTables):
         with ``close_round``, closes that round: after a crash the store either shows
         the round open with the previous model, or closed with this one. ``drop_streams``:
         the journal streams (FedBuff buffers) this model was derived from, dropped in the
-        same transaction.
+        same transaction. The training ``ledger`` entries of the round (or of the releases
+        since the last checkpoint) commit in it too, with the bodies they cite, taken from
+        the journal before it is dropped.
         """
         vec = np.ascontiguousarray(params, dtype=np.float32)
         if vec.ndim != 1:
@@ -693,6 +705,8 @@ class Store(DeviceTables, KeyTables):
             )
             for key, body in (states or {}).items():
                 _put_state(conn, key, body, record.created_at)
+            for entry in ledger:  # before the journal rows it keeps go
+                append_tx(conn, entry)
             if close_round is not None:
                 self._close_round_tx(conn, fleet, close_round, "closed", record.created_at)
             if drop_streams:  # FedBuff buffers released into this model

@@ -117,11 +117,13 @@ class StrategyContext:
     cancel: Callable[[str, int, str], None]
     """``cancel(device, round, reason)``."""
     release: Callable[..., None]
-    """``release(params=..., metrics=..., close_round=..., drop_stream=...)``: apply
-    ``params`` (None: abandon ``close_round``) and checkpoint, broadcast, record; a release
-    from the journal stream ``drop_stream`` is checkpointed at most every
-    ``checkpoint_every_s`` and re-derived from the journal after a crash (the strategy's
-    ``resume`` must release each full stream again); see ``Aggregator._release``."""
+    """``release(params=..., metrics=..., close_round=..., drop_stream=..., aggregate=...,
+    selected=...)``: apply ``params`` (None: abandon ``close_round``) and checkpoint,
+    broadcast, record; a release from the journal stream ``drop_stream`` is checkpointed
+    at most every ``checkpoint_every_s`` and re-derived from the journal after a crash
+    (the strategy's ``resume`` must release each full stream again); ``aggregate`` (and
+    the round's ``selected`` devices) make the training ledger's entry; see
+    ``Aggregator._release``."""
     emit: Callable[[Event], None]
     note: Callable[..., None]
     """``note(device, level, msg, *args)``: a log line rate-limited per device."""

@@ -25,6 +25,7 @@ would be spread over several files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator, Mapping
@@ -51,6 +52,7 @@ from cloud_aggregator._errors import AggregatorError
 from cloud_aggregator._events import RoundOpened
 from cloud_aggregator._history import finite_or_none
 from cloud_aggregator._ingest import Rejection, UpdateItem
+from cloud_aggregator._ledger import AddedUpdate, UpdateSource
 from cloud_aggregator._metrics import RoundMetrics
 from cloud_aggregator._registry import Candidate
 from cloud_aggregator._rounds import (
@@ -66,7 +68,7 @@ from cloud_aggregator._rounds import (
 )
 from cloud_aggregator._screen import clip_factor
 from cloud_aggregator._status import fleet_view, round_line, waiting_line
-from cloud_aggregator._store import StoreError
+from cloud_aggregator._store import StoredUpdate, StoreError
 from cloud_aggregator._strategy import (
     Admit,
     Reply,
@@ -228,6 +230,8 @@ class SyncRounds(StrategyBase):
                 log.error("round %d cannot be applied (%s): abandoning it", index, exc)
                 decision, reason = Decision.ABANDON, f"not applicable: {exc}"
                 new_params, parts = None, {}
+        if new_params is None:
+            self._list_deferred(index, agg)
         ctx.screen.thaw()
         ctx.weights.thaw()
         reset = ctx.screen.end_epoch()
@@ -250,7 +254,8 @@ class SyncRounds(StrategyBase):
             **parts,
         ))
         self._open = None
-        ctx.release(params=new_params, metrics=metrics, close_round=index)
+        ctx.release(params=new_params, metrics=metrics, close_round=index, aggregate=agg,
+                    selected=tuple(rnd.selected))
         if new_params is None and self.abandoned_streak >= ctx.config.max_abandoned:
             ctx.fail(f"{self.abandoned_streak} rounds in a row missed their quorum")
         ctx.store.delete_state(refused_blob(index), _extra_blob(index))
@@ -285,9 +290,24 @@ class SyncRounds(StrategyBase):
                          d.device, index, d.norm, d.norm * scale)
                 values = values * np.float32(scale)
             agg.add(Contribution(indices=indices, values=values, weight=weight,
-                                 norm=d.norm * scale, device=d.device))
+                                 norm=d.norm * scale, device=d.device,
+                                 source=stored_source(stored), cut=scale))
             ctx.screen.accepted(d.norm * scale)
             ctx.weights.accepted(weight)
+        self._open.deferred = []
+
+    def _list_deferred(self, index: int, agg: RoundAggregate) -> None:
+        """An abandoned round's updates still kept aside: listed for the training ledger
+        as they were accepted (nothing of them is applied)."""
+        assert self._open is not None
+        waiting = {d.device: d for d in self._open.deferred}
+        if not waiting:
+            return
+        for stored in self.ctx.journal(index):
+            d = waiting.pop(stored.key.device_id, None)
+            if d is not None and stored.meta.get("deferred"):
+                agg.added.append(AddedUpdate(source=stored_source(stored), weight=d.weight,
+                                             scale=1.0, cut=1.0, norm=d.norm))
         self._open.deferred = []
 
     def _results(self, outcome: RoundOutcome) -> list[dict[str, Any]]:
@@ -583,13 +603,28 @@ def replay(ctx: StrategyContext, stream: int, *, where: str) -> Iterator[Replaye
         if decoded is not None:
             contribution = Contribution(indices=decoded[0], values=decoded[1], weight=weight,
                                         norm=norm, scale=float(stored.meta.get("scale", 1.0)),
-                                        device=device)
+                                        device=device, source=stored_source(stored))
             ctx.screen.accepted(norm)
             ctx.weights.accepted(weight)
         ctx.planner.observe_body(len(codec_body))
         ctx.recorder.note_report(meta, weight=weight)
         yield Replayed(device=device, task_round=stored.key.round, meta=meta, weight=weight,
                        norm=norm, contribution=contribution)
+
+
+def stored_source(stored: StoredUpdate) -> UpdateSource:
+    """A journaled update as the training ledger names it."""
+    signature = stored.meta.get("signature")
+    claimed = stored.meta.get("body_sha256")
+    version = stored.meta.get("model_version")
+    codec = stored.meta.get("codec")
+    return UpdateSource(device=stored.key.device_id, round=stored.key.round,
+                        attempt=stored.key.attempt,
+                        digest=hashlib.sha256(stored.body).hexdigest(),
+                        signature=str(signature) if signature is not None else None,
+                        body_sha256=str(claimed) if claimed is not None else None,
+                        model_version=int(version) if version is not None else None,
+                        codec=str(codec) if codec is not None else None)
 
 
 def _extra_blob(index: int) -> str:

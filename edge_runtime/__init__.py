@@ -27,6 +27,8 @@ Where things live:
 - ``_presence``: presence, hello and eligibility; ``make_agent_transport``.
 - ``_failover``: ``FailoverAgent``, ``ParentLink`` (candidate parents; moving to another
   when the parent vanishes, with the residual kept and an unacknowledged update parked).
+- ``_ledger_check``: ``LedgerCheck`` (the training ledger's inclusion proofs, checked
+  against the pinned aggregator key; outcomes to ``AgentHooks.on_inclusion``).
 - ``_trainer_pool``: ``TrainerPool``, ``TrainerProvider``.
 - ``_emulation``: ``Emulation``.
 - ``_settings``: ``AgentSettings``, ``AgentStats``.

@@ -52,6 +52,7 @@ from edge_runtime._fetch import Fetcher
 from edge_runtime._hooks import AgentHooks, ask_on_task, notify
 from edge_runtime._identity import DeviceKey, state_key_path
 from edge_runtime._inbox import Inbox, InboxHandlers, admit, read_task
+from edge_runtime._ledger_check import LedgerCheck
 from edge_runtime._local_training import LocalTraining, labels_problem, train_locally
 from edge_runtime._outbox import Outbox
 from edge_runtime._phase import Phase, PhaseMachine
@@ -147,10 +148,13 @@ class Agent:
         self._secure = SecureSession(fleet=self.fleet, device=device_id,
                                      publish=lambda m: self._send("secagg", m),
                                      notify=lambda: self._inbox.notify(), log=self.log)
+        self.ledger = LedgerCheck(fleet=self.fleet, device_id=device_id,
+                                  public_key=self.settings.ledger_public_key, hooks=self._hooks,
+                                  log=self.log)
         self._inbox = Inbox(models=self.models, log=self.log, handlers=InboxHandlers(
             task=self._on_task, cancel=self._on_cancel, ack=self._on_ack,
             roll_call=self._presence.greet, malformed=self._count_malformed,
-            secagg=self._secure.handle))
+            secagg=self._secure.handle, proof=self.ledger.on_proof))
         self._fetcher = Fetcher(inbox=self._inbox, artifacts=self.artifacts, models=self.models,
                                 request=self._send_request)
         self._outbox = Outbox(
@@ -342,6 +346,8 @@ class Agent:
 
     def _send(self, kind: str, message: Message) -> None:
         self.channel.send(self.topics.up(self.device_id, kind), message)
+        if kind == "update":
+            self.ledger.sent(message)
 
     def _send_request(self, request: Request, task: TaskSpec) -> None:
         version = task.model_version if request.want == "model" else 0

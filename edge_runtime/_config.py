@@ -37,6 +37,9 @@ keys at the top level, without ``[agent]``, still loads)::
     require_idle = false
     metered = false                     # what the network is, when the OS cannot tell
 
+    [agent.ledger]
+    public_key = "3b6a27bc..."          # the aggregator's (fleetlearn ledger key STATE_DIR)
+
     [agent.protocol]
     ack_timeout_s = 30
     request_timeout_s = 60
@@ -66,6 +69,7 @@ _BROKER = "broker connection"
 _DATA = "data and training"
 _ELIGIBILITY = "eligibility: when the device takes on training work"
 _TIMING = "protocol timings (seconds)"
+_LEDGER = "training ledger"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,6 +220,13 @@ class AgentOptions:
     status_interval_s: float | None = setting(
         _PROTOCOL.status_interval_s, table="protocol", group=_TIMING,
         help="say what the agent waits for this often while it waits (none: never)")
+
+    ledger_public_key: str | None = setting(
+        None, table="ledger", key="public_key", example="3b6a27bc" + "0" * 56,
+        group=_LEDGER,
+        help="the aggregator's Ed25519 public key (64 hex digits; `fleetlearn ledger key "
+        "STATE_DIR` prints it): inclusion proofs are checked against it (none: proofs are "
+        "checked but the tree head is not authenticated)")
 
     def __repr__(self) -> str:  # never print the password
         return f"AgentOptions(device_id={self.device_id!r}, broker={self.broker!r}, ...)"

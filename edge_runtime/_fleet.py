@@ -37,6 +37,7 @@ the aggregator's view of who is online matches, so the same seed gives the same 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -195,6 +196,11 @@ class Fleet:
             self.enrolment.enrol(device_id, key.public_key)
 
     # -- life cycle ------------------------------------------------------------------
+
+    def pin_ledger_key(self, public_key: str) -> None:
+        """Agents started after this check the training ledger's inclusion proofs against
+        ``public_key`` (the aggregator's, hex)."""
+        self._settings = dataclasses.replace(self._settings, ledger_public_key=public_key)
 
     def start(self, *, progress: Callable[[int, int], None] | None = None) -> None:
         """Connect every device that should be online now."""

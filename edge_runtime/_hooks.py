@@ -28,6 +28,11 @@ The agent's phase (``Agent.phase``) meanwhile: ``on_task`` in ``IDLE`` or ``AWAI
 the training callable in ``TRAINING``, steps 3 to 5 in ``ENCODING``, ``on_sent`` in
 ``AWAITING_ACK`` (or already ``IDLE`` when the ack overtook it).
 
+``on_inclusion(outcome)`` runs on the network thread when the aggregator's inclusion
+proof for one of this device's updates arrives and has been checked (``_ledger_check``):
+``outcome.status`` is ``verified``, ``unpinned`` (no aggregator key configured) or
+``failed`` (``outcome.detail`` says why). A notification hook.
+
 ``transform_hello(hello)`` runs whenever the agent builds its hello (each connect, a
 roll call, an eligibility change) and returns the hello to send.
 
@@ -37,7 +42,8 @@ not its length (a delta of another shape is a ``HookError`` and the task fails);
 ``draft.task`` is for reading (a changed one is ignored); ``emulated_s`` is set after
 the transform, from the samples and steps the returned metadata claims, when the agent
 emulates a profile. ``transform_hello`` may change any
-field. The notification hooks (``on_commit_step``, ``on_committed``, ``on_sent``) change
+field. The notification hooks (``on_commit_step``, ``on_committed``, ``on_sent``,
+``on_inclusion``) change
 nothing: their return value is ignored.
 
 Errors: an exception from ``on_task`` declines the task (reason ``hook failed``); from
@@ -62,7 +68,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from broker_bridge import Hello, TaskSpec, UpdateMeta
+from broker_bridge import Hello, InclusionOutcome, TaskSpec, UpdateMeta
 from edge_runtime._state import CommitStep, Submission
 
 T = TypeVar("T")
@@ -89,6 +95,7 @@ class AgentHooks:
     on_committed: Callable[[Submission], None] | None = None
     on_sent: Callable[[Submission], None] | None = None
     transform_hello: Callable[[Hello], Hello] | None = None
+    on_inclusion: Callable[[InclusionOutcome], None] | None = None
 
 
 def notify(hook: Callable[[T], None] | None, value: T,

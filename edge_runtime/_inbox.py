@@ -26,6 +26,7 @@ from broker_bridge import (
     Ack,
     Cancel,
     CodecSpec,
+    InclusionProof,
     Kind,
     Message,
     Request,
@@ -127,6 +128,7 @@ class InboxHandlers:
     roll_call: Callable[[], None]
     malformed: Callable[[], None]
     secagg: Callable[[Message], None] | None = None
+    proof: Callable[[InclusionProof], object] | None = None
 
 
 class Inbox:
@@ -165,6 +167,8 @@ class Inbox:
                 self._handlers.secagg(message)
             elif kind == Kind.CONTROL and Request.from_message(message).want == "hello":
                 self._handlers.roll_call()
+            elif kind == Kind.PROOF and self._handlers.proof is not None:
+                self._handlers.proof(InclusionProof.from_message(message))
             else:
                 self._log.debug("ignoring %s message on %s", kind.topic_name, topic)
         except (WireError, ConfigError) as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from device_profiles import ConfigError
@@ -23,6 +24,9 @@ class AgentSettings:
     status_interval_s: float | None = 15.0
     """Say what the agent waits for (``Agent.status_line``) this often while it waits;
     None: never (a simulator with thousands of agents)."""
+    ledger_public_key: str | None = None
+    """The aggregator's Ed25519 public key (64 hex digits), pinned: inclusion proofs of
+    the training ledger are checked against it (``_ledger_check``)."""
 
     def __post_init__(self) -> None:
         for name in ("ack_timeout_s", "request_timeout_s", "poll_interval_s",
@@ -31,6 +35,10 @@ class AgentSettings:
                 raise ConfigError(f"{name} must be positive")
         if self.status_interval_s is not None and not self.status_interval_s > 0:
             raise ConfigError("status_interval_s must be positive (or None)")
+        key = self.ledger_public_key
+        if key is not None and not re.fullmatch(r"[0-9a-f]{64}", key):
+            raise ConfigError("ledger_public_key must be 64 lowercase hex digits (the output "
+                              "of `fleetlearn ledger key STATE_DIR`)")
         if self.deadline_margin_s < 0 or self.max_resends < 0:
             raise ConfigError("deadline_margin_s and max_resends must be >= 0")
 

@@ -43,7 +43,7 @@ _SOURCES: dict[str, tuple[str, ...]] = {
         "build_artifacts", "build_reference_model",
         "AggregatorError", "ModelBuildError", "UpdateRejected", "SecAggAbandoned",
         "StoreError", "SchemaTooNew",
-        "CheckpointCorrupt",
+        "CheckpointCorrupt", "LedgerError", "LedgerMismatch", "verify_ledger",
     ),
     "edge_runtime": (
         "Agent", "AgentSettings", "AgentConfig", "Trainer", "TrainResult", "open_trainer",
@@ -140,6 +140,9 @@ __all__ = [
     "StateError",
     "Status",
     "StoreError",
+    "LedgerError",
+    "LedgerMismatch",
+    "verify_ledger",
     "Strategy",
     "StrategyBase",
     "StrategyContext",
@@ -217,6 +220,8 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
         FleetHistory,
         IngestPipeline,
         IngestStage,
+        LedgerError,
+        LedgerMismatch,
         ModelBuildError,
         ModelReleased,
         ModelState,
@@ -242,6 +247,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
         UpdateRejected,
         build_artifacts,
         build_reference_model,
+        verify_ledger,
     )
     from device_profiles import (
         ConfigError,

@@ -209,6 +209,7 @@ def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False,
         aggregator = Aggregator(config=agg_cfg,
                                 channel=Channel(transport=agg_transport, fleet=agg_cfg.fleet),
                                 enrolment=fleet.enrolment, **parts)
+        fleet.pin_ledger_key(aggregator.trail.key.public_hex)  # proofs verify end to end
         dense_bytes = 4 * aggregator.layout.size
         reputation: dict[str, dict[str, Any]] = {}
         try:

@@ -34,6 +34,7 @@ from broker_bridge import (
     Eligibility,
     ErrorReport,
     Hello,
+    InclusionProof,
     Kind,
     Layout,
     Message,
@@ -43,18 +44,23 @@ from broker_bridge import (
     SignedBody,
     TaskSpec,
     Topics,
+    TreeHead,
     UpdateMeta,
     content_hash,
     decode_model,
     decode_update,
     encode_model,
     encode_update,
+    inclusion_path,
+    leaf_hash,
     message_statement,
     model_message,
     pack_bundle,
     presence_message,
+    root_hash,
     sign_update,
     split_message,
+    tree_head_bytes,
     update_message,
     weights_hash,
 )
@@ -320,6 +326,12 @@ def _messages(artifacts_bundle: bytes, artifacts_hash: str) -> list[tuple[str, s
         ("roll_call", TOPICS.broadcast("control"), False,
          Request(want="hello").to_message(fleet=FLEET, transfer_id=t),
          "the aggregator asks who is there"),
+        ("ledger_tree_head", TOPICS.broadcast("ledger"), True,
+         _LEDGER["head"].to_message(fleet=FLEET, transfer_id=t),
+         "the training ledger's signed tree head (ledger.json)"),
+        ("inclusion_proof", TOPICS.down(d, "proof"), False,
+         _LEDGER["proof"].to_message(fleet=FLEET, device=d, round=7, transfer_id=t),
+         "the device's update of round 7 is in ledger entry 1 (ledger.json)"),
     ]
 
 
@@ -562,6 +574,79 @@ def signature_vector() -> dict[str, Any]:
     }
 
 
+# -- the training ledger -------------------------------------------------------------------------
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
+
+def _ledger() -> dict[str, Any]:
+    """A three-entry ledger signed with a fixed key; entry 1 counts DEVICE's round-7 update."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"ledger vector key").digest())
+    public = key.public_key().public_bytes(serialization.Encoding.Raw,
+                                           serialization.PublicFormat.Raw)
+    records = [_canonical({"attempt": 0, "body_sha256": None, "cut": 1.0, "device": dev,
+                           "digest": hashlib.sha256(f"update of {dev}".encode()).hexdigest(),
+                           "norm": 0.5 + i, "position": i, "round": 7, "scale": 1.0,
+                           "signature": None, "weight": 32.0})
+               for i, dev in enumerate(["pi-001", DEVICE, "pi-003"])]
+    headers, leaves = [], []
+    prev = "0" * 64
+    for index in range(3):
+        lines = records if index == 1 else []
+        header = _canonical({
+            "accepted_count": len(lines),
+            "accepted_root": root_hash([leaf_hash(r) for r in lines]).hex(),
+            "at": 1700000000.0 + index, "details_sha256": hashlib.sha256(b"{}").hexdigest(),
+            "fleet": FLEET, "index": index, "model": hashlib.sha256(b"m%d" % (index + 1))
+            .hexdigest(), "model_version": index + 1, "outcome": "closed",
+            "prev_entry": prev, "prev_model": hashlib.sha256(b"m%d" % index).hexdigest(),
+            "round": index + 6, "rule": {"optimizer": {"lr": 1.0, "name": "fedavg"},
+                                         "robust": {"byzantine": 0, "clip_norm": None,
+                                                    "method": "mean", "multi_krum_m": None,
+                                                    "trim_fraction": 0.1},
+                                         "strategy": "sync"},
+            "v": 1})
+        headers.append(header)
+        leaves.append(leaf_hash(header))
+        prev = leaves[-1].hex()
+    root = root_hash(leaves)
+    stamp = 1700000003000
+    signed = tree_head_bytes(fleet=FLEET, size=3, timestamp_ms=stamp, root=root)
+    signature = key.sign(signed)
+    head = TreeHead(size=3, timestamp_ms=stamp, root=root.hex(), signature=signature.hex(),
+                    key=public.hex())
+    proof = InclusionProof(
+        round=7, index=1, entry=headers[1].decode(), update=records[1].decode(),
+        entry_path=[h.hex() for h in inclusion_path(1, leaves)], update_index=1,
+        update_path=[h.hex() for h in inclusion_path(1, [leaf_hash(r) for r in records])],
+        size=3, timestamp_ms=stamp, root=root.hex(), signature=signature.hex())
+    vector = {
+        "description": "The training ledger (docs/PROTOCOL.md section 4, tree_head and "
+                       "inclusion_proof): leaf = SHA-256(0x00 || data), node = SHA-256(0x01 "
+                       "|| left || right) (RFC 6962); the tree head signature is Ed25519 "
+                       "over signed_bytes. The device pi-01 checks proof: its record is "
+                       "leaf update_index of the tree of the entry's accepted_count records "
+                       "whose root is the entry's accepted_root; the entry is leaf index of "
+                       "the ledger's tree of size; signature verifies with public_key.",
+        "fleet": FLEET, "public_key_hex": public.hex(),
+        "entry_headers": [h.decode() for h in headers],
+        "entry_leaf_hashes": [h.hex() for h in leaves],
+        "accepted_records_of_entry_1": [r.decode() for r in records],
+        "root_hex": root.hex(), "signed_bytes_hex": signed.hex(),
+        "signature_hex": signature.hex(), "proof": proof.to_dict(),
+    }
+    return {"head": head, "proof": proof, "vector": vector}
+
+
+_LEDGER = _ledger()
+
+
 # -- all files -----------------------------------------------------------------------------------
 
 
@@ -578,6 +663,7 @@ def make_vectors() -> dict[str, bytes]:
         "chunks.json": dump_json(chunks),
         "artifacts.json": dump_json(artifacts),
         "nonce.json": dump_json(nonce_vector()),
+        "ledger.json": dump_json(_LEDGER["vector"]),
         "signature.json": dump_json(signature_vector()),
         "secagg.json": dump_json(secagg_vectors()),
         **envelope_files, **chunk_files, **artifact_files,

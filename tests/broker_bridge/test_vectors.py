@@ -160,7 +160,8 @@ def test_envelopes_decode_to_what_they_document() -> None:
             assert body_json == m["body_json"] and body.hex() == m["body_hex"]
             name = {Kind.CONTROL: "request", Kind.ERROR: "error", Kind.TASK: "task",
                     Kind.HELLO: "hello", Kind.ACK: "ack", Kind.CANCEL: "cancel",
-                    Kind.PRESENCE: "presence"}[c.kind]
+                    Kind.PRESENCE: "presence", Kind.LEDGER: "tree_head",
+                    Kind.PROOF: "inclusion_proof"}[c.kind]
             assert VALIDATOR.errors(body_json, schema_id(name)) == []
             MESSAGES[name].from_dict(body_json)
         elif c.kind == Kind.UPDATE:
@@ -304,6 +305,49 @@ def test_task_nonce_construction() -> None:
         by_hand = hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()[:32]
         assert by_hand == case["nonce"] == task_nonce(
             secret, fleet=case["fleet"], task_round=case["task_round"], device=case["device"])
+
+
+def test_the_ledger_proof_verifies_from_the_file_alone() -> None:
+    """What a device does with ledger.json's proof, with hashlib and the Ed25519 key only."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    v = load("ledger.json")
+    p = v["proof"]
+
+    def leaf(data: bytes) -> bytes:
+        return hashlib.sha256(b"\x00" + data).digest()
+
+    def climb(h: bytes, index: int, size: int, path: list[str]) -> bytes:
+        fn, sn = index, size - 1  # RFC 9162 section 2.1.3.2
+        for hexed in path:
+            sib = bytes.fromhex(hexed)
+            if fn & 1 or fn == sn:
+                h = hashlib.sha256(b"\x01" + sib + h).digest()
+                while not fn & 1 and fn:
+                    fn, sn = fn >> 1, sn >> 1
+            else:
+                h = hashlib.sha256(b"\x01" + h + sib).digest()
+            fn, sn = fn >> 1, sn >> 1
+        assert sn == 0
+        return h
+
+    entry = json.loads(p["entry"])
+    record = json.loads(p["update"])
+    assert record["device"] == "pi-01" and record["round"] == p["round"] == 7
+    assert climb(leaf(p["update"].encode()), p["update_index"], entry["accepted_count"],
+                 p["update_path"]).hex() == entry["accepted_root"]
+    root = climb(leaf(p["entry"].encode()), p["index"], p["size"], p["entry_path"])
+    assert root.hex() == p["root"] == v["root_hex"]
+    fleet = v["fleet"].encode()
+    signed = (b"fleetlearn tree head v1\x00" + bytes([len(fleet)]) + fleet
+              + p["size"].to_bytes(8, "little") + p["timestamp_ms"].to_bytes(8, "little")
+              + root)
+    assert signed.hex() == v["signed_bytes_hex"]
+    Ed25519PublicKey.from_public_bytes(bytes.fromhex(v["public_key_hex"])).verify(
+        bytes.fromhex(p["signature"]), signed)
+    assert [leaf(h.encode()).hex() for h in v["entry_headers"]] == v["entry_leaf_hashes"]
+    for prev, header in zip(v["entry_leaf_hashes"], v["entry_headers"][1:], strict=False):
+        assert json.loads(header)["prev_entry"] == prev  # the hash chain
 
 
 def test_index_lists_every_file() -> None:
