@@ -6,7 +6,10 @@ building); everything else is private to the package, listed here by module.
 
 Where things live:
 
-- ``_errors``: ``AggregatorError``, ``ModelBuildError``, ``UpdateRejected``.
+- ``_errors``: ``AggregatorError``, ``ModelBuildError``, ``UpdateRejected``,
+  ``PrivacyBudgetExhausted``.
+- ``_privacy``: ``CentralDP`` (DP-FedAvg: clipping, fixed denominator, Gaussian noise,
+  adaptive clipping, the RDP accountant), ``PrivacyPlan``, ``make_plan``.
 - ``_models``: ``build_reference_model``, ``REFERENCE_MODELS`` (mlp, cnn, mlp-xl; onnx.helper).
 - ``_artifacts``: ``build_artifacts``, ``ArtifactInfo``, ``read_manifest``, ``initial_parameters``.
 - ``_selection``: ``Candidate``, ``SelectionPolicy``, the policies, ``make_policy``.
@@ -48,7 +51,12 @@ from cloud_aggregator._artifacts import (
     read_manifest,
 )
 from cloud_aggregator._config import AggregatorConfig, load_config
-from cloud_aggregator._errors import AggregatorError, ModelBuildError, UpdateRejected
+from cloud_aggregator._errors import (
+    AggregatorError,
+    ModelBuildError,
+    PrivacyBudgetExhausted,
+    UpdateRejected,
+)
 from cloud_aggregator._evaluate import ServerEvaluator
 from cloud_aggregator._events import (
     DeviceOffline,
@@ -66,6 +74,7 @@ from cloud_aggregator._history import DeviceHistory, FleetHistory
 from cloud_aggregator._ingest import IngestPipeline, IngestStage, Rejection, UpdateItem
 from cloud_aggregator._metrics import RoundMetrics
 from cloud_aggregator._models import REFERENCE_MODELS, build_reference_model
+from cloud_aggregator._privacy import CentralDP, PrivacyPlan
 from cloud_aggregator._robust import RobustConfig
 from cloud_aggregator._rounds import Clock, ManualClock, WallClock
 from cloud_aggregator._runtime import Aggregator
@@ -138,6 +147,9 @@ __all__ = [
     "make_policy",
     "local_steps",
     "local_steps_for",
+    # differential privacy
+    "CentralDP",
+    "PrivacyPlan",
     # events and metrics
     "Event",
     "DeviceOnline",
@@ -160,6 +172,7 @@ __all__ = [
     "AggregatorError",
     "ModelBuildError",
     "UpdateRejected",
+    "PrivacyBudgetExhausted",
     "StoreError",
     "SchemaTooNew",
     "CheckpointCorrupt",

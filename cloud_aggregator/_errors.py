@@ -3,6 +3,7 @@
     AggregatorError
     ├── ModelBuildError   an ONNX model that cannot be turned into training artifacts
     ├── UpdateRejected    an update that broke a rule (layout, NaN, norm, staleness)
+    ├── PrivacyBudgetExhausted  the next round would spend more than dp_epsilon
     └── StoreError        the database cannot be opened or used as asked
         ├── SchemaTooNew      written by a newer fleetlearn (never downgraded in place)
         └── CheckpointCorrupt a checkpoint file missing, truncated or not its sha256
@@ -28,6 +29,10 @@ class UpdateRejected(AggregatorError, ValueError):
         super().__init__(message)
         self.reason = reason
         self.device_id = device_id
+
+
+class PrivacyBudgetExhausted(AggregatorError):
+    """The next private round would take the spent epsilon past the configured budget."""
 
 
 class StoreError(AggregatorError):

@@ -47,6 +47,12 @@ class RoundMetrics:
     emulated_total_s: float = 0.0
     wall_s: float = 0.0
     update_norm: float | None = None
+    dp_epsilon: float | None = None
+    """Central DP: epsilon spent after this round, at the configured ``dp_delta``."""
+    dp_clip_norm: float | None = None
+    """Central DP: the clipping bound the round's updates were clipped to."""
+    dp_noise_std: float | None = None
+    """Central DP: the per-coordinate standard deviation of the noise on the update."""
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

@@ -82,6 +82,7 @@ from cloud_aggregator._ingest import (
 from cloud_aggregator._learned import STATE_BLOB, LearnedState, read_json_blob
 from cloud_aggregator._metrics import Counters, MetricsLog, MetricsServer, RoundMetrics
 from cloud_aggregator._planner import WorkPlanner
+from cloud_aggregator._privacy import CentralDP
 from cloud_aggregator._recorder import PENDING_METRICS, RoundRecorder
 from cloud_aggregator._registry import FleetRegistry
 from cloud_aggregator._rounds import Clock, SyncRound, WallClock
@@ -211,7 +212,7 @@ class Aggregator:
             config, Path(artifacts_dir) if artifacts_dir else self.state_dir / "artifacts",
             identity=self._identity)
         self.layout = self.model.layout
-        self.screen = NormScreen(multiple=config.norm_median_multiple)
+        self.screen = NormScreen(multiple=config.screen_multiple)
         self.weights = WeightBound(multiple=config.max_weight_multiple)
         self._uplink = CodecSpec.parse(config.codec)
         self._downlink = CodecSpec.parse(config.downlink_codec)
@@ -235,6 +236,15 @@ class Aggregator:
                                 optimizer=optimizer or config.make_server_optimizer())
         self.strategy: Strategy = strategy or (FedBuff() if config.mode == "async"
                                                else SyncRounds())
+        plan = config.privacy_plan()
+        self.privacy = CentralDP(plan) if plan is not None else None
+        if self.privacy is not None:
+            if not getattr(self.strategy, "supports_privacy", False):
+                raise ConfigError(
+                    f"strategy {self.strategy.name} does not charge its releases to the "
+                    "privacy accountant: differential privacy needs one that does "
+                    "(SyncRounds or a subclass)")
+            log.info("%s", plan.describe() if plan is not None else "")
         self.journal = Journal(self.store)
         self.pipeline = self._default_pipeline()
         self.planner: WorkPlanner | None = None  # needs the run record: set in start()
@@ -252,11 +262,13 @@ class Aggregator:
         self.learned = LearnedState(
             config=config, store=self.store, state_dir=self.state_dir,
             content_hash=self.model.info.content_hash, model=self.state, strategy=self.strategy,
-            policy=self.policy, screen=self.screen, weights=self.weights, planner=self._planner)
+            policy=self.policy, screen=self.screen, weights=self.weights, planner=self._planner,
+            privacy=self.privacy)
         self._early_bytes = 0
         self._early: collections.deque[tuple[Callable[[str, Message], None], str, Message]] = (
             collections.deque())
         self._failed: str | None = None
+        self._finished: str | None = None
         self._last_status = time.monotonic()
         self.last_status: str | None = None
 
@@ -326,7 +338,19 @@ class Aggregator:
 
     @property
     def done(self) -> bool:
-        return self.state.version >= self.config.rounds or self._failed is not None
+        return (self.state.version >= self.config.rounds or self._failed is not None
+                or self._finished is not None)
+
+    @property
+    def finished(self) -> str | None:
+        """Why the run ended before ``config.rounds`` without failing (e.g. the privacy
+        budget is spent); None otherwise."""
+        return self._finished
+
+    @property
+    def privacy_epsilon(self) -> float | None:
+        """Epsilon spent so far at ``config.dp_delta`` (None without DP)."""
+        return self.privacy.epsilon if self.privacy is not None else None
 
     @property
     def failure(self) -> str | None:
@@ -544,7 +568,12 @@ class Aggregator:
             layout=self.layout, model=self.state, screen=self.screen, weights=self.weights,
             send_task=self.desk.send_task, cancel=self.desk.cancel, release=self._release,
             emit=self.events.emit, note=self.desk.note, fail=self._fail, ledger=self.ledger,
-            queued=lambda: self.journal.pending, commit=self._commit)
+            queued=lambda: self.journal.pending, commit=self._commit, finish=self._finish,
+            privacy=self.privacy)
+
+    def _finish(self, reason: str) -> None:
+        self._finished = reason
+        log.warning("stopping: %s", reason)
 
     def _fail(self, reason: str) -> None:
         self._failed = reason

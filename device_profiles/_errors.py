@@ -27,6 +27,7 @@ that every package can derive from it. The whole tree, by package::
     └── AggregatorError                  cloud_aggregator
         ├── ModelBuildError              cloud_aggregator (unsupported ONNX graph)
         ├── UpdateRejected               cloud_aggregator (an update broke a rule)
+        ├── PrivacyBudgetExhausted       cloud_aggregator (the next round would pass dp_epsilon)
         └── StoreError                   cloud_aggregator (the SQLite state cannot be used)
             ├── SchemaTooNew             cloud_aggregator (written by a newer fleetlearn)
             └── CheckpointCorrupt        cloud_aggregator (a model file that fails its hash)
