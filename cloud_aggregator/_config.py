@@ -180,7 +180,8 @@ class AggregatorConfig:
                                 group=_PRIVACY)
     dp_clip_count_stddev: float | None = setting(
         None, help="adaptive clipping: noise on the count of unclipped updates (default: "
-        "devices asked per round / 20)", example=1.0, group=_PRIVACY)
+        "devices asked per round / 20, at least the noise multiplier)", example=1.0,
+        group=_PRIVACY)
     dp_population: int | None = setting(
         None, help="devices selection = random samples from (every one of them online and "
         "eligible each round): rounds are charged as a sample of rate asked / candidates; "

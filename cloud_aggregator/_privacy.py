@@ -177,7 +177,10 @@ def make_plan(*, epsilon: float | None, delta: float, noise_multiplier: float | 
         z_u, sigma_b = z, None
     else:
         bound = clip_norm if clip_norm is not None else DEFAULT_INITIAL_CLIP
-        sigma_b = count_stddev if count_stddev is not None else asked / 20.0
+        # The paper's default is m / 20; with few devices a round that would leave the
+        # update less than its share, so at least z (the update then gets at most 15%
+        # more noise than with fixed clipping).
+        sigma_b = count_stddev if count_stddev is not None else max(asked / 20.0, z)
         if not 2.0 * sigma_b > z:
             raise ConfigError(
                 f"adaptive clipping: the noise multiplier {z:.4g} needs dp_clip_count_stddev "
