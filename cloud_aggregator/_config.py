@@ -175,7 +175,7 @@ class AggregatorConfig:
         group=_PRIVACY)
     dp_target_quantile: float = setting(
         0.5, help="adaptive clipping: share of updates the bound should leave unclipped",
-        group=_PRIVACY)
+        example=0.9, group=_PRIVACY)
     dp_clip_lr: float = setting(0.2, help="adaptive clipping: geometric step of the bound",
                                 group=_PRIVACY)
     dp_clip_count_stddev: float | None = setting(
