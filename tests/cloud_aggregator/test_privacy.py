@@ -263,3 +263,12 @@ def test_a_restarted_aggregator_keeps_the_privacy_spent(tmp_path: Path, artifact
     with pytest.raises(ConfigError, match="noise multiplier"):
         make(tmp_path, artifacts, broker, rounds=4, dp_noise_multiplier=3.0,
              dp_clip_count_stddev=2.0)
+
+
+def test_a_strategy_that_does_not_charge_the_accountant_is_refused(
+        tmp_path: Path, artifacts: Path) -> None:
+    from cloud_aggregator import FedBuff
+
+    with pytest.raises(ConfigError, match="does not charge its releases"):
+        make(tmp_path, artifacts, MemoryBroker(), dp_noise_multiplier=1.0,
+             dp_clip_count_stddev=1.0, strategy=FedBuff())
