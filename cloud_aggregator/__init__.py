@@ -7,9 +7,11 @@ building); everything else is private to the package, listed here by module.
 Where things live:
 
 - ``_errors``: ``AggregatorError``, ``ModelBuildError``, ``UpdateRejected``,
-  ``SecAggAbandoned``.
+  ``SecAggAbandoned``, ``PrivacyBudgetExhausted``.
 - ``_secagg``: ``SecAggRound`` (the aggregator's side of a secure-aggregation round:
-  it learns only the sum; not wired into the runtime yet).
+  it learns only the sum).
+- ``_privacy``: ``CentralDP`` (DP-FedAvg: clipping, fixed denominator, Gaussian noise,
+  adaptive clipping, the RDP accountant), ``PrivacyPlan``, ``make_plan``.
 - ``_models``: ``build_reference_model``, ``REFERENCE_MODELS`` (mlp, cnn, mlp-xl; onnx.helper).
 - ``_artifacts``: ``build_artifacts``, ``ArtifactInfo``, ``read_manifest``, ``initial_parameters``.
 - ``_selection``: ``Candidate``, ``SelectionPolicy``, the policies, ``make_policy``.
@@ -67,6 +69,7 @@ from cloud_aggregator._errors import (
     LedgerError,
     LedgerMismatch,
     ModelBuildError,
+    PrivacyBudgetExhausted,
     SecAggAbandoned,
     UpdateRejected,
 )
@@ -88,6 +91,7 @@ from cloud_aggregator._ingest import IngestPipeline, IngestStage, Rejection, Upd
 from cloud_aggregator._ledger_verify import LedgerReport, verify_ledger
 from cloud_aggregator._metrics import RoundMetrics
 from cloud_aggregator._models import REFERENCE_MODELS, build_reference_model
+from cloud_aggregator._privacy import CentralDP, PrivacyPlan
 from cloud_aggregator._robust import RobustConfig
 from cloud_aggregator._rounds import Clock, ManualClock, WallClock
 from cloud_aggregator._runtime import Aggregator
@@ -163,6 +167,9 @@ __all__ = [
     "make_policy",
     "local_steps",
     "local_steps_for",
+    # differential privacy
+    "CentralDP",
+    "PrivacyPlan",
     # events and metrics
     "Event",
     "DeviceOnline",
@@ -185,6 +192,7 @@ __all__ = [
     "AggregatorError",
     "ModelBuildError",
     "UpdateRejected",
+    "PrivacyBudgetExhausted",
     "StoreError",
     "SchemaTooNew",
     "SecAggAbandoned",

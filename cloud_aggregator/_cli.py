@@ -149,7 +149,8 @@ def _aggregator(args: argparse.Namespace) -> int:
         print(f"round {m.round:4d} v{m.model_version:<4d} {m.outcome:9s} acc {acc:>5s} "
               f"devices {m.devices_reported}/{m.devices_selected} "
               f"up {m.bytes_up / 1e6:.2f} MB down {m.bytes_down / 1e6:.2f} MB "
-              f"t {m.wall_s:.1f}s emu {m.emulated_total_s:.0f}s", flush=True)
+              f"t {m.wall_s:.1f}s emu {m.emulated_total_s:.0f}s"
+              + ("" if m.dp_epsilon is None else f" eps {m.dp_epsilon:.3g}"), flush=True)
 
     def status(line: str) -> None:
         if config.progress:
@@ -162,6 +163,8 @@ def _aggregator(args: argparse.Namespace) -> int:
         # start() registers the handlers, then connects: what the broker kept for this
         # persistent session while the aggregator was away is handled, not dropped.
         aggregator.start()
+        if aggregator.privacy is not None and config.progress:
+            print(f"privacy: {aggregator.privacy.plan.describe()}", flush=True)
         if aggregator.metrics_port is not None and config.progress:
             print(f"metrics on http://{config.metrics_bind}:{aggregator.metrics_port}/metrics",
                   flush=True)
@@ -176,5 +179,10 @@ def _aggregator(args: argparse.Namespace) -> int:
     if aggregator.failure is not None:
         print(f"fleetlearn: aggregator stopped: {aggregator.failure}")
         return 1
+    if aggregator.finished is not None:
+        print(f"fleetlearn: training stopped: {aggregator.finished}")
+    if aggregator.privacy_epsilon is not None:
+        print(f"privacy: epsilon {aggregator.privacy_epsilon:.4g} spent at delta "
+              f"{config.dp_delta:g}")
     print(f"done: model version {aggregator.model_version} in {aggregator.state_dir}")
     return 0

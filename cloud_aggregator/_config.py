@@ -22,6 +22,7 @@ from typing import Any, Literal
 from broker_bridge import CodecSpec, WireError, check_id
 from broker_bridge._secagg import FixedPoint, check_codec, secure_level_bound
 from cloud_aggregator._connect import AggregatorConnection
+from cloud_aggregator._privacy import PrivacyPlan, make_plan
 from cloud_aggregator._robust import RobustConfig, krum_min_updates
 from cloud_aggregator._selection import POLICIES
 from cloud_aggregator._server_opt import SERVER_OPTIMIZERS, make_server_optimizer
@@ -41,6 +42,8 @@ _SERVER = "server side: optimizer, robust aggregation, screens"
 _STATE = "persistence, evaluation, metrics"
 _IDENTITY = "device identity (signed updates)"
 _SECURE = "secure aggregation (sync rounds)"
+_PRIVACY = "differential privacy (sync rounds; see README, Differential privacy)"
+ClipMode = Literal["fixed", "adaptive"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -188,6 +191,34 @@ class AggregatorConfig:
     secure_phase_s: float | None = setting(
         None, help="secure aggregation: how long each key, share and unmask step waits "
         "for devices (default: deadline_s / 6)", example=5.0, group=_SECURE)
+    # -- differential privacy
+    dp_epsilon: float | None = setting(
+        None, help="device-level privacy budget: the noise is calibrated so that the planned "
+        "rounds spend at most this epsilon, and training stops before a round would pass it "
+        "(turns central DP on)", example=8.0, group=_PRIVACY)
+    dp_delta: float = setting(1e-5, help="the delta of (epsilon, delta)-DP; below 1 / "
+                              "dp_population", group=_PRIVACY)
+    dp_noise_multiplier: float | None = setting(
+        None, help="noise standard deviation / clipping bound (turns central DP on; with "
+        "dp_epsilon too, the plan must fit the budget; alone, epsilon is reported)",
+        example=1.0, group=_PRIVACY)
+    dp_clipping: ClipMode = setting(
+        "adaptive", help="fixed: clip to clip_norm; adaptive: move the bound towards the "
+        "dp_target_quantile of update norms (Andrew et al. 2021), clip_norm is its start",
+        group=_PRIVACY)
+    dp_target_quantile: float = setting(
+        0.5, help="adaptive clipping: share of updates the bound should leave unclipped",
+        example=0.9, group=_PRIVACY)
+    dp_clip_lr: float = setting(0.2, help="adaptive clipping: geometric step of the bound",
+                                group=_PRIVACY)
+    dp_clip_count_stddev: float | None = setting(
+        None, help="adaptive clipping: noise on the count of unclipped updates (default: "
+        "devices asked per round / 20, at least the noise multiplier)", example=1.0,
+        group=_PRIVACY)
+    dp_population: int | None = setting(
+        None, help="devices selection = random samples from (every one of them online and "
+        "eligible each round): rounds are charged as a sample of rate asked / candidates; "
+        "unset: no amplification by sampling", example=1000, group=_PRIVACY)
 
     # -- persistence, evaluation, metrics
     state_dir: Path | None = setting(
@@ -286,6 +317,7 @@ class AggregatorConfig:
                 f"({self.effective_quorum}): such rounds could only be abandoned"
             )
         self._check_combinations()
+        self._check_privacy()
         if not isinstance(self.metrics_bind, str) or not self.metrics_bind:
             raise ConfigError(f"metrics_bind must be an address, got {self.metrics_bind!r}")
         if self.extra:
@@ -352,8 +384,91 @@ class AggregatorConfig:
     @property
     def secure_phase(self) -> float:
         return self.secure_phase_s if self.secure_phase_s is not None else self.deadline_s / 6
+    def _check_privacy(self) -> None:
+        """Central DP's settings, alone and with the rest: each refusal says why."""
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+        for name in ("dp_epsilon", "dp_noise_multiplier", "dp_clip_count_stddev"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        _choice("dp_clipping", self.dp_clipping, ("fixed", "adaptive"))
+        if not 0 < self.dp_target_quantile < 1:
+            raise ConfigError("dp_target_quantile must be in (0, 1), got "
+                              f"{self.dp_target_quantile}")
+        if not (self.dp_clip_lr > 0 and math.isfinite(self.dp_clip_lr)):
+            raise ConfigError(f"dp_clip_lr must be a positive number, got {self.dp_clip_lr}")
+        if not self.dp_enabled:
+            for name in ("dp_population", "dp_clip_count_stddev"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name} has no effect without dp_epsilon or "
+                                      "dp_noise_multiplier (differential privacy is off)")
+            return
+        why = "differential privacy"
+        if self.secure_aggregation:
+            raise ConfigError(
+                f"{why} cannot be combined with secure_aggregation yet: central DP clips "
+                "and noises on the aggregator, which under secure aggregation sees no single "
+                "update, and noise added on the devices (distributed DP) is not built (use "
+                "one or the other)")
+        if self.mode == "async":
+            raise ConfigError(
+                f"{why} is implemented for sync rounds only: FedBuff's buffers mix updates "
+                "of several model versions with staleness weights, and a device may count in "
+                "several of them, so the per-round sensitivity the accountant charges does "
+                "not hold (use mode = sync)")
+        if self.robust != "mean":
+            raise ConfigError(
+                f"{why} cannot be combined with robust = {self.robust}: the noise is "
+                "calibrated to the sum of clipped updates, where one device moves the result "
+                f"by at most clip_norm; {self.robust} selects or ranks updates by the others' "
+                "values, so one device can change the output by far more (use robust = mean; "
+                "clipping already bounds every device's influence)")
+        if self.selection in ("oort", "tiered"):
+            raise ConfigError(
+                f"{why} cannot be combined with selection = {self.selection}: it chooses "
+                "devices by the training loss they report, which is not noised, so who "
+                "trains would reveal what the noise hides (use random, or deadline)")
+        if self.federated_eval:
+            raise ConfigError(
+                f"{why} cannot be combined with federated_eval: devices' evaluation results "
+                "are recorded without noise")
+        if self.dp_population is not None:
+            if self.dp_population < self.selected_per_round:
+                raise ConfigError(
+                    f"dp_population ({self.dp_population}) is below the devices asked per "
+                    f"round ({self.selected_per_round})")
+            if self.dp_delta >= 1.0 / self.dp_population:
+                raise ConfigError(
+                    f"dp_delta ({self.dp_delta:g}) must be below 1 / dp_population "
+                    f"({1.0 / self.dp_population:.3g}): a larger delta allows releasing one "
+                    "device's data outright")
+        self.privacy_plan()
 
     # -- derived values
+
+    @property
+    def dp_enabled(self) -> bool:
+        """Central differential privacy is on (``dp_epsilon`` or ``dp_noise_multiplier``)."""
+        return self.dp_epsilon is not None or self.dp_noise_multiplier is not None
+
+    @property
+    def screen_multiple(self) -> float | None:
+        """The norm screen's multiple; off under DP, where clipping bounds every update
+        and a refusal that depends on the other devices' norms would break the bound."""
+        return None if self.dp_enabled else self.norm_median_multiple
+
+    def privacy_plan(self) -> PrivacyPlan | None:
+        """The DP plan (noise multiplier, sampling rate, clip) or None when DP is off."""
+        if not self.dp_enabled:
+            return None
+        return make_plan(
+            epsilon=self.dp_epsilon, delta=self.dp_delta,
+            noise_multiplier=self.dp_noise_multiplier, rounds=self.rounds,
+            asked=self.selected_per_round, population=self.dp_population,
+            selection=self.selection, clipping=self.dp_clipping, clip_norm=self.clip_norm,
+            target_quantile=self.dp_target_quantile, clip_lr=self.dp_clip_lr,
+            count_stddev=self.dp_clip_count_stddev)
 
     @property
     def selected_per_round(self) -> int:

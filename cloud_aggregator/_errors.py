@@ -6,6 +6,7 @@
     ├── SecAggAbandoned   a secure round that cannot produce a checked sum
     ├── LedgerError       the training ledger cannot be written or read as asked
     │   └── LedgerMismatch    ``ledger verify`` found an entry that does not hold
+    ├── PrivacyBudgetExhausted  the next round would spend more than dp_epsilon
     └── StoreError        the database cannot be opened or used as asked
         ├── SchemaTooNew      written by a newer fleetlearn (never downgraded in place)
         └── CheckpointCorrupt a checkpoint file missing, truncated or not its sha256
@@ -49,6 +50,10 @@ class LedgerMismatch(LedgerError):
         super().__init__(message)
         self.index = index
         self.fleet = fleet
+
+
+class PrivacyBudgetExhausted(AggregatorError):
+    """The next private round would take the spent epsilon past the configured budget."""
 
 
 class StoreError(AggregatorError):

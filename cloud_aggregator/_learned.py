@@ -16,6 +16,7 @@ from typing import Any
 
 from cloud_aggregator._config import AggregatorConfig
 from cloud_aggregator._planner import WorkPlanner
+from cloud_aggregator._privacy import CentralDP
 from cloud_aggregator._screen import NormScreen, WeightBound
 from cloud_aggregator._selection import SelectionPolicy
 from cloud_aggregator._store import Store, StoreError
@@ -43,11 +44,12 @@ class LearnedState:
     def __init__(self, *, config: AggregatorConfig, store: Store, state_dir: Path,
                  content_hash: str, model: ModelState, strategy: Strategy,
                  policy: SelectionPolicy, screen: NormScreen, weights: WeightBound,
-                 planner: Callable[[], WorkPlanner]) -> None:
+                 planner: Callable[[], WorkPlanner], privacy: CentralDP | None = None) -> None:
         self._config, self._store, self._state_dir = config, store, state_dir
         self._content_hash = content_hash
         self._model, self._strategy, self._policy = model, strategy, policy
         self._screen, self._weights, self._planner = screen, weights, planner
+        self._privacy = privacy
 
     def to_bytes(self) -> bytes:
         planner = self._planner()
@@ -60,6 +62,7 @@ class LearnedState:
             "accepted_norms": self._screen.history,
             "accepted_weights": self._weights.history,
             "body_bytes": [planner.body_bytes_sum, planner.body_count],
+            "privacy": self._privacy.state() if self._privacy is not None else None,
         }, sort_keys=True).encode()
 
     def restore(self) -> None:
@@ -83,6 +86,12 @@ class LearnedState:
             self._policy.load_state(state["selection"])
         self._screen.load(state.get("accepted_norms", []))
         self._weights.load(state.get("accepted_weights", []))
+        privacy = state.get("privacy")
+        if self._privacy is not None:
+            self._privacy.load_state(privacy or {})
+        elif privacy:
+            raise ConfigError(f"{self._state_dir} holds a differentially private run; keep "
+                              "its dp_* settings or use another state_dir")
         body_sum, body_count = state.get("body_bytes", [0, 0])
         planner = self._planner()
         planner.body_bytes_sum, planner.body_count = int(body_sum), int(body_count)

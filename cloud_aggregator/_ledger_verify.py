@@ -92,8 +92,8 @@ class LedgerReport:
     device_signatures: int = 0
     device_signatures_checked: int = 0
     secure_taken: int = 0
-    """Secure rounds' models taken as recorded (checked against their checkpoint file,
-    not re-derived: their sums came from the devices' reveals)."""
+    """Secure or differentially private rounds' models taken as recorded (checked against
+    their checkpoint file, not re-derived: the unmasking, or the noise, is not recorded)."""
     device_keys_enrolled: int = 0
     """Signatures whose key is the device's enrolled one (with an enrolment given)."""
     first_bad: int | None = None
@@ -146,11 +146,13 @@ class _Replayer:
 
     def take_recorded(self, store: Store, report: LedgerReport, version: int,
                       sha: str) -> None:
-        """A secure round's model, taken from its checkpoint file: its sum came from the
-        devices' reveals, which the ledger does not hold (nor the optimizer state after)."""
+        """A secure or private round's model, taken from its checkpoint file: its sum came
+        from the devices' reveals, or carries noise, which the ledger does not hold (nor
+        the optimizer state after)."""
         record = store.checkpoint(report.fleet, model_version=version)
         if record is None or not record.path.is_file():
-            raise _Bad(f"secure round: no checkpoint file of version {version} to go on from")
+            raise _Bad(f"a secure or private round: no checkpoint file of version {version} "
+                       "to go on from")
         data = record.path.read_bytes()
         if hashlib.sha256(data).hexdigest() != sha:
             raise _Bad(f"the checkpoint file {record.path.name} is not the recorded model")
@@ -170,8 +172,8 @@ class _Replayer:
             raise _Bad(f"the strategy combines models its own way ({rule['combine']}): "
                        "not re-derivable")
         if self._opt_rule == "unknown" and name != "fedavg":
-            raise _Bad(f"the {name} server optimizer's state after a secure round is not "
-                       "recorded: not re-derivable")
+            raise _Bad(f"the {name} server optimizer's state after a secure or private round "
+                       "is not recorded: not re-derivable")
         if self._opt is None or self._opt_rule != rule["optimizer"]:
             # Restarted with other hyper-parameters: the aggregator carried the state of
             # an optimizer of the same name over (``ServerOptimizer.load_bytes``).
@@ -306,7 +308,8 @@ def _verify_entry(store: Store, entry: AppendedEntry, *, index: int, prev_leaf: 
             adds.append(_contribution(record, body, layout))
     if header.get("prev_model") != replay.sha:
         raise _Bad("prev_model is not the model re-derived so far (or the initial model)")
-    if header.get("outcome") in ("closed", "aggregated") and secure:
+    private = header["rule"].get("differential_privacy") is not None
+    if header.get("outcome") in ("closed", "aggregated") and (secure or private):
         replay.take_recorded(store, report, int(header["model_version"]), str(header["model"]))
     elif header.get("outcome") in ("closed", "aggregated"):
         replay.step(header["rule"], layout, adds)
@@ -386,8 +389,9 @@ def verify_ledger(state_dir: str | Path, *, public_key: bytes | None = None,
                 report.verified += 1
             if report.secure_taken:
                 report.notes.append(
-                    f"{report.secure_taken} secure rounds: their models are checked against "
-                    "their checkpoint files, not re-derived (the unmasking is not recorded)")
+                    f"{report.secure_taken} secure or private rounds: their models are checked "
+                    "against their checkpoint files, not re-derived (the unmasking, or the "
+                    "noise, is not recorded)")
             if report.device_signatures and enrolment is None and device_signature is None:
                 report.notes.append(
                     f"{report.device_signatures_checked} device signatures verified under the "

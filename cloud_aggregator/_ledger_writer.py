@@ -63,6 +63,10 @@ def rule_of(config: AggregatorConfig, optimizer: Any, strategy: Any) -> dict[str
         rule["combine"] = f"custom:{type(strategy).__name__}"
     if config.secure_aggregation:  # the sum comes from the devices' reveals: not recorded
         rule["secure_aggregation"] = True
+    plan = config.privacy_plan()
+    if plan is not None:  # the noise is not recorded (it would undo the privacy it gives)
+        rule["differential_privacy"] = {"noise_multiplier": plan.noise_multiplier,
+                                        "delta": config.dp_delta, "clipping": config.dp_clipping}
     return rule
 
 

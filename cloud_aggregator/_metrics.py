@@ -59,6 +59,12 @@ class RoundMetrics:
     """Each counted device's weight share, cosine and marginal in this aggregate."""
     screened: tuple[str, ...] = ()
     """Devices a screen refused an update of in this round (``SCREEN_CODES``)."""
+    dp_epsilon: float | None = None
+    """Central DP: epsilon spent after this round, at the configured ``dp_delta``."""
+    dp_clip_norm: float | None = None
+    """Central DP: the clipping bound the round's updates were clipped to."""
+    dp_noise_std: float | None = None
+    """Central DP: the per-coordinate standard deviation of the noise on the update."""
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

@@ -92,6 +92,7 @@ from cloud_aggregator._ledger import AggregatorKey, PendingEntry, model_sha256
 from cloud_aggregator._ledger_writer import LedgerWriter
 from cloud_aggregator._metrics import Counters, MetricsLog, MetricsServer, RoundMetrics
 from cloud_aggregator._planner import WorkPlanner
+from cloud_aggregator._privacy import CentralDP
 from cloud_aggregator._recorder import PENDING_METRICS, RoundRecorder
 from cloud_aggregator._registry import FleetRegistry
 from cloud_aggregator._rounds import Clock, SyncRound, WallClock
@@ -230,7 +231,7 @@ class Aggregator:
             config, Path(artifacts_dir) if artifacts_dir else self.state_dir / "artifacts",
             identity=self._identity)
         self.layout = self.model.layout
-        self.screen = NormScreen(multiple=config.norm_median_multiple)
+        self.screen = NormScreen(multiple=config.screen_multiple)
         self.weights = WeightBound(multiple=config.max_weight_multiple)
         self._uplink = CodecSpec.parse(config.codec)
         self._downlink = CodecSpec.parse(config.downlink_codec)
@@ -258,6 +259,15 @@ class Aggregator:
         self.strategy: Strategy = strategy or (
             FedBuff() if config.mode == "async"
             else SecureSyncRounds() if config.secure_aggregation else SyncRounds())
+        plan = config.privacy_plan()
+        self.privacy = CentralDP(plan) if plan is not None else None
+        if self.privacy is not None:
+            if not getattr(self.strategy, "supports_privacy", False):
+                raise ConfigError(
+                    f"strategy {self.strategy.name} does not charge its releases to the "
+                    "privacy accountant: differential privacy needs one that does "
+                    "(SyncRounds or a subclass)")
+            log.info("%s", plan.describe() if plan is not None else "")
         self.journal = Journal(self.store)
         self.trail = LedgerWriter(config=config, store=self.store,
                                   key=AggregatorKey.load_or_create(self.state_dir),
@@ -282,11 +292,13 @@ class Aggregator:
         self.learned = LearnedState(
             config=config, store=self.store, state_dir=self.state_dir,
             content_hash=self.model.info.content_hash, model=self.state, strategy=self.strategy,
-            policy=self.policy, screen=self.screen, weights=self.weights, planner=self._planner)
+            policy=self.policy, screen=self.screen, weights=self.weights, planner=self._planner,
+            privacy=self.privacy)
         self._early_bytes = 0
         self._early: collections.deque[tuple[Callable[[str, Message], None], str, Message]] = (
             collections.deque())
         self._failed: str | None = None
+        self._finished: str | None = None
         self._last_status = time.monotonic()
         self._unsaved_histories: dict[str, DeviceHistory] = {}
         """Device records changed by releases not yet saved (``_take_histories``)."""
@@ -376,7 +388,19 @@ class Aggregator:
 
     @property
     def done(self) -> bool:
-        return self.state.version >= self.config.rounds or self._failed is not None
+        return (self.state.version >= self.config.rounds or self._failed is not None
+                or self._finished is not None)
+
+    @property
+    def finished(self) -> str | None:
+        """Why the run ended before ``config.rounds`` without failing (e.g. the privacy
+        budget is spent); None otherwise."""
+        return self._finished
+
+    @property
+    def privacy_epsilon(self) -> float | None:
+        """Epsilon spent so far at ``config.dp_delta`` (None without DP)."""
+        return self.privacy.epsilon if self.privacy is not None else None
 
     @property
     def failure(self) -> str | None:
@@ -638,7 +662,11 @@ class Aggregator:
             send_task=self.desk.send_task, cancel=self.desk.cancel, release=self._release,
             emit=self.events.emit, note=self.desk.note, fail=self._fail, ledger=self.ledger,
             queued=lambda: self.journal.pending, commit=self._commit,
-            send_secagg=self.desk.send_secagg)
+            send_secagg=self.desk.send_secagg, finish=self._finish, privacy=self.privacy)
+
+    def _finish(self, reason: str) -> None:
+        self._finished = reason
+        log.warning("stopping: %s", reason)
 
     def _fail(self, reason: str) -> None:
         self._failed = reason

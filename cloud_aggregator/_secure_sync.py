@@ -71,6 +71,7 @@ class SecureSyncRounds(SyncRounds):
 
     name = "secure-sync"
     defers_bootstrap = False
+    supports_privacy = False  # central DP needs each update clipped here: see _config
 
     def __init__(self) -> None:
         super().__init__()
@@ -82,9 +83,9 @@ class SecureSyncRounds(SyncRounds):
     # -- the round's secure part -------------------------------------------------------
 
     def _begin(self, index: int, selected: list[str], *, quorum: int, deadline_s: float,
-               started_at: float) -> None:
+               started_at: float, q: float | None = None) -> None:
         super()._begin(index, selected, quorum=quorum, deadline_s=deadline_s,
-                       started_at=started_at)
+                       started_at=started_at, q=q)
         cfg = self.ctx.config
         fixed = cfg.secure_fixed_point()
         self.secure = SecAggRound(fleet=cfg.fleet, round_index=index, clip=fixed.clip,

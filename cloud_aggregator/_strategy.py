@@ -53,6 +53,7 @@ from cloud_aggregator._store import Store, StoredUpdate
 
 if TYPE_CHECKING:
     from cloud_aggregator._planner import WorkPlanner
+    from cloud_aggregator._privacy import CentralDP
     from cloud_aggregator._recorder import RoundRecorder
     from cloud_aggregator._registry import FleetRegistry
     from cloud_aggregator._selection import SelectionPolicy
@@ -140,6 +141,12 @@ class StrategyContext:
     send_secagg: Callable[[str, Any], None] | None = None
     """``send_secagg(device, body)``: a secure-aggregation body to the device's
     ``down/secagg`` (docs/PROTOCOL.md section 11)."""
+    finish: Callable[[str], None] = lambda reason: None
+    """End the run cleanly, saying why (e.g. the privacy budget is spent)."""
+    privacy: CentralDP | None = None
+    """Central differential privacy (``_privacy``), when configured: its aggregate
+    replaces the plain one, and a strategy that supports it (``supports_privacy``)
+    charges each released round to it."""
 
     def after_round(self, task_round: int, device: str, attempt: int, *,
                     unknown: str = AckCode.STALE_ROUND, why: str = "") -> Answer:
@@ -159,6 +166,8 @@ class StrategyContext:
                              num_samples=num_samples)
 
     def new_aggregate(self, capacity: int) -> RoundAggregate:
+        if self.privacy is not None:
+            return self.privacy.new_aggregate(self.layout.size)
         return RoundAggregate(size=self.layout.size, robust=self.config.robust_config(),
                               capacity=capacity, max_bytes=self.config.robust_max_bytes,
                               keep_exact=self.config.contribution_marginal)
@@ -188,6 +197,12 @@ class StrategyContext:
         return self.store.round_updates(self.config.fleet, stream)
 
     def rng(self, index: int) -> np.random.Generator:
+        """The selection's generator: from the seed, or from the OS CSPRNG under DP (a
+        sample anyone could recompute from the seed would amplify nothing)."""
+        if self.privacy is not None:
+            from cloud_aggregator._privacy import secure_rng
+
+            return secure_rng()
         return np.random.default_rng([self.config.seed, index])
 
 
@@ -239,6 +254,8 @@ class StrategyBase:
 
     name = "strategy"
     defers_bootstrap = False
+    supports_privacy = False
+    """True when the strategy charges its releases to ``ctx.privacy`` (``SyncRounds``)."""
 
     def __init__(self) -> None:
         self._ctx: StrategyContext | None = None

@@ -98,6 +98,8 @@ class _Open:
     round: SyncRound
     aggregate: RoundAggregate
     deferred: list[_Deferred] = field(default_factory=list)
+    q: float | None = None
+    """Central DP: the sampling rate the round is charged at."""
 
 
 class SyncRounds(StrategyBase):
@@ -105,6 +107,7 @@ class SyncRounds(StrategyBase):
 
     name = "sync"
     defers_bootstrap = True
+    supports_privacy = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -181,13 +184,23 @@ class SyncRounds(StrategyBase):
             selected = [*selected, *(c.device_id for c in extra)][:max(k, cfg.effective_quorum)]
             log.info("selection chose fewer devices than the quorum of %d; topped up to %d",
                      cfg.effective_quorum, len(selected))
+        q: float | None = None
+        if ctx.privacy is not None:
+            q = ctx.privacy.sampling_rate(asked=len(selected), candidates=len(candidates),
+                                          selection=cfg.selection)
+            why = ctx.privacy.refusal(q)
+            if why is not None:
+                ctx.finish(why)
+                return False
         ctx.store.open_round(fleet=cfg.fleet, round_index=index,
                              model_version=ctx.model.version, selected=selected,
                              quorum=cfg.effective_quorum, deadline=cfg.deadline_s,
                              started_at=now)
+        if q is not None:
+            ctx.store.put_state(_dp_blob(index), json.dumps({"q": q}).encode())
         ctx.registry.record_selected(selected, index)
         self._begin(index, selected, quorum=cfg.effective_quorum, deadline_s=cfg.deadline_s,
-                    started_at=now)
+                    started_at=now, q=q)
         log.info("round %d: %d devices selected from %d (target %d, quorum %d)", index,
                  len(selected), len(candidates), cfg.devices_per_round, cfg.effective_quorum)
         ctx.emit(RoundOpened(round=index, model_version=ctx.model.version,
@@ -197,15 +210,18 @@ class SyncRounds(StrategyBase):
         return True
 
     def _begin(self, index: int, selected: list[str], *, quorum: int, deadline_s: float,
-               started_at: float) -> None:
+               started_at: float, q: float | None = None) -> None:
         ctx, cfg = self.ctx, self.ctx.config
+        # Under DP a round counts every selected device that reports in time: a cut at
+        # the first devices_per_round arrivals would let one device push another out.
+        target = len(selected) if ctx.privacy is not None else cfg.devices_per_round
         spec = RoundSpec(index=index, model_version=ctx.model.version,
-                         target=cfg.devices_per_round, quorum=quorum, deadline_s=deadline_s,
+                         target=target, quorum=quorum, deadline_s=deadline_s,
                          started_at=started_at, virtual=cfg.clock == "virtual",
                          safety_timeout_s=cfg.safety_timeout_s)
         capacity = max(len(selected), cfg.selected_per_round) * 2
         self._open = _Open(round=SyncRound(spec=spec, selected=selected),
-                           aggregate=ctx.new_aggregate(capacity))
+                           aggregate=ctx.new_aggregate(capacity), q=q)
         ctx.screen.freeze()  # the round's verdicts must not depend on arrival order
         ctx.weights.freeze()
         ctx.recorder.begin()
@@ -244,6 +260,7 @@ class SyncRounds(StrategyBase):
             ctx.outcome(r["device"], completed=r["completed"], duration_s=r["duration_s"],
                         loss=r.get("loss"), num_samples=r.get("num_samples"))
         self.abandoned_streak = 0 if new_params is not None else self.abandoned_streak + 1
+        dp = self._charge(agg, released=new_params is not None)
         metrics = record_round(ctx, RoundMetrics(
             round=index, model_version=ctx.model.version + (1 if new_params is not None else 0),
             outcome="closed" if new_params is not None else "abandoned", reason=reason,
@@ -252,15 +269,33 @@ class SyncRounds(StrategyBase):
             emulated_s=outcome.emulated_s, wall_s=outcome.wall_s,
             update_norm=float(np.linalg.norm(delta)) if delta is not None else None,
             **parts,
+            dp_epsilon=dp.get("epsilon"), dp_clip_norm=dp.get("clip_norm"),
+            dp_noise_std=dp.get("noise_std"),
         ))
         self._open = None
         ctx.release(params=new_params, metrics=metrics, close_round=index, aggregate=agg,
                     selected=tuple(rnd.selected))
         if new_params is None and self.abandoned_streak >= ctx.config.max_abandoned:
             ctx.fail(f"{self.abandoned_streak} rounds in a row missed their quorum")
-        ctx.store.delete_state(refused_blob(index), _extra_blob(index))
+        ctx.store.delete_state(refused_blob(index), _extra_blob(index), _dp_blob(index))
         for device in pending:
             ctx.cancel(device, index, f"round {decision.value}d: {reason}")
+
+    def _charge(self, agg: RoundAggregate, *, released: bool) -> dict[str, float | None]:
+        """Charge a released private round to the accountant (before the checkpoint,
+        which saves its state); the round's DP figures for its metrics."""
+        privacy = self.ctx.privacy
+        if privacy is None:
+            return {}
+        assert self._open is not None
+        clip = getattr(agg, "clip_norm", privacy.clip_norm)
+        release = getattr(agg, "release", None)
+        if released and release is not None:
+            privacy.charge(release, self._open.q if self._open.q is not None else 1.0)
+            log.info("round %d: epsilon %.4g spent at delta %g (clip %.4g)",
+                     self._open.round.spec.index, privacy.epsilon, privacy.plan.delta, clip)
+        return {"epsilon": privacy.epsilon, "clip_norm": clip,
+                "noise_std": privacy.noise_std(clip)}
 
     def _judge_deferred(self, index: int, agg: RoundAggregate) -> None:
         """Add the updates a bootstrapping round kept aside, each cut to ``multiple`` x
@@ -436,7 +471,8 @@ class SyncRounds(StrategyBase):
         extra = _extra_devices(ctx, rec.round)
         selected = list(rec.selected) + [d for d in extra if d not in rec.selected]
         self._begin(rec.round, selected, quorum=rec.quorum,
-                    deadline_s=rec.deadline or cfg.deadline_s, started_at=rec.started_at)
+                    deadline_s=rec.deadline or cfg.deadline_s, started_at=rec.started_at,
+                    q=self._charged_rate(rec.round))
         assert self._open is not None
         op = self._open
         restored = 0
@@ -453,6 +489,18 @@ class SyncRounds(StrategyBase):
         log.info("resumed round %d with %d stored updates", rec.round, restored)
         for device in op.round.pending():
             ctx.send_task(device, rec.round, ctx.model.version)
+
+    def _charged_rate(self, index: int) -> float | None:
+        """The sampling rate a resumed private round was opened at (1 if unknown)."""
+        if self.ctx.privacy is None:
+            return None
+        raw = self.ctx.store.get_state(_dp_blob(index))
+        if raw is None:
+            return 1.0
+        try:
+            return float(json.loads(raw)["q"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"round {index}'s privacy record is unreadable: {exc}") from exc
 
     def _restore_refusals(self, index: int) -> None:
         """A refusal survives a restart: a device refused for good is not asked again,
@@ -485,8 +533,8 @@ class SyncRounds(StrategyBase):
     def _replace(self, rnd: SyncRound) -> None:
         """Select one replacement for a decliner while the round has time left."""
         ctx = self.ctx
-        if not ctx.config.replace_declined:
-            return
+        if not ctx.config.replace_declined or ctx.privacy is not None:
+            return  # under DP a replacement would be a draw the round was not charged for
         if not rnd.spec.virtual and ctx.clock.now() >= rnd.spec.deadline_at:
             return
         candidates = ctx.registry.candidates(exclude=set(rnd.selected),
@@ -630,6 +678,11 @@ def stored_source(stored: StoredUpdate) -> UpdateSource:
 def _extra_blob(index: int) -> str:
     """The state that names a round's replacements for decliners (kept while it is open)."""
     return f"round:{index}:extra"
+
+
+def _dp_blob(index: int) -> str:
+    """The sampling rate a private round is charged at (kept while it is open)."""
+    return f"round:{index}:dp"
 
 
 def _extra_devices(ctx: StrategyContext, index: int) -> list[str]:

@@ -34,6 +34,7 @@ that every package can derive from it. The whole tree, by package::
         ├── SecAggAbandoned              cloud_aggregator (a secure round without a checked sum)
         ├── LedgerError                  cloud_aggregator (the training ledger cannot be used)
         │   └── LedgerMismatch           cloud_aggregator (an entry that does not verify)
+        ├── PrivacyBudgetExhausted       cloud_aggregator (the next round would pass dp_epsilon)
         └── StoreError                   cloud_aggregator (the SQLite state cannot be used)
             ├── SchemaTooNew             cloud_aggregator (written by a newer fleetlearn)
             └── CheckpointCorrupt        cloud_aggregator (a model file that fails its hash)

@@ -2,10 +2,11 @@
 
 Input is the list of per-round records the simulation collected (plain dicts with
 ``round``, ``accuracy``, ``emulated_time_s`` (cumulative), ``bytes_up``,
-``bytes_up_dense``, ``selected``, ``reported``, ``dropped``, and each device's
-``contributions`` to the round: weight share, consensus cosine, marginal), per-profile
-participation counts and each device's final reputation (with whether the simulation
-made it Byzantine). Plots use matplotlib's Agg backend (no display needed).
+``bytes_up_dense``, ``selected``, ``reported``, ``dropped``, each device's
+``contributions`` to the round: weight share, consensus cosine, marginal; with
+differential privacy ``dp_epsilon`` and ``dp_clip_norm``), per-profile participation
+counts and each device's final reputation (with whether the simulation made it
+Byzantine). Plots use matplotlib's Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -109,6 +110,23 @@ def write_plots(
     ax.set_title("participation per device profile")
     ax.legend()
     paths.append(_save(fig, out_dir / "participation.png"))
+
+    private = [r for r in rounds if r.get("dp_epsilon") is not None]
+    if private:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        axes[0].plot([r["round"] for r in private], [r["dp_epsilon"] for r in private],
+                     marker=".", color="tab:purple")
+        axes[0].set_xlabel("round")
+        axes[0].set_ylabel("epsilon spent")
+        axes[0].set_title("privacy spent (device-level, at the configured delta)")
+        axes[0].grid(alpha=0.3)
+        axes[1].plot([r["round"] for r in private], [r.get("dp_clip_norm") for r in private],
+                     marker=".", color="tab:brown")
+        axes[1].set_xlabel("round")
+        axes[1].set_ylabel("clipping bound (L2)")
+        axes[1].set_title("clipping bound per round")
+        axes[1].grid(alpha=0.3)
+        paths.append(_save(fig, out_dir / "privacy.png"))
     return paths
 
 
@@ -220,6 +238,17 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
                          f"({human_time(hit['emulated_time_s'] or 0.0)} emulated)")
         else:
             lines.append(f"  did not reach {float(target) * 100:.0f}%")
+    privacy = report.get("privacy")
+    if privacy:
+        target = privacy.get("epsilon_target")
+        lines.append(
+            f"  differential privacy: epsilon {privacy['epsilon_spent']:.3g} spent at delta "
+            f"{privacy['delta']:g} over {privacy['rounds_charged']} rounds"
+            + (f" (budget {target:g})" if target is not None else "")
+            + (", amplified by sampling" if privacy.get("amplified") else
+               ", no amplification by sampling"))
+        if privacy.get("stopped"):
+            lines.append(f"  stopped early: {privacy['stopped']}")
     up = report.get("bytes_up", 0)
     dense = report.get("bytes_up_dense", 0)
     if dense:

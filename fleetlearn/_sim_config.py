@@ -76,7 +76,7 @@ class SimConfig:
     aggregator: dict[str, Any] = overrides(
         AggregatorConfig, exclude=SIM_OWNED, group=_TRAINING,
         shortcuts=("local_epochs", "backend", "server_opt", "max_selected", "robust",
-                   "clip_norm"),
+                   "clip_norm", "dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_clipping"),
         help="any other setting of the simulation's aggregator (see fleetlearn aggregator "
         "--help), e.g. --aggregator trim_fraction=0.25")
 
@@ -193,6 +193,11 @@ class SimConfig:
         if self.mode == "async":
             fields["concurrency"] = self.per_round * 2
             fields["buffer_size"] = self.per_round
+        dp_on = any(self.aggregator.get(k) is not None
+                    for k in ("dp_epsilon", "dp_noise_multiplier"))
+        if dp_on and self.aggregator.get("dp_population") is None:
+            # The simulated fleet is the population a random selection samples from.
+            fields["dp_population"] = self.devices
         fields.update(self.aggregator)
         try:
             return AggregatorConfig(**fields)

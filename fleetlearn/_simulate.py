@@ -189,6 +189,7 @@ def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False,
     log_path = out_dir / "simulation.log"
     password_for = _load_credentials(cfg.credentials)
     records: list[dict[str, Any]] = []
+    privacy: dict[str, Any] | None = None
     with _device_logs(log_path), _broker(cfg) as url:
         say(f"broker: {url}" + ("" if cfg.broker else " (started for this run)"))
         if cfg.broker is None and local_broker_kind(cfg.broker_kind) == "embedded":
@@ -218,7 +219,11 @@ def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False,
                 f"({_fmt_kb(dense_bytes)} dense); training: {_backend_line(agg_cfg.backend)}")
             fleet.start(progress=lambda n, total: say(f"  connected {n}/{total} devices"))
             _await_online(aggregator, fleet, say)
+            if aggregator.privacy is not None:
+                say(f"privacy: {aggregator.privacy.plan.describe()}")
             records = _drive(cfg, aggregator, fleet, say, dense_bytes, started)
+            if aggregator.privacy is not None:
+                privacy = {**aggregator.privacy.report(), "stopped": aggregator.finished}
         finally:
             participation = fleet.participation()
             reputation = _reputation(aggregator, fleet, agg_cfg.reputation_floor)
@@ -253,6 +258,7 @@ def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False,
         "participation": participation,
         "reputation": reputation,
         "reputation_summary": reputation_summary(reputation),
+        "privacy": privacy,
         "rounds": records,
     }
     report_path = write_report(out_dir, report)
@@ -322,6 +328,8 @@ def _drive(cfg: SimConfig, aggregator: Aggregator, fleet: Fleet, say: _Printer,
             time.sleep(0.005)
     if aggregator.failure:
         say(f"aggregator stopped: {aggregator.failure}")
+    if aggregator.finished:
+        say(f"training stopped: {aggregator.finished}")
     return records
 
 
@@ -374,6 +382,8 @@ def _record(m: RoundMetrics, dense_bytes: int) -> dict[str, Any]:
         "emulated_time_s": m.emulated_total_s, "wall_s": m.wall_s,
         "alignment_mean": _num(m.alignment_mean), "devices_distrusted": m.devices_distrusted,
         "screened": list(m.screened), "contributions": [r.to_json() for r in m.contributions],
+        "dp_epsilon": _num(m.dp_epsilon), "dp_clip_norm": _num(m.dp_clip_norm),
+        "dp_noise_std": _num(m.dp_noise_std),
     }
 
 
@@ -384,6 +394,8 @@ def _num(v: float | None) -> float | None:
 def _progress_line(cfg: SimConfig, r: dict[str, Any], online: int, total: int) -> str:
     acc = "  n/a " if r["accuracy"] is None else f"{100 * r['accuracy']:5.1f}%"
     status = "" if r["outcome"] != "abandoned" else f"  ABANDONED ({r['reason']})"
+    if r.get("dp_epsilon") is not None:
+        status = f"  eps {r['dp_epsilon']:.3g}{status}"
     return (f"round {r['round']:>4}/{cfg.rounds}  acc {acc}  devices "
             f"{r['reported']:>3}/{r['selected']:<3} online {online:>5}/{total}  "
             f"up {_fmt_kb(r['bytes_up']):>9} (dense {_fmt_kb(r['bytes_up_dense'])})  "

@@ -57,6 +57,10 @@ COMPANIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("edge", "max_selected"): {"selection": "deadline"},
     ("edge", "tls_cert"): {"tls_key": "client.key"},
     ("edge", "tls_key"): {"tls_cert": "client.pem"},
+    ("aggregator", "dp_population"): {"dp_epsilon": 8.0},
+    ("aggregator", "dp_clip_count_stddev"): {"dp_noise_multiplier": 1.0},
+    ("simulate", "aggregator.dp_population"): {"aggregator.dp_epsilon": 8.0},
+    ("simulate", "aggregator.dp_clip_count_stddev"): {"aggregator.dp_noise_multiplier": 1.0},
 }
 """Settings another one needs beside it (each pair is refused apart: see the refusals)."""
 FILES = ("ca.pem", "client.pem", "client.key", "device.pem", "device.key")
