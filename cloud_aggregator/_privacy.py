@@ -49,6 +49,7 @@ import numpy.typing as npt
 
 from cloud_aggregator._aggregate import Contribution, RoundAggregate
 from cloud_aggregator._aggregation import StreamingAccumulator
+from cloud_aggregator._contribution import ContributionRecord
 from cloud_aggregator._errors import AggregatorError, PrivacyBudgetExhausted
 from device_profiles import ConfigError
 
@@ -224,8 +225,9 @@ class PrivateAggregate(RoundAggregate):
         self._buffer = None
         self.unclipped = 0
         self.release: RoundRelease | None = None
+        self.added = []  # what the training ledger records (``RoundAggregate.add``)
 
-    def add(self, c: Contribution) -> None:
+    def _add(self, c: Contribution) -> None:
         assert self._stream is not None
         factor = 1.0
         if c.norm > self.clip_norm and c.norm > 0:
@@ -236,6 +238,11 @@ class PrivateAggregate(RoundAggregate):
             self._stream.add(c.values, 1.0, scale=factor)
         else:
             self._stream.add_sparse(c.indices, c.values, 1.0, scale=factor)
+
+    def records(self, round_index: int, *, marginals: dict[int, float] | None = None
+                ) -> tuple[ContributionRecord, ...]:
+        """None: a device's weight, alignment or marginal would be released without noise."""
+        return ()
 
     def clipped_sum(self) -> npt.NDArray[np.float64]:
         """The sum of the clipped updates, before noise (for tests and audits)."""

@@ -177,6 +177,8 @@ class StrategyContext:
         """``RoundMetrics`` fields for what each device contributed to ``aggregate``
         (its result ``delta``): the records, with marginals when configured and an
         evaluator is at hand, and the round's mean and lowest cosine."""
+        if self.privacy is not None:
+            return {}  # per-device figures would be released without noise
         marginals = None
         evaluator = self.recorder.evaluator
         if self.config.contribution_marginal and evaluator is not None:

@@ -551,6 +551,29 @@ def test_a_secure_round_keeps_its_masked_uploads_and_its_model_is_checked_as_rec
     assert _first_bad(tmp_path) == 0
 
 
+def test_a_private_rounds_model_is_checked_as_recorded(tmp_path: Path,
+                                                       artifacts: Path) -> None:
+    """Central DP's noise is not recorded (it would undo the privacy it gives): a private
+    round's entry names the mechanism and its model is checked against its checkpoint,
+    not re-derived; a changed model file still fails."""
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=2, dp_noise_multiplier=1.0,
+               dp_clipping="fixed", clip_norm=1.0)
+    _sync_rounds(agg, fleet, 2)
+    assert agg.model_version == 2
+    rules = [e.header_json()["rule"] for e in agg.store.ledger_entries(FLEET)]
+    assert all(r["differential_privacy"]["noise_multiplier"] == 1.0 for r in rules)
+    agg.close()
+    (report,) = verify_ledger(tmp_path)
+    assert report.ok and report.secure_taken == 2 and report.models_rederived == 0, report
+    assert any("private" in n for n in report.notes)
+    ckpt = sorted((tmp_path / "aggregator.sqlite.checkpoints").glob("*.npy"))[-1]
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(_flip(data, len(data) - 1))
+    assert _first_bad(tmp_path) == 1
+
+
 def test_the_rounds_contribution_records_are_in_its_entry(tmp_path: Path,
                                                           artifacts: Path) -> None:
     broker = MemoryBroker()
