@@ -59,6 +59,8 @@ COMPANIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("edge", "tls_key"): {"tls_cert": "client.pem"},
     ("aggregator", "dp_population"): {"dp_epsilon": 8.0},
     ("aggregator", "dp_clip_count_stddev"): {"dp_noise_multiplier": 1.0},
+    ("edge", "dp_population"): {"dp_epsilon": 8.0},
+    ("edge", "dp_clip_count_stddev"): {"dp_noise_multiplier": 1.0},
     ("simulate", "aggregator.dp_population"): {"aggregator.dp_epsilon": 8.0},
     ("simulate", "aggregator.dp_clip_count_stddev"): {"aggregator.dp_noise_multiplier": 1.0},
 }
