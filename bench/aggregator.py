@@ -113,11 +113,14 @@ class Swarm:
         self._raw_acks: list[tuple[str, Any]] = []
         self._lock = threading.Lock()
         self.channels = {}
-        from broker_bridge import Enrolment
-        from edge_runtime import DeviceKey
+        try:  # a checkout from before signed updates (a baseline) runs unsigned
+            from broker_bridge import Enrolment
+            from edge_runtime import DeviceKey
+        except ImportError:
+            Enrolment = DeviceKey = None
 
         self.keys: dict[str, Any] = {}
-        self.enrolment = Enrolment(fleet=FLEET)
+        self.enrolment = Enrolment(fleet=FLEET) if Enrolment is not None else None
         for i in range(n):
             dev = f"d{i:05d}"
             transport = MemoryTransport(broker=broker, client_id=dev,
@@ -126,8 +129,9 @@ class Swarm:
             transport.connect()
             channel.subscribe(channel.topics.device_down(dev), self._handler(dev))
             self.channels[dev] = channel
-            self.keys[dev] = DeviceKey.generate()  # every update is signed, as on a device
-            self.enrolment.enrol(dev, self.keys[dev].public_key)
+            if DeviceKey is not None:  # every update is signed, as on a device
+                self.keys[dev] = DeviceKey.generate()
+                self.enrolment.enrol(dev, self.keys[dev].public_key)
 
     def _handler(self, dev: str) -> Any:
         def on(topic: str, message: Any) -> None:
@@ -192,7 +196,8 @@ class Swarm:
             msg = update_message(fleet=FLEET, device=dev, round=task.round,
                                  model_version=task.model_version, attempt=0, codec=codec,
                                  meta=meta, codec_body=bodies[i % len(bodies)])
-            msg = self.keys[dev].sign_update(msg)
+            if dev in self.keys:
+                msg = self.keys[dev].sign_update(msg)
             self.answered.add(task.round)
             payloads = split_message(msg, max_payload=channel.max_payload)
             self._ready.append((channel.transport, channel.topics.up(dev, "update"), payloads))
@@ -214,9 +219,10 @@ def run_service(mode: str, codec: str, bodies: list[bytes], samples: list[int], 
         fleet=FLEET, model="mlp-xl", rounds=1_000_000, mode=mode, devices_per_round=n,
         over_selection=1.0, quorum=n, min_devices=n, deadline_s=3600.0, codec=codec,
         concurrency=n, buffer_size=buffer, state_dir=state, progress=False, seed=0)
+    parts = {} if swarm.enrolment is None else {"enrolment": swarm.enrolment}
     agg = Aggregator(config=cfg, channel=Channel(
         transport=MemoryTransport(broker=broker, client_id="aggregator"), fleet=FLEET),
-        enrolment=swarm.enrolment)
+        **parts)
     agg.start()
     for dev in swarm.channels:
         swarm.hello(dev)
