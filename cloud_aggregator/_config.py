@@ -8,6 +8,10 @@ of the ``[aggregator]`` table (``device_profiles.Section``); flags > environment
 (MNIST-1D, 100 devices, Dirichlet(0.5), 10 per round): see ``AggregatorConfig`` for the
 numbers. Every value is checked here, alone and against the others; a bad one raises
 ``ConfigError`` naming the setting and its source, before any round starts.
+
+Why this module is longer than 400 lines: every aggregator setting is declared here, one
+field each with its help text, and checked here alone and against the others; the checks
+of secure aggregation and differential privacy sit beside the fields they read.
 """
 
 from __future__ import annotations

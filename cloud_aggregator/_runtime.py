@@ -502,12 +502,7 @@ class Aggregator:
                     self.channel.transport.unsubscribe(topic_filter)
                 except Exception:  # a dead connection has nothing to unsubscribe
                     log.debug("unsubscribe %s failed", topic_filter, exc_info=True)
-            if self._metrics_server is not None:
-                self._metrics_server.close()
-                self._metrics_server = None
-            self.store.close()
-            if self._tmp is not None:
-                self._tmp.cleanup()
+            self._let_go()
         if self._owns_transport:
             self.channel.transport.close()
 
@@ -523,13 +518,17 @@ class Aggregator:
         with self._wake:
             if not self._closed:
                 self._closed = True
-                if self._metrics_server is not None:
-                    self._metrics_server.close()
-                    self._metrics_server = None
-                self.store.close()
-                if self._tmp is not None:
-                    self._tmp.cleanup()
+                self._let_go()
             self._wake.notify_all()
+
+    def _let_go(self) -> None:
+        """Stop the metrics endpoint, close the store, remove a temporary state dir."""
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
+        self.store.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
     @property
     def condition(self) -> threading.Condition:
