@@ -319,7 +319,8 @@ class Aggregator:
         if isinstance(self.strategy, SecureSyncRounds):
             # The aggregator never sees a secure round's updates: nothing to decode,
             # validate, screen or weigh (docs/PROTOCOL.md section 11).
-            return IngestPipeline([Unpack(nonce_of=lambda r, d: self._planner().nonce(r, d)),
+            return IngestPipeline([VerifySignature(keys=self.keys),
+                                   Unpack(nonce_of=lambda r, d: self._planner().nonce(r, d)),
                                    SecureUpload(strategy=self.strategy)])
         stages: Sequence[IngestStage] = [
             VerifySignature(keys=self.keys),

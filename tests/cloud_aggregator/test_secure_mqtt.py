@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from keys import ENROLMENT, enrol_agent
 from mqtt_rig import transport as mqtt_transport
 
 from broker_bridge import Channel, MosquittoProcess, unpack_update_body
@@ -109,7 +110,8 @@ def run_fleet(mosquitto: MosquittoProcess, tmp_path: Path, *, devices: int, roun
         secure_fraction=0.25, secure_phase_s=3.0, state_dir=tmp_path / "agg",
         store_synchronous="NORMAL", max_abandoned=rounds + 1)
     agg = Aggregator(config=config, channel=Channel(
-        transport=mqtt_transport(mosquitto.url, "aggregator", fleet, device=False), fleet=fleet))
+        transport=mqtt_transport(mosquitto.url, "aggregator", fleet, device=False), fleet=fleet),
+        enrolment=ENROLMENT)
     agg.start()
     agents = []
     rng = np.random.default_rng(0)
@@ -123,6 +125,7 @@ def run_fleet(mosquitto: MosquittoProcess, tmp_path: Path, *, devices: int, roun
                                          y=rng.integers(0, 10, 32)),
                           state_dir=tmp_path / did, owns_transport=True,
                           status_probe=lambda: DeviceStatus(), training=fixed_training(i))
+            enrol_agent(agent)  # masked uploads are signed and verified like any update
             agent.start()
             agents.append(agent)
             seen.agents[did] = agent

@@ -19,8 +19,9 @@ from cloud_aggregator._store import Store
 class SecureFake:
     """A fake device's secure side: answers the aggregator's secagg messages."""
 
-    def __init__(self, device: FakeDevice) -> None:
+    def __init__(self, device: FakeDevice, *, signed: bool = True) -> None:
         self.device = device
+        self.signed = signed
         self.sa: SecAggDevice | None = None
         self.seen = 0
         self.levels: np.ndarray | None = None
@@ -53,7 +54,7 @@ class SecureFake:
                 self.levels = self.sa.fixed.encode(values, rng.random(words))
                 masked = self.sa.masked(self.levels)
                 self.device.send_update(layout=None, codec="secagg",  # type: ignore[arg-type]
-                                        codec_body=masked.to_bytes())
+                                        codec_body=masked.to_bytes(), signed=self.signed)
             elif isinstance(body, Unmask) and reveal:
                 assert self.sa is not None
                 self.send(self.sa.on_unmask(body))
@@ -129,3 +130,20 @@ def test_a_replacement_for_a_decliner_joins_the_secure_round(tmp_path: Path,
     drive(agg, clock, [fakes[d.id] for d in fleet.values() if d is not chosen[0]])
     assert agg.model_version == 1, [m.to_json() for m in agg.history]
     assert agg.history[0].devices_reported == 3
+
+
+def test_a_masked_upload_must_be_signed_by_its_device(tmp_path: Path, artifacts: Path) -> None:
+    """Secure rounds verify signatures like any other: an unsigned masked upload (or one
+    from a party holding only a device's broker login) is refused and counts nothing."""
+    broker, clock = MemoryBroker(), ManualClock()
+    agg = make(tmp_path, artifacts, broker, manual=clock, devices_per_round=4, rounds=1,
+               secure_aggregation=True, secure_fraction=0.5, secure_phase_s=1.0,
+               deadline_s=6.0, quorum=3)
+    fleet = devices(broker, 4)
+    fakes = [SecureFake(d, signed=d.id != "d2") for d in fleet.values()]
+    drive(agg, clock, fakes, steps=16)  # past the upload deadline: d2 may still re-send
+    unsigned = fleet["d2"].acks
+    assert unsigned and unsigned[-1].status == "rejected"
+    assert unsigned[-1].reason.startswith("unsigned")
+    assert all(fleet[d].acks[-1].status == "accepted" for d in ("d0", "d1", "d3"))
+    assert agg.model_version == 1  # the three signed uploads still make the round
