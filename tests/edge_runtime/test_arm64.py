@@ -2,9 +2,11 @@
 emulated with qemu user mode, against an x86 aggregator and Mosquitto on this machine.
 
 The project's wheel is built here, installed (with plain onnxruntime, numpy, paho-mqtt
-and zstandard from PyPI's aarch64 wheels) into an aarch64 venv, and ``fleetlearn agent``
-runs there on a real MNIST-1D shard; the aggregator must accept its updates for two
-rounds. The venv is cached in ``$FLEETLEARN_ARM64_VENV`` (default
+zstandard and cryptography from PyPI's aarch64 wheels: the base dependencies) into an
+aarch64 venv, and ``fleetlearn agent`` runs there on a real MNIST-1D shard; its key,
+made on the board, is enrolled the way an operator does it (``fleetlearn devices key``
+there, ``fleetlearn devices enroll`` here), and the aggregator must accept its signed
+updates for two rounds. The venv is cached in ``$FLEETLEARN_ARM64_VENV`` (default
 ``~/.cache/fleetlearn/arm64-venv``) and the Debian sysroot by the emulation tool, so a
 second run only reinstalls the wheel. Emulated code is ~100x slower than native: only
 correctness and memory mean anything here.
@@ -22,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +36,9 @@ from edge_runtime._datasets import load_mnist1d, partition_dirichlet
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-DEVICE_DEPS = ("numpy>=1.26", "onnxruntime>=1.17", "paho-mqtt>=2.1,<3", "zstandard>=0.22")
+DEVICE_DEPS = tuple(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+                    ["dependencies"])
+"""What a device installs: the base package's dependencies, as pyproject.toml says."""
 
 
 def arm_tool() -> Path:
@@ -128,12 +133,23 @@ def test_aarch64_agent_updates_are_accepted_by_an_x86_aggregator(
     shard = shards[0][:200]
     np.savez(tmp_path / "shard.npz", x=data.x_train[shard], y=data.y_train[shard])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # The operator's enrolment: the key is made on the board and only its public half
+    # comes here.
+    line = _tool("run", str(arm_venv), "--", "fleetlearn", "devices", "key", "--device-id",
+                 "pi-01", "--state-dir", str(tmp_path / "pi-01")).strip().splitlines()[-1]
+    assert line.startswith("pi-01 ed25519:"), line
+    (tmp_path / "keys.txt").write_text(line + "\n")
+    enrolment = tmp_path / "enrolment.toml"
+    subprocess.run([sys.executable, "-m", "fleetlearn", "devices", "enroll", "--enrolment",
+                    str(enrolment), "--fleet", fleet, "--from", str(tmp_path / "keys.txt")],
+                   cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
     state = tmp_path / "aggregator"
     aggregator = subprocess.Popen(
         [sys.executable, "-m", "fleetlearn", "aggregator", "--broker", mosquitto.url,
          "--fleet", fleet, "--model", "mlp", "--rounds", "2", "--devices-per-round", "1",
          "--over-selection", "1", "--quorum", "1", "--min-devices", "1",
-         "--local-epochs", "1", "--deadline-s", "900", "--state-dir", str(state), "--quiet"],
+         "--local-epochs", "1", "--deadline-s", "900", "--state-dir", str(state),
+         "--enrolment", str(enrolment), "--quiet"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     agent_log = (tmp_path / "agent.log").open("w")
     agent = subprocess.Popen(
