@@ -145,6 +145,16 @@ class SecureSyncRounds(SyncRounds):
             return
         self._advance(self.ctx.clock.now())
 
+    def status(self) -> str:
+        line = super().status()
+        sa = self.secure
+        if sa is not None and self._open is not None and sa.phase in (
+                "advertise", "share", "unmask"):
+            what = {"advertise": "devices' public keys", "share": "devices' sealed shares",
+                    "unmask": "survivors' revealed shares"}[sa.phase]
+            line += f"; secure aggregation waits for the {what}"
+        return line
+
     def _waiting(self) -> bool:
         """Does the current step still wait for a device it expects?"""
         sa = self.secure

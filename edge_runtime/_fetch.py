@@ -49,8 +49,10 @@ class Fetcher:
         with self._lock:
             return self._waiting_for
 
-    def _wait(self, ready: Callable[[], T | None], *, what: str, seconds: float,
-              cancelled: Callable[[], bool]) -> T | None:
+    def wait(self, ready: Callable[[], T | None], *, what: str, seconds: float,
+             cancelled: Callable[[], bool]) -> T | None:
+        """Wait for ``ready()`` (the inbox's ``wait``), saying ``what`` meanwhile
+        (``waiting_for``: the agent's status line)."""
         with self._lock:
             self._waiting_for = what
         try:
@@ -76,7 +78,7 @@ class Fetcher:
             bundle = self._inbox.take_bundle()
             return None if bundle is None else self._install(bundle, wanted)
 
-        got = self._wait(ready, what=f"training artifacts {wanted[:12]}... (requested from "
+        got = self.wait(ready, what=f"training artifacts {wanted[:12]}... (requested from "
                                      "the aggregator)", seconds=seconds, cancelled=cancelled)
         if got is None:
             raise ArtifactError(f"no artifacts {wanted[:16]}... received in time")
@@ -110,7 +112,7 @@ class Fetcher:
             self._request(Request(want="model", model_version=version, model_hash=wanted,
                                   artifacts_hash=task.artifacts_hash,
                                   have_versions=self.models.versions()), task)
-            model = self._wait(ready, what=f"global model version {version} ({wanted[:12]}...) "
+            model = self.wait(ready, what=f"global model version {version} ({wanted[:12]}...) "
                                            "from the aggregator", seconds=seconds,
                                cancelled=cancelled)
         if model is None:

@@ -225,11 +225,12 @@ def _secure_submission_impl(worker: Worker, job: Job, draft: UpdateDraft,
     """A secure round's update: wait for the round's shares, then mask (the agent's
     ``SecureSession``); None when they never came (the task is declined)."""
     task = job.task
-    if worker.secure is None or worker.inbox is None:
+    if worker.secure is None:
         raise HookError("a secure task reached an agent without a secure session")
     secure = worker.secure
-    device = worker.inbox.wait(lambda: secure.ready(task), seconds=job.remaining(),
-                               cancelled=cancelled)
+    device = worker.fetcher.wait(
+        lambda: secure.ready(task), seconds=job.remaining(), cancelled=cancelled,
+        what=f"round {task.round}'s secure-aggregation shares from the aggregator")
     if device is None:
         worker.stats.withdrawn += 1
         worker._set_status_quietly(TaskStatus.DECLINED)

@@ -147,3 +147,13 @@ def test_a_masked_upload_must_be_signed_by_its_device(tmp_path: Path, artifacts:
     assert unsigned[-1].reason.startswith("unsigned")
     assert all(fleet[d].acks[-1].status == "accepted" for d in ("d0", "d1", "d3"))
     assert agg.model_version == 1  # the three signed uploads still make the round
+
+
+def test_the_status_line_says_which_secure_step_it_waits_for(tmp_path: Path,
+                                                            artifacts: Path) -> None:
+    broker, clock = MemoryBroker(), ManualClock()
+    agg = make(tmp_path, artifacts, broker, manual=clock, devices_per_round=3, rounds=1,
+               secure_aggregation=True, secure_phase_s=1.0)
+    devices(broker, 3)  # they never answer the secure steps
+    agg.tick()
+    assert "secure aggregation waits for the devices' public keys" in agg.status_line()
