@@ -51,7 +51,8 @@ from cloud_aggregator._events import (
     UpdateAccepted,
     UpdateRefused,
 )
-from cloud_aggregator._ingest import IngestPipeline, Journal, Outcome, UpdateItem
+from cloud_aggregator._ingest import IngestPipeline, UpdateItem
+from cloud_aggregator._journal import Journal, Outcome
 from cloud_aggregator._metrics import Counters
 from cloud_aggregator._planner import WorkPlanner
 from cloud_aggregator._recorder import RoundRecorder
@@ -79,7 +80,7 @@ class DeviceDesk:
                  pipeline: IngestPipeline, model: ModelState, strategy: Strategy,
                  uplink: CodecSpec | str, planner: Callable[[], WorkPlanner],
                  server: Callable[[], ModelServer], running: Callable[[], bool],
-                 commit: Callable[[], None]) -> None:
+                 commit: Callable[[], None], commit_full: Callable[[], None]) -> None:
         self.fleet = fleet
         self.channel = channel
         self.clock = clock
@@ -98,6 +99,7 @@ class DeviceDesk:
         self._server = server
         self._running = running
         self._commit = commit
+        self._commit_full = commit_full
         self._log = LogLimiter()
 
     # -- sending ----------------------------------------------------------------------
@@ -315,9 +317,12 @@ class DeviceDesk:
             meta["body_sha256"] = item.body_sha256.hex()
         entry = JournalEntry(key=key, stream=self.strategy.stream(item), body=message.body,
                              meta=meta)
-        self.journal.submit(entry, lambda outcome: self._journaled(item, outcome))
-        if not self._running() or self.journal.full:
+        self.journal.submit(entry, lambda outcome: self._journaled(item, outcome),
+                            stream=lambda: self.strategy.stream(item))
+        if not self._running():
             self._commit()
+        elif self.journal.full:
+            self._commit_full()
 
     def _journaled(self, item: UpdateItem, outcome: Outcome) -> None:
         device, message = item.device, item.message

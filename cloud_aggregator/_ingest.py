@@ -22,12 +22,7 @@ proven is parsed, let alone decoded.) Strategy-specific gates (is the round open
 selected, is it too stale) run before the pipeline; clipping and the combining rule
 are the aggregate's (``_aggregate``).
 
-``Journal`` makes accepted updates durable in groups: an update is acknowledged only
-after the transaction that stores it commits, and one commit carries up to
-``max_batch`` updates (or ``max_bytes`` of bodies, 32 MiB: seven dense ``mlp-xl``
-updates) or whatever arrived within ``max_delay_s`` (128 and 20 ms: an ack
-waits at most that much longer, and at a thousand updates a second a commit, with its
-fsync, carries about twenty of them; bench/aggregator.py measured 5 ms against 20 ms).
+``Journal`` (``_journal``) makes accepted updates durable in groups.
 """
 
 from __future__ import annotations
@@ -35,10 +30,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -51,7 +45,6 @@ from cloud_aggregator._contribution import weight_factor
 from cloud_aggregator._errors import AggregatorError
 from cloud_aggregator._ledger import UpdateSource
 from cloud_aggregator._screen import NormScreen, WeightBound, task_samples_cap
-from cloud_aggregator._store import JournalEntry, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -305,95 +298,3 @@ class ReputationWeight:
                                f"weight x {factor:.3g} (reputation {score:.3g} below "
                                f"{self.floor})"))
         return None
-
-
-# -- the journal ------------------------------------------------------------------------
-
-Outcome = Literal["fresh", "duplicate", "failed"]
-
-
-@dataclass
-class _Pending:
-    entry: JournalEntry
-    then: Callable[[Outcome], None]
-    since: float
-
-
-class Journal:
-    """Group commit of accepted updates (see the module doc).
-
-    ``submit`` queues an entry; ``flush`` writes every queued entry in one transaction
-    and then calls each entry's ``then`` in submission order with ``fresh`` (stored),
-    ``duplicate`` (its key was already accepted) or ``failed`` (the transaction failed:
-    nothing was stored, nothing must be acknowledged). ``queued_attempt`` says whether an
-    update of a device for a round is already waiting (one task has one answer per
-    batch, whatever its attempt number) and ``holds`` whether any of a device's is.
-    """
-
-    def __init__(self, store: Store, *, max_batch: int = 128, max_delay_s: float = 0.02,
-                 max_bytes: int = 32 * 2**20,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        if max_batch < 1 or max_delay_s < 0 or max_bytes < 1:
-            raise AggregatorError("journal batches need max_batch >= 1, max_delay_s >= 0 "
-                                  "and max_bytes >= 1")
-        self._store = store
-        self.max_batch = max_batch
-        self.max_delay_s = max_delay_s
-        self.max_bytes = max_bytes
-        self._clock = clock
-        self._pending: list[_Pending] = []
-        self._tasks: dict[tuple[int, str], int] = {}  # (round, device) -> attempt
-        self._devices: set[str] = set()
-        self._bytes = 0
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
-    @property
-    def full(self) -> bool:
-        """The batch holds ``max_batch`` updates or ``max_bytes`` of bodies: commit it
-        now (whoever queues an update checks, so memory stays bounded however fast
-        updates arrive)."""
-        return len(self._pending) >= self.max_batch or self._bytes >= self.max_bytes
-
-    def queued_attempt(self, round_index: int, device: str) -> int | None:
-        """The attempt of ``device``'s update of ``round_index`` waiting here, if any."""
-        return self._tasks.get((round_index, device))
-
-    def holds(self, device: str) -> bool:
-        """Is an update of ``device`` waiting for its commit?"""
-        return device in self._devices
-
-    def submit(self, entry: JournalEntry, then: Callable[[Outcome], None]) -> None:
-        self._pending.append(_Pending(entry, then, self._clock()))
-        self._tasks[(entry.key.round, entry.key.device_id)] = entry.key.attempt
-        self._devices.add(entry.key.device_id)
-        self._bytes += len(entry.body)
-
-    def wait_s(self) -> float | None:
-        """Seconds until the queued entries are due (0: now; None: nothing queued)."""
-        if not self._pending:
-            return None
-        if self.full:
-            return 0.0
-        return max(0.0, self._pending[0].since + self.max_delay_s - self._clock())
-
-    def flush(self) -> int:
-        """Commit what is queued; returns how many entries were written or refused."""
-        if not self._pending:
-            return 0
-        batch, self._pending = self._pending, []
-        self._tasks.clear()
-        self._devices.clear()
-        self._bytes = 0
-        try:
-            fresh = self._store.journal([p.entry for p in batch])
-            outcomes: list[Outcome] = ["fresh" if f else "duplicate" for f in fresh]
-        except StoreError:
-            outcomes = ["failed"] * len(batch)
-            log.exception("cannot journal %d updates; none is acknowledged (devices send "
-                          "them again)", len(batch))
-        for pending, outcome in zip(batch, outcomes, strict=True):
-            pending.then(outcome)
-        return len(batch)

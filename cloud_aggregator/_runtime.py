@@ -81,12 +81,12 @@ from cloud_aggregator._ingest import (
     Decode,
     IngestPipeline,
     IngestStage,
-    Journal,
     ReputationWeight,
     Screen,
     Unpack,
     Validate,
 )
+from cloud_aggregator._journal import Journal
 from cloud_aggregator._learned import STATE_BLOB, LearnedState, read_json_blob
 from cloud_aggregator._ledger import AggregatorKey, PendingEntry, model_sha256
 from cloud_aggregator._ledger_writer import LedgerWriter
@@ -288,7 +288,8 @@ class Aggregator:
             pipeline=self.pipeline, model=self.state, strategy=self.strategy,
             uplink=SECURE_CODEC if config.secure_aggregation else self._uplink,
             planner=self._planner, server=self._model_server,
-            running=lambda: self._running, commit=self._commit)
+            running=lambda: self._running, commit=self._commit,
+            commit_full=self._commit_full)
         self.learned = LearnedState(
             config=config, store=self.store, state_dir=self.state_dir,
             content_hash=self.model.info.content_hash, model=self.state, strategy=self.strategy,
@@ -524,6 +525,7 @@ class Aggregator:
 
     def _let_go(self) -> None:
         """Stop the metrics endpoint, close the store, remove a temporary state dir."""
+        self.journal.close()  # a batch being written finishes first (after abort: unacked)
         if self._metrics_server is not None:
             self._metrics_server.close()
             self._metrics_server = None
@@ -588,13 +590,30 @@ class Aggregator:
             return progressed
 
     def _commit_due(self) -> None:
+        """The run loop's commits: settle the batch the journal's writer has made durable,
+        and hand it the next one when due. The lock is not held across the write."""
+        if self.journal.finish(wait=False):
+            self._flushed()
         due = self.journal.wait_s()
         if due is not None and due <= 0:
-            self._commit()
+            self.journal.begin(self._written)
+
+    def _written(self) -> None:
+        """On the journal's writer thread: a batch is durable; wake the run loop."""
+        with self._wake:
+            self._wake.notify_all()
+
+    def _commit_full(self) -> None:
+        """A handler filled the journal's batch while the run loop runs: hand it to the
+        writer now, after the one it is writing (bounded memory: a handler waits for
+        the write before)."""
+        if self.journal.finish(wait=True):
+            self._flushed()
+        self.journal.begin(self._written)
 
     def _commit(self) -> None:
-        """Commit the updates waiting in the journal, acknowledge them, and let the
-        strategy act on them (a FedBuff release)."""
+        """Commit the updates waiting in the journal (and any batch being written),
+        acknowledge them, and let the strategy act on them (a FedBuff release)."""
         if self.journal.flush():
             self._flushed()
 

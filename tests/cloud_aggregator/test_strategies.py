@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from aggregator_rig import FLEET, devices, fake_update, feed_async, make
+from waiting import wait_for
 
 from broker_bridge import (
     CodecSpec,
@@ -227,12 +228,15 @@ def test_a_full_journal_batch_commits_at_once(tmp_path: Path, artifacts: Path) -
     first, second, third = fleet.values()
     first.send_update(layout=agg.layout)
     assert not first.acks  # waiting for its batch
-    second.send_update(layout=agg.layout)  # fills the batch: both commit now
+    second.send_update(layout=agg.layout)  # fills the batch: its commit starts now
+    # (on the journal's writer thread, not in a minute: the acks follow its fsync)
+    assert wait_for(lambda: first.acks and second.acks, 20.0)
     assert [d.acks[0].status for d in (first, second)] == ["accepted", "accepted"]
     agg.journal.max_batch = 128
     agg.journal.max_bytes = 1  # now the byte budget fills first: any body fills it
     third.send_update(layout=agg.layout)
-    assert third.acks and third.last_ack().status == "accepted"
+    assert wait_for(lambda: third.acks, 20.0)
+    assert third.last_ack().status == "accepted"
     agg.stop()
     runner.join(timeout=20)
 
