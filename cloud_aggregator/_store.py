@@ -58,7 +58,13 @@ from cloud_aggregator._store_devices import (
     put_histories,
 )
 from cloud_aggregator._store_keys import KeyTables, migrate_v3
-from cloud_aggregator._store_ledger import LedgerTables, append_tx, migrate_v5
+from cloud_aggregator._store_ledger import (
+    KEEP_REFERENCED,
+    LedgerTables,
+    append_tx,
+    migrate_v5,
+    migrate_v6,
+)
 from device_profiles._errors import ConfigError
 
 MIGRATIONS: tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...] = (
@@ -66,6 +72,7 @@ MIGRATIONS: tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...] = (
     (3, migrate_v3),
     (4, migrate_v4),
     (5, migrate_v5),
+    (6, migrate_v6),
 )
 """Each step brings a store to its version inside one transaction, in order."""
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -447,9 +454,8 @@ class Store(DeviceTables, KeyTables, LedgerTables):
         )
         if cur.rowcount != 1:
             raise StoreError(f"round {round_index} of fleet {fleet!r} is not open")
-        conn.execute(
-            "DELETE FROM round_updates WHERE fleet = ? AND round = ?", (fleet, round_index)
-        )
+        conn.execute("DELETE FROM round_updates WHERE fleet = ? AND round = ?"
+                     + KEEP_REFERENCED, (fleet, round_index))
 
     def round(self, fleet: str, round_index: int) -> RoundRecord | None:
         rows = self._read(_ROUND_SELECT + " WHERE fleet = ? AND round = ?", (fleet, round_index))
@@ -552,7 +558,9 @@ class Store(DeviceTables, KeyTables, LedgerTables):
             rows = self._read(
                 "SELECT r.seq, a.round, a.device_id, a.attempt, a.accepted_at, r.body, r.meta"
                 " FROM round_updates r JOIN accepted_updates a ON a.seq = r.seq"
-                " WHERE r.fleet = ? AND r.round = ? AND r.seq > ? ORDER BY r.seq LIMIT 64",
+                " WHERE r.fleet = ? AND r.round = ? AND r.seq > ?"
+                " AND r.seq NOT IN (SELECT seq FROM ledger_refs)"  # kept for the ledger only
+                " ORDER BY r.seq LIMIT 64",
                 (fleet, round_index, last),
             )
             if not rows:
@@ -649,8 +657,8 @@ class Store(DeviceTables, KeyTables, LedgerTables):
     def drop_stream(self, fleet: str, stream: int) -> None:
         """Forget the journaled bodies of ``stream`` (their keys stay: still duplicates)."""
         with self._write() as conn:
-            conn.execute("DELETE FROM round_updates WHERE fleet = ? AND round = ?",
-                         (fleet, stream))
+            conn.execute("DELETE FROM round_updates WHERE fleet = ? AND round = ?"
+                         + KEEP_REFERENCED, (fleet, stream))
 
     # -- checkpoints
 
@@ -711,7 +719,8 @@ class Store(DeviceTables, KeyTables, LedgerTables):
                 self._close_round_tx(conn, fleet, close_round, "closed", record.created_at)
             if drop_streams:  # FedBuff buffers released into this model
                 conn.execute("DELETE FROM round_updates WHERE fleet = ? AND round >= ?"
-                             " AND round < ?", (fleet, drop_streams.start, drop_streams.stop))
+                             " AND round < ?" + KEEP_REFERENCED,
+                             (fleet, drop_streams.start, drop_streams.stop))
             put_histories(conn, histories or {})
         return record
 

@@ -1,14 +1,22 @@
 """The store's ledger tables: the training ledger's entries and the update bodies they cite.
 
 ``ledger_entries`` holds one row per entry, keyed (fleet, idx): a second entry at the
-same index is impossible (no fork). ``ledger_bodies`` keeps the accepted update bodies
-an entry references, content-addressed by SHA-256, for ``fleetlearn ledger verify``;
-they are never deleted by the aggregator (retention: the life of the state dir; see the
-README). ``append_tx`` runs inside the transaction that writes the checkpoint or closes
-the round (``Store.save_checkpoint`` / ``close_round``), so an entry commits with its
-model or not at all.
+same index is impossible (no fork). The accepted update bodies an entry references are
+kept, content-addressed by SHA-256, for ``fleetlearn ledger verify``, and never deleted
+by the aggregator (retention: the life of the state dir; see the README):
 
-Schema version 5 introduced both tables (``migrate_v5``, self-contained).
+- since schema version 6, where the journal wrote them: ``ledger_refs`` maps a digest
+  to its journal row (``round_updates.seq``), and the journal's clean-ups keep the rows
+  it names (a foreign key makes dropping one an error, not a silent loss). An entry
+  therefore costs one small row per update, not a second copy of every body;
+- before it, in ``ledger_bodies`` (copies), still read for older entries.
+
+``append_tx`` runs inside the transaction that writes the checkpoint or closes the round
+(``Store.save_checkpoint`` / ``close_round``), before that transaction drops the
+journal's rows, so an entry commits with its model or not at all.
+
+Schema version 5 introduced ``ledger_entries`` and ``ledger_bodies`` (``migrate_v5``),
+version 6 ``ledger_refs`` (``migrate_v6``); each is self-contained.
 """
 
 from __future__ import annotations
@@ -61,13 +69,33 @@ def migrate_v5(conn: sqlite3.Connection) -> None:
             conn.execute(statement)
 
 
-def _kept_body(conn: sqlite3.Connection, pending: PendingEntry, device: str, task: int,
-               attempt: int) -> bytes | None:
+MIGRATION_V6 = """
+CREATE TABLE ledger_refs (
+    sha256 TEXT    PRIMARY KEY,
+    seq    INTEGER NOT NULL REFERENCES round_updates (seq)
+);
+CREATE INDEX ledger_refs_by_seq ON ledger_refs (seq)
+"""
+
+KEEP_REFERENCED = " AND seq NOT IN (SELECT seq FROM ledger_refs)"
+"""Appended to a ``DELETE FROM round_updates`` clean-up: rows the ledger cites stay."""
+
+
+def migrate_v6(conn: sqlite3.Connection) -> None:
+    """Schema version 5 -> 6: bodies are referenced where the journal wrote them."""
+    for statement in MIGRATION_V6.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _journal_row(conn: sqlite3.Connection, pending: PendingEntry, device: str, task: int,
+                 attempt: int) -> int | None:
+    """The journal row (``round_updates.seq``) of an update the entry cites."""
     row = conn.execute(
-        "SELECT r.body FROM round_updates r JOIN accepted_updates a ON a.seq = r.seq"
-        " WHERE r.fleet = ? AND r.round = ? AND a.device_id = ? AND a.round = ?"
-        " AND a.attempt = ?", (pending.fleet, pending.stream, device, task, attempt)).fetchone()
-    return None if row is None else bytes(row[0])
+        "SELECT r.seq FROM accepted_updates a JOIN round_updates r ON r.seq = a.seq"
+        " WHERE a.fleet = ? AND a.round = ? AND a.device_id = ? AND a.attempt = ?"
+        " AND r.round = ?", (pending.fleet, task, device, attempt, pending.stream)).fetchone()
+    return None if row is None else int(row[0])
 
 
 def append_tx(conn: sqlite3.Connection, pending: PendingEntry) -> AppendedEntry | None:
@@ -115,14 +143,17 @@ def append_tx(conn: sqlite3.Connection, pending: PendingEntry) -> AppendedEntry 
     if saved is not None and str(saved[0]) != pending.model:
         raise LedgerError(f"ledger entry {index}: the checkpoint of version "
                           f"{pending.model_version} is not the entry's model")
-    for added in pending.accepted:  # one body in memory at a time
+    for added in pending.accepted:
+        # The digest is the one the ingest pipeline computed over these journaled bytes
+        # (``ledger verify`` hashes them again); a body already kept under it (the same
+        # bytes from another update) is not referenced twice.
         s = added.source
-        body = _kept_body(conn, pending, s.device, s.round, s.attempt)
-        if body is None or sha256_hex(body) != s.digest:
+        seq = _journal_row(conn, pending, s.device, s.round, s.attempt)
+        if seq is None:
             raise LedgerError(f"the body of {s.device}'s update ({s.digest}) is not in the "
                               "journal for the ledger")
-        conn.execute("INSERT INTO ledger_bodies (sha256, body) VALUES (?, ?)"
-                     " ON CONFLICT DO NOTHING", (s.digest, body))
+        conn.execute("INSERT INTO ledger_refs (sha256, seq) VALUES (?, ?)"
+                     " ON CONFLICT DO NOTHING", (s.digest, seq))
     conn.execute(
         "INSERT INTO ledger_entries (fleet, idx, round, header, accepted, details, leaf,"
         " tree_size, root, timestamp_ms, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -165,7 +196,12 @@ class LedgerTables:
             "SELECT leaf FROM ledger_entries WHERE fleet = ? ORDER BY idx", (fleet,))]
 
     def ledger_body(self, digest: str) -> bytes | None:
-        rows = self._read("SELECT body FROM ledger_bodies WHERE sha256 = ?", (digest,))
+        """The kept body with this SHA-256 (hex), where the journal wrote it or, for an
+        entry from before schema version 6, its copy."""
+        rows = self._read("SELECT r.body FROM ledger_refs l JOIN round_updates r"
+                          " ON r.seq = l.seq WHERE l.sha256 = ?", (digest,))
+        if not rows:
+            rows = self._read("SELECT body FROM ledger_bodies WHERE sha256 = ?", (digest,))
         return bytes(rows[0][0]) if rows else None
 
     def ledger_fleets(self) -> list[str]:

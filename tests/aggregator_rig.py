@@ -7,6 +7,7 @@ key (``keys.device_key``), which the aggregators ``make`` builds know.
 
 from __future__ import annotations
 
+import sqlite3
 import zlib
 from pathlib import Path
 
@@ -179,3 +180,17 @@ def feed_async(agg: object, fleet: dict[str, FakeDevice], count: int) -> list[tu
         assert device.last_ack().status == "accepted", (device.id, device.last_ack())
         answered.append((device.id, device.tasks[-1].round))
     return answered
+
+
+def kept_body(conn: sqlite3.Connection, digest: str) -> bytes:
+    """The body the training ledger keeps under ``digest`` (its journal row)."""
+    row = conn.execute("SELECT r.body FROM ledger_refs l JOIN round_updates r ON r.seq = l.seq"
+                       " WHERE l.sha256 = ?", (digest,)).fetchone()
+    assert row is not None, f"no kept body {digest}"
+    return bytes(row[0])
+
+
+def set_kept_body(conn: sqlite3.Connection, digest: str, body: bytes) -> None:
+    """Overwrite the kept body under ``digest`` (a tampering test)."""
+    conn.execute("UPDATE round_updates SET body = ? WHERE seq ="
+                 " (SELECT seq FROM ledger_refs WHERE sha256 = ?)", (body, digest))

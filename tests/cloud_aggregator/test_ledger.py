@@ -14,7 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from aggregator_rig import FLEET, FakeDevice, devices, feed_async, make
+from aggregator_rig import (
+    FLEET,
+    FakeDevice,
+    devices,
+    feed_async,
+    kept_body,
+    make,
+    set_kept_body,
+)
 
 from broker_bridge import (
     InclusionProof,
@@ -242,16 +250,13 @@ def test_a_flipped_byte_of_a_kept_body_fails_naming_its_entry(ledger_dir: Path) 
         (accepted,) = conn.execute("SELECT accepted FROM ledger_entries WHERE idx = 2"
                                    ).fetchone()
         digest = json.loads(bytes(accepted).split(b"\n")[0])["digest"]
-        (body,) = conn.execute("SELECT body FROM ledger_bodies WHERE sha256 = ?",
-                               (digest,)).fetchone()
-    body = bytes(body)
+        body = kept_body(conn, digest)
     for at in (0, len(body) // 2, len(body) - 1):
         with _db(ledger_dir) as conn:
-            conn.execute("UPDATE ledger_bodies SET body = ? WHERE sha256 = ?",
-                         (_flip(body, at), digest))
+            set_kept_body(conn, digest, _flip(body, at))
         assert _first_bad(ledger_dir) == 2
     with _db(ledger_dir) as conn:
-        conn.execute("DELETE FROM ledger_bodies WHERE sha256 = ?", (digest,))
+        conn.execute("DELETE FROM ledger_refs WHERE sha256 = ?", (digest,))
     assert _first_bad(ledger_dir) == 2
 
 
@@ -461,13 +466,14 @@ def test_a_store_from_before_the_ledger_migrates_and_its_ledger_starts_there(
     _sync_rounds(agg, fleet, 1)
     agg.close()
     with _db(tmp_path) as conn:  # as a version-4 store (before the ledger) leaves it
+        conn.execute("DROP TABLE ledger_refs")
         conn.execute("DROP TABLE ledger_entries")
         conn.execute("DROP TABLE ledger_bodies")
         conn.execute("UPDATE schema_version SET version = 4")
     broker = MemoryBroker()
     fleet = devices(broker, 3)
     agg = make(tmp_path, artifacts, broker, rounds=3)
-    assert agg.store.schema_version() == 5 and agg.store.ledger_entries(FLEET) == []
+    assert agg.store.schema_version() == 6 and agg.store.ledger_entries(FLEET) == []
     _sync_rounds(agg, fleet, 2)
     entries = agg.store.ledger_entries(FLEET)
     assert [(e.index, e.round) for e in entries] == [(0, 2), (1, 3)]
@@ -476,6 +482,54 @@ def test_a_store_from_before_the_ledger_migrates_and_its_ledger_starts_there(
     assert report.ok and report.models_rederived == 2, report
     assert any("starts at model version 1" in n for n in report.notes)
 
+
+def test_a_version_5_store_keeps_its_copied_bodies_and_references_new_ones(
+        tmp_path: Path, artifacts: Path) -> None:
+    """Schema 6 keeps an entry's bodies where the journal wrote them; entries of a
+    version-5 store cite copies in ``ledger_bodies``, which stay readable: the whole
+    ledger verifies after the migration, old entries and new."""
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=2)
+    _sync_rounds(agg, fleet, 2)
+    agg.close()
+    with _db(tmp_path) as conn:  # as version 5 left it: copies, journal rows dropped
+        conn.execute("INSERT INTO ledger_bodies (sha256, body) SELECT l.sha256, r.body"
+                     " FROM ledger_refs l JOIN round_updates r ON r.seq = l.seq")
+        copied = conn.execute("SELECT count(*) FROM ledger_bodies").fetchone()[0]
+        conn.execute("DROP TABLE ledger_refs")
+        conn.execute("DELETE FROM round_updates")
+        conn.execute("UPDATE schema_version SET version = 5")
+    assert copied >= 3
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=4)
+    assert agg.store.schema_version() == 6
+    _sync_rounds(agg, fleet, 2)
+    agg.close()
+    with _db(tmp_path) as conn:
+        refs = conn.execute("SELECT count(*) FROM ledger_refs").fetchone()[0]
+        kept_rows = conn.execute("SELECT count(*) FROM round_updates r JOIN ledger_refs l"
+                                 " ON l.seq = r.seq").fetchone()[0]
+        old = conn.execute("SELECT count(*) FROM ledger_bodies").fetchone()[0]
+    assert refs == kept_rows >= 3 and old == copied  # new entries: no copies
+    (report,) = verify_ledger(tmp_path)
+    assert report.ok and report.entries == 4 and report.models_rederived == 4, report
+
+
+def test_a_cited_journal_row_cannot_be_dropped(tmp_path: Path, artifacts: Path) -> None:
+    """The journal's clean-ups leave the rows the ledger cites; dropping one by hand
+    is refused by the store's foreign key rather than losing a kept body silently."""
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=1)
+    _sync_rounds(agg, fleet, 1)
+    agg.close()
+    with _db(tmp_path) as conn:
+        conn.execute("PRAGMA foreign_keys=ON")  # as the store opens it
+        assert conn.execute("SELECT count(*) FROM ledger_refs").fetchone()[0] >= 3
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute("DELETE FROM round_updates")
 
 def test_device_signatures_are_checked_and_bound_to_enrolled_keys(
         tmp_path: Path, artifacts: Path, capsys: pytest.CaptureFixture[str]) -> None:

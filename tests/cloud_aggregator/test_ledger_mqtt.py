@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from aggregator_rig import kept_body, set_kept_body
 from keys import ENROLMENT, enrol_agent
 from mqtt_rig import transport as mqtt_transport
 from waiting import wait_for
@@ -100,11 +101,8 @@ def test_real_agents_get_verified_proofs_and_the_ledger_verifies(
     digest = entries[1].header_json()  # (the header names the root; the record the digest)
     first = json.loads(entries[1].accepted[0])["digest"]
     with sqlite3.connect(state / "aggregator.sqlite", isolation_level=None) as conn:
-        (body,) = conn.execute("SELECT body FROM ledger_bodies WHERE sha256 = ?",
-                               (first,)).fetchone()
-        body = bytes(body)
-        conn.execute("UPDATE ledger_bodies SET body = ? WHERE sha256 = ?",
-                     (body[:-1] + bytes([body[-1] ^ 1]), first))
+        body = kept_body(conn, first)
+        set_kept_body(conn, first, body[:-1] + bytes([body[-1] ^ 1]))
     assert digest["index"] == 1
     (report,) = verify_ledger(state)
     assert report.first_bad == 1 and report.verified == 1
