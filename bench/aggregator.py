@@ -14,7 +14,10 @@ the time from the first payload published to the last acknowledgement received; 
 run loop runs in its own thread, as in production. ``cpu_ms_per_update`` is the
 process's CPU time over the same window per update (every thread: the aggregator's
 handlers run in the publishing thread here), which a busy machine inflates far less than
-the wall-clock rate. ``sync``: one round of N devices;
+the wall-clock rate. ``sync``: one round of N devices (``round_turnaround_s``: from its
+last acknowledgement until every device holds the next round's task, i.e. the round's
+close, checkpoint, ledger entry and proofs and the next round's opening; the
+``sustained_updates_per_s`` counts it);
 ``async``: FedBuff with N devices in flight and a buffer of ``--buffer`` updates. Peak memory is the
 process's ``VmHWM`` growth while ingesting, for two counts (flat means it does not grow
 with N).
@@ -265,6 +268,17 @@ def run_service(mode: str, codec: str, bodies: list[bytes], samples: list[int], 
         cpu = time.process_time() - cpu0
         rss1 = vm_hwm_mb()
         swarm.collect()
+        turnaround = float("nan")
+        if phase == "timed" and mode == "sync":
+            # The round closes (aggregate, checkpoint, ledger entry, proofs) and the next
+            # one opens: every device has a new task. Sustained throughput counts it.
+            t1 = time.perf_counter()
+            while time.perf_counter() - t1 < 120 and (
+                    len(swarm.tasks) < n or any(t.round in swarm.answered
+                                                for t in list(swarm.tasks.values()))):
+                time.sleep(0.002)
+                swarm.collect()
+            turnaround = time.perf_counter() - t1
     agg.stop()
     runner.join(timeout=60)
     agg.close()
@@ -274,6 +288,9 @@ def run_service(mode: str, codec: str, bodies: list[bytes], samples: list[int], 
     return {"mode": mode, "codec": codec, "updates": n, "acked": swarm.acks - acked0,
             "rejected": len(swarm.rejected), "seconds": round(seconds, 3),
             "updates_per_s": round(n / seconds, 1), "cpu_ms_per_update": round(1000 * cpu / n, 3),
+            "round_turnaround_s": None if turnaround != turnaround else round(turnaround, 3),
+            "sustained_updates_per_s": (None if turnaround != turnaround
+                                        else round(n / (seconds + turnaround), 1)),
             "peak_rss_growth_mb": round(rss1 - rss0, 1),
             "first_rejections": swarm.rejected[:3]}
 
@@ -298,8 +315,10 @@ def scenarios(args: argparse.Namespace) -> dict[str, Any]:
                 with tempfile.TemporaryDirectory(prefix="fleetlearn-bench-agg-") as tmp:
                     row = run_service(mode, codec, bodies, samples, n, args.buffer, Path(tmp),
                                       profile=args.profile)
+                turn = ("" if row["round_turnaround_s"] is None else
+                        f"round close+open {row['round_turnaround_s']:.3f} s, ")
                 say(f"  {mode:5s} {codec:18s} n={n:5d}: {row['updates_per_s']:8.1f} updates/s, "
-                    f"{row['cpu_ms_per_update']:.3f} CPU ms/update, "
+                    f"{row['cpu_ms_per_update']:.3f} CPU ms/update, {turn}"
                     f"peak RSS +{row['peak_rss_growth_mb']} MB, rejected {row['rejected']}")
                 out["runs"].append(row)
     return out

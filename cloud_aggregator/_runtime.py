@@ -17,22 +17,26 @@ Durability, in order: an update is journaled (its idempotency key and body, one
 transaction per group), then added to the aggregate, then acknowledged: an
 acknowledged update is never lost, and a redelivered one is counted once. A new model
 is written with the server optimizer's state, what the strategy and the screens
-learned, and the round's metrics, in one transaction (``_release``). On start the
+learned, the round's metrics and its ledger entry, in one transaction (``_releases``).
+On start the
 latest checkpoint is loaded and the strategy rebuilds its open round or buffer from
 the journal.
 
 Threads: message handlers run on the transport's thread, ``tick``/``run`` on the
 caller's; one re-entrant lock serialises them (an in-memory transport delivers
 synchronously, so a handler may run inside ``tick``). While ``run`` is looping, the
-journal commits in groups (``max_delay_s`` apart at most); otherwise each accepted
-update commits before its handler returns. ``start`` registers the handlers before
+journal commits in groups (``max_delay_s`` apart at most) on its own writer thread,
+without the lock, and the run loop settles each batch once it is durable; otherwise
+each accepted update commits before its handler returns. ``start`` registers the handlers before
 connecting and holds no lock while subscribing; messages that arrive before the open
 round is rebuilt wait in a bounded queue.
 
 Why this module is longer than 400 lines: it is the one place that orders start-up,
-durable writes, releases and shutdown. What it orders lives in parts: devices' messages
-(``_desk``), strategies, the ingest pipeline and journal, the learned state
-(``_learned``), the planner, the model server, the recorder.
+durable writes and shutdown, and wires the parts (about a third of it is that wiring
+and its documentation). What it orders lives in parts: devices' messages (``_desk``),
+strategies, the ingest pipeline (``_ingest``) and journal (``_journal``), releases and
+checkpoints (``_releases``), the learned state (``_learned``), the planner, the model
+server, the recorder.
 """
 
 from __future__ import annotations
@@ -43,7 +47,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +60,6 @@ from broker_bridge import (
     Message,
     roll_call,
 )
-from cloud_aggregator._aggregate import RoundAggregate
 from cloud_aggregator._aggregation import UpdateRules, l2_norm
 from cloud_aggregator._answers import AttemptLedger
 from cloud_aggregator._artifacts import MODEL_NAME
@@ -69,12 +71,10 @@ from cloud_aggregator._events import (
     Event,
     EventBus,
     ModelReleased,
-    RoundEnded,
     Status,
     Subscriber,
 )
 from cloud_aggregator._fedbuff import FedBuff
-from cloud_aggregator._history import DeviceHistory
 from cloud_aggregator._identity import KeyBook, VerifySignature
 from cloud_aggregator._ingest import (
     BoundWeight,
@@ -88,13 +88,14 @@ from cloud_aggregator._ingest import (
 )
 from cloud_aggregator._journal import Journal
 from cloud_aggregator._learned import STATE_BLOB, LearnedState, read_json_blob
-from cloud_aggregator._ledger import AggregatorKey, PendingEntry, model_sha256
+from cloud_aggregator._ledger import AggregatorKey
 from cloud_aggregator._ledger_writer import LedgerWriter
 from cloud_aggregator._metrics import Counters, MetricsLog, MetricsServer, RoundMetrics
 from cloud_aggregator._planner import WorkPlanner
 from cloud_aggregator._privacy import CentralDP
 from cloud_aggregator._recorder import PENDING_METRICS, RoundRecorder
 from cloud_aggregator._registry import FleetRegistry
+from cloud_aggregator._releases import OPT_BLOB, REGISTRY_EVERY_S, Releases
 from cloud_aggregator._rounds import Clock, SyncRound, WallClock
 from cloud_aggregator._screen import NormScreen, WeightBound
 from cloud_aggregator._secure_sync import CODEC as SECURE_CODEC
@@ -120,11 +121,7 @@ from device_profiles import ConfigError
 log = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
-OPT_BLOB = "server_opt"
 POLL_S = 0.05
-REGISTRY_EVERY_S = 1.0
-"""While ``run`` loops, the registry's devices and their histories are written at most
-this often: they are advisory, and hellos bring the devices back after a crash."""
 MAX_EARLY_MESSAGES = 10_000
 MAX_EARLY_BYTES = 256 * 2**20
 """Messages (and their bodies' bytes) held while the aggregator rebuilds its round at
@@ -295,23 +292,17 @@ class Aggregator:
             content_hash=self.model.info.content_hash, model=self.state, strategy=self.strategy,
             policy=self.policy, screen=self.screen, weights=self.weights, planner=self._planner,
             privacy=self.privacy)
+        self.releases = Releases(
+            config=config, store=self.store, registry=self.registry, state=self.state,
+            strategy=self.strategy, learned=self.learned, recorder=self.recorder,
+            trail=self.trail, events=self.events, broadcast=self._broadcast_model,
+            gauges=self._publish_gauges, resuming=lambda: self._resuming)
         self._early_bytes = 0
         self._early: collections.deque[tuple[Callable[[str, Message], None], str, Message]] = (
             collections.deque())
         self._failed: str | None = None
         self._finished: str | None = None
         self._last_status = time.monotonic()
-        self._unsaved_histories: dict[str, DeviceHistory] = {}
-        """Device records changed by releases not yet saved (``_take_histories``)."""
-        self._unsaved_from: int | None = None
-        """The first journal stream released into a model not checkpointed yet."""
-        self._unsaved: tuple[RoundMetrics, bytes] | None = None
-        """The metrics and learned state of the last release not checkpointed yet."""
-        self._unsaved_entries: list[PendingEntry] = []
-        """Training-ledger entries of releases not checkpointed yet (appended with it)."""
-        self._model_sha = ""
-        """SHA-256 of the current model as a checkpoint file (the ledger's model hash)."""
-        self._saved_at = time.monotonic()
         self._resuming = False
         self.last_status: str | None = None
 
@@ -495,7 +486,7 @@ class Aggregator:
         with self._lock:
             if not self._closed:
                 self._commit()
-                self._save_unsaved()
+                self.releases.save_unsaved()
                 self.registry.flush()
             self._closed = True
             topics = self.channel.topics
@@ -562,7 +553,7 @@ class Aggregator:
                 self._running = False
                 if not self._closed:  # abort() writes nothing more
                     self._commit()
-                    self._save_unsaved()
+                    self.releases.save_unsaved()
         return list(self.history)
 
     def wake(self) -> None:
@@ -582,9 +573,8 @@ class Aggregator:
             else:
                 self._commit()
             progressed = self.strategy.tick(self.clock.now())
-            if (self._unsaved is not None
-                    and time.monotonic() - self._saved_at >= self.config.checkpoint_every_s):
-                self._save_unsaved()
+            if self.releases.checkpoint_due:
+                self.releases.save_unsaved()
             self.registry.flush(every_s=0.0 if not self._running else REGISTRY_EVERY_S)
             self._maybe_status(progressed)
             return progressed
@@ -659,7 +649,7 @@ class Aggregator:
         if params.size != self.layout.size:
             raise AggregatorError("checkpoint does not match the model's layout")
         self.state.params, self.state.version = params, record.model_version
-        self._model_sha = record.sha256
+        self.releases.model_sha = record.sha256
         opt_state = self.store.get_state(OPT_BLOB)
         if opt_state is not None:
             self.state.optimizer.load_bytes(opt_state)
@@ -678,7 +668,7 @@ class Aggregator:
             policy=self.policy, planner=self._planner(), recorder=self.recorder,
             counters=self.counters,
             layout=self.layout, model=self.state, screen=self.screen, weights=self.weights,
-            send_task=self.desk.send_task, cancel=self.desk.cancel, release=self._release,
+            send_task=self.desk.send_task, cancel=self.desk.cancel, release=self.releases.release,
             emit=self.events.emit, note=self.desk.note, fail=self._fail, ledger=self.ledger,
             queued=lambda: self.journal.pending, commit=self._commit,
             send_secagg=self.desk.send_secagg, finish=self._finish, privacy=self.privacy)
@@ -690,103 +680,6 @@ class Aggregator:
     def _fail(self, reason: str) -> None:
         self._failed = reason
         log.error("giving up: %s", reason)
-
-    def _release(self, *, params: F32 | None, metrics: RoundMetrics,
-                 close_round: int | None = None,
-                 drop_stream: int | None = None,
-                 aggregate: RoundAggregate | None = None,
-                 selected: Sequence[str] | None = None) -> None:
-        """Apply ``params`` as the next model version (None: the round is abandoned) and
-        make it durable with everything learned, the round's metrics and its training
-        ledger entry (from ``aggregate``), in one transaction; then broadcast it, publish
-        the ledger's signed head and proofs, and record the metrics.
-
-        A release from a journal stream (``drop_stream``: a FedBuff buffer) is durable
-        without its checkpoint: every input it was derived from is journaled, and a restart
-        re-derives it (``FedBuff.resume``). Its model is checkpointed at most every
-        ``checkpoint_every_s`` (``_save_model``), which drops the streams it came from and
-        appends the ledger entries of the releases since the last checkpoint.
-        The devices' contributions and standing (``DeviceHistory``) change here and are
-        saved with the next checkpoint or abandoned round, in its transaction: a release
-        re-derived after a restart changes them again from what was saved.
-        """
-        history = self.registry.history
-        histories = history.contributed(metrics.contributions, metrics.screened)
-        history.apply(histories)  # the registry's batches never write the standing
-        self._unsaved_histories.update(histories)
-        metrics = replace(metrics, devices_distrusted=self._distrusted())
-        entry: PendingEntry | None = None
-        new_sha = model_sha256(params) if params is not None else self._model_sha
-        if aggregate is not None:
-            stream = close_round if close_round is not None else drop_stream
-            assert stream is not None
-            entry = self.trail.pending(
-                round_index=metrics.round, outcome=metrics.outcome,
-                model_version=self.state.version + (1 if params is not None else 0),
-                prev_model=self._model_sha, model=new_sha, aggregate=aggregate,
-                stream=stream, selected=selected, optimizer=self.state.optimizer,
-                strategy=self.strategy, contribution_records=metrics.contributions)
-        if params is not None:
-            self.state.params = params
-            self.state.version += 1
-            self._model_sha = new_sha
-            if entry is not None:
-                self._unsaved_entries.append(entry)
-            if drop_stream is None:
-                self._save_model(metrics, close_round=close_round)
-            else:
-                if self._unsaved_from is None:
-                    self._unsaved_from = drop_stream
-                # What was learned is taken now: the open buffer's updates, replayed
-                # after a restart, must find it as it was when the buffer opened.
-                self._unsaved = (metrics, self.learned.to_bytes())
-                if time.monotonic() - self._saved_at >= self.config.checkpoint_every_s:
-                    self._save_unsaved()
-        else:
-            assert close_round is not None
-            self.store.close_round(fleet=self.fleet, round_index=close_round, state="abandoned",
-                                   states={STATE_BLOB: self.learned.to_bytes(),
-                                           PENDING_METRICS: RoundRecorder.pending_blob(metrics)},
-                                   histories=self._take_histories(),
-                                   ledger=[entry] if entry is not None else [])
-            if entry is not None and entry.appended is not None:
-                self.trail.publish(entry.appended)
-        self.registry.flush(every_s=REGISTRY_EVERY_S)  # advisory: not at every release
-        if params is not None:
-            self._broadcast_model()
-            self.events.emit(ModelReleased(model_version=self.state.version))
-        if self._resuming and self.recorder.written(metrics):
-            return  # re-derived after a restart: its line was written before the stop
-        recorded = self.recorder.record(metrics, params=self.state.params
-                                        if params is not None else None)
-        self._publish_gauges()
-        self.events.emit(RoundEnded(metrics=recorded))
-
-    def _save_model(self, metrics: RoundMetrics | None = None, *, close_round: int | None = None,
-                    learned: bytes | None = None) -> None:
-        """Checkpoint the current model with what was learned (and ``metrics``, until
-        their line is written), dropping the journal streams it was derived from."""
-        states = {STATE_BLOB: self.learned.to_bytes() if learned is None else learned,
-                  OPT_BLOB: self.state.optimizer.to_bytes()}
-        if metrics is not None:
-            states[PENDING_METRICS] = RoundRecorder.pending_blob(metrics)
-        drop = (None if self._unsaved_from is None
-                else range(self._unsaved_from, self.state.version))
-        entries, self._unsaved_entries = self._unsaved_entries, []
-        try:
-            self.store.save_checkpoint(
-                fleet=self.fleet, model_version=self.state.version, params=self.state.params,
-                states=states, close_round=close_round, drop_streams=drop,
-                histories=self._take_histories(), ledger=entries)
-        except BaseException:
-            self._unsaved_entries = entries + self._unsaved_entries
-            raise
-        self._unsaved_from = None
-        self._unsaved = None
-        self._saved_at = time.monotonic()
-        for entry in entries:
-            if entry.appended is not None:
-                self.trail.publish(entry.appended)
 
     def adopt(self, params: F32, *, before_save: Callable[[], None] | None = None) -> int:
         """Make ``params`` (a model from outside: an edge tier's parent) the next model
@@ -803,39 +696,17 @@ class Aggregator:
                 raise AggregatorError("the aggregator is not started")
             if self.current_round is not None or self.journal.pending:
                 raise AggregatorError("a model cannot be adopted while a round is open")
-            self._save_unsaved()
+            self.releases.save_unsaved()
             self.state.params = values.copy()
             self.state.version += 1
             if before_save is not None:
                 before_save()
-            self._save_model()
+            self.releases.save_model()
             self._broadcast_model()
             self.events.emit(ModelReleased(model_version=self.state.version))
             self._publish_gauges()
             self._wake.notify_all()
             return self.state.version
-
-    def _save_unsaved(self) -> None:
-        """Checkpoint a model released without one (see ``_release``), if any, with what
-        was learned as of its release."""
-        if self._unsaved is not None:
-            metrics, learned = self._unsaved
-            self._save_model(metrics, learned=learned)
-
-    def _take_histories(self) -> dict[str, DeviceHistory]:
-        """The records of the devices releases changed since the last save, as they are
-        now (their standing changes only at releases: it is the last release's), and
-        forget them."""
-        taken, self._unsaved_histories = self._unsaved_histories, {}
-        history = self.registry.history
-        return {d: history.get(d) for d in taken}
-
-    def _distrusted(self) -> int:
-        """Devices whose reputation is below the floor."""
-        floor = self.config.reputation_floor
-        history = self.registry.history
-        return 0 if floor is None else sum(1 for d in history
-                                           if history.get(d).reputation < floor)
 
     # ------------------------------------------------------------------ status
 

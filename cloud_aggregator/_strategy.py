@@ -124,7 +124,7 @@ class StrategyContext:
     at most every ``checkpoint_every_s`` and re-derived from the journal after a crash
     (the strategy's ``resume`` must release each full stream again); ``aggregate`` (and
     the round's ``selected`` devices) make the training ledger's entry; see
-    ``Aggregator._release``."""
+    ``Releases.release`` (``_releases``)."""
     emit: Callable[[Event], None]
     note: Callable[..., None]
     """``note(device, level, msg, *args)``: a log line rate-limited per device."""

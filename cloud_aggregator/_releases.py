@@ -1,0 +1,202 @@
+"""Releases: a strategy's new model made durable, checkpointed, ledgered and announced.
+
+``Releases.release`` is what a strategy calls (``StrategyContext.release``) when its
+aggregate becomes the next model version, or when a round is abandoned. In order:
+
+1. the devices' contributions and standing (``DeviceHistory``) change;
+2. the training ledger's entry is prepared (``LedgerWriter.pending``);
+3. the model becomes the current version and is checkpointed, with what was learned,
+   the optimizer's state, the round's metrics, the devices' records and the ledger
+   entry, in one transaction (``save_model``), or, for a release from a journal stream
+   (a FedBuff buffer), kept unsaved: every input it was derived from is journaled and a
+   restart re-derives it (``FedBuff.resume``), so it is checkpointed at most every
+   ``checkpoint_every_s`` (``save_unsaved``), dropping the streams it came from;
+4. the model is broadcast, the ledger's signed head and proofs published, the metrics
+   recorded (once: not again for a release re-derived after a restart).
+
+The aggregator's lock is held throughout (the runtime calls in under it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import numpy as np
+import numpy.typing as npt
+
+from cloud_aggregator._aggregate import RoundAggregate
+from cloud_aggregator._config import AggregatorConfig
+from cloud_aggregator._events import EventBus, ModelReleased, RoundEnded
+from cloud_aggregator._history import DeviceHistory
+from cloud_aggregator._learned import STATE_BLOB, LearnedState
+from cloud_aggregator._ledger import PendingEntry, model_sha256
+from cloud_aggregator._ledger_writer import LedgerWriter
+from cloud_aggregator._metrics import RoundMetrics
+from cloud_aggregator._recorder import PENDING_METRICS, RoundRecorder
+from cloud_aggregator._registry import FleetRegistry
+from cloud_aggregator._store import Store
+from cloud_aggregator._strategy import ModelState, Strategy
+
+F32 = npt.NDArray[np.float32]
+OPT_BLOB = "server_opt"
+REGISTRY_EVERY_S = 1.0
+"""While ``run`` loops, the registry's devices and their histories are written at most
+this often: they are advisory, and hellos bring the devices back after a crash."""
+
+
+class Releases:
+    """The release, checkpoint and ledger path of one aggregator (see the module doc)."""
+
+    def __init__(self, *, config: AggregatorConfig, store: Store, registry: FleetRegistry,
+                 state: ModelState, strategy: Strategy, learned: LearnedState,
+                 recorder: RoundRecorder,
+                 trail: LedgerWriter, events: EventBus, broadcast: Callable[[], None],
+                 gauges: Callable[[], None], resuming: Callable[[], bool]) -> None:
+        self.config = config
+        self.fleet = config.fleet
+        self.store = store
+        self.registry = registry
+        self.state = state
+        self.strategy = strategy
+        self.learned = learned
+        self.recorder = recorder
+        self.trail = trail
+        self.events = events
+        self._broadcast = broadcast
+        self._gauges = gauges
+        self._resuming = resuming
+        self.model_sha = ""
+        """SHA-256 of the current model as a checkpoint file (the ledger's model hash)."""
+        self._unsaved_histories: dict[str, DeviceHistory] = {}
+        """Device records changed by releases not yet saved (``_take_histories``)."""
+        self._unsaved_from: int | None = None
+        """The first journal stream released into a model not checkpointed yet."""
+        self._unsaved: tuple[RoundMetrics, bytes] | None = None
+        """The metrics and learned state of the last release not checkpointed yet."""
+        self._unsaved_entries: list[PendingEntry] = []
+        """Training-ledger entries of releases not checkpointed yet (appended with it)."""
+        self._saved_at = time.monotonic()
+
+    @property
+    def checkpoint_due(self) -> bool:
+        """A release waits for its checkpoint and ``checkpoint_every_s`` has passed."""
+        return (self._unsaved is not None
+                and time.monotonic() - self._saved_at >= self.config.checkpoint_every_s)
+
+    def release(self, *, params: F32 | None, metrics: RoundMetrics,
+                close_round: int | None = None,
+                drop_stream: int | None = None,
+                aggregate: RoundAggregate | None = None,
+                selected: Sequence[str] | None = None) -> None:
+        """Apply ``params`` as the next model version (None: the round is abandoned) and
+        make it durable with everything learned, the round's metrics and its training
+        ledger entry (from ``aggregate``), in one transaction; then broadcast it, publish
+        the ledger's signed head and proofs, and record the metrics.
+
+        A release from a journal stream (``drop_stream``: a FedBuff buffer) is durable
+        without its checkpoint (see the module doc). The devices' contributions and
+        standing change here and are saved with the next checkpoint or abandoned round,
+        in its transaction: a release re-derived after a restart changes them again from
+        what was saved.
+        """
+        history = self.registry.history
+        histories = history.contributed(metrics.contributions, metrics.screened)
+        history.apply(histories)  # the registry's batches never write the standing
+        self._unsaved_histories.update(histories)
+        metrics = replace(metrics, devices_distrusted=self.distrusted())
+        entry: PendingEntry | None = None
+        new_sha = model_sha256(params) if params is not None else self.model_sha
+        if aggregate is not None:
+            stream = close_round if close_round is not None else drop_stream
+            assert stream is not None
+            entry = self.trail.pending(
+                round_index=metrics.round, outcome=metrics.outcome,
+                model_version=self.state.version + (1 if params is not None else 0),
+                prev_model=self.model_sha, model=new_sha, aggregate=aggregate,
+                stream=stream, selected=selected, optimizer=self.state.optimizer,
+                strategy=self.strategy, contribution_records=metrics.contributions)
+        if params is not None:
+            self.state.params = params
+            self.state.version += 1
+            self.model_sha = new_sha
+            if entry is not None:
+                self._unsaved_entries.append(entry)
+            if drop_stream is None:
+                self.save_model(metrics, close_round=close_round)
+            else:
+                if self._unsaved_from is None:
+                    self._unsaved_from = drop_stream
+                # What was learned is taken now: the open buffer's updates, replayed
+                # after a restart, must find it as it was when the buffer opened.
+                self._unsaved = (metrics, self.learned.to_bytes())
+                if self.checkpoint_due:
+                    self.save_unsaved()
+        else:
+            assert close_round is not None
+            self.store.close_round(fleet=self.fleet, round_index=close_round, state="abandoned",
+                                   states={STATE_BLOB: self.learned.to_bytes(),
+                                           PENDING_METRICS: RoundRecorder.pending_blob(metrics)},
+                                   histories=self._take_histories(),
+                                   ledger=[entry] if entry is not None else [])
+            if entry is not None and entry.appended is not None:
+                self.trail.publish(entry.appended)
+        self.registry.flush(every_s=REGISTRY_EVERY_S)  # advisory: not at every release
+        if params is not None:
+            self._broadcast()
+            self.events.emit(ModelReleased(model_version=self.state.version))
+        if self._resuming() and self.recorder.written(metrics):
+            return  # re-derived after a restart: its line was written before the stop
+        recorded = self.recorder.record(metrics, params=self.state.params
+                                        if params is not None else None)
+        self._gauges()
+        self.events.emit(RoundEnded(metrics=recorded))
+
+    def save_model(self, metrics: RoundMetrics | None = None, *, close_round: int | None = None,
+                   learned: bytes | None = None) -> None:
+        """Checkpoint the current model with what was learned (and ``metrics``, until
+        their line is written), dropping the journal streams it was derived from."""
+        states = {STATE_BLOB: self.learned.to_bytes() if learned is None else learned,
+                  OPT_BLOB: self.state.optimizer.to_bytes()}
+        if metrics is not None:
+            states[PENDING_METRICS] = RoundRecorder.pending_blob(metrics)
+        drop = (None if self._unsaved_from is None
+                else range(self._unsaved_from, self.state.version))
+        entries, self._unsaved_entries = self._unsaved_entries, []
+        try:
+            self.store.save_checkpoint(
+                fleet=self.fleet, model_version=self.state.version, params=self.state.params,
+                states=states, close_round=close_round, drop_streams=drop,
+                histories=self._take_histories(), ledger=entries)
+        except BaseException:
+            self._unsaved_entries = entries + self._unsaved_entries
+            raise
+        self._unsaved_from = None
+        self._unsaved = None
+        self._saved_at = time.monotonic()
+        for entry in entries:
+            if entry.appended is not None:
+                self.trail.publish(entry.appended)
+
+    def save_unsaved(self) -> None:
+        """Checkpoint a model released without one (see ``release``), if any, with what
+        was learned as of its release."""
+        if self._unsaved is not None:
+            metrics, learned = self._unsaved
+            self.save_model(metrics, learned=learned)
+
+    def _take_histories(self) -> dict[str, DeviceHistory]:
+        """The records of the devices releases changed since the last save, as they are
+        now (their standing changes only at releases: it is the last release's), and
+        forget them."""
+        taken, self._unsaved_histories = self._unsaved_histories, {}
+        history = self.registry.history
+        return {d: history.get(d) for d in taken}
+
+    def distrusted(self) -> int:
+        """Devices whose reputation is below the floor."""
+        floor = self.config.reputation_floor
+        history = self.registry.history
+        return 0 if floor is None else sum(1 for d in history
+                                           if history.get(d).reputation < floor)
