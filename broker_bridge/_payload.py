@@ -71,6 +71,11 @@ def _pattern(text: str) -> re.Pattern[str]:
     return re.compile(text)
 
 
+def _checked(keywords: dict[str, Any]) -> dict[str, Any]:
+    """The keywords a value is checked against (a ``description`` checks nothing)."""
+    return {k: v for k, v in keywords.items() if k != "description"}
+
+
 def check_rules(name: str, value: Any, keywords: dict[str, Any]) -> None:
     """Enforce ``rule`` keywords on a value already of the right JSON type."""
     if value is None:
@@ -95,25 +100,42 @@ def check_rules(name: str, value: Any, keywords: dict[str, Any]) -> None:
         if "pattern" in keywords and not _pattern(keywords["pattern"]).search(value):
             raise ProtocolError(f"field {name!r} does not match {keywords['pattern']}")
     if isinstance(value, list) and "items" in keywords:
-        for item in value:
-            check_rules(f"{name}[]", item, keywords["items"])
+        items, item_name = _checked(keywords["items"]), f"{name}[]"
+        if items:
+            for item in value:
+                check_rules(item_name, item, items)
+
+
+@cache
+def _hint(tp: Any) -> tuple[str, Any]:
+    """What a type hint asks for: ("optional", inner), ("list", item), ("object", None)
+    or ("scalar", tp) (resolved once per hint: ``typing`` introspection is slow)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        inner = [a for a in args if a is not type(None)]
+        return ("optional" if type(None) in args else "union"), inner[0]
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return "list", item
+    if origin is dict or tp is dict:
+        return "object", None
+    return "scalar", tp
 
 
 def check_value(name: str, value: Any, tp: Any) -> Any:
     """``value`` checked against the type hint ``tp`` (see the module doc)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+    what, inner = _hint(tp)
+    if what in ("optional", "union"):
+        if value is None and what == "optional":
             return None
-        inner = [a for a in args if a is not type(None)]
-        return check_value(name, value, inner[0])
-    if origin is list:
+        return check_value(name, value, inner)
+    if what == "list":
         if not isinstance(value, list):
             raise ProtocolError(f"field {name!r} must be a list")
-        (item,) = typing.get_args(tp)
-        return [check_value(f"{name}[]", v, item) for v in value]
-    if origin is dict or tp is dict:
+        item_name = f"{name}[]"
+        return [check_value(item_name, v, inner) for v in value]
+    if what == "object":
         if not isinstance(value, dict):
             raise ProtocolError(f"field {name!r} must be an object")
         return value
@@ -150,7 +172,7 @@ def _schema(cls: type) -> tuple[tuple[str, Any, dict[str, Any], dataclasses.Fiel
     """A payload class's fields with their resolved types and rules, resolved once
     (``typing.get_type_hints`` is slow, and a task is parsed for every device, every round)."""
     hints = typing.get_type_hints(cls)
-    return tuple((f.name, hints[f.name], rules_of(f), f)
+    return tuple((f.name, hints[f.name], _checked(rules_of(f)), f)
                  for f in dataclasses.fields(cls))
 
 
@@ -190,7 +212,8 @@ class _Payload:
         for name, hint, keywords, f in _schema(cls):  # type: ignore[arg-type]
             if name in data:
                 value = check_value(name, data[name], hint)
-                check_rules(name, value, keywords)
+                if keywords:
+                    check_rules(name, value, keywords)
                 kwargs[name] = value
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ProtocolError(f"{cls.__name__} lacks required field {name!r}")
