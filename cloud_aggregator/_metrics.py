@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import threading
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,9 @@ class RoundMetrics:
     """Central DP: the per-coordinate standard deviation of the noise on the update."""
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        # Shallow: every field is a scalar but the two tuples, converted below
+        # (``asdict`` deep-copied a hundred contribution records only to replace them).
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
         for key, value in out.items():
             if isinstance(value, float) and not math.isfinite(value):
                 out[key] = None
