@@ -20,7 +20,7 @@ The aggregator's lock is held throughout (the runtime calls in under it).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -78,6 +78,8 @@ class Releases:
         self._unsaved_entries: list[PendingEntry] = []
         """Training-ledger entries of releases not checkpointed yet (appended with it)."""
         self._saved_at = time.monotonic()
+        self._below: set[str] | None = None
+        """Devices below the reputation floor (``distrusted``; None: not counted yet)."""
 
     @property
     def checkpoint_due(self) -> bool:
@@ -105,7 +107,7 @@ class Releases:
         histories = history.contributed(metrics.contributions, metrics.screened)
         history.apply(histories)  # the registry's batches never write the standing
         self._unsaved_histories.update(histories)
-        metrics = replace(metrics, devices_distrusted=self.distrusted())
+        metrics = replace(metrics, devices_distrusted=self.distrusted(histories))
         entry: PendingEntry | None = None
         new_sha = model_sha256(params) if params is not None else self.model_sha
         if aggregate is not None:
@@ -194,9 +196,20 @@ class Releases:
         history = self.registry.history
         return {d: history.get(d) for d in taken}
 
-    def distrusted(self) -> int:
-        """Devices whose reputation is below the floor."""
+    def distrusted(self, changed: Iterable[str] = ()) -> int:
+        """Devices whose reputation is below the floor. A device's reputation changes
+        only with its record at a release (``changed``): the fleet is scanned once, then
+        only the devices each release changed are looked at again."""
         floor = self.config.reputation_floor
+        if floor is None:
+            return 0
         history = self.registry.history
-        return 0 if floor is None else sum(1 for d in history
-                                           if history.get(d).reputation < floor)
+        if self._below is None:
+            self._below = {d for d in history if history.get(d).reputation < floor}
+        else:
+            for device in changed:
+                if history.get(device).reputation < floor:
+                    self._below.add(device)
+                else:
+                    self._below.discard(device)
+        return len(self._below)
