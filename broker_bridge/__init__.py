@@ -70,8 +70,11 @@ from broker_bridge._bundle import (
     unpack_bundle,
 )
 from broker_bridge._channel import (
+    AGGREGATOR_PRESENCE,
     DEFAULT_MAX_PAYLOAD,
     Channel,
+    aggregator_presence,
+    aggregator_will,
     presence_message,
     presence_will,
     roll_call,
@@ -180,6 +183,7 @@ from broker_bridge._transport import MemoryBroker, MemoryTransport, Transport, W
 from device_profiles import ConfigError, FleetlearnError
 
 __all__ = [
+    "AGGREGATOR_PRESENCE",
     "InclusionOutcome",
     "InclusionProof",
     "TreeHead",
@@ -291,6 +295,8 @@ __all__ = [
     "pack_update_body",
     "presence_message",
     "presence_will",
+    "aggregator_presence",
+    "aggregator_will",
     "read_password_file",
     "reason_text",
     "printable",

@@ -134,6 +134,25 @@ def roll_call(channel: Channel) -> None:
                  Request(want="hello").to_message(fleet=channel.fleet))
 
 
+AGGREGATOR_PRESENCE = "aggregator"
+"""``broadcast/aggregator``: the aggregator's own retained presence (``online`` while it
+serves the fleet; ``offline`` when it closes, or by its last will when it dies), so a
+child that knows other parents can tell a dead aggregator behind a live broker."""
+
+
+def aggregator_presence(*, fleet: str, status: str) -> Message:
+    """The aggregator's retained presence message (``status``: online or offline)."""
+    return json_message(Kind.PRESENCE, fleet=fleet, device="", payload={"status": status})
+
+
+def aggregator_will(*, fleet: str) -> Will:
+    """The last will an aggregator connects with: its presence turns ``offline``."""
+    payload = split_message(aggregator_presence(fleet=fleet, status="offline"),
+                            max_payload=DEFAULT_MAX_PAYLOAD)[0]
+    return Will(topic=Topics(fleet=fleet).broadcast(AGGREGATOR_PRESENCE), payload=payload,
+                qos=1, retain=True)
+
+
 def presence_will(*, fleet: str, device: str) -> Will:
     """The last will a device connects with: its presence turns ``offline`` (retained)
     when its connection dies without a clean disconnect."""

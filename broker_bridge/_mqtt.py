@@ -300,6 +300,13 @@ class MqttTransport(Transport):
         self._client = c
 
     # -- life cycle ----------------------------------------------------------------------
+    def set_will(self, will: Will) -> bool:
+        """Paho sends the will in CONNECT: it can be set until the first connection."""
+        if self._started:
+            return False
+        self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        return True
+
     def connect(self, *, timeout: float = 10.0) -> None:
         if not self._active:
             self._active = True

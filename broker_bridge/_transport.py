@@ -71,6 +71,11 @@ class Transport(ABC):
     @abstractmethod
     def connected(self) -> bool: ...
 
+    def set_will(self, will: Will) -> bool:
+        """Use ``will`` as the last will from the next connection on; False when this
+        transport cannot (already connected once, or it has no wills)."""
+        return False
+
     def on_connect(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` after each (re)connection, e.g. to republish presence."""
         self._connect_callbacks().append(callback)
@@ -196,6 +201,12 @@ class MemoryTransport(Transport):
         if self._connected:
             self._connected = False
             self.broker._detach(self, clean=True)
+
+    def set_will(self, will: Will) -> bool:
+        if self._connected:
+            return False
+        self.will = will
+        return True
 
     def kill(self) -> None:
         """Drop the connection uncleanly, as a crashed device would (the will fires)."""

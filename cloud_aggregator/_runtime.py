@@ -54,10 +54,13 @@ import numpy as np
 import numpy.typing as npt
 
 from broker_bridge import (
+    AGGREGATOR_PRESENCE,
     Channel,
     CodecSpec,
     Enrolment,
     Message,
+    aggregator_presence,
+    aggregator_will,
     roll_call,
 )
 from cloud_aggregator._aggregation import UpdateRules, l2_norm
@@ -431,13 +434,19 @@ class Aggregator:
                 self._metrics_server = MetricsServer(self.counters, port=self.config.metrics_port,
                                                      host=self.config.metrics_bind)
         topics = self.channel.topics
+        transport = self.channel.transport
         self.channel.subscribe(topics.all_presence, self._gated(self.desk.on_presence))
         self.channel.subscribe(topics.all_up, self._gated(self.desk.on_up))
+        # Our own presence: offline by the last will if this process dies, so children
+        # with other parents move even while the broker stays up (edge_runtime._failover).
+        if not transport.connected and not transport.set_will(aggregator_will(fleet=self.fleet)):
+            log.info("this transport takes no last will: a crash of this aggregator leaves "
+                     "its presence online")
         # Who is there: asked, not read from retained presence (see roll_call).
-        self.channel.transport.on_connect(lambda: roll_call(self.channel))
-        if not self.channel.transport.connected:
-            self.channel.transport.connect()
-        roll_call(self.channel)
+        transport.on_connect(self._connected)
+        if not transport.connected:
+            transport.connect()
+        self._connected()
         with self._wake:
             self._broadcast_model()
             self._resuming = True
@@ -452,6 +461,19 @@ class Aggregator:
                 handler(topic, message)
             self._publish_gauges()
             self._wake.notify_all()
+
+    def _connected(self) -> None:
+        """After each (re)connection: say we are online (a dropped connection's will said
+        offline) and ask who is there."""
+        self._say_presence("online")
+        roll_call(self.channel)
+
+    def _say_presence(self, status: str) -> None:
+        try:
+            self.channel.send(self.channel.topics.broadcast(AGGREGATOR_PRESENCE),
+                              aggregator_presence(fleet=self.fleet, status=status), retain=True)
+        except Exception as exc:  # a dead link: the will (or the next connection) says it
+            log.warning("cannot publish the aggregator's presence (%s): %s", status, exc)
 
     def _gated(self, handler: Callable[[str, Message], None]) -> Callable[[str, Message], None]:
         def gate(topic: str, message: Message) -> None:
@@ -488,6 +510,9 @@ class Aggregator:
                 self._commit()
                 self.releases.save_unsaved()
                 self.registry.flush()
+                if self._started and self.channel.transport.connected:
+                    self._say_presence("offline")
+                    self.channel.transport.flush(timeout=5.0)
             self._closed = True
             topics = self.channel.topics
             for topic_filter in (topics.all_presence, topics.all_up) if unsubscribe else ():

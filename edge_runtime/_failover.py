@@ -3,9 +3,12 @@ candidate parents at the same tier and re-attaches to another when its parent va
 
 ``FailoverAgent`` runs one ``Agent`` at a time, on the broker and fleet of the parent it
 is attached to, always with the device's one state folder: the error-feedback residual
-is the device's, not its parent's, so it survives a move. A parent has vanished when
-the agent's connection to its broker has been down for ``failover_after_s``; then the
-agent is stopped and the next candidate (in the given order, wrapping) is tried.
+is the device's, not its parent's, so it survives a move. A parent has vanished when,
+for ``failover_after_s``, the agent's connection to its broker has been down or the
+parent's aggregator has said ``offline`` on ``broadcast/aggregator`` (its last will when
+it dies behind a broker that stays up; an aggregator that never says anything counts as
+there); then the agent is stopped and the next candidate (in the given order, wrapping)
+is tried.
 
 A committed update that the vanished parent never acknowledged answers that parent's
 task (its nonce, its run) and no other parent can count it; so it is *parked* under
@@ -32,7 +35,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from broker_bridge import BrokerUnavailable, Channel, MqttTransport, atomic_write, check_id
+from broker_bridge import (
+    AGGREGATOR_PRESENCE,
+    BrokerUnavailable,
+    Channel,
+    Kind,
+    Message,
+    MqttTransport,
+    WireError,
+    atomic_write,
+    check_id,
+)
 from device_profiles import ConfigError
 from edge_runtime._agent import Agent
 from edge_runtime._presence import make_agent_transport
@@ -124,6 +137,9 @@ class FailoverAgent:
         self._index = 0
         self._agent: Agent | None = None
         self._down_since: float | None = None
+        self._parent_offline = False
+        """The attached parent's aggregator said ``offline`` (and not ``online`` since)."""
+        self._generation = 0
         self.moves: list[Move] = []
 
     # -- what it is attached to ---------------------------------------------------------
@@ -188,7 +204,8 @@ class FailoverAgent:
             agent = self._agent
             if agent is None or self._stop.is_set() or len(self.parents) == 1:
                 return False  # with one parent, the agent's own reconnects are all there is
-            if agent.channel.transport.connected:
+            reachable = agent.channel.transport.connected
+            if reachable and not self._parent_offline:
                 self._down_since = None
                 return False
             if self._down_since is None:
@@ -198,9 +215,10 @@ class FailoverAgent:
                 return False
             old = self.parents[self._index]
             self._index = (self._index + 1) % len(self.parents)
-            log.warning("[%s] parent %s unreachable for %.1f s; moving to %s", self.device_id,
-                        old.label, now - self._down_since, self.parents[self._index].label)
-            agent.abort()  # its broker is gone: nothing to say there
+            log.warning("[%s] parent %s %s for %.1f s; moving to %s", self.device_id,
+                        old.label, "has no aggregator" if reachable else "unreachable",
+                        now - self._down_since, self.parents[self._index].label)
+            agent.abort()  # as a crash: its will says offline there, nothing else is sent
             self._agent = None
             self._attach(old)
             return True
@@ -214,8 +232,12 @@ class FailoverAgent:
         atomic_write(self.state_dir / ATTACHED_FILE,
                      json.dumps({"fleet": parent.fleet, "broker": parent.broker}).encode())
         transport = self._transport(parent, self.device_id)
-        agent = Agent(device_id=self.device_id,
-                      channel=Channel(transport=transport, fleet=parent.fleet),
+        channel = Channel(transport=transport, fleet=parent.fleet)
+        self._generation += 1
+        self._parent_offline = False
+        channel.subscribe(channel.topics.broadcast(AGGREGATOR_PRESENCE),
+                          self._on_parent_presence(self._generation))
+        agent = Agent(device_id=self.device_id, channel=channel,
                       state_dir=self.state_dir, owns_transport=True, **self._options)
         self._agent = agent
         self._down_since = None
@@ -228,6 +250,23 @@ class FailoverAgent:
         except BrokerUnavailable as exc:  # keeps retrying; the watch moves on if it stays down
             log.warning("[%s] parent %s not reachable yet: %s", self.device_id, parent.label,
                         exc)
+
+    def _on_parent_presence(self, generation: int) -> Callable[[str, Message], None]:
+        def on(topic: str, message: Message) -> None:
+            if message.kind != Kind.PRESENCE:
+                return
+            try:
+                body = message.json()
+            except WireError:
+                return
+            status = body.get("status") if isinstance(body, dict) else None
+            with self._lock:
+                if generation == self._generation and status in ("online", "offline"):
+                    self._parent_offline = status == "offline"
+                    if status == "offline":
+                        log.info("[%s] parent %s says its aggregator is offline",
+                                 self.device_id, self.parents[self._index].label)
+        return on
 
     def _attached_fleet(self) -> str | None:
         try:

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from keys import device_key
 from mqtt_rig import aggregator
+from mqtt_rig import transport as mqtt_transport
 from waiting import wait_for
 
-from broker_bridge import MosquittoProcess
+from broker_bridge import AGGREGATOR_PRESENCE, Channel, MosquittoProcess
 from device_profiles import ConfigError
 from edge_runtime import (
     AgentHooks,
@@ -120,3 +121,64 @@ def test_unacknowledged_update_is_parked_and_counted_once_at_its_parent(
         for a in (agg_a, agg_b):
             a.close()
             a.channel.transport.close()
+
+
+@pytest.mark.slow
+def test_a_dead_aggregator_behind_a_live_broker_moves_its_children(
+        tmp_path: Path, artifacts: Path, mosquittos: Callable[..., MosquittoProcess]) -> None:
+    """A's aggregator dies (its connection drops: its last will says offline) while A's
+    broker stays up: the device moves to B, which trains and counts it. While A's
+    aggregator was there, the device stayed, however long it waited for a task."""
+    broker_a, broker_b = mosquittos(), mosquittos()
+    settings = {"devices_per_round": 1, "quorum": 1, "min_devices": 1, "rounds": 1,
+                "deadline_s": 300.0}
+    # A never selects: two devices per round and only one exists, so the device waits.
+    agg_a = aggregator(broker_a.url, "site-a", tmp_path / "agg-a", artifacts,
+                       **{**settings, "devices_per_round": 2, "min_devices": 2})
+    agg_b = aggregator(broker_b.url, "site-b", tmp_path / "agg-b", artifacts, **settings)
+    runner = threading.Thread(target=agg_b.run, kwargs={"timeout_s": 240.0}, daemon=True)
+    data = load_mnist1d(cache_dir=tmp_path.parent.parent / "fleetlearn-cache")
+    device = FailoverAgent(
+        device_id="dev-1", state_dir=tmp_path / "dev-1", failover_after_s=0.5, poll_s=0.05,
+        parents=[ParentLink(broker=broker_a.url, fleet="site-a", name="a"),
+                 ParentLink(broker=broker_b.url, fleet="site-b", name="b")],
+        data=LocalData(x=data.x_train[:200], y=data.y_train[:200]),
+        status_probe=DeviceStatus, key=device_key("dev-1"))
+    try:
+        agg_a.start()
+        agg_b.start()
+        device.start()
+        # A knows the device (its hello came) and is online: many failover periods pass
+        # with the device attached to A.
+        assert wait_for(lambda: agg_a.registry.get("dev-1") is not None, timeout=30)
+        checks = 0
+
+        def stays() -> bool:
+            nonlocal checks
+            checks += 1
+            return device.parent.fleet != "site-a" or checks >= 40
+
+        wait_for(stays, timeout=10, step=0.05)  # 40 x 0.05 s = 4 failover periods
+        assert device.parent.fleet == "site-a" and len(device.moves) == 1
+        agg_a.abort()  # the aggregator process dies; its broker keeps running
+        assert wait_for(lambda: device.parent.fleet == "site-b", timeout=30)
+        # A's broker is up and holds the aggregator's will: offline, retained.
+        seen: list[str] = []
+        probe = mqtt_transport(broker_a.url, "probe", "site-a", device=False)
+        channel = Channel(transport=probe, fleet="site-a")
+        channel.subscribe(channel.topics.broadcast(AGGREGATOR_PRESENCE),
+                          lambda topic, message: seen.append(str(message.json()["status"])))
+        probe.connect(timeout=10)
+        assert wait_for(lambda: bool(seen), timeout=10) and seen[-1] == "offline"
+        probe.close()
+        runner.start()
+        assert wait_for(lambda: agg_b.done, timeout=120), agg_b.status_line()
+        assert [k.device_id for k in agg_b.store.accepted_keys("site-b", 1)] == ["dev-1"]
+        assert [m.to_parent for m in device.moves] == ["a", "b"]
+    finally:
+        device.stop()
+        agg_b.stop()
+        if runner.is_alive():
+            runner.join(timeout=30)
+        agg_b.close()
+        agg_b.channel.transport.close()
