@@ -220,11 +220,14 @@ class ErrorReport(_Payload):
 class Request(_Payload):
     """Device -> aggregator on ``up/request``: send me artifacts or a model version.
     Aggregator -> fleet on ``broadcast/control``: ``want="hello"``, the roll call (every
-    device connected answers with its presence and a hello)."""
+    device connected answers with its presence and a hello). Aggregator -> device on
+    ``down/control``: ``want="move"``, this parent is at capacity (a device that knows
+    other parents moves to one; others wait)."""
 
     KIND: typing.ClassVar[Kind] = Kind.CONTROL
-    want: str = rule(enum=["artifacts", "model", "hello"], description=(
-        "artifacts or model (from a device); hello (the roll call)"))
+    want: str = rule(enum=["artifacts", "model", "hello", "move"], description=(
+        "artifacts or model (from a device); hello (the roll call); move (to one device: "
+        "this parent is at capacity)"))
     artifacts_hash: str | None = rule(None, pattern=SHA256_HEX)
     model_version: int | None = rule(None, **_ROUND)
     model_hash: str | None = rule(None, pattern=SHA256_HEX)

@@ -76,6 +76,10 @@ class AggregatorConfig:
     clock: ClockKind = setting(
         "real", help="virtual: deadlines are judged in the emulated seconds devices report",
         group=_FLEET)
+    max_children: int | None = setting(
+        None, help="serve at most this many devices: a device greeting beyond it is told to "
+        "move to another parent (edge tiers' load balancing; a device with one parent "
+        "waits) and is not selected here; default: no limit", example=30, group=_FLEET)
 
     # -- sync rounds
     devices_per_round: int = setting(10, help="target updates per round", group=_SYNC)
@@ -262,6 +266,8 @@ class AggregatorConfig:
         check_id(self.fleet, what="fleet id")
         _positive_int("rounds", self.rounds)
         _positive_int("devices_per_round", self.devices_per_round)
+        if self.max_children is not None:
+            _positive_int("max_children", self.max_children)
         _choice("mode", self.mode, ("sync", "async"))
         _choice("backend", self.backend, ("portable", "ort-training"))
         _choice("clock", self.clock, ("real", "virtual"))

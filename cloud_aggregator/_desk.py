@@ -80,7 +80,8 @@ class DeviceDesk:
                  pipeline: IngestPipeline, model: ModelState, strategy: Strategy,
                  uplink: CodecSpec | str, planner: Callable[[], WorkPlanner],
                  server: Callable[[], ModelServer], running: Callable[[], bool],
-                 commit: Callable[[], None], commit_full: Callable[[], None]) -> None:
+                 commit: Callable[[], None], commit_full: Callable[[], None],
+                 max_children: int | None = None) -> None:
         self.fleet = fleet
         self.channel = channel
         self.clock = clock
@@ -100,6 +101,9 @@ class DeviceDesk:
         self._running = running
         self._commit = commit
         self._commit_full = commit_full
+        self.max_children = max_children
+        self._kept: set[str] = set()
+        """With ``max_children``: the online devices this parent serves (first come)."""
         self._log = LogLimiter()
 
     # -- sending ----------------------------------------------------------------------
@@ -187,6 +191,7 @@ class DeviceDesk:
             return
         self.registry.on_presence(device, online=status == "online", at=self.clock.now())
         if status == "offline":
+            self._kept.discard(device)
             self.strategy.on_offline(device)
             self.events.emit(DeviceOffline(device=device))
         else:
@@ -254,7 +259,27 @@ class DeviceDesk:
             self.note(device, logging.WARNING, "device %s %s: not selected (update the agent)",
                       device, why)
             return
+        if self._over_capacity(device):
+            return
         self.strategy.on_hello(device, hello, back=back)
+
+    def _over_capacity(self, device: str) -> bool:
+        """With ``max_children``, the first devices to greet are served; one beyond is told
+        to move (``Request(want="move")`` on its ``down/control``) and not selected here
+        until a place frees (a served device goes offline) and it greets again."""
+        if self.max_children is None or device in self._kept:
+            return False
+        if len(self._kept) < self.max_children:
+            self._kept.add(device)
+            return False
+        self.registry.exclude(device, f"this parent is at capacity "
+                                      f"(max_children = {self.max_children})")
+        self.counters.update("turned_away:capacity")
+        self.note(device, logging.INFO, "device %s: at capacity (%d devices); asked to move",
+                  device, self.max_children)
+        self.send(self.channel.topics.down(device, "control"),
+                  Request(want="move").to_message(fleet=self.fleet, device=device))
+        return True
 
     def _on_error(self, device: str, report: ErrorReport) -> None:
         code = printable(report.code, 32)

@@ -8,7 +8,10 @@ for ``failover_after_s``, the agent's connection to its broker has been down or 
 parent's aggregator has said ``offline`` on ``broadcast/aggregator`` (its last will when
 it dies behind a broker that stays up; an aggregator that never says anything counts as
 there); then the agent is stopped and the next candidate (in the given order, wrapping)
-is tried.
+is tried. A parent at capacity (its ``max_children``) tells a device that greets it to
+move (``Request(want="move")`` on ``down/control``): the device moves at once to the next
+candidate that has not turned it away within ``rebalance_after_s``; when every one has,
+it stays where it is (that parent does not select it) and tries again later.
 
 A committed update that the vanished parent never acknowledged answers that parent's
 task (its nonce, its run) and no other parent can count it; so it is *parked* under
@@ -42,6 +45,7 @@ from broker_bridge import (
     Kind,
     Message,
     MqttTransport,
+    Request,
     WireError,
     atomic_write,
     check_id,
@@ -110,6 +114,7 @@ class FailoverAgent:
 
     def __init__(self, *, device_id: str, parents: Sequence[ParentLink],
                  state_dir: str | Path, failover_after_s: float = 5.0,
+                 rebalance_after_s: float = 300.0,
                  poll_s: float = 0.2, connect_timeout_s: float = 5.0,
                  transport: TransportFactory | None = None,
                  on_attach: Callable[[Agent, ParentLink], None] | None = None,
@@ -126,6 +131,7 @@ class FailoverAgent:
         self.parents = list(parents)
         self.state_dir = Path(state_dir)
         self.failover_after_s = failover_after_s
+        self.rebalance_after_s = rebalance_after_s
         self._poll_s = poll_s
         self._connect_timeout_s = connect_timeout_s
         self._transport = transport or _default_transport
@@ -139,6 +145,10 @@ class FailoverAgent:
         self._down_since: float | None = None
         self._parent_offline = False
         """The attached parent's aggregator said ``offline`` (and not ``online`` since)."""
+        self._asked_to_move = False
+        """The attached parent is at capacity and told this device to move."""
+        self._turned_away: dict[str, float] = {}
+        """When each parent (by fleet) last told this device to move (monotonic)."""
         self._generation = 0
         self.moves: list[Move] = []
 
@@ -204,6 +214,8 @@ class FailoverAgent:
             agent = self._agent
             if agent is None or self._stop.is_set() or len(self.parents) == 1:
                 return False  # with one parent, the agent's own reconnects are all there is
+            if self._asked_to_move:
+                return self._rebalance(agent, now)
             reachable = agent.channel.transport.connected
             if reachable and not self._parent_offline:
                 self._down_since = None
@@ -223,6 +235,30 @@ class FailoverAgent:
             self._attach(old)
             return True
 
+    def _rebalance(self, agent: Agent, now: float) -> bool:
+        """The parent is at capacity: move to the next candidate that has not turned this
+        device away lately (True), or stay (False)."""
+        self._asked_to_move = False
+        old = self.parents[self._index]
+        self._turned_away[old.fleet] = now
+        for step in range(1, len(self.parents)):
+            index = (self._index + step) % len(self.parents)
+            since = self._turned_away.get(self.parents[index].fleet)
+            if since is None or now - since >= self.rebalance_after_s:
+                break
+        else:
+            log.warning("[%s] every candidate parent is at capacity; staying at %s (not "
+                        "selected there) and trying again in %.0f s", self.device_id,
+                        old.label, self.rebalance_after_s)
+            return False
+        self._index = index
+        log.info("[%s] parent %s is at capacity; moving to %s", self.device_id, old.label,
+                 self.parents[index].label)
+        agent.stop()  # its broker is there: it says offline and lets go cleanly
+        self._agent = None
+        self._attach(old)
+        return True
+
     # -- attaching ----------------------------------------------------------------------
 
     def _attach(self, old: ParentLink | None) -> None:
@@ -234,9 +270,11 @@ class FailoverAgent:
         transport = self._transport(parent, self.device_id)
         channel = Channel(transport=transport, fleet=parent.fleet)
         self._generation += 1
-        self._parent_offline = False
+        self._parent_offline = self._asked_to_move = False
         channel.subscribe(channel.topics.broadcast(AGGREGATOR_PRESENCE),
                           self._on_parent_presence(self._generation))
+        channel.subscribe(channel.topics.down(self.device_id, "control"),
+                          self._on_parent_control(self._generation))
         agent = Agent(device_id=self.device_id, channel=channel,
                       state_dir=self.state_dir, owns_transport=True, **self._options)
         self._agent = agent
@@ -260,12 +298,24 @@ class FailoverAgent:
             except WireError:
                 return
             status = body.get("status") if isinstance(body, dict) else None
-            with self._lock:
-                if generation == self._generation and status in ("online", "offline"):
-                    self._parent_offline = status == "offline"
-                    if status == "offline":
-                        log.info("[%s] parent %s says its aggregator is offline",
-                                 self.device_id, self.parents[self._index].label)
+            # No lock here: this runs on the transport's thread, which stopping an agent
+            # (under the lock) may wait for. Plain assignments, checked by ``check``.
+            if generation == self._generation and status in ("online", "offline"):
+                self._parent_offline = status == "offline"
+                if status == "offline":
+                    log.info("[%s] its parent says its aggregator is offline", self.device_id)
+        return on
+
+    def _on_parent_control(self, generation: int) -> Callable[[str, Message], None]:
+        def on(topic: str, message: Message) -> None:
+            if message.kind != Kind.CONTROL:
+                return
+            try:
+                want = Request.from_message(message).want
+            except WireError:
+                return
+            if want == "move" and len(self.parents) > 1 and generation == self._generation:
+                self._asked_to_move = True  # (no lock: see _on_parent_presence)
         return on
 
     def _attached_fleet(self) -> str | None:

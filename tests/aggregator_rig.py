@@ -25,6 +25,7 @@ from broker_bridge import (
     MemoryBroker,
     MemoryTransport,
     Message,
+    Request,
     TaskSpec,
     UpdateMeta,
     encode_update,
@@ -61,6 +62,7 @@ class FakeDevice:
         self.cancels: list[int] = []
         self.models: dict[int, Message] = {}
         self.other: list[Message] = []
+        self.controls: list[str] = []
         self.transport.connect()
         topics = self.channel.topics
         self.channel.subscribe(topics.device_down(device_id), self._on_message)
@@ -77,8 +79,12 @@ class FakeDevice:
                           hello.to_message(fleet=FLEET, device=self.id))
 
     def _on_message(self, topic: str, message: Message) -> None:
-        if message.kind == Kind.CONTROL:  # the aggregator's roll call
-            self.hello()
+        if message.kind == Kind.CONTROL:
+            request = Request.from_message(message)
+            if request.want == "hello":  # the aggregator's roll call
+                self.hello()
+            else:
+                self.controls.append(request.want)
         elif message.kind == Kind.TASK:
             self.tasks.append(TaskSpec.from_message(message))
         elif message.kind == Kind.ACK:

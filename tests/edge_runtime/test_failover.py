@@ -182,3 +182,59 @@ def test_a_dead_aggregator_behind_a_live_broker_moves_its_children(
             runner.join(timeout=30)
         agg_b.close()
         agg_b.channel.transport.close()
+
+
+@pytest.mark.slow
+def test_a_parent_at_capacity_moves_its_extra_children_to_another(
+        tmp_path: Path, artifacts: Path, mosquittos: Callable[..., MosquittoProcess]) -> None:
+    """Two devices know parents A and B and both start at A, which serves one
+    (max_children = 1): the other is told to move, goes to B at once, and each parent
+    trains and counts its own device."""
+    broker_a, broker_b = mosquittos(), mosquittos()
+    settings = {"devices_per_round": 1, "quorum": 1, "min_devices": 1, "rounds": 1,
+                "deadline_s": 300.0}
+    agg_a = aggregator(broker_a.url, "site-a", tmp_path / "agg-a", artifacts,
+                       max_children=1, **settings)
+    agg_b = aggregator(broker_b.url, "site-b", tmp_path / "agg-b", artifacts, **settings)
+    runners = [threading.Thread(target=a.run, kwargs={"timeout_s": 240.0}, daemon=True)
+               for a in (agg_a, agg_b)]
+    data = load_mnist1d(cache_dir=tmp_path.parent.parent / "fleetlearn-cache")
+    parents = [ParentLink(broker=broker_a.url, fleet="site-a", name="a"),
+               ParentLink(broker=broker_b.url, fleet="site-b", name="b")]
+    devices = [FailoverAgent(
+        device_id=dev, state_dir=tmp_path / dev, failover_after_s=60.0, poll_s=0.05,
+        parents=parents, data=LocalData(x=data.x_train[i * 200:(i + 1) * 200],
+                                        y=data.y_train[i * 200:(i + 1) * 200]),
+        status_probe=DeviceStatus, key=device_key(dev))
+        for i, dev in enumerate(("dev-1", "dev-2"))]
+    try:
+        agg_a.start()
+        agg_b.start()
+        for d in devices:
+            d.start()
+        # Well before any failover (60 s): one device moved because A was full.
+        assert wait_for(lambda: sorted(d.parent.fleet for d in devices)
+                        == ["site-a", "site-b"], timeout=30)
+        moved = next(d for d in devices if d.parent.fleet == "site-b")
+        stayed = next(d for d in devices if d.parent.fleet == "site-a")
+        assert [m.to_parent for m in moved.moves] == ["a", "b"]
+        assert [m.to_parent for m in stayed.moves] == ["a"]
+        for r in runners:
+            r.start()
+        assert wait_for(lambda: agg_a.done and agg_b.done, timeout=120), (
+            agg_a.status_line(), agg_b.status_line())
+        assert [k.device_id for k in agg_a.store.accepted_keys("site-a", 1)] == [
+            stayed.device_id]
+        assert [k.device_id for k in agg_b.store.accepted_keys("site-b", 1)] == [
+            moved.device_id]
+    finally:
+        for d in devices:
+            d.stop()
+        for a in (agg_a, agg_b):
+            a.stop()
+        for r in runners:
+            if r.is_alive():
+                r.join(timeout=30)
+        for a in (agg_a, agg_b):
+            a.close()
+            a.channel.transport.close()
