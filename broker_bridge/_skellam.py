@@ -44,6 +44,10 @@ MAX_DRAWS = 256
 """Rounding draws before a device rounds towards zero (always within the bound)."""
 WRAP_FAILURE_BITS = 40
 """A round's sum may wrap mod 2^32 with probability at most 2^-40 (noise tails)."""
+MAX_DEVICE_VARIANCE = float(2**40)
+"""The largest per-device variance: numpy's Poisson sampler loses its variance above
+~1e13 (at 1e15 it is 4% too wide, at 1e16 40%), so the plan keeps each Poisson's mean
+below 2^39 and a device refuses a setup that asks for more."""
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -73,6 +77,8 @@ class SkellamParams:
         values = (clip, bound, variance)
         if mechanism != MECHANISM_SKELLAM or not all(math.isfinite(v) and v > 0
                                                      for v in values):
+            return None
+        if variance > MAX_DEVICE_VARIANCE:
             return None
         return cls(clip=clip, norm_bound=bound, device_variance=variance)
 

@@ -34,7 +34,13 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from broker_bridge._skellam import SkellamParams, l1_bound, norm_bound, wrap_margin
+from broker_bridge._skellam import (
+    MAX_DEVICE_VARIANCE,
+    SkellamParams,
+    l1_bound,
+    norm_bound,
+    wrap_margin,
+)
 from device_profiles import ConfigError
 
 DIM_BOUND = 1 << 24
@@ -135,7 +141,8 @@ def _variance_for(epsilon: float, delta: float, rounds: int, l1: float, l2: floa
 def plan_skellam(*, epsilon: float | None, delta: float, noise_multiplier: float | None,
                  rounds: int, clip: float, min_summed: int, max_devices: int
                  ) -> tuple[SkellamPlan, float]:
-    """The finest power-of-two scale whose levels plus noise fit a 32-bit sum, and the
+    """The finest power-of-two scale whose levels plus noise fit a 32-bit sum (and whose
+    per-device variance numpy's Poisson sampler draws faithfully), and the
     noise that spends ``epsilon`` over ``rounds`` (or has ``noise_multiplier`` x D2 as
     its standard deviation); with the epsilon the plan spends. ``ConfigError`` when no
     scale leaves room (too many devices per round)."""
@@ -154,8 +161,9 @@ def plan_skellam(*, epsilon: float | None, delta: float, noise_multiplier: float
             assert epsilon is not None
             variance = _variance_for(epsilon, delta, rounds, l1, l2)
         device_variance = variance / (min_summed - 1)
-        if _fits(clip=clip, scale=scale, device_variance=device_variance,
-                 max_devices=max_devices):
+        if device_variance <= MAX_DEVICE_VARIANCE and _fits(
+                clip=clip, scale=scale, device_variance=device_variance,
+                max_devices=max_devices):
             plan = SkellamPlan(scale=scale, clip=clip, norm_bound=l2, l1=l1,
                                variance=variance, device_variance=device_variance,
                                min_summed=min_summed, max_devices=max_devices)

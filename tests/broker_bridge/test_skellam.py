@@ -14,6 +14,7 @@ from broker_bridge._errors import SecAggRejected
 from broker_bridge._secagg_msg import Setup, parse
 from broker_bridge._skellam import (
     EXTENSION,
+    MAX_DEVICE_VARIANCE,
     SkellamParams,
     conditional_round,
     l1_bound,
@@ -35,7 +36,7 @@ def _sample_var_ok(x: np.ndarray, variance: float, *, sigmas: float = 6.0) -> No
     assert abs(float(np.mean(x))) < sigmas * math.sqrt(variance / n)
 
 
-@pytest.mark.parametrize("variance", [0.5, 7.0, 3e6])
+@pytest.mark.parametrize("variance", [0.5, 7.0, 3e6, MAX_DEVICE_VARIANCE])
 def test_one_devices_noise_has_the_stated_variance(variance: float) -> None:
     rng = np.random.default_rng(1)
     noise = skellam(variance, 400_000, rng)
@@ -112,7 +113,7 @@ def test_the_wrap_margin_covers_the_noise_tail() -> None:
 
 
 def test_the_setup_carries_the_dp_extension_and_refuses_a_bad_one() -> None:
-    dp = SkellamParams(clip=0.1, norm_bound=2.5e7, device_variance=3.25e14)
+    dp = SkellamParams(clip=0.1, norm_bound=2.5e7, device_variance=3.25e11)
     setup = Setup(round=3, session=bytes(range(16)), clip=0.1, scale=2.0**28, fraction=0.5,
                   max_devices=14, size=1000, subset_seed=bytes(32), dp=dp)
     raw = setup.to_bytes()
@@ -124,5 +125,8 @@ def test_the_setup_carries_the_dp_extension_and_refuses_a_bad_one() -> None:
     bad = raw[:-8] + np.float64(-1.0).tobytes()
     with pytest.raises(SecAggRejected, match="DP extension"):
         parse(bad)
+    too_wide = raw[:-8] + np.float64(MAX_DEVICE_VARIANCE * 2).tobytes()
+    with pytest.raises(SecAggRejected, match="DP extension"):
+        parse(too_wide)
     with pytest.raises(SecAggRejected, match="setup body size"):
         parse(raw[:-1])

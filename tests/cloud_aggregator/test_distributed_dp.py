@@ -18,7 +18,7 @@ from secagg_fleet import rng_bytes
 
 from broker_bridge._secagg_device import SecAggDevice
 from broker_bridge._secagg_msg import Setup, parse
-from broker_bridge._skellam import privatize, wrap_margin
+from broker_bridge._skellam import MAX_DEVICE_VARIANCE, privatize, wrap_margin
 from cloud_aggregator._config import AggregatorConfig
 from cloud_aggregator._privacy import ORDERS, CentralDP, RoundRelease
 from cloud_aggregator._secagg import SecAggRound
@@ -82,10 +82,11 @@ def test_the_plans_levels_and_noise_fit_the_32_bit_sum() -> None:
         worst = (cfg.secure_max_devices * math.ceil(sk.clip * sk.scale)
                  + wrap_margin(cfg.secure_max_devices * sk.device_variance, DIM_BOUND))
         assert worst <= SUM_LIMIT
+        assert sk.device_variance <= MAX_DEVICE_VARIANCE
         # and the next scale up would not fit (the finest that does)
         doubled = (cfg.secure_max_devices * math.ceil(sk.clip * sk.scale * 2)
                    + wrap_margin(cfg.secure_max_devices * sk.device_variance * 4, DIM_BOUND))
-        assert doubled > SUM_LIMIT
+        assert doubled > SUM_LIMIT or sk.device_variance * 4 > MAX_DEVICE_VARIANCE
         assert sk.min_summed == max(3, cfg.effective_quorum)
 
 
