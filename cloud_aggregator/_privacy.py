@@ -532,8 +532,10 @@ def distributed_guarantee(sk: SkellamPlan) -> str:
         "device's own noise is relied on), and a round with more devices is charged less. "
         "Devices gone after their upload are still summed with their noise; devices that "
         "never uploaded add none. The aggregator is not trusted with any single update, "
-        "only to follow the protocol (choose the parameters, keep the budget); a majority of "
-        "each device's neighbours must not collude with it. No amplification by sampling "
-        "is claimed (every round is charged at q = 1). Not covered: who takes part and "
+        "only to follow the protocol (choose the parameters, keep the budget) and not to "
+        "collude with half of a device's neighbours (their shares would unmask it). No "
+        "amplification by sampling is claimed (every round is charged at q = 1): the "
+        "aggregator draws the sample and sees who uploads, so the sample is no secret from "
+        "it. Not covered: who takes part and "
         "when, and the metadata a device sends beside its update (training loss, sample "
         "count, timings), which are recorded without noise.")

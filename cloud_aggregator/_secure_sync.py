@@ -266,6 +266,12 @@ class SecureSyncRounds(SyncRounds):
                                        noisy_unclipped_share=None,
                                        next_clip_norm=self.ctx.privacy.clip_norm)
 
+    def _charge(self, agg: RoundAggregate, *, released: bool) -> dict[str, float | None]:
+        """A private round whose sum was unmasked is charged even if it is not applied
+        after all: the aggregator has seen the noisy sum."""
+        unmasked = getattr(agg, "release", None) is not None
+        return super()._charge(agg, released=released or unmasked)
+
     def _round_delta(self, agg: RoundAggregate) -> np.ndarray:
         assert self._delta is not None
         return self._delta

@@ -22,7 +22,8 @@ device's own noise were known; devices that left after their upload are in the s
 for the fewest devices a closing round can sum (its quorum, at least 3), so every round
 that closes carries at least the planned variance, and more when more devices report
 (its epsilon is then lower, and the report shows it). No amplification by sampling is
-claimed (a subsampled-Skellam bound is not built): every round is charged at q = 1.
+claimed: every round is charged at q = 1, since the party distributed DP protects against,
+the aggregator, draws the sample and sees who uploads (the sample is no secret from it).
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ class Seen:
     agents: dict[str, Any] = field(default_factory=dict)
     aborted: list[str] = field(default_factory=list)
     private: dict[tuple[int, int], Any] = field(default_factory=dict)  # (round, index)
+    noised: dict[int, Any] = field(default_factory=dict)  # thread -> its last privatize
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -65,15 +66,16 @@ def seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[Seen]:
         assert self.keys is not None
         with s.lock:
             s.levels[(self.setup.round, self.keys.index)] = levels.copy()
-            for key, out in list(s.private.items()):  # the noisy levels' clean part
-                if isinstance(key[1], str) and np.array_equal(out.words, levels):
-                    s.private[(self.setup.round, self.keys.index)] = s.private.pop(key)
+            out = s.noised.pop(threading.get_ident(), None)  # what these levels hold
+            if out is not None:
+                assert np.array_equal(out.words, levels)
+                s.private[(self.setup.round, self.keys.index)] = out
         return masked(self, levels)
 
     def record_private(values: np.ndarray, params: Any, scale: float) -> Any:
         out = privatize(values, params, scale)
         with s.lock:
-            s.private[(-1, f"{threading.get_ident()}:{len(s.private)}")] = out
+            s.noised[threading.get_ident()] = out
         return out
 
     def maybe_silent(self: SecAggDevice, request: Any) -> Any:
@@ -224,7 +226,7 @@ def test_a_private_secure_round_sums_the_devices_noisy_levels_exactly(
         diff = (levels - rounded).astype(np.float64)
         assert float(np.var(diff)) == pytest.approx(9 * sk.device_variance, rel=0.2)
     # epsilon after each round: the Skellam accountant for the devices summed (9 each)
-    eps = [m.dp_epsilon for m in closed]
+    eps = [float(m.dp_epsilon or 0.0) for m in closed]
     for n, e in enumerate(eps, start=1):
         want = skellam_epsilon([(8 * sk.device_variance, n)], l1=sk.l1, l2=sk.norm_bound,
                                delta=1e-5)
