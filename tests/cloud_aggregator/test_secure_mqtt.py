@@ -43,6 +43,7 @@ class Seen:
     aborted: list[str] = field(default_factory=list)
     private: dict[tuple[int, int], Any] = field(default_factory=dict)  # (round, index)
     noised: dict[int, Any] = field(default_factory=dict)  # thread -> its last privatize
+    no_upload: set[str] = field(default_factory=set)  # their shares "do not open"
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -50,6 +51,14 @@ class Seen:
 def seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[Seen]:
     s = Seen()
     masked, unmask = SecAggDevice.masked, SecAggDevice.on_unmask
+    deliver = SecAggDevice.on_deliver
+
+    def refuse_delivery(self: SecAggDevice, body: Any) -> None:
+        # A device whose delivered shares do not open leaves the round: it never uploads.
+        assert self.keys is not None
+        if f"dev-{self.keys.index - 1:02d}" in s.no_upload:
+            raise SecAggRejected("bad_share", "the test's shares do not open")
+        deliver(self, body)
     finish, journal = SecAggRound.finish, Store.journal
     close_upload = SecAggRound.close_upload
 
@@ -98,6 +107,7 @@ def seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[Seen]:
 
     monkeypatch.setattr(SecAggDevice, "masked", record_masked)
     monkeypatch.setattr(SecAggDevice, "on_unmask", maybe_silent)
+    monkeypatch.setattr(SecAggDevice, "on_deliver", refuse_delivery)
     monkeypatch.setattr(SecAggRound, "finish", record_finish)
     monkeypatch.setattr(Store, "journal", record_journal)
     monkeypatch.setattr(SecAggRound, "close_upload", power_cut)
@@ -124,7 +134,8 @@ def run_fleet(mosquitto: MosquittoProcess, tmp_path: Path, *, devices: int, roun
     seen.silent |= silent
     config = AggregatorConfig(
         fleet=fleet, model="mlp", rounds=rounds, devices_per_round=devices, over_selection=1.0,
-        quorum=devices - len(silent), deadline_s=20.0, secure_aggregation=True,
+        quorum=settings.pop("quorum", devices - len(silent)), deadline_s=20.0,
+        secure_aggregation=True,
         secure_fraction=0.25, secure_phase_s=3.0, state_dir=tmp_path / "agg",
         store_synchronous="NORMAL", max_abandoned=rounds + 1, **settings)
     agg = Aggregator(config=config, channel=Channel(
@@ -235,3 +246,35 @@ def test_a_private_secure_round_sums_the_devices_noisy_levels_exactly(
     assert eps[-1] <= skellam_epsilon([(sk.variance, 2)], l1=sk.l1, l2=sk.norm_bound,
                                       delta=1e-5)
     assert agg.privacy.report()["charged_by_summed"] == [[9, 2]]
+
+
+@pytest.mark.slow
+def test_a_private_round_without_some_uploads_is_charged_for_what_it_summed(
+        mosquitto: MosquittoProcess, tmp_path: Path, seen: Seen) -> None:
+    # dev-00 never uploads (its delivered shares do not open), dev-01 leaves after its
+    # upload: the sum holds 8 devices' noise, and each round is charged 7 of them.
+    seen.no_upload.add("dev-00")
+    agg = run_fleet(mosquitto, tmp_path, devices=9, rounds=2, seen=seen, silent={"dev-01"},
+                    quorum=7, dp_noise_multiplier=1.0, dp_delta=1e-5, clip_norm=0.05)
+    assert agg.privacy is not None
+    sk = agg.privacy.plan.skellam
+    assert sk is not None and sk.min_summed == 7
+    closed = [m for m in agg.history if m.outcome == "closed"]
+    assert len(closed) == 2, [m.to_json() for m in agg.history]
+    for round_index, total, counted in seen.sums:
+        assert len(counted) == 8 and "dev-00" not in counted and "dev-01" in counted
+        mine = [p for (r, _), p in seen.private.items() if r == round_index]
+        assert len(mine) == 8
+        levels = total.view(np.int32).astype(np.int64)
+        assert np.array_equal(levels, sum(p.rounded + p.noise for p in mine))
+        noise = levels - sum(p.rounded for p in mine)
+        assert float(np.var(noise.astype(np.float64))) == pytest.approx(
+            8 * sk.device_variance, rel=0.2)
+    eps = [float(m.dp_epsilon or 0.0) for m in closed]
+    for n, e in enumerate(eps, start=1):
+        assert e == pytest.approx(skellam_epsilon([(7 * sk.device_variance, n)], l1=sk.l1,
+                                                  l2=sk.norm_bound, delta=1e-5), rel=1e-9)
+    # fewer summed than asked: more epsilon per round than a round summing all nine
+    assert eps[-1] > skellam_epsilon([(8 * sk.device_variance, 2)], l1=sk.l1,
+                                     l2=sk.norm_bound, delta=1e-5)
+    assert agg.privacy.report()["charged_by_summed"] == [[8, 2]]
