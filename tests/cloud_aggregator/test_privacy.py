@@ -176,6 +176,8 @@ def test_adaptive_clipping_converges_to_the_target_quantile(quantile: float) -> 
     ({"dp_noise_multiplier": 0.3, "rounds": 100}, "the plan cannot fit"),
     ({"dp_clip_count_stddev": 0.1}, "dp_clip_count_stddev"),
     ({"secure_aggregation": True, "dp_clipping": "adaptive"}, "adaptive clipping"),
+    ({"secure_aggregation": True, "dp_noise_multiplier": 0.3, "rounds": 100},
+     "the plan cannot fit"),
     ({"secure_aggregation": True, "devices_per_round": 5_000_000, "over_selection": 1.0},
      "cannot sum in a 32-bit word"),
 ])
