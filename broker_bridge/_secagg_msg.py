@@ -146,6 +146,10 @@ class Setup(_Body):
         if not (clip > 0 and scale > 0 and 0 < fraction <= 1 and 1 <= max_devices <= MAX_DEVICES
                 and 1 <= size <= MAX_WORDS) or not all(np.isfinite([clip, scale, fraction])):
             raise rejected("malformed", "setup parameters out of bounds")
+        if dp is not None and (dp.clip != clip or dp.norm_bound < clip * scale):
+            # rounding towards zero must always fit the bound (section 11.4)
+            raise rejected("malformed", "setup: the DP clip is not the round's, or its norm "
+                                        "bound is below clip x scale")
         return cls(round=round, session=session, clip=clip, scale=scale, fraction=fraction,
                    max_devices=max_devices, size=size, subset_seed=seed, dp=dp)
 

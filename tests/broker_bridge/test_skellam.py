@@ -113,7 +113,7 @@ def test_the_wrap_margin_covers_the_noise_tail() -> None:
 
 
 def test_the_setup_carries_the_dp_extension_and_refuses_a_bad_one() -> None:
-    dp = SkellamParams(clip=0.1, norm_bound=2.5e7, device_variance=3.25e11)
+    dp = SkellamParams(clip=0.1, norm_bound=2.7e7, device_variance=3.25e11)
     setup = Setup(round=3, session=bytes(range(16)), clip=0.1, scale=2.0**28, fraction=0.5,
                   max_devices=14, size=1000, subset_seed=bytes(32), dp=dp)
     raw = setup.to_bytes()
@@ -128,5 +128,11 @@ def test_the_setup_carries_the_dp_extension_and_refuses_a_bad_one() -> None:
     too_wide = raw[:-8] + np.float64(MAX_DEVICE_VARIANCE * 2).tobytes()
     with pytest.raises(SecAggRejected, match="DP extension"):
         parse(too_wide)
+    for bad_dp in (SkellamParams(clip=0.2, norm_bound=2.5e7, device_variance=1.0),
+                   SkellamParams(clip=0.1, norm_bound=0.1 * 2.0**28 - 1, device_variance=1.0)):
+        with pytest.raises(SecAggRejected, match="DP clip"):
+            parse(Setup(round=3, session=bytes(range(16)), clip=0.1, scale=2.0**28,
+                        fraction=0.5, max_devices=14, size=1000, subset_seed=bytes(32),
+                        dp=bad_dp).to_bytes())
     with pytest.raises(SecAggRejected, match="setup body size"):
         parse(raw[:-1])
