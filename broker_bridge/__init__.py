@@ -6,7 +6,9 @@ Where things live:
   ``BrokerRefused``.
 - ``_secagg``: secure aggregation's primitives (PRG, key agreement, Shamir, the
   neighbourhood graph, fixed point, the shared coordinate subset); ``_secagg_msg``: its
-  messages; ``_secagg_device``: ``SecAggDevice`` (a device's side of a secure round).
+  messages; ``_secagg_device``: ``SecAggDevice`` (a device's side of a secure round);
+  ``_skellam``: distributed DP's device side (L2 clip, conditional rounding, Skellam
+  noise from the OS CSPRNG) and the setup's DP extension.
 - ``_layout``: ``Layout`` (named float32 tensors <-> one flat vector, fingerprint).
 - ``_codec``: ``encode_update``/``decode_update``, ``encode_model``/``decode_model``,
   ``ErrorFeedback``, ``ModelVersion``, ``BodyHeader`` (the update codec and its body

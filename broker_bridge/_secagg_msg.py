@@ -24,6 +24,7 @@ import numpy as np
 
 from broker_bridge._envelope import Kind, Message
 from broker_bridge._secagg import SHARE_BYTES, U32, Words, rejected
+from broker_bridge._skellam import EXTENSION, SkellamParams
 
 MAGIC = b"FLSA"
 VERSION = 1
@@ -115,7 +116,9 @@ def _unique(indices: list[int], what: str) -> None:
 @dataclass(frozen=True, kw_only=True)
 class Setup(_Body):
     """The round's parameters: fixed point (clip, scale, max_devices), the shared
-    coordinate subset (fraction of the layout's size, seed)."""
+    coordinate subset (fraction of the layout's size, seed) and, in a private round,
+    the DP extension (``dp``: clip to L2 norm ``clip``, round within ``norm_bound``, add
+    Skellam noise; ``_skellam``)."""
 
     STEP: ClassVar[Step] = Step.SETUP
     clip: float
@@ -124,21 +127,31 @@ class Setup(_Body):
     max_devices: int
     size: int
     subset_seed: bytes
+    dp: SkellamParams | None = None
 
     def _tail(self) -> bytes:
         return _SETUP.pack(self.clip, self.scale, self.fraction, self.max_devices, self.size,
-                           self.subset_seed)
+                           self.subset_seed) + (b"" if self.dp is None else self.dp.to_bytes())
 
     @classmethod
     def _parse(cls, tail: memoryview, *, round: int, session: bytes) -> Setup:
-        if len(tail) != _SETUP.size:
+        dp = None
+        if len(tail) == _SETUP.size + EXTENSION.size:
+            dp = SkellamParams.from_bytes(tail[_SETUP.size:])
+            if dp is None:
+                raise rejected("malformed", "setup: DP extension out of bounds")
+        elif len(tail) != _SETUP.size:
             raise rejected("malformed", "setup body size")
         clip, scale, fraction, max_devices, size, seed = _SETUP.unpack_from(tail)
         if not (clip > 0 and scale > 0 and 0 < fraction <= 1 and 1 <= max_devices <= MAX_DEVICES
                 and 1 <= size <= MAX_WORDS) or not all(np.isfinite([clip, scale, fraction])):
             raise rejected("malformed", "setup parameters out of bounds")
+        if dp is not None and (dp.clip != clip or dp.norm_bound < clip * scale):
+            # rounding towards zero must always fit the bound (section 11.4)
+            raise rejected("malformed", "setup: the DP clip is not the round's, or its norm "
+                                        "bound is below clip x scale")
         return cls(round=round, session=session, clip=clip, scale=scale, fraction=fraction,
-                   max_devices=max_devices, size=size, subset_seed=seed)
+                   max_devices=max_devices, size=size, subset_seed=seed, dp=dp)
 
 
 @dataclass(frozen=True, kw_only=True)

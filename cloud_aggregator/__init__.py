@@ -11,7 +11,9 @@ Where things live:
 - ``_secagg``: ``SecAggRound`` (the aggregator's side of a secure-aggregation round:
   it learns only the sum).
 - ``_privacy``: ``CentralDP`` (DP-FedAvg: clipping, fixed denominator, Gaussian noise,
-  adaptive clipping, the RDP accountant), ``PrivacyPlan``, ``make_plan``.
+  adaptive clipping, the RDP accountant; also distributed DP's), ``PrivacyPlan``,
+  ``make_plan``; ``_skellam_dp``: distributed DP under secure aggregation (the Skellam
+  plan: scale, norm bound, per-device variance; its RDP accountant).
 - ``_models``: ``build_reference_model``, ``REFERENCE_MODELS`` (mlp, cnn, mlp-xl; onnx.helper).
 - ``_artifacts``: ``build_artifacts``, ``ArtifactInfo``, ``read_manifest``, ``initial_parameters``.
 - ``_selection``: ``Candidate``, ``SelectionPolicy``, the policies, ``make_policy``.

@@ -151,8 +151,10 @@ class AggregatorConfig:
     robust: RobustMethod = setting(
         "mean", help="aggregation rule: mean, median, trimmed_mean, krum or multi_krum",
         group=_SERVER)
-    clip_norm: float | None = setting(None, help="clip each update to this L2 norm",
-                                      example=1.0, group=_SERVER)
+    clip_norm: float | None = setting(
+        None, help="clip each update to this L2 norm (under secure aggregation with "
+        "differential privacy the devices clip to it; default there 0.1)", example=1.0,
+        group=_SERVER)
     trim_fraction: float = setting(0.1, help="robust = trimmed_mean: share trimmed at each "
                                    "end", group=_SERVER)
     byzantine: int = setting(
@@ -187,10 +189,12 @@ class AggregatorConfig:
     secure_aggregation: bool = setting(
         False, help="sync rounds learn only the sum of their updates (masked with "
         "pairwise and self masks, unmasked from Shamir shares; docs/PROTOCOL.md section "
-        "11); needs codec = fp32 and robust = mean", group=_SECURE)
+        "11); needs codec = fp32 and robust = mean; with dp_epsilon or dp_noise_multiplier "
+        "the devices add the noise (distributed DP)", group=_SECURE)
     secure_clip: float = setting(
         1.0, help="secure aggregation: every coordinate of an update is clipped to "
-        "[-clip, clip] before fixed point (the most one device can move the sum)",
+        "[-clip, clip] before fixed point (the most one device can move the sum; under "
+        "differential privacy the L2 bound clip_norm applies instead)",
         group=_SECURE)
     secure_fraction: float = setting(
         1.0, help="secure aggregation: share of coordinates every device sends, chosen at "
@@ -210,10 +214,11 @@ class AggregatorConfig:
         None, help="noise standard deviation / clipping bound (turns central DP on; with "
         "dp_epsilon too, the plan must fit the budget; alone, epsilon is reported)",
         example=1.0, group=_PRIVACY)
-    dp_clipping: ClipMode = setting(
-        "adaptive", help="fixed: clip to clip_norm; adaptive: move the bound towards the "
-        "dp_target_quantile of update norms (Andrew et al. 2021), clip_norm is its start",
-        group=_PRIVACY)
+    dp_clipping: ClipMode | None = setting(
+        None, help="fixed: clip to clip_norm; adaptive: move the bound towards the "
+        "dp_target_quantile of update norms (Andrew et al. 2021), clip_norm is its start "
+        "(default: adaptive; fixed under secure_aggregation, where devices clip)",
+        example="fixed", group=_PRIVACY)
     dp_target_quantile: float = setting(
         0.5, help="adaptive clipping: share of updates the bound should leave unclipped",
         example=0.9, group=_PRIVACY)
@@ -364,24 +369,38 @@ class AggregatorConfig:
         if self.mode != "sync":
             raise ConfigError("secure_aggregation runs in sync rounds only (mode = sync)")
         check_codec(CodecSpec.parse(self.codec))
-        if self.robust != "mean" or self.clip_norm is not None or self.max_update_norm is not None:
+        clip = self.clip_norm is not None and not self.dp_enabled  # DP: the devices clip
+        if self.robust != "mean" or clip or self.max_update_norm is not None:
             raise ConfigError(
                 "secure_aggregation hides each update from the aggregator: robust rules, "
-                "clip_norm and max_update_norm need to see them (use robust = mean; "
-                "secure_clip bounds each coordinate instead)")
+                "clip_norm (without differential privacy) and max_update_norm need to see "
+                "them (use robust = mean; secure_clip bounds each coordinate instead)")
         if not (math.isfinite(self.secure_clip) and self.secure_clip > 0):
             raise ConfigError(f"secure_clip must be > 0, got {self.secure_clip}")
         if not 0 < self.secure_fraction <= 1:
             raise ConfigError(f"secure_fraction must be in (0, 1], got {self.secure_fraction}")
         if self.secure_phase_s is not None and not self.secure_phase_s > 0:
             raise ConfigError(f"secure_phase_s must be > 0, got {self.secure_phase_s}")
-        self.secure_fixed_point()  # the overflow check
+        if not self.dp_enabled:
+            self.secure_fixed_point()  # the overflow check (DP: the plan's own)
+
+    @property
+    def secure_max_devices(self) -> int:
+        """The most devices a secure round sums: twice those it selects (replacements
+        for decliners join it)."""
+        return max(3, 2 * self.selected_per_round)
 
     def secure_fixed_point(self) -> FixedPoint:
         """The fixed point of a secure round: the finest power-of-two scale at which
         twice the devices a round selects (replacements for decliners join it) sum
-        clipped updates without overflow; refused when that leaves under 1,024 levels."""
-        devices = max(3, 2 * self.selected_per_round)  # room for replacements
+        clipped updates without overflow; refused when that leaves under 1,024 levels.
+        Under differential privacy: the plan's scale, with room for the noise
+        (``_skellam_dp``), values clipped to the L2 bound (so each coordinate too)."""
+        devices = self.secure_max_devices
+        plan = self.privacy_plan()
+        if plan is not None and plan.skellam is not None:
+            return FixedPoint(clip=plan.skellam.clip, scale=plan.skellam.scale,
+                              max_devices=devices)
         bound = secure_level_bound(devices)
         if bound < 1 << 10:
             raise ConfigError(
@@ -402,7 +421,8 @@ class AggregatorConfig:
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
-        _choice("dp_clipping", self.dp_clipping, ("fixed", "adaptive"))
+        if self.dp_clipping is not None:
+            _choice("dp_clipping", self.dp_clipping, ("fixed", "adaptive"))
         if not 0 < self.dp_target_quantile < 1:
             raise ConfigError("dp_target_quantile must be in (0, 1), got "
                               f"{self.dp_target_quantile}")
@@ -415,12 +435,6 @@ class AggregatorConfig:
                                       "dp_noise_multiplier (differential privacy is off)")
             return
         why = "differential privacy"
-        if self.secure_aggregation:
-            raise ConfigError(
-                f"{why} cannot be combined with secure_aggregation yet: central DP clips "
-                "and noises on the aggregator, which under secure aggregation sees no single "
-                "update, and noise added on the devices (distributed DP) is not built (use "
-                "one or the other)")
         if self.mode == "async":
             raise ConfigError(
                 f"{why} is implemented for sync rounds only: FedBuff's buffers mix updates "
@@ -472,11 +486,21 @@ class AggregatorConfig:
         """The DP plan (noise multiplier, sampling rate, clip) or None when DP is off."""
         if not self.dp_enabled:
             return None
+        if self.secure_aggregation:  # distributed DP: the devices add Skellam noise
+            return make_plan(
+                epsilon=self.dp_epsilon, delta=self.dp_delta,
+                noise_multiplier=self.dp_noise_multiplier, rounds=self.rounds,
+                asked=self.selected_per_round, population=self.dp_population,
+                selection=self.selection, clipping=self.dp_clipping or "fixed",
+                clip_norm=self.clip_norm, target_quantile=self.dp_target_quantile,
+                clip_lr=self.dp_clip_lr, count_stddev=self.dp_clip_count_stddev,
+                distributed=(max(3, self.effective_quorum), self.secure_max_devices))
         return make_plan(
             epsilon=self.dp_epsilon, delta=self.dp_delta,
             noise_multiplier=self.dp_noise_multiplier, rounds=self.rounds,
             asked=self.selected_per_round, population=self.dp_population,
-            selection=self.selection, clipping=self.dp_clipping, clip_norm=self.clip_norm,
+            selection=self.selection, clipping=self.dp_clipping or "adaptive",
+            clip_norm=self.clip_norm,
             target_quantile=self.dp_target_quantile, clip_lr=self.dp_clip_lr,
             count_stddev=self.dp_clip_count_stddev)
 

@@ -66,7 +66,7 @@ def rule_of(config: AggregatorConfig, optimizer: Any, strategy: Any) -> dict[str
     plan = config.privacy_plan()
     if plan is not None:  # the noise is not recorded (it would undo the privacy it gives)
         rule["differential_privacy"] = {"noise_multiplier": plan.noise_multiplier,
-                                        "delta": config.dp_delta, "clipping": config.dp_clipping}
+                                        "delta": config.dp_delta, "clipping": plan.clipping}
     return rule
 
 

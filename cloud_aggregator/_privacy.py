@@ -1,4 +1,10 @@
-"""Central differential privacy for sync rounds (DP-FedAvg with an RDP accountant).
+"""Differential privacy for sync rounds: central DP-FedAvg with an RDP accountant, and
+the accounting of distributed DP under secure aggregation (``_skellam_dp``).
+
+Why this module is longer than 400 lines: the plan, the accountant's state and the
+report are one object for both mechanisms (central Gaussian, distributed Skellam), so
+that the budget check, the checkpointed state, the metrics and the report are the same
+code whichever mechanism a run uses.
 
 What is released each round is the Gaussian mechanism on a sum with bounded
 device-level sensitivity (McMahan et al. 2018, "Learning Differentially Private
@@ -51,6 +57,7 @@ from cloud_aggregator._aggregate import Contribution, RoundAggregate
 from cloud_aggregator._aggregation import StreamingAccumulator
 from cloud_aggregator._contribution import ContributionRecord
 from cloud_aggregator._errors import AggregatorError, PrivacyBudgetExhausted
+from cloud_aggregator._skellam_dp import SkellamPlan, plan_skellam, skellam_epsilon
 from device_profiles import ConfigError
 
 F32 = npt.NDArray[np.float32]
@@ -135,13 +142,23 @@ class PrivacyPlan:
     clip_lr: float
     amplified: bool
     planned_epsilon: float
+    skellam: SkellamPlan | None = None
+    """Distributed DP under secure aggregation: the devices add Skellam noise
+    (``_skellam_dp``); None: central DP (Gaussian noise added here)."""
+
+    @property
+    def mechanism(self) -> str:
+        return "gaussian" if self.skellam is None else "skellam"
 
     def describe(self) -> str:
         sampling = (f"Poisson-subsampled at q = {self.sampling_rate:.4g}" if self.amplified
                     else "no amplification by sampling")
         budget = "no target" if self.epsilon is None else f"target epsilon {self.epsilon:g}"
+        how = ("" if self.skellam is None else
+               f"distributed Skellam noise from the devices, sized for {self.skellam.min_summed}"
+               f" summed, ")
         return (f"device-level ({self.epsilon if self.epsilon is not None else '-'}, "
-                f"{self.delta:g})-DP plan: noise multiplier {self.noise_multiplier:.4g} "
+                f"{self.delta:g})-DP plan: {how}noise multiplier {self.noise_multiplier:.4g} "
                 f"({self.clipping} clipping, C = {self.clip_norm:.4g}), {self.rounds} rounds "
                 f"{sampling}: epsilon {self.planned_epsilon:.4g} at delta {self.delta:g} "
                 f"({budget})")
@@ -151,9 +168,16 @@ class PrivacyPlan:
 def make_plan(*, epsilon: float | None, delta: float, noise_multiplier: float | None,
               rounds: int, asked: int, population: int | None, selection: str,
               clipping: ClipMode, clip_norm: float | None, target_quantile: float,
-              clip_lr: float, count_stddev: float | None) -> PrivacyPlan:
+              clip_lr: float, count_stddev: float | None,
+              distributed: tuple[int, int] | None = None) -> PrivacyPlan:
     """Check the privacy settings together and derive the plan (``ConfigError`` with the
-    reason when they cannot be met)."""
+    reason when they cannot be met). ``distributed`` = (fewest, most devices a round
+    sums): distributed DP under secure aggregation (``_skellam_dp``)."""
+    if distributed is not None:
+        return _distributed_plan(epsilon=epsilon, delta=delta,
+                                 noise_multiplier=noise_multiplier, rounds=rounds,
+                                 clipping=clipping, clip_norm=clip_norm,
+                                 min_summed=distributed[0], max_devices=distributed[1])
     amplified = population is not None and selection in AMPLIFIED_POLICIES
     q = min(1.0, asked / population) if amplified and population else 1.0
     if epsilon is not None and noise_multiplier is None:
@@ -194,6 +218,35 @@ def make_plan(*, epsilon: float | None, delta: float, noise_multiplier: float | 
                        sampling_rate=q, denominator=float(asked), clipping=clipping,
                        clip_norm=float(bound), target_quantile=target_quantile,
                        clip_lr=clip_lr, amplified=amplified, planned_epsilon=planned)
+
+
+def _distributed_plan(*, epsilon: float | None, delta: float, noise_multiplier: float | None,
+                      rounds: int, clipping: ClipMode, clip_norm: float | None,
+                      min_summed: int, max_devices: int) -> PrivacyPlan:
+    if clipping != "fixed":
+        raise ConfigError(
+            "distributed DP (secure_aggregation with dp_epsilon or dp_noise_multiplier) "
+            "clips on the devices to a fixed bound: adaptive clipping would need a noisy "
+            "count of unclipped updates summed under the masks, which is not built (use "
+            "dp_clipping = fixed, the default under secure aggregation)")
+    if epsilon is None and noise_multiplier is None:
+        raise ConfigError("differential privacy needs dp_epsilon or dp_noise_multiplier")
+    clip = clip_norm if clip_norm is not None else DEFAULT_INITIAL_CLIP
+    sk, planned = plan_skellam(epsilon=epsilon, delta=delta,
+                               noise_multiplier=noise_multiplier, rounds=rounds, clip=clip,
+                               min_summed=min_summed, max_devices=max_devices)
+    if epsilon is not None and noise_multiplier is not None and planned > epsilon * (1 + 1e-9):
+        raise ConfigError(
+            f"dp_noise_multiplier = {noise_multiplier:g} over {rounds} rounds spends epsilon "
+            f"{planned:.4g} at delta {delta:g} under distributed DP, above dp_epsilon = "
+            f"{epsilon:g}: the plan cannot fit (raise the noise multiplier, lower rounds or "
+            "leave one of the two unset)")
+    z = math.sqrt(sk.variance) / sk.norm_bound
+    return PrivacyPlan(epsilon=epsilon, delta=delta, noise_multiplier=z,
+                       update_noise_multiplier=z, count_stddev=None, rounds=rounds,
+                       sampling_rate=1.0, denominator=float(min_summed), clipping="fixed",
+                       clip_norm=clip, target_quantile=0.5, clip_lr=0.0, amplified=False,
+                       planned_epsilon=planned, skellam=sk)
 
 
 def secure_rng() -> np.random.Generator:
@@ -267,6 +320,9 @@ class CentralDP:
         self.plan = plan
         self.clip_norm = plan.clip_norm
         self._spent: dict[float, int] = {}
+        self._summed: dict[int, int] = {}
+        """Distributed DP: rounds charged by the number of devices they summed."""
+        self._last_summed = plan.skellam.min_summed if plan.skellam is not None else 0
         self._rng = rng
         self._epsilon: float | None = 0.0
 
@@ -274,6 +330,7 @@ class CentralDP:
 
     def state(self) -> dict[str, Any]:
         return {"spent": [[q, n] for q, n in sorted(self._spent.items())],
+                "summed": [[k, n] for k, n in sorted(self._summed.items())],
                 "clip_norm": self.clip_norm, "noise_multiplier": self.plan.noise_multiplier,
                 "delta": self.plan.delta}
 
@@ -288,6 +345,7 @@ class CentralDP:
                 "so far would be charged wrongly (keep the privacy settings and rounds of "
                 "the run, or use another state dir)")
         self._spent = {float(q): int(n) for q, n in state.get("spent", [])}
+        self._summed = {int(k): int(n) for k, n in state.get("summed", [])}
         self.clip_norm = float(state.get("clip_norm", self.plan.clip_norm))
         self._epsilon = None
 
@@ -295,7 +353,7 @@ class CentralDP:
 
     @property
     def rounds_spent(self) -> int:
-        return sum(self._spent.values())
+        return sum(self._spent.values()) + sum(self._summed.values())
 
     def _runs(self, extra: float | None = None) -> list[tuple[float, int]]:
         spent = dict(self._spent)
@@ -307,10 +365,19 @@ class CentralDP:
     def epsilon(self) -> float:
         """Epsilon spent so far at the plan's delta."""
         if self._epsilon is None:
-            self._epsilon = (0.0 if not self._spent else epsilon_for(
-                noise_multiplier=self.plan.noise_multiplier, rounds=self._runs(),
-                delta=self.plan.delta))
+            if self.plan.skellam is not None:
+                self._epsilon = self._skellam_epsilon(self._summed)
+            else:
+                self._epsilon = (0.0 if not self._spent else epsilon_for(
+                    noise_multiplier=self.plan.noise_multiplier, rounds=self._runs(),
+                    delta=self.plan.delta))
         return self._epsilon
+
+    def _skellam_epsilon(self, summed: Mapping[int, int]) -> float:
+        sk = self.plan.skellam
+        assert sk is not None
+        return skellam_epsilon([(sk.charged_variance(k), n) for k, n in sorted(summed.items())],
+                               l1=sk.l1, l2=sk.norm_bound, delta=self.plan.delta)
 
     def sampling_rate(self, *, asked: int, candidates: int, selection: str) -> float:
         """The q a round is charged at: asked / candidates for a uniform draw, else 1."""
@@ -322,8 +389,14 @@ class CentralDP:
         """Why a round at rate ``q`` must not be opened (None: it fits the budget)."""
         if self.plan.epsilon is None:
             return None
-        after = epsilon_for(noise_multiplier=self.plan.noise_multiplier,
-                            rounds=self._runs(q), delta=self.plan.delta)
+        sk = self.plan.skellam
+        if sk is not None:  # the next round at worst sums its quorum
+            worst = dict(self._summed)
+            worst[sk.min_summed] = worst.get(sk.min_summed, 0) + 1
+            after = self._skellam_epsilon(worst)
+        else:
+            after = epsilon_for(noise_multiplier=self.plan.noise_multiplier,
+                                rounds=self._runs(q), delta=self.plan.delta)
         if after <= self.plan.epsilon * (1 + 1e-9):
             return None
         return (f"privacy budget reached: {self.rounds_spent} rounds spent epsilon "
@@ -362,13 +435,27 @@ class CentralDP:
                             noisy_unclipped_share=share, next_clip_norm=next_clip)
 
     def charge(self, release: RoundRelease, q: float) -> None:
-        """The round was released: charge it and move the adaptive bound."""
+        """The round was released: charge it and move the adaptive bound (distributed
+        DP: charge the noise of the ``release.counted`` devices it summed)."""
+        if self.plan.skellam is not None:
+            k = release.counted
+            if k < self.plan.skellam.min_summed:
+                raise AggregatorError(f"a private secure round summed {k} devices, fewer "
+                                      f"than the {self.plan.skellam.min_summed} its noise is "
+                                      "sized for")
+            self._summed[k] = self._summed.get(k, 0) + 1
+            self._last_summed = k
+            self._epsilon = None
+            return
         self._spent[q] = self._spent.get(q, 0) + 1
         self._epsilon = None
         self.clip_norm = release.next_clip_norm
 
     def noise_std(self, clip_norm: float) -> float:
-        """Per-coordinate standard deviation of the noise on the released mean."""
+        """Per-coordinate standard deviation of the noise on the released mean (the last
+        round's, under distributed DP)."""
+        if self.plan.skellam is not None:
+            return self.plan.skellam.noise_std(self._last_summed)
         return self.plan.update_noise_multiplier * clip_norm / self.plan.denominator
 
     def report(self) -> dict[str, Any]:
@@ -388,11 +475,26 @@ class CentralDP:
             "charged": [[q, n] for q, n in sorted(self._spent.items())],
             "accountant": "dp_accounting RDP, add-or-remove-one device",
             "noise_source": "numpy PCG64 seeded per round with 128 bits from secrets",
+            "mechanism": plan.mechanism,
+            **({} if plan.skellam is None else self._skellam_report(plan.skellam)),
+        }
+
+    def _skellam_report(self, sk: SkellamPlan) -> dict[str, Any]:
+        return {
+            "accountant": "Skellam RDP (Agarwal et al. 2021) summed over rounds, converted by "
+                          "dp_accounting.rdp.compute_epsilon; zero-out of one device",
+            "noise_source": "each device: numpy PCG64 seeded with 128 bits of os.urandom",
+            "charged_by_summed": [[k, n] for k, n in sorted(self._summed.items())],
+            "scale": sk.scale, "norm_bound": sk.norm_bound, "l1_bound": sk.l1,
+            "variance": sk.variance, "device_variance": sk.device_variance,
+            "min_summed": sk.min_summed, "max_devices": sk.max_devices,
         }
 
 
 def guarantee(plan: PrivacyPlan) -> str:
     """The guarantee a plan gives, in one paragraph."""
+    if plan.skellam is not None:
+        return distributed_guarantee(plan.skellam)
     sampling = (
         "Rounds drawn by the random policy are charged as Poisson subsampling at the "
         "round's rate (devices asked / online eligible candidates), which assumes the draw "
@@ -412,3 +514,28 @@ def guarantee(plan: PrivacyPlan) -> str:
         f"{plan.update_noise_multiplier:.4g} x the bound is added to the sum. " + sampling +
         " Not covered: who takes part and when, and the metadata a device sends beside its "
         "update (training loss, sample count, timings), which are recorded without noise.")
+
+
+def distributed_guarantee(sk: SkellamPlan) -> str:
+    """Distributed DP's guarantee, in one paragraph."""
+    return (
+        "Distributed, device-level (epsilon, delta)-differential privacy under secure "
+        "aggregation, for the zero-out of one device (its update replaced by zeros; under "
+        "secure aggregation who uploads is seen anyway): the aggregator and everyone after "
+        "it learn only each round's masked sum, and that sum already carries the noise. "
+        f"Each device clips its update to L2 norm {sk.clip:g}, scales it by {sk.scale:g}, "
+        f"rounds it at random within L2 norm {sk.norm_bound:.6g} levels (conditional "
+        "rounding) and adds Skellam noise of variance "
+        f"{sk.device_variance:.6g} per coordinate from its own OS CSPRNG, before masking. "
+        f"The noise is sized for the fewest devices a closing round sums ({sk.min_summed}): "
+        "each round is charged with the noise of the devices it summed less one (so no "
+        "device's own noise is relied on), and a round with more devices is charged less. "
+        "Devices gone after their upload are still summed with their noise; devices that "
+        "never uploaded add none. The aggregator is not trusted with any single update, "
+        "only to follow the protocol (choose the parameters, keep the budget) and not to "
+        "collude with half of a device's neighbours (their shares would unmask it). No "
+        "amplification by sampling is claimed (every round is charged at q = 1): the "
+        "aggregator draws the sample and sees who uploads, so the sample is no secret from "
+        "it. Not covered: who takes part and "
+        "when, and the metadata a device sends beside its update (training loss, sample "
+        "count, timings), which are recorded without noise.")

@@ -53,6 +53,7 @@ from broker_bridge._secagg_msg import (
     Unmask,
     _Body,
 )
+from broker_bridge._skellam import SkellamParams
 from cloud_aggregator._errors import SecAggAbandoned
 
 
@@ -83,11 +84,12 @@ class SecAggRound:
     def __init__(self, *, fleet: str, round_index: int, clip: float, scale: float,
                  fraction: float, size: int, max_devices: int, dropout: float = 1 / 3,
                  failure_bits: int = 20, randbytes: Callable[[int], bytes] = os.urandom,
-                 randbelow: RandomInt = secrets.randbelow) -> None:
+                 randbelow: RandomInt = secrets.randbelow,
+                 dp: SkellamParams | None = None) -> None:
         self.fleet = fleet
         self.setup = Setup(round=round_index, session=randbytes(16), clip=clip, scale=scale,
                            fraction=fraction, max_devices=max_devices, size=size,
-                           subset_seed=randbytes(32))
+                           subset_seed=randbytes(32), dp=dp)
         self._graph_seed = randbytes(32)
         self._randbelow = randbelow
         self._dropout, self._failure_bits = dropout, failure_bits

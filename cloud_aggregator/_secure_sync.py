@@ -15,11 +15,17 @@ secure round found at a restart (its secrets lived in memory).
 Updates count equally (an unweighted mean): a weight claimed by a device would scale
 its update where no one can see it. Each coordinate is clipped to ``secure_clip``: the
 most one device can move the sum.
+
+With differential privacy (distributed DP, ``_skellam_dp``) the setup carries the DP
+extension: each device clips its values to the L2 bound, rounds them within the norm
+bound and adds its Skellam noise before masking, so the sum is already private; the
+round is charged to the accountant (``ctx.privacy``) with the devices it summed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +38,12 @@ from broker_bridge._secagg_msg import Advertise, Masked, Reveal, Shares, parse, 
 from cloud_aggregator._aggregate import RoundAggregate
 from cloud_aggregator._errors import SecAggAbandoned
 from cloud_aggregator._ingest import Rejection, UpdateItem
+from cloud_aggregator._privacy import PrivateAggregate, RoundRelease
 from cloud_aggregator._rounds import Decision
 from cloud_aggregator._secagg import SecAggRound
+from cloud_aggregator._skellam_dp import DIM_BOUND
 from cloud_aggregator._sync import SyncRounds, _report
+from device_profiles import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +80,7 @@ class SecureSyncRounds(SyncRounds):
 
     name = "secure-sync"
     defers_bootstrap = False
-    supports_privacy = False  # central DP needs each update clipped here: see _config
+    supports_privacy = True  # distributed DP: the devices noise, the sum is charged
 
     def __init__(self) -> None:
         super().__init__()
@@ -88,9 +97,18 @@ class SecureSyncRounds(SyncRounds):
                        started_at=started_at, q=q)
         cfg = self.ctx.config
         fixed = cfg.secure_fixed_point()
+        privacy = self.ctx.privacy
+        skellam = privacy.plan.skellam if privacy is not None else None
+        if skellam is not None:
+            words = math.ceil(cfg.secure_fraction * self.ctx.layout.size)
+            if words > DIM_BOUND:
+                raise ConfigError(f"distributed DP bounds rounds of up to {DIM_BOUND} "
+                                  f"coordinates; this one sends {words} (lower "
+                                  "secure_fraction)")
         self.secure = SecAggRound(fleet=cfg.fleet, round_index=index, clip=fixed.clip,
                                   scale=fixed.scale, fraction=cfg.secure_fraction,
-                                  size=self.ctx.layout.size, max_devices=fixed.max_devices)
+                                  size=self.ctx.layout.size, max_devices=fixed.max_devices,
+                                  dp=skellam.params if skellam is not None else None)
         self._phase_at = self.ctx.clock.now()
         self._closing = None
         for device in selected:
@@ -226,6 +244,7 @@ class SecureSyncRounds(SyncRounds):
                 delta[shared_subset(sa.setup.subset_seed, sa.setup.size,
                                     sa.setup.fraction)] = mean
                 self._delta = delta
+                self._released(delta, len(counted))
                 self.ctx.counters.update("secagg:rounds_summed")
                 log.info("round %d: secure sum of %d masked updates (%d devices keyed, "
                          "degree %d, threshold %d, %d coordinates)", sa.setup.round,
@@ -236,6 +255,22 @@ class SecureSyncRounds(SyncRounds):
         self.secure = None
         self._closing = None
         super()._end_round(decision, reason)
+
+    def _released(self, delta: np.ndarray, summed: int) -> None:
+        """Under DP: what the round released, for ``_charge`` (its summed devices)."""
+        if self.ctx.privacy is None or self._open is None:
+            return
+        agg = self._open.aggregate
+        if isinstance(agg, PrivateAggregate):
+            agg.release = RoundRelease(delta=delta, counted=summed, unclipped=0,
+                                       noisy_unclipped_share=None,
+                                       next_clip_norm=self.ctx.privacy.clip_norm)
+
+    def _charge(self, agg: RoundAggregate, *, released: bool) -> dict[str, float | None]:
+        """A private round whose sum was unmasked is charged even if it is not applied
+        after all: the aggregator has seen the noisy sum."""
+        unmasked = getattr(agg, "release", None) is not None
+        return super()._charge(agg, released=released or unmasked)
 
     def _round_delta(self, agg: RoundAggregate) -> np.ndarray:
         assert self._delta is not None

@@ -29,6 +29,7 @@ from broker_bridge._secagg_msg import (
     read_secagg,
     secagg_message,
 )
+from broker_bridge._skellam import privatize
 
 SECURE_CODEC = CODEC
 """A task whose codec is this belongs to a secure round."""
@@ -93,14 +94,19 @@ class SecureSession:
 
     def masked_body(self, device: SecAggDevice, delta: np.ndarray, seed: int) -> bytes:
         """The masked vector of ``delta``: the round's coordinates, scaled by 1/fraction,
-        clipped and in fixed point, then masked."""
+        clipped and in fixed point, then masked. In a private round (the setup's DP
+        extension) the values are clipped to its L2 bound, rounded within its norm bound
+        and noised (``broker_bridge._skellam``) from the OS CSPRNG, never from ``seed``."""
         setup = device.setup
         subset = shared_subset(setup.subset_seed, setup.size, setup.fraction)
         if delta.size != setup.size:
             raise SecAggRejected("malformed", f"the round has {setup.size} parameters, the "
                                               f"model {delta.size}")
-        rng = np.random.default_rng(seed)
         values = (delta[subset] / setup.fraction).astype(np.float32)
-        levels = device.fixed.encode(values, rng.random(len(subset)))
+        if setup.dp is not None:
+            levels = privatize(values, setup.dp, setup.scale).words
+        else:
+            rng = np.random.default_rng(seed)
+            levels = device.fixed.encode(values, rng.random(len(subset)))
         with self._lock:
             return device.masked(levels).to_bytes()

@@ -242,7 +242,10 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     if privacy:
         target = privacy.get("epsilon_target")
         lines.append(
-            f"  differential privacy: epsilon {privacy['epsilon_spent']:.3g} spent at delta "
+            "  differential privacy"
+            + (" (distributed: Skellam noise added on the devices under secure aggregation)"
+               if privacy.get("mechanism") == "skellam" else "")
+            + f": epsilon {privacy['epsilon_spent']:.3g} spent at delta "
             f"{privacy['delta']:g} over {privacy['rounds_charged']} rounds"
             + (f" (budget {target:g})" if target is not None else "")
             + (", amplified by sampling" if privacy.get("amplified") else

@@ -326,6 +326,11 @@ def _drive(cfg: SimConfig, aggregator: Aggregator, fleet: Fleet, say: _Printer,
             _between_rounds(aggregator, fleet, say)
         elif not progressed:
             time.sleep(0.005)
+    # A round can close between the check above and ``done`` (a secure round closes when
+    # its last reveal arrives): its record is still the run's.
+    for m in aggregator.history[seen:]:
+        records.append(_record(m, dense_bytes))
+        say(_progress_line(cfg, records[-1], len(aggregator.registry.online()), cfg.devices))
     if aggregator.failure:
         say(f"aggregator stopped: {aggregator.failure}")
     if aggregator.finished:

@@ -27,6 +27,8 @@ from broker_bridge._secagg import (
     threshold,
 )
 from broker_bridge._secagg_device import SecAggDevice
+from broker_bridge._secagg_msg import Setup
+from broker_bridge._skellam import SkellamParams, conditional_round, l2_clip, norm_bound
 from cloud_aggregator._secagg import SecAggRound
 
 FLEET = "demo"
@@ -58,7 +60,39 @@ def primitive_vectors() -> dict[str, Any]:
                         "values_f32_hex": values.tobytes().hex(),
                         "uniforms": uniforms.tolist(),
                         "words_hex": fixed.encode(values, uniforms).tobytes().hex()},
+        "private_levels": private_vector(),
     }
+
+
+class _Uniforms:
+    """Stands in for a generator: the given uniforms, in order (one draw of the round)."""
+
+    def __init__(self, uniforms: np.ndarray) -> None:
+        self.uniforms = uniforms
+
+    def random(self, shape: Any) -> np.ndarray:
+        return self.uniforms
+
+
+def private_vector() -> dict[str, Any]:
+    """Section 11.4: a private round's setup and one device's levels, with the rounding
+    uniforms and the noise given (a device draws both from its own CSPRNG)."""
+    clip, scale, dim = 0.05, 1024.0, 6
+    dp = SkellamParams(clip=clip, norm_bound=norm_bound(clip=clip, scale=scale, dim=dim),
+                       device_variance=12.5)
+    setup = Setup(round=ROUND, session=bytes(range(16)), clip=clip, scale=scale, fraction=1.0,
+                  max_devices=6, size=dim, subset_seed=bytes(range(32, 64)), dp=dp)
+    values = np.array([0.03, -0.04, 0.001, 0.0, 0.02, -0.011], dtype=np.float32)
+    uniforms = np.array([0.9, 0.1, 0.5, 0.3, 0.7, 0.2])
+    clipped = l2_clip(values, clip)
+    rounded = conditional_round(clipped * scale, dp.norm_bound, _Uniforms(uniforms))  # type: ignore[arg-type]
+    noise = np.array([3, -5, 0, 1, -2, 7], dtype=np.int64)
+    words = ((rounded + noise) & 0xFFFFFFFF).astype("<u4")
+    return {"setup_hex": setup.to_bytes().hex(), "clip": clip, "scale": scale,
+            "norm_bound": dp.norm_bound, "device_variance": dp.device_variance,
+            "values_f32_hex": values.tobytes().hex(), "uniforms": uniforms.tolist(),
+            "rounded": rounded.tolist(), "noise": noise.tolist(),
+            "words_hex": words.tobytes().hex()}
 
 
 def round_vector() -> dict[str, Any]:

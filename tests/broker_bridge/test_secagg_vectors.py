@@ -146,3 +146,22 @@ def test_a_whole_round_recomputes_from_its_secrets() -> None:
     assert total.tobytes().hex() == r["sum_hex"]
     assert sorted(r["counted"]) == sorted(d["device"] for d in devs.values()
                                           if "masked_hex" in d)
+
+
+def test_a_private_devices_levels_follow_section_11_4() -> None:
+    v = load()["primitives"]["private_levels"]
+    setup = parse(bytes.fromhex(v["setup_hex"]))
+    assert setup.dp is not None  # type: ignore[attr-defined]
+    mechanism, clip, bound, variance = struct.unpack_from("<Iddd", bytes.fromhex(
+        v["setup_hex"]), 92)
+    assert (mechanism, clip, bound, variance) == (1, v["clip"], v["norm_bound"],
+                                                  v["device_variance"])
+    x = np.frombuffer(bytes.fromhex(v["values_f32_hex"]), "<f4").astype(np.float64)
+    norm = float(np.sqrt(np.sum(x * x)))
+    x = x * min(1.0, clip / norm) * v["scale"]
+    low = np.floor(x)
+    rounded = (low + (np.array(v["uniforms"]) < x - low)).astype(np.int64)
+    assert float(np.sqrt(np.sum(rounded * rounded))) <= bound
+    assert rounded.tolist() == v["rounded"]
+    words = (rounded + np.array(v["noise"])) % 2**32
+    assert words.astype("<u4").tobytes().hex() == v["words_hex"]

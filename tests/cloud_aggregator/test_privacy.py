@@ -175,7 +175,11 @@ def test_adaptive_clipping_converges_to_the_target_quantile(quantile: float) -> 
     ({"dp_population": 50, "dp_delta": 0.05}, "below 1 / dp_population"),
     ({"dp_noise_multiplier": 0.3, "rounds": 100}, "the plan cannot fit"),
     ({"dp_clip_count_stddev": 0.1}, "dp_clip_count_stddev"),
-    ({"secure_aggregation": True}, "distributed DP"),
+    ({"secure_aggregation": True, "dp_clipping": "adaptive"}, "adaptive clipping"),
+    ({"secure_aggregation": True, "dp_noise_multiplier": 0.3, "rounds": 100},
+     "the plan cannot fit"),
+    ({"secure_aggregation": True, "devices_per_round": 5_000_000, "over_selection": 1.0},
+     "cannot sum in a 32-bit word"),
 ])
 def test_combinations_that_break_the_guarantee_are_refused(
         settings: dict[str, object], why: str) -> None:
