@@ -238,3 +238,65 @@ def test_a_parent_at_capacity_moves_its_extra_children_to_another(
         for a in (agg_a, agg_b):
             a.close()
             a.channel.transport.close()
+
+
+@pytest.mark.slow
+def test_a_device_every_parent_turns_away_stays_put(
+        tmp_path: Path, artifacts: Path, mosquittos: Callable[..., MosquittoProcess]) -> None:
+    """Three devices, two parents that serve one each: the third is turned away by both
+    and stays where it ended (no back and forth), unselected there."""
+    broker_a, broker_b = mosquittos(), mosquittos()
+    settings = {"devices_per_round": 2, "quorum": 1, "min_devices": 1, "rounds": 1,
+                "deadline_s": 300.0, "max_children": 1}
+    aggs = [aggregator(broker.url, fleet, tmp_path / fleet, artifacts, **settings)
+            for broker, fleet in ((broker_a, "site-a"), (broker_b, "site-b"))]
+    parents = [ParentLink(broker=broker_a.url, fleet="site-a", name="a"),
+               ParentLink(broker=broker_b.url, fleet="site-b", name="b")]
+    data = load_mnist1d(cache_dir=tmp_path.parent.parent / "fleetlearn-cache")
+    devices = [FailoverAgent(
+        device_id=dev, state_dir=tmp_path / dev, failover_after_s=60.0, poll_s=0.05,
+        parents=parents, data=LocalData(x=data.x_train[:200], y=data.y_train[:200]),
+        status_probe=DeviceStatus, key=device_key(dev))
+        for dev in ("dev-1", "dev-2", "dev-3")]
+    try:
+        for a in aggs:
+            a.start()
+        for d in devices:
+            d.start()
+
+        def turned_away_by_both() -> bool:  # two by the first parent, one by the other
+            return sum(a.counters.snapshot()["updates"].get("turned_away:capacity", 0)
+                       for a in aggs) >= 3 and sum(len(d.moves) for d in devices) >= 5
+
+        assert wait_for(turned_away_by_both, timeout=30)
+        # Each parent serves one; the third device was turned away by both and stays
+        # where it ended, excluded there.
+        by_parent = {a.fleet: [d for d in devices if d.parent.fleet == a.fleet] for a in aggs}
+        assert sorted(len(v) for v in by_parent.values()) == [1, 2]
+        crowded = next(a for a in aggs if len(by_parent[a.fleet]) == 2)
+
+        def excluded(device: FailoverAgent) -> bool:
+            info = crowded.registry.get(device.device_id)
+            return info is not None and not info.eligible and "capacity" in " ".join(
+                info.reasons)
+
+        (wanderer,) = [d for d in by_parent[crowded.fleet] if excluded(d)]
+        assert [m.to_parent for m in wanderer.moves] == ["a", "b"]
+        moves = len(wanderer.moves)
+        checks = 0
+
+        def quiet() -> bool:  # many watch periods (0.05 s) pass without another move
+            nonlocal checks
+            checks += 1
+            return len(wanderer.moves) != moves or checks >= 40
+
+        wait_for(quiet, timeout=10, step=0.05)
+        assert len(wanderer.moves) == moves
+        assert crowded.tick()  # a round with the one device it serves
+        assert crowded.registry.history.get(wanderer.device_id).selections == 0
+    finally:
+        for d in devices:
+            d.stop()
+        for a in aggs:
+            a.close()
+            a.channel.transport.close()
