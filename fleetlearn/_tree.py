@@ -88,6 +88,8 @@ class TreeSpec:
     alpha: float = 0.5
     num_samples: int = 10_000
     """MNIST-1D samples generated (80% train over the devices, 20% held out)."""
+    cloud_reputation_floor: float | None = 0.3
+    """The cloud's ``reputation_floor`` (None: reputation recorded, never used)."""
     tier_models: str | None = None
     """``device:M,edge:M,cloud:M`` (default: ``model`` everywhere)."""
     distill: DistillSettings = field(default_factory=DistillSettings)
@@ -174,7 +176,7 @@ class LocalTree:
             deadline_s=s.cloud_deadline_s, state_dir=self.workdir / "cloud",
             eval_data=self.workdir / "test.npz", codec=s.codec, server_opt=s.server_opt,
             local_epochs=epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
-            store_synchronous="NORMAL")
+            store_synchronous="NORMAL", reputation_floor=s.cloud_reputation_floor)
 
     def edge_config(self, index: int) -> AggregatorConfig:
         """An edge's rounds: they start once ``edge_devices_per_round`` children (default:
