@@ -133,8 +133,13 @@ def main() -> None:
     parser.add_argument("--agglo-cloud-reputation-floor", default="0.3",
                         help="the agglomerative run's cloud reputation_floor ('none': off)")
     parser.add_argument("--distill-epochs", type=int, default=3)
-    parser.add_argument("--feedback-epochs", type=int, default=2)
+    parser.add_argument("--feedback-epochs", type=int, default=2,
+                        help="parent -> child distillation epochs at the edges")
+    parser.add_argument("--cloud-feedback-epochs", type=int, default=None,
+                        help="... at the cloud (default: --feedback-epochs)")
     parser.add_argument("--distill-temperature", type=float, default=2.0)
+    parser.add_argument("--no-ensemble", action="store_true",
+                        help="distil from the children's FedAvg, not their models' ensemble")
     parser.add_argument("--bridge-samples", type=int, default=2000)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -149,7 +154,11 @@ def main() -> None:
                              bridge_samples=args.bridge_samples,
                              distill=DistillSettings(epochs=args.distill_epochs,
                                                      feedback_epochs=args.feedback_epochs,
-                                                     temperature=args.distill_temperature))
+                                                     temperature=args.distill_temperature,
+                                                     ensemble=not args.no_ensemble))
+        if args.cloud_feedback_epochs is not None:
+            agglo_spec = replace(agglo_spec, cloud_distill=replace(
+                agglo_spec.distill, feedback_epochs=args.cloud_feedback_epochs))
         if agglo_spec.tiers().device != spec.model:
             parser.error(f"--tier-models: the device tier must train --model {spec.model}")
     runs = {r.strip() for r in args.runs.split(",") if r.strip()}
@@ -181,6 +190,8 @@ def main() -> None:
         "devices_per_edge": spec.devices_per_edge,
         "rounds_per_task": spec.rounds_per_task,
         "distill": None if agglo_spec is None else vars(agglo_spec.distill),
+        "cloud_distill": (None if agglo_spec is None or agglo_spec.cloud_distill is None
+                          else vars(agglo_spec.cloud_distill)),
         "bridge_samples": None if agglo_spec is None else agglo_spec.bridge_samples,
         "tree": tree,
         "flat": flat,

@@ -26,6 +26,7 @@ inference) and distillation into it (real ONNX Runtime training of the compiled 
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -101,6 +102,9 @@ class DistillSettings:
     feedback_epochs: int = 2
     """Epochs of parent -> child distillation (0: the parent sends its children's
     aggregate unchanged)."""
+    ensemble: bool = True
+    """Child -> parent: the teacher is the ensemble of the children's models (their
+    logits' weighted mean, ``_agglo_rounds``); False: the model of their FedAvg."""
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -142,10 +146,15 @@ class TierModel:
         self.seed = seed
         directory = Path(directory)
         proto = build_reference_model(model, seed)
+        loss = f"cross_entropy:weight=0+distillation:temperature={self.settings.temperature}"
+        made = directory / "distill.json"
         if not (directory / "artifacts.json").exists():
-            build_artifacts(proto, directory, loss="cross_entropy:weight=0+distillation:"
-                            f"temperature={self.settings.temperature}",
-                            optimizer="sgd:momentum=0.9")
+            build_artifacts(proto, directory, loss=loss, optimizer="sgd:momentum=0.9")
+            made.write_text(json.dumps({"model": model, "seed": seed, "loss": loss}))
+        recorded = json.loads(made.read_text()) if made.exists() else None
+        if recorded != {"model": model, "seed": seed, "loss": loss}:
+            raise ConfigError(f"{directory} holds other artifacts than {model}'s for {loss} "
+                              f"({recorded}): use another folder")
         self._trainer = PortableTrainer(artifacts_dir=directory)
         self.shapes = self._trainer.parameter_shapes()
         self.initial = self._trainer.get_parameters()

@@ -4,8 +4,9 @@ Synchronous rounds whose children (the edges) train the edge-tier model; at each
 round's close the strategy
 
 1. FedAvg's the edges' updates as ``SyncRounds`` does (the server optimizer's step);
-2. distils that aggregate into the cloud's own larger model on the bridge inputs
-   (child -> parent; the cloud's model continues from its last state);
+2. distils the edges' models (the ensemble of their logits, ``_agglo_rounds``; or
+   their FedAvg, ``ensemble=False``) into the cloud's own larger model on the bridge
+   inputs (child -> parent; the cloud's model continues from its last state);
 3. distils the cloud model's soft labels back into the aggregate (parent -> child,
    ``feedback_epochs``), which is the next model the edges receive.
 
@@ -28,14 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from cloud_aggregator._sync import F32, SyncRounds
+from cloud_aggregator._sync import F32
 from device_profiles import ConfigError
 from fleetlearn._agglo import TierModel
+from fleetlearn._agglo_rounds import ChildModels, ensemble_logits
 
 log = logging.getLogger(__name__)
 
 
-class AgglomerativeRounds(SyncRounds):
+class AgglomerativeRounds(ChildModels):
     """Sync rounds with a larger cloud model taught by its children (module doc)."""
 
     name = "sync"  # the same mode on the wire and in the store: only the combine differs
@@ -53,7 +55,10 @@ class AgglomerativeRounds(SyncRounds):
     def combine(self, params: F32, delta: F32) -> F32:
         aggregate = super().combine(params, delta)
         version = self.ctx.model.version + 1
-        teacher = self.child.logits(aggregate, self.bridge)
+        if self.own.settings.ensemble and self.children:
+            teacher = ensemble_logits(self.child.logits, self.children, self.bridge)
+        else:
+            teacher = self.child.logits(aggregate, self.bridge)
         up = self.own.distil(self.tier_params, teacher, self.bridge, seed=version)
         self.tier_params = up.params
         self.distil_kl.append((up.kl_before, up.kl_after))

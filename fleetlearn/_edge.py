@@ -29,9 +29,11 @@ announced), refreshed while it runs: the parent bounds an update's weight by it.
 Agglomerative training (``tier=TierLink(...)``, see ``_agglo``): the parent's model is
 the edge's own architecture and its children train a smaller one. The edge then adopts
 not v but its children's last aggregate distilled towards v's soft labels on the bridge
-inputs (parent -> child), and answers with v distilled towards the soft labels of the
-children's new aggregate (child -> parent), minus v. Both distillations are
-deterministic (seeded by the task), so a restarted edge answers the same.
+inputs (parent -> child), and answers with v distilled towards the soft labels of its
+children's models of the job's last round (their ensemble, or their aggregate; child ->
+parent), minus v. Both distillations are
+deterministic (seeded by the task); a restart loses the children's models of a round
+that closed before it, and the edge then distils from their aggregate instead.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from edge_runtime import (
 )
 from edge_runtime._failover import TransportFactory
 from fleetlearn._agglo import TierLink
+from fleetlearn._agglo_rounds import AggloEdgeRounds, ensemble_logits
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ class EdgeAggregator:
         if tier is not None and tier.child.name != config.model:
             raise ConfigError(f"the edge's children train {config.model!r}; its tier link "
                               f"distils into {tier.child.name!r}")
-        self.strategy = EdgeRounds()
+        self.strategy = EdgeRounds() if tier is None else AggloEdgeRounds()
         config = dataclasses.replace(config, rounds=EDGE_ROUNDS_CAP,
                                      state_dir=self.state_dir / "aggregator")
         transport = broker if isinstance(broker, MqttTransport) else MqttTransport(
@@ -192,9 +195,13 @@ class EdgeAggregator:
             if job is None or job.key != key or job.rounds_done == 0:
                 return _nothing(params)
             trained = agg.params.copy()
+            children = list(getattr(strategy, "children", []))
         if self.tier is not None:
             tier = self.tier
-            teacher = tier.child.logits(trained, tier.bridge)
+            if tier.own.settings.ensemble and children:
+                teacher = ensemble_logits(tier.child.logits, children, tier.bridge)
+            else:  # no ensemble, or the last round's models were lost in a restart
+                teacher = tier.child.logits(trained, tier.bridge)
             trained = tier.own.distil(params, teacher, tier.bridge,
                                       seed=task.round).params.astype(np.float32)
         with agg.condition:

@@ -93,6 +93,8 @@ class TreeSpec:
     tier_models: str | None = None
     """``device:M,edge:M,cloud:M`` (default: ``model`` everywhere)."""
     distill: DistillSettings = field(default_factory=DistillSettings)
+    cloud_distill: DistillSettings | None = None
+    """The cloud's distillation, when not ``distill`` (e.g. another feedback)."""
     bridge_samples: int = 2_000
 
     def tiers(self) -> TierModels:
@@ -199,8 +201,10 @@ class LocalTree:
         if self.agglomerative:
             assert self.bridge is not None
             tiers = self.tier_models
+            settings = self.spec.cloud_distill or self.spec.distill
             self.cloud_strategy = AgglomerativeRounds(
-                own=self._tier_model(tiers.cloud), child=self._tier_model(tiers.edge),
+                own=self._tier_model(tiers.cloud, settings),
+                child=self._tier_model(tiers.edge, settings),
                 bridge=self.bridge, eval_x=self.data.x_test, eval_y=self.data.y_test)
             parts["strategy"] = self.cloud_strategy
         cloud_model = self.cloud_config().model
@@ -229,10 +233,11 @@ class LocalTree:
         """Each tier's training artifacts: one folder per model."""
         return (self.artifacts_dir / model if self.agglomerative else self.artifacts_dir)
 
-    def _tier_model(self, model: str) -> TierModel:
+    def _tier_model(self, model: str, settings: DistillSettings | None = None) -> TierModel:
         """A tier model of its own (each aggregator distils in its own thread)."""
-        return TierModel(model, self.workdir / "distil" / model, settings=self.spec.distill,
-                         seed=self.spec.seed)
+        settings = settings or self.spec.distill
+        return TierModel(model, self.workdir / "distil" / f"{model}-t{settings.temperature:g}",
+                         settings=settings, seed=self.spec.seed)
 
     def _tier_link(self) -> TierLink | None:
         if not self.agglomerative:

@@ -133,6 +133,17 @@ def test_a_tree_with_a_model_per_tier_trains(tmp_path: Path) -> None:
         assert accuracy[-1] > 0.15 and accuracy[-1] > untrained + 0.05  # chance: 0.1
         assert accuracy[-1] == strategy.own.accuracy(strategy.tier_params, x_test, y_test)
         assert strategy.tier_params.size == tree._tier_model("cnn-wide").size
+        # Each aggregator kept its last round's children's models (the ensemble teacher):
+        # the cloud its 2 edges' cnn models, each edge its 3 devices' mlp models.
+        assert len(strategy.children) == 2
+        assert all(m.size == cloud.layout.size for _, m in strategy.children)
+        for edge in tree.edges:
+            assert edge is not None
+            kept = edge.strategy.children  # type: ignore[attr-defined]
+            assert len(kept) == 3 and all(w > 0 for w, _ in kept)
+            # Their FedAvg is the edge's model (plain FedAvg at the edges).
+            mean = sum(w * m for w, m in kept) / sum(w for w, _ in kept)
+            np.testing.assert_allclose(mean, edge.aggregator.params, atol=1e-5)
         # The cloud model learnt from its children: each round's distillation moved it.
         assert all(after < before for before, after in strategy.distil_kl)
     finally:
@@ -165,3 +176,23 @@ def test_simulate_an_agglomerative_tree(tmp_path: Path) -> None:
     assert report["tier_models"] == "device:mlp,edge:cnn,cloud:cnn-wide"
     assert len(report["cloud_model_accuracy_by_round"]) == 2
     assert report["cloud_model_accuracy"] == report["cloud_model_accuracy_by_round"][-1]
+
+
+def test_tier_model_refuses_a_folder_of_other_artifacts(tmp_path: Path) -> None:
+    TierModel("mlp", tmp_path / "m", settings=DistillSettings(temperature=2.0))
+    with pytest.raises(ConfigError, match="other artifacts"):
+        TierModel("mlp", tmp_path / "m", settings=DistillSettings(temperature=4.0))
+    with pytest.raises(ConfigError, match="other artifacts"):
+        TierModel("cnn", tmp_path / "m", settings=DistillSettings(temperature=2.0))
+
+
+def test_ensemble_logits_weigh_each_child() -> None:
+    from fleetlearn._agglo_rounds import ensemble_logits
+
+    def logits(model: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return np.outer(x, model)
+
+    x = np.array([1.0, 2.0])
+    children = [(1.0, np.array([1.0, 0.0], np.float32)), (3.0, np.array([0.0, 1.0], np.float32))]
+    np.testing.assert_allclose(ensemble_logits(logits, children, x),
+                               [[0.25, 0.75], [0.5, 1.5]])
