@@ -208,9 +208,9 @@ def _transformer(name: str, seed: int) -> onnx.ModelProto:
 _BUILDERS: dict[str, Callable[[str, int], onnx.ModelProto]] = {
     "mlp": lambda name, seed: _mlp(name, 128, seed),
     "cnn": _cnn,
-    "cnn-wide": lambda name, seed: _cnn(name, seed, channels=64),
     "mlp-xl": lambda name, seed: _mlp(name, 1024, seed),
     "transformer": _transformer,
+    "cnn-wide": lambda name, seed: _cnn(name, seed, channels=64),
 }
 
 REFERENCE_MODELS: tuple[str, ...] = tuple(_BUILDERS)

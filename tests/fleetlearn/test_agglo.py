@@ -196,3 +196,18 @@ def test_ensemble_logits_weigh_each_child() -> None:
     children = [(1.0, np.array([1.0, 0.0], np.float32)), (3.0, np.array([0.0, 1.0], np.float32))]
     np.testing.assert_allclose(ensemble_logits(logits, children, x),
                                [[0.25, 0.75], [0.5, 1.5]])
+
+
+def test_a_loss_that_only_distils_evaluates_its_primary_term(tmp_path: Path) -> None:
+    """``cross_entropy:weight=0+distillation``: the training graph skips the weight-0
+    cross-entropy, the eval graph reports it unweighted (it used to refuse to build)."""
+    data = load_mnist1d(cache_dir=_cache(tmp_path), num_samples=2000)
+    model = TierModel("mlp", tmp_path / "mlp")
+    x, y = data.x_test[:200], data.y_test[:200]
+    logits = model.logits(model.initial, x).astype(np.float64)
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    ce = float(-np.mean(logp[np.arange(len(y)), y]))
+    result = model._trainer.evaluate(x, y)
+    assert result.loss == pytest.approx(ce, rel=1e-4)
+    assert result.accuracy == pytest.approx(model.accuracy(model.initial, x, y))
