@@ -211,3 +211,23 @@ def test_a_loss_that_only_distils_evaluates_its_primary_term(tmp_path: Path) -> 
     result = model._trainer.evaluate(x, y)
     assert result.loss == pytest.approx(ce, rel=1e-4)
     assert result.accuracy == pytest.approx(model.accuracy(model.initial, x, y))
+
+
+def test_the_cloud_model_survives_a_checkpoint(tmp_path: Path) -> None:
+    import json
+
+    from fleetlearn._agglo_cloud import AgglomerativeRounds
+
+    bridge = bridge_inputs(samples=50, cache_dir=_cache(tmp_path))
+    own, child = TierModel("cnn", tmp_path / "cnn"), TierModel("mlp", tmp_path / "mlp")
+    first = AgglomerativeRounds(own=own, child=child, bridge=bridge)
+    first.tier_params = np.random.default_rng(0).standard_normal(own.size).astype(np.float32)
+    first.tier_accuracy = [(1, 0.25), (2, 0.5)]
+    saved = json.loads(json.dumps(first.state()))  # the checkpoint is JSON
+    again = AgglomerativeRounds(own=own, child=child, bridge=bridge)
+    again.load_state(saved)
+    np.testing.assert_array_equal(again.tier_params, first.tier_params)
+    assert again.tier_accuracy == first.tier_accuracy
+    other = AgglomerativeRounds(own=child, child=child, bridge=bridge)
+    with pytest.raises(ConfigError, match="saved cloud model"):
+        other.load_state(saved)
