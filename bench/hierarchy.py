@@ -17,6 +17,11 @@ training MNIST-1D (Dirichlet 0.5, seed 0) with ONNX Runtime, over MQTT.
   model, knowledge moved by distillation on a public bridge set (``fleetlearn._agglo``).
   Its cloud-tier accuracy is the cloud model's on the same test set.
 
+Each run also reports its tiers' training work per cloud round (``tier_compute``): the
+devices' tasks and, for the agglomerative run, the edges' and the cloud's distillations
+(wall seconds measured on this machine, and the cost model's training time for the
+same samples on each tier's catalogue profile, ``--tier-profiles``).
+
 Both tiers aggregate with plain FedAvg (server lr 1). Reported: bytes the cloud's
 broker delivered to the cloud aggregator per cloud round (its updates' bytes,
 ``bytes_up``), updates per cloud round, test accuracy at the cloud after equal device
@@ -25,6 +30,7 @@ compute, and the ratios.
     python bench/hierarchy.py [--edges 3] [--devices-per-edge 10] [--rounds 15]
                               [--rounds-per-task 1] [--codec fp32] [--model mlp]
                               [--tier-models device:mlp,edge:cnn,cloud:cnn-wide | none]
+                              [--runs tree,flat,agglo] [--tier-profiles device:pi4,...]
 
 Human lines go to stderr as it runs; the last stdout line is one JSON object.
 """
@@ -46,16 +52,69 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataclasses import replace
 
+import numpy as np
+
+from device_profiles import Task, get_profile, predict
 from fleetlearn._agglo import DistillSettings
 from fleetlearn._tree import LocalTree, TreeSpec
+
+DEFAULT_PROFILES = {"device": "pi4", "edge": "x86-gateway", "cloud": "x86-gateway"}
+"""Catalogue profiles of the tiers (the catalogue has no server class: the cloud is
+priced as a gateway, an upper bound on its time)."""
 
 
 def say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def tier_compute(tree: LocalTree, rounds: int, profiles: dict[str, str]) -> dict[str, Any]:
+    """Each tier's training work per cloud round: measured here (the distillations'
+    wall seconds on this machine) and predicted on the tier's device profile (the cost
+    model's training time for those samples on that hardware)."""
+    spec, tiers = tree.spec, tree.tier_models
+    per_device = float(np.mean([len(p) for p in tree.parts]))
+    device_task = Task(model_bytes=0, update_bytes=0, n_samples=round(per_device),
+                       epochs=spec.local_epochs, batch_size=spec.batch_size, model=tiers.device)
+    tasks = spec.edges * (spec.edge_devices_per_round or spec.devices_per_edge)
+    if not tree.flat:
+        tasks *= spec.rounds_per_task  # flat: rounds_per_task times as many cloud rounds
+    out: dict[str, Any] = {"device": {
+        "model": tiers.device, "profile": profiles["device"],
+        "predicted_s_per_device_task": predict(get_profile(profiles["device"]),
+                                               device_task).train_s,
+        "device_tasks_per_cloud_round": tasks}}
+    models: dict[str, list[Any]] = {"edge": [], "cloud": []}
+    for edge in tree.edges:
+        if edge is not None and edge.tier is not None:
+            models["edge"] += [edge.tier.own, edge.tier.child]
+    if tree.cloud_strategy is not None:
+        models["cloud"] += [tree.cloud_strategy.own, tree.cloud_strategy.child]
+    for tier, used in models.items():
+        if tier == "edge" and tree.flat:
+            continue
+        entry: dict[str, Any] = {"model": getattr(tiers, tier), "profile": profiles[tier],
+                                 "measured_s_per_round": 0.0, "predicted_s_per_round": 0.0,
+                                 "distilled_samples_per_round": 0.0}
+        profile = get_profile(profiles[tier])
+        for m in used:
+            samples = m.samples_distilled / rounds
+            entry["measured_s_per_round"] += m.seconds / rounds
+            entry["distilled_samples_per_round"] += samples
+            if samples:
+                task = Task(model_bytes=0, update_bytes=0, n_samples=round(samples),
+                            batch_size=m.settings.batch_size, model=m.name)
+                entry["predicted_s_per_round"] += predict(profile, task).train_s
+        if tier == "edge" and used:
+            entry["measured_s_per_round"] /= spec.edges  # per edge
+            entry["predicted_s_per_round"] /= spec.edges
+            entry["distilled_samples_per_round"] /= spec.edges
+        out[tier] = entry
+    return out
+
+
 def run(spec: TreeSpec, *, flat: bool, workdir: Path, timeout_s: float,
-        label: str | None = None) -> dict[str, Any]:
+        label: str | None = None, profiles: dict[str, str] | None = None) -> dict[str, Any]:
+    profiles = profiles or dict(DEFAULT_PROFILES)
     label = label or ("flat" if flat else "tree")
     tree = LocalTree(spec, workdir=workdir / label, flat=flat)
     started = time.monotonic()
@@ -89,6 +148,7 @@ def run(spec: TreeSpec, *, flat: bool, workdir: Path, timeout_s: float,
                      "exchange_model_final_accuracy": closed[-1].accuracy if closed else None,
                      "cloud_model_accuracy_by_round": accuracy,
                      "distill_kl_by_round": tree.cloud_strategy.distil_kl}
+        compute = tier_compute(tree, rounds, profiles) if rounds else None
         edge_rounds = sum(len([m for m in e.aggregator.history if m.outcome == "closed"])
                           for e in tree.edges if e is not None)
         final = closed[-1].accuracy if closed else None
@@ -111,6 +171,7 @@ def run(spec: TreeSpec, *, flat: bool, workdir: Path, timeout_s: float,
                              sum(m.devices_reported for e in tree.edges if e is not None
                                  for m in e.aggregator.history if m.outcome == "closed")),
             "device_upload_bytes": device_bytes_up,
+            "tier_compute": compute,
             "cloud_distrusted_per_round": ([m.devices_distrusted for m in closed]),
             "seconds": round(time.monotonic() - started, 1),
             **agglo,
@@ -136,10 +197,13 @@ def main() -> None:
                         help="which runs (comma-separated): tree, flat, agglo")
     parser.add_argument("--agglo-cloud-reputation-floor", default="0.3",
                         help="the agglomerative run's cloud reputation_floor ('none': off)")
+    parser.add_argument("--tier-profiles", default="device:pi4,edge:x86-gateway,"
+                        "cloud:x86-gateway", help="catalogue profile of each tier, for the "
+                        "predicted compute per tier")
     parser.add_argument("--distill-epochs", type=int, default=3)
     parser.add_argument("--feedback-epochs", type=int, default=0,
                         help="parent -> child distillation epochs at the edges (measured "
-                        "on this task: it costs the cloud model 5-8 points, see README)")
+                        "on this task: it costs the cloud model points, see README)")
     parser.add_argument("--cloud-feedback-epochs", type=int, default=None,
                         help="... at the cloud (default: --feedback-epochs)")
     parser.add_argument("--distill-temperature", type=float, default=2.0)
@@ -166,6 +230,13 @@ def main() -> None:
                 agglo_spec.distill, feedback_epochs=args.cloud_feedback_epochs))
         if agglo_spec.tiers().device != spec.model:
             parser.error(f"--tier-models: the device tier must train --model {spec.model}")
+    profiles = dict(DEFAULT_PROFILES)
+    for part in filter(None, (p.strip() for p in args.tier_profiles.split(","))):
+        tier, _, name = part.partition(":")
+        if tier not in profiles:
+            parser.error(f"--tier-profiles: unknown tier {tier!r} (device, edge, cloud)")
+        get_profile(name)  # an unknown profile lists the known ones
+        profiles[tier] = name
     runs = {r.strip() for r in args.runs.split(",") if r.strip()}
     if not runs or runs - {"tree", "flat", "agglo"}:
         parser.error(f"--runs: choose among tree, flat, agglo, got {args.runs!r}")
@@ -176,15 +247,17 @@ def main() -> None:
         if "tree" in runs:
             say(f"tree: 1 cloud, {spec.edges} edges, {spec.devices_per_edge} devices each, "
                 f"{spec.cloud_rounds} cloud rounds x {spec.rounds_per_task} edge rounds")
-            tree = run(spec, flat=False, workdir=Path(tmp), timeout_s=args.timeout_s)
+            tree = run(spec, flat=False, workdir=Path(tmp), timeout_s=args.timeout_s,
+                       profiles=profiles)
         if "flat" in runs:
             say(f"flat: {spec.edges * spec.devices_per_edge} devices on the cloud, "
                 f"{spec.cloud_rounds * spec.rounds_per_task} cloud rounds")
-            flat = run(spec, flat=True, workdir=Path(tmp), timeout_s=args.timeout_s)
+            flat = run(spec, flat=True, workdir=Path(tmp), timeout_s=args.timeout_s,
+                       profiles=profiles)
         if agglo_spec is not None and "agglo" in runs:
             say(f"agglo: the tree again, models {agglo_spec.tiers().text()}")
             agglo = run(agglo_spec, flat=False, workdir=Path(tmp), timeout_s=args.timeout_s,
-                        label="agglo")
+                        label="agglo", profiles=profiles)
     tree_in = tree["cloud_ingress_bytes_per_round"] if tree else None
     flat_in = flat["cloud_ingress_bytes_per_round"] if flat else None
     result: dict[str, Any] = {
@@ -198,6 +271,7 @@ def main() -> None:
         "cloud_distill": (None if agglo_spec is None or agglo_spec.cloud_distill is None
                           else vars(agglo_spec.cloud_distill)),
         "bridge_samples": None if agglo_spec is None else agglo_spec.bridge_samples,
+        "tier_profiles": profiles,
         "tree": tree,
         "flat": flat,
         "cloud_ingress_ratio_flat_vs_tree": (flat_in / tree_in if tree_in and flat_in
