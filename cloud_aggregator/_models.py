@@ -93,12 +93,13 @@ def _mlp(name: str, hidden: int, seed: int) -> onnx.ModelProto:
     return _finish(name, nodes, inits)
 
 
-def _cnn(name: str, seed: int) -> onnx.ModelProto:
-    """Three Conv1d (25 channels, kernel 5, stride 2, padding 1) + ReLU, then Linear."""
+def _cnn(name: str, seed: int, channels: int = 25) -> onnx.ModelProto:
+    """Three Conv1d (``channels`` channels, kernel 5, stride 2, padding 1) + ReLU, then
+    Linear: ``cnn`` has 25 channels, ``cnn-wide`` (a cloud tier's model) 64."""
     from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(seed)
-    channels, kernel = 25, 5
+    kernel = 5
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = [
         numpy_helper.from_array(np.array([-1, 1, NUM_FEATURES], np.int64), "shape_in"),
@@ -124,7 +125,7 @@ def _cnn(name: str, seed: int) -> onnx.ModelProto:
         )
         nodes.append(helper.make_node("Relu", [f"conv{i}_out"], [f"relu{i}"], name=f"relu{i}"))
         current, in_ch, length = f"relu{i}", channels, (length + 2 - kernel) // 2 + 1
-    flat = channels * length  # 25 * 4 = 100
+    flat = channels * length  # channels * 4
     nodes.append(helper.make_node("Reshape", [current, "shape_flat"], ["flat"], name="flatten"))
     inits.append(numpy_helper.from_array(_he(rng, (NUM_CLASSES, flat), flat), "linear.weight"))
     inits.append(numpy_helper.from_array(np.zeros(NUM_CLASSES, np.float32), "linear.bias"))
@@ -209,6 +210,7 @@ _BUILDERS: dict[str, Callable[[str, int], onnx.ModelProto]] = {
     "cnn": _cnn,
     "mlp-xl": lambda name, seed: _mlp(name, 1024, seed),
     "transformer": _transformer,
+    "cnn-wide": lambda name, seed: _cnn(name, seed, channels=64),
 }
 
 REFERENCE_MODELS: tuple[str, ...] = tuple(_BUILDERS)

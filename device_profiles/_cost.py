@@ -92,6 +92,7 @@ REFERENCE_MODELS: Mapping[str, ReferenceModel] = {
     for m in (
         _mlp("mlp", (40, 128, 128, 10)),
         _cnn("cnn"),
+        _cnn("cnn-wide", channels=64),
         _mlp("mlp-xl", (40, 1024, 1024, 10)),
     )
 }

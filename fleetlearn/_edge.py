@@ -25,6 +25,15 @@ the edge's store holds, never adopting v a second time.
 
 The edge's hello announces the samples of its children (the sum of what their hellos
 announced), refreshed while it runs: the parent bounds an update's weight by it.
+
+Agglomerative training (``tier=TierLink(...)``, see ``_agglo``): the parent's model is
+the edge's own architecture and its children train a smaller one. The edge then adopts
+not v but its children's last aggregate distilled towards v's soft labels on the bridge
+inputs (parent -> child), and answers with v distilled towards the soft labels of its
+children's models of the job's last round (their ensemble, or their aggregate; child ->
+parent), minus v. Both distillations are
+deterministic (seeded by the task); a restart loses the children's models of a round
+that closed before it, and the edge then distils from their aggregate instead.
 """
 
 from __future__ import annotations
@@ -55,6 +64,8 @@ from edge_runtime import (
     TrainingBudget,
 )
 from edge_runtime._failover import TransportFactory
+from fleetlearn._agglo import TierLink
+from fleetlearn._agglo_rounds import AggloEdgeRounds, ensemble_logits
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +92,17 @@ class EdgeAggregator:
                  rounds_per_task: int = 1, failover_after_s: float = 5.0,
                  artifacts_dir: str | Path | None = None, client_id: str = "aggregator",
                  parent_transport: TransportFactory | None = None,
-                 key: DeviceKey | None = None,
+                 key: DeviceKey | None = None, tier: TierLink | None = None,
                  **aggregator_parts: Any) -> None:
         if rounds_per_task < 1:
             raise ConfigError(f"rounds_per_task must be >= 1, got {rounds_per_task}")
         self.state_dir = Path(state_dir)
         self.rounds_per_task = rounds_per_task
-        self.strategy = EdgeRounds()
+        self.tier = tier
+        if tier is not None and tier.child.name != config.model:
+            raise ConfigError(f"the edge's children train {config.model!r}; its tier link "
+                              f"distils into {tier.child.name!r}")
+        self.strategy = EdgeRounds() if tier is None else AggloEdgeRounds()
         config = dataclasses.replace(config, rounds=EDGE_ROUNDS_CAP,
                                      state_dir=self.state_dir / "aggregator")
         transport = broker if isinstance(broker, MqttTransport) else MqttTransport(
@@ -179,8 +194,19 @@ class EdgeAggregator:
             job = strategy.job
             if job is None or job.key != key or job.rounds_done == 0:
                 return _nothing(params)
+            trained = agg.params.copy()
+            children = list(getattr(strategy, "children", []))
+        if self.tier is not None:
+            tier = self.tier
+            if tier.own.settings.ensemble and children:
+                teacher = ensemble_logits(tier.child.logits, children, tier.bridge)
+            else:  # no ensemble, or the last round's models were lost in a restart
+                teacher = tier.child.logits(trained, tier.bridge)
+            trained = tier.own.distil(params, teacher, tier.bridge,
+                                      seed=task.round).params.astype(np.float32)
+        with agg.condition:
             return LocalResult(
-                parameters=agg.params.copy(), samples=job.samples, steps=job.rounds_done,
+                parameters=trained, samples=job.samples, steps=job.rounds_done,
                 loss=job.train_loss if job.train_loss is not None else math.nan,
                 stopped_early=not job.finished)
 
@@ -194,8 +220,23 @@ class EdgeAggregator:
                 strategy.job = ParentJob(key=key, base_version=agg.model_version,
                                          rounds=self.rounds_per_task)
 
+            if self.tier is not None:
+                params = self._taught_children(params)
             agg.adopt(params, before_save=begin)
             return True
+
+    def _taught_children(self, parent: np.ndarray) -> np.ndarray:
+        """Parent -> child: the children's last aggregate, taught by the parent's model
+        on the bridge inputs (``feedback_epochs``; 0: the aggregate unchanged). Runs
+        under the aggregator's lock, while no round is open."""
+        assert self.tier is not None
+        tier, agg = self.tier, self.aggregator
+        epochs = tier.own.settings.feedback_epochs
+        if epochs == 0:
+            return agg.params.copy()
+        teacher = tier.own.logits(parent, tier.bridge)
+        return tier.child.distil(agg.params, teacher, tier.bridge, epochs=epochs,
+                                 seed=agg.model_version + 1).params
 
     # -- what the edge says about itself -----------------------------------------------
 

@@ -103,6 +103,10 @@ class SimConfig:
     edge_rounds_per_task: int = setting(
         1, example=2, group=_TIERS, help="topology: child rounds an edge runs for each task "
         "of the cloud")
+    tier_models: str | None = setting(
+        None, example="device:mlp,edge:cnn,cloud:cnn-wide", group=_TIERS,
+        help="topology: a model per tier (agglomerative: knowledge crosses tiers by "
+        "distillation on a public bridge set); the device tier must be --model")
     edge_crash_fraction: float = setting(
         0.0, example=0.34, group=_TIERS,
         help="topology: share of edge sites that fail (edge and broker killed) halfway "
@@ -156,6 +160,14 @@ class SimConfig:
         self.aggregator_config()  # the aggregator's own checks, now rather than at start
         if self.topology is not None:
             self.tiers()
+        if self.tier_models is not None:
+            from fleetlearn._agglo import TierModels
+
+            if self.topology is None:
+                raise ConfigError("tier_models needs a topology (a tree has tiers)")
+            if TierModels.parse(self.tier_models, default=self.model).device != self.model:
+                raise ConfigError(f"tier_models {self.tier_models!r}: the device tier must "
+                                  f"train the simulation's model {self.model!r}")
         if self.edge_rounds_per_task < 1 or not 0 <= self.edge_crash_fraction < 1:
             raise ConfigError("edge_rounds_per_task must be >= 1 and edge_crash_fraction "
                               "within [0, 1)")

@@ -41,7 +41,7 @@ def tree_spec(cfg: SimConfig) -> TreeSpec:
         edge_deadline_s=cfg.deadline_s / (cfg.edge_rounds_per_task + 1),
         codec=cfg.codec, server_opt=agg.server_opt, seed=cfg.seed, partition_seed=cfg.seed,
         alpha=float(cfg.partition.split(":", 1)[1]), num_samples=cfg.num_samples,
-        failover_after_s=1.0)
+        failover_after_s=1.0, tier_models=cfg.tier_models)
 
 
 def crashes(cfg: SimConfig, edges: int) -> int:
@@ -138,6 +138,7 @@ def _report(cfg: SimConfig, spec: TreeSpec, tree: LocalTree, crashed_at: dict[in
         "seed": cfg.seed,
         "edge_rounds_per_task": spec.rounds_per_task,
         "final_accuracy": closed[-1].accuracy if closed else None,
+        **_agglo_report(tree),
         "rounds": rounds,
         "cloud": {
             "rounds_closed": len(closed),
@@ -150,3 +151,15 @@ def _report(cfg: SimConfig, spec: TreeSpec, tree: LocalTree, crashed_at: dict[in
         "devices": {"count": len(tree.devices), "moved": moved},
         "wall_s": round(wall_s, 1),
     }
+
+
+def _agglo_report(tree: LocalTree) -> dict[str, Any]:
+    """An agglomerative tree's models and its cloud model's accuracy (``final_accuracy``
+    is then the edge-sized model the cloud sends its edges)."""
+    strategy = tree.cloud_strategy
+    if strategy is None:
+        return {}
+    return {"tier_models": tree.tier_models.text(),
+            "cloud_model_accuracy": (strategy.tier_accuracy[-1][1]
+                                     if strategy.tier_accuracy else None),
+            "cloud_model_accuracy_by_round": [a for _, a in strategy.tier_accuracy]}

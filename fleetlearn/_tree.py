@@ -13,6 +13,12 @@ Every part speaks MQTT to the others; nothing is shared in memory but the proces
 failure: the edge aggregator dies as in a crash and its broker is killed;
 ``restart_edge`` brings the edge back from its stores. ``edge_class`` may be a subclass
 of ``EdgeAggregator`` (edges of your own).
+
+``TreeSpec.tier_models`` (``device:mlp,edge:cnn,cloud:cnn-wide``) makes the tree
+agglomerative (``_agglo``): devices train the device model, each edge exchanges the edge
+model with the cloud and distils between the two on the bridge inputs, and the cloud
+(``AgglomerativeRounds``) keeps the cloud model. Flat, the devices train the device
+model straight with the cloud (flat FedAvg of the device-sized model).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,8 @@ from edge_runtime import (
     partition_dirichlet,
     state_key_path,
 )
+from fleetlearn._agglo import DistillSettings, TierLink, TierModel, TierModels, bridge_inputs
+from fleetlearn._agglo_cloud import AgglomerativeRounds
 from fleetlearn._edge import EdgeAggregator
 
 log = logging.getLogger(__name__)
@@ -80,6 +88,20 @@ class TreeSpec:
     alpha: float = 0.5
     num_samples: int = 10_000
     """MNIST-1D samples generated (80% train over the devices, 20% held out)."""
+    cloud_reputation_floor: float | None = 0.3
+    """The cloud's ``reputation_floor`` (None: reputation recorded, never used)."""
+    tier_models: str | None = None
+    """``device:M,edge:M,cloud:M`` (default: ``model`` everywhere)."""
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    cloud_distill: DistillSettings | None = None
+    """The cloud's distillation, when not ``distill`` (e.g. another feedback)."""
+    bridge_samples: int = 2_000
+
+    def tiers(self) -> TierModels:
+        """The model of each tier (``tier_models`` checked)."""
+        if self.tier_models is None:
+            return TierModels(device=self.model, edge=self.model, cloud=self.model)
+        return TierModels.parse(self.tier_models, default=self.model)
 
 
 class LocalTree:
@@ -109,6 +131,11 @@ class LocalTree:
         self.cloud: Aggregator | None = None
         self._cloud_thread: threading.Thread | None = None
         self._trainers = TrainerPool(sessions_per_model=2)
+        self.tier_models = spec.tiers()
+        self.agglomerative = not flat and not self.tier_models.uniform
+        self.cloud_strategy: AgglomerativeRounds | None = None
+        self.bridge = (bridge_inputs(samples=spec.bridge_samples, cache_dir=cache_dir)
+                       if self.agglomerative else None)
         # Every update is signed: each device and each edge has its key (in its state
         # folder, as an agent keeps it); the cloud enrols the edges' keys (the devices'
         # when flat) and every edge all the devices' keys, since devices may move.
@@ -143,13 +170,15 @@ class LocalTree:
             # An edge's update weighs its children's samples over its rounds: the
             # cloud's weight bound (epochs x announced samples) must allow them.
             epochs = s.local_epochs * s.rounds_per_task
+        tiers = self.tier_models
         return AggregatorConfig(
-            fleet=CLOUD_FLEET, model=s.model, rounds=rounds, devices_per_round=per_round,
+            fleet=CLOUD_FLEET, model=tiers.device if self.flat else tiers.edge,
+            rounds=rounds, devices_per_round=per_round,
             over_selection=1.0, quorum=quorum, min_devices=quorum,
             deadline_s=s.cloud_deadline_s, state_dir=self.workdir / "cloud",
             eval_data=self.workdir / "test.npz", codec=s.codec, server_opt=s.server_opt,
             local_epochs=epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
-            store_synchronous="NORMAL")
+            store_synchronous="NORMAL", reputation_floor=s.cloud_reputation_floor)
 
     def edge_config(self, index: int) -> AggregatorConfig:
         """An edge's rounds: they start once ``edge_devices_per_round`` children (default:
@@ -158,7 +187,7 @@ class LocalTree:
         s = self.spec
         needed = s.edge_devices_per_round or s.devices_per_edge
         return AggregatorConfig(
-            fleet=site_fleet(index), model=s.model,
+            fleet=site_fleet(index), model=self.tier_models.device,
             devices_per_round=s.edge_devices_per_round or s.devices_per_edge * s.edges,
             over_selection=1.0, quorum=max(1, needed // 2), min_devices=needed,
             deadline_s=s.edge_deadline_s, codec=s.codec, server_opt="fedavg",
@@ -168,11 +197,23 @@ class LocalTree:
     def start(self) -> None:
         s = self.spec
         self.cloud_broker.start()
+        parts: dict[str, Any] = {}
+        if self.agglomerative:
+            assert self.bridge is not None
+            tiers = self.tier_models
+            settings = self.spec.cloud_distill or self.spec.distill
+            self.cloud_strategy = AgglomerativeRounds(
+                own=self._tier_model(tiers.cloud, settings),
+                child=self._tier_model(tiers.edge, settings),
+                bridge=self.bridge, eval_x=self.data.x_test, eval_y=self.data.y_test)
+            parts["strategy"] = self.cloud_strategy
+        cloud_model = self.cloud_config().model
         self.cloud = Aggregator(
             config=self.cloud_config(),
             channel=Channel(transport=_transport(self.cloud_broker.url, "aggregator"),
                             fleet=CLOUD_FLEET),
-            artifacts_dir=self.artifacts_dir, enrolment=self.cloud_enrolment)
+            artifacts_dir=self._artifacts(cloud_model), enrolment=self.cloud_enrolment,
+            **parts)
         self.cloud.start()
         if not self.flat:
             for _i in range(s.edges):
@@ -188,14 +229,33 @@ class LocalTree:
             self.devices.append(self._make_device(d))
             self.devices[-1].start()
 
+    def _artifacts(self, model: str) -> Path:
+        """Each tier's training artifacts: one folder per model."""
+        return (self.artifacts_dir / model if self.agglomerative else self.artifacts_dir)
+
+    def _tier_model(self, model: str, settings: DistillSettings | None = None) -> TierModel:
+        """A tier model of its own (each aggregator distils in its own thread)."""
+        settings = settings or self.spec.distill
+        return TierModel(model, self.workdir / "distil" / f"{model}-t{settings.temperature:g}",
+                         settings=settings, seed=self.spec.seed)
+
+    def _tier_link(self) -> TierLink | None:
+        if not self.agglomerative:
+            return None
+        assert self.bridge is not None
+        tiers = self.tier_models
+        return TierLink(own=self._tier_model(tiers.edge), child=self._tier_model(tiers.device),
+                        bridge=self.bridge)
+
     def _make_edge(self, i: int) -> EdgeAggregator:
         return self.edge_class(
             config=self.edge_config(i), broker=self.site_brokers[i].url,
             device_id=f"edge-{i}", parents=[ParentLink(broker=self.cloud_broker.url,
                                                        fleet=CLOUD_FLEET, name="cloud")],
             state_dir=self.workdir / f"edge-{i}", rounds_per_task=self.spec.rounds_per_task,
-            failover_after_s=self.spec.failover_after_s, artifacts_dir=self.artifacts_dir,
-            key=self.edge_keys[i], enrolment=self.edge_enrolments[i])
+            failover_after_s=self.spec.failover_after_s,
+            artifacts_dir=self._artifacts(self.tier_models.device), key=self.edge_keys[i],
+            enrolment=self.edge_enrolments[i], tier=self._tier_link())
 
     def parents_of(self, device: int) -> list[ParentLink]:
         if self.flat:

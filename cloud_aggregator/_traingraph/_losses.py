@@ -282,10 +282,12 @@ def build_loss(
     """Emit the loss of ``spec`` on ``logits``; ``targets`` maps target kinds to inputs."""
     total: str | None = None
     for term in spec.terms[:1] if primary_only else spec.terms:
-        if term.weight == 0:
+        if term.weight == 0 and not primary_only:
             continue
         per = term.build(b, logits, targets[term.target], output_rank, classes)
-        if term.weight != 1.0:
+        # The eval graph reports a primary term of weight 0 (a loss that trains by
+        # distillation alone) unweighted: its loss and accuracy still mean something.
+        if term.weight not in (0.0, 1.0):
             per = b.op("Mul", per, b.scalar(term.weight))
         total = per if total is None else b.op("Add", total, per)
     if total is None:

@@ -22,7 +22,8 @@ from cloud_aggregator._models import REFERENCE_MODELS, build_reference_model, co
 from device_profiles._errors import ConfigError
 from fleetlearn.cli import main
 
-EXPECTED_PARAMETERS = {"mlp": 23_050, "cnn": 7_460, "mlp-xl": 1_101_834, "transformer": 2_554}
+EXPECTED_PARAMETERS = {"mlp": 23_050, "cnn": 7_460, "mlp-xl": 1_101_834, "transformer": 2_554,
+                       "cnn-wide": 44_042}
 
 
 @pytest.mark.parametrize("name", REFERENCE_MODELS)

@@ -54,6 +54,7 @@ COMPANIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("agent", "tls_key"): {"tls_cert": "device.pem"},
     ("agent", "time_scale"): {"emulate": True},
     ("simulate", "aggregator.max_selected"): {"selection": "deadline"},
+    ("simulate", "tier_models"): {"topology": "cloud:1,edge:3,device:30", "model": "mlp"},
     ("edge", "max_selected"): {"selection": "deadline"},
     ("edge", "tls_cert"): {"tls_key": "client.key"},
     ("edge", "tls_key"): {"tls_cert": "client.pem"},
