@@ -127,6 +127,18 @@ class SyncRounds(StrategyBase):
         """The next global model (default: one server-optimizer step)."""
         return self.ctx.model.stepped(delta)
 
+    def opened(self, index: int) -> None:
+        """Round ``index`` is open (also when rebuilt after a restart); default: nothing."""
+
+    def counted(self, contribution: Contribution) -> None:
+        """``contribution`` was just added to the open round's aggregate (as it arrived,
+        when a bootstrapping round judged it, or replayed after a restart); default:
+        nothing. Subclasses that need the round's updates one by one keep them here."""
+
+    def _add(self, agg: RoundAggregate, contribution: Contribution) -> None:
+        agg.add(contribution)
+        self.counted(contribution)
+
     def _round_delta(self, agg: RoundAggregate) -> F32:
         """The closing round's delta (secure rounds: the unmasked mean)."""
         return agg.result()
@@ -226,6 +238,7 @@ class SyncRounds(StrategyBase):
         ctx.weights.freeze()
         ctx.recorder.begin()
         self.next_round = index + 1
+        self.opened(index)
 
     def _end_round(self, decision: Decision, reason: str) -> None:
         ctx = self.ctx
@@ -324,9 +337,9 @@ class SyncRounds(StrategyBase):
                          "cut to norm %.4g, the limit of the round's first updates",
                          d.device, index, d.norm, d.norm * scale)
                 values = values * np.float32(scale)
-            agg.add(Contribution(indices=indices, values=values, weight=weight,
-                                 norm=d.norm * scale, device=d.device,
-                                 source=stored_source(stored), cut=scale))
+            self._add(agg, Contribution(indices=indices, values=values, weight=weight,
+                                        norm=d.norm * scale, device=d.device,
+                                        source=stored_source(stored), cut=scale))
             ctx.screen.accepted(d.norm * scale)
             ctx.weights.accepted(weight)
         self._open.deferred = []
@@ -442,7 +455,7 @@ class SyncRounds(StrategyBase):
             op.deferred.append(_Deferred(device=item.device, norm=item.norm,
                                          weight=item.weight))
         else:
-            op.aggregate.add(item.contribution())
+            self._add(op.aggregate, item.contribution())
             ctx.screen.accepted(item.norm)
             ctx.weights.accepted(item.weight)
         op.round.count(item.device, _report(item.meta))
@@ -482,7 +495,7 @@ class SyncRounds(StrategyBase):
             if r.contribution is None:
                 op.deferred.append(_Deferred(device=r.device, norm=r.norm, weight=r.weight))
             else:
-                op.aggregate.add(r.contribution)
+                self._add(op.aggregate, r.contribution)
             op.round.count(r.device, _report(r.meta))
             restored += 1
         self._restore_refusals(rec.round)

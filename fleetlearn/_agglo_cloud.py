@@ -29,10 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from cloud_aggregator._sync import F32
 from device_profiles import ConfigError
 from fleetlearn._agglo import TierModel
-from fleetlearn._agglo_rounds import ChildModels, ensemble_logits
+from fleetlearn._agglo_rounds import F32, ChildModels, ensemble_logits
 
 log = logging.getLogger(__name__)
 

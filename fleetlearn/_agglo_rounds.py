@@ -5,7 +5,7 @@ more: the *ensemble* of the children's models (the weighted mean of their logits
 bridge inputs) is a better teacher than the model of their averaged parameters when the
 children's data differ (the FedDF observation). ``ChildModels`` is a mixin for
 ``SyncRounds`` strategies that records each counted update of the open round (dense,
-in memory, with the weight it counts with) beside the normal aggregate, and at the
+in memory, with the weight it counts with; through ``SyncRounds.counted``), and at the
 round's close keeps the children's models (the round's base model plus each update) in
 ``children`` until the next round opens.
 
@@ -22,24 +22,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from cloud_aggregator import EdgeRounds
-from cloud_aggregator._aggregate import Contribution
-from cloud_aggregator._sync import F32, SyncRounds
+from cloud_aggregator import Contribution, EdgeRounds, SyncRounds
 
-
-class _Recording:
-    """An aggregate that also writes down what it adds."""
-
-    def __init__(self, inner: Any, sink: list[tuple[float, F32]], size: int) -> None:
-        self._inner, self._sink, self._size = inner, sink, size
-
-    def add(self, c: Contribution) -> None:
-        self._inner.add(c)
-        self._sink.append((float(c.weight) * float(c.scale), c.dense(self._size).copy()))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+F32 = npt.NDArray[np.float32]
 
 
 class ChildModels(SyncRounds):
@@ -51,15 +38,15 @@ class ChildModels(SyncRounds):
         self.children: list[tuple[float, F32]] = []
         """(weight, model) of each counted child of the last closed round."""
 
-    def _begin(self, index: int, selected: list[str], *, quorum: int, deadline_s: float,
-               started_at: float, q: float | None = None) -> None:
-        super()._begin(index, selected, quorum=quorum, deadline_s=deadline_s,
-                       started_at=started_at, q=q)
-        assert self._open is not None
+    def opened(self, index: int) -> None:
+        super().opened(index)
         self._updates = []
         self.children = []
-        self._open.aggregate = _Recording(  # type: ignore[assignment]
-            self._open.aggregate, self._updates, self.ctx.layout.size)
+
+    def counted(self, contribution: Contribution) -> None:
+        super().counted(contribution)
+        self._updates.append((float(contribution.weight) * float(contribution.scale),
+                              contribution.dense(self.ctx.layout.size).copy()))
 
     def combine(self, params: F32, delta: F32) -> F32:
         base = np.asarray(params, np.float32)

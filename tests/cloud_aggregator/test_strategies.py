@@ -20,6 +20,7 @@ from broker_bridge import (
     encode_update,
 )
 from cloud_aggregator import (
+    Contribution,
     DeviceOnline,
     ModelReleased,
     RoundEnded,
@@ -308,3 +309,35 @@ def test_checkpoint_every_s_zero_checkpoints_every_fedbuff_release(
     feed_async(agg, fleet, 4)
     record = agg.store.checkpoint(FLEET)
     assert agg.model_version == 2 and record is not None and record.model_version == 2
+
+
+def test_sync_rounds_tell_subclasses_each_counted_contribution(tmp_path: Path,
+                                                               artifacts: Path) -> None:
+    """``opened``/``counted``: a subclass sees every update the round's aggregate adds,
+    those a bootstrapping round judged at its close included, and again after a restart."""
+    seen: dict[int, list[str]] = {}
+
+    class Watching(SyncRounds):
+        def opened(self, index: int) -> None:
+            seen[index] = []
+
+        def counted(self, contribution: Contribution) -> None:
+            seen[max(seen)].append(contribution.device)
+
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=3, strategy=Watching())
+    for _ in range(2):
+        assert agg.tick()
+        for d in fleet.values():
+            d.send_update(layout=agg.layout)
+        assert agg.tick()
+    assert {i: sorted(v) for i, v in seen.items()} == {1: ["d0", "d1", "d2"],
+                                                       2: ["d0", "d1", "d2"]}
+    assert agg.tick()  # round 3 opens; two updates come, then the aggregator stops
+    for d in list(fleet.values())[:2]:
+        d.send_update(layout=agg.layout)
+    agg.close()
+    again = make(tmp_path, artifacts, broker, rounds=3, strategy=Watching())
+    assert sorted(seen[3]) == ["d0", "d1"]  # replayed from the journal into a fresh one
+    again.close()
