@@ -43,7 +43,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from edge_runtime import (
     AgentHooks,
     DeviceKey,
     DeviceStatus,
+    Emulation,
     FailoverAgent,
     LocalData,
     LocalResult,
@@ -93,6 +94,7 @@ class EdgeAggregator:
                  artifacts_dir: str | Path | None = None, client_id: str = "aggregator",
                  parent_transport: TransportFactory | None = None,
                  key: DeviceKey | None = None, tier: TierLink | None = None,
+                 emulation: Callable[[EdgeAggregator], Emulation] | None = None,
                  **aggregator_parts: Any) -> None:
         if rounds_per_task < 1:
             raise ConfigError(f"rounds_per_task must be >= 1, got {rounds_per_task}")
@@ -116,7 +118,7 @@ class EdgeAggregator:
             failover_after_s=failover_after_s, transport=parent_transport,
             data=LocalData(x=np.zeros((0, 1), np.float32), y=np.zeros(0, np.int64)),
             training=self.train, hooks=AgentHooks(transform_hello=self._hello),
-            status_probe=DeviceStatus, **_key_option(key))
+            status_probe=DeviceStatus, **_key_option(key), **_emulation_option(self, emulation))
         self._thread: threading.Thread | None = None
         self._watch: threading.Thread | None = None
         self._stop = threading.Event()
@@ -238,6 +240,20 @@ class EdgeAggregator:
         return tier.child.distil(agg.params, teacher, tier.bridge, epochs=epochs,
                                  seed=agg.model_version + 1).params
 
+    def job_emulated_s(self) -> float:
+        """The emulated seconds of the current job's closed child rounds (their
+        ``RoundMetrics.emulated_s``: on the virtual clock, the slowest counted child or
+        the whole deadline): what an edge emulation (``edge_emulation``) adds its own
+        time to."""
+        agg = self.aggregator
+        with agg.condition:
+            job = self.strategy.job
+            if job is None:
+                return 0.0
+            first, last = job.base_version, job.base_version + job.rounds_done
+            return sum(m.emulated_s for m in agg.history
+                       if m.outcome == "closed" and first < m.model_version <= last)
+
     # -- what the edge says about itself -----------------------------------------------
 
     def children_samples(self) -> int:
@@ -258,6 +274,12 @@ class EdgeAggregator:
             except Exception:
                 log.exception("edge %s: announcing the children's samples failed",
                               self.aggregator.fleet)
+
+
+
+def _emulation_option(edge: EdgeAggregator,
+                      make: Callable[[EdgeAggregator], Emulation] | None) -> dict[str, Any]:
+    return {} if make is None else {"emulation": make(edge)}
 
 
 def _key_option(key: DeviceKey | None) -> dict[str, Any]:
