@@ -2,14 +2,20 @@
 
 Runs a ``LocalTree`` (``_tree``: one Mosquitto for the cloud and one per edge site,
 the cloud aggregator, ``EdgeAggregator``s, real device agents that know every edge as
-a candidate parent) on the real clock, from the simulation's settings: its model, codec,
-rounds (cloud rounds), seed, Dirichlet split and aggregator overrides (local epochs,
-learning rate, batch size and the cloud's server optimizer; edges aggregate with plain
-FedAvg). ``edge_crash_fraction`` of the sites fail when the cloud's middle round opens:
-the edge crashes and its broker is killed, its devices move to the next edge.
+a candidate parent), from the simulation's settings: its model, codec, rounds (cloud
+rounds), seed, Dirichlet split, clock and aggregator overrides (local epochs, learning
+rate, batch size and the cloud's server optimizer; edges aggregate with plain FedAvg).
+``edge_crash_fraction`` of the sites fail when the cloud's middle round opens: the edge
+crashes and its broker is killed, its devices move to the next edge.
+
+Devices get catalogue classes as a flat simulation's do (``profile_mix``, same mix and
+seed), edges ``edge_profile``, and ``link_bandwidth`` sets each link's bandwidth in its
+senders' profiles (``_tier_emulation``); on the virtual clock every tier's deadlines are
+judged in those emulated seconds.
 
 The report (``report.json`` in ``out_dir``) is per tier: the cloud's rounds (accuracy,
-updates, ingress bytes), each edge's rounds and children, and the devices that moved.
+updates, ingress bytes), each edge's rounds and children, the devices that moved, and
+``tiers``: each tier's emulated seconds and each link's bytes and transfer time.
 """
 
 from __future__ import annotations
