@@ -179,3 +179,29 @@ def test_a_tree_simulation_reports_each_tiers_emulated_time_and_links(tmp_path: 
     assert sde["transfer_s"] > 3 * de["transfer_s"]
     assert slow["device"]["emulated_s"]["mean"] > 3 * dev["emulated_s"]["mean"]
     assert slow["cloud"]["emulated_s"] > 3 * cloud["emulated_s"]
+
+
+def test_an_edge_that_adopts_its_parents_model_names_it_in_its_ledger(tmp_path: Path) -> None:
+    """After ``_adopt`` the ledger trail's model digest is the adopted model's: a round
+    abandoned right after it writes its ledger entry against the adopted version's
+    checkpoint (with the replaced model's digest that was a LedgerError that killed the
+    edge's aggregator thread: seen in a tree simulation with tight emulated deadlines)."""
+    import numpy as np
+
+    from cloud_aggregator._ledger import model_sha256
+    from fleetlearn._tree import LocalTree, TreeSpec
+
+    tree = LocalTree(TreeSpec(edges=1, devices_per_edge=1, cloud_rounds=1),
+                     workdir=tmp_path / "tree", cache_dir=tmp_path / "cache")
+    try:
+        tree.start()
+        edge = tree.edges[0]
+        assert edge is not None
+        agg = edge.aggregator
+        before = agg.model_version
+        adopted = (agg.params + np.float32(0.25)).astype(np.float32)
+        assert edge._adopt("run:1:nonce-1", adopted)
+        assert agg.model_version == before + 1
+        assert agg.releases.model_sha == model_sha256(adopted)
+    finally:
+        tree.close()
