@@ -247,18 +247,21 @@ class EdgeAggregator:
                                  seed=agg.model_version + 1).params
 
     def job_emulated_s(self) -> float:
-        """The emulated seconds of the current job's closed child rounds (their
+        """The emulated seconds of the current job's child rounds (their
         ``RoundMetrics.emulated_s``: on the virtual clock, the slowest counted child or
-        the whole deadline): what an edge emulation (``edge_emulation``) adds its own
-        time to."""
+        the whole deadline), the abandoned ones included: what an edge's emulation
+        (``_tier_emulation.EdgeEmulation``) adds its own time to."""
         agg = self.aggregator
         with agg.condition:
             job = self.strategy.job
             if job is None:
                 return 0.0
+            # A closed round's model_version is the version it made, an abandoned one's
+            # the version it trained from: the job's rounds train from base..last.
             first, last = job.base_version, job.base_version + job.rounds_done
             return sum(m.emulated_s for m in agg.history
-                       if m.outcome == "closed" and first < m.model_version <= last)
+                       if (first < m.model_version <= last if m.outcome == "closed"
+                           else first <= m.model_version <= last))
 
     # -- what the edge says about itself -----------------------------------------------
 
