@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from broker_bridge import TaskSpec
-from device_profiles import ConfigError, DeviceProfile, predict
+from device_profiles import ConfigError, CostBreakdown, DeviceProfile, predict
 from device_profiles import Task as CostTask
 
 
@@ -32,6 +32,13 @@ class Emulation:
     def emulated_s(
         self, *, task: TaskSpec, num_parameters: int, samples: int, steps: int, update_bytes: int
     ) -> float:
+        return self.breakdown(task=task, num_parameters=num_parameters, samples=samples,
+                              steps=steps, update_bytes=update_bytes).total_s
+
+    def breakdown(
+        self, *, task: TaskSpec, num_parameters: int, samples: int, steps: int, update_bytes: int
+    ) -> CostBreakdown:
+        """The cost model's phases (download, train, encode, upload) of this task."""
         flops = None if self.model is not None else 6.0 * num_parameters
         cost = CostTask(
             model_bytes=4 * num_parameters,
@@ -43,7 +50,7 @@ class Emulation:
             model=self.model,
             max_steps=max(steps, 1),
         )
-        return float(predict(self.profile, cost).total_s)
+        return predict(self.profile, cost)
 
     def wait_s(self, emulated_s: float, actual_s: float) -> float:
         if self.time_scale is None:

@@ -43,7 +43,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +51,13 @@ import numpy as np
 
 from broker_bridge import Channel, Hello, MqttTransport, TaskSpec
 from cloud_aggregator import Aggregator, AggregatorConfig, EdgeRounds, ParentJob
+from cloud_aggregator._ledger import model_sha256
 from device_profiles import ConfigError
 from edge_runtime import (
     AgentHooks,
     DeviceKey,
     DeviceStatus,
+    Emulation,
     FailoverAgent,
     LocalData,
     LocalResult,
@@ -93,6 +95,7 @@ class EdgeAggregator:
                  artifacts_dir: str | Path | None = None, client_id: str = "aggregator",
                  parent_transport: TransportFactory | None = None,
                  key: DeviceKey | None = None, tier: TierLink | None = None,
+                 emulation: Callable[[EdgeAggregator], Emulation] | None = None,
                  **aggregator_parts: Any) -> None:
         if rounds_per_task < 1:
             raise ConfigError(f"rounds_per_task must be >= 1, got {rounds_per_task}")
@@ -116,7 +119,7 @@ class EdgeAggregator:
             failover_after_s=failover_after_s, transport=parent_transport,
             data=LocalData(x=np.zeros((0, 1), np.float32), y=np.zeros(0, np.int64)),
             training=self.train, hooks=AgentHooks(transform_hello=self._hello),
-            status_probe=DeviceStatus, **_key_option(key))
+            status_probe=DeviceStatus, **_key_option(key), **_emulation_option(self, emulation))
         self._thread: threading.Thread | None = None
         self._watch: threading.Thread | None = None
         self._stop = threading.Event()
@@ -223,6 +226,11 @@ class EdgeAggregator:
             if self.tier is not None:
                 params = self._taught_children(params)
             agg.adopt(params, before_save=begin)
+            # ``Aggregator.adopt`` leaves the ledger trail's model digest at the model it
+            # replaced: a round abandoned right after would then write a ledger entry
+            # naming that model against the adopted version's checkpoint (LedgerError,
+            # the edge's aggregator thread dies), and a closed one a wrong prev_model.
+            agg.releases.model_sha = model_sha256(agg.params)
             return True
 
     def _taught_children(self, parent: np.ndarray) -> np.ndarray:
@@ -237,6 +245,23 @@ class EdgeAggregator:
         teacher = tier.own.logits(parent, tier.bridge)
         return tier.child.distil(agg.params, teacher, tier.bridge, epochs=epochs,
                                  seed=agg.model_version + 1).params
+
+    def job_emulated_s(self) -> float:
+        """The emulated seconds of the current job's child rounds (their
+        ``RoundMetrics.emulated_s``: on the virtual clock, the slowest counted child or
+        the whole deadline), the abandoned ones included: what an edge's emulation
+        (``_tier_emulation.EdgeEmulation``) adds its own time to."""
+        agg = self.aggregator
+        with agg.condition:
+            job = self.strategy.job
+            if job is None:
+                return 0.0
+            # A closed round's model_version is the version it made, an abandoned one's
+            # the version it trained from: the job's rounds train from base..last.
+            first, last = job.base_version, job.base_version + job.rounds_done
+            return sum(m.emulated_s for m in agg.history
+                       if (first < m.model_version <= last if m.outcome == "closed"
+                           else first <= m.model_version <= last))
 
     # -- what the edge says about itself -----------------------------------------------
 
@@ -258,6 +283,12 @@ class EdgeAggregator:
             except Exception:
                 log.exception("edge %s: announcing the children's samples failed",
                               self.aggregator.fleet)
+
+
+
+def _emulation_option(edge: EdgeAggregator,
+                      make: Callable[[EdgeAggregator], Emulation] | None) -> dict[str, Any]:
+    return {} if make is None else {"emulation": make(edge)}
 
 
 def _key_option(key: DeviceKey | None) -> dict[str, Any]:

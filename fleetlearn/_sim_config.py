@@ -17,6 +17,7 @@ from typing import Any
 from cloud_aggregator import AggregatorConfig
 from device_profiles import DEFAULT_MIX, ConfigError, Meta, Section, group, overrides, setting
 from edge_runtime._fleet import FaultSpec
+from fleetlearn._tier_emulation import DEFAULT_EDGE_PROFILE, edge_profile, parse_links
 
 DEFAULT_CODEC = "ef+topk:0.1+q8+zstd:3"
 """The default compressed uplink codec of simulations (see bench/simulate.py)."""
@@ -111,6 +112,14 @@ class SimConfig:
         0.0, example=0.34, group=_TIERS,
         help="topology: share of edge sites that fail (edge and broker killed) halfway "
         "through the run; their devices move to the other edges (one edge always stays)")
+    edge_profile: str = setting(
+        DEFAULT_EDGE_PROFILE, example="x86-server", group=_TIERS,
+        help="topology: the catalogue profile the edges run on (a gateway or server "
+        "class): its transfer and encode time adds to its children's rounds")
+    link_bandwidth: str | None = setting(
+        None, example="device-edge:1mbit,edge-cloud:100mbit", group=_TIERS,
+        help="topology: bandwidth of each link both ways, in kbit, mbit or gbit (a link "
+        "left out keeps its profiles' own uplink and downlink)")
 
     clock: str = setting("virtual", choices=("virtual", "real"), group=_INFRA,
                          help="virtual: account emulated durations; real: sleep them "
@@ -168,6 +177,12 @@ class SimConfig:
             if TierModels.parse(self.tier_models, default=self.model).device != self.model:
                 raise ConfigError(f"tier_models {self.tier_models!r}: the device tier must "
                                   f"train the simulation's model {self.model!r}")
+        edge_profile(self.edge_profile)
+        parse_links(self.link_bandwidth)
+        if self.topology is None and (self.link_bandwidth is not None
+                                      or self.edge_profile != DEFAULT_EDGE_PROFILE):
+            raise ConfigError("edge_profile and link_bandwidth need a topology (a tree has "
+                              "edges and links)")
         if self.edge_rounds_per_task < 1 or not 0 <= self.edge_crash_fraction < 1:
             raise ConfigError("edge_rounds_per_task must be >= 1 and edge_crash_fraction "
                               "within [0, 1)")

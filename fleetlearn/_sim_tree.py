@@ -2,14 +2,20 @@
 
 Runs a ``LocalTree`` (``_tree``: one Mosquitto for the cloud and one per edge site,
 the cloud aggregator, ``EdgeAggregator``s, real device agents that know every edge as
-a candidate parent) on the real clock, from the simulation's settings: its model, codec,
-rounds (cloud rounds), seed, Dirichlet split and aggregator overrides (local epochs,
-learning rate, batch size and the cloud's server optimizer; edges aggregate with plain
-FedAvg). ``edge_crash_fraction`` of the sites fail when the cloud's middle round opens:
-the edge crashes and its broker is killed, its devices move to the next edge.
+a candidate parent), from the simulation's settings: its model, codec, rounds (cloud
+rounds), seed, Dirichlet split, clock and aggregator overrides (local epochs, learning
+rate, batch size and the cloud's server optimizer; edges aggregate with plain FedAvg).
+``edge_crash_fraction`` of the sites fail when the cloud's middle round opens: the edge
+crashes and its broker is killed, its devices move to the next edge.
+
+Devices get catalogue classes as a flat simulation's do (``profile_mix``, same mix and
+seed), edges ``edge_profile``, and ``link_bandwidth`` sets each link's bandwidth in its
+senders' profiles (``_tier_emulation``); on the virtual clock every tier's deadlines are
+judged in those emulated seconds.
 
 The report (``report.json`` in ``out_dir``) is per tier: the cloud's rounds (accuracy,
-updates, ingress bytes), each edge's rounds and children, and the devices that moved.
+updates, ingress bytes), each edge's rounds and children, the devices that moved, and
+``tiers``: each tier's emulated seconds and each link's bytes and transfer time.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from device_profiles import profile_mix
 from fleetlearn._report import write_report
 from fleetlearn._sim_config import SimConfig
+from fleetlearn._tier_emulation import edge_profile, on_link, parse_links, tier_lines, tier_report
 from fleetlearn._tree import LocalTree, TreeSpec
 
 
@@ -41,7 +49,19 @@ def tree_spec(cfg: SimConfig) -> TreeSpec:
         edge_deadline_s=cfg.deadline_s / (cfg.edge_rounds_per_task + 1),
         codec=cfg.codec, server_opt=agg.server_opt, seed=cfg.seed, partition_seed=cfg.seed,
         alpha=float(cfg.partition.split(":", 1)[1]), num_samples=cfg.num_samples,
-        failover_after_s=1.0, tier_models=cfg.tier_models)
+        failover_after_s=1.0, tier_models=cfg.tier_models,
+        clock="virtual" if cfg.clock == "virtual" else "real",
+        safety_timeout_s=max(60.0, cfg.deadline_s * 4), **tier_profiles(cfg, devices))
+
+
+def tier_profiles(cfg: SimConfig, devices: int) -> dict[str, Any]:
+    """The devices' profiles (the flat simulator's: ``profile_mix`` of the fleet's size
+    and seed) and the edges', each behind its link's bandwidth."""
+    links = parse_links(cfg.link_bandwidth)
+    return {"device_profiles": tuple(
+                on_link(p, links.get("device-edge"))
+                for p in profile_mix(cfg.profile_mix, devices, seed=cfg.seed)),
+            "edge_profile": on_link(edge_profile(cfg.edge_profile), links.get("edge-cloud"))}
 
 
 def crashes(cfg: SimConfig, edges: int) -> int:
@@ -106,6 +126,8 @@ def run_tree_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False)
     finally:
         tree.close()
     path = write_report(out_dir, report)
+    for line in tier_lines(report["tiers"]):
+        say(line)
     say(f"final accuracy {report['final_accuracy']}; cloud ingress "
         f"{report['cloud']['ingress_bytes_per_round']:.0f} B per round; report {path}")
     return SimResult(report=report, report_path=path, plots=[], rounds=report["rounds"])
@@ -131,13 +153,23 @@ def _report(cfg: SimConfig, spec: TreeSpec, tree: LocalTree, crashed_at: dict[in
                          ingress_bytes=sum(m.bytes_up for m in history))
         edges.append(entry)
     moved = [d.device_id for d in tree.devices if len(d.moves) > 1]
+    final = closed[-1].accuracy if closed else None
+    assert spec.device_profiles is not None and spec.edge_profile is not None
+    tiers = tier_report(
+        devices=spec.device_profiles, device_log=tree.device_log, edge=spec.edge_profile,
+        edges=spec.edges, edge_log=tree.edge_log, links=parse_links(cfg.link_bandwidth),
+        cloud={"rounds_closed": len(closed), "accuracy": final, "clock": spec.clock,
+               "emulated_s": round(sum(m.emulated_s for m in closed), 6),
+               "emulated_round_s": [round(m.emulated_s, 6) for m in closed]},
+        wire_bytes_up={"device-edge": sum(e.get("ingress_bytes", 0) for e in edges),
+                       "edge-cloud": sum(m.bytes_up for m in cloud.history)})
     return {
         "topology": cfg.topology,
         "model": spec.model,
         "codec": spec.codec,
         "seed": cfg.seed,
         "edge_rounds_per_task": spec.rounds_per_task,
-        "final_accuracy": closed[-1].accuracy if closed else None,
+        "final_accuracy": final,
         **_agglo_report(tree),
         "rounds": rounds,
         "cloud": {
@@ -148,6 +180,7 @@ def _report(cfg: SimConfig, spec: TreeSpec, tree: LocalTree, crashed_at: dict[in
                                         if closed else 0.0),
         },
         "edges": edges,
+        "tiers": tiers,
         "devices": {"count": len(tree.devices), "moved": moved},
         "wall_s": round(wall_s, 1),
     }

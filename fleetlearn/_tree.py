@@ -28,17 +28,20 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from broker_bridge import Channel, Enrolment, MosquittoProcess, MqttTransport
 from cloud_aggregator import Aggregator, AggregatorConfig, RoundMetrics
+from device_profiles import ConfigError, DeviceProfile
 from edge_runtime import (
     DeviceKey,
     DeviceStatus,
+    Emulation,
     FailoverAgent,
     LocalData,
     ParentLink,
@@ -50,6 +53,7 @@ from edge_runtime import (
 from fleetlearn._agglo import DistillSettings, TierLink, TierModel, TierModels, bridge_inputs
 from fleetlearn._agglo_cloud import AgglomerativeRounds
 from fleetlearn._edge import EdgeAggregator
+from fleetlearn._tier_emulation import DeviceTierEmulation, EdgeEmulation, TierLog
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +100,18 @@ class TreeSpec:
     cloud_distill: DistillSettings | None = None
     """The cloud's distillation, when not ``distill`` (e.g. another feedback)."""
     bridge_samples: int = 2_000
+    clock: Literal["real", "virtual"] = "real"
+    """The aggregators' clock: ``virtual`` judges deadlines in the emulated seconds the
+    devices' and edges' profiles imply (``device_profiles``, ``edge_profile``)."""
+    safety_timeout_s: float = 600.0
+    """Virtual clock: wall seconds after which a round stops waiting."""
+    device_profiles: tuple[DeviceProfile, ...] | None = None
+    """One profile per device, in device order: each reports the cost model's time for
+    its tasks (``UpdateMeta.emulated_s``) as a simulated fleet's devices do. None: no
+    emulation."""
+    edge_profile: DeviceProfile | None = None
+    """The edges' profile: an edge reports its job's child rounds plus its own transfer
+    and encode time on it (``EdgeEmulation``). None: no emulation."""
 
     def tiers(self) -> TierModels:
         """The model of each tier (``tier_models`` checked)."""
@@ -132,6 +148,12 @@ class LocalTree:
         self._cloud_thread: threading.Thread | None = None
         self._trainers = TrainerPool(sessions_per_model=2)
         self.tier_models = spec.tiers()
+        if spec.device_profiles is not None and len(spec.device_profiles) != n:
+            raise ConfigError(f"device_profiles: {len(spec.device_profiles)} profiles for "
+                              f"{n} devices")
+        self.device_log = TierLog()
+        self.edge_log = TierLog()
+        """Every emulated task of the devices and of the edges (``_tier_emulation``)."""
         self.agglomerative = not flat and not self.tier_models.uniform
         self.cloud_strategy: AgglomerativeRounds | None = None
         self.bridge = (bridge_inputs(samples=spec.bridge_samples, cache_dir=cache_dir)
@@ -178,7 +200,8 @@ class LocalTree:
             deadline_s=s.cloud_deadline_s, state_dir=self.workdir / "cloud",
             eval_data=self.workdir / "test.npz", codec=s.codec, server_opt=s.server_opt,
             local_epochs=epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
-            store_synchronous="NORMAL", reputation_floor=s.cloud_reputation_floor)
+            store_synchronous="NORMAL", reputation_floor=s.cloud_reputation_floor,
+            clock=s.clock, safety_timeout_s=s.safety_timeout_s)
 
     def edge_config(self, index: int) -> AggregatorConfig:
         """An edge's rounds: they start once ``edge_devices_per_round`` children (default:
@@ -192,7 +215,8 @@ class LocalTree:
             over_selection=1.0, quorum=max(1, needed // 2), min_devices=needed,
             deadline_s=s.edge_deadline_s, codec=s.codec, server_opt="fedavg",
             local_epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr,
-            seed=s.seed + index + 1, store_synchronous="NORMAL")
+            seed=s.seed + index + 1, store_synchronous="NORMAL", clock=s.clock,
+            safety_timeout_s=s.safety_timeout_s)
 
     def start(self) -> None:
         s = self.spec
@@ -255,7 +279,16 @@ class LocalTree:
             state_dir=self.workdir / f"edge-{i}", rounds_per_task=self.spec.rounds_per_task,
             failover_after_s=self.spec.failover_after_s,
             artifacts_dir=self._artifacts(self.tier_models.device), key=self.edge_keys[i],
-            enrolment=self.edge_enrolments[i], tier=self._tier_link())
+            enrolment=self.edge_enrolments[i], tier=self._tier_link(),
+            emulation=self._edge_emulation(i))
+
+    def _edge_emulation(self, i: int) -> Callable[[EdgeAggregator], Emulation] | None:
+        profile = self.spec.edge_profile
+        if profile is None:
+            return None
+        log_ = self.edge_log
+        return lambda edge: EdgeEmulation(profile=profile, rounds_s=edge.job_emulated_s,
+                                          who=f"edge-{i}", log=log_)
 
     def parents_of(self, device: int) -> list[ParentLink]:
         if self.flat:
@@ -271,7 +304,17 @@ class LocalTree:
             device_id=f"dev-{d:03d}", parents=self.parents_of(d),
             state_dir=self._device_dir(d), failover_after_s=self.spec.failover_after_s,
             data=LocalData(x=self.data.x_train[idx], y=self.data.y_train[idx]),
-            status_probe=DeviceStatus, trainers=self._trainers, key=self.device_keys[d])
+            status_probe=DeviceStatus, trainers=self._trainers, key=self.device_keys[d],
+            **self._device_emulation(d))
+
+    def _device_emulation(self, d: int) -> dict[str, Any]:
+        """A device's profile and emulation, as a simulated fleet's devices have them."""
+        profiles = self.spec.device_profiles
+        if profiles is None:
+            return {}
+        return {"profile": profiles[d], "emulation": DeviceTierEmulation(
+            profile=profiles[d], model=self.tier_models.device, who=f"dev-{d:03d}",
+            log=self.device_log)}
 
     def _device_dir(self, d: int) -> Path:
         return self.workdir / "devices" / f"dev-{d:03d}"

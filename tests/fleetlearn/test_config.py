@@ -55,6 +55,8 @@ COMPANIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("agent", "time_scale"): {"emulate": True},
     ("simulate", "aggregator.max_selected"): {"selection": "deadline"},
     ("simulate", "tier_models"): {"topology": "cloud:1,edge:3,device:30", "model": "mlp"},
+    ("simulate", "edge_profile"): {"topology": "cloud:1,edge:3,device:30"},
+    ("simulate", "link_bandwidth"): {"topology": "cloud:1,edge:3,device:30"},
     ("edge", "max_selected"): {"selection": "deadline"},
     ("edge", "tls_cert"): {"tls_key": "client.key"},
     ("edge", "tls_key"): {"tls_cert": "client.pem"},
