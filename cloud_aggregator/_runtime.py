@@ -91,7 +91,7 @@ from cloud_aggregator._ingest import (
 )
 from cloud_aggregator._journal import Journal
 from cloud_aggregator._learned import STATE_BLOB, LearnedState, read_json_blob
-from cloud_aggregator._ledger import AggregatorKey
+from cloud_aggregator._ledger import AggregatorKey, model_sha256
 from cloud_aggregator._ledger_writer import LedgerWriter
 from cloud_aggregator._metrics import Counters, MetricsLog, MetricsServer, RoundMetrics
 from cloud_aggregator._planner import WorkPlanner
@@ -724,6 +724,9 @@ class Aggregator:
             self.releases.save_unsaved()
             self.state.params = values.copy()
             self.state.version += 1
+            # The ledger's next entry names this model as its predecessor (a round
+            # abandoned right after would otherwise cite the replaced one: LedgerError).
+            self.releases.model_sha = model_sha256(self.state.params)
             if before_save is not None:
                 before_save()
             self.releases.save_model()

@@ -51,7 +51,6 @@ import numpy as np
 
 from broker_bridge import Channel, Hello, MqttTransport, TaskSpec
 from cloud_aggregator import Aggregator, AggregatorConfig, EdgeRounds, ParentJob
-from cloud_aggregator._ledger import model_sha256
 from device_profiles import ConfigError
 from edge_runtime import (
     AgentHooks,
@@ -226,11 +225,6 @@ class EdgeAggregator:
             if self.tier is not None:
                 params = self._taught_children(params)
             agg.adopt(params, before_save=begin)
-            # ``Aggregator.adopt`` leaves the ledger trail's model digest at the model it
-            # replaced: a round abandoned right after would then write a ledger entry
-            # naming that model against the adopted version's checkpoint (LedgerError,
-            # the edge's aggregator thread dies), and a closed one a wrong prev_model.
-            agg.releases.model_sha = model_sha256(agg.params)
             return True
 
     def _taught_children(self, parent: np.ndarray) -> np.ndarray:

@@ -139,6 +139,26 @@ def test_an_abandoned_round_is_an_entry_that_keeps_the_model(tmp_path: Path,
     _ok(tmp_path)
 
 
+def test_a_round_abandoned_right_after_an_adoption_names_the_adopted_model(
+        tmp_path: Path, artifacts: Path) -> None:
+    """An adopted model (an edge's parent's) is the next entry's predecessor: an abandoned
+    round right after cites it, where it once cited the replaced model and raised."""
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    clock = ManualClock()
+    agg = make(tmp_path, artifacts, broker, manual=clock, quorum=2, rounds=3)
+    adopted = (agg.params + np.float32(0.25)).astype(np.float32)
+    agg.adopt(adopted)
+    agg.tick()
+    fleet["d0"].send_update(layout=agg.layout)
+    clock.advance(31)
+    assert agg.tick() and agg.history[-1].outcome == "abandoned"
+    (entry,) = agg.store.ledger_entries(FLEET)
+    header = entry.header_json()
+    assert header["prev_model"] == header["model"] == model_sha256(adopted)
+    agg.close()
+
+
 def test_inclusion_proofs_verify_and_a_forged_head_fails(tmp_path: Path,
                                                           artifacts: Path) -> None:
     broker = MemoryBroker()

@@ -139,8 +139,16 @@ def test_site_failure_moves_devices_and_training_goes_on(tmp_path: Path) -> None
                     and job.key.split(":")[1] == "2" and not job.finished)
 
         assert wait_for(mid_job, timeout=120, step=0.005)
-        tree.kill_edge(0)
-        killed_at_version = cloud.model_version
+
+        def moved_to_edge_1() -> bool:
+            return all(tree.devices[d].moves[-1].to_parent == "edge-1" for d in (0, 1))
+
+        with cloud.condition:  # the cloud waits while the site's devices fail over
+            # (its rounds take a fraction of failover_after_s: without this the run
+            # could end before they arrive)
+            tree.kill_edge(0)
+            killed_at_version = cloud.model_version
+            assert wait_for(moved_to_edge_1, timeout=60)
         assert wait_for(lambda: cloud.done, timeout=400), cloud.status_line()
         assert cloud.model_version == 5
         history = cloud.history
