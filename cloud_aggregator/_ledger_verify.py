@@ -94,6 +94,10 @@ class LedgerReport:
     secure_taken: int = 0
     """Secure or differentially private rounds' models taken as recorded (checked against
     their checkpoint file, not re-derived: the unmasking, or the noise, is not recorded)."""
+    combined_taken: int = 0
+    """Rounds of a strategy that combines models its own way (``rule.combine``: an edge
+    tier, an agglomerative cloud, a strategy of the user's), taken as recorded like
+    secure ones: the combination is not a recorded rule."""
     device_keys_enrolled: int = 0
     """Signatures whose key is the device's enrolled one (with an enrolment given)."""
     first_bad: int | None = None
@@ -145,7 +149,7 @@ class _Replayer:
         self._opt_rule: Any = None
 
     def take_recorded(self, store: Store, report: LedgerReport, version: int,
-                      sha: str) -> None:
+                      sha: str, *, combined: bool = False) -> None:
         """A secure or private round's model, taken from its checkpoint file: its sum came
         from the devices' reveals, or carries noise, which the ledger does not hold (nor
         the optimizer state after)."""
@@ -160,7 +164,10 @@ class _Replayer:
         self.sha = sha
         self._opt = None  # its state after a secure round is not re-derivable
         self._opt_rule = "unknown"
-        report.secure_taken += 1
+        if combined:
+            report.combined_taken += 1
+        else:
+            report.secure_taken += 1
 
     def step(self, rule: dict[str, Any], layout: Layout, adds: list[Contribution]) -> None:
         robust = RobustConfig(**rule["robust"])
@@ -168,9 +175,6 @@ class _Replayer:
         name = str(opt_rule.pop("name"))
         if name.startswith("custom:"):
             raise _Bad(f"the server optimizer {name} is not re-derivable")
-        if rule.get("combine") is not None:
-            raise _Bad(f"the strategy combines models its own way ({rule['combine']}): "
-                       "not re-derivable")
         if self._opt_rule == "unknown" and name != "fedavg":
             raise _Bad(f"the {name} server optimizer's state after a secure or private round "
                        "is not recorded: not re-derivable")
@@ -309,8 +313,10 @@ def _verify_entry(store: Store, entry: AppendedEntry, *, index: int, prev_leaf: 
     if header.get("prev_model") != replay.sha:
         raise _Bad("prev_model is not the model re-derived so far (or the initial model)")
     private = header["rule"].get("differential_privacy") is not None
-    if header.get("outcome") in ("closed", "aggregated") and (secure or private):
-        replay.take_recorded(store, report, int(header["model_version"]), str(header["model"]))
+    combined = header["rule"].get("combine") is not None
+    if header.get("outcome") in ("closed", "aggregated") and (secure or private or combined):
+        replay.take_recorded(store, report, int(header["model_version"]), str(header["model"]),
+                             combined=combined and not (secure or private))
     elif header.get("outcome") in ("closed", "aggregated"):
         replay.step(header["rule"], layout, adds)
         report.models_rederived += 1
@@ -392,6 +398,11 @@ def verify_ledger(state_dir: str | Path, *, public_key: bytes | None = None,
                     f"{report.secure_taken} secure or private rounds: their models are checked "
                     "against their checkpoint files, not re-derived (the unmasking, or the "
                     "noise, is not recorded)")
+            if report.combined_taken:
+                report.notes.append(
+                    f"{report.combined_taken} rounds of a strategy that combines models its "
+                    "own way: their models are checked against their checkpoint files, not "
+                    "re-derived (the combination is not a recorded rule)")
             if report.device_signatures and enrolment is None and device_signature is None:
                 report.notes.append(
                     f"{report.device_signatures_checked} device signatures verified under the "

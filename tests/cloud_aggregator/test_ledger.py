@@ -405,8 +405,11 @@ def test_contribution_records_from_the_hook_are_kept(tmp_path: Path, artifacts: 
     assert '"cosine": 0.5' in capsys.readouterr().out
 
 
-def test_a_strategy_that_combines_its_own_way_is_named_not_rederived(
+def test_a_strategy_that_combines_its_own_way_is_named_and_checked_not_rederived(
         tmp_path: Path, artifacts: Path) -> None:
+    """An edge tier or an agglomerative cloud combines models its own way: ``verify``
+    checks everything else and takes each such model from its checkpoint file, saying
+    so; a changed checkpoint file still fails."""
     from cloud_aggregator import SyncRounds
 
     class Halved(SyncRounds):
@@ -421,7 +424,13 @@ def test_a_strategy_that_combines_its_own_way_is_named_not_rederived(
         "custom:Halved"
     agg.close()
     (report,) = verify_ledger(tmp_path)
-    assert report.first_bad == 0 and "combines models its own way" in report.problem
+    assert report.ok and report.combined_taken == 1 and report.models_rederived == 0, report
+    assert any("combines models its own way" in n for n in report.notes)
+    ckpt = sorted((tmp_path / "aggregator.sqlite.checkpoints").glob("*.npy"))[-1]
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(_flip(data, len(data) - 2))
+    (report,) = verify_ledger(tmp_path)
+    assert report.first_bad == 0 and "checkpoint file" in report.problem, report
 
 
 _ASYNC_CHILD = textwrap.dedent(
