@@ -6,7 +6,10 @@ private modules are not an API. The names load their package on first use, so
 no ``onnx``), and ``import fleetlearn`` alone costs nothing.
 
 - Edge tiers: ``EdgeAggregator`` (an aggregator to its children, a device to its
-  parent), ``FailoverAgent`` and ``ParentLink`` (candidate parents), ``EdgeRounds``.
+  parent), ``FailoverAgent`` and ``ParentLink`` (candidate parents), ``EdgeRounds``;
+  a model per tier (agglomerative): ``TierModels``, ``TierModel``, ``TierLink``
+  (``EdgeAggregator(tier=...)``), ``DistillSettings``, ``bridge_inputs``, and the
+  cloud's ``AgglomerativeRounds`` strategy.
 - Running: ``Aggregator`` (``Aggregator.connect(config, broker=...)``, ``start``,
   ``run``, ``subscribe``), ``AggregatorConfig``; ``Agent``, ``AgentSettings``,
   ``AgentConfig``; ``simulate`` with ``SimConfig`` → ``SimResult``.
@@ -53,6 +56,9 @@ _SOURCES: dict[str, tuple[str, ...]] = {
         "FailoverAgent", "ParentLink",
     ),
     "fleetlearn._edge": ("EdgeAggregator",),
+    "fleetlearn._agglo": ("TierModels", "TierModel", "TierLink", "DistillSettings",
+                          "bridge_inputs"),
+    "fleetlearn._agglo_cloud": ("AgglomerativeRounds",),
     "fleetlearn._simulate": ("simulate", "SimConfig", "SimResult"),
     "broker_bridge": (
         "Channel", "MqttTransport", "MemoryBroker", "MemoryTransport",
@@ -73,6 +79,7 @@ __all__ = [
     "AgentError",
     "AgentHooks",
     "AgentSettings",
+    "AgglomerativeRounds",
     "Aggregator",
     "AggregatorConfig",
     "AggregatorError",
@@ -98,6 +105,7 @@ __all__ = [
     "DeviceOnline",
     "DeviceProfile",
     "DiskFull",
+    "DistillSettings",
     "EdgeAggregator",
     "EdgeRounds",
     "Enrolment",
@@ -112,6 +120,8 @@ __all__ = [
     "IllegalTransition",
     "IngestPipeline",
     "IngestStage",
+    "LedgerError",
+    "LedgerMismatch",
     "LocalTraining",
     "MemoryBroker",
     "MemoryTransport",
@@ -122,6 +132,7 @@ __all__ = [
     "MqttTransport",
     "ParentJob",
     "ParentLink",
+    "PrivacyBudgetExhausted",
     "ProfileError",
     "ProtocolError",
     "Rejection",
@@ -140,13 +151,13 @@ __all__ = [
     "StateError",
     "Status",
     "StoreError",
-    "LedgerError",
-    "LedgerMismatch",
-    "verify_ledger",
     "Strategy",
     "StrategyBase",
     "StrategyContext",
     "SyncRounds",
+    "TierLink",
+    "TierModel",
+    "TierModels",
     "TrainResult",
     "Trainer",
     "TrainingBackendMissing",
@@ -155,14 +166,15 @@ __all__ = [
     "UpdateItem",
     "UpdateRefused",
     "UpdateRejected",
-    "PrivacyBudgetExhausted",
     "WireError",
+    "bridge_inputs",
     "build_artifacts",
     "build_reference_model",
     "get_profile",
     "open_trainer",
     "simulate",
     "train_locally",
+    "verify_ledger",
 ]
 """Every name of the API; ``_SOURCES`` says which package defines it (a test checks
 that the two agree and that each name resolves)."""
@@ -282,5 +294,13 @@ if TYPE_CHECKING:  # what a type checker and an IDE see
         open_trainer,
         train_locally,
     )
+    from fleetlearn._agglo import (
+        DistillSettings,
+        TierLink,
+        TierModel,
+        TierModels,
+        bridge_inputs,
+    )
+    from fleetlearn._agglo_cloud import AgglomerativeRounds
     from fleetlearn._edge import EdgeAggregator
     from fleetlearn._simulate import SimConfig, SimResult, simulate
