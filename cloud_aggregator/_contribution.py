@@ -11,7 +11,8 @@ For every sync round and every FedBuff release, each counted update gets a
   and the sum of the *other* updates of the round, each taken at unit length
   (``sum_{j != i} u_j / |u_j|``). Unit length: one long update cannot set the direction
   the others are judged against; leaving itself out: an update does not vote for
-  itself. With fewer than two updates there is no consensus (None).
+  itself. With fewer than ``MIN_CONSENSUS`` (4) updates there is no consensus (None):
+  one or two others are a comparison, not a consensus.
 - ``marginal``: optional (``contribution_marginal``), its leave-one-out contribution
   to the validation accuracy of the server's evaluation set: accuracy of
   ``params + aggregate`` minus that of ``params + aggregate without it`` (a plain
@@ -129,6 +130,13 @@ def _finite(value: Any) -> bool:
 # --------------------------------------------------------------------------- sketches
 
 
+MIN_CONSENSUS = 4
+"""Updates an aggregate needs before any is judged against the others (three others at
+least): in a round of two, honest devices with different data point apart and each
+would be the other's attacker; a consensus needs a few voices (an edge with two or three
+children has none, and its devices' reputation does not move)."""
+
+
 @functools.lru_cache(maxsize=4)
 def _hashes(size: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]] | None:
     """The sketch's bucket and sign of every coordinate (None: exact, size <= dim)."""
@@ -199,7 +207,7 @@ class ContributionLog:
         entries = self._entries
         total = sum(e.weight for e in entries)
         units = [e.unit for e in entries if e.unit is not None]
-        consensus = np.sum(units, axis=0) if len(units) >= 2 else None
+        consensus = np.sum(units, axis=0) if len(units) >= MIN_CONSENSUS else None
         by_device: dict[str, list[tuple[float, float | None, float | None]]] = {}
         for i, e in enumerate(entries):
             cos = None

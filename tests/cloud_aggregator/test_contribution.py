@@ -18,6 +18,7 @@ from broker_bridge import MemoryBroker, MemoryTransport
 from cloud_aggregator._aggregate import Contribution, RoundAggregate
 from cloud_aggregator._config import AggregatorConfig
 from cloud_aggregator._contribution import (
+    MIN_CONSENSUS,
     SKETCH_DIM,
     ContributionLog,
     ContributionRecord,
@@ -322,10 +323,10 @@ def test_a_version_2_store_gains_the_contribution_columns(tmp_path: Path) -> Non
 def test_a_fedbuff_release_records_its_buffer(tmp_path: Path, artifacts: Path) -> None:
     broker = MemoryBroker()
     fleet = devices(broker, 4)
-    agg = make(tmp_path, artifacts, broker, mode="async", concurrency=4, buffer_size=3,
+    agg = make(tmp_path, artifacts, broker, mode="async", concurrency=4, buffer_size=4,
                rounds=1, staleness="constant", norm_median_multiple=None,
                checkpoint_every_s=0.0)
-    answered = feed_async(agg, fleet, 3)
+    answered = feed_async(agg, fleet, 4)  # MIN_CONSENSUS updates: each one is judged
     (m,) = agg.history
     assert m.outcome == "aggregated"
     assert {r.device for r in m.contributions} == {d for d, _ in answered}
@@ -403,3 +404,43 @@ def test_a_reputation_floor_outside_0_1_is_refused(floor: float) -> None:
     with pytest.raises(ConfigError, match="reputation_floor must be within"):
         AggregatorConfig(reputation_floor=floor)
     assert AggregatorConfig(reputation_floor=None).reputation_floor is None
+
+
+def test_a_round_of_fewer_than_four_updates_judges_no_alignment() -> None:
+    """Two honest devices with different data can point apart: with one or two others to
+    compare with there is no consensus, so no cosine (and no reputation change)."""
+    rng = np.random.default_rng(3)
+    shared = rng.standard_normal(64)
+    for n, judged in ((2, False), (3, False), (MIN_CONSENSUS, True)):
+        log = ContributionLog(size=64)
+        for i in range(n):
+            v = (shared * (-1.0 if i == 0 else 1.0) + 0.3 * rng.standard_normal(64)
+                 ).astype(np.float32)
+            log.note(device=f"d{i}", indices=None, values=v, norm=float(np.linalg.norm(v)),
+                     weight=1.0, scale=1.0)
+        records = log.records(1)
+        assert all((r.cosine is not None) == judged for r in records), (n, records)
+        if judged:
+            assert records[0].cosine is not None and records[0].cosine < -0.5
+
+
+def test_two_device_rounds_of_opposed_honest_updates_keep_their_reputation(
+        tmp_path: Path, artifacts: Path) -> None:
+    """An edge with two children whose data differ: their updates point apart every round.
+    Neither may be taken for an attacker on a comparison with the other alone."""
+    broker = MemoryBroker()
+    fleet = devices(broker, 2)
+    agg = make(tmp_path, artifacts, broker, rounds=3, devices_per_round=2, min_devices=2,
+               quorum=2, norm_median_multiple=None, reputation_floor=0.3)
+    for _ in range(3):
+        assert agg.tick()
+        index = agg.round_index
+        assert index is not None
+        for d in fleet.values():
+            sign = -1.0 if d.id == "d0" else 1.0
+            d.send_update(layout=agg.layout,
+                          values=_aligned(d.id, index, agg.layout.size, sign))
+        assert agg.tick()
+    assert all(agg.registry.history.get(d).reputation == 1.0 for d in fleet)
+    assert agg.history[-1].devices_distrusted == 0
+    assert all(r.cosine is None for r in agg.history[-1].contributions)
