@@ -72,8 +72,12 @@ def _pattern(text: str) -> re.Pattern[str]:
 
 
 def _checked(keywords: dict[str, Any]) -> dict[str, Any]:
-    """The keywords a value is checked against (a ``description`` checks nothing)."""
-    return {k: v for k, v in keywords.items() if k != "description"}
+    """The keywords a value is checked against, a list's ``items`` too (a
+    ``description`` checks nothing); resolved once per field by ``_schema``."""
+    out = {k: v for k, v in keywords.items() if k != "description"}
+    if "items" in out:
+        out["items"] = _checked(out["items"])
+    return out
 
 
 def check_rules(name: str, value: Any, keywords: dict[str, Any]) -> None:
@@ -100,7 +104,7 @@ def check_rules(name: str, value: Any, keywords: dict[str, Any]) -> None:
         if "pattern" in keywords and not _pattern(keywords["pattern"]).search(value):
             raise ProtocolError(f"field {name!r} does not match {keywords['pattern']}")
     if isinstance(value, list) and "items" in keywords:
-        items, item_name = _checked(keywords["items"]), f"{name}[]"
+        items, item_name = keywords["items"], f"{name}[]"
         if items:
             for item in value:
                 check_rules(item_name, item, items)

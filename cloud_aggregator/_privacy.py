@@ -35,7 +35,7 @@ approximation of fixed-size uniform sampling, as in DP-FedAvg); any other policy
 charged with ``q = 1`` (no amplification). A round that would take the spent epsilon
 past the target is not opened: training stops and says so.
 
-The noise comes from numpy's PCG64 seeded with 128 bits of ``secrets`` (the OS CSPRNG)
+The noise comes from numpy's PCG64 seeded with 128 bits of ``os.urandom`` (the OS CSPRNG)
 for every round; the selection of a private run draws from the same source, so the
 sample stays secret even from whoever knows the configured seed.
 """
@@ -45,7 +45,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -53,6 +52,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from broker_bridge._skellam import noise_rng
 from cloud_aggregator._aggregate import Contribution, RoundAggregate
 from cloud_aggregator._aggregation import StreamingAccumulator
 from cloud_aggregator._contribution import ContributionRecord
@@ -249,11 +249,6 @@ def _distributed_plan(*, epsilon: float | None, delta: float, noise_multiplier: 
                        planned_epsilon=planned, skellam=sk)
 
 
-def secure_rng() -> np.random.Generator:
-    """A generator seeded with 128 bits from the OS CSPRNG (``secrets``)."""
-    return np.random.Generator(np.random.PCG64(secrets.randbits(128)))
-
-
 @dataclass(frozen=True, kw_only=True)
 class RoundRelease:
     """What a private round released, before it is charged (``CentralDP.charge``)."""
@@ -418,7 +413,7 @@ class CentralDP:
                clip_norm: float) -> RoundRelease:
         """The Gaussian mechanism on the clipped sum (and, adaptive, on the count)."""
         plan = self.plan
-        rng = self._rng if self._rng is not None else secure_rng()
+        rng = self._rng if self._rng is not None else noise_rng()
         std = plan.update_noise_multiplier * clip_norm
         noisy = clipped_sum + rng.normal(0.0, 1.0, clipped_sum.shape) * std
         delta = (noisy / plan.denominator).astype(np.float32)
@@ -474,7 +469,7 @@ class CentralDP:
             "planned_sampling_rate": plan.sampling_rate, "amplified": plan.amplified,
             "charged": [[q, n] for q, n in sorted(self._spent.items())],
             "accountant": "dp_accounting RDP, add-or-remove-one device",
-            "noise_source": "numpy PCG64 seeded per round with 128 bits from secrets",
+            "noise_source": "numpy PCG64 seeded per round with 128 bits from os.urandom",
             "mechanism": plan.mechanism,
             **({} if plan.skellam is None else self._skellam_report(plan.skellam)),
         }

@@ -202,9 +202,9 @@ class StrategyContext:
         """The selection's generator: from the seed, or from the OS CSPRNG under DP (a
         sample anyone could recompute from the seed would amplify nothing)."""
         if self.privacy is not None:
-            from cloud_aggregator._privacy import secure_rng
+            from broker_bridge._skellam import noise_rng
 
-            return secure_rng()
+            return noise_rng()
         return np.random.default_rng([self.config.seed, index])
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from cloud_aggregator import REFERENCE_MODELS, build_artifacts, build_reference_model
 from device_profiles import ConfigError
 from edge_runtime import PortableTrainer, load_mnist1d
+from fleetlearn._pairs import named_pairs
 
 TIERS: tuple[str, ...] = ("device", "edge", "cloud")
 BRIDGE_SEED = 16_001
@@ -72,21 +73,8 @@ class TierModels:
     def parse(cls, text: str, *, default: str = "mlp") -> TierModels:
         """``device:mlp,edge:cnn,cloud:cnn-wide``; a tier left out trains the tier below's
         model (the device tier: ``default``)."""
-        given: dict[str, str] = {}
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            tier, sep, model = part.partition(":")
-            tier, model = tier.strip(), model.strip()
-            if not sep or not model:
-                raise ConfigError(f"tier models: {part!r} is not TIER:MODEL "
-                                  f"(e.g. device:mlp,edge:cnn,cloud:cnn-wide)")
-            if tier not in TIERS:
-                raise ConfigError(f"tier models: unknown tier {tier!r}; tiers: "
-                                  f"{', '.join(TIERS)}")
-            if tier in given:
-                raise ConfigError(f"tier models: tier {tier!r} given twice")
-            given[tier] = model
-        if not given:
-            raise ConfigError("tier models: empty (e.g. device:mlp,edge:cnn,cloud:cnn-wide)")
+        given = named_pairs(text, what="tier models", names=TIERS, form="TIER:MODEL",
+                            example="device:mlp,edge:cnn,cloud:cnn-wide")
         device = given.get("device", default)
         edge = given.get("edge", device)
         return cls(device=device, edge=edge, cloud=given.get("cloud", edge))

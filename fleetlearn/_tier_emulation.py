@@ -40,6 +40,7 @@ from device_profiles import (
 )
 from device_profiles import Task as CostTask
 from edge_runtime import Emulation
+from fleetlearn._pairs import named_pairs
 
 DEFAULT_EDGE_PROFILE = "x86-gateway"
 """The catalogue class edges run on unless told (``--edge-profile``)."""
@@ -65,19 +66,11 @@ def parse_bandwidth(text: str) -> float:
 def parse_links(spec: str | None) -> dict[str, float]:
     """``device-edge:1mbit,edge-cloud:100mbit`` as {link: Mbit/s}; a link left out
     keeps its profiles' bandwidths."""
-    out: dict[str, float] = {}
     if spec is None:
-        return out
-    for part in spec.split(","):
-        link, sep, value = part.strip().partition(":")
-        if not sep or link not in LINKS:
-            raise ConfigError(f"link_bandwidth {spec!r}: write LINK:BANDWIDTH pairs, LINK one "
-                              f"of {', '.join(LINKS)} (e.g. device-edge:1mbit,"
-                              "edge-cloud:100mbit)")
-        if link in out:
-            raise ConfigError(f"link_bandwidth {spec!r}: {link} given twice")
-        out[link] = parse_bandwidth(value)
-    return out
+        return {}
+    return {link: parse_bandwidth(value) for link, value in named_pairs(
+        spec, what="link_bandwidth", names=LINKS, form="LINK:BANDWIDTH",
+        example="device-edge:1mbit,edge-cloud:100mbit").items()}
 
 
 def edge_profile(name: str) -> DeviceProfile:
