@@ -81,7 +81,8 @@ class DeviceDesk:
                  uplink: CodecSpec | str, planner: Callable[[], WorkPlanner],
                  server: Callable[[], ModelServer], running: Callable[[], bool],
                  commit: Callable[[], None], commit_full: Callable[[], None],
-                 max_children: int | None = None) -> None:
+                 max_children: int | None = None,
+                 verifiable: Callable[[str], bool] = lambda device: True) -> None:
         self.fleet = fleet
         self.channel = channel
         self.clock = clock
@@ -102,6 +103,8 @@ class DeviceDesk:
         self._commit = commit
         self._commit_full = commit_full
         self.max_children = max_children
+        self._verifiable = verifiable
+        """Could an update of this device be verified (its key enrolled, or first use)?"""
         self._kept: set[str] = set()
         """With ``max_children``: the online devices this parent serves (first come)."""
         self._log = LogLimiter()
@@ -266,8 +269,10 @@ class DeviceDesk:
     def _over_capacity(self, device: str) -> bool:
         """With ``max_children``, the first devices to greet are served; one beyond is told
         to move (``Request(want="move")`` on its ``down/control``) and not selected here
-        until a place frees (a served device goes offline) and it greets again."""
-        if self.max_children is None or device in self._kept:
+        until a place frees (a served device goes offline) and it greets again. A device
+        whose updates could not be verified (no enrolled key) takes no place: a hello is
+        not signed, and holding places must not let it push enrolled devices away."""
+        if self.max_children is None or device in self._kept or not self._verifiable(device):
             return False
         if len(self._kept) < self.max_children:
             self._kept.add(device)

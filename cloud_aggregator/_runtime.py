@@ -289,7 +289,8 @@ class Aggregator:
             uplink=SECURE_CODEC if config.secure_aggregation else self._uplink,
             planner=self._planner, server=self._model_server,
             running=lambda: self._running, commit=self._commit,
-            commit_full=self._commit_full, max_children=config.max_children)
+            commit_full=self._commit_full, max_children=config.max_children,
+            verifiable=lambda d: self.keys.trust_on_first_use or self.keys.key_of(d) is not None)
         self.learned = LearnedState(
             config=config, store=self.store, state_dir=self.state_dir,
             content_hash=self.model.info.content_hash, model=self.state, strategy=self.strategy,

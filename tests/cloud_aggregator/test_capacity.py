@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from aggregator_rig import FakeDevice, devices, make
+from aggregator_rig import FLEET, FakeDevice, devices, make
+from keys import device_key
 
-from broker_bridge import MemoryBroker, presence_message
+from broker_bridge import Enrolment, MemoryBroker, presence_message
 from cloud_aggregator import AggregatorConfig
 from device_profiles import ConfigError
 
@@ -39,3 +40,16 @@ def test_devices_beyond_capacity_are_asked_to_move_and_not_selected(
     assert fleet["d2"].controls == ["move"]  # served now: not asked again
     late = FakeDevice(broker, "d3")  # and a newcomer is now one too many again
     assert late.controls == ["move"]
+
+
+def test_a_device_without_an_enrolled_key_takes_no_place(tmp_path: Path,
+                                                          artifacts: Path) -> None:
+    """Hellos are not signed: a device the aggregator could never verify must not fill
+    the places and push enrolled devices away."""
+    enrolment = Enrolment(fleet=FLEET)
+    for dev in ("d1", "d2"):
+        enrolment.enrol(dev, device_key(dev).public_key)
+    broker = MemoryBroker()
+    make(tmp_path, artifacts, broker, max_children=2, enrolment=enrolment)
+    fleet = devices(broker, 3)  # d0 greets first, unenrolled
+    assert [d.controls for d in fleet.values()] == [[], [], []]
