@@ -25,6 +25,7 @@ thread; a batch being written still counts for ``queued_attempt``, ``holds`` and
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -200,7 +201,7 @@ class Journal:
             return 0
         if not wait and not batch.written.done():
             return 0
-        outcomes = batch.written.result()
+        outcomes = _waited(batch)
         self._writing = None
         self._settle(batch, outcomes)
         return len(batch.entries)
@@ -211,7 +212,7 @@ class Journal:
         self._closed = True
         batch = self._writing
         if batch is not None and batch.written is not None:
-            batch.written.result()
+            _waited(batch)
         if self._writer is not None:
             self._jobs.put(None)
             self._writer = None
@@ -238,3 +239,18 @@ class Journal:
     def _settle(batch: _Batch, outcomes: list[Outcome]) -> None:
         for pending, outcome in zip(batch.entries, outcomes, strict=True):
             pending.then(outcome)
+
+
+SLOW_WRITE_S = 5.0
+"""A wait for the writer longer than this says what it waits for."""
+
+
+def _waited(batch: _Batch) -> list[Outcome]:
+    """The outcomes of ``batch``'s write, waiting for it; a slow disk is named."""
+    assert batch.written is not None
+    try:
+        return batch.written.result(timeout=SLOW_WRITE_S)
+    except concurrent.futures.TimeoutError:
+        log.warning("waiting for the journal's write of %d updates (over %.0f s: the "
+                    "store's disk is slow or busy)", len(batch.entries), SLOW_WRITE_S)
+        return batch.written.result()

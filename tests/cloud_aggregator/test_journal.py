@@ -114,3 +114,20 @@ def test_the_stream_is_named_when_the_batch_is_taken(store: GatedStore) -> None:
     assert [u.key.device_id for u in store.round_updates(FLEET, 5)] == ["a"]
     assert list(store.round_updates(FLEET, 4)) == []
     journal.close()
+
+
+def test_a_slow_write_says_what_it_waits_for(store: GatedStore,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("cloud_aggregator._journal.SLOW_WRITE_S", 0.05)
+    journal = Journal(store)
+    seen: list[Outcome] = []
+    journal.submit(entry("a"), seen.append)
+    store.gate.clear()
+    journal.begin(lambda: None)
+    threading.Timer(0.3, store.gate.set).start()
+    with caplog.at_level("WARNING", logger="cloud_aggregator._journal"):
+        assert journal.finish(wait=True) == 1
+    assert seen == ["fresh"]
+    assert "waiting for the journal's write of 1 updates" in caplog.text
+    journal.close()
