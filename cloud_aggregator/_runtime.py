@@ -385,8 +385,12 @@ class Aggregator:
 
     @property
     def done(self) -> bool:
-        return (self.state.version >= self.config.rounds or self._failed is not None
-                or self._finished is not None)
+        """The run has ended. Read under the lock: a release in progress on a handler
+        thread (the version already moved) is finished, round recorded in ``history``,
+        before another thread sees it."""
+        with self._lock:
+            return (self.state.version >= self.config.rounds or self._failed is not None
+                    or self._finished is not None)
 
     @property
     def finished(self) -> str | None:

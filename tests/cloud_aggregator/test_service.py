@@ -7,11 +7,13 @@ Fake devices send real encoded updates (``encode_update``) whose values depend o
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from aggregator_rig import FLEET, FakeDevice, devices, fake_update, make
+from waiting import wait_for
 
 from broker_bridge import (
     CodecSpec,
@@ -357,3 +359,32 @@ def test_a_policy_choosing_too_few_devices_is_topped_up(
     assert agg.tick()  # opens instead of waiting forever
     rnd = agg.current_round
     assert rnd is not None and len(rnd.selected) >= agg.config.effective_quorum
+
+
+def test_done_waits_for_the_release_in_progress(tmp_path: Path, artifacts: Path) -> None:
+    """A reader on another thread never sees ``done`` before the round that made it so
+    is in ``history``: a simulation that stops on ``done`` reports every round it ran
+    (a secure round closes on the handler thread while the driver polls)."""
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=1)
+    agg.tick()
+    seen: dict[str, object] = {}
+    record = agg.recorder.record
+
+    def slow_record(metrics: object, **kw: object) -> object:
+        def look() -> None:
+            done = agg.done
+            seen["done"], seen["rounds"] = done, len(agg.history)
+
+        reader = threading.Thread(target=look)
+        reader.start()
+        reader.join(0.5)  # the release is under way: the version has already moved
+        return record(metrics, **kw)  # type: ignore[arg-type]
+
+    agg.recorder.record = slow_record  # type: ignore[method-assign]
+    for dev in fleet.values():
+        dev.send_update(layout=agg.layout)
+    assert agg.tick()
+    assert wait_for(lambda: "done" in seen, 10)
+    assert seen == {"done": True, "rounds": 1}
