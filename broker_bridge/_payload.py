@@ -21,6 +21,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import field
 from functools import cache
 from typing import Any, TypeVar
@@ -80,34 +81,52 @@ def _checked(keywords: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def check_rules(name: str, value: Any, keywords: dict[str, Any]) -> None:
-    """Enforce ``rule`` keywords on a value already of the right JSON type."""
-    if value is None:
-        return
-    if "enum" in keywords and value not in keywords["enum"]:
-        raise ProtocolError(f"field {name!r} must be one of {list(keywords['enum'])}")
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if "minimum" in keywords and value < keywords["minimum"]:
-            raise ProtocolError(f"field {name!r} must be >= {keywords['minimum']}")
-        if "maximum" in keywords and value > keywords["maximum"]:
-            raise ProtocolError(f"field {name!r} must be <= {keywords['maximum']}")
-        if "exclusiveMinimum" in keywords and not value > keywords["exclusiveMinimum"]:
-            raise ProtocolError(f"field {name!r} must be > {keywords['exclusiveMinimum']}")
-    if isinstance(value, str):
-        # JSON Schema counts code points, as len() does.
-        if "minLength" in keywords and len(value) < keywords["minLength"]:
-            raise ProtocolError(f"field {name!r} must have at least "
-                                f"{keywords['minLength']} characters")
-        if "maxLength" in keywords and len(value) > keywords["maxLength"]:
-            raise ProtocolError(f"field {name!r} must have at most "
-                                f"{keywords['maxLength']} characters")
-        if "pattern" in keywords and not _pattern(keywords["pattern"]).search(value):
-            raise ProtocolError(f"field {name!r} does not match {keywords['pattern']}")
-    if isinstance(value, list) and "items" in keywords:
-        items, item_name = keywords["items"], f"{name}[]"
-        if items:
+Checker = Callable[[str, Any], None]
+"""``check(field_name, value)``: raises ``ProtocolError`` when a rule does not hold."""
+
+
+def compile_rules(keywords: dict[str, Any]) -> Checker | None:
+    """``keywords`` (``_checked``'s) as one function (None: nothing to check). A payload
+    class's fields are compiled once (``_schema``): every message built or parsed runs
+    them, and a proof carries dozens of hashes, each matched against its pattern."""
+    enum = keywords.get("enum")
+    bounds = [(k, keywords[k]) for k in ("minimum", "maximum", "exclusiveMinimum")
+              if k in keywords]
+    min_len, max_len = keywords.get("minLength"), keywords.get("maxLength")
+    pattern = keywords.get("pattern")
+    search = None if pattern is None else _pattern(pattern).search
+    items = compile_rules(keywords["items"]) if keywords.get("items") else None
+    if enum is None and not bounds and min_len is None and max_len is None and (
+            search is None and items is None):
+        return None
+
+    def check(name: str, value: Any) -> None:
+        if value is None:
+            return
+        if enum is not None and value not in enum:
+            raise ProtocolError(f"field {name!r} must be one of {list(enum)}")
+        if bounds and isinstance(value, int | float) and not isinstance(value, bool):
+            for key, bound in bounds:
+                if key == "minimum" and value < bound:
+                    raise ProtocolError(f"field {name!r} must be >= {bound}")
+                if key == "maximum" and value > bound:
+                    raise ProtocolError(f"field {name!r} must be <= {bound}")
+                if key == "exclusiveMinimum" and not value > bound:
+                    raise ProtocolError(f"field {name!r} must be > {bound}")
+        if isinstance(value, str):
+            # JSON Schema counts code points, as len() does.
+            if min_len is not None and len(value) < min_len:
+                raise ProtocolError(f"field {name!r} must have at least {min_len} characters")
+            if max_len is not None and len(value) > max_len:
+                raise ProtocolError(f"field {name!r} must have at most {max_len} characters")
+            if search is not None and not search(value):
+                raise ProtocolError(f"field {name!r} does not match {pattern}")
+        if items is not None and isinstance(value, list):
+            item_name = f"{name}[]"
             for item in value:
-                check_rules(item_name, item, items)
+                items(item_name, item)
+
+    return check
 
 
 @cache
@@ -172,11 +191,11 @@ def _plain(value: Any) -> Any:
 
 
 @cache
-def _schema(cls: type) -> tuple[tuple[str, Any, dict[str, Any], dataclasses.Field[Any]], ...]:
+def _schema(cls: type) -> tuple[tuple[str, Any, Checker | None, dataclasses.Field[Any]], ...]:
     """A payload class's fields with their resolved types and rules, resolved once
     (``typing.get_type_hints`` is slow, and a task is parsed for every device, every round)."""
     hints = typing.get_type_hints(cls)
-    return tuple((f.name, hints[f.name], _checked(rules_of(f)), f)
+    return tuple((f.name, hints[f.name], compile_rules(_checked(rules_of(f))), f)
                  for f in dataclasses.fields(cls))
 
 
@@ -195,10 +214,10 @@ class _Payload:
         ``from_dict`` checked them already, field by field, with its own errors."""
         if _RULES_CHECKED.get():
             return
-        for name, _, keywords, _ in _schema(type(self)):  # type: ignore[arg-type]
-            if keywords:
+        for name, _, check, _ in _schema(type(self)):  # type: ignore[arg-type]
+            if check is not None:
                 try:
-                    check_rules(name, getattr(self, name), keywords)
+                    check(name, getattr(self, name))
                 except ProtocolError as exc:
                     raise ValueError(str(exc)) from exc
 
@@ -213,11 +232,11 @@ class _Payload:
         if not isinstance(data, dict):
             raise ProtocolError(f"{cls.__name__} body must be a JSON object")
         kwargs: dict[str, Any] = {}
-        for name, hint, keywords, f in _schema(cls):  # type: ignore[arg-type]
+        for name, hint, check, f in _schema(cls):  # type: ignore[arg-type]
             if name in data:
                 value = check_value(name, data[name], hint)
-                if keywords:
-                    check_rules(name, value, keywords)
+                if check is not None:
+                    check(name, value)
                 kwargs[name] = value
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ProtocolError(f"{cls.__name__} lacks required field {name!r}")

@@ -138,33 +138,32 @@ children has none, and its devices' reputation does not move)."""
 
 
 @functools.lru_cache(maxsize=4)
-def _hashes(size: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]] | None:
-    """The sketch's bucket and sign of every coordinate (None: exact, size <= dim)."""
+def _hashes(size: int) -> npt.NDArray[np.int32] | None:
+    """Each coordinate's bucket, plus ``SKETCH_DIM`` where its sign is negative (one
+    int32 table: a single gather per update; None: exact, size <= dim)."""
     if size <= SKETCH_DIM:
         return None
     rng = np.random.default_rng(0x5EED)
-    return (rng.integers(0, SKETCH_DIM, size=size).astype(np.intp),
-            rng.choice(np.array([-1.0, 1.0]), size=size))
+    bucket = rng.integers(0, SKETCH_DIM, size=size)
+    negative = rng.choice(np.array([-1.0, 1.0]), size=size) < 0
+    return (bucket + SKETCH_DIM * negative).astype(np.int32)
 
 
 def sketch(indices: npt.NDArray[np.integer] | None, values: npt.NDArray[np.floating],
            size: int) -> npt.NDArray[np.float64]:
     """A linear sketch of an update whose inner products estimate the update's (exact
     when ``size <= SKETCH_DIM``); ``indices`` None: ``values`` is dense."""
-    hashes = _hashes(size)
-    v = np.asarray(values, dtype=np.float64)
-    if hashes is None:
+    signed_bucket = _hashes(size)
+    if signed_bucket is None:
+        v = np.asarray(values, dtype=np.float64)
         if indices is None:
             return v.copy()
         out = np.zeros(size, dtype=np.float64)
         np.add.at(out, indices, v)
         return out
-    bucket, sign = hashes
-    if indices is None:
-        counts: Any = np.bincount(bucket, weights=v * sign, minlength=SKETCH_DIM)
-    else:
-        counts = np.bincount(bucket[indices], weights=v * sign[indices], minlength=SKETCH_DIM)
-    return np.asarray(counts, dtype=np.float64)
+    where = signed_bucket if indices is None else signed_bucket[indices]
+    counts = np.bincount(where, weights=values, minlength=2 * SKETCH_DIM)
+    return np.asarray(counts[:SKETCH_DIM] - counts[SKETCH_DIM:], dtype=np.float64)
 
 
 @dataclass(kw_only=True, eq=False)

@@ -136,7 +136,8 @@ class DeviceDesk:
         task = self._planner().task(device, task_round=task_round, model_version=model_version,
                                     model_hash=model_hash, codec=self._uplink)
         self.send(self.channel.topics.down(device, "task"),
-                  task.to_message(fleet=self.fleet, round=task_round, model_version=model_version))
+                  task.to_message(fleet=self.fleet, device=device, round=task_round,
+                                  model_version=model_version))
         return True
 
     def send_secagg(self, device: str, body: Any) -> None:
@@ -147,7 +148,7 @@ class DeviceDesk:
     def cancel(self, device: str, round_index: int, reason: str) -> None:
         self.send(self.channel.topics.down(device, "cancel"),
                   Cancel(round=round_index, reason=reason)
-                  .to_message(fleet=self.fleet, round=round_index))
+                  .to_message(fleet=self.fleet, device=device, round=round_index))
 
     def note(self, device: str, level: int, msg: str, *args: object) -> None:
         """Log a line about ``device``: a few a minute per device at most."""
@@ -169,7 +170,7 @@ class DeviceDesk:
         ack = Ack(round=message.round, attempt=message.attempt, what="update",
                   status=answer.status, reason=answer.reason)
         self.send(self.channel.topics.down(device, "ack"),
-                  ack.to_message(fleet=self.fleet, round=message.round,
+                  ack.to_message(fleet=self.fleet, device=device, round=message.round,
                                  model_version=message.model_version, attempt=message.attempt))
 
     def refuse(self, device: str, message: Message, answer: Answer) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from cloud_aggregator._contribution import (
     ContributionRecord,
@@ -27,6 +27,7 @@ from cloud_aggregator._contribution import (
     refusal_rate,
     reputation,
 )
+from cloud_aggregator._evolve import evolve
 
 MAX_DURATIONS = 16
 """Observed task durations kept per device (newest last)."""
@@ -121,7 +122,7 @@ class FleetHistory:
         with self._lock:
             for d in device_ids:
                 h = self._records.get(d, EMPTY)
-                self._records[d] = replace(h, selections=h.selections + 1, last_round=round_index)
+                self._records[d] = evolve(h, selections=h.selections + 1, last_round=round_index)
                 self._changed.add(d)
 
     def finished(self, device_id: str, *, completed: bool, duration_s: float | None = None,
@@ -131,7 +132,7 @@ class FleetHistory:
         with self._lock:
             h = self._records.get(device_id, EMPTY)
             duration, loss = finite_or_none(duration_s), finite_or_none(loss)
-            h = replace(
+            h = evolve(
                 h,
                 completions=h.completions + int(completed),
                 misses=h.misses + int(not completed),
@@ -157,13 +158,13 @@ class FleetHistory:
                 marginal = h.marginal_total
                 if r.marginal is not None:
                     marginal = (marginal or 0.0) + r.marginal
-                out[r.device] = replace(
+                out[r.device] = evolve(
                     h, contributions=h.contributions + 1, weight_total=h.weight_total + r.weight,
                     marginal_total=marginal,
                     standing=h.standing.observed(cosine=r.cosine, refused=False))
             for device in screened:
                 h = out.get(device) or self._records.get(device, EMPTY)
-                out[device] = replace(h, standing=h.standing.observed(refused=True))
+                out[device] = evolve(h, standing=h.standing.observed(refused=True))
             return out
 
     def apply(self, records: Mapping[str, DeviceHistory]) -> None:
@@ -172,7 +173,7 @@ class FleetHistory:
         with self._lock:
             for device, new in records.items():
                 h = self._records.get(device, EMPTY)
-                self._records[device] = replace(
+                self._records[device] = evolve(
                     h, contributions=new.contributions, weight_total=new.weight_total,
                     marginal_total=new.marginal_total, standing=new.standing)
                 self._changed.add(device)

@@ -32,10 +32,11 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 from cloud_aggregator._errors import AggregatorError
+from cloud_aggregator._evolve import evolve
 from cloud_aggregator._store import JournalEntry, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,7 @@ class Journal:
         batch, self._open = self._open, _Batch()
         for pending in batch.entries:
             if pending.stream is not None:
-                pending.entry = replace(pending.entry, stream=pending.stream())
+                pending.entry = evolve(pending.entry, stream=pending.stream())
         return batch
 
     def _write(self, batch: _Batch) -> list[Outcome]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import struct
 
@@ -25,6 +26,7 @@ from broker_bridge import (
     ReassemblyLimits,
     Topics,
     json_message,
+    new_transfer_id,
     split_message,
     topic_matches,
 )
@@ -327,3 +329,22 @@ def test_a_full_buffer_evicts_from_the_heaviest_sender_not_a_light_newcomer() ->
     assert r.sender_usage("f1", survivor) == (0, 0)
     assert r.sender_usage("f1", "dev-d")[0] == 1  # the lighter sender keeps its set
     assert r.stats.evicted == 1 and r.pending_bytes <= lim.max_pending_bytes
+
+
+def test_transfer_ids_are_distinct_and_a_forked_child_draws_its_own() -> None:
+    """Ids come from the OS's CSPRNG in draws of many: never repeated within a process,
+    and a forked child (the simulator's workers) never sends its parent's next ids."""
+    ids = [new_transfer_id() for _ in range(3000)]  # several draws
+    assert len(set(ids)) == len(ids)
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        os.close(reader)
+        os.write(writer, struct.pack("<8Q", *(new_transfer_id() for _ in range(8))))
+        os._exit(0)
+    os.close(writer)
+    child = struct.unpack("<8Q", os.read(reader, 64))
+    os.close(reader)
+    os.waitpid(pid, 0)
+    mine = [new_transfer_id() for _ in range(8)]
+    assert not set(child) & set(mine)
