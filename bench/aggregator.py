@@ -284,7 +284,7 @@ def run_service(mode: str, codec: str, bodies: list[bytes], samples: list[int], 
     agg.close()
     if run_prof is not None:
         say("run loop thread (warm-up and timed phases):")
-        pstats.Stats(run_prof, stream=sys.stderr).sort_stats(os.environ.get("PSORT", "cumulative")).print_stats(int(os.environ.get("PN", "45")))
+        pstats.Stats(run_prof, stream=sys.stderr).sort_stats("cumulative").print_stats(45)
     return {"mode": mode, "codec": codec, "updates": n, "acked": swarm.acks - acked0,
             "rejected": len(swarm.rejected), "seconds": round(seconds, 3),
             "updates_per_s": round(n / seconds, 1), "cpu_ms_per_update": round(1000 * cpu / n, 3),

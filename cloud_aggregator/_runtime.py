@@ -495,6 +495,8 @@ class Aggregator:
                         self.counters.update("dropped:starting")
                     return
                 handler(topic, message)
+                if self._running:
+                    self._commit_due()
                 self._wake.notify_all()
 
         return gate
