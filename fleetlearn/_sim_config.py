@@ -10,7 +10,7 @@ sets itself (``SIM_OWNED``: its fleet, model, rounds, clock...).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +169,7 @@ class SimConfig:
         self.aggregator_config()  # the aggregator's own checks, now rather than at start
         if self.topology is not None:
             self.tiers()
+            self._tree_takes_it_all()
         if self.tier_models is not None:
             from fleetlearn._agglo import TierModels
 
@@ -186,6 +187,23 @@ class SimConfig:
         if self.edge_rounds_per_task < 1 or not 0 <= self.edge_crash_fraction < 1:
             raise ConfigError("edge_rounds_per_task must be >= 1 and edge_crash_fraction "
                               "within [0, 1)")
+
+    def _tree_takes_it_all(self) -> None:
+        """A tree simulation honours fewer settings than a flat one: refuse one it would
+        ignore rather than run something else than what was asked."""
+        ignored = [name for name in TREE_IGNORES
+                   if getattr(self, name) != _DEFAULTS[name]]
+        if ignored:
+            raise ConfigError(
+                f"{ignored[0]}: a tree simulation (topology) does not take it; it takes "
+                "the model, codec, rounds, seed, Dirichlet split, samples, clock, deadline, "
+                "profile mix, the tier settings and the aggregator's " +
+                ", ".join(TREE_AGGREGATOR))
+        extra = sorted(set(self.aggregator) - set(TREE_AGGREGATOR))
+        if extra:
+            raise ConfigError(f"aggregator.{extra[0]}: a tree simulation's aggregators take "
+                              f"only {', '.join(TREE_AGGREGATOR)} from --aggregator (the "
+                              "edges aggregate with FedAvg, the cloud with server_opt)")
 
     def tiers(self) -> tuple[int, int]:
         """``topology`` as (edges, devices), checked."""
@@ -231,6 +249,15 @@ class SimConfig:
         except TypeError as exc:
             raise ConfigError(f"bad aggregator setting: {exc}") from exc
 
+
+TREE_IGNORES = ("per_round", "selection", "mode", "secure_aggregation", "faults", "broker",
+                "broker_kind", "credentials", "workers", "network_loops", "time_scale")
+"""Settings of a flat simulation a tree does not take (``_tree_takes_it_all``)."""
+TREE_AGGREGATOR = ("local_epochs", "batch_size", "lr", "server_opt")
+"""The aggregator settings a tree simulation takes from ``--aggregator``."""
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[operator]
+    for f in fields(SimConfig) if f.name in TREE_IGNORES}
 
 SIMULATE = Section("simulate", SimConfig, title="fleetlearn simulate")
 """The ``[simulate]`` section (every field of ``SimConfig``, its faults and overrides)."""

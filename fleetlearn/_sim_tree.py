@@ -92,6 +92,9 @@ def run_tree_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False)
         f"{spec.edges * spec.devices_per_edge} devices ({spec.devices_per_edge} per edge), "
         f"model {spec.model}, codec {spec.codec}, {spec.rounds_per_task} edge round(s) per "
         f"cloud task, seed {cfg.seed}")
+    if cfg.availability:
+        say("availability: every device stays online (a tree does not follow the "
+            "profiles' availability patterns yet)")
     if doomed:
         say(f"faults: edge site(s) {', '.join(f'edge-{i}' for i in doomed)} fail when cloud "
             f"round {crash_round} opens")

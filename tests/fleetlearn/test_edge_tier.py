@@ -388,3 +388,27 @@ def test_a_tree_three_tiers_deep_trains(tmp_path: Path, artifacts: Path,
         cloud.stop()
         cloud.close()
         cloud.channel.transport.close()
+
+
+def test_a_tree_refuses_the_flat_settings_it_would_ignore() -> None:
+    """Selection, async rounds, secure aggregation, device faults, broker and thread
+    settings and most aggregator overrides shape a flat fleet only: with a topology they
+    are refused by name, not silently dropped; the four a tree takes still work."""
+    from device_profiles import ConfigError
+    from edge_runtime._fleet import FaultSpec
+    from fleetlearn import SimConfig
+
+    tree = "cloud:1,edge:2,device:8"
+    for given, named in (({"selection": "oort"}, "selection"), ({"mode": "async"}, "mode"),
+                         ({"secure_aggregation": True}, "secure_aggregation"),
+                         ({"per_round": 4}, "per_round"),
+                         ({"faults": FaultSpec(crash_fraction=0.2)}, "faults"),
+                         ({"broker": "mqtt://127.0.0.1:1883"}, "broker"),
+                         ({"aggregator": {"robust": "multi_krum"}}, "aggregator.robust"),
+                         ({"aggregator": {"dp_epsilon": 8.0}}, "aggregator.dp_epsilon")):
+        with pytest.raises(ConfigError, match=f"^{named}: a tree simulation"):
+            SimConfig(topology=tree, **given)  # type: ignore[arg-type]
+        SimConfig(**given)  # type: ignore[arg-type]  # a flat fleet takes it
+    cfg = SimConfig(topology=tree, aggregator={"lr": 0.1, "local_epochs": 2,
+                                               "batch_size": 16, "server_opt": "fedavg"})
+    assert cfg.aggregator_config().lr == 0.1
