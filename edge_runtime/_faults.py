@@ -16,7 +16,7 @@ import numpy as np
 from broker_bridge import Hello, TaskSpec
 from device_profiles import ConfigError
 from edge_runtime._emulation import Emulation
-from edge_runtime._hooks import UpdateDraft
+from edge_runtime._hooks import AgentHooks, UpdateDraft
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +49,14 @@ class FaultSpec:
                 raise ConfigError(f"{name} must be within [0, 1], got {v}")
         if self.restart_after_rounds < 1 or not self.slow_factor >= 1.0:
             raise ConfigError("restart_after_rounds must be >= 1 and slow_factor >= 1")
+
+    def is_byzantine(self, seed: int, device_id: str) -> bool:
+        """Is ``device_id`` one of the ``byzantine_fraction`` that attack (drawn from the
+        seed: a flat fleet and a tree of the same seed pick the same devices)?"""
+        return draw(seed, "byzantine", device_id) < self.byzantine_fraction
+
+    def is_slow(self, seed: int, device_id: str) -> bool:
+        return draw(seed, "slow", device_id) < self.slow_fraction
 
 
 def draw(seed: int, *parts: object) -> float:
@@ -93,6 +101,11 @@ class Byzantine:
         if self.faults.byzantine_kind != "samples":
             return hello
         return replace(hello, num_samples=self.faults.byzantine_samples)
+
+    def hooks(self, crash: Callable[[UpdateDraft], UpdateDraft] | None = None) -> AgentHooks:
+        """The agent hooks that make a device this attacker (after ``crash``, if any)."""
+        return AgentHooks(transform_update=chain(crash, self.attack),
+                          transform_hello=self.announce)
 
 
 def chain(*steps: Callable[[UpdateDraft], UpdateDraft] | None

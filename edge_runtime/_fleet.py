@@ -58,7 +58,7 @@ from edge_runtime._artifact_cache import ArtifactCache, ModelCache
 from edge_runtime._data import LocalData
 from edge_runtime._datasets import partition_dirichlet, partition_iid, partition_shards
 from edge_runtime._eligibility import DeviceStatus
-from edge_runtime._faults import Byzantine, FaultSpec, SlowEmulation, chain, draw
+from edge_runtime._faults import Byzantine, FaultSpec, SlowEmulation, draw
 from edge_runtime._hooks import AgentHooks, UpdateDraft
 from edge_runtime._identity import DeviceKey
 from edge_runtime._settings import AgentSettings
@@ -184,9 +184,8 @@ class Fleet:
             self.devices.append(DeviceRecord(
                 device_id=device_id, profile=profile, data=data,
                 state_dir=self.state_root / "devices" / device_id,
-                slow=draw(config.seed, "slow", device_id) < config.faults.slow_fraction,
-                byzantine=(draw(config.seed, "byzantine", device_id)
-                           < config.faults.byzantine_fraction),
+                slow=config.faults.is_slow(config.seed, device_id),
+                byzantine=config.faults.is_byzantine(config.seed, device_id),
             ))
         self._keys = {d.device_id: DeviceKey.generate() for d in self.devices}
         self.enrolment = Enrolment(fleet=config.fleet)
@@ -296,12 +295,9 @@ class Fleet:
             profile=d.profile, model=self.config.model, time_scale=self.config.time_scale,
             slow_factor=faults.slow_factor if d.slow else 1.0,
         )
-        byzantine = Byzantine(faults) if d.byzantine else None
-        hooks = AgentHooks(
-            transform_update=chain(self._crash_hook(d) if faults.crash_fraction > 0 else None,
-                                   byzantine.attack if byzantine is not None else None),
-            transform_hello=byzantine.announce if byzantine is not None else None,
-        )
+        crash = self._crash_hook(d) if faults.crash_fraction > 0 else None
+        hooks = (Byzantine(faults).hooks(crash) if d.byzantine
+                 else AgentHooks(transform_update=crash))
         agent = Agent(
             device_id=d.device_id, channel=Channel(transport=transport, fleet=self.config.fleet),
             data=d.data, state_dir=d.state_dir, profile=d.profile,

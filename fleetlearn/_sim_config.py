@@ -144,6 +144,9 @@ class SimConfig:
                                 group=_INFRA)
 
     def __post_init__(self) -> None:
+        for name in ("out_dir", "credentials"):  # simulate(out_dir="runs/x") from Python
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, Path(getattr(self, name)))
         if self.per_round < 1 or self.per_round > self.devices:
             raise ConfigError(f"per_round must be within 1..{self.devices} (the fleet size, "
                               "devices)")
@@ -199,6 +202,11 @@ class SimConfig:
                 "the model, codec, rounds, seed, Dirichlet split, samples, clock, deadline, "
                 "profile mix, the tier settings and the aggregator's " +
                 ", ".join(TREE_AGGREGATOR))
+        f = self.faults
+        if f.crash_fraction > 0 or f.slow_fraction > 0:
+            raise ConfigError("faults: a tree simulation injects Byzantine devices "
+                              "(byzantine_*), not crashing or slow ones (edge sites fail "
+                              "with edge_crash_fraction)")
         extra = sorted(set(self.aggregator) - set(TREE_AGGREGATOR))
         if extra:
             raise ConfigError(f"aggregator.{extra[0]}: a tree simulation's aggregators take "
@@ -250,7 +258,7 @@ class SimConfig:
             raise ConfigError(f"bad aggregator setting: {exc}") from exc
 
 
-TREE_IGNORES = ("per_round", "selection", "mode", "secure_aggregation", "faults", "broker",
+TREE_IGNORES = ("per_round", "selection", "mode", "secure_aggregation", "broker",
                 "broker_kind", "credentials", "workers", "network_loops", "time_scale")
 """Settings of a flat simulation a tree does not take (``_tree_takes_it_all``)."""
 TREE_AGGREGATOR = ("local_epochs", "batch_size", "lr", "server_opt")

@@ -49,7 +49,7 @@ def tree_spec(cfg: SimConfig) -> TreeSpec:
         edge_deadline_s=cfg.deadline_s / (cfg.edge_rounds_per_task + 1),
         codec=cfg.codec, server_opt=agg.server_opt, seed=cfg.seed, partition_seed=cfg.seed,
         alpha=float(cfg.partition.split(":", 1)[1]), num_samples=cfg.num_samples,
-        failover_after_s=1.0, tier_models=cfg.tier_models,
+        failover_after_s=1.0, tier_models=cfg.tier_models, faults=cfg.faults,
         clock="virtual" if cfg.clock == "virtual" else "real",
         safety_timeout_s=max(60.0, cfg.deadline_s * 4), **tier_profiles(cfg, devices))
 
@@ -99,6 +99,10 @@ def run_tree_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False)
         say(f"faults: edge site(s) {', '.join(f'edge-{i}' for i in doomed)} fail when cloud "
             f"round {crash_round} opens")
     tree = LocalTree(spec, workdir=work)
+    if tree.byzantine:
+        say(f"faults: {len(tree.byzantine)} Byzantine device(s) "
+            f"({cfg.faults.byzantine_kind}, scale {cfg.faults.byzantine_scale:g}): "
+            f"{', '.join(tree.byzantine)}")
     crashed_at: dict[int, int] = {}
     try:
         tree.start()
@@ -151,9 +155,13 @@ def _report(cfg: SimConfig, spec: TreeSpec, tree: LocalTree, crashed_at: dict[in
             children = {k.device_id for m in history
                         for k in edge.aggregator.store.accepted_keys(edge.aggregator.fleet,
                                                                      m.round)}
+            counted = edge.aggregator.counters.snapshot()["updates"]
             entry.update(rounds_closed=len(history), children_trained=len(children),
                          device_tasks=sum(m.devices_reported for m in history),
-                         ingress_bytes=sum(m.bytes_up for m in history))
+                         ingress_bytes=sum(m.bytes_up for m in history),
+                         updates_refused={k.split(":", 1)[1]: v for k, v in counted.items()
+                                          if k.startswith("rejected:")},
+                         updates_cut=counted.get("clipped:norm", 0))
         edges.append(entry)
     moved = [d.device_id for d in tree.devices if len(d.moves) > 1]
     final = closed[-1].accuracy if closed else None
@@ -184,7 +192,8 @@ def _report(cfg: SimConfig, spec: TreeSpec, tree: LocalTree, crashed_at: dict[in
         },
         "edges": edges,
         "tiers": tiers,
-        "devices": {"count": len(tree.devices), "moved": moved},
+        "devices": {"count": len(tree.devices), "moved": moved,
+                    "byzantine": tree.byzantine},
         "wall_s": round(wall_s, 1),
     }
 

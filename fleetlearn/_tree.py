@@ -12,7 +12,9 @@ Every part speaks MQTT to the others; nothing is shared in memory but the proces
 (and, for speed, one ONNX Runtime session pool for the devices). ``kill_edge`` is a site
 failure: the edge aggregator dies as in a crash and its broker is killed;
 ``restart_edge`` brings the edge back from its stores. ``edge_class`` may be a subclass
-of ``EdgeAggregator`` (edges of your own).
+of ``EdgeAggregator`` (edges of your own). ``TreeSpec.faults`` makes some devices
+Byzantine, the same devices and attacks a flat fleet of that seed has
+(``FaultSpec.is_byzantine``, ``Byzantine.hooks``).
 
 ``TreeSpec.tier_models`` (``device:mlp,edge:cnn,cloud:cnn-wide``) makes the tree
 agglomerative (``_agglo``): devices train the device model, each edge exchanges the edge
@@ -50,6 +52,7 @@ from edge_runtime import (
     partition_dirichlet,
     state_key_path,
 )
+from edge_runtime._faults import Byzantine, FaultSpec
 from fleetlearn._agglo import DistillSettings, TierLink, TierModel, TierModels, bridge_inputs
 from fleetlearn._agglo_cloud import AgglomerativeRounds
 from fleetlearn._edge import EdgeAggregator
@@ -112,12 +115,19 @@ class TreeSpec:
     edge_profile: DeviceProfile | None = None
     """The edges' profile: an edge reports its job's child rounds plus its own transfer
     and encode time on it (``EdgeEmulation``). None: no emulation."""
+    faults: FaultSpec = field(default_factory=FaultSpec)
+    """Byzantine devices (``byzantine_*``), drawn from ``seed`` as a flat fleet draws
+    them; a tree injects no crashing or slow devices (refused)."""
 
     def tiers(self) -> TierModels:
         """The model of each tier (``tier_models`` checked)."""
         if self.tier_models is None:
             return TierModels(device=self.model, edge=self.model, cloud=self.model)
         return TierModels.parse(self.tier_models, default=self.model)
+
+
+def _device_id(d: int) -> str:
+    return f"dev-{d:03d}"
 
 
 class LocalTree:
@@ -151,6 +161,12 @@ class LocalTree:
         if spec.device_profiles is not None and len(spec.device_profiles) != n:
             raise ConfigError(f"device_profiles: {len(spec.device_profiles)} profiles for "
                               f"{n} devices")
+        if spec.faults.crash_fraction > 0 or spec.faults.slow_fraction > 0:
+            raise ConfigError("a tree injects Byzantine devices only: crash_fraction and "
+                              "slow_fraction must be 0 (edge sites fail with kill_edge)")
+        self.byzantine = [_device_id(d) for d in range(n)
+                          if spec.faults.is_byzantine(spec.seed, _device_id(d))]
+        """The devices that attack, as ``spec.faults`` draws them."""
         self.device_log = TierLog()
         self.edge_log = TierLog()
         """Every emulated task of the devices and of the edges (``_tier_emulation``)."""
@@ -172,7 +188,7 @@ class LocalTree:
         self.edge_enrolments = [Enrolment(fleet=site_fleet(i)) for i in range(spec.edges)]
         for enrolment in self.edge_enrolments:
             for d, key in enumerate(self.device_keys):
-                enrolment.enrol(f"dev-{d:03d}", key.public_key)
+                enrolment.enrol(_device_id(d), key.public_key)
 
     # -- building -----------------------------------------------------------------------
 
@@ -300,8 +316,10 @@ class LocalTree:
 
     def _make_device(self, d: int) -> FailoverAgent:
         idx = self.parts[d]
+        hooks: dict[str, Any] = ({"hooks": Byzantine(self.spec.faults).hooks()}
+                                 if _device_id(d) in self.byzantine else {})
         return FailoverAgent(
-            device_id=f"dev-{d:03d}", parents=self.parents_of(d),
+            device_id=_device_id(d), parents=self.parents_of(d), **hooks,
             state_dir=self._device_dir(d), failover_after_s=self.spec.failover_after_s,
             data=LocalData(x=self.data.x_train[idx], y=self.data.y_train[idx]),
             status_probe=DeviceStatus, trainers=self._trainers, key=self.device_keys[d],
@@ -313,11 +331,11 @@ class LocalTree:
         if profiles is None:
             return {}
         return {"profile": profiles[d], "emulation": DeviceTierEmulation(
-            profile=profiles[d], model=self.tier_models.device, who=f"dev-{d:03d}",
+            profile=profiles[d], model=self.tier_models.device, who=_device_id(d),
             log=self.device_log)}
 
     def _device_dir(self, d: int) -> Path:
-        return self.workdir / "devices" / f"dev-{d:03d}"
+        return self.workdir / "devices" / _device_id(d)
 
     # -- running ------------------------------------------------------------------------
 

@@ -307,6 +307,29 @@ def test_simulate_a_topology_with_a_site_failure(tmp_path: Path) -> None:
     assert report["final_accuracy"] is not None
 
 
+@pytest.mark.slow
+def test_simulate_a_topology_with_byzantine_devices(tmp_path: Path) -> None:
+    """``byzantine_*`` faults in a tree: the devices a flat fleet of the seed would make
+    attackers attack through their edges (norm 1000), whose screens cut or refuse them,
+    and the cloud still trains."""
+    from edge_runtime._faults import FaultSpec
+    from fleetlearn import simulate
+
+    faults = FaultSpec(byzantine_fraction=0.25, byzantine_kind="norm", byzantine_scale=1e3)
+    result = simulate(topology="cloud:1,edge:2,device:8", rounds=3, model="mlp", seed=0,
+                      faults=faults, out_dir=str(tmp_path / "run"), quiet=True)
+    report = result.report
+    assert result.report_path == tmp_path / "run" / "report.json"  # a str path is a path
+    attackers = [f"dev-{d:03d}" for d in range(8) if faults.is_byzantine(0, f"dev-{d:03d}")]
+    assert report["devices"]["byzantine"] == attackers == ["dev-001", "dev-005"]
+    stopped = sum(e["updates_cut"] + sum(e["updates_refused"].values())
+                  for e in report["edges"])
+    assert stopped >= len(attackers)  # each attacker's first update at least
+    assert report["cloud"]["rounds_closed"] == 3
+    closed = [r for r in report["rounds"] if r["outcome"] == "closed"]
+    assert closed[-1]["update_norm"] < 100  # no attacker's norm-1000 update got through
+
+
 def test_topology_settings_are_checked() -> None:
     from device_profiles import ConfigError
     from fleetlearn import SimConfig
