@@ -21,6 +21,10 @@ agglomerative (``_agglo``): devices train the device model, each edge exchanges 
 model with the cloud and distils between the two on the bridge inputs, and the cloud
 (``AgglomerativeRounds``) keeps the cloud model. Flat, the devices train the device
 model straight with the cloud (flat FedAvg of the device-sized model).
+
+Why this module is a little over 400 lines: it is the one place that builds a whole
+tree (brokers, keys, the cloud, the edges, the devices and their faults) in the order
+start-up needs; split, each part would need the others' half-built state.
 """
 
 from __future__ import annotations
