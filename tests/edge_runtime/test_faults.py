@@ -64,6 +64,25 @@ def test_a_slow_device_reports_its_factor_of_the_profiles_time() -> None:
     assert base > 0 and slow == pytest.approx(4.0 * base)
 
 
+def test_fault_draws_are_independent_across_devices_and_rounds() -> None:
+    """Per-task crashes of a 20-device fleet at p = 0.1 are Binomial(20, 0.1) per round,
+    not bursts where half the fleet crashes in one round and none in the next (a draw
+    from a CRC of near-identical strings did that); attackers are spread likewise."""
+    from edge_runtime._faults import draw
+    from edge_runtime._fleet import device_ids
+
+    ids = device_ids(20)
+    per_round = np.array([sum(draw(0, "crash", d, r) < 0.1 for d in ids)
+                          for r in range(1, 401)])
+    assert abs(per_round.mean() - 2.0) < 0.3
+    assert 1.2 < per_round.var() < 2.6  # 20 x 0.1 x 0.9 = 1.8
+    assert per_round.max() <= 8
+    small = [sorted(d for d in range(8) if draw(seed, "byzantine", f"dev-{d:03d}") < 0.25)
+             for seed in range(200)]
+    pairs = {tuple(x) for x in small if len(x) == 2}
+    assert len(pairs) > 15  # which two of eight attack varies with the seed
+
+
 def test_a_byzantine_agent_sends_its_attack(rig: Rig) -> None:
     data = make_data()
     byz = Byzantine(FaultSpec(byzantine_fraction=1.0, byzantine_scale=10.0))

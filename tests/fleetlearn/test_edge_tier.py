@@ -316,12 +316,12 @@ def test_simulate_a_topology_with_byzantine_devices(tmp_path: Path) -> None:
     from fleetlearn import simulate
 
     faults = FaultSpec(byzantine_fraction=0.25, byzantine_kind="norm", byzantine_scale=1e3)
-    result = simulate(topology="cloud:1,edge:2,device:8", rounds=3, model="mlp", seed=0,
+    result = simulate(topology="cloud:1,edge:2,device:8", rounds=3, model="mlp", seed=2,
                       faults=faults, out_dir=str(tmp_path / "run"), quiet=True)
     report = result.report
     assert result.report_path == tmp_path / "run" / "report.json"  # a str path is a path
-    attackers = [f"dev-{d:03d}" for d in range(8) if faults.is_byzantine(0, f"dev-{d:03d}")]
-    assert report["devices"]["byzantine"] == attackers == ["dev-001", "dev-005"]
+    attackers = [f"dev-{d:03d}" for d in range(8) if faults.is_byzantine(2, f"dev-{d:03d}")]
+    assert report["devices"]["byzantine"] == attackers == ["dev-002", "dev-006"]  # one a site
     stopped = sum(e["updates_cut"] + sum(e["updates_refused"].values())
                   for e in report["edges"])
     assert stopped >= len(attackers)  # each attacker's first update at least
