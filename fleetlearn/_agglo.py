@@ -96,6 +96,22 @@ class DistillSettings:
     """Child -> parent: the teacher is the ensemble of the children's models (their
     logits' weighted mean, ``_agglo_rounds``); False: the model of their FedAvg."""
 
+    @classmethod
+    def parse(cls, text: str) -> DistillSettings:
+        """``temperature:2,epochs:3,lr:0.05,batch_size:64,feedback_epochs:0``; a name
+        left out keeps its default."""
+        given = named_pairs(text, what="distill", names=tuple(_DISTILL_NUMBERS), form="NAME:VALUE",
+                            example="temperature:2,epochs:3")
+        values: dict[str, Any] = {}
+        for name, value in given.items():
+            kind = _DISTILL_NUMBERS[name]
+            try:
+                values[name] = kind(value)
+            except ValueError as exc:
+                raise ConfigError(f"distill: {name} must be {kind.__name__}, got "
+                                  f"{value!r}") from exc
+        return cls(**values)
+
     def __post_init__(self) -> None:
         if not self.temperature > 0:
             raise ConfigError(f"distillation temperature must be > 0, got {self.temperature}")
@@ -104,6 +120,10 @@ class DistillSettings:
                               "batch size >= 1")
         if not self.lr > 0:
             raise ConfigError(f"distillation lr must be > 0, got {self.lr}")
+
+
+_DISTILL_NUMBERS: dict[str, type] = {"temperature": float, "epochs": int, "lr": float,
+                                     "batch_size": int, "feedback_epochs": int}
 
 
 def bridge_inputs(*, samples: int = BRIDGE_SAMPLES, seed: int = BRIDGE_SEED,

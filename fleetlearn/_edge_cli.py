@@ -22,6 +22,7 @@ from device_profiles import ConfigError, setting
 from device_profiles._settings_section import Section
 
 _PARENT = "parent side (this edge as a device of its parents)"
+_AGGLO = "a model per tier (agglomerative training)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,12 +51,63 @@ class EdgeOptions:
         5.0, help="move to the next candidate parent after its broker has been "
         "unreachable this long", example=10.0, group=_PARENT)
 
+    tier_model: str | None = setting(
+        None, example="cnn", group=_AGGLO,
+        help="the model this edge keeps and exchanges with its parents (their --model); "
+        "its children train --model, and it distils their ensemble into this one on a "
+        "public bridge set (default: none, the edge sends its children's aggregate)")
+    distill: str | None = setting(
+        None, example="temperature:2,epochs:3", group=_AGGLO,
+        help="tier_model: distillation NAME:VALUE pairs of temperature, epochs, lr, "
+        "batch_size, feedback_epochs (defaults 2, 3, 0.05, 64, 0)")
+    bridge_samples: int = setting(
+        2_000, example=4000, group=_AGGLO,
+        help="tier_model: MNIST-1D inputs the tiers distil on, generated here from their "
+        "own seed (no labels, nothing of any device's data)")
+
     def __post_init__(self) -> None:
         self.links()  # parse once at start-up: a bad value stops here
+        if self.tier_model is not None or self.distill is not None:
+            self.distill_settings()
+        if self.tier_model is not None:
+            from cloud_aggregator import REFERENCE_MODELS
+
+            if self.tier_model not in REFERENCE_MODELS:
+                raise ConfigError(f"tier_model {self.tier_model!r} is not a reference model; "
+                                  f"known: {', '.join(REFERENCE_MODELS)}")
+        elif self.distill is not None:
+            raise ConfigError("distill needs tier_model (there is nothing to distil into)")
+        if self.bridge_samples < 1:
+            raise ConfigError(f"bridge_samples must be >= 1, got {self.bridge_samples}")
         if self.rounds_per_task < 1:
             raise ConfigError(f"rounds_per_task must be >= 1, got {self.rounds_per_task}")
         if not self.failover_after_s > 0:
             raise ConfigError(f"failover_after_s must be > 0, got {self.failover_after_s}")
+
+    def distill_settings(self) -> Any:
+        """``distill`` as ``DistillSettings`` (its defaults when not given)."""
+        from fleetlearn._agglo import DistillSettings
+
+        return (DistillSettings() if self.distill is None
+                else DistillSettings.parse(self.distill))
+
+    def tier_link(self, *, child_model: str, state_dir: Path, seed: int) -> Any:
+        """The ``TierLink`` of an edge whose children train ``child_model`` (None without
+        ``tier_model``); the distillation artifacts are built under ``state_dir``."""
+        if self.tier_model is None:
+            return None
+        if self.tier_model == child_model:
+            raise ConfigError(f"tier_model {self.tier_model!r} is the children's --model: "
+                              "leave it out (one model everywhere needs no distillation)")
+        from fleetlearn._agglo import TierLink, TierModel, bridge_inputs
+
+        settings = self.distill_settings()
+        folder = state_dir / "distil"
+        return TierLink(
+            own=TierModel(self.tier_model, folder / self.tier_model, settings=settings,
+                          seed=seed),
+            child=TierModel(child_model, folder / child_model, settings=settings, seed=seed),
+            bridge=bridge_inputs(samples=self.bridge_samples, cache_dir=folder))
 
     def links(self) -> list[Any]:
         """The candidate parents as ``ParentLink``s."""
@@ -128,14 +180,18 @@ def _edge(args: argparse.Namespace) -> int:
         config=config, broker=connection.settings().transport(), device_id=options.device_id,
         parents=options.links(), state_dir=Path(config.state_dir),
         rounds_per_task=options.rounds_per_task, failover_after_s=options.failover_after_s,
-        parent_transport=parent_transport)
+        parent_transport=parent_transport,
+        tier=options.tier_link(child_model=config.model, state_dir=Path(config.state_dir),
+                               seed=config.seed))
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     edge.start()
     if config.progress:
+        tiers = ("" if options.tier_model is None else
+                 f", children train {config.model}, it keeps {options.tier_model}")
         print(f"edge {options.device_id}: children on fleet {config.fleet!r}, parents "
-              f"{options.parents}", flush=True)
+              f"{options.parents}{tiers}", flush=True)
     try:
         while not done.wait(1.0):
             if edge.aggregator.failure is not None:

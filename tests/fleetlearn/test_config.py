@@ -58,6 +58,7 @@ COMPANIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("simulate", "edge_profile"): {"topology": "cloud:1,edge:3,device:30"},
     ("simulate", "link_bandwidth"): {"topology": "cloud:1,edge:3,device:30"},
     ("edge", "max_selected"): {"selection": "deadline"},
+    ("edge", "distill"): {"tier_model": "cnn"},
     ("edge", "tls_cert"): {"tls_key": "client.key"},
     ("edge", "tls_key"): {"tls_cert": "client.pem"},
     ("aggregator", "dp_population"): {"dp_epsilon": 8.0},

@@ -67,17 +67,30 @@ def test_edge_options_are_checked_at_start_up() -> None:
             EdgeOptions(device_id="edge-1", parents=bad)
     with pytest.raises(ConfigError):
         EdgeOptions(device_id="edge-1", parents="cloud@mqtt://x", rounds_per_task=0)
+    tiered = EdgeOptions(device_id="edge-1", parents="cloud@mqtt://x", tier_model="cnn",
+                         distill="temperature:3,epochs:1")
+    assert (tiered.distill_settings().temperature, tiered.distill_settings().epochs) == (3, 1)
+    for wrong, says in (({"tier_model": "resnet"}, "not a reference model"),
+                        ({"tier_model": "cnn", "distill": "heat:2"}, "unknown name"),
+                        ({"tier_model": "cnn", "distill": "epochs:0"}, "epochs must be"),
+                        ({"distill": "epochs:2"}, "needs tier_model"),
+                        ({"tier_model": "cnn", "bridge_samples": 0}, "bridge_samples")):
+        with pytest.raises(ConfigError, match=says):
+            EdgeOptions(device_id="edge-1", parents="cloud@mqtt://x", **wrong)
+    with pytest.raises(ConfigError, match="children's --model"):
+        tiered.tier_link(child_model="cnn", state_dir=Path("unused"), seed=0)
 
 
-def _launch(site: str, cloud: str, state: Path, enrolment: Path) -> subprocess.Popen[bytes]:
+def _launch(site: str, cloud: str, state: Path, enrolment: Path,
+            *extra: str, rounds_per_task: int = 4) -> subprocess.Popen[bytes]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return subprocess.Popen(
         [sys.executable, "-m", "fleetlearn", "-v", "edge", "--broker", site, "--fleet", "site-1",
          "--model", "mlp", "--devices-per-round", "2", "--over-selection", "1",
          "--quorum", "2", "--min-devices", "2", "--deadline-s", "60", "--local-epochs", "3",
          "--server-opt", "fedavg", "--state-dir", str(state), "--device-id", "edge-1",
-         "--parents", f"cloud@{cloud}", "--rounds-per-task", "4", "--quiet",
-         "--enrolment", str(enrolment)],
+         "--parents", f"cloud@{cloud}", "--rounds-per-task", str(rounds_per_task), "--quiet",
+         "--enrolment", str(enrolment), *extra],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL,
         stderr=(state.parent / "edge.log").open("ab"))
 
@@ -174,6 +187,73 @@ def test_edge_killed_mid_job_resumes_it_from_its_store(
         # would have shifted them.
         assert [r["model_version"] for r in closed] == [2, 3, 4, 5, 7, 8, 9, 10]
         assert np.isfinite(cloud.params).all()
+    finally:
+        if edge.poll() is None:
+            edge.send_signal(signal.SIGTERM)
+            try:
+                edge.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                edge.kill()
+        cloud.stop()
+        for agent in agents:
+            agent.stop()
+        if runner.is_alive():
+            runner.join(timeout=30)
+        cloud.close()
+        cloud.channel.transport.close()
+
+
+@pytest.mark.slow
+def test_an_edge_with_a_tier_model_sends_its_parent_that_model(
+        tmp_path: Path, mosquittos: Callable[..., MosquittoProcess]) -> None:
+    """``fleetlearn edge --model mlp --tier-model cnn``: the children train the mlp, the
+    edge distils their ensemble into the cnn its parent trains and sends that update."""
+    cloud_broker, site_broker = mosquittos(), mosquittos()
+    data = load_mnist1d(cache_dir=tmp_path.parent.parent / "fleetlearn-cache")
+    parts = partition_dirichlet(data.y_train, 4, alpha=0.5, seed=0)
+    cloud = Aggregator(
+        config=AggregatorConfig(
+            fleet="cloud", model="cnn", rounds=1, devices_per_round=1, over_selection=1.0,
+            quorum=1, min_devices=1, deadline_s=300.0, server_opt="fedavg", local_epochs=2,
+            state_dir=tmp_path / "cloud", store_synchronous="NORMAL"),
+        enrolment=ENROLMENT,
+        channel=Channel(transport=MqttTransport(url=cloud_broker.url, client_id="aggregator",
+                                                backoff_min_s=0.1, backoff_max_s=1.0),
+                        fleet="cloud"))
+    state = tmp_path / "edge"
+    ENROLMENT.enrol("edge-1", DeviceKey.load_or_create(
+        state_key_path(state / "device")).public_key, replace=True)
+    site_enrolment = Enrolment(fleet="site-1")
+    for did in ("dev-0", "dev-1"):
+        site_enrolment.enrol(did, device_key(did).public_key)
+    enrolment_file = tmp_path / "site-enrolment.toml"
+    site_enrolment.write(enrolment_file)
+    edge = _launch(site_broker.url, cloud_broker.url, state, enrolment_file, "--tier-model",
+                   "cnn", "--distill", "epochs:1", "--bridge-samples", "500",
+                   rounds_per_task=1)
+    agents = []
+    runner = threading.Thread(target=cloud.run, kwargs={"timeout_s": 300.0}, daemon=True)
+    try:
+        cloud.start()
+        start = cloud.params.copy()
+        for i, did in enumerate(("dev-0", "dev-1")):
+            agent = Agent(device_id=did, channel=Channel(transport=make_agent_transport(
+                site_broker.url, fleet="site-1", device_id=did, backoff_min_s=0.1,
+                backoff_max_s=1.0), fleet="site-1"),
+                data=LocalData(x=data.x_train[parts[i]], y=data.y_train[parts[i]]),
+                state_dir=tmp_path / did, owns_transport=True, status_probe=DeviceStatus,
+                key=device_key(did))
+            agent.start()
+            agents.append(agent)
+        runner.start()
+        assert wait_for(lambda: cloud.done, timeout=300), cloud.status_line()
+        assert [k.device_id for k in cloud.store.accepted_keys("cloud", 1)] == ["edge-1"]
+        assert cloud.history[-1].outcome == "closed"
+        assert cloud.params.shape == start.shape and not np.allclose(cloud.params, start)
+        closed = [r for r in _edge_rounds(state) if r["outcome"] == "closed"]
+        assert closed and closed[0]["devices_reported"] == 2  # the children's mlp round
+        built = {p.parent.name for p in (state / "distil").glob("*/artifacts.json")}
+        assert built == {"mlp", "cnn"}  # the edge distilled between its two models
     finally:
         if edge.poll() is None:
             edge.send_signal(signal.SIGTERM)
