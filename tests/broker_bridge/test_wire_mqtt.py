@@ -275,8 +275,11 @@ def test_many_clients_share_one_network_loop(any_broker: tuple[str, str]) -> Non
     offline: list[str] = []
     try:
         for d in devices:
-            d.subscribe(f"fl/{fleet}/broadcast/#", on_model)
             d.connect(timeout=20)
+            # Connected first: subscribe() then returns once the broker granted it, so
+            # the broadcast below reaches every device (a subscription sent with the
+            # connection is not waited for, and a busy broker may route the publish first).
+            d.subscribe(f"fl/{fleet}/broadcast/#", on_model)
         assert loop.members == n
         with agg.transport:
             agg.subscribe(agg.topics.all_presence,
