@@ -95,6 +95,36 @@ def _launch(site: str, cloud: str, state: Path, enrolment: Path,
         stderr=(state.parent / "edge.log").open("ab"))
 
 
+def _enrol_edge(tmp_path: Path, state: Path) -> Path:
+    """The cloud knows the edge's key (made where the edge keeps it); the edge knows its
+    children's (dev-0, dev-1) from the enrolment file returned."""
+    ENROLMENT.enrol("edge-1", DeviceKey.load_or_create(
+        state_key_path(state / "device")).public_key, replace=True)
+    site_enrolment = Enrolment(fleet="site-1")
+    for did in ("dev-0", "dev-1"):
+        site_enrolment.enrol(did, device_key(did).public_key)
+    enrolment_file = tmp_path / "site-enrolment.toml"
+    site_enrolment.write(enrolment_file)
+    return enrolment_file
+
+
+def _stop_all(edge: subprocess.Popen[bytes], cloud: Aggregator, agents: list[Agent],
+              runner: threading.Thread) -> None:
+    if edge.poll() is None:
+        edge.send_signal(signal.SIGTERM)
+        try:
+            edge.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            edge.kill()
+    cloud.stop()
+    for agent in agents:
+        agent.stop()
+    if runner.is_alive():
+        runner.join(timeout=30)
+    cloud.close()
+    cloud.channel.transport.close()
+
+
 def _edge_rounds(state: Path) -> list[dict[str, object]]:
     path = state / "aggregator" / "metrics.jsonl"
     if not path.exists():
@@ -119,15 +149,7 @@ def test_edge_killed_mid_job_resumes_it_from_its_store(
                                                 backoff_max_s=1.0), fleet="cloud"))
     agents = []
     state = tmp_path / "edge"
-    # The cloud knows the edge's key (made where the edge keeps it); the edge knows its
-    # children's from its enrolment file.
-    ENROLMENT.enrol("edge-1", DeviceKey.load_or_create(
-        state_key_path(state / "device")).public_key, replace=True)
-    site_enrolment = Enrolment(fleet="site-1")
-    for did in ("dev-0", "dev-1"):
-        site_enrolment.enrol(did, device_key(did).public_key)
-    enrolment_file = tmp_path / "site-enrolment.toml"
-    site_enrolment.write(enrolment_file)
+    enrolment_file = _enrol_edge(tmp_path, state)
     edge = _launch(site_broker.url, cloud_broker.url, state, enrolment_file)
     runner = threading.Thread(target=cloud.run, kwargs={"timeout_s": 300.0}, daemon=True)
     try:
@@ -188,19 +210,7 @@ def test_edge_killed_mid_job_resumes_it_from_its_store(
         assert [r["model_version"] for r in closed] == [2, 3, 4, 5, 7, 8, 9, 10]
         assert np.isfinite(cloud.params).all()
     finally:
-        if edge.poll() is None:
-            edge.send_signal(signal.SIGTERM)
-            try:
-                edge.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                edge.kill()
-        cloud.stop()
-        for agent in agents:
-            agent.stop()
-        if runner.is_alive():
-            runner.join(timeout=30)
-        cloud.close()
-        cloud.channel.transport.close()
+        _stop_all(edge, cloud, agents, runner)
 
 
 @pytest.mark.slow
@@ -221,13 +231,7 @@ def test_an_edge_with_a_tier_model_sends_its_parent_that_model(
                                                 backoff_min_s=0.1, backoff_max_s=1.0),
                         fleet="cloud"))
     state = tmp_path / "edge"
-    ENROLMENT.enrol("edge-1", DeviceKey.load_or_create(
-        state_key_path(state / "device")).public_key, replace=True)
-    site_enrolment = Enrolment(fleet="site-1")
-    for did in ("dev-0", "dev-1"):
-        site_enrolment.enrol(did, device_key(did).public_key)
-    enrolment_file = tmp_path / "site-enrolment.toml"
-    site_enrolment.write(enrolment_file)
+    enrolment_file = _enrol_edge(tmp_path, state)
     edge = _launch(site_broker.url, cloud_broker.url, state, enrolment_file, "--tier-model",
                    "cnn", "--distill", "epochs:1", "--bridge-samples", "500",
                    rounds_per_task=1)
@@ -255,16 +259,4 @@ def test_an_edge_with_a_tier_model_sends_its_parent_that_model(
         built = {p.parent.name for p in (state / "distil").glob("*/artifacts.json")}
         assert built == {"mlp", "cnn"}  # the edge distilled between its two models
     finally:
-        if edge.poll() is None:
-            edge.send_signal(signal.SIGTERM)
-            try:
-                edge.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                edge.kill()
-        cloud.stop()
-        for agent in agents:
-            agent.stop()
-        if runner.is_alive():
-            runner.join(timeout=30)
-        cloud.close()
-        cloud.channel.transport.close()
+        _stop_all(edge, cloud, agents, runner)
