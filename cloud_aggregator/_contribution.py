@@ -138,7 +138,7 @@ children has none, and its devices' reputation does not move)."""
 
 
 @functools.lru_cache(maxsize=4)
-def _hashes(size: int) -> npt.NDArray[np.int32] | None:
+def _signed_buckets(size: int) -> npt.NDArray[np.int32] | None:
     """Each coordinate's bucket, plus ``SKETCH_DIM`` where its sign is negative (one
     int32 table: a single gather per update; None: exact, size <= dim)."""
     if size <= SKETCH_DIM:
@@ -153,7 +153,7 @@ def sketch(indices: npt.NDArray[np.integer] | None, values: npt.NDArray[np.float
            size: int) -> npt.NDArray[np.float64]:
     """A linear sketch of an update whose inner products estimate the update's (exact
     when ``size <= SKETCH_DIM``); ``indices`` None: ``values`` is dense."""
-    signed_bucket = _hashes(size)
+    signed_bucket = _signed_buckets(size)
     if signed_bucket is None:
         v = np.asarray(values, dtype=np.float64)
         if indices is None:

@@ -46,6 +46,13 @@ BRIDGE_SEED = 16_001
 BRIDGE_SAMPLES = 2_000
 
 
+def check_tier_model(name: str, *, what: str) -> None:
+    """``ConfigError`` unless ``name`` is a reference model a tier can train."""
+    if name not in REFERENCE_MODELS:
+        raise ConfigError(f"{what}:{name!r} is not a reference model; known: "
+                          f"{', '.join(REFERENCE_MODELS)}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class TierModels:
     """The reference model each tier trains."""
@@ -56,10 +63,7 @@ class TierModels:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            name = getattr(self, f.name)
-            if name not in REFERENCE_MODELS:
-                raise ConfigError(f"tier model {f.name}:{name!r} is not a reference model; "
-                                  f"known: {', '.join(REFERENCE_MODELS)}")
+            check_tier_model(getattr(self, f.name), what=f"tier model {f.name}")
 
     @property
     def uniform(self) -> bool:

@@ -16,10 +16,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from device_profiles import ConfigError, setting
 from device_profiles._settings_section import Section
+
+if TYPE_CHECKING:
+    from fleetlearn._agglo import DistillSettings, TierLink
 
 _PARENT = "parent side (this edge as a device of its parents)"
 _AGGLO = "a model per tier (agglomerative training)"
@@ -67,16 +70,13 @@ class EdgeOptions:
 
     def __post_init__(self) -> None:
         self.links()  # parse once at start-up: a bad value stops here
-        if self.tier_model is not None or self.distill is not None:
-            self.distill_settings()
-        if self.tier_model is not None:
-            from cloud_aggregator import REFERENCE_MODELS
-
-            if self.tier_model not in REFERENCE_MODELS:
-                raise ConfigError(f"tier_model {self.tier_model!r} is not a reference model; "
-                                  f"known: {', '.join(REFERENCE_MODELS)}")
-        elif self.distill is not None:
+        if self.tier_model is None and self.distill is not None:
             raise ConfigError("distill needs tier_model (there is nothing to distil into)")
+        if self.tier_model is not None:
+            from fleetlearn._agglo import check_tier_model
+
+            check_tier_model(self.tier_model, what="tier_model")
+            self.distill_settings()
         if self.bridge_samples < 1:
             raise ConfigError(f"bridge_samples must be >= 1, got {self.bridge_samples}")
         if self.rounds_per_task < 1:
@@ -84,14 +84,14 @@ class EdgeOptions:
         if not self.failover_after_s > 0:
             raise ConfigError(f"failover_after_s must be > 0, got {self.failover_after_s}")
 
-    def distill_settings(self) -> Any:
+    def distill_settings(self) -> DistillSettings:
         """``distill`` as ``DistillSettings`` (its defaults when not given)."""
         from fleetlearn._agglo import DistillSettings
 
         return (DistillSettings() if self.distill is None
                 else DistillSettings.parse(self.distill))
 
-    def tier_link(self, *, child_model: str, state_dir: Path, seed: int) -> Any:
+    def tier_link(self, *, child_model: str, state_dir: Path, seed: int) -> TierLink | None:
         """The ``TierLink`` of an edge whose children train ``child_model`` (None without
         ``tier_model``); the distillation artifacts are built under ``state_dir``."""
         if self.tier_model is None:

@@ -202,11 +202,9 @@ class SimConfig:
                 "the model, codec, rounds, seed, Dirichlet split, samples, clock, deadline, "
                 "profile mix, the tier settings and the aggregator's " +
                 ", ".join(TREE_AGGREGATOR))
-        f = self.faults
-        if f.crash_fraction > 0 or f.slow_fraction > 0:
-            raise ConfigError("faults: a tree simulation injects Byzantine devices "
-                              "(byzantine_*), not crashing or slow ones (edge sites fail "
-                              "with edge_crash_fraction)")
+        from fleetlearn._tree import check_tree_faults
+
+        check_tree_faults(self.faults)
         extra = sorted(set(self.aggregator) - set(TREE_AGGREGATOR))
         if extra:
             raise ConfigError(f"aggregator.{extra[0]}: a tree simulation's aggregators take "

@@ -130,6 +130,15 @@ class TreeSpec:
         return TierModels.parse(self.tier_models, default=self.model)
 
 
+def check_tree_faults(faults: FaultSpec) -> None:
+    """A tree emulates Byzantine devices, not crashing or slow ones (its edge sites fail
+    instead: ``kill_edge``, ``edge_crash_fraction``)."""
+    if faults.crash_fraction > 0 or faults.slow_fraction > 0:
+        raise ConfigError("faults: a tree simulation injects Byzantine devices "
+                          "(byzantine_*), not crashing or slow ones (edge sites fail "
+                          "with edge_crash_fraction)")
+
+
 def _device_id(d: int) -> str:
     return f"dev-{d:03d}"
 
@@ -165,9 +174,7 @@ class LocalTree:
         if spec.device_profiles is not None and len(spec.device_profiles) != n:
             raise ConfigError(f"device_profiles: {len(spec.device_profiles)} profiles for "
                               f"{n} devices")
-        if spec.faults.crash_fraction > 0 or spec.faults.slow_fraction > 0:
-            raise ConfigError("a tree injects Byzantine devices only: crash_fraction and "
-                              "slow_fraction must be 0 (edge sites fail with kill_edge)")
+        check_tree_faults(spec.faults)
         self.byzantine = [_device_id(d) for d in range(n)
                           if spec.faults.is_byzantine(spec.seed, _device_id(d))]
         """The devices that attack, as ``spec.faults`` draws them."""
