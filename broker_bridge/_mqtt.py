@@ -11,7 +11,11 @@ What it adds to paho:
   ``BrokerRefused`` from ``connect`` and show in ``refused``;
 - subscriptions remembered and restored after every reconnect;
 - QoS 1 delivery across reconnects (paho re-sends unacknowledged messages), with a
-  bounded outgoing queue: ``publish`` waits for room, then raises ``TransportError``;
+  bounded outgoing queue: ``publish`` waits for room (saying after a few seconds what
+  it waits for), then raises ``TransportError``. Only the network thread frees room
+  (it reads the broker's acknowledgements), so a publish on that thread never waits,
+  and a publisher holding a lock that the handlers take must not wait either: it
+  lifts the bound (``set_max_queued(0)``; the aggregator does);
 - paho's return codes translated into fleetlearn's exceptions in one place
   (``_check``).
 
@@ -46,6 +50,9 @@ from broker_bridge._transport import PayloadHandler, Transport, Will, dispatch
 from device_profiles import ConfigError
 
 log = logging.getLogger(__name__)
+
+PUBLISH_WAIT_SAY_S = 5.0
+"""A publish that has waited this long for room in the outgoing queue says why."""
 
 # Reconnect jitter draws from its own generator: the global one belongs to the
 # application (a simulation seeds it), and a background thread must not disturb it.
@@ -124,6 +131,9 @@ class NetworkLoop:
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.busy_since: float | None = None
+        """When the loop thread entered the I/O (and so the message handlers) it is in
+        now; None between them."""
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -200,7 +210,11 @@ class NetworkLoop:
                     with contextlib.suppress(BlockingIOError, OSError):
                         self._wake_r.recv(4096)
                     continue
-                member._on_io(key.fileobj, mask)
+                self.busy_since = time.monotonic()
+                try:
+                    member._on_io(key.fileobj, mask)
+                finally:
+                    self.busy_since = None
             while self._calls:
                 try:
                     self._calls.popleft()()
@@ -283,6 +297,7 @@ class MqttTransport(Transport):
             c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         c.max_inflight_messages_set(max_inflight)
         c.max_queued_messages_set(max_queued)
+        self._max_queued = max_queued
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
@@ -381,20 +396,60 @@ class MqttTransport(Transport):
         return None if self._connected.is_set() else self._last_error
 
     # -- publish / subscribe -------------------------------------------------------------
+    @property
+    def busy_s(self) -> float | None:
+        """How long the network thread has been in its current read or write, message
+        handlers included (None: it is waiting for I/O)."""
+        since = self._loop.busy_since
+        return None if since is None else time.monotonic() - since
+
+    @property
+    def max_queued(self) -> int:
+        """How many QoS 1 messages may wait for the broker's acknowledgement before
+        ``publish`` waits for room (0: no bound)."""
+        return self._max_queued
+
+    def set_max_queued(self, count: int) -> None:
+        """Change the bound (0: none). A publisher that holds a lock its own message
+        handlers take must not wait for room: the room is made by the network thread,
+        which would be waiting for that lock."""
+        if count < 0:
+            raise ConfigError(f"max_queued must be >= 0, got {count}")
+        self._max_queued = count
+        self._client.max_queued_messages_set(count)
+
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         # Never hold our lock while calling into paho: paho calls _on_publish (which
         # takes our lock) while holding its own.
         deadline = time.monotonic() + self._publish_timeout
+        said = False
         while True:
             info = self._client.publish(topic, payload, qos=qos, retain=retain)
             if info.rc != MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
                 break
+            if self._loop.in_loop():
+                raise TransportError(
+                    f"outgoing queue of {self.client_id} is full ({self._max_queued} "
+                    f"messages wait for the broker's acknowledgement) and this publish to "
+                    f"{topic} runs on the network thread, which alone reads those "
+                    "acknowledgements: it cannot wait for room")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TransportError(
                     f"outgoing queue of {self.client_id} stayed full for "
                     f"{self._publish_timeout:g}s; message to {topic} not accepted"
                 )
+            if not said and self._publish_timeout - left >= PUBLISH_WAIT_SAY_S:
+                said = True
+                busy = self.busy_s
+                log.warning(
+                    "%s: a publish to %s has waited %.0fs for room in the outgoing queue "
+                    "(%d messages wait for the broker's acknowledgement; %s); it gives up "
+                    "after %gs", self.client_id, topic, self._publish_timeout - left,
+                    self._max_queued, "the network thread is reading" if busy is None else
+                    f"the network thread has been in a message handler for {busy:.0f}s: "
+                    "a handler waiting for a lock that "
+                    "this publisher holds?", self._publish_timeout)
             with self._cond:
                 self._cond.wait(min(left, 0.2))
         if qos > 0:

@@ -59,6 +59,7 @@ from broker_bridge import (
     CodecSpec,
     Enrolment,
     Message,
+    MqttTransport,
     aggregator_presence,
     aggregator_will,
     roll_call,
@@ -440,6 +441,12 @@ class Aggregator:
                                                      host=self.config.metrics_bind)
         topics = self.channel.topics
         transport = self.channel.transport
+        if isinstance(transport, MqttTransport) and transport.max_queued:
+            # Everything here publishes under the lock that the handlers on the network
+            # thread take: waiting for room in a bounded queue would wait for that thread
+            # (a round's tasks alone can outnumber the bound). One round's messages is
+            # what the queue can hold.
+            transport.set_max_queued(0)
         self.channel.subscribe(topics.all_presence, self._gated(self.desk.on_presence))
         self.channel.subscribe(topics.all_up, self._gated(self.desk.on_up))
         # Our own presence: offline by the last will if this process dies, so children

@@ -229,3 +229,36 @@ def test_agents_follow_a_fresh_aggregator_by_content_not_by_number(
             agent.stop()
         second.close()
         second.channel.transport.close()
+
+
+def test_the_aggregator_publishes_under_its_lock_without_waiting_for_its_handlers(
+    mosquitto: MosquittoProcess, tmp_path: Path, artifacts: Path
+) -> None:
+    """Found by the ingest benchmark over Mosquitto: FedBuff's run loop sent 200 tasks
+    under the aggregator's lock while the network thread waited for that lock in an
+    update's handler. The transport's queue (2,000 unacknowledged messages) filled, the
+    publish waited for room that only the network thread could make, and the aggregator
+    hung, one 60 s publish timeout per message. The aggregator now lifts the bound of
+    its transport (one round's messages is what it queues), whoever built it."""
+    fleet = "h-queue"
+    agg = aggregator(mosquitto.url, fleet, tmp_path, artifacts)
+    mqtt = agg.channel.transport
+    assert isinstance(mqtt, MqttTransport)
+    mqtt.set_max_queued(5)  # a bounded transport, as a library user may pass one
+    dev = None
+    try:
+        agg.start()
+        assert mqtt.max_queued == 0
+        dev = Device(mosquitto.url, fleet, "dev-1")
+        assert wait_for(lambda: agg.registry.get("dev-1") is not None, 10)
+        with agg.condition:  # as the run loop holds it while it opens a round
+            dev.hello()  # its handler now waits for the lock on the network thread
+            assert wait_for(lambda: (mqtt.busy_s or 0.0) > 0.5, 10)
+            for i in range(100):  # before: the 6th waited for the network thread
+                agg.channel.transport.publish(f"fl/{fleet}/devices/dev-1/down/noise", b"%d" % i)
+        assert mqtt.flush(timeout=10)
+    finally:
+        if dev is not None:
+            dev.close()
+        agg.close()
+        agg.channel.transport.close()
