@@ -39,7 +39,7 @@ def run(*, ledger: bool, devices: int, rounds: int, state: Path) -> dict[str, An
     from cloud_aggregator._rounds import ManualClock
 
     broker = MemoryBroker()
-    swarm = Swarm(broker, devices)
+    swarm = Swarm.in_memory(broker, devices)
     cfg = AggregatorConfig(fleet=FLEET, model="mlp", rounds=rounds, devices_per_round=devices,
                            over_selection=1.0, deadline_s=3600.0, codec=CODEC, state_dir=state,
                            progress=False, seed=0, server_opt="fedadam")
