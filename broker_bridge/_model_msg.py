@@ -26,7 +26,7 @@ from broker_bridge._protocol import pack_prefixed, unpack_prefixed
 def weights_hash(weights: npt.ArrayLike) -> str:
     """sha256 (hex) of a flat weight vector as little-endian float32: a model's identity."""
     vec = np.ascontiguousarray(np.asarray(weights, dtype="<f4").ravel())
-    return hashlib.sha256(vec.tobytes()).hexdigest()
+    return hashlib.sha256(vec.data.cast("B")).hexdigest()  # no copy of the bytes
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -269,7 +269,8 @@ class StreamingAccumulator:
         """The weighted mean update; raises if nothing was added (check ``count``)."""
         if self._count == 0:
             raise AggregatorError("no update accumulated")
-        return (self._sum / self._total_weight).astype(np.float32)
+        np.divide(self._sum, self._total_weight, out=self._scratch)  # no fresh 8n bytes
+        return self._scratch.astype(np.float32)
 
     def reset(self) -> None:
         self._sum.fill(0.0)

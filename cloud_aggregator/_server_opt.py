@@ -41,15 +41,15 @@ AdaptiveKind = Literal["adagrad", "adam", "yogi"]
 
 def fedavg_step(params: F32, delta: F32, *, lr: float) -> F32:
     """x + lr * delta."""
-    return (params + np.float32(lr) * delta).astype(np.float32)
+    return (params + np.float32(lr) * delta).astype(np.float32, copy=False)
 
 
 def fedavgm_step(
     params: F32, delta: F32, velocity: F32, *, lr: float, momentum: float
 ) -> tuple[F32, F32]:
     """Server momentum: v = momentum * v + delta; x + lr * v. Returns (params, velocity)."""
-    new_v = (np.float32(momentum) * velocity + delta).astype(np.float32)
-    return (params + np.float32(lr) * new_v).astype(np.float32), new_v
+    new_v = (np.float32(momentum) * velocity + delta).astype(np.float32, copy=False)
+    return (params + np.float32(lr) * new_v).astype(np.float32, copy=False), new_v
 
 
 def adaptive_step(
