@@ -34,7 +34,8 @@ cost); the rows over Mosquitto say what a deployment on one such machine gets.
 
 ``--repo DIR`` runs the same scenarios against another checkout (e.g. the commit before
 the ingest pipeline): run it twice, or let ``--baseline-rev REV`` make a temporary
-worktree of REV and run it there in a child process, and print both side by side.
+worktree of REV and run it there in a child process, and print both side by side (the
+baseline's in-memory scenarios only: an older aggregator may not run over MQTT here).
 
     python bench/aggregator.py [--counts 200,800] [--mqtt-counts 800] [--baseline-rev REV]
 """
@@ -498,7 +499,7 @@ def main() -> None:
                 say(f"baseline {args.baseline_rev}:")
                 child = subprocess.run(
                     [sys.executable, __file__, "--child", "--repo", tmp, "--counts", args.counts,
-                     "--dense-counts", args.dense_counts, "--mqtt-counts", args.mqtt_counts,
+                     "--dense-counts", args.dense_counts, "--mqtt-counts", "",
                      "--buffer", str(args.buffer),
                      "--devices", str(args.devices), "--cache", args.cache],
                     capture_output=True, text=True, timeout=3600)
@@ -509,10 +510,12 @@ def main() -> None:
                                capture_output=True)
         result["baseline_rev"] = args.baseline_rev
         result["baseline"] = base
-        ratios = {}
-        for mine, theirs in zip(ours["runs"], base, strict=True):
-            key = f"{mine['mode']}:{mine['codec']}:{mine['broker']}:{mine['updates']}"
-            ratios[key] = round(mine["updates_per_s"] / theirs["updates_per_s"], 2)
+        def key(row: dict[str, Any]) -> str:
+            return f"{row['mode']}:{row['codec']}:{row.get('broker', 'memory')}:{row['updates']}"
+
+        theirs = {key(row): row for row in base}
+        ratios = {key(mine): round(mine["updates_per_s"] / theirs[key(mine)]["updates_per_s"], 2)
+                  for mine in ours["runs"] if key(mine) in theirs}
         result["speedup_vs_baseline"] = ratios
     compressed = [r for r in ours["runs"] if r["codec"] != "fp32" and r["broker"] == "memory"]
     result["compressed_at_least_1000_per_s"] = all(r["updates_per_s"] >= 1000 for r in compressed)
