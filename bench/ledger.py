@@ -8,7 +8,13 @@ its kept bodies, its signed tree head and N inclusion proofs. The baseline is th
 run in the same process with the ledger's entry switched off (the round closes as it did
 before the ledger). Then ``verify_ledger`` re-derives every model of the ledger run.
 
-    python bench/ledger.py [--devices 10] [--rounds 20]
+``growth``: what the ledger's tree costs one release as the ledger grows (``--entries``
+rows already in a real store): the frontier the store keeps (``Frontiers``: the new root
+and the entry's inclusion path in O(log n) hashes) beside what every release did before
+it, in the same run: read every leaf back and hash the whole tree, once for the root
+and once more for the path it publishes.
+
+    python bench/ledger.py [--devices 10] [--rounds 20] [--entries 1000,10000,50000]
 """
 
 from __future__ import annotations
@@ -75,10 +81,73 @@ def run(*, ledger: bool, devices: int, rounds: int, state: Path) -> dict[str, An
             "model_version": agg.model_version}
 
 
+def growth(sizes: list[int], tmp: Path) -> list[dict[str, Any]]:
+    rows = []
+    for n in sizes:
+        row = growth_row(n, tmp / f"growth-{n}.sqlite")
+        say(f"  {n:7d} entries: a release's tree work {row['frontier_ms']} ms "
+            f"(before: {row['rescan_ms']} ms)")
+        rows.append(row)
+    return rows
+
+
+def growth_row(n: int, path: Path) -> dict[str, Any]:
+    import sqlite3
+    import statistics
+
+    from broker_bridge import inclusion_path, leaf_hash, root_hash
+    from cloud_aggregator._store import Store
+    from cloud_aggregator._store_ledger import Frontiers
+
+    Store(path).close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    leaves = [leaf_hash(b"entry %d" % i) for i in range(n)]
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO ledger_entries (fleet, idx, round, header, accepted, details, leaf,"
+        " tree_size, root, timestamp_ms, signature) VALUES"
+        " (?, ?, ?, x'', x'', x'', ?, ?, x'', 0, x'')",
+        [(FLEET, i, i, leaf, i + 1) for i, leaf in enumerate(leaves)])
+    conn.execute("COMMIT")
+    new_leaf = leaf_hash(b"the next entry")
+
+    def rescan() -> None:  # before: at the append, then again at the publish
+        for _ in range(2):
+            stored = [bytes(r[0]) for r in conn.execute(
+                "SELECT leaf FROM ledger_entries WHERE fleet = ? ORDER BY idx", (FLEET,))]
+            stored.append(new_leaf)
+            root_hash(stored)
+            inclusion_path(len(stored) - 1, stored)
+
+    frontiers = Frontiers()
+    frontiers.tree(conn, FLEET, n, leaves[-1])  # built once, at the first append
+
+    def frontier() -> None:
+        tree = frontiers.tree(conn, FLEET, n, leaves[-1])
+        tree.append(new_leaf)
+        tree.root()
+
+    def median_ms(fn: Any, reps: int) -> float:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+        return round(statistics.median(times), 3)
+
+    try:
+        return {"entries": n, "frontier_ms": median_ms(frontier, 50),
+                "rescan_ms": median_ms(rescan, 5)}
+    finally:
+        conn.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--entries", default="1000,10000,50000",
+                        help="ledger sizes for the growth measurement ('' skips)")
     args = parser.parse_args()
     from cloud_aggregator import verify_ledger
     from cloud_aggregator._store import Store
@@ -104,6 +173,10 @@ def main() -> None:
         result["kept_body_bytes_per_round"] = kept
         result["entry_bytes"] = (len(entry.header) + sum(len(x) for x in entry.accepted)
                                  + len(entry.details))
+        sizes = [int(n) for n in args.entries.split(",") if n.strip()]
+        if sizes:
+            say("growth: one release's tree work with the ledger already this long")
+            result["growth"] = growth(sizes, Path(tmp))
     base = result["no_ledger"]["round_close_ms_median"]
     result["round_close_ratio_vs_no_ledger"] = round(
         result["ledger"]["round_close_ms_median"] / base, 2) if base else None

@@ -85,19 +85,35 @@ def inclusion_paths(leaves: Sequence[bytes]) -> list[list[bytes]]:
 
 class CompactTree:
     """A growing tree kept as its perfect subtrees' roots (O(log n) hashes): ``root()``
-    after each ``append`` without the leaves (a verifier walking a long ledger)."""
+    after each ``append`` without the leaves (a verifier walking a long ledger; the
+    aggregator appending to one). ``append`` also returns the new leaf's inclusion path:
+    the subtrees it merges with, then the other subtrees' roots, nearest first."""
 
     def __init__(self) -> None:
         self._stack: list[tuple[int, bytes]] = []  # (height, root), tallest first
         self.size = 0
+        self.last: bytes | None = None
+        """The last leaf appended (None: empty)."""
 
-    def append(self, leaf: bytes) -> None:
+    def copy(self) -> CompactTree:
+        other = CompactTree()
+        other._stack, other.size, other.last = list(self._stack), self.size, self.last
+        return other
+
+    def append(self, leaf: bytes) -> list[bytes]:
+        """Add ``leaf`` (a leaf hash) as leaf ``size``; return RFC 9162 ``PATH(size,
+        D[size + 1])``, as ``inclusion_path`` over every leaf would (O(log n) here)."""
         node, height = leaf, 0
+        path: list[bytes] = []
         while self._stack and self._stack[-1][0] == height:
             _, left = self._stack.pop()
+            path.append(left)
             node, height = node_hash(left, node), height + 1
+        path.extend(root for _, root in reversed(self._stack))
         self._stack.append((height, node))
         self.size += 1
+        self.last = leaf
+        return path
 
     def root(self) -> bytes:
         if not self._stack:

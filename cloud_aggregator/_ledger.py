@@ -222,6 +222,9 @@ class AppendedEntry:
     root: bytes
     timestamp_ms: int
     signature: bytes
+    path: tuple[bytes, ...] | None = None
+    """The entry's inclusion path in the tree of ``tree_size`` leaves, when appended by
+    this process (None: read back from the store; ``publish`` derives it)."""
 
     def header_json(self) -> dict[str, Any]:
         value = json.loads(self.header)

@@ -136,8 +136,11 @@ class LedgerWriter:
             log.warning("cannot publish the ledger's tree head: %s", exc)
         if not entry.accepted:
             return
-        leaves = self._store.ledger_leaves(self._config.fleet)
-        entry_path = [h.hex() for h in inclusion_path(entry.index, leaves[:entry.tree_size])]
+        path = entry.path
+        if path is None:  # read back from the store (not appended by this process)
+            leaves = self._store.ledger_leaves(self._config.fleet)
+            path = tuple(inclusion_path(entry.index, leaves[:entry.tree_size]))
+        entry_path = [h.hex() for h in path]
         update_paths = inclusion_paths([leaf_hash(line) for line in entry.accepted])
         header = entry.header.decode("ascii")
         for j, line in enumerate(entry.accepted):

@@ -60,6 +60,7 @@ from cloud_aggregator._store_devices import (
 from cloud_aggregator._store_keys import KeyTables, migrate_v3
 from cloud_aggregator._store_ledger import (
     KEEP_REFERENCED,
+    Frontiers,
     LedgerTables,
     append_tx,
     migrate_v5,
@@ -254,6 +255,7 @@ class Store(DeviceTables, KeyTables, LedgerTables):
             else self._path.with_name(self._path.name + ".checkpoints")
         )
         self._lock = threading.RLock()
+        self._frontiers = Frontiers()
         try:
             self._conn = sqlite3.connect(
                 self._path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s
@@ -431,7 +433,7 @@ class Store(DeviceTables, KeyTables, LedgerTables):
         when = _now(ended_at)
         with self._write() as conn:
             for entry in ledger:  # before the journal rows it keeps go
-                append_tx(conn, entry)
+                append_tx(conn, entry, self._frontiers)
             self._close_round_tx(conn, fleet, round_index, state, when)
             for name, body in (states or {}).items():
                 _put_state(conn, name, body, when)
@@ -714,7 +716,7 @@ class Store(DeviceTables, KeyTables, LedgerTables):
             for key, body in (states or {}).items():
                 _put_state(conn, key, body, record.created_at)
             for entry in ledger:  # before the journal rows it keeps go
-                append_tx(conn, entry)
+                append_tx(conn, entry, self._frontiers)
             if close_round is not None:
                 self._close_round_tx(conn, fleet, close_round, "closed", record.created_at)
             if drop_streams:  # FedBuff buffers released into this model

@@ -13,7 +13,10 @@ by the aggregator (retention: the life of the state dir; see the README):
 
 ``append_tx`` runs inside the transaction that writes the checkpoint or closes the round
 (``Store.save_checkpoint`` / ``close_round``), before that transaction drops the
-journal's rows, so an entry commits with its model or not at all.
+journal's rows, so an entry commits with its model or not at all. The tree's new root
+and the entry's inclusion path come from ``Frontiers`` in O(log n) hashes: reading and
+hashing every leaf again made each release cost O(entries so far), which a long FedBuff
+run (many releases a second) would feel within the hour.
 
 Schema version 5 introduced ``ledger_entries`` and ``ledger_bodies`` (``migrate_v5``),
 version 6 ``ledger_refs`` (``migrate_v6``); each is self-contained.
@@ -27,7 +30,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from broker_bridge import leaf_hash, root_hash, tree_head_bytes
+from broker_bridge import CompactTree, leaf_hash, root_hash, tree_head_bytes
 from cloud_aggregator._errors import LedgerError
 from cloud_aggregator._ledger import (
     LEDGER_VERSION,
@@ -98,7 +101,35 @@ def _journal_row(conn: sqlite3.Connection, pending: PendingEntry, device: str, t
     return None if row is None else int(row[0])
 
 
-def append_tx(conn: sqlite3.Connection, pending: PendingEntry) -> AppendedEntry | None:
+class Frontiers:
+    """Each fleet's ledger tree as a ``CompactTree`` (its perfect subtrees' roots), kept
+    beside the store's connection. A tree is trusted only while its size and last leaf
+    are the table's; otherwise (a rolled-back append, another ``Store`` on the same file)
+    it is rebuilt from the leaves once."""
+
+    def __init__(self) -> None:
+        self._trees: dict[str, CompactTree] = {}
+
+    def tree(self, conn: sqlite3.Connection, fleet: str, size: int,
+             last: bytes | None) -> CompactTree:
+        """A copy of ``fleet``'s tree of ``size`` leaves whose last is ``last``."""
+        tree = self._trees.get(fleet)
+        if tree is None or tree.size != size or tree.last != last:
+            tree = CompactTree()
+            for (leaf,) in conn.execute("SELECT leaf FROM ledger_entries WHERE fleet = ?"
+                                        " ORDER BY idx", (fleet,)):
+                tree.append(bytes(leaf))
+            self._trees[fleet] = tree
+        return tree.copy()
+
+    def keep(self, fleet: str, tree: CompactTree) -> None:
+        """``tree`` (with the new entry) is the fleet's from now on; if the transaction
+        rolls back, the next ``tree`` call sees the mismatch and rebuilds."""
+        self._trees[fleet] = tree
+
+
+def append_tx(conn: sqlite3.Connection, pending: PendingEntry,
+              frontiers: Frontiers | None = None) -> AppendedEntry | None:
     """Append ``pending`` inside the caller's transaction (see the module doc).
 
     A round (or FedBuff release) already in the ledger (the same round and resulting
@@ -131,13 +162,14 @@ def append_tx(conn: sqlite3.Connection, pending: PendingEntry) -> AppendedEntry 
     }
     header = canonical(header_obj)
     leaf = leaf_hash(header)
-    leaves = [bytes(r[0]) for r in conn.execute(
-        "SELECT leaf FROM ledger_entries WHERE fleet = ? ORDER BY idx", (fleet,))]
-    leaves.append(leaf)
-    root = root_hash(leaves)
+    tree = (frontiers or Frontiers()).tree(conn, fleet, index,
+                                           None if last is None else bytes(last[1]))
+    path = tuple(tree.append(leaf))
+    root = tree.root()
+    size = tree.size
     stamp = int(time.time() * 1000)
     signature = pending.signer.sign(
-        tree_head_bytes(fleet=fleet, size=len(leaves), timestamp_ms=stamp, root=root))
+        tree_head_bytes(fleet=fleet, size=size, timestamp_ms=stamp, root=root))
     saved = conn.execute("SELECT sha256 FROM checkpoints WHERE fleet = ? AND model_version = ?",
                          (fleet, pending.model_version)).fetchone()
     if saved is not None and str(saved[0]) != pending.model:
@@ -157,12 +189,14 @@ def append_tx(conn: sqlite3.Connection, pending: PendingEntry) -> AppendedEntry 
     conn.execute(
         "INSERT INTO ledger_entries (fleet, idx, round, header, accepted, details, leaf,"
         " tree_size, root, timestamp_ms, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (fleet, index, pending.round, header, b"\n".join(lines), details, leaf, len(leaves),
+        (fleet, index, pending.round, header, b"\n".join(lines), details, leaf, size,
          root, stamp, signature))
+    if frontiers is not None:
+        frontiers.keep(fleet, tree)
     pending.appended = AppendedEntry(
         fleet=fleet, index=index, round=pending.round, header=header, accepted=tuple(lines),
-        details=details, leaf=leaf, tree_size=len(leaves), root=root, timestamp_ms=stamp,
-        signature=signature)
+        details=details, leaf=leaf, tree_size=size, root=root, timestamp_ms=stamp,
+        signature=signature, path=path)
     return pending.appended
 
 

@@ -140,3 +140,17 @@ def test_out_of_range_and_malformed_inputs() -> None:
     assert not verify_inclusion(leaf=hashes[2][:31], index=2, size=5, path=path, root=root)
     assert not verify_inclusion(leaf=hashes[2], index=2, size=5, path=[p[:16] for p in path],
                                 root=root)
+
+
+def test_a_compact_tree_gives_each_new_leaf_its_inclusion_path() -> None:
+    """What the aggregator sends a device is the path ``append`` returned, in O(log n)."""
+    tree = CompactTree()
+    hashes = [leaf_hash(d) for d in _data(130)]
+    for n, h in enumerate(hashes, start=1):
+        path = tree.append(h)
+        assert path == inclusion_path(n - 1, hashes[:n]), n
+        assert verify_inclusion(leaf=h, index=n - 1, size=n, path=path, root=tree.root())
+        assert tree.last == h
+    copy = tree.copy()
+    copy.append(leaf_hash(b"only in the copy"))
+    assert tree.size == 130 and copy.size == 131 and tree.root() == root_hash(hashes)

@@ -321,8 +321,8 @@ _CHILD = textwrap.dedent(
 
     kill_at = int(sys.argv[4])
 
-    def append_then_die(conn, pending):
-        appended = append_tx(conn, pending)
+    def append_then_die(conn, pending, frontiers=None):
+        appended = append_tx(conn, pending, frontiers)
         # the row is written, the transaction not committed:
         if appended is not None and appended.index == kill_at:
             print(f"KILLING in entry {appended.index}", flush=True)
@@ -443,8 +443,8 @@ _ASYNC_CHILD = textwrap.dedent(
     import cloud_aggregator._store as store_module
     from cloud_aggregator._store_ledger import append_tx
 
-    def append_then_die(conn, pending):
-        appended = append_tx(conn, pending)
+    def append_then_die(conn, pending, frontiers=None):
+        appended = append_tx(conn, pending, frontiers)
         if appended is not None and appended.index == 1:  # written, not committed
             print(f"KILLING in entry {appended.index}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
