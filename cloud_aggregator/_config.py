@@ -117,8 +117,9 @@ class AggregatorConfig:
         20, help="async: refuse updates staler than this many versions (none: no limit)",
         group=_ASYNC)
     checkpoint_every_s: float = setting(
-        1.0, help="async: write the model to disk at most this often (0: at every release); "
-        "versions released in between are re-derived from the journal after a crash",
+        1.0, help="async: write the model to disk at most this often (0: at every release, "
+        "or as soon as the checkpoint being written is done); versions released in between "
+        "are re-derived from the journal after a crash",
         group=_ASYNC)
 
     # -- local training (sent in each task)

@@ -14,14 +14,22 @@ aggregate becomes the next model version, or when a round is abandoned. In order
 4. the model is broadcast, the ledger's signed head and proofs published, the metrics
    recorded (once: not again for a release re-derived after a restart).
 
-The aggregator's lock is held throughout (the runtime calls in under it).
+The aggregator's lock is held throughout (the runtime calls in under it), except for one
+thing: while the run loop runs, a due FedBuff checkpoint is written on a thread of its
+own (``_Background``). What it saves is taken under the lock (the released model, never
+changed in place, what was learned as of that release, the ledger entries and device
+records since the last checkpoint); the file, its fsync and the transaction then run
+without it, so updates keep coming in; its proofs are published, and a failure raised,
+on the aggregator's own thread at the next look (``poll``). A checkpoint of any other
+kind, and a close, waits for it first: ledger entries append in release order.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +54,18 @@ REGISTRY_EVERY_S = 1.0
 this often: they are advisory, and hellos bring the devices back after a crash."""
 
 
+@dataclass(eq=False)
+class _Background:
+    """A FedBuff checkpoint being written on its own thread (see the module doc)."""
+
+    entries: list[PendingEntry]
+    histories: Mapping[str, DeviceHistory]
+    unsaved: tuple[RoundMetrics, bytes]
+    drop: range | None
+    error: BaseException | None = None
+    thread: threading.Thread = field(init=False, repr=False)
+
+
 class Releases:
     """The release, checkpoint and ledger path of one aggregator (see the module doc)."""
 
@@ -53,7 +73,8 @@ class Releases:
                  state: ModelState, strategy: Strategy, learned: LearnedState,
                  recorder: RoundRecorder,
                  trail: LedgerWriter, events: EventBus, broadcast: Callable[[], None],
-                 gauges: Callable[[], None], resuming: Callable[[], bool]) -> None:
+                 gauges: Callable[[], None], resuming: Callable[[], bool],
+                 background: Callable[[], bool] = lambda: False) -> None:
         self.config = config
         self.fleet = config.fleet
         self.store = store
@@ -67,6 +88,10 @@ class Releases:
         self._broadcast = broadcast
         self._gauges = gauges
         self._resuming = resuming
+        self._background = background
+        """Whether a due FedBuff checkpoint may be written on a thread of its own (while
+        the run loop runs; a manual ``tick`` saves before it returns)."""
+        self._job: _Background | None = None
         self.model_sha = ""
         """SHA-256 of the current model as a checkpoint file (the ledger's model hash)."""
         self._unsaved_histories: dict[str, DeviceHistory] = {}
@@ -83,9 +108,61 @@ class Releases:
 
     @property
     def checkpoint_due(self) -> bool:
-        """A release waits for its checkpoint and ``checkpoint_every_s`` has passed."""
-        return (self._unsaved is not None
+        """A release waits for its checkpoint, ``checkpoint_every_s`` has passed and no
+        checkpoint is being written."""
+        self.poll()
+        return (self._unsaved is not None and self._job is None
                 and time.monotonic() - self._saved_at >= self.config.checkpoint_every_s)
+
+    def poll(self, *, wait: bool = False) -> None:
+        """Finish a checkpoint written on its own thread once it is done (``wait``: wait
+        for it): publish its ledger entries' heads and proofs, or raise its failure."""
+        job = self._job
+        if job is None or (not wait and job.thread.is_alive()):
+            return
+        job.thread.join()
+        self._job = None
+        if job.error is not None:
+            # Nothing of it committed: the next save takes it all again.
+            self._unsaved_entries = job.entries + self._unsaved_entries
+            self._unsaved_histories = {**job.histories, **self._unsaved_histories}
+            if job.drop is not None:
+                self._unsaved_from = (job.drop.start if self._unsaved_from is None
+                                      else min(job.drop.start, self._unsaved_from))
+            if self._unsaved is None:
+                self._unsaved = job.unsaved
+            raise job.error
+        for entry in job.entries:
+            if entry.appended is not None:
+                self.trail.publish(entry.appended)
+
+    def _save_in_background(self) -> None:
+        """``save_unsaved`` with the file and the transaction on a thread of their own."""
+        assert self._unsaved is not None and self._job is None
+        metrics, learned = self._unsaved
+        states = {STATE_BLOB: learned, OPT_BLOB: self.state.optimizer.to_bytes(),
+                  PENDING_METRICS: RoundRecorder.pending_blob(metrics)}
+        drop = (None if self._unsaved_from is None
+                else range(self._unsaved_from, self.state.version))
+        entries, self._unsaved_entries = self._unsaved_entries, []
+        job = _Background(entries=entries, histories=self._take_histories(),
+                          unsaved=self._unsaved, drop=drop)
+        version, params = self.state.version, self.state.params
+
+        def write() -> None:
+            try:
+                self.store.save_checkpoint(
+                    fleet=self.fleet, model_version=version, params=params, states=states,
+                    drop_streams=drop, histories=job.histories, ledger=entries)
+            except BaseException as exc:
+                job.error = exc
+
+        job.thread = threading.Thread(target=write, name="fleetlearn-checkpoint", daemon=True)
+        self._job = job
+        self._unsaved_from = None
+        self._unsaved = None
+        self._saved_at = time.monotonic()
+        job.thread.start()
 
     def release(self, *, params: F32 | None, metrics: RoundMetrics,
                 close_round: int | None = None,
@@ -134,9 +211,10 @@ class Releases:
                 # after a restart, must find it as it was when the buffer opened.
                 self._unsaved = (metrics, self.learned.to_bytes())
                 if self.checkpoint_due:
-                    self.save_unsaved()
+                    self.save_unsaved(background=self._background())
         else:
             assert close_round is not None
+            self.poll(wait=True)  # ledger entries append in release order
             self.store.close_round(fleet=self.fleet, round_index=close_round, state="abandoned",
                                    states={STATE_BLOB: self.learned.to_bytes(),
                                            PENDING_METRICS: RoundRecorder.pending_blob(metrics)},
@@ -159,6 +237,7 @@ class Releases:
                    learned: bytes | None = None) -> None:
         """Checkpoint the current model with what was learned (and ``metrics``, until
         their line is written), dropping the journal streams it was derived from."""
+        self.poll(wait=True)  # ledger entries append in release order
         states = {STATE_BLOB: self.learned.to_bytes() if learned is None else learned,
                   OPT_BLOB: self.state.optimizer.to_bytes()}
         if metrics is not None:
@@ -181,12 +260,24 @@ class Releases:
             if entry.appended is not None:
                 self.trail.publish(entry.appended)
 
-    def save_unsaved(self) -> None:
+    def save_unsaved(self, *, background: bool = False) -> None:
         """Checkpoint a model released without one (see ``release``), if any, with what
-        was learned as of its release."""
+        was learned as of its release; ``background``: on a thread of its own (see the
+        module doc). Without it, a checkpoint being written is waited for first."""
+        if background and self._job is None and self._unsaved is not None:
+            self._save_in_background()
+            return
+        self.poll(wait=True)
         if self._unsaved is not None:
             metrics, learned = self._unsaved
             self.save_model(metrics, learned=learned)
+
+    def join_background(self) -> None:
+        """Wait for a checkpoint being written, keeping quiet about its outcome (the
+        aggregator is going away: what committed is what the next start finds)."""
+        job = self._job
+        if job is not None:
+            job.thread.join()
 
     def _take_histories(self) -> dict[str, DeviceHistory]:
         """The records of the devices releases changed since the last save, as they are

@@ -301,7 +301,8 @@ class Aggregator:
             config=config, store=self.store, registry=self.registry, state=self.state,
             strategy=self.strategy, learned=self.learned, recorder=self.recorder,
             trail=self.trail, events=self.events, broadcast=self._broadcast_model,
-            gauges=self._publish_gauges, resuming=lambda: self._resuming)
+            gauges=self._publish_gauges, resuming=lambda: self._resuming,
+            background=lambda: self._running)
         self._early_bytes = 0
         self._early: collections.deque[tuple[Callable[[str, Message], None], str, Message]] = (
             collections.deque())
@@ -555,6 +556,7 @@ class Aggregator:
 
     def _let_go(self) -> None:
         """Stop the metrics endpoint, close the store, remove a temporary state dir."""
+        self.releases.join_background()  # a checkpoint being written finishes first
         self.journal.close()  # a batch being written finishes first (after abort: unacked)
         if self._metrics_server is not None:
             self._metrics_server.close()
@@ -613,7 +615,7 @@ class Aggregator:
                 self._commit()
             progressed = self.strategy.tick(self.clock.now())
             if self.releases.checkpoint_due:
-                self.releases.save_unsaved()
+                self.releases.save_unsaved(background=self._running)
             self.registry.flush(every_s=0.0 if not self._running else REGISTRY_EVERY_S)
             self._maybe_status(progressed)
             return progressed
