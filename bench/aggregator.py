@@ -29,6 +29,10 @@ in a child process (``_mqtt_swarm.py``, one shared network loop). The broker and
 devices share the machine's two cores with the aggregator; the CPU figure is the
 aggregator's process only. ``broker`` in each row says which.
 
+``--slow-disk-ms MS`` makes every checkpoint file's write take MS longer (a sleep, which
+holds no interpreter lock, as an fsync on a network-attached volume does), in this
+checkout and the baseline alike: what a slow disk costs ingest.
+
 ``compressed_at_least_1000_per_s`` reads the in-memory rows (the aggregator's own
 cost); the rows over Mosquitto say what a deployment on one such machine gets.
 
@@ -427,11 +431,26 @@ def parse_counts(text: str) -> list[int]:
     return [int(c) for c in text.split(",") if c.strip()]
 
 
+def slow_disk(ms: float) -> None:
+    """Every checkpoint file's write takes ``ms`` longer (see the module doc)."""
+    import cloud_aggregator._store as store_module
+
+    write = store_module.atomic_write
+
+    def slow_write(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(ms / 1000)
+        return write(*args, **kwargs)
+
+    store_module.atomic_write = slow_write
+
+
 def scenarios(args: argparse.Namespace) -> dict[str, Any]:
     from broker_bridge import CodecSpec, Layout, encode_update
     from broker_bridge._brokers import find_mosquitto
     from cloud_aggregator._models import build_reference_model
 
+    if args.slow_disk_ms:
+        slow_disk(args.slow_disk_ms)
     cache = Path(args.cache)
     updates, samples = genuine_updates(args.devices, cache)
     model = build_reference_model("mlp-xl", 0)
@@ -478,6 +497,8 @@ def main() -> None:
     parser.add_argument("--repo", default=None, help="run another checkout's code")
     parser.add_argument("--baseline-rev", default=None,
                         help="also run this git revision (in a temporary worktree)")
+    parser.add_argument("--slow-disk-ms", type=float, default=0.0,
+                        help="add this much to every checkpoint file's write")
     parser.add_argument("--profile", action="store_true",
                         help="print a cProfile of each timed ingest to stderr")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -490,6 +511,7 @@ def main() -> None:
     say(f"this checkout ({REPO}):")
     ours = scenarios(args)
     result: dict[str, Any] = {"model": "mlp-xl", "parameters": ours["parameters"],
+                              "slow_disk_ms": args.slow_disk_ms,
                               "store_synchronous": "FULL", "ours": ours["runs"]}
     if args.baseline_rev:
         with tempfile.TemporaryDirectory(prefix="fleetlearn-baseline-") as tmp:
@@ -500,7 +522,7 @@ def main() -> None:
                 child = subprocess.run(
                     [sys.executable, __file__, "--child", "--repo", tmp, "--counts", args.counts,
                      "--dense-counts", args.dense_counts, "--mqtt-counts", "",
-                     "--buffer", str(args.buffer),
+                     "--buffer", str(args.buffer), "--slow-disk-ms", str(args.slow_disk_ms),
                      "--devices", str(args.devices), "--cache", args.cache],
                     capture_output=True, text=True, timeout=3600)
                 sys.stderr.write(child.stderr)
