@@ -247,6 +247,10 @@ class AggregatorConfig:
         "127.0.0.1", help="address the metrics endpoint listens on: loopback unless you "
         "open it on purpose (0.0.0.0: every interface; the endpoint has no authentication)",
         example="0.0.0.0", group=_STATE)
+    keep_checkpoints: int = setting(
+        5, help="checkpoint files kept: the newest N, beside the oldest (what ledger verify "
+        "re-derives from) and those the ledger checks models against (secure, private or "
+        "own-combine rounds); older ones are deleted (0: keep every one)", group=_STATE)
     store_synchronous: Literal["FULL", "NORMAL"] = setting(
         "FULL", help="SQLite synchronous mode of the store (NORMAL: faster, may lose the "
         "last commits on a power cut)", group=_STATE)
@@ -307,6 +311,9 @@ class AggregatorConfig:
         _choice("selection", self.selection, tuple(POLICIES))
         _choice("server_opt", self.server_opt, SERVER_OPTIMIZERS)
         _choice("store_synchronous", self.store_synchronous, ("FULL", "NORMAL"))
+        if self.keep_checkpoints < 0:
+            raise ConfigError(f"keep_checkpoints must be >= 0 (0: keep every one), got "
+                              f"{self.keep_checkpoints}")
         for name in ("codec", "downlink_codec"):
             try:
                 spec = CodecSpec.parse(getattr(self, name))

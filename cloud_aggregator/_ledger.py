@@ -233,6 +233,15 @@ class AppendedEntry:
         return value
 
 
+def recorded_only(rule: Mapping[str, Any]) -> bool:
+    """Whether an entry's model can only be checked against its checkpoint file, not
+    re-derived from the entry: a secure round's sum comes from the devices' reveals, a
+    private round's carries noise, and a strategy's own combination is not a recorded
+    rule (``_ledger_verify``; ``_retention`` keeps those files)."""
+    return bool(rule.get("secure_aggregation") or rule.get("differential_privacy") is not None
+                or rule.get("combine") is not None)
+
+
 def model_sha256(params: npt.NDArray[np.float32]) -> str:
     """The SHA-256 of ``params`` saved as ``Store.save_checkpoint`` saves a checkpoint."""
     buf = io.BytesIO()

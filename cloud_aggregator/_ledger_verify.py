@@ -72,6 +72,7 @@ from cloud_aggregator._ledger import (
     canonical,
     model_sha256,
     read_public_key,
+    recorded_only,
 )
 from cloud_aggregator._robust import RobustConfig, robust_memory_bytes
 from cloud_aggregator._server_opt import make_server_optimizer
@@ -314,7 +315,7 @@ def _verify_entry(store: Store, entry: AppendedEntry, *, index: int, prev_leaf: 
         raise _Bad("prev_model is not the model re-derived so far (or the initial model)")
     private = header["rule"].get("differential_privacy") is not None
     combined = header["rule"].get("combine") is not None
-    if header.get("outcome") in ("closed", "aggregated") and (secure or private or combined):
+    if header.get("outcome") in ("closed", "aggregated") and recorded_only(header["rule"]):
         replay.take_recorded(store, report, int(header["model_version"]), str(header["model"]),
                              combined=combined and not (secure or private))
     elif header.get("outcome") in ("closed", "aggregated"):

@@ -153,7 +153,8 @@ class Releases:
             try:
                 self.store.save_checkpoint(
                     fleet=self.fleet, model_version=version, params=params, states=states,
-                    drop_streams=drop, histories=job.histories, ledger=entries)
+                    drop_streams=drop, histories=job.histories, ledger=entries,
+                    keep_newest=self.config.keep_checkpoints)
             except BaseException as exc:
                 job.error = exc
 
@@ -249,7 +250,8 @@ class Releases:
             self.store.save_checkpoint(
                 fleet=self.fleet, model_version=self.state.version, params=self.state.params,
                 states=states, close_round=close_round, drop_streams=drop,
-                histories=self._take_histories(), ledger=entries)
+                histories=self._take_histories(), ledger=entries,
+                keep_newest=self.config.keep_checkpoints)
         except BaseException:
             self._unsaved_entries = entries + self._unsaved_entries
             raise

@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -48,7 +49,8 @@ import numpy.typing as npt
 from broker_bridge import atomic_write
 from cloud_aggregator._errors import CheckpointCorrupt, SchemaTooNew, StoreError
 from cloud_aggregator._history import DeviceHistory
-from cloud_aggregator._ledger import PendingEntry
+from cloud_aggregator._ledger import PendingEntry, recorded_only
+from cloud_aggregator._retention import migrate_v7, prune_tx
 from cloud_aggregator._store_devices import (
     DeviceTables,
     _json,
@@ -68,12 +70,15 @@ from cloud_aggregator._store_ledger import (
 )
 from device_profiles._errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 MIGRATIONS: tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...] = (
     (2, migrate_v2),
     (3, migrate_v3),
     (4, migrate_v4),
     (5, migrate_v5),
     (6, migrate_v6),
+    (7, migrate_v7),
 )
 """Each step brings a store to its version inside one transaction, in order."""
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -676,6 +681,7 @@ class Store(DeviceTables, KeyTables, LedgerTables):
         histories: Mapping[str, DeviceHistory] | None = None,
         ledger: Sequence[PendingEntry] = (),
         at: float | None = None,
+        keep_newest: int = 0,
     ) -> CheckpointRecord:
         """Write the global model durably, then record it in one transaction.
 
@@ -686,7 +692,8 @@ class Store(DeviceTables, KeyTables, LedgerTables):
         the journal streams (FedBuff buffers) this model was derived from, dropped in the
         same transaction. The training ``ledger`` entries of the round (or of the releases
         since the last checkpoint) commit in it too, with the bodies they cite, taken from
-        the journal before it is dropped.
+        the journal before it is dropped. ``keep_newest`` > 0: older checkpoints go
+        (``_retention``), their files once the transaction has committed.
         """
         vec = np.ascontiguousarray(params, dtype=np.float32)
         if vec.ndim != 1:
@@ -717,6 +724,9 @@ class Store(DeviceTables, KeyTables, LedgerTables):
                 _put_state(conn, key, body, record.created_at)
             for entry in ledger:  # before the journal rows it keeps go
                 append_tx(conn, entry, self._frontiers)
+                if entry.outcome in ("closed", "aggregated") and recorded_only(entry.rule):
+                    conn.execute("UPDATE checkpoints SET keep = 1 WHERE fleet = ? AND"
+                                 " model_version = ?", (fleet, entry.model_version))
             if close_round is not None:
                 self._close_round_tx(conn, fleet, close_round, "closed", record.created_at)
             if drop_streams:  # FedBuff buffers released into this model
@@ -724,6 +734,12 @@ class Store(DeviceTables, KeyTables, LedgerTables):
                              " AND round < ?" + KEEP_REFERENCED,
                              (fleet, drop_streams.start, drop_streams.stop))
             put_histories(conn, histories or {})
+            gone = prune_tx(conn, fleet, keep_newest)
+        for old in gone:
+            try:
+                (self._checkpoint_dir / old).unlink(missing_ok=True)
+            except OSError as exc:  # its row is gone: nothing reads it; say so, go on
+                log.warning("cannot delete the old checkpoint file %s: %s", old, exc)
         return record
 
     def checkpoint(

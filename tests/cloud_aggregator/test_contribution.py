@@ -305,7 +305,7 @@ def test_a_version_2_store_gains_the_contribution_columns(tmp_path: Path) -> Non
     conn.commit()
     conn.close()
     with Store(path) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 6  # 5: the training ledger, 6: its refs
+        assert store.schema_version() == SCHEMA_VERSION == 7  # 5: ledger, 6: refs, 7: keep
         (record,) = store.devices()
         assert record.history.selections == 4 and record.history.contributions == 0
         assert record.history.reputation == 1.0

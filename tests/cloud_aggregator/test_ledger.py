@@ -498,11 +498,12 @@ def test_a_store_from_before_the_ledger_migrates_and_its_ledger_starts_there(
         conn.execute("DROP TABLE ledger_refs")
         conn.execute("DROP TABLE ledger_entries")
         conn.execute("DROP TABLE ledger_bodies")
+        conn.execute("ALTER TABLE checkpoints DROP COLUMN keep")  # version 7's
         conn.execute("UPDATE schema_version SET version = 4")
     broker = MemoryBroker()
     fleet = devices(broker, 3)
     agg = make(tmp_path, artifacts, broker, rounds=3)
-    assert agg.store.schema_version() == 6 and agg.store.ledger_entries(FLEET) == []
+    assert agg.store.schema_version() == 7 and agg.store.ledger_entries(FLEET) == []
     _sync_rounds(agg, fleet, 2)
     entries = agg.store.ledger_entries(FLEET)
     assert [(e.index, e.round) for e in entries] == [(0, 2), (1, 3)]
@@ -528,12 +529,13 @@ def test_a_version_5_store_keeps_its_copied_bodies_and_references_new_ones(
         copied = conn.execute("SELECT count(*) FROM ledger_bodies").fetchone()[0]
         conn.execute("DROP TABLE ledger_refs")
         conn.execute("DELETE FROM round_updates")
+        conn.execute("ALTER TABLE checkpoints DROP COLUMN keep")  # version 7's
         conn.execute("UPDATE schema_version SET version = 5")
     assert copied >= 3
     broker = MemoryBroker()
     fleet = devices(broker, 3)
     agg = make(tmp_path, artifacts, broker, rounds=4)
-    assert agg.store.schema_version() == 6
+    assert agg.store.schema_version() == 7
     _sync_rounds(agg, fleet, 2)
     agg.close()
     with _db(tmp_path) as conn:

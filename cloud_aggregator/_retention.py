@@ -1,0 +1,47 @@
+"""Which checkpoint files the store keeps (``AggregatorConfig.keep_checkpoints``).
+
+Every release of a sync round, and a FedBuff buffer at most every
+``checkpoint_every_s``, writes the whole model to a file (4.4 MB for ``mlp-xl``): kept
+forever, a FedBuff run filled a disk by the hour. A checkpoint is now deleted once a
+newer one has committed, unless it is
+
+- one of the newest ``keep_checkpoints`` (a restart needs the newest; the model server
+  answers a device asking for a recent version from them);
+- the oldest the store holds (version 0, or where a store from before the training
+  ledger started it): ``fleetlearn ledger verify`` re-derives every other model from it;
+- ``keep``-marked: the model of a ledger entry that can only be checked against its
+  file (``_ledger.recorded_only``: a secure or private round, a strategy combining its
+  own way).
+
+The rows go in the transaction of the checkpoint that replaces them; the files after it
+commits (a crash in between leaves a file no row names, never a row without its file).
+Schema version 7 adds the ``keep`` mark (``migrate_v7``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+
+def migrate_v7(conn: sqlite3.Connection) -> None:
+    """Schema version 6 -> 7: a checkpoint can be marked to be kept."""
+    conn.execute("ALTER TABLE checkpoints ADD COLUMN keep INTEGER NOT NULL DEFAULT 0")
+
+
+def prune_tx(conn: sqlite3.Connection, fleet: str, newest: int) -> list[str]:
+    """Delete, inside the caller's transaction, the rows of ``fleet``'s checkpoints that
+    are neither among the ``newest``, nor the oldest, nor marked to be kept; return their
+    file names (relative to the checkpoint directory) for the caller to remove once the
+    transaction has committed. ``newest`` 0: keep every one."""
+    if newest <= 0:
+        return []
+    rows = conn.execute(
+        "SELECT model_version, path FROM checkpoints WHERE fleet = ? AND keep = 0"
+        " AND model_version > (SELECT min(model_version) FROM checkpoints WHERE fleet = ?)"
+        " AND model_version < (SELECT model_version FROM checkpoints WHERE fleet = ?"
+        " ORDER BY model_version DESC LIMIT 1 OFFSET ?)",
+        (fleet, fleet, fleet, newest - 1)).fetchall()
+    for version, _ in rows:
+        conn.execute("DELETE FROM checkpoints WHERE fleet = ? AND model_version = ?",
+                     (fleet, version))
+    return [str(path) for _, path in rows]
