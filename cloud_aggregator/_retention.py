@@ -20,12 +20,36 @@ Schema version 7 adds the ``keep`` mark (``migrate_v7``).
 
 from __future__ import annotations
 
+import json
 import sqlite3
+
+from cloud_aggregator._ledger import recorded_only
 
 
 def migrate_v7(conn: sqlite3.Connection) -> None:
-    """Schema version 6 -> 7: a checkpoint can be marked to be kept."""
+    """Schema version 6 -> 7: a checkpoint can be marked to be kept; the ones the ledger
+    written so far checks models against are marked (one pass over its entries)."""
     conn.execute("ALTER TABLE checkpoints ADD COLUMN keep INTEGER NOT NULL DEFAULT 0")
+    has_ledger = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND"
+                              " name = 'ledger_entries'").fetchone()
+    if has_ledger is None:
+        return
+    for fleet, header in conn.execute("SELECT fleet, header FROM ledger_entries").fetchall():
+        try:
+            head = json.loads(header)
+            pinned = (head.get("outcome") in ("closed", "aggregated")
+                      and recorded_only(head.get("rule") or {}))
+            version = int(head["model_version"])
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue  # a broken entry: ledger verify names it; nothing to keep for it
+        if pinned:
+            mark_kept(conn, fleet, version)
+
+
+def mark_kept(conn: sqlite3.Connection, fleet: str, version: int) -> None:
+    """The checkpoint of ``version`` (if there is one) is never pruned."""
+    conn.execute("UPDATE checkpoints SET keep = 1 WHERE fleet = ? AND model_version = ?",
+                 (fleet, version))
 
 
 def prune_tx(conn: sqlite3.Connection, fleet: str, newest: int) -> list[str]:

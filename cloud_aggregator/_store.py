@@ -50,7 +50,7 @@ from broker_bridge import atomic_write
 from cloud_aggregator._errors import CheckpointCorrupt, SchemaTooNew, StoreError
 from cloud_aggregator._history import DeviceHistory
 from cloud_aggregator._ledger import PendingEntry, recorded_only
-from cloud_aggregator._retention import migrate_v7, prune_tx
+from cloud_aggregator._retention import mark_kept, migrate_v7, prune_tx
 from cloud_aggregator._store_devices import (
     DeviceTables,
     _json,
@@ -725,8 +725,7 @@ class Store(DeviceTables, KeyTables, LedgerTables):
             for entry in ledger:  # before the journal rows it keeps go
                 append_tx(conn, entry, self._frontiers)
                 if entry.outcome in ("closed", "aggregated") and recorded_only(entry.rule):
-                    conn.execute("UPDATE checkpoints SET keep = 1 WHERE fleet = ? AND"
-                                 " model_version = ?", (fleet, entry.model_version))
+                    mark_kept(conn, fleet, entry.model_version)
             if close_round is not None:
                 self._close_round_tx(conn, fleet, close_round, "closed", record.created_at)
             if drop_streams:  # FedBuff buffers released into this model

@@ -4,6 +4,7 @@ ledger still verifies and a restart still resumes."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,27 @@ def test_a_checkpoint_the_ledger_checks_a_model_against_is_kept(tmp_path: Path,
 def test_a_negative_count_is_refused() -> None:
     with pytest.raises(ConfigError, match="keep_checkpoints must be >= 0"):
         AggregatorConfig(keep_checkpoints=-1)
+
+
+def test_a_store_from_before_retention_marks_what_its_ledger_needs(tmp_path: Path,
+                                                                   artifacts: Path) -> None:
+    """Schema 7 marks, from the entries already written, the checkpoints the ledger checks
+    models against; pruning then leaves them, and the whole ledger still verifies."""
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    private = {"dp_noise_multiplier": 1.0, "dp_clipping": "fixed", "clip_norm": 1.0}
+    agg = make(tmp_path, artifacts, broker, rounds=3, keep_checkpoints=0, **private)
+    _rounds(agg, fleet, 3)
+    agg.close()
+    with sqlite3.connect(tmp_path / "aggregator.sqlite") as conn:  # as version 6 left it
+        conn.execute("ALTER TABLE checkpoints DROP COLUMN keep")
+        conn.execute("UPDATE schema_version SET version = 6")
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=5, keep_checkpoints=1, **private)
+    assert agg.store.schema_version() == 7
+    _rounds(agg, fleet, 2)
+    assert _versions(agg) == ([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5])
+    agg.close()
+    (report,) = verify_ledger(tmp_path)
+    assert report.ok and report.secure_taken == 5, report
