@@ -1,11 +1,13 @@
-"""The fake devices of ``bench/aggregator.py --mqtt-counts``, in their own process.
+"""``bench/aggregator.py --mqtt-counts``: the ingest scenarios through a real Mosquitto.
 
-They connect to a real Mosquitto (one shared network loop, as the simulator's agents),
-say hello, and answer the aggregator's tasks with pre-encoded updates (``drive`` in
-``aggregator.py``, the in-memory scenarios' own code). The aggregator runs in the parent
-process, which measures its own CPU: this process prints ``ready`` before each timed
-window and waits for ``go`` on stdin, prints ``done`` after the window's last
-acknowledgement, and at the end prints ``drive``'s result as one JSON line.
+``run_mqtt`` (in the benchmark's process) starts the broker and the aggregator, and runs
+this file again as a child: the fake devices' process (``main``). The devices connect to
+the broker over one shared network loop, as the simulator's agents do, say hello, and
+answer the aggregator's tasks with pre-encoded updates (``drive`` in ``aggregator.py``,
+the in-memory scenarios' own code). The parent measures its own CPU: the child prints
+``ready`` before each timed window and waits for ``go`` on stdin, prints ``done`` after
+the window's last acknowledgement, and at the end prints ``drive``'s result as one JSON
+line.
 
     python bench/_mqtt_swarm.py --url mqtt://127.0.0.1:PORT --n 800 --mode sync \\
         --codec topk:0.01+q8+zstd --bodies FILE [--repo DIR]
@@ -16,10 +18,68 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import subprocess
 import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 import aggregator as bench  # bench/ is this script's directory
+
+
+def run_mqtt(mode: str, codec: str, bodies: list[bytes], samples: list[int], n: int,
+             buffer: int, state: Path) -> dict[str, Any]:
+    """The same scenario through a real Mosquitto on a free port: the aggregator as
+    ``fleetlearn aggregator`` runs it (its MQTT client's network thread runs the
+    handlers), the devices in a child process (``_mqtt_swarm.py``). The broker and the
+    devices share this machine's cores with the aggregator; CPU is this process's."""
+    import pickle
+
+    from broker_bridge import MosquittoProcess
+    from cloud_aggregator import Aggregator
+
+    enrolment, _ = bench.device_keys(n)
+    parts = {} if enrolment is None else {"enrolment": enrolment}
+    bodies_file = state / "bodies.pickle"
+    state = state / "aggregator"
+    with open(bodies_file, "wb") as fh:
+        pickle.dump((bodies, samples), fh)
+    broker = MosquittoProcess().start()
+    agg = Aggregator.connect(bench.bench_config(mode, codec, n, buffer, state), broker=broker.url,
+                             **parts)
+    child = None
+    try:
+        agg.start()
+        runner = threading.Thread(target=agg.run, name="aggregator-run", daemon=True)
+        runner.start()
+        repo = ["--repo", sys.argv[sys.argv.index("--repo") + 1]] if "--repo" in sys.argv else []
+        child = subprocess.Popen(
+            [sys.executable, str(Path(__file__)), "--url",
+             broker.url, "--n", str(n), "--mode", mode, "--codec", codec, "--bodies",
+             str(bodies_file), *repo],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert child.stdin is not None and child.stdout is not None
+        window, drove = bench.Window(), None
+        for line in child.stdout:
+            if line.strip() == "ready":
+                window.start()
+                child.stdin.write("go\n")
+                child.stdin.flush()
+            elif line.strip() == "done":
+                window.end()
+            elif line.startswith("{"):
+                drove = json.loads(line)
+        if child.wait() != 0 or drove is None:
+            raise SystemExit(f"the MQTT devices' process failed (exit {child.returncode})")
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+        agg.stop()
+        agg.close()
+        broker.stop()
+    row = bench.result_row(mode, codec, n, drove, window)
+    row["broker"] = "mosquitto"
+    return row
 
 
 def main() -> None:

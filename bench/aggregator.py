@@ -42,6 +42,10 @@ worktree of REV and run it there in a child process, and print both side by side
 baseline's in-memory scenarios only: an older aggregator may not run over MQTT here).
 
     python bench/aggregator.py [--counts 200,800] [--mqtt-counts 800] [--baseline-rev REV]
+
+Over 400 lines on purpose: the in-memory and Mosquitto scenarios share the swarm, the
+drive loop, the timed window and the row format here (the Mosquitto processes live in
+``_mqtt_swarm.py``); splitting them would split one measurement.
 """
 
 from __future__ import annotations
@@ -301,61 +305,6 @@ def run_service(mode: str, codec: str, bodies: list[bytes], samples: list[int], 
     return result_row(mode, codec, n, drove, window)
 
 
-def run_mqtt(mode: str, codec: str, bodies: list[bytes], samples: list[int], n: int,
-             buffer: int, state: Path) -> dict[str, Any]:
-    """The same scenario through a real Mosquitto on a free port: the aggregator as
-    ``fleetlearn aggregator`` runs it (its MQTT client's network thread runs the
-    handlers), the devices in a child process (``_mqtt_swarm.py``). The broker and the
-    devices share this machine's cores with the aggregator; CPU is this process's."""
-    import pickle
-
-    from broker_bridge import MosquittoProcess
-    from cloud_aggregator import Aggregator
-
-    enrolment, _ = device_keys(n)
-    parts = {} if enrolment is None else {"enrolment": enrolment}
-    bodies_file = state / "bodies.pickle"
-    state = state / "aggregator"
-    with open(bodies_file, "wb") as fh:
-        pickle.dump((bodies, samples), fh)
-    broker = MosquittoProcess().start()
-    agg = Aggregator.connect(bench_config(mode, codec, n, buffer, state), broker=broker.url,
-                             **parts)
-    child = None
-    try:
-        agg.start()
-        runner = threading.Thread(target=agg.run, name="aggregator-run", daemon=True)
-        runner.start()
-        repo = ["--repo", sys.argv[sys.argv.index("--repo") + 1]] if "--repo" in sys.argv else []
-        child = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("_mqtt_swarm.py")), "--url",
-             broker.url, "--n", str(n), "--mode", mode, "--codec", codec, "--bodies",
-             str(bodies_file), *repo],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert child.stdin is not None and child.stdout is not None
-        window, drove = Window(), None
-        for line in child.stdout:
-            if line.strip() == "ready":
-                window.start()
-                child.stdin.write("go\n")
-                child.stdin.flush()
-            elif line.strip() == "done":
-                window.end()
-            elif line.startswith("{"):
-                drove = json.loads(line)
-        if child.wait() != 0 or drove is None:
-            raise SystemExit(f"the MQTT devices' process failed (exit {child.returncode})")
-    finally:
-        if child is not None and child.poll() is None:
-            child.kill()
-        agg.stop()
-        agg.close()
-        broker.stop()
-    row = result_row(mode, codec, n, drove, window)
-    row["broker"] = "mosquitto"
-    return row
-
-
 class Window:
     """What the aggregator's process spends over the timed window: CPU and peak RSS."""
 
@@ -474,6 +423,8 @@ def scenarios(args: argparse.Namespace) -> dict[str, Any]:
                                           Path(tmp), profile=args.profile)
                         row["broker"] = "memory"
                     else:
+                        from _mqtt_swarm import run_mqtt
+
                         row = run_mqtt(mode, codec, bodies, samples, n, args.buffer, Path(tmp))
                 turn = ("" if row["round_turnaround_s"] is None else
                         f"round close+open {row['round_turnaround_s']:.3f} s, ")
