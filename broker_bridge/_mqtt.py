@@ -448,8 +448,8 @@ class MqttTransport(Transport):
                     "after %gs", self.client_id, topic, self._publish_timeout - left,
                     self._max_queued, "the network thread is reading" if busy is None else
                     f"the network thread has been in a message handler for {busy:.0f}s: "
-                    "a handler waiting for a lock that "
-                    "this publisher holds?", self._publish_timeout)
+                    "a handler waiting for a lock that this publisher holds?",
+                    self._publish_timeout)
             with self._cond:
                 self._cond.wait(min(left, 0.2))
         if qos > 0:

@@ -16,7 +16,7 @@ aggregate becomes the next model version, or when a round is abandoned. In order
 
 The aggregator's lock is held throughout (the runtime calls in under it), except for one
 thing: while the run loop runs, a due FedBuff checkpoint is written on a thread of its
-own (``_Background``). What it saves is taken under the lock (the released model, never
+own (``_Save``). What it saves is taken under the lock (the released model, never
 changed in place, what was learned as of that release, the ledger entries and device
 records since the last checkpoint); the file, its fsync and the transaction then run
 without it, so updates keep coming in; its proofs are published, and a failure raised,
@@ -26,6 +26,7 @@ kind, and a close, waits for it first: ledger entries append in release order.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -47,23 +48,33 @@ from cloud_aggregator._registry import FleetRegistry
 from cloud_aggregator._store import Store
 from cloud_aggregator._strategy import ModelState, Strategy
 
+log = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
 OPT_BLOB = "server_opt"
+JOIN_SAY_S = 5.0
+"""A wait for a checkpoint being written says so after this long."""
 REGISTRY_EVERY_S = 1.0
 """While ``run`` loops, the registry's devices and their histories are written at most
 this often: they are advisory, and hellos bring the devices back after a crash."""
 
 
-@dataclass(eq=False)
-class _Background:
-    """A FedBuff checkpoint being written on its own thread (see the module doc)."""
+@dataclass(eq=False, kw_only=True)
+class _Save:
+    """One checkpoint's content, taken under the lock (``Releases._take``); written there
+    or on a thread of its own (see the module doc)."""
 
+    version: int
+    params: F32
+    states: dict[str, bytes]
+    close_round: int | None
+    drop: range | None
     entries: list[PendingEntry]
     histories: Mapping[str, DeviceHistory]
-    unsaved: tuple[RoundMetrics, bytes]
-    drop: range | None
+    unsaved: tuple[RoundMetrics, bytes] | None
+    """The FedBuff release waiting for a checkpoint when this was taken (given back if
+    the write fails)."""
     error: BaseException | None = None
-    thread: threading.Thread = field(init=False, repr=False)
+    thread: threading.Thread | None = field(default=None, repr=False)
 
 
 class Releases:
@@ -91,7 +102,8 @@ class Releases:
         self._background = background
         """Whether a due FedBuff checkpoint may be written on a thread of its own (while
         the run loop runs; a manual ``tick`` saves before it returns)."""
-        self._job: _Background | None = None
+        self._job: _Save | None = None
+        """The checkpoint being written on its own thread, if any."""
         self.model_sha = ""
         """SHA-256 of the current model as a checkpoint file (the ledger's model hash)."""
         self._unsaved_histories: dict[str, DeviceHistory] = {}
@@ -109,8 +121,7 @@ class Releases:
     @property
     def checkpoint_due(self) -> bool:
         """A release waits for its checkpoint, ``checkpoint_every_s`` has passed and no
-        checkpoint is being written."""
-        self.poll()
+        checkpoint is being written (``poll`` first: one may have finished)."""
         return (self._unsaved is not None and self._job is None
                 and time.monotonic() - self._saved_at >= self.config.checkpoint_every_s)
 
@@ -118,52 +129,59 @@ class Releases:
         """Finish a checkpoint written on its own thread once it is done (``wait``: wait
         for it): publish its ledger entries' heads and proofs, or raise its failure."""
         job = self._job
-        if job is None or (not wait and job.thread.is_alive()):
+        if job is None or job.thread is None or (not wait and job.thread.is_alive()):
             return
-        job.thread.join()
+        _join(job)
         self._job = None
-        if job.error is not None:
-            # Nothing of it committed: the next save takes it all again.
-            self._unsaved_entries = job.entries + self._unsaved_entries
-            self._unsaved_histories = {**job.histories, **self._unsaved_histories}
-            if job.drop is not None:
-                self._unsaved_from = (job.drop.start if self._unsaved_from is None
-                                      else min(job.drop.start, self._unsaved_from))
-            if self._unsaved is None:
-                self._unsaved = job.unsaved
-            raise job.error
-        for entry in job.entries:
-            if entry.appended is not None:
-                self.trail.publish(entry.appended)
+        self._finish(job)
 
-    def _save_in_background(self) -> None:
-        """``save_unsaved`` with the file and the transaction on a thread of their own."""
-        assert self._unsaved is not None and self._job is None
-        metrics, learned = self._unsaved
-        states = {STATE_BLOB: learned, OPT_BLOB: self.state.optimizer.to_bytes(),
-                  PENDING_METRICS: RoundRecorder.pending_blob(metrics)}
-        drop = (None if self._unsaved_from is None
-                else range(self._unsaved_from, self.state.version))
-        entries, self._unsaved_entries = self._unsaved_entries, []
-        job = _Background(entries=entries, histories=self._take_histories(),
-                          unsaved=self._unsaved, drop=drop)
-        version, params = self.state.version, self.state.params
-
-        def write() -> None:
-            try:
-                self.store.save_checkpoint(
-                    fleet=self.fleet, model_version=version, params=params, states=states,
-                    drop_streams=drop, histories=job.histories, ledger=entries,
-                    keep_newest=self.config.keep_checkpoints)
-            except BaseException as exc:
-                job.error = exc
-
-        job.thread = threading.Thread(target=write, name="fleetlearn-checkpoint", daemon=True)
-        self._job = job
+    def _take(self, metrics: RoundMetrics | None, *, learned: bytes,
+              close_round: int | None = None) -> _Save:
+        """What a checkpoint of the current model saves, taken now: what was ``learned``,
+        the optimizer's state, ``metrics`` (until their line is written), the journal
+        streams it was derived from, the ledger entries and device records since the
+        last checkpoint."""
+        states = {STATE_BLOB: learned, OPT_BLOB: self.state.optimizer.to_bytes()}
+        if metrics is not None:
+            states[PENDING_METRICS] = RoundRecorder.pending_blob(metrics)
+        save = _Save(version=self.state.version, params=self.state.params, states=states,
+                     close_round=close_round,
+                     drop=(None if self._unsaved_from is None
+                           else range(self._unsaved_from, self.state.version)),
+                     entries=self._unsaved_entries, histories=self._take_histories(),
+                     unsaved=self._unsaved)
+        self._unsaved_entries = []
         self._unsaved_from = None
         self._unsaved = None
         self._saved_at = time.monotonic()
-        job.thread.start()
+        return save
+
+    def _write(self, save: _Save) -> None:
+        """Write ``save`` (file and transaction); a failure is kept in ``save.error``."""
+        try:
+            self.store.save_checkpoint(
+                fleet=self.fleet, model_version=save.version, params=save.params,
+                states=save.states, close_round=save.close_round, drop_streams=save.drop,
+                histories=save.histories, ledger=save.entries,
+                keep_newest=self.config.keep_checkpoints)
+        except BaseException as exc:
+            save.error = exc
+
+    def _finish(self, save: _Save) -> None:
+        """After ``_write``: publish the entries' heads and proofs; or, if it failed,
+        give everything back to the next save (nothing of it committed) and raise."""
+        if save.error is not None:
+            self._unsaved_entries = save.entries + self._unsaved_entries
+            self._unsaved_histories = {**save.histories, **self._unsaved_histories}
+            if save.drop is not None:
+                self._unsaved_from = (save.drop.start if self._unsaved_from is None
+                                      else min(save.drop.start, self._unsaved_from))
+            if self._unsaved is None:
+                self._unsaved = save.unsaved
+            raise save.error
+        for entry in save.entries:
+            if entry.appended is not None:
+                self.trail.publish(entry.appended)
 
     def release(self, *, params: F32 | None, metrics: RoundMetrics,
                 close_round: int | None = None,
@@ -211,6 +229,7 @@ class Releases:
                 # What was learned is taken now: the open buffer's updates, replayed
                 # after a restart, must find it as it was when the buffer opened.
                 self._unsaved = (metrics, self.learned.to_bytes())
+                self.poll()
                 if self.checkpoint_due:
                     self.save_unsaved(background=self._background())
         else:
@@ -239,35 +258,22 @@ class Releases:
         """Checkpoint the current model with what was learned (and ``metrics``, until
         their line is written), dropping the journal streams it was derived from."""
         self.poll(wait=True)  # ledger entries append in release order
-        states = {STATE_BLOB: self.learned.to_bytes() if learned is None else learned,
-                  OPT_BLOB: self.state.optimizer.to_bytes()}
-        if metrics is not None:
-            states[PENDING_METRICS] = RoundRecorder.pending_blob(metrics)
-        drop = (None if self._unsaved_from is None
-                else range(self._unsaved_from, self.state.version))
-        entries, self._unsaved_entries = self._unsaved_entries, []
-        try:
-            self.store.save_checkpoint(
-                fleet=self.fleet, model_version=self.state.version, params=self.state.params,
-                states=states, close_round=close_round, drop_streams=drop,
-                histories=self._take_histories(), ledger=entries,
-                keep_newest=self.config.keep_checkpoints)
-        except BaseException:
-            self._unsaved_entries = entries + self._unsaved_entries
-            raise
-        self._unsaved_from = None
-        self._unsaved = None
-        self._saved_at = time.monotonic()
-        for entry in entries:
-            if entry.appended is not None:
-                self.trail.publish(entry.appended)
+        save = self._take(metrics, close_round=close_round,
+                          learned=self.learned.to_bytes() if learned is None else learned)
+        self._write(save)
+        self._finish(save)
 
     def save_unsaved(self, *, background: bool = False) -> None:
         """Checkpoint a model released without one (see ``release``), if any, with what
         was learned as of its release; ``background``: on a thread of its own (see the
         module doc). Without it, a checkpoint being written is waited for first."""
         if background and self._job is None and self._unsaved is not None:
-            self._save_in_background()
+            metrics, learned = self._unsaved
+            job = self._take(metrics, learned=learned)
+            job.thread = threading.Thread(target=self._write, args=(job,),
+                                          name="fleetlearn-checkpoint", daemon=True)
+            self._job = job
+            job.thread.start()
             return
         self.poll(wait=True)
         if self._unsaved is not None:
@@ -278,8 +284,8 @@ class Releases:
         """Wait for a checkpoint being written, keeping quiet about its outcome (the
         aggregator is going away: what committed is what the next start finds)."""
         job = self._job
-        if job is not None:
-            job.thread.join()
+        if job is not None and job.thread is not None:
+            _join(job)
 
     def _take_histories(self) -> dict[str, DeviceHistory]:
         """The records of the devices releases changed since the last save, as they are
@@ -306,3 +312,13 @@ class Releases:
                 else:
                     self._below.discard(device)
         return len(self._below)
+
+
+def _join(job: _Save) -> None:
+    """Wait for ``job``'s thread, saying so if that takes more than a few seconds."""
+    assert job.thread is not None
+    job.thread.join(JOIN_SAY_S)
+    if job.thread.is_alive():
+        log.warning("waiting for the checkpoint of model version %d being written (its "
+                    "file, fsync and transaction)", job.version)
+        job.thread.join()

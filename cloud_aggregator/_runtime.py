@@ -614,6 +614,7 @@ class Aggregator:
             else:
                 self._commit()
             progressed = self.strategy.tick(self.clock.now())
+            self.releases.poll()
             if self.releases.checkpoint_due:
                 self.releases.save_unsaved(background=self._running)
             self.registry.flush(every_s=0.0 if not self._running else REGISTRY_EVERY_S)

@@ -129,7 +129,7 @@ class Frontiers:
 
 
 def append_tx(conn: sqlite3.Connection, pending: PendingEntry,
-              frontiers: Frontiers | None = None) -> AppendedEntry | None:
+              frontiers: Frontiers) -> AppendedEntry | None:
     """Append ``pending`` inside the caller's transaction (see the module doc).
 
     A round (or FedBuff release) already in the ledger (the same round and resulting
@@ -162,8 +162,7 @@ def append_tx(conn: sqlite3.Connection, pending: PendingEntry,
     }
     header = canonical(header_obj)
     leaf = leaf_hash(header)
-    tree = (frontiers or Frontiers()).tree(conn, fleet, index,
-                                           None if last is None else bytes(last[1]))
+    tree = frontiers.tree(conn, fleet, index, None if last is None else bytes(last[1]))
     path = tuple(tree.append(leaf))
     root = tree.root()
     size = tree.size
@@ -191,8 +190,7 @@ def append_tx(conn: sqlite3.Connection, pending: PendingEntry,
         " tree_size, root, timestamp_ms, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (fleet, index, pending.round, header, b"\n".join(lines), details, leaf, size,
          root, stamp, signature))
-    if frontiers is not None:
-        frontiers.keep(fleet, tree)
+    frontiers.keep(fleet, tree)
     pending.appended = AppendedEntry(
         fleet=fleet, index=index, round=pending.round, header=header, accepted=tuple(lines),
         details=details, leaf=leaf, tree_size=size, root=root, timestamp_ms=stamp,

@@ -206,7 +206,7 @@ def run_simulation(cfg: SimConfig, *, out: Any = None, quiet: bool = False,
             password_for=password_for,
         )
         agg_transport = MqttTransport(url=url, client_id="aggregator", username="aggregator",
-                                      password=password_for("aggregator"), max_queued=0)
+                                      password=password_for("aggregator"))
         aggregator = Aggregator(config=agg_cfg,
                                 channel=Channel(transport=agg_transport, fleet=agg_cfg.fleet),
                                 enrolment=fleet.enrolment, **parts)

@@ -4,10 +4,12 @@ reordered (``_releases``' module doc)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aggregator_rig import FakeDevice, devices, make
 from waiting import wait_for
 
@@ -155,3 +157,32 @@ def test_a_checkpoint_that_fails_in_the_background_loses_nothing(
     (report,) = verify_ledger(tmp_path)
     assert report.ok, report
     assert version >= 1 and report.models_rederived == version
+
+
+def test_waiting_for_a_checkpoint_being_written_says_so(
+    tmp_path: Path, artifacts: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    import cloud_aggregator._releases as releases_module
+
+    monkeypatch.setattr(releases_module, "JOIN_SAY_S", 0.1)
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg, runner = _running(tmp_path, artifacts, broker)
+    held = HeldCheckpoints(agg)
+    held.hold.set()
+    answers = Answers(agg, fleet)
+    try:
+        for _ in range(2):
+            answers.next()
+        assert held.entered.wait(10), "no checkpoint was started"
+        threading.Timer(0.5, held.let_go).start()
+        with caplog.at_level(logging.WARNING, logger="cloud_aggregator._releases"), \
+                agg.condition:
+            agg.releases.poll(wait=True)
+        assert any("waiting for the checkpoint of model version" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        held.let_go()
+        agg.stop()
+        runner.join(30)

@@ -321,7 +321,7 @@ _CHILD = textwrap.dedent(
 
     kill_at = int(sys.argv[4])
 
-    def append_then_die(conn, pending, frontiers=None):
+    def append_then_die(conn, pending, frontiers):
         appended = append_tx(conn, pending, frontiers)
         # the row is written, the transaction not committed:
         if appended is not None and appended.index == kill_at:
@@ -443,7 +443,7 @@ _ASYNC_CHILD = textwrap.dedent(
     import cloud_aggregator._store as store_module
     from cloud_aggregator._store_ledger import append_tx
 
-    def append_then_die(conn, pending, frontiers=None):
+    def append_then_die(conn, pending, frontiers):
         appended = append_tx(conn, pending, frontiers)
         if appended is not None and appended.index == 1:  # written, not committed
             print(f"KILLING in entry {appended.index}", flush=True)
