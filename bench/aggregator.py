@@ -415,7 +415,7 @@ def scenarios(args: argparse.Namespace) -> dict[str, Any]:
             say("  (no mosquitto binary: the scenarios over a real broker are skipped)")
             over_mqtt = []
         runs = [("memory", n) for n in counts] + [("mosquitto", n) for n in over_mqtt]
-        for mode in ("sync", "async"):
+        for mode in args.modes.split(","):
             for broker, n in runs:
                 with tempfile.TemporaryDirectory(prefix="fleetlearn-bench-agg-") as tmp:
                     if broker == "memory":
@@ -442,6 +442,8 @@ def main() -> None:
     parser.add_argument("--dense-counts", default="50,100", help="dense fp32 updates")
     parser.add_argument("--mqtt-counts", default="800",
                         help="compressed updates through a real Mosquitto ('' skips)")
+    parser.add_argument("--modes", default="sync,async", choices=("sync,async", "sync", "async"),
+                        help="which aggregation modes to run")
     parser.add_argument("--buffer", type=int, default=100, help="async buffer size (K)")
     parser.add_argument("--devices", type=int, default=6, help="genuine updates to train")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "fleetlearn"))
@@ -473,7 +475,8 @@ def main() -> None:
                 child = subprocess.run(
                     [sys.executable, __file__, "--child", "--repo", tmp, "--counts", args.counts,
                      "--dense-counts", args.dense_counts, "--mqtt-counts", "",
-                     "--buffer", str(args.buffer), "--slow-disk-ms", str(args.slow_disk_ms),
+                     "--modes", args.modes, "--buffer", str(args.buffer),
+                     "--slow-disk-ms", str(args.slow_disk_ms),
                      "--devices", str(args.devices), "--cache", args.cache],
                     capture_output=True, text=True, timeout=3600)
                 sys.stderr.write(child.stderr)
