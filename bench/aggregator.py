@@ -142,9 +142,10 @@ def device_keys(n: int) -> tuple[Any, dict[str, Any]]:
 class Swarm:
     """N fake devices answering tasks by hand, over any transport.
 
-    Their handlers only keep what arrives (over the in-memory broker they run inside the
-    aggregator's publish calls): tasks and acks are parsed after the timed window
-    (``collect``), so their cost is not charged to the aggregator.
+    Their handlers only keep the payloads that arrive, by topic (over the in-memory
+    broker they run inside the aggregator's publish calls): tasks and acks are decoded
+    after the timed window (``collect``) and proofs not at all, so a device's work on what
+    it receives is not charged to the aggregator. Tasks and acks fit in one chunk.
     """
 
     def __init__(self, n: int, connect: Any) -> None:
@@ -157,7 +158,7 @@ class Swarm:
         self.acks = 0
         self.rejected: list[str] = []
         self._raw_tasks: dict[str, Any] = {}
-        self._raw_acks: list[tuple[str, Any]] = []
+        self._raw_acks: list[tuple[str, str, bytes]] = []
         self._lock = threading.Lock()
         self.channels = {}
         self.enrolment, self.keys = device_keys(n)
@@ -165,7 +166,7 @@ class Swarm:
             transport = connect(dev, presence_will(fleet=FLEET, device=dev))
             channel = Channel(transport=transport, fleet=FLEET)
             transport.connect()
-            channel.subscribe(channel.topics.device_down(dev), self._handler(dev))
+            transport.subscribe(channel.topics.device_down(dev), self._handler(dev), qos=1)
             self.channels[dev] = channel
 
     @classmethod
@@ -177,30 +178,38 @@ class Swarm:
                                                         will=will))
 
     def _handler(self, dev: str) -> Any:
-        def on(topic: str, message: Any) -> None:
-            if message.kind == self.kind.TASK:
+        def on(topic: str, payload: bytes) -> None:
+            leaf = topic.rsplit("/", 1)[-1]
+            if leaf == "task":
                 with self._lock:
-                    self._raw_tasks[dev] = message
-            elif message.kind == self.kind.ACK:  # the aggregator acks updates only
+                    self._raw_tasks[dev] = (topic, payload)
+            elif leaf == "ack":  # the aggregator acks updates only
                 with self._lock:
                     self.acks += 1
-                    self._raw_acks.append((dev, message))
-            elif message.kind == self.kind.CONTROL:  # roll call
-                self.hello(dev)
+                    self._raw_acks.append((dev, topic, payload))
+            elif leaf == "control":  # a roll call
+                message = self.channels[dev].decode(topic, payload)
+                if message is not None and message.kind == self.kind.CONTROL:
+                    self.hello(dev)
         return on
 
     def collect(self) -> None:
-        """Parse what arrived (outside the timed window): tasks and update acks."""
+        """Decode what arrived (outside the timed window): tasks and update acks."""
         from broker_bridge import Ack
 
         with self._lock:
             raw_tasks, self._raw_tasks = self._raw_tasks, {}
             raw_acks, self._raw_acks = self._raw_acks, []
-        for dev, message in raw_tasks.items():
-            self.tasks[dev] = self.task_spec.from_message(message)
-        for dev, message in raw_acks:
-            ack = Ack.from_message(message)
-            if ack.what != "update" or ack.status != "accepted":
+        for dev, (topic, payload) in raw_tasks.items():
+            message = self.channels[dev].decode(topic, payload)
+            if message is not None:
+                self.tasks[dev] = self.task_spec.from_message(message)
+        for dev, topic, payload in raw_acks:
+            message = self.channels[dev].decode(topic, payload)
+            ack = None if message is None else Ack.from_message(message)
+            if ack is None:
+                self.rejected.append(f"{dev}: an ack that does not decode")
+            elif ack.what != "update" or ack.status != "accepted":
                 self.rejected.append(f"{dev}: {ack.what} {ack.status} {ack.reason}")
 
     def hello(self, dev: str) -> None:
