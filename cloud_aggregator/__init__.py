@@ -73,6 +73,7 @@ from cloud_aggregator._errors import (
     ModelBuildError,
     PrivacyBudgetExhausted,
     SecAggAbandoned,
+    StateDirInUse,
     UpdateRejected,
 )
 from cloud_aggregator._evaluate import ServerEvaluator
@@ -199,6 +200,7 @@ __all__ = [
     "SchemaTooNew",
     "SecAggAbandoned",
     "CheckpointCorrupt",
+    "StateDirInUse",
     "LedgerError",
     "LedgerMismatch",
     # the training ledger

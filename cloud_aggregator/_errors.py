@@ -9,7 +9,8 @@
     ├── PrivacyBudgetExhausted  the next round would spend more than dp_epsilon
     └── StoreError        the database cannot be opened or used as asked
         ├── SchemaTooNew      written by a newer fleetlearn (never downgraded in place)
-        └── CheckpointCorrupt a checkpoint file missing, truncated or not its sha256
+        ├── CheckpointCorrupt a checkpoint file missing, truncated or not its sha256
+        └── StateDirInUse     another aggregator holds the state dir
 """
 
 from __future__ import annotations
@@ -66,3 +67,7 @@ class SchemaTooNew(StoreError):
 
 class CheckpointCorrupt(StoreError):
     """A recorded checkpoint file is missing, truncated or does not match its sha256."""
+
+
+class StateDirInUse(StoreError):
+    """Another aggregator holds the state dir (``_ownership``): two would corrupt it."""

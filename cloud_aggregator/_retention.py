@@ -14,14 +14,21 @@ newer one has committed, unless it is
   own way).
 
 The rows go in the transaction of the checkpoint that replaces them; the files after it
-commits (a crash in between leaves a file no row names, never a row without its file).
+commits (a crash in between leaves a file no row names, never a row without its file;
+so does a crash between a checkpoint's file and its row). ``orphans`` names such files:
+the aggregator that owns the state dir (``_ownership``) deletes them when it starts
+(``Store.sweep_checkpoints``; the temporary files of a write cut short go then too,
+``_startup.clean_stale_temp_files``).
 Schema version 7 adds the ``keep`` mark (``migrate_v7``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
+from collections.abc import Set
+from pathlib import Path
 
 from cloud_aggregator._ledger import recorded_only
 
@@ -69,3 +76,16 @@ def prune_tx(conn: sqlite3.Connection, fleet: str, newest: int) -> list[str]:
         conn.execute("DELETE FROM checkpoints WHERE fleet = ? AND model_version = ?",
                      (fleet, version))
     return [str(path) for _, path in rows]
+
+
+def orphans(directory: Path, prefix: str, recorded: Set[str]) -> list[Path]:
+    """Files of one fleet's checkpoints in ``directory`` (``<prefix>-v<10 digits>.npy``)
+    that no row names (``recorded``: the file names the rows hold); nothing else is ever
+    listed."""
+    named = re.compile(re.escape(prefix) + r"-v\d{10}\.npy")
+    try:
+        entries = list(directory.iterdir())
+    except FileNotFoundError:
+        return []
+    return sorted(p for p in entries
+                  if named.fullmatch(p.name) and p.name not in recorded and p.is_file())

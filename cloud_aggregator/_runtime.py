@@ -95,6 +95,7 @@ from cloud_aggregator._learned import STATE_BLOB, LearnedState, read_json_blob
 from cloud_aggregator._ledger import AggregatorKey, model_sha256
 from cloud_aggregator._ledger_writer import LedgerWriter
 from cloud_aggregator._metrics import Counters, MetricsLog, MetricsServer, RoundMetrics
+from cloud_aggregator._ownership import StateDirLock
 from cloud_aggregator._planner import WorkPlanner
 from cloud_aggregator._privacy import CentralDP
 from cloud_aggregator._recorder import PENDING_METRICS, RoundRecorder
@@ -183,8 +184,16 @@ class Aggregator:
         else:
             self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(self.state_dir / "aggregator.sqlite",
-                           synchronous=config.store_synchronous)
+        self._owner = StateDirLock(self.state_dir)
+        try:
+            self._owner.acquire()  # StateDirInUse: another aggregator has this dir
+            self.store = Store(self.state_dir / "aggregator.sqlite",
+                               synchronous=config.store_synchronous)
+        except BaseException:
+            self._owner.release()
+            if self._tmp is not None:
+                self._tmp.cleanup()
+            raise
         try:
             self.keys = KeyBook(store=self.store, fleet=config.fleet, enrolment=enrolment,
                                 path=config.enrolment,
@@ -192,6 +201,7 @@ class Aggregator:
             self._init_parts(artifacts_dir, on_round, strategy, policy, optimizer, evaluator)
         except BaseException:
             self.store.close()
+            self._owner.release()
             if self._tmp is not None:
                 self._tmp.cleanup()
             raise
@@ -562,6 +572,7 @@ class Aggregator:
             self._metrics_server.close()
             self._metrics_server = None
         self.store.close()
+        self._owner.release()
         if self._tmp is not None:
             self._tmp.cleanup()
 
@@ -687,6 +698,11 @@ class Aggregator:
                 fleet=self.fleet, model_version=0, params=self.state.params,
                 states={STATE_BLOB: self.learned.to_bytes(),
                         OPT_BLOB: self.state.optimizer.to_bytes()})
+        swept, nbytes = self.store.sweep_checkpoints(self.fleet)
+        if swept:
+            log.warning("deleted %d checkpoint file%s (%.1f MB) that no record names: a "
+                        "crash left them between a checkpoint's file and its record", swept,
+                        "" if swept == 1 else "s", nbytes / 1e6)
         record, params = self.store.load_checkpoint(self.fleet)
         if params.size != self.layout.size:
             raise AggregatorError("checkpoint does not match the model's layout")

@@ -50,7 +50,7 @@ from broker_bridge import atomic_write
 from cloud_aggregator._errors import CheckpointCorrupt, SchemaTooNew, StoreError
 from cloud_aggregator._history import DeviceHistory
 from cloud_aggregator._ledger import PendingEntry, recorded_only
-from cloud_aggregator._retention import mark_kept, migrate_v7, prune_tx
+from cloud_aggregator._retention import mark_kept, migrate_v7, orphans, prune_tx
 from cloud_aggregator._store_devices import (
     DeviceTables,
     _json,
@@ -740,6 +740,23 @@ class Store(DeviceTables, KeyTables, LedgerTables):
             except OSError as exc:  # its row is gone: nothing reads it; say so, go on
                 log.warning("cannot delete the old checkpoint file %s: %s", old, exc)
         return record
+
+    def sweep_checkpoints(self, fleet: str) -> tuple[int, int]:
+        """Delete ``fleet``'s checkpoint files that no row names (left by a crash; see
+        ``_retention``); only the aggregator that owns the state dir may call it (a
+        writer's new file has no row yet). Returns (files, bytes) deleted."""
+        recorded = {str(r[0]) for r in self._read(
+            "SELECT path FROM checkpoints WHERE fleet = ?", (fleet,))}
+        count = size = 0
+        for path in orphans(self._checkpoint_dir, _safe_name(fleet), recorded):
+            try:
+                nbytes = path.stat().st_size
+                path.unlink()
+            except OSError as exc:
+                log.warning("cannot delete the orphan checkpoint file %s: %s", path, exc)
+                continue
+            count, size = count + 1, size + nbytes
+        return count, size
 
     def checkpoint(
         self, fleet: str, *, model_version: int | None = None

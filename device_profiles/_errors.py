@@ -37,7 +37,8 @@ that every package can derive from it. The whole tree, by package::
         ├── PrivacyBudgetExhausted       cloud_aggregator (the next round would pass dp_epsilon)
         └── StoreError                   cloud_aggregator (the SQLite state cannot be used)
             ├── SchemaTooNew             cloud_aggregator (written by a newer fleetlearn)
-            └── CheckpointCorrupt        cloud_aggregator (a model file that fails its hash)
+            ├── CheckpointCorrupt        cloud_aggregator (a model file that fails its hash)
+            └── StateDirInUse            cloud_aggregator (another aggregator holds the dir)
 
 Every class in the tree is importable from ``fleetlearn`` (``fleetlearn.StoreError``)
 and from its package's front door; ``tests/fleetlearn/test_public_api.py`` checks this tree against

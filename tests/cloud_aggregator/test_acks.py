@@ -104,7 +104,7 @@ def test_a_counted_async_update_that_arrives_after_a_restart_says_counted(
     busy[0].send_update(layout=agg.layout)
     assert answer(busy[0]) == ("accepted", "")
     assert isinstance(agg.channel.transport, MemoryTransport)
-    agg.channel.transport.kill()  # crash: the ack may not have reached the device
+    agg.abort()  # crash: the ack may not have reached the device
     again = make(tmp_path, artifacts, broker, **opts)
     task = busy[0].tasks[0]
     busy[0].send_update(layout=again.layout, round_index=task.round,
@@ -200,7 +200,7 @@ def test_a_retry_after_a_rejection_survives_an_aggregator_restart(
     fleet["d0"].send_update(layout=agg.layout, values=big)  # final: screened
     fleet["d1"].send_update(layout=agg.layout, codec_body=garbled(agg, "d1", 1))  # may retry
     assert isinstance(agg.channel.transport, MemoryTransport)
-    agg.channel.transport.kill()
+    agg.abort()
     for d in fleet.values():
         d.tasks_before_restart = list(d.tasks)  # type: ignore[attr-defined]
     again = make(tmp_path, artifacts, broker, max_update_norm=10.0, quorum=1)

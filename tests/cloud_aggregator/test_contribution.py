@@ -276,7 +276,7 @@ def test_reputation_is_saved_with_the_round_and_survives_a_restart(tmp_path: Pat
         stored = {r.device_id: r.history for r in store.devices()}
     assert stored["d0"].standing == before["d0"].standing
     assert isinstance(agg.channel.transport, MemoryTransport)
-    agg.channel.transport.kill()
+    agg.abort()
     again = make(tmp_path, artifacts, broker, **settings)  # type: ignore[arg-type]
     for d, h in before.items():
         assert again.registry.history.get(d).standing == h.standing
@@ -386,7 +386,7 @@ def test_fedbuff_standing_released_without_a_checkpoint_is_derived_again_after_a
     with Store(tmp_path / "aggregator.sqlite") as store:
         assert all(r.history.contributions == 0 for r in store.devices())
     assert isinstance(agg.channel.transport, MemoryTransport)
-    agg.channel.transport.kill()
+    agg.abort()
     again = make(tmp_path, artifacts, broker, **settings)  # type: ignore[arg-type]
     assert again.model_version == 2
     for d, h in before.items():

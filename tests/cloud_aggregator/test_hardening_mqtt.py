@@ -59,8 +59,7 @@ def test_what_devices_sent_while_the_aggregator_was_away_is_handled(
     fleet = "h9b"
     first = aggregator(mosquitto.url, fleet, tmp_path, artifacts)
     first.start()
-    first.channel.transport.abort()  # killed: its persistent session stays subscribed
-    first.store.close()
+    first.abort()  # killed: its persistent session stays subscribed
     dev = Device(mosquitto.url, fleet, "dev-1")  # its hello is queued for the aggregator
     assert dev.channel.transport.flush(timeout=10)
     again = aggregator(mosquitto.url, fleet, tmp_path, artifacts)

@@ -152,8 +152,7 @@ def test_a_task_before_the_hello_and_the_same_task_twice_over_mosquitto(
         # The aggregator dies with round 1 open; dev-2 dies too (its will says offline).
         first.stop()
         runner.join(10)
-        first.channel.transport.abort()
-        first.store.close()
+        first.abort()
         dev2.abort()  # as a power cut: its held task never runs, its will fires
         agents.remove(dev2)
         # The restarted aggregator re-sends round 1's tasks at once, before any hello:

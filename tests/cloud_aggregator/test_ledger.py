@@ -578,7 +578,7 @@ def test_device_signatures_are_checked_and_bound_to_enrolled_keys(
     assert agg.tick()  # round 2 opens; two updates, then a restart
     for d in ("d0", "d1"):
         fleet[d].send_update(layout=agg.layout)
-    agg.channel.transport.kill()  # type: ignore[attr-defined]
+    agg.abort()
     again = make(tmp_path, artifacts, broker, rounds=2)
     fleet["d2"].send_update(layout=again.layout)
     assert again.tick() and again.model_version == 2

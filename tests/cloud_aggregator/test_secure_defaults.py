@@ -294,7 +294,7 @@ def test_a_bootstrap_round_resumed_after_a_crash_gives_the_same_model(
         fleet[d].send_update(layout=agg1.layout,
                              values=scaled(d, index, agg1.layout.size, norms.get(d, 0.3)))
     assert isinstance(agg1.channel.transport, MemoryTransport)
-    agg1.channel.transport.kill()  # crash, mid bootstrap round
+    agg1.abort()  # crash, mid bootstrap round
     agg2 = make(tmp_path / "b", artifacts, broker, devices_per_round=4)
     assert agg2.current_round is not None and agg2.current_round.counted == 2
     assert len(agg2.strategy.deferred) == 2  # type: ignore[attr-defined]

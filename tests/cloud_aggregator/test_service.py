@@ -249,7 +249,7 @@ def test_resume_after_a_crash_gives_the_same_model(tmp_path: Path, artifacts: Pa
     fleet["d1"].send_update(layout=agg1.layout)
     # Crash: no clean shutdown, the connection just dies.
     assert isinstance(agg1.channel.transport, MemoryTransport)
-    agg1.channel.transport.kill()
+    agg1.abort()
 
     for dev in fleet.values():
         dev.tasks.clear()

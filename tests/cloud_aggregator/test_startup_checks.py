@@ -164,7 +164,7 @@ def test_a_stop_between_checkpoint_and_metrics_line_loses_no_line(
     monkeypatch.undo()
     assert agg.store.checkpoint(FLEET).model_version == 1  # type: ignore[union-attr]
     assert agg.metrics_log.read() == []
-    agg.store.close()
+    agg.abort()
     again = make(tmp_path, artifacts, broker, rounds=2)
     rows = again.metrics_log.read()
     assert [(r["round"], r["outcome"], r["devices_reported"]) for r in rows] == [(1, "closed", 3)]

@@ -76,7 +76,7 @@ def test_a_fedbuff_buffer_survives_a_crash_through_its_journal(tmp_path: Path,
     answered = feed_async(agg, fleet, 2)
     assert agg.model_version == 0
     assert isinstance(agg.channel.transport, MemoryTransport)
-    agg.channel.transport.kill()  # crash: two updates accepted, buffer half full
+    agg.abort()  # crash: two updates accepted, buffer half full
     again = make(tmp_path, artifacts, broker, mode="async", concurrency=5, buffer_size=4,
                  rounds=1, staleness="constant", norm_median_multiple=None)
     # The journal put both back; a redelivery of one is a duplicate, not a third.
@@ -260,7 +260,7 @@ def test_a_dropped_fedbuff_buffer_is_not_replayed_after_a_restart(
         patch.setattr(ModelState, "stepped", broken)
         feed_async(agg, fleet, 2)
         assert agg.model_version == 0 and agg.strategy.buffered == 0  # type: ignore[attr-defined]
-    agg.channel.transport.kill()  # type: ignore[attr-defined]
+    agg.abort()
     again = make(tmp_path, artifacts, broker, mode="async", concurrency=3, buffer_size=2,
                  rounds=2, staleness="constant", norm_median_multiple=None)
     assert again.model_version == 0  # the dropped updates did not come back as a model
@@ -282,7 +282,7 @@ def test_fedbuff_releases_between_checkpoints_are_re_derived_after_a_crash(
     released = agg.params.copy()
     saved = agg.store.checkpoint(FLEET)
     assert saved is not None and saved.model_version == 0  # released, not checkpointed
-    agg.channel.transport.kill()  # type: ignore[attr-defined]
+    agg.abort()
     again = make(tmp_path, artifacts, broker, **settings)
     assert again.model_version == 3
     assert again.params.tobytes() == released.tobytes()

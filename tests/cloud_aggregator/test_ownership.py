@@ -1,0 +1,96 @@
+"""One aggregator per state dir (``_ownership``), and the checkpoint files a crash left
+behind (``Store.sweep_checkpoints``), swept by the aggregator that owns the dir."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from aggregator_rig import FLEET, devices, make
+
+from broker_bridge import MemoryBroker
+from cloud_aggregator import StateDirInUse, StoreError
+
+
+def test_a_second_aggregator_on_the_same_state_dir_is_refused(tmp_path: Path,
+                                                             artifacts: Path) -> None:
+    first = make(tmp_path, artifacts, MemoryBroker())
+    with pytest.raises(StateDirInUse, match=f"pid {os.getpid()}"):
+        make(tmp_path, artifacts, MemoryBroker())
+    assert issubclass(StateDirInUse, StoreError)
+    first.close()
+    again = make(tmp_path, artifacts, MemoryBroker())  # the lock went with the first
+    assert again.model_version == 0
+
+
+def test_a_crashed_aggregator_leaves_no_lock(tmp_path: Path, artifacts: Path) -> None:
+    """``abort`` (a simulated crash) lets the next aggregator in, as a process's death
+    does (below)."""
+    make(tmp_path, artifacts, MemoryBroker()).abort()
+    assert make(tmp_path, artifacts, MemoryBroker()).model_version == 0
+
+
+def test_another_process_holding_the_dir_is_named_and_its_death_frees_it(
+    tmp_path: Path, artifacts: Path
+) -> None:
+    code = ("import sys, time; from pathlib import Path; "
+            "from cloud_aggregator._ownership import StateDirLock; "
+            "StateDirLock(Path(sys.argv[1])).acquire(); print('held', flush=True); "
+            "time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        with pytest.raises(StateDirInUse, match=f"pid {child.pid} on "):
+            make(tmp_path, artifacts, MemoryBroker())
+    finally:
+        child.send_signal(signal.SIGKILL)  # no clean-up of its own: the kernel's
+        child.wait()
+    assert make(tmp_path, artifacts, MemoryBroker()).model_version == 0
+
+
+def test_checkpoint_files_no_record_names_are_swept_at_start(
+    tmp_path: Path, artifacts: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=2)
+    assert agg.tick()
+    for d in fleet.values():
+        d.send_update(layout=agg.layout)
+    assert agg.tick() and agg.model_version == 1
+    folder = agg.store.checkpoint_dir
+    agg.close()
+    kept = sorted(p.name for p in folder.iterdir())
+    assert kept == [f"{FLEET}-v0000000000.npy", f"{FLEET}-v0000000001.npy"]
+    # What a crash leaves: a file whose row was pruned (or never committed), a write cut
+    # short; and what is not ours to delete: another fleet's file, anything else.
+    left = {f"{FLEET}-v0000000007.npy": b"x" * 1000,
+            f".{FLEET}-v0000000002.npy.a1b2c3.tmp": b"y" * 10}
+    foreign = {"other-v0000000007.npy": b"z", "notes.txt": b"mine",
+               f"{FLEET}-v7.npy": b"not our name"}
+    for name, data in {**left, **foreign}.items():
+        (folder / name).write_bytes(data)
+    with caplog.at_level(logging.WARNING, logger="cloud_aggregator"):
+        again = make(tmp_path, artifacts, MemoryBroker(), rounds=2)
+    assert again.model_version == 1
+    assert sorted(p.name for p in folder.iterdir()) == sorted(kept + list(foreign))
+    assert "deleted 1 checkpoint file (" in caplog.text  # the temporary one: see _startup
+    assert again.store.sweep_checkpoints(FLEET) == (0, 0)  # nothing more to find
+
+
+def test_the_sweep_of_a_store_without_checkpoints_deletes_nothing(tmp_path: Path) -> None:
+    from cloud_aggregator import Store
+
+    with Store(tmp_path / "s.sqlite") as store:
+        assert store.sweep_checkpoints(FLEET) == (0, 0)  # no folder yet
+        store.checkpoint_dir.mkdir()
+        (store.checkpoint_dir / "other-v0000000001.npy").write_bytes(b"z")
+        (store.checkpoint_dir / f"{FLEET}-v0000000001.npy").write_bytes(b"zz")
+        assert store.sweep_checkpoints(FLEET) == (1, 2)
+        assert [p.name for p in store.checkpoint_dir.iterdir()] == ["other-v0000000001.npy"]
