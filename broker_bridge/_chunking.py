@@ -107,7 +107,7 @@ class Reassembler:
         set is dropped in that case).
         """
         if chunk.chunk_count == 1:
-            return _to_message(chunk, chunk.data)
+            return _to_message(chunk, bytes(chunk.data))  # bytes already: not copied
         key: _Key = (chunk.fleet, chunk.device, int(chunk.kind), chunk.transfer_id)
         with self._lock:
             now = self._clock()

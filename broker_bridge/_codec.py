@@ -559,7 +559,7 @@ def _payload(body: memoryview, start: int, expected: int, compressed: bool) -> b
 
 
 def _decode(
-    body: bytes, layout: Layout, kinds: tuple[BodyKind, ...]
+    body: bytes | memoryview, layout: Layout, kinds: tuple[BodyKind, ...]
 ) -> tuple[BodyHeader, Indices | None, Vector]:
     view = memoryview(body)
     header, start = BodyHeader.from_prefix(view)
@@ -621,7 +621,8 @@ def _decode(
     return header, indices, values
 
 
-def decode_update_sparse(body: bytes, layout: Layout) -> tuple[Indices | None, Vector]:
+def decode_update_sparse(body: bytes | memoryview, layout: Layout
+                         ) -> tuple[Indices | None, Vector]:
     """The coded indices (None when dense) and their values: for aggregators that
     accumulate sparse updates without building a dense vector each time."""
     _, indices, values = _decode(body, layout, (BodyKind.UPDATE,))

@@ -20,7 +20,7 @@ import json
 import struct
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from broker_bridge._envelope import Kind, Message, parse_json
 from broker_bridge._errors import WireError
@@ -34,10 +34,11 @@ from broker_bridge._payload import (
     _Payload,
     rule,
 )
-from broker_bridge._signing import SignatureError, update_body
+from broker_bridge._signing import SignatureError, update_body_view
 
 PROTOCOL_VERSION = 2
 MAX_META_BYTES = 64 * 1024
+B = TypeVar("B", bytes, memoryview)
 
 
 def schema_id(name: str) -> str:
@@ -250,8 +251,9 @@ def pack_prefixed(meta: _Payload, codec_body: bytes) -> bytes:
     return _META.pack(len(raw)) + raw + codec_body
 
 
-def unpack_prefixed(body: bytes, cls: type[T]) -> tuple[T, bytes]:
-    """Split a ``pack_prefixed`` body; ProtocolError when the prefix is malformed."""
+def unpack_prefixed(body: B, cls: type[T]) -> tuple[T, B]:
+    """Split a ``pack_prefixed`` body; ProtocolError when the prefix is malformed. The
+    rest is a slice of ``body`` (a view when ``body`` is one: no copy of a large body)."""
     what = cls.KIND.topic_name
     if len(body) < _META.size:
         raise ProtocolError(f"{what} body too short for its metadata length")
@@ -259,7 +261,7 @@ def unpack_prefixed(body: bytes, cls: type[T]) -> tuple[T, bytes]:
     if n > MAX_META_BYTES or _META.size + n > len(body):
         raise ProtocolError(f"{what} metadata length {n} is out of bounds")
     try:
-        meta_obj = parse_json(body[_META.size:_META.size + n], what=f"{what} metadata",
+        meta_obj = parse_json(bytes(body[_META.size:_META.size + n]), what=f"{what} metadata",
                               max_bytes=MAX_META_BYTES)
     except WireError as exc:
         raise ProtocolError(str(exc)) from exc
@@ -273,8 +275,15 @@ def pack_update_body(meta: UpdateMeta, codec_body: bytes) -> bytes:
 def unpack_update_body(body: bytes) -> tuple[UpdateMeta, bytes]:
     """Split an update body (signed or not: a signature block is skipped, not checked;
     ``_signing``); ProtocolError when the prefix (or the signature block) is malformed."""
+    meta, codec_body = unpack_update_view(body)
+    return meta, bytes(codec_body)
+
+
+def unpack_update_view(body: bytes) -> tuple[UpdateMeta, memoryview]:
+    """``unpack_update_body`` with the codec body a view of ``body``, not a copy (the
+    aggregator's ingest: a dense update is megabytes)."""
     try:
-        inner = update_body(body)
+        inner = update_body_view(body)
     except SignatureError as exc:
         raise ProtocolError(str(exc)) from exc
     return unpack_prefixed(inner, UpdateMeta)

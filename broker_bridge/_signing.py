@@ -110,19 +110,22 @@ class SignedBody:
 
     public_key: bytes
     signature: bytes
-    body: bytes
+    body: bytes | memoryview
+    """The update body (``from_bytes(..., copy=False)``: a view of the signed body)."""
 
     @property
     def body_sha256(self) -> bytes:
         return hashlib.sha256(self.body).digest()
 
     def to_bytes(self) -> bytes:
-        return MAGIC + bytes([SCHEME_ED25519]) + self.public_key + self.signature + self.body
+        return b"".join((MAGIC, bytes([SCHEME_ED25519]), self.public_key, self.signature,
+                         self.body))
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> SignedBody | None:
+    def from_bytes(cls, data: bytes, *, copy: bool = True) -> SignedBody | None:
         """The parts of a signed body; None for an unsigned one (no ``FLSG`` prefix);
-        ``SignatureError`` for a prefix that is cut short or names another scheme."""
+        ``SignatureError`` for a prefix that is cut short or names another scheme.
+        ``copy=False``: ``body`` is a view of ``data`` (a dense update is megabytes)."""
         if not is_signed(data):
             return None
         if len(data) < PREFIX_BYTES:
@@ -132,7 +135,8 @@ class SignedBody:
             raise SignatureError(f"unknown signature scheme {data[4]} (1 is Ed25519)")
         key_end = 5 + PUBLIC_KEY_BYTES
         return cls(public_key=bytes(data[5:key_end]),
-                   signature=bytes(data[key_end:PREFIX_BYTES]), body=bytes(data[PREFIX_BYTES:]))
+                   signature=bytes(data[key_end:PREFIX_BYTES]),
+                   body=bytes(data[PREFIX_BYTES:]) if copy else memoryview(data)[PREFIX_BYTES:])
 
 
 def is_signed(body: bytes) -> bool:
@@ -142,8 +146,13 @@ def is_signed(body: bytes) -> bool:
 
 def update_body(body: bytes) -> bytes:
     """The update body inside ``body`` (its signature block removed, if it has one)."""
-    signed = SignedBody.from_bytes(body)
-    return body if signed is None else signed.body
+    return bytes(update_body_view(body))
+
+
+def update_body_view(body: bytes) -> memoryview:
+    """``update_body`` as a view of ``body``, not a copy."""
+    signed = SignedBody.from_bytes(body, copy=False)
+    return memoryview(body) if signed is None else memoryview(signed.body)
 
 
 def sign_update(message: Message, *, public_key: bytes, sign: Signer) -> Message:

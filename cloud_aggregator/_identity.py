@@ -145,7 +145,7 @@ class VerifySignature:
 
         message = item.message
         try:
-            signed = SignedBody.from_bytes(message.body)
+            signed = SignedBody.from_bytes(message.body, copy=False)
         except SignatureError as exc:
             return Rejection(AckCode.BAD_SIGNATURE, str(exc), copy=True)
         if signed is None:

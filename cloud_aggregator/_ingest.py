@@ -37,8 +37,9 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from broker_bridge import CodecError, Layout, Message, UpdateMeta, WireError, unpack_update_body
+from broker_bridge import CodecError, Layout, Message, UpdateMeta, WireError
 from broker_bridge import decode_update_sparse as _decode_sparse
+from broker_bridge._protocol import unpack_update_view
 from cloud_aggregator._aggregate import Contribution
 from cloud_aggregator._aggregation import Reason, UpdateRules, l2_norm
 from cloud_aggregator._contribution import weight_factor
@@ -60,7 +61,8 @@ class UpdateItem:
     max_steps: int | None = None
     """The ``max_steps`` its task carried (bounds the weight)."""
     meta: UpdateMeta | None = None
-    codec_body: bytes = b""
+    codec_body: bytes | memoryview = b""
+    """The codec body (a view of the message's body: not a copy)."""
     indices: npt.NDArray[np.integer] | None = field(default=None, repr=False)
     values: npt.NDArray[np.float32] | None = field(default=None, repr=False)
     norm: float = math.nan
@@ -173,7 +175,7 @@ class Unpack:
 
     def process(self, item: UpdateItem) -> Rejection | None:
         try:
-            item.meta, item.codec_body = unpack_update_body(item.message.body)
+            item.meta, item.codec_body = unpack_update_view(item.message.body)
         except WireError as exc:
             return Rejection("bad_body", str(exc))
         if item.meta.nonce != self.nonce_of(item.task_round, item.device):

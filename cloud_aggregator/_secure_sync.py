@@ -61,7 +61,7 @@ class SecureUpload:
 
     def process(self, item: UpdateItem) -> Rejection | None:
         try:
-            body = parse(item.codec_body)
+            body = parse(bytes(item.codec_body))
         except SecAggRejected as exc:
             return Rejection("codec", str(exc))
         sa = self.strategy.secure
@@ -283,7 +283,7 @@ class SecureSyncRounds(SyncRounds):
         if op is None or op.round.spec.index != item.task_round or sa is None:
             return
         assert item.meta is not None
-        body = parse(item.codec_body)
+        body = parse(bytes(item.codec_body))
         assert isinstance(body, Masked)
         try:
             sa.on_masked(item.device, body)

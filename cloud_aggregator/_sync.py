@@ -43,8 +43,8 @@ from broker_bridge import (
     WireError,
     decode_update_sparse,
     printable,
-    unpack_update_body,
 )
+from broker_bridge._protocol import unpack_update_view
 from cloud_aggregator._aggregate import Contribution, RoundAggregate
 from cloud_aggregator._aggregation import l2_norm
 from cloud_aggregator._answers import Answer, refused, refused_blob
@@ -621,13 +621,13 @@ def _decode(body: bytes, ctx: StrategyContext, *, what: str = "a journaled updat
             ) -> tuple[Any, Any]:
     """(indices, values) of a journaled update body (envelope body: meta + codec body)."""
     try:
-        _, codec_body = unpack_update_body(body)
+        _, codec_body = unpack_update_view(body)
         return _decode_codec(codec_body, ctx)
     except WireError as exc:
         raise StoreError(f"stored update of {what} does not decode: {exc}") from exc
 
 
-def _decode_codec(codec_body: bytes, ctx: StrategyContext) -> tuple[Any, Any]:
+def _decode_codec(codec_body: bytes | memoryview, ctx: StrategyContext) -> tuple[Any, Any]:
     indices, values = decode_update_sparse(codec_body, ctx.layout)
     return (None if indices is None else np.asarray(indices, dtype=np.int64),
             np.asarray(values, dtype=np.float32))
@@ -652,7 +652,7 @@ def replay(ctx: StrategyContext, stream: int, *, where: str) -> Iterator[Replaye
     for stored in ctx.journal(stream):
         device = stored.key.device_id
         try:
-            meta, codec_body = unpack_update_body(stored.body)
+            meta, codec_body = unpack_update_view(stored.body)
             deferred = bool(stored.meta.get("deferred"))
             decoded = None if deferred else _decode_codec(codec_body, ctx)
         except WireError as exc:
