@@ -41,7 +41,8 @@ the ingest pipeline): run it twice, or let ``--baseline-rev REV`` make a tempora
 worktree of REV and run it there in a child process, and print both side by side (the
 baseline's in-memory scenarios only: an older aggregator may not run over MQTT here).
 
-    python bench/aggregator.py [--counts 200,800] [--mqtt-counts 800] [--baseline-rev REV]
+    python bench/aggregator.py [--counts 200,800] [--mqtt-counts 800] [--modes sync]
+                               [--baseline-rev REV]
 
 Over 400 lines on purpose: the in-memory and Mosquitto scenarios share the swarm, the
 drive loop, the timed window and the row format here (the Mosquitto processes live in
