@@ -10,7 +10,9 @@ for the aggregator's whole life; a second one is refused at construction with
 drops the lock when its process dies, however it dies, so a crash never leaves a stale
 lock behind. Tools that only read the store (``fleetlearn ledger verify``) take no lock.
 
-On a platform without ``fcntl`` the lock is not taken (said once in the log).
+On a platform without ``fcntl``, or a file system that takes no locks (some network
+mounts), the lock is not taken, and the log says so; a lock file that cannot be opened is
+a ``StoreError``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import socket
 import time
 from pathlib import Path
 
-from cloud_aggregator._errors import StateDirInUse
+from cloud_aggregator._errors import StateDirInUse, StoreError
 
 try:
     import fcntl
@@ -52,7 +54,10 @@ class StateDirLock:
             log.warning("no fcntl here: nothing stops a second aggregator on %s",
                         self.path.parent)
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot open the state dir's lock file {self.path}: {exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -62,9 +67,11 @@ class StateDirLock:
                 f"another aggregator uses the state dir {self.path.parent} "
                 f"({holder or 'its lock file names no process'}): stop it first, or give "
                 "this one another state dir") from None
-        except OSError:
+        except OSError as exc:  # e.g. ENOLCK: a file system without locks
             os.close(fd)
-            raise
+            log.warning("cannot lock %s (%s): nothing stops a second aggregator on this "
+                        "state dir", self.path, exc)
+            return
         os.ftruncate(fd, 0)
         os.write(fd, (f"pid {os.getpid()} on {socket.gethostname()}, since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n").encode())

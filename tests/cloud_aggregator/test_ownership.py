@@ -54,6 +54,32 @@ def test_another_process_holding_the_dir_is_named_and_its_death_frees_it(
     assert make(tmp_path, artifacts, MemoryBroker()).model_version == 0
 
 
+def test_a_file_system_without_locks_is_said_and_an_unopenable_lock_file_is_typed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import errno
+    import fcntl
+
+    from cloud_aggregator._ownership import StateDirLock
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock = StateDirLock(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="cloud_aggregator"):
+        lock.acquire()  # goes on, and says what it could not do
+    assert not lock.held and "nothing stops a second aggregator" in caplog.text
+    monkeypatch.undo()
+
+    def refused(*_a: object, **_k: object) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "open", refused)
+    with pytest.raises(StoreError, match="cannot open the state dir's lock file"):
+        StateDirLock(tmp_path / "ro").acquire()
+
+
 def test_checkpoint_files_no_record_names_are_swept_at_start(
     tmp_path: Path, artifacts: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
