@@ -322,9 +322,10 @@ class Chunk:
                 f"json body of {total} bytes exceeds the limit of {limits.max_json_bytes}"
             )
         # A chunk of a larger set keeps a view of its payload (the set is joined once,
-        # a dense update's 4.4 MB need not be copied twice); a whole message its bytes.
-        data = (bytes(payload[strings_end:]) if count == 1
-                else memoryview(payload)[strings_end:])
+        # a dense update's 4.4 MB need not be copied twice); a whole message its bytes,
+        # and so does a payload in a buffer its transport may reuse.
+        data = (memoryview(payload)[strings_end:] if count > 1 and type(payload) is bytes
+                else bytes(payload[strings_end:]))
         return cls(
             kind=kind_e, fleet=fleet, device=device, round=rnd, model_version=model_version,
             attempt=attempt, codec=codec, transfer_id=transfer_id, chunk_index=index,

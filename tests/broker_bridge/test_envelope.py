@@ -72,6 +72,25 @@ def test_multi_chunk_out_of_order_with_duplicates() -> None:
     assert r.stats.duplicates == 4 and r.pending_sets == 0 and r.pending_bytes == 0
 
 
+def test_chunks_of_a_set_hold_views_of_immutable_payloads_and_copies_of_others() -> None:
+    """A chunk of a larger set keeps a view of its payload (the body is joined once, not
+    copied chunk by chunk first); a payload in a buffer a transport may reuse is copied,
+    so writing over that buffer afterwards changes nothing of the reassembled body."""
+    body = random.Random(3).randbytes(50_000)
+    payloads = split_message(_msg(body), max_payload=16 * 1024)
+    assert len(payloads) > 1
+    assert isinstance(Chunk.from_bytes(payloads[0]).data, memoryview)
+    r = Reassembler()
+    out = []
+    for p in payloads:
+        buffer = bytearray(p)
+        m = r.feed(Chunk.from_bytes(buffer))  # type: ignore[arg-type]
+        buffer[:] = bytes(len(buffer))  # the transport reuses its buffer
+        if m is not None:
+            out.append(m)
+    assert len(out) == 1 and out[0].body == body and type(out[0].body) is bytes
+
+
 def test_empty_body_is_one_chunk() -> None:
     (p,) = split_message(_msg(b""), max_payload=4096)
     assert _reassemble([p])[0].body == b""
