@@ -1,16 +1,37 @@
-"""Crash-safe file writes, shared by everything fleetlearn persists.
+"""Crash-safe file writes, shared by everything fleetlearn persists; and the lock that
+keeps a state folder to one process.
 
 A write goes to a temporary file in the target's folder, is flushed and fsynced, then
 ``os.replace``d over the target, and the folder is fsynced: a crash leaves the old
 file or the new one, whole, never a mix.
+
+``DirLock`` is an exclusive ``flock`` on a file in a state folder, held for a process's
+life: a second process (or object) asking for it gets ``DirLockHeld`` naming the holder
+(written into the file). The kernel drops it when its process dies, however it dies, so
+a crash leaves no stale lock; nor does an owner dropped without releasing it (the
+descriptor is closed when the ``DirLock`` is collected). Where ``fcntl`` is missing, or
+the file system takes no locks (ENOLCK on some network mounts), nothing is locked and the
+log says so; a lock file that cannot be opened is an ``OSError``. Each package turns
+these into its own errors.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import socket
 import tempfile
+import time
+import weakref
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -41,3 +62,64 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int | None 
             os.unlink(tmp)
         raise
     fsync_dir(target.parent)
+
+
+class DirLockHeld(Exception):
+    """Another process (or object) holds the lock; ``holder`` is what it wrote."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is held by {holder or 'a process that wrote no name'}")
+        self.path = path
+        self.holder = holder
+
+
+class DirLock:
+    """An exclusive lock on ``<folder>/<name>`` (see the module doc)."""
+
+    def __init__(self, folder: str | os.PathLike[str], name: str) -> None:
+        self.path = Path(folder) / name
+        self._fd: int | None = None
+        self._closer: weakref.finalize[[int], DirLock] | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock; ``DirLockHeld`` when another holds it, ``OSError`` when the
+        file cannot be opened."""
+        if self._fd is not None:
+            return
+        if fcntl is None:
+            log.warning("no fcntl here: nothing keeps %s to one process", self.path.parent)
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise DirLockHeld(self.path, holder) from None
+        except OSError as exc:  # e.g. ENOLCK: a file system without locks
+            os.close(fd)
+            log.warning("cannot lock %s (%s): nothing keeps %s to one process", self.path,
+                        exc, self.path.parent)
+            return
+        self._fd = fd
+        self._closer = weakref.finalize(self, os.close, fd)  # closing drops the flock
+        os.ftruncate(fd, 0)
+        os.write(fd, (f"pid {os.getpid()} on {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n").encode())
+
+    def release(self) -> None:
+        """Let the next one in (the file stays: removing it would race a waiter)."""
+        closer, self._closer, self._fd = self._closer, None, None
+        if closer is not None:
+            closer()  # closes the descriptor once: the flock goes with it
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        return os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        return ""

@@ -40,7 +40,7 @@ def test_another_process_holding_the_dir_is_named_and_its_death_frees_it(
 ) -> None:
     code = ("import sys, time; from pathlib import Path; "
             "from cloud_aggregator._ownership import StateDirLock; "
-            "StateDirLock(Path(sys.argv[1])).acquire(); print('held', flush=True); "
+            "lock = StateDirLock(Path(sys.argv[1])); lock.acquire(); print('held', flush=True); "
             "time.sleep(60)")
     child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
                              stdout=subprocess.PIPE, text=True)
@@ -67,9 +67,9 @@ def test_a_file_system_without_locks_is_said_and_an_unopenable_lock_file_is_type
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     lock = StateDirLock(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="cloud_aggregator"):
+    with caplog.at_level(logging.WARNING):
         lock.acquire()  # goes on, and says what it could not do
-    assert not lock.held and "nothing stops a second aggregator" in caplog.text
+    assert not lock.held and f"nothing keeps {tmp_path} to one process" in caplog.text
     monkeypatch.undo()
 
     def refused(*_a: object, **_k: object) -> int:
