@@ -27,7 +27,8 @@ that every package can derive from it. The whole tree, by package::
     │   ├── IllegalTransition            edge_runtime     (the agent's state machine refused)
     │   └── StateError                   edge_runtime     (the agent's state dir cannot be used)
     │       ├── DiskFull                 edge_runtime
-    │       └── DeviceKeyError           edge_runtime     (unreadable, corrupt or exposed key)
+    │       ├── DeviceKeyError           edge_runtime     (unreadable, corrupt or exposed key)
+    │       └── StateInUse               edge_runtime     (another agent holds the folder)
     └── AggregatorError                  cloud_aggregator
         ├── ModelBuildError              cloud_aggregator (unsupported ONNX graph)
         ├── UpdateRejected               cloud_aggregator (an update broke a rule)

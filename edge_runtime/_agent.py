@@ -60,7 +60,7 @@ from edge_runtime._presence import Presence
 from edge_runtime._presence import make_agent_transport as make_agent_transport
 from edge_runtime._secure import SecureSession
 from edge_runtime._settings import AgentSettings, AgentStats
-from edge_runtime._state import AgentState, CommitStep, TaskStatus
+from edge_runtime._state import AgentState, CommitStep, TaskStatus, lock_state_folder
 from edge_runtime._trainer_pool import TrainerPool, TrainerProvider
 from edge_runtime._work import Control, Job, Worker
 
@@ -104,7 +104,12 @@ class Agent:
         owns_transport: bool = False,
         on_status: Callable[[str], None] | None = None,
         key: DeviceKey | None = None,
+        lock_state: bool = True,
     ) -> None:
+        state_path = Path(state_dir)
+        self._state_lock = lock_state_folder(state_path) if lock_state else None
+        """Held until ``stop`` or ``abort`` (``lock_state=False``: the caller owns the folder,
+        as the simulator owns its fleet's)."""
         self.device_id = device_id
         self.channel = channel
         self.fleet = channel.fleet
@@ -122,7 +127,6 @@ class Agent:
             max_workers=1, thread_name_prefix=f"agent-{device_id}"
         )
         self._trainers: TrainerProvider = trainers or TrainerPool()
-        state_path = Path(state_dir)
         self.key = key or DeviceKey.load_or_create(state_key_path(state_path))
         """The device's Ed25519 key (``_identity``): made at the first start in the state
         folder; every update is signed with it."""
@@ -239,6 +243,8 @@ class Agent:
                 self.channel.transport.flush(timeout=2.0)
         if self._owns_transport:
             self.channel.transport.close()
+        if self._state_lock is not None:
+            self._state_lock.release()
 
     def abort(self) -> None:
         """Stop at once, as a power cut would: the task in hand ends without writing or
@@ -251,6 +257,8 @@ class Agent:
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self._owns_transport:
             self.channel.transport.abort()
+        if self._state_lock is not None:  # a dead process's lock goes with it
+            self._state_lock.release()
 
     def _halt(self) -> None:
         self._stop.set()
@@ -463,3 +471,4 @@ class Agent:
             self._idle_since = time.monotonic()
             after = Phase.AWAITING_ACK if self._outbox.pending is not None else Phase.IDLE
             self._phase.move(after, expect=_WORKING)
+

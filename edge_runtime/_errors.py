@@ -9,7 +9,8 @@
     ├── IllegalTransition        the agent's state machine refused a move (a bug, not input)
     └── StateError               the state folder cannot be read or written (``_state``)
         ├── DiskFull             no space left there
-        └── DeviceKeyError       the device's key file cannot be used (``_identity``)
+        ├── DeviceKeyError       the device's key file cannot be used (``_identity``)
+        └── StateInUse           another agent holds the state folder
 """
 
 from __future__ import annotations

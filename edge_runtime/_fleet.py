@@ -305,6 +305,8 @@ class Fleet:
             artifacts=self._artifacts, models=self._models, emulation=emulation,
             settings=self._settings, owns_transport=True, hooks=hooks,
             key=self._keys[d.device_id],  # its key survives its crashes, as on its disk
+            lock_state=False,  # the fleet owns its devices' folders (and a lock each would
+            # cost a descriptor per agent, beside its connection)
         )
         d.agent = agent
         d._seen_tasks = d._seen_acked = 0

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from broker_bridge import ProtocolError, TaskSpec, atomic_write
+from broker_bridge._files import DirLock, DirLockHeld
 from edge_runtime._errors import AgentError
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,11 @@ class StateError(AgentError, OSError):
 
 class DiskFull(StateError):
     """No space left where the device keeps its state (``ENOSPC``)."""
+
+
+class StateInUse(StateError):
+    """Another agent holds the state folder (``Agent``'s lock): two would send the same
+    device's updates twice over and overwrite each other's task."""
 
 
 class TaskStatus(StrEnum):
@@ -339,3 +345,22 @@ def state_error(what: str, exc: OSError) -> StateError:
     if exc.errno == errno.ENOSPC:
         return DiskFull(errno.ENOSPC, f"{what}: no space left on device")
     return StateError(exc.errno or 0, f"{what}: {exc}")
+
+
+AGENT_LOCK = "agent.lock"
+
+
+def lock_state_folder(folder: Path) -> DirLock:
+    """The lock that keeps ``folder`` to one agent (``broker_bridge._files.DirLock``):
+    ``StateInUse`` naming the holder when another agent has it."""
+    lock = DirLock(folder, AGENT_LOCK)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except DirLockHeld as exc:
+        holder = exc.holder or "its lock file names no process"
+        raise StateInUse(f"another agent uses the state folder {folder} ({holder}): stop it "
+                         "first, or give this one another --state-dir") from None
+    except OSError as exc:
+        raise state_error(f"cannot lock the state folder {folder}", exc) from exc
+    return lock
