@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from aggregator_rig import FLEET, devices, make
+from lock_holder import held_elsewhere
 
 from broker_bridge import MemoryBroker
 from cloud_aggregator import StateDirInUse, StoreError
+from cloud_aggregator._ownership import LOCK_NAME
 
 
 def test_a_second_aggregator_on_the_same_state_dir_is_refused(tmp_path: Path,
@@ -38,20 +37,10 @@ def test_a_crashed_aggregator_leaves_no_lock(tmp_path: Path, artifacts: Path) ->
 def test_another_process_holding_the_dir_is_named_and_its_death_frees_it(
     tmp_path: Path, artifacts: Path
 ) -> None:
-    code = ("import sys, time; from pathlib import Path; "
-            "from cloud_aggregator._ownership import StateDirLock; "
-            "lock = StateDirLock(Path(sys.argv[1])); lock.acquire(); print('held', flush=True); "
-            "time.sleep(60)")
-    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "held"
-        with pytest.raises(StateDirInUse, match=f"pid {child.pid} on "):
-            make(tmp_path, artifacts, MemoryBroker())
-    finally:
-        child.send_signal(signal.SIGKILL)  # no clean-up of its own: the kernel's
-        child.wait()
-    assert make(tmp_path, artifacts, MemoryBroker()).model_version == 0
+    with held_elsewhere(tmp_path, LOCK_NAME) as pid, \
+            pytest.raises(StateDirInUse, match=f"pid {pid} on "):
+        make(tmp_path, artifacts, MemoryBroker())
+    assert make(tmp_path, artifacts, MemoryBroker()).model_version == 0  # the kernel freed it
 
 
 def test_a_file_system_without_locks_is_said_and_an_unopenable_lock_file_is_typed(

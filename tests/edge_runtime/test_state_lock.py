@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import gc
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from agent_rig import FLEET, make_data
+from lock_holder import held_elsewhere
 
 from broker_bridge import Channel, MemoryBroker, MemoryTransport
 from edge_runtime import Agent, StateError, StateInUse
@@ -49,21 +48,11 @@ def test_a_dropped_agent_frees_its_folder(tmp_path: Path) -> None:
 
 def test_a_folder_held_by_another_process_is_named(tmp_path: Path) -> None:
     folder = tmp_path / "dev"
-    code = ("import sys, time; from pathlib import Path; "
-            "from edge_runtime._state import lock_state_folder; "
-            "lock = lock_state_folder(Path(sys.argv[1])); print('held', flush=True); "
-            "time.sleep(60)")
-    child = subprocess.Popen([sys.executable, "-c", code, str(folder)],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "held"
-        with pytest.raises(StateInUse, match=f"pid {child.pid} on "):
+    with held_elsewhere(folder, AGENT_LOCK) as pid:
+        with pytest.raises(StateInUse, match=f"pid {pid} on "):
             _agent(MemoryBroker(), folder)
-        assert (folder / AGENT_LOCK).read_text().startswith(f"pid {child.pid} on ")
-    finally:
-        child.kill()
-        child.wait()
-    _agent(MemoryBroker(), folder).stop()
+        assert (folder / AGENT_LOCK).read_text().startswith(f"pid {pid} on ")
+    _agent(MemoryBroker(), folder).stop()  # the kernel freed it
 
 
 def test_an_owner_of_the_folders_may_opt_out(tmp_path: Path) -> None:
