@@ -78,17 +78,17 @@ class DirLock:
 
     def __init__(self, folder: str | os.PathLike[str], name: str) -> None:
         self.path = Path(folder) / name
-        self._fd: int | None = None
         self._closer: weakref.finalize[[int], DirLock] | None = None
+        """Closes the held descriptor (on ``release``, or when this object is collected)."""
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._closer is not None
 
     def acquire(self) -> None:
         """Take the lock; ``DirLockHeld`` when another holds it, ``OSError`` when the
         file cannot be opened."""
-        if self._fd is not None:
+        if self._closer is not None:
             return
         if fcntl is None:
             log.warning("no fcntl here: nothing keeps %s to one process", self.path.parent)
@@ -105,7 +105,6 @@ class DirLock:
             log.warning("cannot lock %s (%s): nothing keeps %s to one process", self.path,
                         exc, self.path.parent)
             return
-        self._fd = fd
         self._closer = weakref.finalize(self, os.close, fd)  # closing drops the flock
         os.ftruncate(fd, 0)
         os.write(fd, (f"pid {os.getpid()} on {socket.gethostname()}, since "
@@ -113,7 +112,7 @@ class DirLock:
 
     def release(self) -> None:
         """Let the next one in (the file stays: removing it would race a waiter)."""
-        closer, self._closer, self._fd = self._closer, None, None
+        closer, self._closer = self._closer, None
         if closer is not None:
             closer()  # closes the descriptor once: the flock goes with it
 

@@ -78,14 +78,21 @@ def prune_tx(conn: sqlite3.Connection, fleet: str, newest: int) -> list[str]:
     return [str(path) for _, path in rows]
 
 
+CHECKPOINT_FILE = re.compile(r"(?P<prefix>.+)-v(?P<version>\d{10})\.npy")
+"""A checkpoint file's name (``checkpoint_name``)."""
+
+
+def checkpoint_name(prefix: str, version: int) -> str:
+    """The file of model ``version`` of the fleet whose file-name-safe id is ``prefix``."""
+    return f"{prefix}-v{version:010d}.npy"
+
+
 def orphans(directory: Path, prefix: str, recorded: Set[str]) -> list[Path]:
-    """Files of one fleet's checkpoints in ``directory`` (``<prefix>-v<10 digits>.npy``)
-    that no row names (``recorded``: the file names the rows hold); nothing else is ever
-    listed."""
-    named = re.compile(re.escape(prefix) + r"-v\d{10}\.npy")
+    """Files of one fleet's checkpoints in ``directory`` (``checkpoint_name``) that no
+    row names (``recorded``: the file names the rows hold); nothing else is ever listed."""
     try:
         entries = list(directory.iterdir())
     except FileNotFoundError:
         return []
-    return sorted(p for p in entries
-                  if named.fullmatch(p.name) and p.name not in recorded and p.is_file())
+    return sorted(p for p in entries if p.name not in recorded and p.is_file() and (
+        (m := CHECKPOINT_FILE.fullmatch(p.name)) is not None and m["prefix"] == prefix))

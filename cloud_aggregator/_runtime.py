@@ -95,7 +95,7 @@ from cloud_aggregator._learned import STATE_BLOB, LearnedState, read_json_blob
 from cloud_aggregator._ledger import AggregatorKey, model_sha256
 from cloud_aggregator._ledger_writer import LedgerWriter
 from cloud_aggregator._metrics import Counters, MetricsLog, MetricsServer, RoundMetrics
-from cloud_aggregator._ownership import StateDirLock
+from cloud_aggregator._ownership import lock_state_dir
 from cloud_aggregator._planner import WorkPlanner
 from cloud_aggregator._privacy import CentralDP
 from cloud_aggregator._recorder import PENDING_METRICS, RoundRecorder
@@ -184,9 +184,13 @@ class Aggregator:
         else:
             self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._owner = StateDirLock(self.state_dir)
         try:
-            self._owner.acquire()  # StateDirInUse: another aggregator has this dir
+            self._owner = lock_state_dir(self.state_dir)  # StateDirInUse: another has it
+        except BaseException:
+            if self._tmp is not None:
+                self._tmp.cleanup()
+            raise
+        try:
             self.store = Store(self.state_dir / "aggregator.sqlite",
                                synchronous=config.store_synchronous)
         except BaseException:

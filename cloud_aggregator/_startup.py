@@ -25,7 +25,6 @@ import hashlib
 import hmac
 import json
 import logging
-import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from cloud_aggregator._artifacts import (
 )
 from cloud_aggregator._config import AggregatorConfig
 from cloud_aggregator._errors import AggregatorError
+from cloud_aggregator._retention import CHECKPOINT_FILE
 from cloud_aggregator._store import Store, StoreError
 from device_profiles import ConfigError
 
@@ -159,9 +159,6 @@ class RunRecord:
         return cls(run_id=secrets.token_hex(8), secret=secrets.token_bytes(32), model=model)
 
 
-_CHECKPOINT_RE = re.compile(r"-v(\d{10})\.npy$")
-
-
 def check_state_dir(store: Store, *, config: AggregatorConfig, identity: str,
                     metrics_path: Path) -> RunRecord | None:
     """The run this state dir holds (None for a fresh one); ConfigError/StoreError when
@@ -177,8 +174,8 @@ def check_state_dir(store: Store, *, config: AggregatorConfig, identity: str,
         return run
     if store.checkpoint(config.fleet) is not None:
         return None  # written before run records existed: adopted in _restore
-    versions = sorted(int(m.group(1)) for p in store.checkpoint_dir.glob("*.npy")
-                      if (m := _CHECKPOINT_RE.search(p.name)) is not None)
+    versions = sorted(int(m["version"]) for p in store.checkpoint_dir.glob("*.npy")
+                      if (m := CHECKPOINT_FILE.fullmatch(p.name)) is not None)
     lines = _count_lines(metrics_path)
     if (versions and versions[-1] > 0) or lines:
         found = ", ".join(filter(None, (

@@ -50,7 +50,13 @@ from broker_bridge import atomic_write
 from cloud_aggregator._errors import CheckpointCorrupt, SchemaTooNew, StoreError
 from cloud_aggregator._history import DeviceHistory
 from cloud_aggregator._ledger import PendingEntry, recorded_only
-from cloud_aggregator._retention import mark_kept, migrate_v7, orphans, prune_tx
+from cloud_aggregator._retention import (
+    checkpoint_name,
+    mark_kept,
+    migrate_v7,
+    orphans,
+    prune_tx,
+)
 from cloud_aggregator._store_devices import (
     DeviceTables,
     _json,
@@ -223,6 +229,23 @@ Synchronous = Literal["FULL", "NORMAL"]
 
 
 _SAFE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _delete(paths: Sequence[Path], what: str) -> tuple[int, int]:
+    """Delete checkpoint files no row names any more; (files, bytes) deleted. A file that
+    will not go is said and left (nothing reads it)."""
+    count = size = 0
+    for path in paths:
+        try:
+            nbytes = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("cannot delete the %s checkpoint file %s: %s", what, path, exc)
+            continue
+        count, size = count + 1, size + nbytes
+    return count, size
 
 
 def _safe_name(fleet: str) -> str:
@@ -701,7 +724,7 @@ class Store(DeviceTables, KeyTables, LedgerTables):
         buf = io.BytesIO()
         np.save(buf, vec, allow_pickle=False)
         data = buf.getvalue()
-        name = f"{_safe_name(fleet)}-v{model_version:010d}.npy"
+        name = checkpoint_name(_safe_name(fleet), model_version)
         self._checkpoint_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self._checkpoint_dir / name, data)
         record = CheckpointRecord(
@@ -734,11 +757,7 @@ class Store(DeviceTables, KeyTables, LedgerTables):
                              (fleet, drop_streams.start, drop_streams.stop))
             put_histories(conn, histories or {})
             gone = prune_tx(conn, fleet, keep_newest)
-        for old in gone:
-            try:
-                (self._checkpoint_dir / old).unlink(missing_ok=True)
-            except OSError as exc:  # its row is gone: nothing reads it; say so, go on
-                log.warning("cannot delete the old checkpoint file %s: %s", old, exc)
+        _delete([self._checkpoint_dir / old for old in gone], "old")
         return record
 
     def sweep_checkpoints(self, fleet: str) -> tuple[int, int]:
@@ -747,16 +766,7 @@ class Store(DeviceTables, KeyTables, LedgerTables):
         writer's new file has no row yet). Returns (files, bytes) deleted."""
         recorded = {str(r[0]) for r in self._read(
             "SELECT path FROM checkpoints WHERE fleet = ?", (fleet,))}
-        count = size = 0
-        for path in orphans(self._checkpoint_dir, _safe_name(fleet), recorded):
-            try:
-                nbytes = path.stat().st_size
-                path.unlink()
-            except OSError as exc:
-                log.warning("cannot delete the orphan checkpoint file %s: %s", path, exc)
-                continue
-            count, size = count + 1, size + nbytes
-        return count, size
+        return _delete(orphans(self._checkpoint_dir, _safe_name(fleet), recorded), "orphan")
 
     def checkpoint(
         self, fleet: str, *, model_version: int | None = None

@@ -471,4 +471,3 @@ class Agent:
             self._idle_since = time.monotonic()
             after = Phase.AWAITING_ACK if self._outbox.pending is not None else Phase.IDLE
             self._phase.move(after, expect=_WORKING)
-

@@ -49,15 +49,14 @@ def test_a_file_system_without_locks_is_said_and_an_unopenable_lock_file_is_type
     import errno
     import fcntl
 
-    from cloud_aggregator._ownership import StateDirLock
+    from cloud_aggregator._ownership import lock_state_dir
 
     def no_locks(fd: int, op: int) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    lock = StateDirLock(tmp_path)
     with caplog.at_level(logging.WARNING):
-        lock.acquire()  # goes on, and says what it could not do
+        lock = lock_state_dir(tmp_path)  # goes on, and says what it could not do
     assert not lock.held and f"nothing keeps {tmp_path} to one process" in caplog.text
     monkeypatch.undo()
 
@@ -66,7 +65,7 @@ def test_a_file_system_without_locks_is_said_and_an_unopenable_lock_file_is_type
 
     monkeypatch.setattr(os, "open", refused)
     with pytest.raises(StoreError, match="cannot open the state dir's lock file"):
-        StateDirLock(tmp_path / "ro").acquire()
+        lock_state_dir(tmp_path / "ro")
 
 
 def test_checkpoint_files_no_record_names_are_swept_at_start(
