@@ -86,7 +86,7 @@ def _show(args: argparse.Namespace) -> int:
     db = Path(args.state_dir) / "aggregator.sqlite"
     if not db.is_file():
         raise LedgerError(f"{args.state_dir} holds no aggregator store (aggregator.sqlite)")
-    with Store(db) as store:
+    with Store(db, read_only=True) as store:  # an aggregator may be running on it
         fleets = store.ledger_fleets()
         fleet = args.fleet
         if fleet is None:

@@ -357,7 +357,7 @@ def verify_ledger(state_dir: str | Path, *, public_key: bytes | None = None,
     own_key = public_key is None
     key = read_public_key(state) if public_key is None else public_key
     reports: list[LedgerReport] = []
-    with Store(db) as store:
+    with Store(db, read_only=True) as store:  # an aggregator may be running on it
         for fleet in store.ledger_fleets():
             report = LedgerReport(fleet=fleet)
             if own_key:

@@ -38,6 +38,7 @@ import os
 import re
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,6 +265,11 @@ class Store(DeviceTables, KeyTables, LedgerTables):
 
     One connection guarded by a lock; write transactions are ``BEGIN IMMEDIATE`` so a
     second process on the same file waits (``busy_timeout``) instead of failing late.
+
+    ``read_only``: for tools that look at a state dir an aggregator may be running on
+    (``fleetlearn ledger verify|show``). Nothing is written: no schema is created or
+    migrated (a store of another schema version is refused, saying why), and any write
+    is a ``StoreError``.
     """
 
     def __init__(
@@ -273,6 +279,7 @@ class Store(DeviceTables, KeyTables, LedgerTables):
         checkpoint_dir: str | os.PathLike[str] | None = None,
         synchronous: Synchronous = "FULL",
         busy_timeout_s: float = 5.0,
+        read_only: bool = False,
     ) -> None:
         if synchronous not in ("FULL", "NORMAL"):
             raise ConfigError(f"synchronous must be FULL or NORMAL, got {synchronous!r}")
@@ -284,13 +291,22 @@ class Store(DeviceTables, KeyTables, LedgerTables):
         )
         self._lock = threading.RLock()
         self._frontiers = Frontiers()
+        self._read_only = read_only
+        if read_only and not self._path.is_file():
+            raise StoreError(f"no aggregator store at {self._path}")
         try:
             self._conn = sqlite3.connect(
-                self._path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s
+                f"file:{urllib.parse.quote(str(self._path.resolve()))}?mode=ro" if read_only
+                else self._path, uri=read_only,
+                isolation_level=None, check_same_thread=False, timeout=busy_timeout_s
             )
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open aggregator store {self._path}: {exc}") from exc
         try:
+            if read_only:
+                self._check_integrity()
+                self._check_version()
+                return
             self._conn.execute("PRAGMA journal_mode=WAL")
             # FULL: with WAL, NORMAL already survives a process crash (SIGKILL) intact,
             # but may lose the last commits on power loss. An accepted update is
@@ -339,6 +355,8 @@ class Store(DeviceTables, KeyTables, LedgerTables):
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: everything inside commits together or not at all."""
+        if self._read_only:
+            raise StoreError(f"{self._path} is open read-only: nothing is written to it")
         with self._lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -384,6 +402,15 @@ class Store(DeviceTables, KeyTables, LedgerTables):
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
                 return
             (version,) = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        version = self._known_version(version)
+        for target, step in MIGRATIONS:  # each commits with its version, or not at all
+            if version < target:
+                with self._write() as conn:
+                    step(conn)
+                    conn.execute("INSERT INTO schema_version (version) VALUES (?)", (target,))
+
+    def _known_version(self, version: int | None) -> int:
+        """``version`` as recorded, if this fleetlearn can read it (or migrate it)."""
         if version is None or version < 1:
             raise StoreError(f"{self._path} has no schema version recorded")
         if version > SCHEMA_VERSION:
@@ -391,11 +418,20 @@ class Store(DeviceTables, KeyTables, LedgerTables):
                 f"{self._path} has schema version {version}; this fleetlearn reads up to "
                 f"{SCHEMA_VERSION}. Upgrade fleetlearn (the store is never downgraded)."
             )
-        for target, step in MIGRATIONS:  # each commits with its version, or not at all
-            if version < target:
-                with self._write() as conn:
-                    step(conn)
-                    conn.execute("INSERT INTO schema_version (version) VALUES (?)", (target,))
+        return version
+
+    def _check_version(self) -> None:
+        """A read-only store must be of this version's schema (it is never migrated)."""
+        try:
+            row = self._conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"{self._path} holds no fleetlearn schema ({exc})") from exc
+        if self._known_version(row[0] if row else None) < SCHEMA_VERSION:
+            raise StoreError(
+                f"{self._path} has schema version {row[0]}, older than this fleetlearn's "
+                f"{SCHEMA_VERSION}, and is read here without changing it: start this "
+                "version's aggregator on it once (it migrates the store), or use the "
+                "fleetlearn that wrote it")
 
     def schema_version(self) -> int:
         return int(self._read("SELECT max(version) FROM schema_version")[0][0])

@@ -547,6 +547,22 @@ def test_bad_indices_are_rejected() -> None:
         decode_update(sparse([0], coding=3, index=b"\x00"), LAYOUT)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 2**35 - 1), min_size=1, max_size=60))
+def test_varint_indices_match_a_byte_by_byte_reading(gaps: list[int]) -> None:
+    """The vectorised reading of delta-varint indices against the plain definition
+    (gaps of one to five bytes, mixed)."""
+    from broker_bridge._codec_pack import INDEX_VARINT, decode_indices
+
+    data = _varint(gaps)
+    expected = np.cumsum(np.asarray(gaps, dtype=np.int64) + 1) - 1
+    size = 2**40  # past every index here: only the coding is under test
+    np.testing.assert_array_equal(decode_indices(INDEX_VARINT, data, len(gaps), size),
+                                  expected)
+    with pytest.raises(CodecError, match="gap"):
+        decode_indices(INDEX_VARINT, data, len(gaps), max(gaps))
+
+
 def test_bad_quantized_payloads() -> None:
     scales = np.ones(len(LAYOUT.tensors), np.float32)
     codes = np.zeros(N, np.int8)

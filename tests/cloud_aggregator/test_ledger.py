@@ -35,7 +35,7 @@ from cloud_aggregator import Aggregator, LedgerMismatch, verify_ledger
 from cloud_aggregator._ledger import KEY_FILE, read_public_key
 from cloud_aggregator._ledger_verify import model_sha256
 from cloud_aggregator._rounds import ManualClock
-from cloud_aggregator._store import Store
+from cloud_aggregator._store import Store, StoreError
 from fleetlearn.cli import main as cli
 
 
@@ -546,6 +546,55 @@ def test_a_version_5_store_keeps_its_copied_bodies_and_references_new_ones(
     assert refs == kept_rows >= 3 and old == copied  # new entries: no copies
     (report,) = verify_ledger(tmp_path)
     assert report.ok and report.entries == 4 and report.models_rederived == 4, report
+
+
+def test_verify_reads_a_running_aggregators_store_without_writing(
+        tmp_path: Path, artifacts: Path) -> None:
+    """``ledger verify`` and ``show`` on the state dir of an aggregator still running:
+    both read, neither writes (the store opens read-only), and the aggregator goes on."""
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=3)
+    _sync_rounds(agg, fleet, 2)
+    (report,) = verify_ledger(tmp_path)  # the aggregator holds its store open
+    assert report.ok and report.entries == 2, report
+    assert "round" in show_entry_text(tmp_path)
+    _sync_rounds(agg, fleet, 1)  # ... and writes on
+    assert agg.done
+    agg.close()
+    (report,) = verify_ledger(tmp_path)
+    assert report.ok and report.entries == 3, report
+
+
+def show_entry_text(state: Path) -> str:
+    from cloud_aggregator._ledger_cli import show_entry
+
+    with Store(state / "aggregator.sqlite", read_only=True) as store:
+        with pytest.raises(StoreError, match="read-only"):
+            store.put_state("x", b"y")
+        return show_entry(store, FLEET)
+
+
+def test_verify_refuses_an_older_store_and_leaves_it_as_it_was(
+        tmp_path: Path, artifacts: Path) -> None:
+    """A store of an older schema is migrated by the aggregator that starts on it, never by
+    ``ledger verify`` (an aggregator of the old version may be running on it): verify
+    says so and the store keeps its version."""
+    broker = MemoryBroker()
+    fleet = devices(broker, 3)
+    agg = make(tmp_path, artifacts, broker, rounds=1)
+    _sync_rounds(agg, fleet, 1)
+    agg.close()
+    with _db(tmp_path) as conn:  # as version 6 left it
+        conn.execute("ALTER TABLE checkpoints DROP COLUMN keep")
+        conn.execute("UPDATE schema_version SET version = 6")
+    with pytest.raises(StoreError, match=r"schema version 6, older .* migrates"):
+        verify_ledger(tmp_path)
+    with _db(tmp_path) as conn:
+        assert conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 6
+    with pytest.raises(StoreError, match="no aggregator store"):
+        Store(tmp_path / "elsewhere.sqlite", read_only=True)
+    assert not (tmp_path / "elsewhere.sqlite").exists()
 
 
 def test_a_cited_journal_row_cannot_be_dropped(tmp_path: Path, artifacts: Path) -> None:
