@@ -29,6 +29,13 @@ in a child process (``_mqtt_swarm.py``, one shared network loop). The broker and
 devices share the machine's two cores with the aggregator; the CPU figure is the
 aggregator's process only. ``broker`` in each row says which.
 
+*Side by side* (``--processes P``, default 2; 1 skips): the largest in-memory compressed
+count split over P aggregator processes, each the in-memory scenario with its share of
+the devices, their timed windows started together (``_shards.py``). The aggregator's
+process is bound by the interpreter's lock, so this is what a sharded aggregator could
+reach on this machine: a ceiling measured beside the one-process rows, not a feature
+(nothing merges the shards' sums into one model). Its rows say ``memory xP processes``.
+
 ``--slow-disk-ms MS`` makes every checkpoint file's write take MS longer (a sleep, which
 holds no interpreter lock, as an fsync on a network-attached volume does), in this
 checkout and the baseline alike: what a slow disk costs ingest.
@@ -42,7 +49,7 @@ worktree of REV and run it there in a child process, and print both side by side
 baseline's in-memory scenarios only: an older aggregator may not run over MQTT here).
 
     python bench/aggregator.py [--counts 200,800] [--mqtt-counts 800] [--modes sync]
-                               [--baseline-rev REV]
+                               [--processes 2] [--baseline-rev REV]
 
 Over 400 lines on purpose: the in-memory and Mosquitto scenarios share the swarm, the
 drive loop, the timed window and the row format here (the Mosquitto processes live in
@@ -59,6 +66,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -272,7 +280,8 @@ def bench_config(mode: str, codec: str, n: int, buffer: int, state: Path) -> Any
 
 
 def run_service(mode: str, codec: str, bodies: list[bytes], samples: list[int], n: int,
-                buffer: int, state: Path, profile: bool = False) -> dict[str, Any]:
+                buffer: int, state: Path, profile: bool = False,
+                before_timed: Callable[[], object] | None = None) -> dict[str, Any]:
     import cProfile
     import pstats
 
@@ -304,7 +313,7 @@ def run_service(mode: str, codec: str, bodies: list[bytes], samples: list[int], 
     window = Window()
     try:
         drove = drive(swarm, mode, codec, bodies, samples, n, start=window.start,
-                      end=window.end, profile=profile)
+                      end=window.end, profile=profile, before_timed=before_timed)
     finally:
         agg.stop()
         runner.join(timeout=60)
@@ -330,22 +339,28 @@ class Window:
 
 
 def drive(swarm: Swarm, mode: str, codec: str, bodies: list[bytes], samples: list[int],
-          n: int, *, start: Any, end: Any, profile: bool = False) -> dict[str, Any]:
+          n: int, *, start: Any, end: Any, profile: bool = False,
+          before_timed: Callable[[], object] | None = None) -> dict[str, Any]:
     """Two phases: a first round (or buffer) warms the screens up (their first updates
     are judged differently: no history yet); the second is timed, from ``start()``
-    returning until the last acknowledgement (then ``end()``)."""
+    returning until the last acknowledgement (then ``end()``). ``before_timed`` is
+    called just before it (processes side by side start their windows together)."""
     turnaround = seconds = float("nan")
+    wall = (seconds, seconds)
     acked0 = 0
     for phase in ("warm-up", "timed"):
         wait_for_tasks(swarm, n, phase)
         acked0 = swarm.acks
         swarm.prepare(bodies, samples, codec)
+        if phase == "timed" and before_timed is not None:
+            before_timed()
         start()
-        t0 = time.perf_counter()
+        t0, wall0 = time.perf_counter(), time.time()
         swarm.send_updates(profile=profile and phase == "timed")
         while swarm.acks < acked0 + n and time.perf_counter() - t0 < 600:
             time.sleep(0.001)
         seconds = time.perf_counter() - t0
+        wall = (wall0, time.time())
         end()
         swarm.collect()
         if phase == "timed" and mode == "sync":
@@ -355,7 +370,7 @@ def drive(swarm: Swarm, mode: str, codec: str, bodies: list[bytes], samples: lis
             wait_for_tasks(swarm, n, "the next round")
             turnaround = time.perf_counter() - t1
     return {"seconds": seconds, "turnaround": turnaround, "acked": swarm.acks - acked0,
-            "rejected": swarm.rejected}
+            "rejected": swarm.rejected, "wall": wall}
 
 
 def wait_for_tasks(swarm: Swarm, n: int, what: str) -> None:
@@ -383,7 +398,7 @@ def result_row(mode: str, codec: str, n: int, drove: dict[str, Any],
             "sustained_updates_per_s": (None if turnaround != turnaround
                                         else round(n / (seconds + turnaround), 1)),
             "peak_rss_growth_mb": round(window.rss_growth, 1),
-            "first_rejections": drove["rejected"][:3]}
+            "first_rejections": drove["rejected"][:3], "wall_window": drove["wall"]}
 
 
 def parse_counts(text: str) -> list[int]:
@@ -403,22 +418,27 @@ def slow_disk(ms: float) -> None:
     store_module.atomic_write = slow_write
 
 
-def scenarios(args: argparse.Namespace) -> dict[str, Any]:
+def workload(codec: str, devices: int, cache: Path) -> tuple[list[bytes], list[int], int]:
+    """The genuine updates encoded with ``codec``, their sample counts, the model's size."""
     from broker_bridge import CodecSpec, Layout, encode_update
-    from broker_bridge._brokers import find_mosquitto
     from cloud_aggregator._models import build_reference_model
 
-    if args.slow_disk_ms:
-        slow_disk(args.slow_disk_ms)
-    cache = Path(args.cache)
-    updates, samples = genuine_updates(args.devices, cache)
+    updates, samples = genuine_updates(devices, cache)
     model = build_reference_model("mlp-xl", 0)
     layout = Layout(tensors=tuple((i.name, tuple(int(d) for d in i.dims))
                                   for i in model.graph.initializer if len(i.dims) >= 1))
-    out: dict[str, Any] = {"parameters": layout.size, "runs": []}
+    spec = CodecSpec.parse(codec)
+    return [encode_update(u, layout, spec, rng=0).body for u in updates], samples, layout.size
+
+
+def scenarios(args: argparse.Namespace) -> dict[str, Any]:
+    from broker_bridge._brokers import find_mosquitto
+
+    if args.slow_disk_ms:
+        slow_disk(args.slow_disk_ms)
+    out: dict[str, Any] = {"parameters": 0, "runs": []}
     for codec in SPECS:
-        spec = CodecSpec.parse(codec)
-        bodies = [encode_update(u, layout, spec, rng=0).body for u in updates]
+        bodies, samples, out["parameters"] = workload(codec, args.devices, Path(args.cache))
         counts = parse_counts(args.counts if codec != "fp32" else args.dense_counts)
         over_mqtt = parse_counts(args.mqtt_counts) if codec != "fp32" else []
         if over_mqtt and find_mosquitto() is None:
@@ -443,6 +463,19 @@ def scenarios(args: argparse.Namespace) -> dict[str, Any]:
                     f"{row['cpu_ms_per_update']:.3f} CPU ms/update, {turn}"
                     f"peak RSS +{row['peak_rss_growth_mb']} MB, rejected {row['rejected']}")
                 out["runs"].append(row)
+            if codec != "fp32" and counts and args.processes > 1:
+                from _shards import run_processes
+
+                n = max(counts)
+                row = run_processes(mode, codec, n, args.buffer, args.processes,
+                                    devices=args.devices, cache=args.cache,
+                                    slow_disk_ms=args.slow_disk_ms)
+                say(f"  {mode:5s} {codec:18s} {args.processes} processes n={n:5d}: "
+                    f"{row['updates_per_s']:8.1f} updates/s together "
+                    f"({', '.join(f'{r:.0f}' for r in row['per_process_updates_per_s'])}), "
+                    f"{row['cpu_ms_per_update']:.3f} CPU ms/update, windows overlap "
+                    f"{100 * row['windows_overlap']:.0f}%, rejected {row['rejected']}")
+                out["runs"].append(row)
     return out
 
 
@@ -455,6 +488,9 @@ def main() -> None:
     parser.add_argument("--modes", default="sync,async", choices=("sync,async", "sync", "async"),
                         help="which aggregation modes to run")
     parser.add_argument("--buffer", type=int, default=100, help="async buffer size (K)")
+    parser.add_argument("--processes", type=int, default=2,
+                        help="also split the largest in-memory compressed count over this "
+                        "many aggregator processes side by side (1: skip; _shards.py)")
     parser.add_argument("--devices", type=int, default=6, help="genuine updates to train")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "fleetlearn"))
     parser.add_argument("--repo", default=None, help="run another checkout's code")
@@ -485,7 +521,7 @@ def main() -> None:
                 child = subprocess.run(
                     [sys.executable, __file__, "--child", "--repo", tmp, "--counts", args.counts,
                      "--dense-counts", args.dense_counts, "--mqtt-counts", "",
-                     "--modes", args.modes, "--buffer", str(args.buffer),
+                     "--modes", args.modes, "--buffer", str(args.buffer), "--processes", "1",
                      "--slow-disk-ms", str(args.slow_disk_ms),
                      "--devices", str(args.devices), "--cache", args.cache],
                     capture_output=True, text=True, timeout=3600)
