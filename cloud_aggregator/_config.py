@@ -48,6 +48,7 @@ _IDENTITY = "device identity (signed updates)"
 _SECURE = "secure aggregation (sync rounds)"
 _PRIVACY = "differential privacy (sync rounds; see README, Differential privacy)"
 ClipMode = Literal["fixed", "adaptive"]
+ModelPush = Literal["broadcast", "on_request"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +138,13 @@ class AggregatorConfig:
     downlink_codec: str = setting(
         "fp32", help="codec of the broadcast global model: fp32, or fp16 to halve the "
         "download", example="fp16", group=_LOCAL)
+    model_push: ModelPush | None = setting(
+        None, help="how devices get each new model version: broadcast (published once on "
+        "broadcast/model: every connected device downloads every version) or on_request "
+        "(a device fetches the version its task names, once per task). Default: broadcast "
+        "in sync rounds, where the selected devices need the new model at once; "
+        "on_request in async mode, where every release would send each device a model",
+        example="on_request", group=_LOCAL)
     federated_eval: bool = setting(
         False, help="devices also evaluate the model on their held-out data", group=_LOCAL)
 
@@ -311,6 +319,8 @@ class AggregatorConfig:
         _choice("selection", self.selection, tuple(POLICIES))
         _choice("server_opt", self.server_opt, SERVER_OPTIMIZERS)
         _choice("store_synchronous", self.store_synchronous, ("FULL", "NORMAL"))
+        if self.model_push is not None:
+            _choice("model_push", self.model_push, ("broadcast", "on_request"))
         if self.keep_checkpoints < 0:
             raise ConfigError(f"keep_checkpoints must be >= 0 (0: keep every one), got "
                               f"{self.keep_checkpoints}")
@@ -511,6 +521,12 @@ class AggregatorConfig:
             clip_norm=self.clip_norm,
             target_quantile=self.dp_target_quantile, clip_lr=self.dp_clip_lr,
             count_stddev=self.dp_clip_count_stddev)
+
+    @property
+    def broadcasts_model(self) -> bool:
+        """Each model version is published on ``broadcast/model`` (``model_push``)."""
+        push = self.model_push or ("broadcast" if self.mode == "sync" else "on_request")
+        return push == "broadcast"
 
     @property
     def selected_per_round(self) -> int:

@@ -135,6 +135,7 @@ class DeviceDesk:
             return False
         task = self._planner().task(device, task_round=task_round, model_version=model_version,
                                     model_hash=model_hash, codec=self._uplink)
+        self._server().expect(device, model_version)
         self.send(self.channel.topics.down(device, "task"),
                   task.to_message(fleet=self.fleet, device=device, round=task_round,
                                   model_version=model_version))

@@ -106,7 +106,7 @@ from cloud_aggregator._screen import NormScreen, WeightBound
 from cloud_aggregator._secure_sync import CODEC as SECURE_CODEC
 from cloud_aggregator._secure_sync import SecureSyncRounds, SecureUpload
 from cloud_aggregator._selection import SelectionPolicy, make_policy
-from cloud_aggregator._serving import ModelServer
+from cloud_aggregator._serving import MAX_PIN_WINDOW, ModelServer
 from cloud_aggregator._startup import (
     RUN_BLOB,
     RunRecord,
@@ -694,7 +694,7 @@ class Aggregator:
             fleet=self.fleet, run_id=self._run.run_id, layout=self.layout,
             codec=self._downlink, store=self.store, topics=self.channel.topics,
             send=self.desk.send, counters=self.counters, artifacts_dir=self.model.directory,
-            artifacts_hash=self.model.info.content_hash)
+            artifacts_hash=self.model.info.content_hash, pin_window=_pin_window(cfg))
         self.strategy.bind(self._context())
         self.learned.restore()
         if self.store.checkpoint(self.fleet) is None:
@@ -801,8 +801,11 @@ class Aggregator:
         c.set("emulated_seconds_total", self.state.emulated_total_s)
 
     def _broadcast_model(self) -> None:
+        """Publish the current model on ``broadcast/model`` (unless ``model_push`` says
+        devices fetch the version their task names: then a release sends nothing)."""
         assert self._server is not None
-        self._server.broadcast(self.state.version, self.state.params)
+        if self.config.broadcasts_model:
+            self._server.broadcast(self.state.version, self.state.params)
 
     def emit(self, event: Event) -> None:
         """Deliver ``event`` to subscribers (for strategies and stages of your own)."""
@@ -811,6 +814,17 @@ class Aggregator:
 
 DEADLINE_EXPLORATION = 0.05
 """Share of the deadline policy's slots given to devices predicted to miss it."""
+
+
+def _pin_window(config: AggregatorConfig) -> int:
+    """How far behind the newest a model version a task named is kept for its device to
+    fetch: sync tasks name the newest; a FedBuff task older than ``max_staleness``
+    versions is refused on arrival."""
+    if config.mode == "sync":
+        return 0
+    if config.max_staleness is None:
+        return MAX_PIN_WINDOW
+    return min(MAX_PIN_WINDOW, config.max_staleness)
 
 
 def _policy_options(config: AggregatorConfig) -> dict[str, Any]:

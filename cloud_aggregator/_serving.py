@@ -8,7 +8,12 @@ by that hash (``hash_of``), so a device can never train from another run's weigh
 Requests (``up/request``) are answered within per-device token buckets: artifact
 bundles (megabytes) a few times a minute, model versions a few more; past that the
 request is dropped and counted (``requests_limited``), and the log says so a few
-lines a minute per device at most.
+lines a minute per device at most. The version a device's last task names is
+``expect``ed: its first request for that version is served outside the budget (when
+models are not broadcast, a device fetches one for every task), and the version is kept
+encoded until the device has fetched it or has another task, within ``pin_window``
+versions of the newest (a FedBuff task older than ``max_staleness`` versions is refused
+anyway): at most ``KEEP_VERSIONS + pin_window + 1`` versions are held.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ ARTIFACT_REQUEST_BURST = 3
 MODEL_REQUESTS_PER_MINUTE = 20.0
 MODEL_REQUEST_BURST = 10
 KEEP_VERSIONS = 4
+MAX_PIN_WINDOW = 32
+"""Versions kept for devices expected to fetch them, behind the newest, at most (FedBuff
+without a staleness limit)."""
 
 Send = Callable[[str, Message], None]
 
@@ -58,7 +66,7 @@ class ModelServer:
     def __init__(
         self, *, fleet: str, run_id: str, layout: Layout, codec: CodecSpec, store: Store,
         topics: Topics, send: Send, counters: Counters, artifacts_dir: Path,
-        artifacts_hash: str,
+        artifacts_hash: str, pin_window: int = 0,
     ) -> None:
         self.fleet = fleet
         self.run_id = run_id
@@ -78,6 +86,11 @@ class ModelServer:
         self._model_limit = KeyedRateLimit(per_minute=MODEL_REQUESTS_PER_MINUTE,
                                            burst=MODEL_REQUEST_BURST)
         self._log = LogLimiter()
+        self._pin_window = pin_window
+        self._expected: dict[str, int] = {}
+        """Device -> the model version its last task named, until it fetched it."""
+        self._pins: collections.Counter[int] = collections.Counter()
+        """How many devices expect each version (``_expected``'s values, counted)."""
 
     # -- models
 
@@ -96,9 +109,35 @@ class ModelServer:
         meta = ModelMeta(run=self.run_id, model_version=version,
                          model_hash=weights_hash(decode_model(body, self._layout)))
         self._versions[version] = (meta, body)
-        while len(self._versions) > KEEP_VERSIONS:
-            self._versions.popitem(last=False)
+        self._evict()
         return meta, body
+
+    def _evict(self) -> None:
+        """Drop the least recently used versions past ``KEEP_VERSIONS`` that no device
+        is expected to fetch (see the module doc)."""
+        if len(self._versions) <= KEEP_VERSIONS:
+            return
+        newest = max(self._versions)
+        for version in list(self._versions):
+            if len(self._versions) <= KEEP_VERSIONS:
+                return
+            if version != newest and (version < newest - self._pin_window
+                                      or not self._pins[version]):
+                del self._versions[version]
+
+    def expect(self, device: str, version: int) -> None:
+        """``device`` was sent a task naming ``version`` (see the module doc)."""
+        self._unexpect(device)
+        self._expected[device] = version
+        self._pins[version] += 1
+
+    def _unexpect(self, device: str) -> int | None:
+        version = self._expected.pop(device, None)
+        if version is not None:
+            self._pins[version] -= 1
+            if not self._pins[version]:
+                del self._pins[version]
+        return version
 
     def hash_of(self, version: int, params: np.ndarray | None = None) -> str:
         return self.entry(version, params)[0].model_hash
@@ -129,10 +168,12 @@ class ModelServer:
                        Message(kind=Kind.ARTIFACTS, fleet=self.fleet, codec="zip",
                                body=self.bundle(), model_version=current_version))
         elif request.want == "model":
-            if not self._model_limit.allow(device):
+            version = current_version if request.model_version is None else request.model_version
+            if self._expected.get(device) == version:
+                self._unexpect(device)  # its task's model: once, outside the budget
+            elif not self._model_limit.allow(device):
                 self._limited(device, "model")
                 return
-            version = current_version if request.model_version is None else request.model_version
             try:
                 meta, _ = self.entry(version, params if version == current_version else None)
             except StoreError as exc:
