@@ -49,7 +49,7 @@ import math
 import os
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from broker_bridge._errors import EnvelopeError
@@ -128,6 +128,10 @@ class Message:
     codec: str = "raw"
     body: bytes = b""
     transfer_id: int = 0
+    body_crc32: int | None = field(default=None, compare=False, repr=False)
+    """The CRC-32 of ``body`` when the sender knows it already (a body sent many times, as
+    a model version served to every device that asks): ``split_message`` takes it rather
+    than reading megabytes again. Never read from the wire (each chunk carries it)."""
 
     def __post_init__(self) -> None:
         check_id(self.fleet, what="fleet id")
@@ -346,7 +350,7 @@ def split_message(message: Message, *, max_payload: int) -> list[bytes]:
     total = len(body)
     count = max(1, -(-total // room))
     transfer_id = message.transfer_id or new_transfer_id()
-    body_crc = zlib.crc32(body)
+    body_crc = zlib.crc32(body) if message.body_crc32 is None else message.body_crc32
     view = memoryview(body)
     out = []
     for index in range(count):
@@ -357,7 +361,7 @@ def split_message(message: Message, *, max_payload: int) -> list[bytes]:
                 round=message.round, model_version=message.model_version,
                 attempt=message.attempt, codec=message.codec, transfer_id=transfer_id,
                 chunk_index=index, chunk_count=count, total_length=total, offset=start,
-                body_crc32=body_crc, data=bytes(view[start:start + room]),
+                body_crc32=body_crc, data=view[start:start + room],  # copied once, joined
             ).to_bytes()
         )
     return out

@@ -49,6 +49,9 @@ _SECURE = "secure aggregation (sync rounds)"
 _PRIVACY = "differential privacy (sync rounds; see README, Differential privacy)"
 ClipMode = Literal["fixed", "adaptive"]
 ModelPush = Literal["broadcast", "on_request"]
+ON_REQUEST_MAX_BYTES = 1 << 20
+"""Async mode's default ``model_push``: devices fetch a model version this size or
+smaller (its copies cost the aggregator little); a larger one is broadcast."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,8 +145,10 @@ class AggregatorConfig:
         None, help="how devices get each new model version: broadcast (published once on "
         "broadcast/model: every connected device downloads every version) or on_request "
         "(a device fetches the version its task names, once per task). Default: broadcast "
-        "in sync rounds, where the selected devices need the new model at once; "
-        "on_request in async mode, where every release would send each device a model",
+        "in sync rounds, where the selected devices need the new model at once; in async "
+        "mode, where a release every buffer_size updates would send each device every "
+        "version, on_request for a model of at most 1 MiB as sent, broadcast for a larger "
+        "one (a copy per task then costs the aggregator more than the update it answers)",
         example="on_request", group=_LOCAL)
     federated_eval: bool = setting(
         False, help="devices also evaluate the model on their held-out data", group=_LOCAL)
@@ -522,11 +527,12 @@ class AggregatorConfig:
             target_quantile=self.dp_target_quantile, clip_lr=self.dp_clip_lr,
             count_stddev=self.dp_clip_count_stddev)
 
-    @property
-    def broadcasts_model(self) -> bool:
-        """Each model version is published on ``broadcast/model`` (``model_push``)."""
-        push = self.model_push or ("broadcast" if self.mode == "sync" else "on_request")
-        return push == "broadcast"
+    def broadcasts_model(self, model_bytes: int) -> bool:
+        """Each model version is published on ``broadcast/model`` (``model_push``; its
+        default depends on the mode and on ``model_bytes``, a version's size as sent)."""
+        if self.model_push is not None:
+            return self.model_push == "broadcast"
+        return self.mode == "sync" or model_bytes > ON_REQUEST_MAX_BYTES
 
     @property
     def selected_per_round(self) -> int:

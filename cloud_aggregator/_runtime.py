@@ -694,7 +694,8 @@ class Aggregator:
             fleet=self.fleet, run_id=self._run.run_id, layout=self.layout,
             codec=self._downlink, store=self.store, topics=self.channel.topics,
             send=self.desk.send, counters=self.counters, artifacts_dir=self.model.directory,
-            artifacts_hash=self.model.info.content_hash, pin_window=_pin_window(cfg))
+            artifacts_hash=self.model.info.content_hash, broadcasts=cfg.broadcasts_model,
+            pin_window=_pin_window(cfg))
         self.strategy.bind(self._context())
         self.learned.restore()
         if self.store.checkpoint(self.fleet) is None:
@@ -801,11 +802,10 @@ class Aggregator:
         c.set("emulated_seconds_total", self.state.emulated_total_s)
 
     def _broadcast_model(self) -> None:
-        """Publish the current model on ``broadcast/model`` (unless ``model_push`` says
-        devices fetch the version their task names: then a release sends nothing)."""
+        """Publish the current model on ``broadcast/model`` (unless devices fetch the
+        version their task names, ``model_push``: then a release sends nothing)."""
         assert self._server is not None
-        if self.config.broadcasts_model:
-            self._server.broadcast(self.state.version, self.state.params)
+        self._server.broadcast(self.state.version, self.state.params)
 
     def emit(self, event: Event) -> None:
         """Deliver ``event`` to subscribers (for strategies and stages of your own)."""

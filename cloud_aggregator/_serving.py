@@ -8,19 +8,24 @@ by that hash (``hash_of``), so a device can never train from another run's weigh
 Requests (``up/request``) are answered within per-device token buckets: artifact
 bundles (megabytes) a few times a minute, model versions a few more; past that the
 request is dropped and counted (``requests_limited``), and the log says so a few
-lines a minute per device at most. The version a device's last task names is
-``expect``ed: its first request for that version is served outside the budget (when
-models are not broadcast, a device fetches one for every task), and the version is kept
-encoded until the device has fetched it or has another task, within ``pin_window``
-versions of the newest (a FedBuff task older than ``max_staleness`` versions is refused
-anyway): at most ``KEEP_VERSIONS + pin_window + 1`` versions are held.
+lines a minute per device at most. Whether each version is broadcast is decided once,
+from the size of the first version as sent (``model_push``'s default depends on it).
+When models are not broadcast (a device fetches one for every task), the version a
+device's last task names is
+``expect``ed: its first request for that version is served outside the budget, and the
+version is kept encoded until the device has fetched it or has another task, within
+``pin_window`` versions of the newest (a FedBuff task older than ``max_staleness``
+versions is refused anyway): at most ``KEEP_VERSIONS + pin_window + 1`` versions are
+held. A version's message (its body and that body's CRC-32) is made once.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import zlib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +71,8 @@ class ModelServer:
     def __init__(
         self, *, fleet: str, run_id: str, layout: Layout, codec: CodecSpec, store: Store,
         topics: Topics, send: Send, counters: Counters, artifacts_dir: Path,
-        artifacts_hash: str, pin_window: int = 0,
+        artifacts_hash: str, broadcasts: Callable[[int], bool] = lambda _size: True,
+        pin_window: int = 0,
     ) -> None:
         self.fleet = fleet
         self.run_id = run_id
@@ -79,13 +85,17 @@ class ModelServer:
         self._artifacts_dir = artifacts_dir
         self._artifacts_hash = artifacts_hash
         self._bundle: bytes | None = None
-        self._versions: collections.OrderedDict[int, tuple[ModelMeta, bytes]] = (
+        self._versions: collections.OrderedDict[int, tuple[ModelMeta, Message]] = (
             collections.OrderedDict())
+        """Version -> its meta and its model message (the body and that body's CRC-32
+        made once, for every copy sent)."""
         self._artifact_limit = KeyedRateLimit(per_minute=ARTIFACT_REQUESTS_PER_MINUTE,
                                               burst=ARTIFACT_REQUEST_BURST)
         self._model_limit = KeyedRateLimit(per_minute=MODEL_REQUESTS_PER_MINUTE,
                                            burst=MODEL_REQUEST_BURST)
         self._log = LogLimiter()
+        self._decide = broadcasts
+        self._broadcasts: bool | None = None
         self._pin_window = pin_window
         self._expected: dict[str, int] = {}
         """Device -> the model version its last task named, until it fetched it."""
@@ -94,8 +104,9 @@ class ModelServer:
 
     # -- models
 
-    def entry(self, version: int, params: np.ndarray | None = None) -> tuple[ModelMeta, bytes]:
-        """(meta, codec body) of ``version``; from ``params`` or its checkpoint.
+    def entry(self, version: int, params: np.ndarray | None = None
+              ) -> tuple[ModelMeta, Message]:
+        """(meta, model message) of ``version``; from ``params`` or its checkpoint.
 
         Raises StoreError when the version is neither given nor checkpointed.
         """
@@ -108,9 +119,12 @@ class ModelServer:
         body = encode_model(params, self._layout, self._codec)
         meta = ModelMeta(run=self.run_id, model_version=version,
                          model_hash=weights_hash(decode_model(body, self._layout)))
-        self._versions[version] = (meta, body)
+        message = model_message(fleet=self.fleet, meta=meta, codec=str(self._codec),
+                                codec_body=body)
+        message = replace(message, body_crc32=zlib.crc32(message.body))
+        self._versions[version] = (meta, message)
         self._evict()
-        return meta, body
+        return meta, message
 
     def _evict(self) -> None:
         """Drop the least recently used versions past ``KEEP_VERSIONS`` that no device
@@ -125,8 +139,17 @@ class ModelServer:
                                       or not self._pins[version]):
                 del self._versions[version]
 
+    def broadcasts(self, version: int, params: np.ndarray) -> bool:
+        """Whether model versions are broadcast (decided at the first call, from the
+        size of ``version`` as sent)."""
+        if self._broadcasts is None:
+            self._broadcasts = self._decide(len(self.message(version, params).body))
+        return self._broadcasts
+
     def expect(self, device: str, version: int) -> None:
         """``device`` was sent a task naming ``version`` (see the module doc)."""
+        if self._broadcasts is not False:  # broadcast (or not decided: nothing sent yet)
+            return
         self._unexpect(device)
         self._expected[device] = version
         self._pins[version] += 1
@@ -143,12 +166,12 @@ class ModelServer:
         return self.entry(version, params)[0].model_hash
 
     def message(self, version: int, params: np.ndarray | None = None) -> Message:
-        meta, body = self.entry(version, params)
-        return model_message(fleet=self.fleet, meta=meta, codec=str(self._codec),
-                             codec_body=body)
+        return self.entry(version, params)[1]
 
     def broadcast(self, version: int, params: np.ndarray) -> None:
-        self._send(self._topics.broadcast("model"), self.message(version, params))
+        """Publish ``version`` on ``broadcast/model``, if versions are broadcast."""
+        if self.broadcasts(version, params):
+            self._send(self._topics.broadcast("model"), self.message(version, params))
 
     # -- requests
 

@@ -72,6 +72,23 @@ def test_multi_chunk_out_of_order_with_duplicates() -> None:
     assert r.stats.duplicates == 4 and r.pending_sets == 0 and r.pending_bytes == 0
 
 
+def test_a_known_body_checksum_is_taken_as_is() -> None:
+    """A sender that sends one body many times (a model version served to each device
+    that asks) gives its CRC-32 once: the same payloads as computing it; a wrong one is
+    the sender's bug, and every receiver drops the set."""
+    import zlib
+    from dataclasses import replace
+
+    body = random.Random(3).randbytes(100_000)
+    m = _msg(body, transfer_id=77)
+    given = split_message(replace(m, body_crc32=zlib.crc32(body)), max_payload=16 * 1024)
+    assert given == split_message(m, max_payload=16 * 1024)
+    assert _reassemble(given)[0].body == body
+    wrong = split_message(replace(m, body_crc32=zlib.crc32(body) ^ 1), max_payload=16 * 1024)
+    with pytest.raises(ChunkError, match="checksum"):
+        _reassemble(wrong)
+
+
 def test_chunks_of_a_set_hold_views_of_immutable_payloads_and_copies_of_others() -> None:
     """A chunk of a larger set keeps a view of its payload (the body is joined once, not
     copied chunk by chunk first); a payload in a buffer a transport may reuse is copied,

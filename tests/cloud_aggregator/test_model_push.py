@@ -3,9 +3,9 @@
 FedBuff used to publish every release on ``broadcast/model``: the broker sent every
 connected device every version, a release every few updates, though only the devices
 given a task need one (an in-memory fleet shares one copy, so the simulation never
-showed it). Now a FedBuff device fetches the version its task names, and the version is
-kept for it; sync rounds still broadcast, where the selected devices need the new model
-at once."""
+showed it). Now a FedBuff device fetches the version its task names (for a model of at
+most 1 MiB as sent, by default), and the version is kept for it; sync rounds still
+broadcast, where the selected devices need the new model at once."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from aggregator_rig import FLEET, FakeDevice, devices, feed_async, make
 
 from broker_bridge import MemoryBroker, Request, decode_model, read_model_message
 from cloud_aggregator import Aggregator
-from cloud_aggregator._config import AggregatorConfig
+from cloud_aggregator._config import ON_REQUEST_MAX_BYTES, AggregatorConfig
 from cloud_aggregator._serving import KEEP_VERSIONS
 from device_profiles import ConfigError
 
@@ -131,10 +131,16 @@ def test_sync_rounds_broadcast_unless_told_and_then_devices_fetch(
     assert all(_broadcasts(d) == [] for d in fleet.values())
 
 
-def test_model_push_is_a_setting_with_a_default_per_mode() -> None:
-    assert AggregatorConfig().broadcasts_model
-    assert not AggregatorConfig(mode="async").broadcasts_model
-    assert AggregatorConfig(mode="async", model_push="broadcast").broadcasts_model
-    assert not AggregatorConfig(model_push="on_request").broadcasts_model
+def test_model_push_is_a_setting_with_a_default_per_mode_and_size() -> None:
+    small, large = ON_REQUEST_MAX_BYTES, ON_REQUEST_MAX_BYTES + 1
+    assert AggregatorConfig().broadcasts_model(small)
+    assert AggregatorConfig().broadcasts_model(large)
+    # Async: a small model is fetched per task; a large one costs the aggregator more per
+    # copy than the update that answers the task, and is broadcast.
+    assert not AggregatorConfig(mode="async").broadcasts_model(small)
+    assert AggregatorConfig(mode="async").broadcasts_model(large)
+    assert AggregatorConfig(mode="async", model_push="broadcast").broadcasts_model(small)
+    assert not AggregatorConfig(mode="async", model_push="on_request").broadcasts_model(large)
+    assert not AggregatorConfig(model_push="on_request").broadcasts_model(small)
     with pytest.raises(ConfigError, match="model_push must be one of broadcast, on_request"):
         AggregatorConfig(model_push="sometimes")  # type: ignore[arg-type]
