@@ -45,8 +45,9 @@ def run_mqtt(mode: str, codec: str, bodies: list[bytes], samples: list[int], n: 
     with open(bodies_file, "wb") as fh:
         pickle.dump((bodies, samples), fh)
     broker = MosquittoProcess().start()
-    agg = Aggregator.connect(bench.bench_config(mode, codec, n, buffer, state), broker=broker.url,
-                             **parts)
+    config = bench.bench_config(mode, codec, n, buffer, state)
+    agg = Aggregator.connect(config, broker=broker.url, **parts)
+    fetch = ["--fetch-models"] if bench.fetches_models(config) else []
     child = None
     try:
         agg.start()
@@ -56,7 +57,7 @@ def run_mqtt(mode: str, codec: str, bodies: list[bytes], samples: list[int], n: 
         child = subprocess.Popen(
             [sys.executable, str(Path(__file__)), "--url",
              broker.url, "--n", str(n), "--mode", mode, "--codec", codec, "--bodies",
-             str(bodies_file), *repo],
+             str(bodies_file), *repo, *fetch],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert child.stdin is not None and child.stdout is not None
         window, drove = bench.Window(), None
@@ -90,6 +91,8 @@ def main() -> None:
     parser.add_argument("--codec", required=True)
     parser.add_argument("--bodies", required=True, help="pickled (bodies, samples)")
     parser.add_argument("--repo", default=None, help="(read by aggregator.py at import)")
+    parser.add_argument("--fetch-models", action="store_true",
+                        help="each device asks for its task's model (none is broadcast)")
     args = parser.parse_args()
     from broker_bridge import MqttTransport, NetworkLoop
 
@@ -97,7 +100,7 @@ def main() -> None:
         bodies, samples = pickle.load(fh)
     loop = NetworkLoop(name="bench-swarm")
     swarm = bench.Swarm(args.n, lambda dev, will: MqttTransport(
-        url=args.url, client_id=dev, will=will, loop=loop))
+        url=args.url, client_id=dev, will=will, loop=loop), fetch_models=args.fetch_models)
     for dev in swarm.channels:
         swarm.hello(dev)
 
@@ -111,6 +114,7 @@ def main() -> None:
 
     drove: dict[str, Any] = bench.drive(swarm, args.mode, args.codec, bodies, samples,
                                         args.n, start=start, end=end)
+    swarm.close()
     for channel in swarm.channels.values():
         channel.transport.close()
     loop.close()

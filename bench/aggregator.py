@@ -18,7 +18,14 @@ the wall-clock rate. ``sync``: one round of N devices (``round_turnaround_s``: f
 last acknowledgement until every device holds the next round's task, i.e. the round's
 close, checkpoint, ledger entry and proofs and the next round's opening; the
 ``sustained_updates_per_s`` counts it);
-``async``: FedBuff with N devices in flight and a buffer of ``--buffer`` updates. Peak memory is the
+``async``: FedBuff with N devices in flight and a buffer of ``--buffer`` updates, as
+configured by default: each released version published once on ``broadcast/model`` (a
+model of more than 1 MiB as sent, as ``mlp-xl``; the fake devices do not subscribe to
+it, and the broker's fan-out to every device is not measured here: ``bench/downlink.py``
+measures it); ``async+on_request`` (``--async-on-request``, on by default): nothing
+broadcast, each device fetches the version its task names as the task arrives (the
+default for a model of at most 1 MiB), so serving it (4.4 MB here) is part of the
+aggregator's work. Peak memory is the
 process's ``VmHWM`` growth while ingesting, for two counts (flat means it does not grow
 with N).
 
@@ -61,6 +68,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
@@ -153,11 +161,14 @@ class Swarm:
 
     Their handlers only keep the payloads that arrive, by topic (over the in-memory
     broker they run inside the aggregator's publish calls): tasks and acks are decoded
-    after the timed window (``collect``) and proofs not at all, so a device's work on what
-    it receives is not charged to the aggregator. Tasks and acks fit in one chunk.
+    after the timed window (``collect``) and proofs and models not at all, so a device's
+    work on what it receives is not charged to the aggregator. Tasks and acks fit in one
+    chunk. ``fetch_models``: when the aggregator does not broadcast models, each device
+    asks for the version its task names as it arrives, as an agent does (from a thread of
+    the swarm's own, as a device's network thread would), so serving it is counted.
     """
 
-    def __init__(self, n: int, connect: Any) -> None:
+    def __init__(self, n: int, connect: Any, *, fetch_models: bool = False) -> None:
         """``connect(device, will)`` returns that device's transport, not yet connected."""
         from broker_bridge import Channel, Kind, TaskSpec, presence_will
 
@@ -169,6 +180,11 @@ class Swarm:
         self._raw_tasks: dict[str, Any] = {}
         self._raw_acks: list[tuple[str, str, bytes]] = []
         self._lock = threading.Lock()
+        self._fetches: queue.SimpleQueue[tuple[str, int] | None] | None = None
+        if fetch_models:
+            self._fetches = queue.SimpleQueue()
+            threading.Thread(target=self._fetch_loop, name="bench-swarm-fetch",
+                             daemon=True).start()
         self.channels = {}
         self.enrolment, self.keys = device_keys(n)
         for dev in device_ids(n):
@@ -179,19 +195,37 @@ class Swarm:
             self.channels[dev] = channel
 
     @classmethod
-    def in_memory(cls, broker: Any, n: int) -> Swarm:
+    def in_memory(cls, broker: Any, n: int, *, fetch_models: bool = False) -> Swarm:
         """The devices on an in-memory broker."""
         from broker_bridge import MemoryTransport
 
         return cls(n, lambda dev, will: MemoryTransport(broker=broker, client_id=dev,
-                                                        will=will))
+                                                        will=will), fetch_models=fetch_models)
+
+    def _fetch_loop(self) -> None:
+        from broker_bridge import Request
+
+        assert self._fetches is not None
+        while (job := self._fetches.get()) is not None:
+            dev, version = job
+            channel = self.channels[dev]
+            channel.send(channel.topics.up(dev, "request"), Request(
+                want="model", model_version=version).to_message(fleet=FLEET, device=dev))
+
+    def close(self) -> None:
+        if self._fetches is not None:
+            self._fetches.put(None)
 
     def _handler(self, dev: str) -> Any:
+        from broker_bridge import Chunk
+
         def on(topic: str, payload: bytes) -> None:
             leaf = topic.rsplit("/", 1)[-1]
             if leaf == "task":
                 with self._lock:
                     self._raw_tasks[dev] = (topic, payload)
+                if self._fetches is not None:  # the version it names is in the header
+                    self._fetches.put((dev, Chunk.from_bytes(payload).model_version))
             elif leaf == "ack":  # the aggregator acks updates only
                 with self._lock:
                     self.acks += 1
@@ -270,13 +304,27 @@ class Swarm:
 
 
 def bench_config(mode: str, codec: str, n: int, buffer: int, state: Path) -> Any:
-    """One round (sync) or N in flight (async) of exactly the swarm's devices."""
+    """One round (sync) or N in flight (async) of exactly the swarm's devices; a mode
+    ``async+on_request`` is async mode with each task's model fetched by its device."""
     from cloud_aggregator import AggregatorConfig
 
+    mode, _, push = mode.partition("+")
     return AggregatorConfig(
         fleet=FLEET, model="mlp-xl", rounds=1_000_000, mode=mode, devices_per_round=n,
         over_selection=1.0, quorum=n, min_devices=n, deadline_s=3600.0, codec=codec,
-        concurrency=n, buffer_size=buffer, state_dir=state, progress=False, seed=0)
+        concurrency=n, buffer_size=buffer, state_dir=state, progress=False, seed=0,
+        **({"model_push": push} if push else {}))
+
+
+MODEL_BYTES = 4 * 1_101_834
+"""An ``mlp-xl`` version as sent (fp32, the default downlink codec), about."""
+
+
+def fetches_models(config: Any) -> bool:
+    """Whether devices fetch each task's model (a baseline from before ``model_push``
+    broadcast every version)."""
+    broadcasts = getattr(config, "broadcasts_model", None)
+    return broadcasts is not None and not broadcasts(MODEL_BYTES)
 
 
 def run_service(mode: str, codec: str, bodies: list[bytes], samples: list[int], n: int,
@@ -289,9 +337,10 @@ def run_service(mode: str, codec: str, bodies: list[bytes], samples: list[int], 
     from cloud_aggregator import Aggregator
 
     broker = MemoryBroker()
-    swarm = Swarm.in_memory(broker, n)
+    config = bench_config(mode, codec, n, buffer, state)
+    swarm = Swarm.in_memory(broker, n, fetch_models=fetches_models(config))
     parts = {} if swarm.enrolment is None else {"enrolment": swarm.enrolment}
-    agg = Aggregator(config=bench_config(mode, codec, n, buffer, state), channel=Channel(
+    agg = Aggregator(config=config, channel=Channel(
         transport=MemoryTransport(broker=broker, client_id="aggregator"), fleet=FLEET),
         **parts)
     agg.start()
@@ -317,6 +366,7 @@ def run_service(mode: str, codec: str, bodies: list[bytes], samples: list[int], 
     finally:
         agg.stop()
         runner.join(timeout=60)
+        swarm.close()
         agg.close()
     if run_prof is not None:
         say("run loop thread (warm-up and timed phases):")
@@ -439,13 +489,18 @@ def scenarios(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"parameters": 0, "runs": []}
     for codec in SPECS:
         bodies, samples, out["parameters"] = workload(codec, args.devices, Path(args.cache))
+        if 4 * out["parameters"] != MODEL_BYTES:
+            raise SystemExit(f"mlp-xl has {out['parameters']} parameters: set MODEL_BYTES")
         counts = parse_counts(args.counts if codec != "fp32" else args.dense_counts)
         over_mqtt = parse_counts(args.mqtt_counts) if codec != "fp32" else []
         if over_mqtt and find_mosquitto() is None:
             say("  (no mosquitto binary: the scenarios over a real broker are skipped)")
             over_mqtt = []
         runs = [("memory", n) for n in counts] + [("mosquitto", n) for n in over_mqtt]
-        for mode in args.modes.split(","):
+        modes = args.modes.split(",")
+        if "async" in modes and args.async_on_request:
+            modes.append("async+on_request")
+        for mode in modes:
             for broker, n in runs:
                 with tempfile.TemporaryDirectory(prefix="fleetlearn-bench-agg-") as tmp:
                     if broker == "memory":
@@ -458,19 +513,19 @@ def scenarios(args: argparse.Namespace) -> dict[str, Any]:
                         row = run_mqtt(mode, codec, bodies, samples, n, args.buffer, Path(tmp))
                 turn = ("" if row["round_turnaround_s"] is None else
                         f"round close+open {row['round_turnaround_s']:.3f} s, ")
-                say(f"  {mode:5s} {codec:18s} {broker:9s} n={n:5d}: "
+                say(f"  {mode:15s} {codec:18s} {broker:9s} n={n:5d}: "
                     f"{row['updates_per_s']:8.1f} updates/s, "
                     f"{row['cpu_ms_per_update']:.3f} CPU ms/update, {turn}"
                     f"peak RSS +{row['peak_rss_growth_mb']} MB, rejected {row['rejected']}")
                 out["runs"].append(row)
-            if codec != "fp32" and counts and args.processes > 1:
+            if codec != "fp32" and counts and args.processes > 1 and "+" not in mode:
                 from _shards import run_processes
 
                 n = max(counts)
                 row = run_processes(mode, codec, n, args.buffer, args.processes,
                                     devices=args.devices, cache=args.cache,
                                     slow_disk_ms=args.slow_disk_ms)
-                say(f"  {mode:5s} {codec:18s} {args.processes} processes n={n:5d}: "
+                say(f"  {mode:15s} {codec:18s} {args.processes} processes n={n:5d}: "
                     f"{row['updates_per_s']:8.1f} updates/s together "
                     f"({', '.join(f'{r:.0f}' for r in row['per_process_updates_per_s'])}), "
                     f"{row['cpu_ms_per_update']:.3f} CPU ms/update, windows overlap "
@@ -488,6 +543,9 @@ def main() -> None:
     parser.add_argument("--modes", default="sync,async", choices=("sync,async", "sync", "async"),
                         help="which aggregation modes to run")
     parser.add_argument("--buffer", type=int, default=100, help="async buffer size (K)")
+    parser.add_argument("--async-on-request", type=int, default=1, choices=(0, 1),
+                        help="also run async mode with each task's model fetched by its "
+                        "device (async+on_request rows; model_push = on_request)")
     parser.add_argument("--processes", type=int, default=2,
                         help="also split the largest in-memory compressed count over this "
                         "many aggregator processes side by side (1: skip; _shards.py)")
@@ -522,6 +580,7 @@ def main() -> None:
                     [sys.executable, __file__, "--child", "--repo", tmp, "--counts", args.counts,
                      "--dense-counts", args.dense_counts, "--mqtt-counts", "",
                      "--modes", args.modes, "--buffer", str(args.buffer), "--processes", "1",
+                     "--async-on-request", "0",
                      "--slow-disk-ms", str(args.slow_disk_ms),
                      "--devices", str(args.devices), "--cache", args.cache],
                     capture_output=True, text=True, timeout=3600)
