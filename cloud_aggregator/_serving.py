@@ -8,15 +8,16 @@ by that hash (``hash_of``), so a device can never train from another run's weigh
 Requests (``up/request``) are answered within per-device token buckets: artifact
 bundles (megabytes) a few times a minute, model versions a few more; past that the
 request is dropped and counted (``requests_limited``), and the log says so a few
-lines a minute per device at most. Whether each version is broadcast is decided once,
-from the size of the first version as sent (``model_push``'s default depends on it).
-When models are not broadcast (a device fetches one for every task), the version a
-device's last task names is
-``expect``ed: its first request for that version is served outside the budget, and the
-version is kept encoded until the device has fetched it or has another task, within
-``pin_window`` versions of the newest (a FedBuff task older than ``max_staleness``
-versions is refused anyway): at most ``KEEP_VERSIONS + pin_window + 1`` versions are
-held. A version's message (its body and that body's CRC-32) is made once.
+lines a minute per device at most.
+
+Whether versions are broadcast is decided once, from the size of the first version as
+sent (``model_push``'s default depends on it). When they are not (a device fetches one
+for every task), the version a device's last task names is ``expect``ed: its first
+request for that version is served outside the budget, and the version is kept until
+the device has fetched it or has another task, within ``pin_window`` versions of the
+newest (a FedBuff task older than ``max_staleness`` versions is refused anyway): at
+most ``KEEP_VERSIONS + pin_window + 1`` versions are held. A version's model message
+(its body and that body's CRC-32) is made once, for every copy sent.
 """
 
 from __future__ import annotations
