@@ -2,7 +2,8 @@
 
 Over Mosquitto, RabbitMQ's MQTT plugin and NATS' MQTT gateway (``any_broker``):
 ids keep their identity through wildcard subscriptions, a broker that refuses a client
-for good makes a clear error instead of an endless reconnect loop.
+for good makes a clear error instead of an endless reconnect loop, and async devices
+fetch each task's model where nothing is broadcast.
 """
 
 from __future__ import annotations
@@ -154,14 +155,14 @@ def _start_agents(url: str, fleet: str, ids: list[str], tmp_path: Path) -> list[
 
 
 def _aggregator(url: str, fleet: str, kind: str, tmp_path: Path, artifacts: Path,
-                rounds: int) -> Any:
+                rounds: int, **settings: Any) -> Any:
     from cloud_aggregator import Aggregator
     from cloud_aggregator._config import AggregatorConfig
 
     config = AggregatorConfig(
         fleet=fleet, model="mlp", rounds=rounds, devices_per_round=2, over_selection=1.0,
         min_devices=2, quorum=2, deadline_s=30.0, local_epochs=1, state_dir=tmp_path / "agg",
-        store_synchronous="NORMAL", progress=False)
+        store_synchronous="NORMAL", progress=False, **settings)
     transport = MqttTransport(url=url, client_id=f"aggregator-{kind}", clean_session=False,
                               backoff_min_s=0.1, backoff_max_s=1.0)
     return Aggregator(config=config, channel=Channel(transport=transport, fleet=fleet),
@@ -205,3 +206,33 @@ def test_an_aggregator_started_after_its_fleet_and_restarted_finds_it(
             for did in ("ghost", "dev-1", "dev-2"):
                 cleaner.publish(Topics(fleet=fleet).presence(did), b"", retain=True)
             cleaner.flush(timeout=5)
+
+
+@pytest.mark.slow
+def test_async_devices_fetch_each_tasks_model_on_every_broker(
+        any_broker: tuple[str, str], tmp_path: Path, artifacts: Path) -> None:
+    """FedBuff with a small model broadcasts nothing (``model_push``'s default): each real
+    agent asks for the version its task names and trains from it, over every broker."""
+    kind, url = any_broker
+    fleet = f"fetch-{kind}"
+    watcher = _transport(url, f"watcher-{kind}")
+    broadcasts: list[bytes] = []
+    with watcher:
+        watcher.subscribe(Topics(fleet=fleet).broadcast("model"),
+                          lambda _t, payload: broadcasts.append(payload))
+        agents = _start_agents(url, fleet, ["dev-1", "dev-2"], tmp_path)
+        try:
+            agg = _aggregator(url, fleet, kind, tmp_path, artifacts, 4, mode="async",
+                              concurrency=2, buffer_size=1)
+            try:
+                agg.run(timeout_s=120)
+                assert agg.model_version == 4, [m.to_json() for m in agg.history]
+                assert sum(m.devices_reported for m in agg.history) >= 4
+            finally:
+                agg.close()
+                agg.channel.transport.close()
+        finally:
+            for agent in agents:
+                agent.stop()
+    assert broadcasts == []
+    assert all(agent.stats.acked >= 1 for agent in agents)
