@@ -8,8 +8,10 @@ fetch each task's model where nothing is broadcast.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,27 @@ def _start_agents(url: str, fleet: str, ids: list[str], tmp_path: Path) -> list[
     return agents
 
 
+@contextlib.contextmanager
+def _agents(url: str, fleet: str, ids: list[str], tmp_path: Path) -> Iterator[list[Any]]:
+    """Real agents of ``ids`` (``_start_agents``), stopped on the way out."""
+    agents = _start_agents(url, fleet, ids, tmp_path)
+    try:
+        yield agents
+    finally:
+        for agent in agents:
+            agent.stop()
+
+
+@contextlib.contextmanager
+def _closing(agg: Any) -> Iterator[Any]:
+    """``agg``, closed with its transport on the way out."""
+    try:
+        yield agg
+    finally:
+        agg.close()
+        agg.channel.transport.close()
+
+
 def _aggregator(url: str, fleet: str, kind: str, tmp_path: Path, artifacts: Path,
                 rounds: int, **settings: Any) -> Any:
     from cloud_aggregator import Aggregator
@@ -183,24 +206,19 @@ def test_an_aggregator_started_after_its_fleet_and_restarted_finds_it(
             Topics(fleet=fleet).presence("ghost"),
             presence_message(fleet=fleet, device="ghost", status="online"), retain=True)
         ghost.flush(timeout=5)
-    agents = _start_agents(url, fleet, ["dev-1", "dev-2"], tmp_path)
     try:
-        for rounds in (1, 2):  # first start, then a restart on the same state
-            agg = _aggregator(url, fleet, kind, tmp_path, artifacts, rounds)
-            try:
-                agg.run(timeout_s=90)
-                assert agg.model_version == rounds, [m.to_json() for m in agg.history]
-                ready = {d.device_id for d in agg.registry.ready()}
-                assert ready == {"dev-1", "dev-2"}
-                assert agg.history[-1].devices_reported == 2
-                assert all(set(r.selected) <= {"dev-1", "dev-2"}
-                           for r in agg.store.rounds(fleet))  # never the ghost
-            finally:
-                agg.close()
-                agg.channel.transport.close()
+        with _agents(url, fleet, ["dev-1", "dev-2"], tmp_path):
+            for rounds in (1, 2):  # first start, then a restart on the same state
+                with _closing(_aggregator(url, fleet, kind, tmp_path, artifacts,
+                                          rounds)) as agg:
+                    agg.run(timeout_s=90)
+                    assert agg.model_version == rounds, [m.to_json() for m in agg.history]
+                    ready = {d.device_id for d in agg.registry.ready()}
+                    assert ready == {"dev-1", "dev-2"}
+                    assert agg.history[-1].devices_reported == 2
+                    assert all(set(r.selected) <= {"dev-1", "dev-2"}
+                               for r in agg.store.rounds(fleet))  # never the ghost
     finally:
-        for agent in agents:
-            agent.stop()
         cleaner = MqttTransport(url=url, client_id=f"cleaner-{kind}")
         with cleaner:
             for did in ("ghost", "dev-1", "dev-2"):
@@ -220,19 +238,11 @@ def test_async_devices_fetch_each_tasks_model_on_every_broker(
     with watcher:
         watcher.subscribe(Topics(fleet=fleet).broadcast("model"),
                           lambda _t, payload: broadcasts.append(payload))
-        agents = _start_agents(url, fleet, ["dev-1", "dev-2"], tmp_path)
-        try:
-            agg = _aggregator(url, fleet, kind, tmp_path, artifacts, 4, mode="async",
-                              concurrency=2, buffer_size=1)
-            try:
-                agg.run(timeout_s=120)
-                assert agg.model_version == 4, [m.to_json() for m in agg.history]
-                assert sum(m.devices_reported for m in agg.history) >= 4
-            finally:
-                agg.close()
-                agg.channel.transport.close()
-        finally:
-            for agent in agents:
-                agent.stop()
+        with _agents(url, fleet, ["dev-1", "dev-2"], tmp_path) as agents, _closing(
+                _aggregator(url, fleet, kind, tmp_path, artifacts, 4, mode="async",
+                            concurrency=2, buffer_size=1)) as agg:
+            agg.run(timeout_s=120)
+            assert agg.model_version == 4, [m.to_json() for m in agg.history]
+            assert sum(m.devices_reported for m in agg.history) >= 4
     assert broadcasts == []
     assert all(agent.stats.acked >= 1 for agent in agents)
