@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import tempfile
+import time
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -52,9 +53,11 @@ def run_processes(mode: str, codec: str, n: int, buffer: int, processes: int, *,
         child.start()
     rows = []
     for (recv, _), child in zip(pipes, children, strict=True):
-        if not recv.poll(900):
-            raise SystemExit(f"a side-by-side aggregator process ({mode}) sent no result "
-                             "within 900 s")
+        deadline = time.monotonic() + 900
+        while not recv.poll(1.0):  # a child that died says so at once
+            if not child.is_alive() or time.monotonic() > deadline:
+                raise SystemExit(f"a side-by-side aggregator process ({mode}) sent no result "
+                                 f"(exit code {child.exitcode}; it has 900 s)")
         rows.append(recv.recv())
         child.join(timeout=60)
     start = min(r["wall_window"][0] for r in rows)

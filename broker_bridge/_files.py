@@ -65,12 +65,13 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int | None 
 
 
 class DirLockHeld(Exception):
-    """Another process (or object) holds the lock; ``holder`` is what it wrote."""
+    """Another process (or object) holds the lock; ``holder`` is what it wrote (or says
+    that it wrote nothing)."""
 
     def __init__(self, path: Path, holder: str) -> None:
-        super().__init__(f"{path} is held by {holder or 'a process that wrote no name'}")
         self.path = path
-        self.holder = holder
+        self.holder = holder or "its lock file names no process"
+        super().__init__(f"{path} is held ({self.holder})")
 
 
 class DirLock:

@@ -31,8 +31,7 @@ def lock_state_dir(state_dir: Path) -> DirLock:
     try:
         lock.acquire()
     except DirLockHeld as exc:
-        holder = exc.holder or "its lock file names no process"
-        raise StateDirInUse(f"another aggregator uses the state dir {state_dir} ({holder}): "
+        raise StateDirInUse(f"another aggregator uses the state dir {state_dir} ({exc.holder}): "
                             "stop it first, or give this one another state dir") from None
     except OSError as exc:
         raise StoreError(f"cannot open the state dir's lock file {lock.path}: {exc}") from exc

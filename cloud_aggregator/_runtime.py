@@ -42,6 +42,7 @@ server, the recorder.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import tempfile
 import threading
@@ -184,31 +185,19 @@ class Aggregator:
         else:
             self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            self._owner = lock_state_dir(self.state_dir)  # StateDirInUse: another has it
-        except BaseException:
+        with contextlib.ExitStack() as undo:  # what was taken goes back if a step fails
             if self._tmp is not None:
-                self._tmp.cleanup()
-            raise
-        try:
+                undo.callback(self._tmp.cleanup)
+            self._owner = lock_state_dir(self.state_dir)  # StateDirInUse: another has it
+            undo.callback(self._owner.release)
             self.store = Store(self.state_dir / "aggregator.sqlite",
                                synchronous=config.store_synchronous)
-        except BaseException:
-            self._owner.release()
-            if self._tmp is not None:
-                self._tmp.cleanup()
-            raise
-        try:
+            undo.callback(self.store.close)
             self.keys = KeyBook(store=self.store, fleet=config.fleet, enrolment=enrolment,
                                 path=config.enrolment,
                                 trust_on_first_use=config.trust_on_first_use)
             self._init_parts(artifacts_dir, on_round, strategy, policy, optimizer, evaluator)
-        except BaseException:
-            self.store.close()
-            self._owner.release()
-            if self._tmp is not None:
-                self._tmp.cleanup()
-            raise
+            undo.pop_all()  # built: kept until close()
 
     @classmethod
     def connect(cls, config: AggregatorConfig, *, broker: str,

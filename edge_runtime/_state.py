@@ -358,8 +358,7 @@ def lock_state_folder(folder: Path) -> DirLock:
         folder.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except DirLockHeld as exc:
-        holder = exc.holder or "its lock file names no process"
-        raise StateInUse(f"another agent uses the state folder {folder} ({holder}): stop it "
+        raise StateInUse(f"another agent uses the state folder {folder} ({exc.holder}): stop it "
                          "first, or give this one another --state-dir") from None
     except OSError as exc:
         raise state_error(f"cannot lock the state folder {folder}", exc) from exc
